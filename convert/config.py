@@ -1,0 +1,239 @@
+"""Configuration: frozen pydantic models, loaded from YAML and/or CLI overrides, validated once.
+
+Errors are `ConfigError` with one line per problem naming the dotted key and what is allowed.
+`${ENV_VAR}` in string values is interpolated at load time *on the machine that reads it*; the
+config that is shipped to workers or written to the manifest is `redacted()` first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .fetch.policy import FetchPolicy
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message says the key and the fix."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Model):
+    uri: str = Field(description="folder, glob, URL list (.txt/.csv/.parquet), CIFAR batch file/folder")
+    kind: Literal["auto", "folder", "urls", "cifar"] = "auto"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    labels: Literal["auto", "folder", "none"] = "auto"  # ImageFolder labels from class sub-folders
+
+
+class OutputConfig(_Model):
+    uri: str
+    format: Literal["hdf5", "lmdb"] = "hdf5"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    compression: Literal["none", "gzip", "lzf"] = "none"  # HDF5 only
+    compression_level: int = Field(4, ge=0, le=9)
+
+
+class ImageConfig(_Model):
+    size: tuple[int, int] | None = (64, 64)  # (H, W); None keeps the source size
+    resize: Literal["center_crop", "pad", "stretch", "none"] = "center_crop"
+    mode: Literal["RGB", "L"] = "RGB"
+    pad_color: tuple[int, int, int] = (0, 0, 0)
+    encode: Literal["raw", "original", "jpeg", "png", "webp"] = "raw"
+    quality: int = Field(90, ge=1, le=100)
+    draft: bool = True  # JPEG DCT-domain downscale while decoding
+    max_pixels: int = Field(89_478_485, gt=0)  # Pillow's default bomb threshold
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return (v, v)
+        if isinstance(v, (list, tuple)) and len(v) == 1:
+            return (v[0], v[0])
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _positive(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and min(v) <= 0:
+            raise ValueError("size must be positive: N or [H, W]")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ImageConfig":
+        if self.resize != "none" and self.size is None:
+            raise ValueError(f"resize={self.resize!r} needs image.size (e.g. 64 or [64, 48])")
+        return self
+
+
+class ShardConfig(_Model):
+    size: int = Field(1000, gt=0, description="items per shard")
+
+
+class FetchConfig(_Model):
+    threads: int = Field(16, gt=0, le=512)
+    timeout: float = Field(10.0, gt=0)
+    retries: int = Field(3, ge=0)
+    backoff: float = Field(0.2, ge=0)
+    max_bytes: int = Field(50 * 2**20, gt=0)
+    prefetch_bytes: int = Field(256 * 2**20, gt=0)
+    allowed_schemes: tuple[str, ...] = ("file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "memory")
+
+    def policy(self, storage_options: dict[str, Any] | None = None) -> FetchPolicy:
+        return FetchPolicy(
+            timeout=self.timeout,
+            retries=self.retries,
+            backoff=self.backoff,
+            max_bytes=self.max_bytes,
+            allowed_schemes=self.allowed_schemes,
+            storage_options=dict(storage_options or {}),
+        )
+
+
+class ClusterConfig(_Model):
+    kind: Literal["local", "slurm", "pbs"] = "local"
+    workers: int | None = Field(None, gt=0)  # LocalCluster processes; None = sized to this machine
+    threads_per_worker: int = Field(1, gt=0)
+    memory_limit: str = "auto"
+    scheduler: str | None = None  # tcp://host:8786 of a running scheduler
+    scheduler_file: str | None = None
+    task_retries: int = Field(2, ge=0)
+    dashboard: bool = True
+    # batch-system settings (dask-jobqueue); unset values fall back to dask's jobqueue.yaml
+    jobs: int = Field(1, gt=0)
+    cores: int | None = None
+    memory: str | None = None
+    walltime: str | None = None
+    queue: str | None = None
+    account: str | None = None
+    job_extra: tuple[str, ...] = ()
+
+
+class RunConfig(_Model):
+    fail_on_item_errors: bool = False
+    overwrite: bool = False  # False: resume; True: discard existing shards first
+
+
+class Config(_Model):
+    source: SourceConfig
+    output: OutputConfig
+    image: ImageConfig = ImageConfig()
+    shard: ShardConfig = ShardConfig()
+    fetch: FetchConfig = FetchConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    run: RunConfig = RunConfig()
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as plain data with storage_options secrets removed (for manifests/logs)."""
+        data = self.model_dump(mode="json")
+        for section in ("source", "output"):
+            data[section]["storage_options"] = _redact(data[section]["storage_options"])
+        return data
+
+
+_SECRET = re.compile(r"secret|token|password|key|credential|session", re.I)
+
+
+def _redact(opts: Any) -> Any:
+    if isinstance(opts, dict):
+        return {k: ("***" if _SECRET.search(str(k)) else _redact(v)) for k, v in opts.items()}
+    if isinstance(opts, list):
+        return [_redact(v) for v in opts]
+    return opts
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _interpolate(value: Any, where: str = "") -> Any:
+    """Replace ${VAR} in strings with the environment value; missing vars are a ConfigError."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, where) for v in value]
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in os.environ:
+                raise ConfigError(f"{where}: environment variable ${{{name}}} is not set; export it or edit the config")
+            return os.environ[name]
+
+        return _ENV.sub(sub, value)
+    return value
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set data['a']['b'] = value for 'a.b' (creating sections as needed)."""
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'image.size=[64, 48]' -> ('image.size', [64, 48]); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value, e.g. --set image.quality=85")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load YAML (optional), apply dotted overrides, interpolate ${ENV}, validate once."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections (source:, output:, ...)")
+        data = loaded or {}
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return validate(_interpolate(data))
+
+
+def validate(data: dict[str, Any]) -> Config:
+    """Validate plain data into a Config; pydantic errors become one line per key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def _describe(err: Any) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = err["loc"][:-1]
+        model: Any = Config
+        for p in parent:
+            model = model.model_fields[p].annotation
+        allowed = ", ".join(model.model_fields)
+        return f"unknown key {loc!r}; allowed keys here: {allowed}"
+    if kind == "missing":
+        return f"{loc}: required (e.g. --{loc.split('.')[0]} PATH or '{loc}: ...' in the YAML)"
+    if kind == "literal_error":
+        return f"{loc}: {err['input']!r} is not allowed; expected {err['ctx']['expected']}"
+    return f"{loc}: {err['msg']} (got {err.get('input')!r})"

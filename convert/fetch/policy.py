@@ -1,0 +1,16 @@
+"""Fetch policy: the knobs every fetch backend honours (plain, frozen, picklable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    timeout: float = 10.0  # seconds, connect and per-read
+    retries: int = 3  # transient-error retries per item (HTTP 429/5xx, connection errors, timeouts)
+    backoff: float = 0.2  # base seconds; exponential with jitter
+    max_bytes: int = 50 * 2**20  # response size cap per item
+    allowed_schemes: tuple[str, ...] = ("file", "http", "https", "s3", "memory")
+    storage_options: dict[str, Any] = field(default_factory=dict)
