@@ -27,6 +27,7 @@ class Status(str, Enum):
     DECOMPRESSION_BOMB = "decompression_bomb"  # decoded pixels over the cap
     BAD_URL = "bad_url"  # scheme not allowed / malformed
     ERROR = "error"  # anything else (message says what)
+    SHARD_FAILED = "shard_failed"  # the item's whole shard failed after its retries
 
 
 class ItemError(Exception):

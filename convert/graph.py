@@ -1,0 +1,138 @@
+"""Orchestration: list -> plan -> skip committed shards -> one Dask task per shard -> manifest.
+
+Tasks return `ShardRecord`s (counts, checksum, ledger rows), never image data. A shard task that
+raises is retried `cluster.task_retries` times by Dask; a worker death is re-run by the scheduler
+and ends as `KilledWorker` after its allowed failures. Either way the shard is reported as failed
+and every other shard still completes. Progress lives only in the output's shard records, so a
+killed client just reruns the same config.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .cluster import open_client
+from .commit import SHARDS_DIR, Output
+from .config import Config
+from .manifest import LEDGER, MANIFEST, committed_records, write_manifest
+from .plan import fingerprint, output_settings, plan_shards
+from .sources import list_source
+from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .worker import process_shard
+
+
+@dataclass
+class RunSummary:
+    output: str
+    shards: int = 0
+    skipped: int = 0  # already committed by an earlier run
+    converted: int = 0
+    failed_shards: dict[str, str] = field(default_factory=dict)  # name -> error
+    by_status: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    cluster: str = ""
+    dashboard: str | None = None
+
+    @property
+    def items_ok(self) -> int:
+        return self.by_status.get(Status.OK.value, 0)
+
+    @property
+    def items_failed(self) -> int:
+        return sum(self.by_status.values()) - self.items_ok
+
+    @property
+    def images_per_second(self) -> float:
+        return self.items_ok / self.seconds if self.seconds > 0 else 0.0
+
+    def exit_code(self, fail_on_item_errors: bool = False) -> int:
+        if self.failed_shards:
+            return 1
+        if fail_on_item_errors and self.items_failed:
+            return 3
+        return 0
+
+
+ProgressHook = Callable[[str, int, int], None]  # (event, done, total)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line: exception type and first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _failed_rows(spec: ShardSpec, error: str) -> tuple[ItemResult, ...]:
+    return tuple(ItemResult(r.key, r.uri, r.label, Status.SHARD_FAILED, error) for r in spec.items)
+
+
+def _reset_output(out: Output) -> None:
+    """--overwrite: drop the old manifest, ledger and shards before converting again."""
+    for rel in (MANIFEST, LEDGER, SHARDS_DIR):
+        if out.exists(rel):
+            out.fs.rm(out.path(rel), recursive=True)
+
+
+def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[str], None] = print) -> RunSummary:
+    """Convert the configured source into a verified dataset; returns the summary."""
+    start = time.perf_counter()
+    out = Output(config.output.uri, config.output.storage_options)
+    listing = list_source(config.source)
+    specs = plan_shards(listing.items, config.shard.size)
+    config_data = config.redacted()
+    settings = output_settings(config_data)
+    if config.run.overwrite:
+        _reset_output(out)
+    fps = {s.name: fingerprint(s, settings) for s in specs}
+    records: dict[str, ShardRecord] = committed_records(out, fps)
+    pending = [s for s in specs if s.name not in records]
+    summary = RunSummary(output=out.url(""), shards=len(specs), skipped=len(records))
+    log(f"{len(listing.items)} items from {listing.kind} source -> {len(specs)} shards "
+        f"({len(records)} already committed, {len(pending)} to convert)")  # fmt: skip
+    if pending and out.exists(MANIFEST):
+        out.fs.rm_file(out.path(MANIFEST))  # readers must not trust a manifest while shards change
+    failed: dict[str, str] = {}
+    if pending:
+        with open_client(config.cluster, job_name="convert") as handle:
+            summary.cluster, summary.dashboard = handle.description, handle.dashboard_link
+            log(f"cluster: {handle.description}" + (f"  dashboard: {handle.dashboard_link}" if handle.dashboard_link else ""))
+            _execute(handle.client, pending, config, records, failed, on_progress)
+    ordered = [records[s.name] for s in specs if s.name in records]
+    failed_ledgers = {s.name: _failed_rows(s, failed[s.name]) for s in specs if s.name in failed}
+    all_rows = [row for r in ordered for row in r.ledger] + [row for rows in failed_ledgers.values() for row in rows]
+    summary.converted = len(pending) - len(failed)
+    summary.failed_shards = failed
+    summary.by_status = dict(Counter(row.status.value for row in all_rows))
+    write_manifest(out, ordered, config_data, listing.label_names, listing.kind, failed=failed,
+                   failed_rows=[row for rows in failed_ledgers.values() for row in rows])  # fmt: skip
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _execute(client, pending, config, records, failed, on_progress) -> None:  # type: ignore[no-untyped-def]
+    """Submit one task per pending shard and collect records/failures as they complete."""
+    from distributed import as_completed
+
+    token = str(time.time_ns())
+    futures = client.map(
+        process_shard,
+        pending,
+        config=config,
+        key=[f"{s.name}-{token}" for s in pending],
+        retries=config.cluster.task_retries,
+        pure=False,
+    )
+    names = {f.key: s.name for f, s in zip(futures, pending)}
+    total = len(pending)
+    for done, future in enumerate(as_completed(futures), start=1):
+        name = names[future.key]
+        if future.status == "finished":
+            records[name] = future.result()
+        else:
+            failed[name] = describe_error(future.exception())
+        future.release()
+        if on_progress:
+            on_progress(name, done, total)

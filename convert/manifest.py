@@ -1,0 +1,205 @@
+"""Shard records (done-markers), the dataset ledger and the manifest, plus verification.
+
+Layout under the dataset root:
+    shards/shard-00000.h5            the shard (or .lmdb)
+    shards/shard-00000.record.gz     its record: counts, size, sha256, fingerprint, ledger rows
+    ledger.gz                        every input item once: key, uri, label, status, error, shard
+    manifest.json                    written LAST: resolved config, label names, shard summaries
+
+Records and ledger use `convert.persist` (compressed, never unpickled); the manifest stays JSON so
+a person can read it. Readers trust only the manifest; resume trusts records whose file checks out.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import persist
+from .commit import SHARDS_DIR, Output, stream_digest
+from .specs import ItemResult, ShardRecord, Status
+
+MANIFEST = "manifest.json"
+LEDGER = "ledger.gz"
+RECORD_SUFFIX = ".record.gz"
+VERSION = 1
+_CODEC = ("gzip", 6)
+
+
+class ManifestError(ValueError):
+    """The output is missing its manifest or the manifest is unreadable."""
+
+
+def record_rel_path(name: str) -> str:
+    return f"{SHARDS_DIR}/{name}{RECORD_SUFFIX}"
+
+
+def _ledger_columns(rows: Iterable[ItemResult]) -> dict[str, Any]:
+    rows = list(rows)
+    return {
+        "key": [r.key for r in rows],
+        "uri": [r.uri for r in rows],
+        "label": np.array([-1 if r.label is None else r.label for r in rows], dtype=np.int64),
+        "status": [r.status.value for r in rows],
+        "error": [r.error for r in rows],
+    }
+
+
+def _ledger_rows(cols: dict[str, Any]) -> tuple[ItemResult, ...]:
+    return tuple(
+        ItemResult(key, uri, None if int(label) < 0 else int(label), Status(status), error)
+        for key, uri, label, status, error in zip(
+            cols["key"], cols["uri"], cols["label"], cols["status"], cols["error"]
+        )
+    )
+
+
+def _dump_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    persist.dump(obj, buf, compress=_CODEC)
+    return buf.getvalue()
+
+
+def write_record(out: Output, record: ShardRecord, fingerprint: str) -> None:
+    """Commit a shard's record beside it: the shard's done-marker (written after the shard)."""
+    obj = {"version": VERSION, "fingerprint": fingerprint, **record.summary(), "ledger": _ledger_columns(record.ledger)}
+    out.write_bytes(record_rel_path(record.name), _dump_bytes(obj))
+
+
+def read_record(out: Output, name: str) -> tuple[ShardRecord, str] | None:
+    """(record, fingerprint) of a committed shard, or None if absent or unreadable."""
+    rel = record_rel_path(name)
+    try:
+        obj = persist.load(io.BytesIO(out.read_bytes(rel)))
+    except (FileNotFoundError, persist.PersistError):
+        return None
+    if not isinstance(obj, dict) or obj.get("version") != VERSION:
+        return None
+    shape = obj["image_shape"]
+    record = ShardRecord(
+        name=obj["name"], path=obj["path"], format=obj["format"], count=obj["count"], ok=obj["ok"],
+        failed=obj["failed"], bytes=obj["bytes"], sha256=obj["sha256"],
+        image_shape=tuple(shape) if shape else None, encoding=obj["encoding"],
+        ledger=_ledger_rows(obj["ledger"]),
+    )  # fmt: skip
+    return record, obj["fingerprint"]
+
+
+def committed_records(out: Output, fingerprints: dict[str, str]) -> dict[str, ShardRecord]:
+    """Records from a previous run that resume may trust: same fingerprint, shard file present, same size."""
+    try:
+        listing = {info["name"].rsplit("/", 1)[-1]: info for info in out.fs.ls(out.path(SHARDS_DIR), detail=True)}
+    except FileNotFoundError:
+        return {}
+    trusted: dict[str, ShardRecord] = {}
+    for name, expected in fingerprints.items():
+        if f"{name}{RECORD_SUFFIX}" not in listing:
+            continue
+        found = read_record(out, name)
+        if found is None or found[1] != expected:
+            continue
+        record = found[0]
+        info = listing.get(record.path.rsplit("/", 1)[-1])
+        if info is not None and info.get("size") == record.bytes:
+            trusted[name] = record
+    return trusted
+
+
+def write_manifest(
+    out: Output,
+    records: list[ShardRecord],
+    config: dict[str, Any],
+    label_names: list[str] | None,
+    source_kind: str,
+    failed: dict[str, str] | None = None,
+    failed_rows: list[ItemResult] | None = None,
+) -> dict[str, Any]:
+    """Write ledger.gz then manifest.json (last). Records must be in shard order.
+
+    Shards that failed after their retries are listed under "failed_shards" and their items are
+    in the ledger with status shard_failed (shard index -1), so every input item appears once.
+    """
+    failed_rows = failed_rows or []
+    rows = [row for r in records for row in r.ledger] + failed_rows
+    cols = _ledger_columns(rows)
+    shard_ids = [i for i, r in enumerate(records) for _ in r.ledger] + [-1] * len(failed_rows)
+    cols["shard"] = np.array(shard_ids, dtype=np.int32)
+    out.write_bytes(LEDGER, _dump_bytes(cols))
+    by_status = Counter(r.status.value for r in rows)
+    manifest = {
+        "version": VERSION,
+        "format": config["output"]["format"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source_kind": source_kind,
+        "label_names": label_names,
+        "totals": {
+            "items": len(rows),
+            "ok": by_status.get(Status.OK.value, 0),
+            "failed": len(rows) - by_status.get(Status.OK.value, 0),
+            "by_status": dict(sorted(by_status.items())),
+            "shards": len(records),
+            "bytes": sum(r.bytes for r in records),
+        },
+        "complete": not failed,
+        "failed_shards": dict(failed or {}),
+        "ledger": LEDGER,
+        "shards": [r.summary() for r in records],
+        "config": config,
+    }
+    out.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def read_manifest(out: Output) -> dict[str, Any]:
+    try:
+        data = out.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        raise ManifestError(
+            f"{out.url(MANIFEST)} not found: not a converted dataset, or the run has not finished "
+            "(rerun `convert-dataset run` with the same config to complete it)"
+        ) from None
+    try:
+        manifest = json.loads(data)
+    except ValueError as exc:
+        raise ManifestError(f"{out.url(MANIFEST)} is not valid JSON ({exc})") from None
+    if manifest.get("version") != VERSION:
+        raise ManifestError(f"{out.url(MANIFEST)}: unsupported manifest version {manifest.get('version')!r}")
+    return manifest
+
+
+def read_ledger(out: Output) -> dict[str, Any]:
+    """The dataset ledger as columns (key, uri, label, status, error, shard)."""
+    return persist.load(io.BytesIO(out.read_bytes(LEDGER)))
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    name: str
+    ok: bool
+    problem: str = ""
+
+
+def verify(out: Output) -> list[ShardCheck]:
+    """Re-hash every shard listed in the manifest and compare size and sha256."""
+    manifest = read_manifest(out)
+    checks = []
+    for shard in manifest["shards"]:
+        path = out.path(shard["path"])
+        try:
+            size, digest = stream_digest(out.fs, path)
+        except FileNotFoundError:
+            checks.append(ShardCheck(shard["name"], False, "missing"))
+            continue
+        if size != shard["bytes"]:
+            checks.append(ShardCheck(shard["name"], False, f"size {size} != {shard['bytes']}"))
+        elif digest != shard["sha256"]:
+            checks.append(ShardCheck(shard["name"], False, "sha256 mismatch"))
+        else:
+            checks.append(ShardCheck(shard["name"], True))
+    return checks

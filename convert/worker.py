@@ -1,0 +1,128 @@
+"""The shard task: `process_shard(spec, config)` is the one function Dask runs.
+
+Fetch (bounded async prefetch, in memory) -> decode/transform -> write in batches to a temp file
+unique to this attempt -> close, re-open and count -> hash -> publish -> write the record. Item
+failures become ledger rows; anything that breaks the shard itself raises, and the orchestrator
+retries the whole shard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .commit import Output, file_digest, publish, shard_rel_path, staging_path
+from .config import Config
+from .fetch import fetch_bytes, prefetch
+from .fetch.policy import FetchPolicy
+from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
+from .manifest import write_record
+from .plan import fingerprint, output_settings
+from .sources import read_member
+from .specs import ItemError, ItemRef, ItemResult, ShardRecord, ShardSpec, Status
+from .transform import output_shape, transform
+
+WRITE_BATCH = 64  # samples per writer call: amortises HDF5/LMDB overhead, bounds buffered pixels
+
+
+class ShardError(RuntimeError):
+    """The shard as a whole failed (the orchestrator retries it)."""
+
+
+def load_item(ref: ItemRef, policy: FetchPolicy) -> bytes | np.ndarray:
+    """Bytes (or decoded pixels for records inside a container file) of one item, in memory."""
+    if ref.member is not None:
+        return read_member(ref.uri, ref.member, policy.storage_options)
+    return fetch_bytes(ref.uri, policy)
+
+
+def _size_of(value: Any) -> int:
+    return value.nbytes if isinstance(value, np.ndarray) else len(value)
+
+
+def _convert(ref: ItemRef, value: Any, error: BaseException | None, config: Config) -> tuple[ItemResult, Sample | None]:
+    """One item: fetched value (or fetch error) -> ledger row and, if ok, the sample to store."""
+    try:
+        if error is not None:
+            raise error
+        data = transform(value, config.image)
+    except ItemError as exc:
+        return ItemResult(ref.key, ref.uri, ref.label, exc.status, exc.message), None
+    except Exception as exc:  # an unexpected per-item failure must not sink the other items
+        return ItemResult(ref.key, ref.uri, ref.label, Status.ERROR, f"{type(exc).__name__}: {exc}"), None
+    return ItemResult(ref.key, ref.uri, ref.label, Status.OK), Sample(ref.key, ref.label, data)
+
+
+def _fill(writer: ShardWriter, spec: ShardSpec, config: Config) -> list[ItemResult]:
+    """Stream every item of the shard through fetch -> transform -> writer; returns the ledger rows."""
+    policy = config.fetch.policy(config.source.storage_options)
+    ledger: list[ItemResult] = []
+    batch: list[Sample] = []
+    fetched_items = prefetch(
+        spec.items,
+        lambda ref: load_item(ref, policy),
+        depth=config.fetch.threads,
+        max_bytes=config.fetch.prefetch_bytes,
+        size_of=_size_of,
+    )
+    try:
+        for fetched in fetched_items:
+            row, sample = _convert(fetched.item, fetched.value, fetched.error, config)
+            ledger.append(row)
+            if sample is not None:
+                batch.append(sample)
+            if len(batch) >= WRITE_BATCH:
+                writer.write_batch(batch)
+                batch = []
+    finally:
+        fetched_items.close()
+    if batch:
+        writer.write_batch(batch)
+    return ledger
+
+
+def shard_info(spec: ShardSpec, config: Config, fp: str) -> ShardInfo:
+    shape = output_shape(config.image)
+    return ShardInfo(
+        name=spec.name,
+        encoding=config.image.encode,
+        image_shape=shape,
+        expected_count=len(spec),
+        attrs={"shard": spec.name, "fingerprint": fp, "image": config.image.model_dump(mode="json")},
+        compression=config.output.compression,
+        compression_level=config.output.compression_level,
+    )
+
+
+def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
+    """Convert one shard end to end and commit it; returns its record (no image data)."""
+    out = Output(config.output.uri, config.output.storage_options)
+    fmt = get_format(config.output.format)
+    fp = fingerprint(spec, output_settings(config.redacted()))
+    info = shard_info(spec, config, fp)
+    rel = shard_rel_path(spec.name, fmt.extension)
+    with staging_path(out, spec.name, fmt.extension) as tmp:
+        writer = open_writer(fmt.name, tmp, info)
+        try:
+            ledger = _fill(writer, spec, config)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        ok = sum(row.ok for row in ledger)
+        reader = open_reader(fmt.name, tmp)
+        try:
+            stored = len(reader)
+        finally:
+            reader.close()
+        if stored != ok:
+            raise ShardError(f"{spec.name}: wrote {ok} images but the re-opened shard holds {stored}")
+        size, digest = file_digest(tmp)
+        publish(out, tmp, rel, size)
+    record = ShardRecord(
+        name=spec.name, path=rel, format=fmt.name, count=len(spec), ok=ok, failed=len(spec) - ok,
+        bytes=size, sha256=digest, image_shape=info.image_shape, encoding=info.encoding, ledger=tuple(ledger),
+    )  # fmt: skip
+    write_record(out, record, fp)
+    return record
