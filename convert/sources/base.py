@@ -1,0 +1,122 @@
+"""Shared pieces of the source listers: the listing value, the error type, key hygiene, fsspec helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fsspec import AbstractFileSystem
+from fsspec.core import has_magic, url_to_fs
+
+from ..specs import ItemRef
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+MAX_KEY_CHARS = 200  # LMDB's default key limit is 511 bytes; 200 chars of UTF-8 leaves room
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # 2+ chars so "C:\..." is not a scheme
+
+
+class SourceError(ValueError):
+    """A user-facing listing problem; one line naming the path/item and the fix."""
+
+
+@dataclass(frozen=True)
+class SourceListing:
+    """Every input item of a source, in deterministic order, plus the label id -> name table."""
+
+    kind: str  # "folder" | "urls" | "cifar"
+    items: list[ItemRef]
+    label_names: list[str] | None  # index = label id
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _clean_segment(seg: str) -> str:
+    # Control/format/unassigned/surrogate characters and line separators become "_" so keys
+    # stay printable, UTF-8 encodable and single-line (ledgers, logs, HDF5/LMDB names).
+    return "".join("_" if unicodedata.category(c)[0] == "C" or c in "\u2028\u2029" else c for c in seg)
+
+
+def safe_key(text: str) -> str:
+    """A relative, '/'-separated key with no '..', '.', empty segments, control chars or excess length.
+
+    Over-long keys keep their start and gain a hash of the full text so they stay unique.
+    Raises SourceError when nothing usable remains (e.g. "", "/", "..").
+    """
+    parts = [_clean_segment(p) for p in str(text).replace("\\", "/").split("/")]
+    key = "/".join(p for p in parts if p.strip() and p not in (".", ".."))
+    if not key:
+        raise SourceError(f"key {text!r} has no usable characters; give the item a plain name such as 'img_0001'")
+    if len(key) > MAX_KEY_CHARS:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        key = key[: MAX_KEY_CHARS - 17].rstrip("/") + "~" + digest
+    return key
+
+
+def require_unique(keys: Iterable[str], where: str) -> None:
+    """SourceError naming (up to five) keys that occur more than once."""
+    dupes = [k for k, n in Counter(keys).items() if n > 1]
+    if dupes:
+        shown = ", ".join(repr(k) for k in sorted(dupes)[:5])
+        more = f" and {len(dupes) - 5} more" if len(dupes) > 5 else ""
+        raise SourceError(f"{where}: duplicate keys {shown}{more}; every item needs a distinct key")
+
+
+def open_fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[AbstractFileSystem, str]:
+    """fsspec filesystem and protocol-less path for `uri` (local paths become absolute)."""
+    try:
+        return url_to_fs(uri, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise SourceError(f"{uri}: cannot open ({exc}); check the URL scheme and storage_options") from None
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
+def full_uri(fs: AbstractFileSystem, path: str) -> str:
+    """A URI the fetch layer can open: the absolute path for local files, else protocol://path."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def glob_root(path: str) -> str:
+    """The non-glob prefix of a glob path: '/data/train/**/*.jpg' -> '/data/train'."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if has_magic(part):
+            return "/".join(parts[:i]) or "/"
+    return posixpath.dirname(path)
+
+
+def relative_to(path: str, root: str) -> str:
+    """`path` relative to `root` with '/' separators (both protocol-less fsspec paths)."""
+    root = root.rstrip("/")
+    return path[len(root) :].lstrip("/") if root and path.startswith(root + "/") else path.lstrip("/")
+
+
+def has_scheme(entry: str) -> bool:
+    """True for 'https://...', 's3://...', 'file:...', 'data:...'; False for paths (incl. 'C:\\x')."""
+    return bool(_URL_SCHEME.match(entry))
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SourceError",
+    "SourceListing",
+    "full_uri",
+    "glob_root",
+    "has_magic",
+    "has_scheme",
+    "is_local",
+    "open_fs",
+    "relative_to",
+    "require_unique",
+    "safe_key",
+]
