@@ -1,0 +1,289 @@
+"""Decode one image from memory and turn it into what a shard stores.
+
+`transform(data, cfg)` -> uint8 pixels (H, W, C) or encoded bytes; per-item failures raise
+`ItemError` (DECODE_ERROR / DECOMPRESSION_BOMB). Everything is thread-safe: no Pillow globals are
+read or mutated (MAX_IMAGE_PIXELS, LOAD_TRUNCATED_IMAGES) and no warnings filters are touched.
+
+Choices:
+- Filter: BICUBIC. Pillow's resampling widens the kernel by the scale factor (proper
+  anti-aliasing), so BICUBIC is nearly as sharp as LANCZOS with less ringing and a smaller kernel.
+- `reducing_gap=3.0`: only kicks in for reductions >= 6x (non-JPEG or draft off); Pillow documents
+  3.0 as indistinguishable from full resampling in most cases.
+- JPEG draft (DCT-domain scaling by 1/2, 1/4, 1/8) asks for exactly the size the resize mode needs;
+  libjpeg's scaled IDCT is an area-style reduction, and draft never goes below the requested size.
+- Transparent pixels are composited over `pad_color` (the same fill used for letterbox borders).
+- 16-bit inputs are scaled to 8 bits (x / 257, rounded); Pillow's own I;16 -> L conversion clips.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from typing import Any
+
+import numpy as np
+from PIL import Image, JpegImagePlugin
+
+from .config import ImageConfig
+from .specs import ItemError, Status
+
+RESAMPLE = Image.Resampling.BICUBIC
+REDUCING_GAP = 3.0
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Raster formats decoded in-process. Excludes e.g. EPS (Pillow would run Ghostscript on untrusted input).
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO", "QOI", "AVIF")
+_ENCODERS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+Image.init()  # register every plugin once at import (idempotent), so _open never mutates registries
+
+
+def output_shape(cfg: ImageConfig) -> tuple[int, int, int] | None:
+    """Fixed (H, W, C) of transform() output for raw pixels with a resize; None if variable or encoded."""
+    if cfg.encode != "raw" or cfg.resize == "none" or cfg.size is None:
+        return None
+    return (cfg.size[0], cfg.size[1], 3 if cfg.mode == "RGB" else 1)
+
+
+def transform(data: bytes | np.ndarray, cfg: ImageConfig) -> np.ndarray | bytes:
+    """Decode (bytes) or adopt (uint8 array) one image, apply orientation/mode/resize, return pixels or bytes."""
+    if isinstance(data, np.ndarray):
+        img = _from_array(data, cfg)
+        if cfg.encode == "original":
+            return _encode(img, "png", cfg.quality)
+    else:
+        data = bytes(data)
+        img = _open(data, cfg)
+        if cfg.encode == "original":
+            if cfg.draft and isinstance(img, JpegImagePlugin.JpegImageFile):
+                img.draft(None, (1, 1))  # still entropy-decodes every block; the IDCT is 1/8 the work
+            _load(img)
+            return data
+        img = _decode(img, cfg)
+    img = _to_working_mode(img, cfg)
+    img = _resize(img, cfg)
+    if cfg.encode == "raw":
+        arr = np.array(img, dtype=np.uint8)
+        return arr[:, :, None] if arr.ndim == 2 else arr
+    return _encode(img, cfg.encode, cfg.quality)
+
+
+def _open(data: bytes, cfg: ImageConfig) -> Image.Image:
+    """Parse the header only; reject non-images and images over the pixel cap before any decoding."""
+    if not data:
+        raise ItemError(Status.DECODE_ERROR, "empty input (0 bytes)")
+    img = _identify(data)
+    w, h = img.size
+    if w * h > cfg.max_pixels:
+        raise ItemError(Status.DECOMPRESSION_BOMB, f"{w}x{h} = {w * h} pixels exceeds max_pixels={cfg.max_pixels}")
+    if isinstance(img, JpegImagePlugin.JpegImageFile):
+        _check_jpeg_segments(data)
+    return img
+
+
+def _identify(data: bytes) -> Image.Image:
+    """Image.open's format probe without its global-threshold bomb check (which warns or raises on
+    Pillow's MAX_IMAGE_PIXELS, not on our per-config cap, and cannot be silenced thread-safely)."""
+    prefix, why = data[:16], ""
+    for fmt in Image.ID:
+        if fmt not in ALLOWED_FORMATS:
+            continue
+        factory, accept = Image.OPEN[fmt]
+        accepted = accept(prefix) if accept is not None else True
+        if isinstance(accepted, str) or not accepted:  # a str is Pillow's "looks like it, but unsupported"
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error) as exc:
+            why = why or f": {fmt} header: {exc}"
+            continue  # this plugin rejects it; try the next, as Image.open does
+        except Image.DecompressionBombError as exc:  # a plugin's own check (e.g. WebP, MPO frames)
+            raise ItemError(Status.DECOMPRESSION_BOMB, str(exc)) from None
+        except Exception as exc:
+            raise ItemError(Status.DECODE_ERROR, f"{fmt} header: {type(exc).__name__}: {exc}") from None
+    raise ItemError(Status.DECODE_ERROR, f"not a supported image ({len(data)} bytes, starts {data[:8]!r}){why}")
+
+
+def _check_jpeg_segments(data: bytes) -> None:
+    """Walk the JPEG marker segments from SOI to the first SOS.
+
+    Hand-written because Pillow skips garbage between segments and libjpeg only *warns* about it
+    ("Corrupt JPEG data: N extraneous bytes"), and Pillow drops libjpeg warnings, so a file with a
+    damaged header would otherwise decode silently (possibly with substituted Huffman tables).
+    """
+    pos, n = 2, len(data)
+    while pos < n:
+        if data[pos] != 0xFF:
+            raise ItemError(Status.DECODE_ERROR, f"corrupt JPEG: garbage at byte {pos} between header segments")
+        while pos < n and data[pos] == 0xFF:  # fill bytes may precede a marker
+            pos += 1
+        if pos + 2 >= n:
+            break
+        marker = data[pos]
+        if marker == 0xDA:  # start of scan: the header is complete
+            return
+        if marker in (0x00, 0xD8, 0xD9) or 0xD0 <= marker <= 0xD7:
+            raise ItemError(Status.DECODE_ERROR, f"corrupt JPEG: unexpected marker 0xFF{marker:02X} at byte {pos}")
+        (length,) = struct.unpack_from(">H", data, pos + 1)
+        if length < 2:
+            raise ItemError(Status.DECODE_ERROR, f"corrupt JPEG: bad segment length {length} at byte {pos}")
+        pos += 1 + length
+    raise ItemError(Status.DECODE_ERROR, "truncated JPEG: no image data (start-of-scan) found")
+
+
+def _load(img: Image.Image) -> None:
+    try:
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise ItemError(Status.DECOMPRESSION_BOMB, str(exc)) from None
+    except Exception as exc:  # Pillow raises OSError/ValueError/SyntaxError/... for broken data
+        raise ItemError(Status.DECODE_ERROR, f"{img.format} decode: {type(exc).__name__}: {exc}") from None
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # unreadable EXIF is not worth losing the image for
+        return 1
+    return value if value in _TRANSPOSE else 1
+
+
+def _decode(img: Image.Image, cfg: ImageConfig) -> Image.Image:
+    """Draft (JPEG), decode, and make the image upright."""
+    orientation = _orientation(img)
+    if cfg.draft and isinstance(img, JpegImagePlugin.JpegImageFile):
+        need = _needed_size(img.size, orientation, cfg)
+        mode = "L" if cfg.mode == "L" and img.mode == "RGB" else None
+        if need is not None or mode is not None:
+            img.draft(mode, need)
+    _load(img)
+    if orientation in _TRANSPOSE:
+        img = img.transpose(_TRANSPOSE[orientation])
+    return img
+
+
+def _needed_size(stored: tuple[int, int], orientation: int, cfg: ImageConfig) -> tuple[int, int] | None:
+    """Smallest (w, h) in STORED orientation that the resize mode needs, or None if not shrinking."""
+    if cfg.resize == "none" or cfg.size is None:
+        return None
+    swap = orientation >= 5  # 5-8 store the image rotated by 90 degrees
+    sw, sh = (stored[1], stored[0]) if swap else stored
+    th, tw = cfg.size
+    if cfg.resize == "pad":
+        tw, th = _fit((sw, sh), (tw, th))
+    # stretch and center_crop: draft keeps both sides >= (tw, th), which also covers the crop
+    if tw >= sw and th >= sh:
+        return None
+    return (th, tw) if swap else (tw, th)
+
+
+def _fit(src: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """Largest (w, h) with the aspect ratio of `src` that fits in `box` (letterbox content size)."""
+    scale = min(box[0] / src[0], box[1] / src[1])
+    return (min(box[0], max(1, round(src[0] * scale))), min(box[1], max(1, round(src[1] * scale))))
+
+
+def _from_array(arr: np.ndarray, cfg: ImageConfig) -> Image.Image:
+    if arr.dtype != np.uint8:
+        raise ItemError(Status.DECODE_ERROR, f"pixel array must be uint8, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or 0 in arr.shape:
+        raise ItemError(Status.DECODE_ERROR, f"pixel array must be HxW or HxWx{{1,3,4}}, got shape {arr.shape}")
+    if arr.shape[0] * arr.shape[1] > cfg.max_pixels:
+        raise ItemError(Status.DECOMPRESSION_BOMB, f"{arr.shape[1]}x{arr.shape[0]} pixels exceeds max_pixels")
+    mode = "L" if arr.ndim == 2 else ("RGB" if arr.shape[2] == 3 else "RGBA")
+    return Image.fromarray(np.ascontiguousarray(arr), mode)
+
+
+def _to_working_mode(img: Image.Image, cfg: ImageConfig) -> Image.Image:
+    """Reduce any Pillow mode to "L" or "RGB" (L stays L until after resizing; it is 3x cheaper)."""
+    mode = img.mode
+    if mode in ("L", "RGB"):
+        pass
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        img = _to_8bit(img)
+    elif mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        img = _flatten_alpha(img, cfg.pad_color)
+    else:  # P, 1, CMYK, YCbCr, ...
+        try:
+            img = img.convert("L" if mode == "1" else "RGB")
+        except ValueError as exc:
+            raise ItemError(Status.DECODE_ERROR, f"unsupported image mode {mode!r}: {exc}") from None
+    if cfg.mode == "L" and img.mode != "L":
+        img = img.convert("L")
+    return img
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img)
+    if img.mode == "F":
+        out = np.clip(np.rint(arr), 0, 255)
+    elif img.mode == "I" and arr.max(initial=0) <= 255:
+        out = np.clip(arr, 0, 255)  # 32-bit container holding 8-bit values
+    else:  # 16-bit range: 0..65535 -> 0..255, rounded (x*257 maps back to x exactly)
+        out = (np.clip(arr.astype(np.int64), 0, 65535) * 255 + 32767) // 65535
+    return Image.fromarray(out.astype(np.uint8), "L")
+
+
+def _flatten_alpha(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    rgba = img.convert("RGBA")
+    canvas = Image.new("RGB", rgba.size, fill)
+    canvas.paste(rgba.convert("RGB"), (0, 0), rgba.getchannel("A"))
+    return canvas
+
+
+def _resize(img: Image.Image, cfg: ImageConfig) -> Image.Image:
+    """Geometry per resize mode; size is (H, W). Converts to cfg.mode at the end."""
+    if cfg.resize == "none" or cfg.size is None:
+        return img.convert(cfg.mode) if img.mode != cfg.mode else img
+    th, tw = cfg.size
+    sw, sh = img.size
+    if cfg.resize == "stretch":
+        out = _resample(img, (tw, th), None)
+    elif cfg.resize == "center_crop":
+        # scale-to-cover then centre crop == resample the centred source box with the target aspect;
+        # passing the box to resize avoids an intermediate image and its rounding
+        if sw * th > sh * tw:  # source wider than target
+            bw, bh = sh * tw / th, float(sh)
+        else:
+            bw, bh = float(sw), sw * th / tw
+        box = ((sw - bw) / 2, (sh - bh) / 2, (sw + bw) / 2, (sh + bh) / 2)
+        out = _resample(img, (tw, th), box)
+    else:  # pad: fit inside, centre on a pad_color canvas
+        fw, fh = _fit((sw, sh), (tw, th))
+        content = _resample(img, (fw, fh), None).convert(cfg.mode)
+        out = Image.new(cfg.mode, (tw, th), _fill_value(cfg.pad_color, cfg.mode))
+        out.paste(content, ((tw - fw) // 2, (th - fh) // 2))
+    return out.convert(cfg.mode) if out.mode != cfg.mode else out
+
+
+def _resample(img: Image.Image, size: tuple[int, int], box: Any) -> Image.Image:
+    if box is None and img.size == size:
+        return img
+    return img.resize(size, RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
+
+
+def _fill_value(rgb: tuple[int, int, int], mode: str) -> int | tuple[int, int, int]:
+    if mode == "RGB":
+        return tuple(rgb)  # type: ignore[return-value]
+    return int(Image.new("RGB", (1, 1), tuple(rgb)).convert("L").getpixel((0, 0)))  # Pillow's own luma
+
+
+def _encode(img: Image.Image, encoding: str, quality: int) -> bytes:
+    fmt = _ENCODERS[encoding]
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGBA" if "A" in img.mode else "RGB")
+    buf = io.BytesIO()
+    kwargs: dict[str, Any] = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
