@@ -17,7 +17,7 @@ from fsspec.core import has_magic, url_to_fs
 from ..specs import ItemRef
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-MAX_KEY_CHARS = 200  # LMDB's default key limit is 511 bytes; 200 chars of UTF-8 leaves room
+MAX_KEY_BYTES = 255  # UTF-8 bytes; LMDB's default key limit is 511 and the shard key may add a prefix
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # 2+ chars so "C:\..." is not a scheme
 
 
@@ -44,7 +44,7 @@ def _clean_segment(seg: str) -> str:
 
 
 def safe_key(text: str) -> str:
-    """A relative, '/'-separated key with no '..', '.', empty segments, control chars or excess length.
+    """A relative, '/'-separated key: no '..', '.', empty segments or control chars; <= MAX_KEY_BYTES.
 
     Over-long keys keep their start and gain a hash of the full text so they stay unique.
     Raises SourceError when nothing usable remains (e.g. "", "/", "..").
@@ -53,9 +53,11 @@ def safe_key(text: str) -> str:
     key = "/".join(p for p in parts if p.strip() and p not in (".", ".."))
     if not key:
         raise SourceError(f"key {text!r} has no usable characters; give the item a plain name such as 'img_0001'")
-    if len(key) > MAX_KEY_CHARS:
-        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        key = key[: MAX_KEY_CHARS - 17].rstrip("/") + "~" + digest
+    raw = key.encode("utf-8")
+    if len(raw) > MAX_KEY_BYTES:
+        digest = hashlib.sha256(raw).hexdigest()[:16]
+        head = raw[: MAX_KEY_BYTES - 17].decode("utf-8", "ignore")  # "ignore" drops a split character
+        key = head.rstrip("/") + "~" + digest
     return key
 
 

@@ -69,7 +69,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def _unpickle(raw: bytes, name: str) -> dict[str, Any]:
     """Decode one batch/meta file to a dict with str keys."""
-    # Why a pickle load is allowed here: the CIFAR file format IS a pickle, and this unpickler is
+    # Why unpickling is allowed here: the CIFAR file format IS a pickle, and this unpickler is
     # restricted to numpy array reconstruction and builtin containers, so it cannot run code.
     try:
         obj = _RestrictedUnpickler(io.BytesIO(raw), name).load()  # restricted unpickler (see find_class)
@@ -158,7 +158,9 @@ def list_cifar(uri: str, storage_options: dict[str, Any] | None = None) -> Sourc
         data = _data(batch, name)
         batch_uri = full_uri(fs, p)
         labels = _labels(batch, len(data), name)
-        items.extend(ItemRef(key=f"{name}/{row:05d}", uri=batch_uri, label=lab, member=row) for row, lab in enumerate(labels))
+        items.extend(
+            ItemRef(key=f"{name}/{row:05d}", uri=batch_uri, label=lab, member=row) for row, lab in enumerate(labels)
+        )
         del batch, data
     return SourceListing(kind="cifar", items=items, label_names=_label_names(fs, posixpath.dirname(paths[0])))
 

@@ -122,7 +122,8 @@ def write_cifar100(
     for j, (name, n) in enumerate((("train", train), ("test", test))):
         images = sample_images(n, seed=seed + 1000 * j)
         fine = rng.integers(0, 100, n).tolist()
-        write_batch(folder / name, images, fine, coarse_labels=[f // 5 for f in fine], batch_label=name, python2=python2)
+        coarse = [f // 5 for f in fine]
+        write_batch(folder / name, images, fine, coarse_labels=coarse, batch_label=name, python2=python2)
         written[name] = (images, fine)
     meta = {
         b"fine_label_names": [f"fine_{i:02d}".encode() for i in range(100)],
