@@ -1,0 +1,417 @@
+"""Connect to the Dask cluster a ClusterConfig describes, and tear it down afterwards.
+
+`open_client(cfg)` is the single entry point the pipeline uses:
+
+* ``kind: local`` (no scheduler) -> a `distributed.LocalCluster` of worker processes on 127.0.0.1;
+* ``scheduler: tcp://host:8786`` / ``scheduler_file: path`` -> a `Client` to a running scheduler;
+* ``kind: slurm|pbs`` -> a dask-jobqueue cluster that submits ``cluster.jobs`` batch jobs.
+  Only values set in the config are passed; dask's ``jobqueue.yaml`` config fills in the rest.
+
+`job_script(cfg)` renders the batch script without submitting anything (``submit --dry-run``).
+`check_reachable_paths(uris, handle)` refuses local paths that remote workers cannot obviously see.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import dask.config
+from distributed import Client, LocalCluster
+from distributed.core import Status
+
+from .config import ClusterConfig
+
+#: seconds to wait for a batch cluster's first worker (jobs may queue); env overrides
+WORKER_TIMEOUT_ENV = "CONVERT_WORKER_TIMEOUT"
+#: os.pathsep-separated prefixes that every worker host sees at the same path
+SHARED_PATHS_ENV = "CONVERT_SHARED_PATHS"
+
+#: scheduler address shown by job_script(): the real one exists only once the cluster starts
+SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:8786"
+
+_BATCH = {"slurm": ("sbatch", "squeue", "#SBATCH"), "pbs": ("qsub", "qstat", "#PBS")}
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be reached or started; the message says what to run to fix it."""
+
+
+@dataclass(frozen=True)
+class ClusterHandle:
+    """A connected client plus what the caller needs to report on and reason about the cluster."""
+
+    client: Client
+    description: str
+    dashboard_link: str | None
+    scheduler_address: str
+    shared_filesystem_required: bool
+    config: ClusterConfig
+    cluster: Any = field(default=None, repr=False)  # LocalCluster / JobQueueCluster we own, if any
+
+    @property
+    def job_ids(self) -> list[str]:
+        """Batch job ids submitted so far (empty for local clusters and external schedulers)."""
+        workers = getattr(self.cluster, "workers", None) or {}
+        return sorted({str(j.job_id) for j in workers.values() if getattr(j, "job_id", None)})
+
+
+@contextmanager
+def open_client(
+    cfg: ClusterConfig,
+    *,
+    job_name: str = "convert",
+    connect_timeout: float = 10.0,
+    worker_timeout: float | None = None,
+) -> Iterator[ClusterHandle]:
+    """Yield a ClusterHandle for `cfg`; on exit close the client and any cluster/jobs we started.
+
+    `connect_timeout` bounds reaching an existing scheduler; `worker_timeout` bounds waiting for
+    the first worker (default 60 s for an existing scheduler, $CONVERT_WORKER_TIMEOUT or 600 s
+    for batch jobs, which may sit in the queue).
+    """
+    if cfg.scheduler or cfg.scheduler_file:
+        with _open_existing(cfg, connect_timeout, worker_timeout or 60.0) as handle:
+            yield handle
+    elif cfg.kind == "local":
+        with _open_local(cfg) as handle:
+            yield handle
+    else:
+        timeout = worker_timeout or float(os.environ.get(WORKER_TIMEOUT_ENV, "600"))
+        with _open_batch(cfg, job_name, timeout) as handle:
+            yield handle
+
+
+def local_worker_count(threads_per_worker: int = 1) -> int:
+    """Worker processes that fit this machine: usable CPUs (affinity-aware) / threads per worker."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, threads_per_worker))
+
+
+@contextmanager
+def _open_local(cfg: ClusterConfig) -> Iterator[ClusterHandle]:
+    n = cfg.workers or local_worker_count(cfg.threads_per_worker)
+    with ExitStack() as stack:
+        cluster = stack.enter_context(
+            LocalCluster(
+                n_workers=n,
+                threads_per_worker=cfg.threads_per_worker,
+                processes=True,
+                memory_limit=cfg.memory_limit,
+                dashboard_address=":0" if cfg.dashboard else None,
+                host="127.0.0.1",
+            )
+        )
+        client = stack.enter_context(Client(cluster))
+        yield ClusterHandle(
+            client=client,
+            description=f"LocalCluster {_plural(n, 'worker')} x {_plural(cfg.threads_per_worker, 'thread')}",
+            dashboard_link=_dashboard(client, cfg),
+            scheduler_address=cluster.scheduler_address,
+            shared_filesystem_required=False,
+            config=cfg,
+            cluster=cluster,
+        )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _dashboard(client: Client, cfg: ClusterConfig) -> str | None:
+    """The scheduler's dashboard URL, or None when disabled or not served."""
+    if not cfg.dashboard:
+        return None
+    try:
+        return client.dashboard_link or None
+    except (KeyError, AttributeError, OSError):
+        return None
+
+
+def read_scheduler_file(path: str, timeout: float) -> str:
+    """The scheduler address from a `dask scheduler --scheduler-file` JSON file, waiting for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return str(json.loads(Path(path).read_text())["address"])
+        except (OSError, ValueError, KeyError) as exc:
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"scheduler file {path!r} not readable after {timeout:g}s ({exc.__class__.__name__}: {exc}); "
+                    f"start a scheduler with `dask scheduler --scheduler-file {path}` or fix cluster.scheduler_file"
+                ) from None
+            time.sleep(0.2)
+
+
+@contextmanager
+def _open_existing(cfg: ClusterConfig, connect_timeout: float, worker_timeout: float) -> Iterator[ClusterHandle]:
+    if cfg.scheduler:
+        address, origin = cfg.scheduler, ""
+    else:
+        assert cfg.scheduler_file is not None
+        address = read_scheduler_file(cfg.scheduler_file, connect_timeout)
+        origin = f" (from {cfg.scheduler_file})"
+    try:
+        client = Client(address, timeout=connect_timeout)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {address}{origin} within {connect_timeout:g}s "
+            f"({exc.__class__.__name__}); start one with `dask scheduler --host HOST --port 8786` and "
+            f"`dask worker {address}`, or fix cluster.scheduler / --scheduler"
+        ) from None
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=worker_timeout)
+        except TimeoutError:
+            raise ClusterError(
+                f"the scheduler at {address} has no workers after {worker_timeout:g}s; "
+                f"start some with `dask worker {address}`"
+            ) from None
+        yield ClusterHandle(
+            client=client,
+            description=f"scheduler {address}{origin}",
+            dashboard_link=_dashboard(client, cfg),
+            scheduler_address=address,
+            shared_filesystem_required=True,
+            config=cfg,
+        )
+
+
+def _directive(text: str, prefix: str) -> str:
+    text = text.strip()
+    return text[len(prefix) :].strip() if text.startswith(prefix) else text
+
+
+def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, Any]:
+    """Keyword arguments for SLURMCluster/PBSCluster: only what `cfg` sets, plus python/local dir.
+
+    Anything left out is read by dask-jobqueue from ``jobqueue.<kind>.*`` in dask's config.
+    """
+    kind = cfg.kind
+    conf = lambda key: dask.config.get(f"jobqueue.{kind}.{key}", None)  # noqa: E731
+    kw: dict[str, Any] = {"job_name": job_name}
+    for key in ("cores", "memory", "walltime", "queue", "account"):
+        value = getattr(cfg, key)
+        if value is not None:
+            kw[key] = value
+    if cfg.job_extra:
+        kw["job_extra_directives"] = [_directive(d, _BATCH[kind][2]) for d in cfg.job_extra]
+    if conf("python") is None:
+        kw["python"] = sys.executable
+    if conf("local-directory") is None:
+        kw["local_directory"] = "/tmp"
+    cores = cfg.cores or conf("cores")
+    if cores and conf("processes") is None:
+        kw["processes"] = max(1, int(cores) // cfg.threads_per_worker)
+    options = dict(conf("scheduler-options") or {})
+    options.setdefault("dashboard_address", ":0" if cfg.dashboard else None)
+    kw["scheduler_options"] = options
+    return kw
+
+
+def _cluster_class(kind: str) -> Any:
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise ClusterError(
+            f"cluster.kind={kind!r} needs dask-jobqueue; install it with `pip install 'convert[cluster]'`"
+        ) from None
+    return {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
+
+
+def _need_cores_memory(cfg: ClusterConfig) -> ClusterError:
+    return ClusterError(
+        f"cluster.kind={cfg.kind}: set cluster.cores and cluster.memory (e.g. --set cluster.cores=4 "
+        f"--set cluster.memory=16GB) or jobqueue.{cfg.kind}.cores/memory in ~/.config/dask/jobqueue.yaml"
+    )
+
+
+def _make_batch_cluster(cfg: ClusterConfig, job_name: str) -> Any:
+    cls = _cluster_class(cfg.kind)
+    try:
+        return cls(**jobqueue_kwargs(cfg, job_name))
+    except ValueError as exc:
+        if "cores and memory" in str(exc):
+            raise _need_cores_memory(cfg) from None
+        raise
+
+
+def job_script(cfg: ClusterConfig, *, job_name: str = "convert") -> str:
+    """The batch script dask-jobqueue would submit for `cfg`; nothing is started or submitted.
+
+    Built like JobQueueCluster.job_script() (its job class with a placeholder scheduler address).
+    """
+    if cfg.kind not in _BATCH:
+        raise ClusterError(f"job_script needs cluster.kind slurm or pbs, not {cfg.kind!r}")
+    kw = jobqueue_kwargs(cfg, job_name)
+    kw.pop("scheduler_options")
+    try:
+        job = _cluster_class(cfg.kind).job_cls(SCHEDULER_PLACEHOLDER, name=f"{job_name}-worker", **kw)
+    except ValueError as exc:
+        if "cores and memory" in str(exc):
+            raise _need_cores_memory(cfg) from None
+        raise
+    return str(job.job_script())
+
+
+@contextmanager
+def _open_batch(cfg: ClusterConfig, job_name: str, worker_timeout: float) -> Iterator[ClusterHandle]:
+    submit, status_cmd, _ = _BATCH[cfg.kind]
+    if shutil.which(submit) is None:
+        raise ClusterError(
+            f"cluster.kind={cfg.kind}: `{submit}` is not on PATH; run on a login node of the batch system "
+            f"(or for a one-node test cluster: sudo bash cluster/slurm/setup-single-node.sh)"
+        )
+    cluster = _make_batch_cluster(cfg, job_name)
+    client = None
+    try:
+        client = Client(cluster)
+        _submit_jobs(cluster, cfg)
+        handle = ClusterHandle(
+            client=client,
+            description=f"{type(cluster).__name__} {_plural(cfg.jobs, 'job')}",
+            dashboard_link=_dashboard(client, cfg),
+            scheduler_address=cluster.scheduler_address,
+            shared_filesystem_required=True,
+            config=cfg,
+            cluster=cluster,
+        )
+        _wait_for_batch_worker(handle, status_cmd, worker_timeout)
+        yield handle
+    finally:
+        _close_batch(cluster, client)
+
+
+def _submit_jobs(cluster: Any, cfg: ClusterConfig) -> None:
+    """scale(jobs=N) and wait until the submit commands ran, so a rejected job fails fast."""
+
+    async def scale_and_wait() -> None:
+        cluster.scale(jobs=cfg.jobs)  # queues SpecCluster._correct_state on the loop...
+        await cluster._correct_state()  # ...which this call creates first and awaits (same task)
+
+    try:
+        cluster.sync(scale_and_wait)
+    except RuntimeError as exc:
+        for job in list(getattr(cluster, "_created", ())):  # never submitted: let close() skip them
+            if job.job_id is None and job.status == Status.created:
+                job.status = Status.failed
+        raise ClusterError(
+            f"submitting {cfg.jobs} {cfg.kind} job(s) failed; fix cluster.queue/account/walltime/job_extra "
+            f"(or jobqueue.{cfg.kind}.* in dask's config).\n{exc}\nJob script:\n{cluster.job_script()}"
+        ) from None
+
+
+def _wait_for_batch_worker(handle: ClusterHandle, status_cmd: str, timeout: float) -> None:
+    try:
+        handle.client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        ids = handle.job_ids
+        status = _run_quiet([status_cmd, *(["-j", ",".join(ids)] if status_cmd == "squeue" and ids else ids)])
+        raise ClusterError(
+            f"no Dask worker joined {handle.description} within {timeout:g}s (job ids: {', '.join(ids) or 'none'}).\n"
+            f"`{status_cmd}` says:\n{status}\n"
+            f"If jobs are pending, wait longer: export {WORKER_TIMEOUT_ENV}=3600. If they failed, read their "
+            f"output files (slurm-<id>.out / <name>.o<id> in the submit directory or jobqueue log-directory).\n"
+            f"Job script:\n{handle.cluster.job_script()}"
+        ) from None
+
+
+def _run_quiet(cmd: list[str]) -> str:
+    """Run a status command for an error message: its output, or why it could not run."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"({' '.join(cmd)} failed: {exc})"
+    return (p.stdout + p.stderr).strip() or f"(no output, exit code {p.returncode})"
+
+
+def _close_batch(cluster: Any, client: Client | None) -> None:
+    """Cancel our jobs (scale to 0 runs scancel/qdel), then close the client and the scheduler."""
+    try:
+        cluster.scale(0)
+        cluster.sync(cluster._correct_state)
+    finally:
+        if client is not None:
+            client.close()
+        cluster.close()
+
+
+def _host_of(address: str) -> str:
+    netloc = urlsplit(address if "://" in address else f"tcp://{address}").hostname
+    return netloc or ""
+
+
+def is_loopback(address: str) -> bool:
+    """True when a scheduler address (tcp://host:port) points at this machine's loopback."""
+    host = _host_of(address)
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(i[4][0]).is_loopback for i in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def _local_path(uri: str) -> str | None:
+    """The filesystem path of a local URI (no scheme or file://), else None."""
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        return parts.path
+    if parts.scheme == "" or len(parts.scheme) == 1:  # plain path (or a Windows drive letter)
+        return uri
+    return None
+
+
+def _declared_shared(handle: ClusterHandle, shared_paths: Sequence[str] | None) -> tuple[bool, list[str]]:
+    if getattr(handle.config, "shared_filesystem", False):
+        return True, []
+    if shared_paths is None:
+        shared_paths = [p for p in os.environ.get(SHARED_PATHS_ENV, "").split(os.pathsep) if p]
+    return False, [os.path.realpath(os.path.expanduser(p)) for p in shared_paths]
+
+
+def check_reachable_paths(
+    uris: Sequence[str], handle: ClusterHandle, *, shared_paths: Sequence[str] | None = None
+) -> None:
+    """Raise ValueError for local paths that workers on other hosts may not see.
+
+    Local paths are fine for a LocalCluster or a scheduler on loopback (every worker runs here),
+    when the config declares ``shared_filesystem: true``, or when they lie under a declared shared
+    prefix (`shared_paths`, default $CONVERT_SHARED_PATHS, os.pathsep-separated).
+    """
+    if not handle.shared_filesystem_required or is_loopback(handle.scheduler_address):
+        return
+    everything, prefixes = _declared_shared(handle, shared_paths)
+    if everything:
+        return
+    for uri in uris:
+        path = _local_path(uri)
+        if path is None:
+            continue
+        real = os.path.realpath(os.path.expanduser(path))
+        if any(real == p or real.startswith(p.rstrip(os.sep) + os.sep) for p in prefixes):
+            continue
+        raise ValueError(
+            f"{uri!r} is a local path, but workers of {handle.description} may run on other hosts and "
+            f"not see it; put the data on an object store (s3://bucket/...) or a shared filesystem "
+            f"mounted at the same path on every node and declare it: export {SHARED_PATHS_ENV}="
+            f"{os.path.dirname(real) or real}"
+        )
