@@ -1,0 +1,326 @@
+"""One single-file LMDB environment per shard.
+
+Layout (format_version 1):
+- b"%08d" % i -> the i-th sample's value, in input order: fixed raw pixels (the uint8 buffer; shape
+  in the metadata), variable raw pixels (a 12-byte little-endian uint32 (H, W, C) header + buffer),
+  or the encoded image bytes. Plain bytes only, never pickles.
+- b"__meta__" -> JSON: format_version, name, encoding, layout, image_shape, count, attrs, labels,
+  keys (written by close(); a file without it is incomplete). It sorts after every item key.
+
+The writer sizes map_size from the shard (expected_count x per-item estimate + margin) and doubles
+it on MapFullError, retrying the batch's transaction. map_size only reserves address space: without
+writemap the file grows with the pages actually used. Values larger than a page live in whole
+overflow pages (4 KiB each), so e.g. 64x64x3 = 12 KiB pixels occupy 16 KiB on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from typing import Any, Sequence
+
+import lmdb
+import numpy as np
+
+from .base import Sample, ShardInfo
+
+FORMAT_VERSION = 1
+META_KEY = b"__meta__"
+_HEADER = struct.Struct("<3I")  # (H, W, C) before variable-size raw pixels
+_PAGE = 4096
+_UNKNOWN_ITEM_BYTES = 64 * 1024  # per-item guess before the first batch shows real sizes
+_MAX_MAP = 1 << 40
+
+
+def _key(i: int) -> bytes:
+    return b"%08d" % i
+
+
+def _layout(info: ShardInfo) -> str:
+    if info.encoding != "raw":
+        return "encoded"
+    return "fixed" if info.image_shape is not None else "variable"
+
+
+def _map_size(count: int, item_bytes: int) -> int:
+    """Items rounded up to whole pages (+1 page of tree/meta overhead each) plus 1 MiB margin."""
+    pages = -(-(item_bytes + 64) // _PAGE) + 1
+    return max(count, 1) * pages * _PAGE + (1 << 20)
+
+
+class LMDBWriter:
+    """Writes one shard: one write transaction per batch of sorted appends."""
+
+    def __init__(self, path: str, info: ShardInfo) -> None:
+        self.path = path
+        self.info = info
+        self.layout = _layout(info)
+        self.grow_count = 0  # how often MapFullError made the map grow
+        self._labels: list[int | None] = []
+        self._keys: list[str] = []
+        item = int(np.prod(info.image_shape)) if self.layout == "fixed" else _UNKNOWN_ITEM_BYTES
+        _remove(path)  # like open(path, "w"): never append to a stale file
+        # lock=False: this process is the only writer and no reader exists until close();
+        # it also means no "-lock" file. sync at close() instead of per transaction.
+        self._env: lmdb.Environment | None = lmdb.open(
+            path, subdir=False, map_size=_map_size(info.expected_count, item), lock=False,
+            sync=False, metasync=False, meminit=False, readahead=False, max_dbs=0,
+        )  # fmt: skip
+        self._sized_from_data = self.layout == "fixed"
+
+    @property
+    def map_size(self) -> int:
+        return int(self._env.info()["map_size"]) if self._env is not None else 0
+
+    def write_batch(self, samples: Sequence[Sample]) -> None:
+        """Append samples in input order in one transaction (retried after growing the map)."""
+        if self._env is None:
+            raise ValueError(f"{self.path}: writer is closed")
+        if not samples:
+            return
+        start = len(self._keys)
+        if start + len(samples) > 10**8:
+            raise ValueError("an LMDB shard holds at most 10**8 items (8-digit keys)")
+        values = [self._value(s) for s in samples]
+        if not self._sized_from_data:  # first batch of variable-size values: size the map from data
+            mean = sum(len(v) for v in values) // len(values)
+            want = _map_size(self.info.expected_count, mean)
+            if want > self.map_size:
+                self._env.set_mapsize(want)
+            self._sized_from_data = True
+        self._commit([(_key(start + i), v) for i, v in enumerate(values)], append=True)
+        self._labels.extend(s.label for s in samples)
+        self._keys.extend(s.key for s in samples)
+
+    def _value(self, s: Sample) -> bytes | memoryview:
+        data = s.data
+        if self.layout == "encoded":
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise ValueError(f"{s.key!r}: expected encoded bytes, got {type(data).__name__}")
+            return data
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 3:
+            raise ValueError(f"{s.key!r}: expected uint8 pixels (H, W, C), got {_describe(data)}")
+        if self.layout == "fixed":
+            if data.shape != tuple(self.info.image_shape or ()):
+                raise ValueError(f"{s.key!r}: expected shape {self.info.image_shape}, got {data.shape}")
+            return memoryview(np.ascontiguousarray(data).reshape(-1))
+        return _HEADER.pack(*data.shape) + np.ascontiguousarray(data).tobytes()
+
+    def _commit(self, items: list[tuple[bytes, Any]], append: bool) -> None:
+        env = self._env
+        assert env is not None
+        while True:
+            try:
+                with env.begin(write=True) as txn:  # aborted on any exception
+                    for key, value in items:
+                        txn.put(key, value, append=append)
+                return
+            except lmdb.MapFullError:
+                size = self.map_size * 2
+                if size > _MAX_MAP:
+                    raise
+                env.set_mapsize(size)
+                self.grow_count += 1
+
+    def close(self) -> None:
+        """Write the metadata, sync, close; the file is a complete single-file shard. Idempotent."""
+        if self._env is None:
+            return
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "name": self.info.name,
+            "encoding": self.info.encoding,
+            "layout": self.layout,
+            "image_shape": list(self.info.image_shape) if self.info.image_shape else None,
+            "count": len(self._keys),
+            "attrs": self.info.attrs,
+            "labels": self._labels,
+            "keys": self._keys,
+        }
+        self._commit([(META_KEY, json.dumps(meta, ensure_ascii=False).encode())], append=False)
+        self._env.sync(True)
+        self._env.close()
+        self._env = None
+        _remove(self.path + "-lock")
+
+    def abort(self) -> None:
+        """Close without completing and delete the file."""
+        if self._env is not None:
+            try:
+                self._env.close()
+            finally:
+                self._env = None
+        _remove(self.path)
+        _remove(self.path + "-lock")
+
+    def __enter__(self) -> "LMDBWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.abort() if exc_type is not None else self.close()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, np.ndarray):
+        return f"array {data.dtype} {data.shape}"
+    return type(data).__name__
+
+
+# py-lmdb refuses to open one file twice in a process, so readers of the same shard share one
+# read-only environment (reference counted). A forked child inherits the parent's environments:
+# they are closed in the child (never used there) and re-opened on demand.
+_envs_lock = threading.Lock()
+_envs: dict[tuple[int, int], list[Any]] = {}  # (st_dev, st_ino) -> [Environment, refcount]
+
+
+def _after_fork_in_child() -> None:
+    global _envs_lock
+    _envs_lock = threading.Lock()  # another thread may have held it at fork time
+    for env, _ in _envs.values():
+        env.close()  # the child's copy of the handle only; the parent's stays open
+    _envs.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _acquire(path: str) -> tuple[tuple[int, int], lmdb.Environment]:
+    st = os.stat(path)  # FileNotFoundError for a missing shard
+    key = (st.st_dev, st.st_ino)
+    with _envs_lock:
+        entry = _envs.get(key)
+        if entry is None:
+            # lock=False + readonly: no lock file, no reader table (the shard is immutable);
+            # readahead=False suits random access by training loaders
+            env = lmdb.open(path, subdir=False, readonly=True, lock=False, readahead=False, max_dbs=0)
+            entry = _envs[key] = [env, 0]
+        entry[1] += 1
+        return key, entry[0]
+
+
+def _release(key: tuple[int, int]) -> None:
+    with _envs_lock:
+        entry = _envs.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _envs[key]
+            entry[0].close()
+
+
+class LMDBReader:
+    """Reads one shard from a local path. Opens lazily, re-opens after fork; pickles as its path."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError("LMDB shards are read from a local path (copy remote shards first)")
+        self._path = os.fspath(path)
+        self._env: lmdb.Environment | None = None
+        self._key: tuple[int, int] | None = None
+        self._pid = -1
+        self._open_lock, self._lock_pid = threading.Lock(), os.getpid()  # threads sharing a reader open it once
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self._path,))
+
+    def _e(self) -> lmdb.Environment:
+        pid = os.getpid()
+        if self._env is not None and self._pid == pid:
+            return self._env
+        if self._lock_pid != pid:  # forked: another thread may have held the lock at fork time
+            self._open_lock, self._lock_pid = threading.Lock(), pid
+        with self._open_lock:
+            if self._env is None or self._pid != pid:
+                self._open()
+        return self._env  # type: ignore[return-value]
+
+    def _open(self) -> None:
+        key, env = _acquire(self._path)
+        try:
+            with env.begin() as txn:
+                raw = txn.get(META_KEY)
+            if raw is None:
+                raise ValueError(f"{self._path!r}: incomplete LMDB shard (no {META_KEY!r})")
+            self._load_meta(json.loads(raw))
+        except BaseException:
+            _release(key)
+            raise
+        self._env, self._key, self._pid = env, key, os.getpid()
+
+    def _load_meta(self, meta: dict[str, Any]) -> None:
+        if int(meta["format_version"]) > FORMAT_VERSION:
+            raise ValueError(f"{self._path!r}: format_version {meta['format_version']} is newer than this reader")
+        self._encoding = str(meta["encoding"])
+        self._layout = str(meta["layout"])
+        self._image_shape = tuple(meta["image_shape"]) if meta["image_shape"] else None
+        self._count = int(meta["count"])
+        self._attrs = meta["attrs"]
+        self._labels = meta["labels"]
+        self._keys = meta["keys"]
+
+    @property
+    def encoding(self) -> str:
+        self._e()
+        return self._encoding
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        self._e()
+        return self._image_shape  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        self._e()
+        return self._count
+
+    def attrs(self) -> dict[str, Any]:
+        """ShardInfo.attrs as written."""
+        self._e()
+        return dict(self._attrs)
+
+    def get(self, i: int) -> dict[str, Any]:
+        return self.get_batch([i])[0]
+
+    def get_batch(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Samples at `indices` (any order, duplicates allowed) in one read transaction."""
+        env = self._e()
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        idx = np.where(idx < 0, idx + self._count, idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= self._count):
+            raise IndexError(f"index out of range for a shard of {self._count} images: {list(indices)[:10]}")
+        out = []
+        with env.begin(buffers=True) as txn:  # values are views into the map: copy before the txn ends
+            for i in idx.tolist():
+                buf = txn.get(_key(i))
+                if buf is None:
+                    raise KeyError(f"{self._path!r}: item {i} missing (corrupt shard)")
+                out.append({"image": self._image(buf), "label": self._labels[i], "key": self._keys[i]})
+        return out
+
+    def _image(self, buf: memoryview) -> np.ndarray | bytes:
+        if self._layout == "encoded":
+            return bytes(buf)
+        if self._layout == "fixed":
+            return np.frombuffer(buf, np.uint8).reshape(self._image_shape).copy()  # type: ignore[arg-type]
+        shape = _HEADER.unpack_from(buf)
+        return np.frombuffer(buf, np.uint8, offset=_HEADER.size).reshape(shape).copy()
+
+    def close(self) -> None:
+        if self._key is not None and self._pid == os.getpid():
+            _release(self._key)
+        self._env = self._key = None
+
+    def __enter__(self) -> "LMDBReader":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
