@@ -13,6 +13,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import fsspec
 import h5py
 import numpy as np
 import pytest
@@ -245,11 +246,18 @@ def test_reader_reduces_to_its_source(fmt: str, shard) -> None:
 # ---------------------------------------------------------------- HDF5 specifics
 
 
-def test_hdf5_reads_from_binary_file_object(layout: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("opener", ["builtin", "fsspec-memory"])
+def test_hdf5_reads_from_binary_file_object(layout: str, opener: str, tmp_path: Path) -> None:
     samples = make_samples(layout, 23)
     path = tmp_path / "s.h5"
     write("hdf5", path, make_info(layout, 23), samples)
-    with open(path, "rb") as fh:
+    if opener == "builtin":
+        handle = open(path, "rb")  # noqa: SIM115
+    else:
+        url = f"memory://{tmp_path.name}/s.h5"
+        fsspec.filesystem("memory").pipe(url, path.read_bytes())
+        handle = fsspec.open(url, "rb").open()
+    with handle as fh:
         reader = open_reader("hdf5", fh)
         assert len(reader) == 23
         for got, i in zip(reader.get_batch([9, 2, 9]), [9, 2, 9]):

@@ -175,7 +175,8 @@ class HDF5Reader:
             self._open_lock, self._lock_pid = threading.Lock(), pid
         with self._open_lock:
             if self._file is None or self._pid != pid:
-                f = h5py.File(self._source, "r")
+                # locking=False: shards are immutable, and HDF5 file locks fail on many network filesystems
+                f = h5py.File(self._source, "r", locking=False)
                 try:
                     self._load_meta(f)
                 except BaseException:
