@@ -1,0 +1,176 @@
+"""HTTP(S) on the hot path: one pooled keep-alive urllib3 PoolManager per process.
+
+urllib3's pool is the leanest well-kept client measured for small images (see
+benchmarks/bench_fetch.py: requests.Session spends several times its CPU per request).
+Retries are done here rather than by `urllib3.Retry` because Retry does not cover errors
+raised while streaming the body and does not cap a server's Retry-After.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import random
+import threading
+import time
+from typing import Mapping
+
+import urllib3
+import urllib3.exceptions as u3
+
+from ..specs import ItemError, Status
+from .errors import HTTPStatusError, TransientError, http_status_error, is_transient, redact_url, to_item_error
+from .policy import FetchPolicy
+
+POOL_MAXSIZE = 128  # connections kept per host; created lazily, so a large size costs nothing idle
+RETRY_AFTER_CAP = 30.0  # seconds: the most a server's Retry-After may make us wait
+BACKOFF_CAP = 10.0  # seconds: ceiling of the exponential backoff
+ERROR_BODY_DRAIN = 64 * 1024  # error bodies up to this size are read so the connection is reused
+
+# urllib3 must not retry by itself (our loop does), but it follows a bounded number of redirects.
+NO_RETRY = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5, raise_on_redirect=True)
+
+_lock = threading.Lock()
+_pool: urllib3.PoolManager | None = None
+_pool_pid = -1
+
+
+def _reset_after_fork() -> None:
+    # A child must not share the parent's sockets, nor inherit a lock held by another thread.
+    global _lock, _pool, _pool_pid
+    _lock = threading.Lock()
+    _pool, _pool_pid = None, -1
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def pool_manager() -> urllib3.PoolManager:
+    """This process's shared, thread-safe PoolManager (re-created after fork)."""
+    global _pool, _pool_pid
+    pool, pid = _pool, os.getpid()
+    if pool is not None and _pool_pid == pid:
+        return pool
+    with _lock:
+        if _pool is None or _pool_pid != pid:
+            _pool = urllib3.PoolManager(num_pools=64, maxsize=POOL_MAXSIZE, block=False, retries=NO_RETRY)
+            _pool_pid = pid
+        return _pool
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), capped; None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
+
+
+def retry_delay(attempt: int, backoff: float, retry_after: float | None = None, cap: float = BACKOFF_CAP) -> float:
+    """Sleep before retry `attempt` (1-based): exponential backoff with jitter, at least Retry-After."""
+    base = min(cap, backoff * 2 ** (attempt - 1))
+    delay = base * random.uniform(0.5, 1.0)  # jitter keeps many workers from retrying in lock-step
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, RETRY_AFTER_CAP))
+    return delay
+
+
+def request(
+    url: str, timeout: float, headers: Mapping[str, str] | None = None, method: str = "GET"
+) -> urllib3.BaseHTTPResponse:
+    """One unretried request on the shared pool with the body left unread (preload_content=False).
+
+    Sends Accept-Encoding: identity (byte ranges and size caps are about stored bytes) and
+    turns userinfo in the URL into a basic-auth header.
+    """
+    hdrs = {"Accept-Encoding": "identity"}
+    parsed = urllib3.util.parse_url(url)
+    if parsed.auth:
+        hdrs.update(urllib3.make_headers(basic_auth=parsed.auth))
+        url = parsed._replace(auth=None).url
+    if headers:
+        hdrs.update(headers)
+    try:
+        return pool_manager().request(
+            method,
+            url,
+            headers=hdrs,
+            preload_content=False,
+            decode_content=False,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            retries=NO_RETRY,
+        )
+    except u3.MaxRetryError as exc:  # raised by NO_RETRY's zero counts: surface the real cause
+        raise (exc.reason or exc) from None
+
+
+def discard(resp: urllib3.BaseHTTPResponse) -> None:
+    """Give the connection back: drained if the rest is small, else closed (never reused dirty)."""
+    try:
+        remaining = resp.length_remaining
+        if remaining is not None and remaining <= ERROR_BODY_DRAIN:
+            resp.drain_conn()
+        else:
+            resp.close()
+        resp.release_conn()
+    except Exception:  # noqa: BLE001 - best-effort cleanup of an already-failed response
+        pass
+
+
+def status_error(resp: urllib3.BaseHTTPResponse, url: str, offset: int | None = None) -> HTTPStatusError:
+    """The HTTPStatusError for a non-success response (Retry-After parsed for 429/503)."""
+    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+    return http_status_error(resp.status, redact_url(url), offset, retry_after)
+
+
+def _get_once(url: str, policy: FetchPolicy) -> bytes:
+    resp = request(url, policy.timeout)
+    done = False
+    try:
+        if not 200 <= resp.status < 300:
+            raise status_error(resp, url)
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > policy.max_bytes:
+            raise ItemError(Status.TOO_LARGE, f"{redact_url(url)}: {length} bytes > cap {policy.max_bytes}")
+        data = resp.read(policy.max_bytes + 1)  # stops one byte past the cap, never reads more
+        if len(data) > policy.max_bytes:
+            raise ItemError(Status.TOO_LARGE, f"{redact_url(url)}: more than {policy.max_bytes} bytes")
+        if length is not None and length.isdigit() and len(data) != int(length):
+            # urllib3 only notices a short body on the *next* read; a truncated image must not pass
+            raise TransientError(f"{redact_url(url)}: body ended at {len(data)} of {length} bytes")
+        done = True
+        return data
+    finally:
+        if done:
+            resp.release_conn()
+        else:
+            discard(resp)
+
+
+def fetch_http(url: str, policy: FetchPolicy) -> bytes:
+    """GET `url` with retries on transient errors; permanent errors raise ItemError at once."""
+    last: BaseException | None = None
+    for attempt in range(policy.retries + 1):
+        if attempt:
+            time.sleep(retry_delay(attempt, policy.backoff, getattr(last, "retry_after", None)))
+        try:
+            return _get_once(url, policy)
+        except ItemError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
+            if not is_transient(exc):
+                raise to_item_error(exc, url) from None
+            last = exc
+    assert last is not None
+    err = to_item_error(last, url)
+    raise ItemError(err.status, f"{err.message} (after {policy.retries + 1} attempts)") from None

@@ -1,0 +1,78 @@
+"""Shared fixtures: a static/fault HTTP server, a fault-injecting TCP proxy, a moto S3 server.
+
+    def test_x(http_server):                 # StaticServer serving tmp_path/"www" + put() objects
+    def test_y(serve_dir):                   # serve_dir(path) -> started StaticServer for that folder
+    def test_z(http_server, fault_proxy):    # fault_proxy(http_server.url, default=Rule(...))
+    @pytest.mark.s3
+    def test_s3(s3):                         # MotoServer, reset for this test; s3.storage_options()
+
+All servers bind 127.0.0.1 on a free port and are stopped at teardown.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from convert.testing.http import StaticServer
+from convert.testing.proxy import FaultProxy
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[StaticServer]:
+    """A started StaticServer whose root is tmp_path/'www' (created empty)."""
+    root = tmp_path / "www"
+    root.mkdir(exist_ok=True)
+    with StaticServer(root=root) as srv:
+        yield srv
+
+
+@pytest.fixture
+def serve_dir() -> Iterator[Callable[..., StaticServer]]:
+    """Factory: serve_dir(root) -> a started StaticServer for that folder (stopped at teardown)."""
+    servers: list[StaticServer] = []
+
+    def make(root: str | Path | None = None, files: dict[str, bytes] | None = None) -> StaticServer:
+        srv = StaticServer(root=root, files=files).start()
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.stop()
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[..., FaultProxy]]:
+    """Factory: fault_proxy(upstream_url, default=Rule(...), policy=...) -> a started FaultProxy."""
+    proxies: list[FaultProxy] = []
+
+    def make(upstream: Any, **kwargs: Any) -> FaultProxy:
+        proxy = FaultProxy(upstream, **kwargs).start()
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[Any]:
+    """One moto S3 server process for the session (skips if moto[server] is not installed)."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from convert.testing.s3 import MotoServer
+
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(moto_server: Any) -> Any:
+    """The session's MotoServer, emptied for this test; has a bucket named 'test-bucket'."""
+    moto_server.reset()
+    moto_server.make_bucket("test-bucket")
+    return moto_server
