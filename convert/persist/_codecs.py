@@ -95,11 +95,76 @@ class _BoundedReader:
         return bytes(buf[:got])
 
 
-def _zstd_reader(raw: BinaryIO) -> Any:
-    # Note: zstandard's reader stops silently if the frame's final checksum is cut off; the
-    # payload's own size check still catches any truncation that loses data.
-    zstd = _optional("zstandard", "zstandard")
-    return zstd.ZstdDecompressor().stream_reader(raw, read_size=IN_CHUNK, closefd=False)
+class _ZstdFrameEnd:
+    """Pass-through source that follows zstd frame and block headers to see where the frame ends.
+
+    Hand-written because zstandard's stream_reader returns a clean EOF when a frame is cut short
+    (e.g. its checksum is missing); tracking the RFC 8878 block layout lets us report that.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw, self._head, self._need, self._skip = raw, b"", 5, 0
+        self._checksum = self._last = self.trailing = False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        pos = 0
+        while pos < len(data):
+            if self._skip:
+                step = min(self._skip, len(data) - pos)
+                self._skip, pos = self._skip - step, pos + step
+            elif self._last:
+                self.trailing = True
+                break
+            else:
+                take = self._need - len(self._head)
+                self._head, pos = self._head + data[pos: pos + take], pos + take
+                if len(self._head) == self._need:
+                    self._parse()
+        return data
+
+    def _parse(self) -> None:
+        head, self._head = self._head, b""
+        if self._need == 5:  # magic + frame header descriptor
+            fhd = head[4]
+            single, fcs_flag = fhd >> 5 & 1, fhd >> 6
+            self._checksum = bool(fhd & 4)
+            self._skip = (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + (
+                (single, 2, 4, 8)[fcs_flag])
+            self._need = 3
+            return
+        value = int.from_bytes(head, "little")  # block header: last, type, size
+        self._skip = 1 if (value >> 1) & 3 == 1 else value >> 3
+        if value & 1:
+            self._last = True
+            self._skip += 4 if self._checksum else 0
+
+    @property
+    def complete(self) -> bool:
+        return self._last and not self._skip
+
+
+class _ZstdReader:
+    def __init__(self, raw: BinaryIO) -> None:
+        zstd = _optional("zstandard", "zstandard")
+        self._frame = _ZstdFrameEnd(raw)
+        self._reader = zstd.ZstdDecompressor().stream_reader(self._frame, read_size=IN_CHUNK,
+                                                             closefd=False)
+
+    def readinto(self, buf: memoryview) -> int:
+        got = self._reader.readinto(buf)
+        if not got and len(buf):
+            self._frame.read(1)  # anything after the frame shows up as trailing
+            if not self._frame.complete:
+                raise PersistError("compressed stream is truncated")
+            if self._frame.trailing:
+                raise PersistError("unexpected data after the end of the compressed stream")
+        return got
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        got = self.readinto(memoryview(buf))
+        return bytes(buf[:got])
 
 
 def _zstd_compressor(level: int) -> Any:
@@ -137,7 +202,7 @@ CODECS: dict[str, Codec] = {c.name: c for c in [
     Codec("xz", ".xz", 3, range(0, 10),
           lambda lvl: lzma.LZMACompressor(format=lzma.FORMAT_XZ, preset=lvl),
           lambda raw: _BoundedReader(raw, lzma.LZMADecompressor(format=lzma.FORMAT_XZ))),
-    Codec("zstd", ".zst", 3, range(-7, 23), _zstd_compressor, _zstd_reader),
+    Codec("zstd", ".zst", 3, range(-7, 23), _zstd_compressor, _ZstdReader),
     Codec("lz4", ".lz4", 0, range(0, 17), _Lz4Compressor, _lz4_reader),
 ]}
 

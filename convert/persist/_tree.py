@@ -71,7 +71,8 @@ class Encoder:
             return {"t": "complex", "v": [self.encode(obj.real), self.encode(obj.imag)]}
         if isinstance(obj, np.generic):
             _check_dump_dtype(obj.dtype)
-            raw = base64.b64encode(obj.tobytes()).decode("ascii")
+            # numpy reports itemsize 0 for empty str/bytes scalars yet tobytes() gives a NUL
+            raw = base64.b64encode(obj.tobytes()[: obj.dtype.itemsize]).decode("ascii")
             return {"t": "npscalar", "dtype": obj.dtype.str, "v": raw}
         raise TypeError(f"convert.persist cannot store {t.__module__}.{t.__qualname__} objects")
 
