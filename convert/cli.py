@@ -19,8 +19,8 @@ from rich.table import Table
 
 from .config import Config, ConfigError, load_config, parse_override
 
-console = Console(stderr=True)
-out_console = Console()
+console = Console(stderr=True, soft_wrap=True)
+out_console = Console(soft_wrap=True)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -150,13 +150,17 @@ def _execute(config: Config) -> None:
     from .graph import run as run_graph
 
     columns = (TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("convert", total=None)
+    progress = Progress(*columns, console=console, transient=False)
+    task = progress.add_task("convert", total=None)
 
-        def on_progress(name: str, done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+    def on_progress(name: str, done: int, total: int) -> None:
+        progress.start()  # shown from the first completed shard on; no-op once started
+        progress.update(task, completed=done, total=total)
 
+    try:
         summary = run_graph(config, on_progress=on_progress, log=lambda m: console.print(m, highlight=False))
+    finally:
+        progress.stop()
     print_summary(summary)
     sys.exit(summary.exit_code(config.run.fail_on_item_errors))
 

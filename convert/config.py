@@ -106,6 +106,7 @@ class ClusterConfig(_Model):
     scheduler: str | None = None  # tcp://host:8786 of a running scheduler
     scheduler_file: str | None = None
     task_retries: int = Field(2, ge=0)
+    shared_filesystem: bool = False  # local paths are visible to every worker (NFS/Lustre/...)
     dashboard: bool = True
     # batch-system settings (dask-jobqueue); unset values fall back to dask's jobqueue.yaml
     jobs: int = Field(1, gt=0)
@@ -130,6 +131,15 @@ class Config(_Model):
     fetch: FetchConfig = FetchConfig()
     cluster: ClusterConfig = ClusterConfig()
     run: RunConfig = RunConfig()
+
+    def with_absolute_paths(self) -> "Config":
+        """Local source/output paths made absolute on the client, so workers with another cwd agree."""
+        updates = {}
+        for section in ("source", "output"):
+            part = getattr(self, section)
+            if "://" not in part.uri and not os.path.isabs(part.uri):
+                updates[section] = part.model_copy(update={"uri": os.path.abspath(part.uri)})
+        return self.model_copy(update=updates)
 
     def redacted(self) -> dict[str, Any]:
         """The config as plain data with storage_options secrets removed (for manifests/logs)."""

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .cluster import open_client
+from .cluster import check_reachable_paths, open_client
 from .commit import SHARDS_DIR, Output
 from .config import Config
 from .manifest import LEDGER, MANIFEST, committed_records, write_manifest
@@ -79,6 +79,7 @@ def _reset_output(out: Output) -> None:
 def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[str], None] = print) -> RunSummary:
     """Convert the configured source into a verified dataset; returns the summary."""
     start = time.perf_counter()
+    config = config.with_absolute_paths()
     out = Output(config.output.uri, config.output.storage_options)
     listing = list_source(config.source)
     specs = plan_shards(listing.items, config.shard.size)
@@ -97,6 +98,7 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     failed: dict[str, str] = {}
     if pending:
         with open_client(config.cluster, job_name="convert") as handle:
+            check_reachable_paths([config.source.uri, config.output.uri], handle)
             summary.cluster, summary.dashboard = handle.description, handle.dashboard_link
             log(f"cluster: {handle.description}" + (f"  dashboard: {handle.dashboard_link}" if handle.dashboard_link else ""))
             _execute(handle.client, pending, config, records, failed, on_progress)
