@@ -34,6 +34,11 @@ from distributed.core import Status
 
 from .config import ClusterConfig
 
+try:  # register jobqueue.* config defaults now: dask.config.set() blocks entered before a
+    import dask_jobqueue  # noqa: F401  # lazy import would delete them again on exit
+except ImportError:  # optional extra `convert[cluster]`; _cluster_class() says how to install
+    pass
+
 #: seconds to wait for a batch cluster's first worker (jobs may queue); env overrides
 WORKER_TIMEOUT_ENV = "CONVERT_WORKER_TIMEOUT"
 #: os.pathsep-separated prefixes that every worker host sees at the same path

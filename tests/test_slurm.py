@@ -1,0 +1,149 @@
+"""SLURM for real: dask-jobqueue jobs through sbatch, and cluster/slurm/convert.sbatch.
+
+Needs a running SLURM (CI: `bash cluster/slurm/setup-single-node.sh`). Everything stays on
+127.0.0.1: `single_node_dask_config()` puts scheduler and workers on the loopback interface.
+Reuse `slurm_available()` / `single_node_dask_config()` / `requires_slurm` for end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dask
+import pytest
+
+from convert.cluster import ClusterError, check_reachable_paths, open_client
+from convert.config import ClusterConfig
+
+SBATCH_SCRIPT = Path(__file__).resolve().parents[1] / "cluster" / "slurm" / "convert.sbatch"
+SETUP_HINT = "start one with: sudo bash cluster/slurm/setup-single-node.sh"
+
+
+def slurm_available() -> bool:
+    """True when sbatch/squeue/sinfo are on PATH and a node is up (idle, mixed or allocated)."""
+    if not all(shutil.which(c) for c in ("sbatch", "squeue", "sinfo", "scancel")):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return any(s.strip().rstrip("*") in ("idle", "mixed", "allocated", "completing") for s in out.split())
+
+
+def single_node_dask_config(log_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """dask config for dask-jobqueue on the one-node test cluster: loopback only, logs in log_dir."""
+    return {"jobqueue.slurm.interface": "lo", "jobqueue.slurm.log-directory": str(log_dir)}
+
+
+requires_slurm = pytest.mark.skipif(not slurm_available(), reason=f"no running SLURM cluster; {SETUP_HINT}")
+pytestmark = [pytest.mark.slurm, requires_slurm]
+
+
+def _squeue(job_ids: list[str]) -> dict[str, str]:
+    """{job id: state} for those of job_ids still known to squeue."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True,
+                         text=True, timeout=15).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def _wait_gone(job_ids: list[str], timeout: float = 30) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while (left := _squeue(job_ids)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@pytest.fixture
+def jobqueue_config(tmp_path: Path) -> Iterator[Path]:
+    with dask.config.set(single_node_dask_config(tmp_path)):
+        yield tmp_path
+
+
+@pytest.mark.timeout(180)
+def test_open_client_runs_two_slurm_jobs_and_cancels_them_on_exit(jobqueue_config: Path) -> None:
+    cfg = ClusterConfig(kind="slurm", jobs=2, cores=1, memory="1GB", walltime="00:10:00")
+    with open_client(cfg, job_name="convert-test", worker_timeout=90) as handle:
+        handle.client.wait_for_workers(2, timeout=90)
+        ids = handle.job_ids
+        assert len(ids) == 2 and handle.description == "SLURMCluster 2 jobs"
+        assert set(_squeue(ids).values()) == {"RUNNING"}
+        # every worker runs inside one of our SLURM jobs
+        assert sorted(handle.client.run(os.getenv, "SLURM_JOB_ID").values()) == sorted(ids)
+        assert handle.client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+        assert handle.scheduler_address.startswith("tcp://127.0.0.1:")
+        check_reachable_paths([str(jobqueue_config)], handle)  # one node: loopback scheduler
+    assert _wait_gone(ids) == {}, "jobs still in squeue after open_client exited"
+
+
+@pytest.mark.timeout(60)
+def test_rejected_submission_fails_fast_with_sbatch_output(jobqueue_config: Path) -> None:
+    cfg = ClusterConfig(kind="slurm", cores=1, memory="1GB", queue="no-such-partition")
+    start = time.monotonic()
+    with pytest.raises(ClusterError) as info:
+        with open_client(cfg, worker_timeout=60):
+            pass
+    assert time.monotonic() - start < 20
+    message = str(info.value)
+    for part in ("Exit code: 1", "sbatch", "no-such-partition", "cluster.queue", "#SBATCH -p no-such-partition"):
+        assert part in message, (part, message)
+
+
+@pytest.mark.timeout(90)
+def test_pending_jobs_time_out_with_squeue_and_job_script_and_are_cancelled(jobqueue_config: Path) -> None:
+    cfg = ClusterConfig(kind="slurm", cores=1, memory="1GB", job_extra=("--begin=now+1hour",))
+    with pytest.raises(ClusterError) as info:
+        with open_client(cfg, worker_timeout=3):
+            pass
+    message = str(info.value)
+    assert "no Dask worker joined SLURMCluster 1 job within 3s" in message
+    assert "PENDING" in message or "PD" in message
+    assert "#SBATCH --begin=now+1hour" in message and "CONVERT_WORKER_TIMEOUT" in message
+    job_id = message.split("job ids: ")[1].split(")")[0]
+    assert job_id.isdigit() and _wait_gone([job_id]) == {}
+
+
+def _sbatch_wait(tmp_path: Path, command: str, timeout: float = 150) -> tuple[str, int]:
+    """Submit convert.sbatch running `command` as the client; wait; return (job state, exit code)."""
+    env = dict(os.environ, CONVERT_PYTHON=sys.executable, CONVERT_INTERFACE="lo", CONVERT_COMMAND=command)
+    submit = subprocess.run(["sbatch", "--parsable", "--ntasks=2", f"--output={tmp_path}/job-%j.out",
+                             str(SBATCH_SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert submit.returncode == 0, submit.stderr
+    job_id = submit.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # scontrol keeps finished jobs for MinJobAge (30 s)
+        info = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
+        fields = dict(f.split("=", 1) for f in info.split() if "=" in f)
+        if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return fields["JobState"], int(fields["ExitCode"].split(":")[0])
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], timeout=30)
+    pytest.fail(f"job {job_id} did not finish within {timeout}s")
+
+
+@pytest.mark.timeout(180)
+def test_sbatch_script_runs_scheduler_workers_and_client_in_one_allocation(tmp_path: Path) -> None:
+    client = tmp_path / "client.py"
+    client.write_text(
+        "import os\nfrom distributed import Client\n"
+        "c = Client(scheduler_file=os.environ['DASK_SCHEDULER_FILE'], timeout=30)\n"
+        "c.wait_for_workers(2, timeout=60)\n"
+        "jobs = set(c.run(lambda: os.environ['SLURM_JOB_ID']).values())\n"
+        "print('WORKERS', len(c.scheduler_info()['workers']), 'JOBS', len(jobs), 'SUM', sum(c.gather(c.map(abs, range(-4, 0)))))\n"
+    )
+    state, code = _sbatch_wait(tmp_path, f"{sys.executable} {client}")
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert (state, code) == ("COMPLETED", 0), logs
+    assert "WORKERS 2 JOBS 1 SUM 10" in logs
+    assert not list(tmp_path.glob("dask-scheduler-*.json")), "scheduler file left behind"
+
+
+@pytest.mark.timeout(180)
+def test_sbatch_script_propagates_the_conversion_exit_code(tmp_path: Path) -> None:
+    assert _sbatch_wait(tmp_path, "exit 3") == ("FAILED", 3)
