@@ -65,12 +65,13 @@ class MotoServer:
         return self
 
     def reset(self) -> None:
-        """Delete every bucket and object (moto's reset API) and drop cached s3fs clients."""
+        """Delete every bucket and object (moto's reset API) and forget s3fs's cached listings."""
         urllib3.request("POST", f"{self.endpoint_url}/moto-api/reset", timeout=10.0, retries=False)
         try:
             import s3fs
 
-            s3fs.S3FileSystem.clear_instance_cache()
+            for fs in list(s3fs.S3FileSystem._cache.values()):  # keep clients (slow to build), drop listings
+                fs.invalidate_cache()
         except ImportError:  # pragma: no cover
             pass
 
