@@ -1,0 +1,92 @@
+"""The command line as a user runs it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convert.testing import images as gen
+
+pytestmark = pytest.mark.cluster
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    gen.write_image_folder(root, {"a": 4, "b": 4}, size=(50, 40))
+    (root / "b" / "zero.jpg").write_bytes(b"")
+    out = tmp_path_factory.mktemp("out") / "ds"
+    result = cli("run", "--source", str(root), "--output", str(out), "--format", "lmdb", "--size", "24", "32",
+                 "--shard-size", "4", "--workers", "1", "--threads", "2", "--set", "image.quality=85")  # fmt: skip
+    return root, out, result
+
+
+def test_run_summary_and_exit_zero_with_item_failures(converted):
+    _, _, result = converted
+    assert result.returncode == 0, result.stderr
+    assert "items ok" in result.stderr and "decode_error" in result.stderr and "images/s" in result.stderr
+
+
+def test_inspect_json_reflects_flags(converted):
+    _, out, _ = converted
+    result = cli("inspect", str(out), "--json")
+    manifest = json.loads(result.stdout)
+    assert manifest["totals"]["ok"] == 8 and manifest["totals"]["by_status"] == {"decode_error": 1, "ok": 8}
+    assert manifest["shards"][0]["image_shape"] == [24, 32, 3]
+    assert manifest["config"]["image"]["quality"] == 85 and manifest["format"] == "lmdb"
+    assert manifest["label_names"] == ["a", "b"]
+    human = cli("inspect", str(out))
+    assert "shard-00000" in human.stdout and "complete=True" in human.stdout
+
+
+def test_verify_exit_codes(converted, tmp_path):
+    _, out, _ = converted
+    assert cli("verify", str(out)).returncode == 0
+    shard = sorted((out / "shards").glob("*.lmdb"))[0]
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = cli("verify", str(out))
+    assert result.returncode == 1 and f"FAIL {shard.stem}" in result.stdout
+
+
+def test_fail_on_item_errors_and_resume(converted):
+    root, out, _ = converted
+    result = cli("run", "--source", str(root), "--output", str(out), "--format", "lmdb", "--size", "24", "32",
+                 "--shard-size", "4", "--workers", "1", "--set", "image.quality=85", "--fail-on-item-errors")  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert "resumed" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--set", "image.sise=3"], "unknown key 'image.sise'"),
+        (["--format", "tfrecord"], "Invalid value for '--format'"),
+        (["--set", "image.resize=zoom"], "image.resize: 'zoom' is not allowed"),
+        (["--source", "/definitely/not/here"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_path, args, expected):
+    base = {"--source": str(tmp_path), "--output": str(tmp_path / "o")}
+    for i in range(0, len(args) - 1, 2):
+        base.pop(args[i], None)
+    flat = [x for kv in base.items() for x in kv]
+    result = cli("run", *flat, *args)
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_config_file_and_inspect_of_nothing(tmp_path):
+    result = cli("run", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "not found" in result.stderr
+    result = cli("inspect", str(tmp_path))
+    assert result.returncode == 2 and "manifest.json not found" in result.stderr

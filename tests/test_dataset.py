@@ -1,0 +1,96 @@
+"""Training reader: random access, batches, ordered prefetching iteration, per-process handles."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+
+import numpy as np
+import pytest
+
+from convert.config import load_config
+from convert.dataset import open_dataset
+from convert.graph import run
+from convert.manifest import ManifestError
+from convert.testing import images as gen
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module", params=["hdf5", "lmdb"])
+def dataset_dir(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    gen.write_image_folder(root, {"a": 9, "b": 8}, size=(40, 30))
+    (root / "a" / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path_factory.mktemp(f"out-{request.param}")
+    cfg = load_config(None, {"source.uri": str(root), "output.uri": str(out), "output.format": request.param,
+                             "image.size": 16, "shard.size": 5, "cluster.workers": 1})  # fmt: skip
+    assert run(cfg, log=lambda m: None).exit_code() == 0
+    return str(out)
+
+
+def _keys(ds, indices):
+    return [ds[i]["key"] for i in indices]
+
+
+def test_len_index_and_bounds(dataset_dir):
+    ds = open_dataset(dataset_dir)
+    assert len(ds) == 17  # the broken item is in the ledger, not in the index
+    assert ds[-1]["key"] == ds[16]["key"] == "b/img_0007.jpg"
+    assert ds[0]["image"].shape == (16, 16, 3) and ds[0]["image"].dtype == np.uint8
+    with pytest.raises(IndexError):
+        ds[17]
+
+
+def test_get_batch_any_order_with_repeats(dataset_dir):
+    ds = open_dataset(dataset_dir)
+    indices = [16, 0, 7, 7, 3, 12]
+    batch = ds.get_batch(indices)
+    assert [b["key"] for b in batch] == _keys(ds, indices)
+    for b, i in zip(batch, indices):
+        np.testing.assert_array_equal(b["image"], ds[i]["image"])
+
+
+def test_iteration_is_ordered_and_complete(dataset_dir):
+    ds = open_dataset(dataset_dir)
+    assert [item["key"] for item in ds] == _keys(ds, range(len(ds)))
+    it = iter(ds)
+    next(it)
+    it.close()  # stopping early must not hang or leak the prefetch threads
+
+
+def test_ledger_lists_failures(dataset_dir):
+    ledger = open_dataset(dataset_dir).ledger()
+    status = dict(zip(ledger["key"], ledger["status"]))
+    assert status["a/broken.jpg"] == "decode_error" and len(status) == 18
+
+
+def _read_keys(args):
+    ds, indices = args
+    return [ds[i]["key"] for i in indices]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_dataloader_style_workers(dataset_dir, method):
+    ds = open_dataset(dataset_dir)
+    ds[0]  # open a handle in the parent first, as a training script would
+    assert pickle.loads(pickle.dumps(ds))[3]["key"] == ds[3]["key"]
+    with mp.get_context(method).Pool(2) as pool:
+        parts = pool.map(_read_keys, [(ds, range(0, 9)), (ds, range(9, 17))])
+    assert parts[0] + parts[1] == _keys(ds, range(17))
+
+
+def test_encoded_shards_decode_on_read(tmp_path):
+    root = tmp_path / "src"
+    gen.write_image_folder(root, {"x": 4}, size=(40, 30))
+    cfg = load_config(None, {"source.uri": str(root), "output.uri": str(tmp_path / "out"), "image.size": 16,
+                             "image.encode": "png", "cluster.workers": 1})  # fmt: skip
+    run(cfg, log=lambda m: None)
+    decoded = open_dataset(str(tmp_path / "out"))[0]["image"]
+    raw = open_dataset(str(tmp_path / "out"), decode=False)[0]["image"]
+    assert decoded.shape == (16, 16, 3) and isinstance(raw, bytes) and raw.startswith(b"\x89PNG")
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(ManifestError, match="manifest.json not found"):
+        open_dataset(str(tmp_path))
