@@ -195,3 +195,21 @@ def test_timeout_bounds_a_slow_first_byte(http_server):
     start = time.monotonic()
     _status(http_server.url_for("/slow.jpg"), FetchPolicy(timeout=0.2, retries=0))
     assert time.monotonic() - start < 25  # bounded by the timeout, not by the 30 s hang
+
+
+def test_chunked_body_is_capped_while_streaming(http_server):
+    http_server.put("/chunked.bin", b"y" * 600_000)
+    http_server.fault("/chunked.bin", chunked=True)
+    url = http_server.url_for("/chunked.bin")
+    assert fetch_bytes(url, FAST) == b"y" * 600_000
+    assert _status(url, FetchPolicy(max_bytes=500_000)).status is Status.TOO_LARGE
+
+
+def test_redirects_are_followed_and_bounded(http_server):
+    http_server.put("/real.jpg", IMG)
+    http_server.fault("/moved.jpg", redirect="/real.jpg")
+    assert fetch_bytes(http_server.url_for("/moved.jpg"), FAST) == IMG
+    http_server.fault("/loop.jpg", redirect="/loop.jpg")
+    err = _status(http_server.url_for("/loop.jpg"))
+    assert err.status is Status.HTTP_ERROR
+    assert 1 < http_server.hits("/loop.jpg") <= 6

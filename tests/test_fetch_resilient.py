@@ -254,3 +254,14 @@ def test_slowdown_code_is_transient():
     slow = ClientError({"Error": {"Code": "SlowDown", "Message": "reduce your request rate"}}, "GetObject")
     denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "GetObject")
     assert is_transient(slow) and not is_transient(denied)
+
+
+def test_chunked_response_of_unknown_size_resumes(http_server, fault_proxy, blob8):
+    http_server.put("/ch.bin", blob8)
+    http_server.fault("/ch.bin", chunked=True)
+    proxy = fault_proxy(http_server.url)
+    proxy.push(Rule(cut_after=3 * MB))
+    with open_resilient(proxy.url + "/ch.bin", backoff=0.01) as f:
+        assert f.size is None  # no Content-Length on the first response
+        assert sha(f.read()) == sha(blob8)
+        assert f.resumes == 1 and f.size == len(blob8)  # learnt from the resumed 206

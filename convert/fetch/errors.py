@@ -181,6 +181,8 @@ def status_for(exc: BaseException) -> Status:
         return Status.FORBIDDEN
     if isinstance(exc, u3.LocationValueError):
         return Status.BAD_URL
+    if isinstance(exc, u3.ResponseError):  # e.g. too many redirects
+        return Status.HTTP_ERROR
     if isinstance(exc, ObjectChanged):
         return Status.ERROR
     if isinstance(exc, TransientError):

@@ -94,10 +94,11 @@ def request(
     turns userinfo in the URL into a basic-auth header.
     """
     hdrs = {"Accept-Encoding": "identity"}
-    parsed = urllib3.util.parse_url(url)
-    if parsed.auth:
-        hdrs.update(urllib3.make_headers(basic_auth=parsed.auth))
-        url = parsed._replace(auth=None).url
+    if "@" in url:  # only then can there be userinfo (skips a second URL parse per request)
+        parsed = urllib3.util.parse_url(url)
+        if parsed.auth:
+            hdrs.update(urllib3.make_headers(basic_auth=parsed.auth))
+            url = parsed._replace(auth=None).url
     if headers:
         hdrs.update(headers)
     try:

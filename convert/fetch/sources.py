@@ -78,6 +78,7 @@ class _Empty:
 class _HTTPStream:
     def __init__(self, resp: urllib3.BaseHTTPResponse, remaining: int | None, url: str, offset: int) -> None:
         self._resp, self._remaining, self._url, self._offset = resp, remaining, url, offset
+        self._eof = False
 
     def read(self, n: int) -> bytes:
         if self._remaining is not None:
@@ -86,6 +87,7 @@ class _HTTPStream:
                 return b""
         # read1: whatever one socket read gives, so bytes that arrived before a reset are kept
         data = self._resp.read1(n)
+        self._eof = not data
         if self._remaining is not None:
             if not data:
                 raise TransientError(f"{self._url}: body ended {self._remaining} bytes short", self._url, self._offset)
@@ -94,7 +96,7 @@ class _HTTPStream:
         return data
 
     def close(self) -> None:
-        if self._remaining == 0 and self._resp.length_remaining in (0, None):
+        if (self._eof or self._remaining == 0) and self._resp.length_remaining in (0, None):
             self._resp.release_conn()  # fully read: keep the connection alive in the pool
         else:
             self._resp.close()  # unread bytes: never hand a dirty connection back

@@ -39,6 +39,8 @@ class Fault:
     hang: seconds to wait before answering (then the connection is closed without a response).
     cut_after: close the connection after this many body bytes of every response.
     ignore_range: answer Range requests with the full body (200).
+    chunked: send the body with Transfer-Encoding: chunked and no Content-Length.
+    redirect: answer 302 with this Location.
     replace_after / replacement: once this many body bytes have been sent, the object's content
     (and ETag) becomes `replacement` and the current response is cut.
     """
@@ -48,6 +50,8 @@ class Fault:
     hang: float = 0.0
     cut_after: int | None = None
     ignore_range: bool = False
+    chunked: bool = False
+    redirect: str | None = None
     replace_after: int | None = None
     replacement: bytes | None = None
 
@@ -84,6 +88,8 @@ class _Handler(BaseHTTPRequestHandler):
             owner._stopping.wait(min(fault.hang, MAX_HANG))
             self.close_connection = True
             return
+        if fault.redirect is not None:
+            return self._error(302, extra={"Location": fault.redirect})
         if status != 200:
             return self._error(status, fault.retry_after)
         obj = owner._lookup(path)
@@ -102,7 +108,10 @@ class _Handler(BaseHTTPRequestHandler):
             start, end = parsed
         self.send_response(206 if partial else 200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(end - start))
+        if fault.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(end - start))
         self.send_header("ETag", obj.etag)
         self.send_header("Accept-Ranges", "bytes")
         if partial:
@@ -121,7 +130,13 @@ class _Handler(BaseHTTPRequestHandler):
             limit = min(limit, fault.replace_after or 0)
         try:
             for pos in range(0, limit, _WRITE_CHUNK):
-                self.wfile.write(view[pos : min(pos + _WRITE_CHUNK, limit)])
+                piece = view[pos : min(pos + _WRITE_CHUNK, limit)]
+                if fault.chunked:
+                    self.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                else:
+                    self.wfile.write(piece)
+            if fault.chunked and limit == len(view):
+                self.wfile.write(b"0\r\n\r\n")
         except OSError:
             self.close_connection = True
             return
@@ -159,6 +174,7 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
 
 
 class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # socketserver's default of 5 drops SYNs under a burst of connections
     daemon_threads = True
     block_on_close = False
     owner: "StaticServer"

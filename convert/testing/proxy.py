@@ -103,7 +103,7 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "FaultProxy":
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
         self._spawn(self._accept_loop, "proxy-accept")
         return self
 
@@ -197,3 +197,25 @@ class FaultProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m convert.testing.proxy UPSTREAM_URL [--cut-after N] [--latency S] [--reset]`:
+    run a proxy in its own process (prints its URL, runs until stdin closes)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("upstream")
+    parser.add_argument("--cut-after", type=int, default=None)
+    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--reset", action="store_true")
+    args = parser.parse_args(argv)
+    rule = Rule(cut_after=args.cut_after, latency=args.latency, reset=args.reset)
+    with FaultProxy(args.upstream, default=rule) as proxy:
+        print(proxy.url, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

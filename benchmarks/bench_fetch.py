@@ -1,0 +1,199 @@
+"""Fetch-layer benchmark: every figure is printed next to a baseline measured in the same run.
+
+    python benchmarks/bench_fetch.py            # full run (~1-2 min on 2 cores)
+    python benchmarks/bench_fetch.py --quick    # smaller sizes/counts
+
+1. Large objects: resilient reader vs plain fsspec open().read(), no faults and a cut every 4 MB.
+2. A shard of small images over a loopback link with 20 ms added latency: prefetch depth 1/16/64.
+3. Client CPU per small-image GET: requests.Session (baseline) vs urllib3 vs aiohttp vs fetch_bytes,
+   with the CPU of decoding that image for scale.
+
+Servers and proxies run in child processes so their CPU is not counted as the client's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import fsspec
+from PIL import Image
+
+from convert.fetch import FetchPolicy, fetch_bytes, open_resilient, prefetch
+from convert.testing.images import jpeg_bytes, write_corpus
+
+MB = 1 << 20
+
+
+@contextlib.contextmanager
+def child(*args: str) -> Iterator[str]:
+    """Run `python -m <args>` that prints its URL and serves until stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http://127.0.0.1:"):
+            raise RuntimeError(f"child {args} did not start")
+        yield url
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def best_of(n: int, fn: Callable[[], object]) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+# -- 1. large objects ----------------------------------------------------------------------
+def bench_large(root: Path, count: int, size: int, repeat: int) -> None:
+    names = []
+    for i in range(count):
+        data = os.urandom(size)
+        (root / f"obj{i}.bin").write_bytes(data)
+        names.append((f"/obj{i}.bin", hashlib.sha256(data).hexdigest()))
+    total = count * size / MB
+
+    def run(base: str, reader: Callable[[str], bytes]) -> Callable[[], None]:
+        def go() -> None:
+            for name, digest in names:
+                if hashlib.sha256(reader(base + name)).hexdigest() != digest:
+                    raise AssertionError(f"wrong bytes for {name}")
+
+        return go
+
+    def plain(url: str) -> bytes:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+
+    def resilient(url: str, **kw: object) -> bytes:
+        with open_resilient(url, **kw) as f:  # type: ignore[arg-type]
+            return f.read()
+
+    print(f"\n[1] {count} x {size // MB} MB objects over loopback HTTP, best of {repeat} (MB/s; ratio vs fsspec)")
+    with child("convert.testing.http", str(root)) as server:
+        with child("convert.testing.proxy", server, "--cut-after", str(4 * MB)) as faulty:
+            for label, base in (("no faults", server), ("cut every 4 MB", faulty)):
+                try:
+                    t_plain = best_of(repeat, run(base, plain))
+                    plain_txt = f"{total / t_plain:8.1f}"
+                except Exception as exc:  # noqa: BLE001 - plain fsspec is expected to fail under faults
+                    t_plain, plain_txt = None, f"failed ({type(exc).__name__})"
+                print(f"  {label:16s} fsspec open().read()        {plain_txt}")
+                for name, kw in (("resilient", {}), ("resilient readahead=4", {"readahead": 4})):
+                    t = best_of(repeat, run(base, lambda u, kw=kw: resilient(u, **kw)))
+                    ratio = f"{t_plain / t:5.2f}x" if t_plain else "  n/a"
+                    print(f"  {label:16s} {name:26s} {total / t:8.1f}  {ratio}")
+
+
+# -- 2. a shard of small images over a slow link ----------------------------------------
+def bench_prefetch(root: Path, count: int, latency: float, depths: tuple[int, ...]) -> None:
+    corpus = root / "small"
+    paths = write_corpus(corpus, count, min_side=64, max_side=160, seed=1)
+    avg = sum(p.stat().st_size for p in paths) / len(paths)
+    policy = FetchPolicy(timeout=30)
+    print(f"\n[2] {count} small images (avg {avg / 1024:.1f} KB), +{latency * 1000:.0f} ms per request via proxy")
+    with child("convert.testing.http", str(corpus)) as server:
+        with child("convert.testing.proxy", server, "--latency", str(latency)) as slow:
+            urls = [f"{slow}/{p.name}" for p in paths]
+            base = None
+            for depth in depths:
+                start = time.perf_counter()
+                n = sum(r.ok for r in prefetch(urls, lambda u: fetch_bytes(u, policy), depth=depth))
+                t = time.perf_counter() - start
+                assert n == count, f"{count - n} fetches failed"
+                base = base or t
+                print(f"  depth {depth:3d}: {count / t:8.1f} images/s  {t:6.2f} s  speed-up {base / t:5.1f}x")
+
+
+# -- 3. client CPU per request -----------------------------------------------------------
+def cpu_per_call(n: int, fn: Callable[[], object]) -> float:
+    fn()  # warm up (connection, imports)
+    start = time.process_time()
+    for _ in range(n):
+        fn()
+    return (time.process_time() - start) / n
+
+
+def bench_cpu(root: Path, n: int) -> None:
+    import requests
+    import urllib3
+
+    img = jpeg_bytes(320, 240, seed=7, quality=85)
+    (root / "cpu").mkdir(exist_ok=True)
+    (root / "cpu" / "img.jpg").write_bytes(img)
+    print(f"\n[3] client CPU per GET of a {len(img) / 1024:.1f} KB JPEG, {n} sequential requests (process_time)")
+
+    def decode() -> None:
+        with Image.open(io.BytesIO(img)) as im:
+            im.convert("RGB").load()
+
+    with child("convert.testing.http", str(root / "cpu")) as server:
+        url = server + "/img.jpg"
+        session = requests.Session()
+        pool = urllib3.PoolManager()
+        policy = FetchPolicy()
+        rows = {
+            "requests.Session (baseline)": cpu_per_call(n, lambda: session.get(url).content),
+            "urllib3 PoolManager": cpu_per_call(n, lambda: pool.request("GET", url).data),
+            "fetch_bytes (urllib3 hot path)": cpu_per_call(n, lambda: fetch_bytes(url, policy)),
+        }
+        with contextlib.suppress(ImportError):
+            rows["aiohttp (one event loop)"] = _aiohttp_cpu(url, n)
+        rows["(PIL decode of the same image)"] = cpu_per_call(n, decode)
+    base = rows["requests.Session (baseline)"]
+    for name, cpu in rows.items():
+        print(f"  {name:32s} {cpu * 1e6:8.0f} us/request  {cpu / base:5.2f}x of requests")
+
+
+def _aiohttp_cpu(url: str, n: int) -> float:
+    import aiohttp
+
+    async def run() -> float:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url) as r:
+                await r.read()
+            start = time.process_time()
+            for _ in range(n):
+                async with session.get(url) as r:
+                    await r.read()
+            return (time.process_time() - start) / n
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and counts")
+    args = parser.parse_args()
+    q = args.quick
+    print(f"bench_fetch: python {sys.version.split()[0]}, {os.cpu_count()} cpus")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        bench_cpu(root, n=300 if q else 2000)
+        (root / "large").mkdir()
+        bench_large(root / "large", count=2 if q else 4, size=(16 if q else 32) * MB, repeat=2 if q else 3)
+        bench_prefetch(root, count=200 if q else 1000, latency=0.020, depths=(1, 16, 64))
+
+
+if __name__ == "__main__":
+    main()
