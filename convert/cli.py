@@ -146,6 +146,38 @@ def run(config_path: str | None, sets: tuple[str, ...], **flags: Any) -> None:
     _execute(config)
 
 
+@main.command(cls=_SizeCommand)
+@config_options
+@click.option("--cluster", "cluster_kind", type=click.Choice(["slurm", "pbs"]), help="batch system [cluster.kind]")
+@click.option("--jobs", type=int, help="worker jobs to start [cluster.jobs]")
+@click.option("--cores", type=int, help="cores per job")
+@click.option("--memory", help="memory per job, e.g. 16GB")
+@click.option("--walltime", help="e.g. 02:00:00")
+@click.option("--queue", help="partition / queue")
+@click.option("--account", help="account / project to charge")
+@click.option("--dry-run", is_flag=True, help="print the generated job script and exit")
+@friendly
+def submit(config_path: str | None, sets: tuple[str, ...], dry_run: bool, **flags: Any) -> None:
+    """Run the conversion on SLURM/PBS worker jobs started through dask-jobqueue.
+
+    Unset job settings fall back to the config's `cluster:` section, then dask's jobqueue.yaml.
+    """
+    batch = {"cluster_kind": "kind", "jobs": "jobs", "cores": "cores", "memory": "memory",
+             "walltime": "walltime", "queue": "queue", "account": "account"}  # fmt: skip
+    extra = tuple(f"cluster.{key}={flags.pop(name)}" for name, key in batch.items() if flags.get(name) is not None)
+    for name in batch:
+        flags.pop(name, None)
+    config = build_config(config_path, flags, extra + sets)
+    if config.cluster.kind == "local":
+        raise ConfigError("submit needs a batch system: --cluster slurm|pbs (or cluster.kind in the config)")
+    if dry_run:
+        from .cluster import job_script
+
+        out_console.print(job_script(config.cluster), highlight=False, markup=False)
+        return
+    _execute(config)
+
+
 def _execute(config: Config) -> None:
     from .graph import run as run_graph
 

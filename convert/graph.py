@@ -101,6 +101,8 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
             check_reachable_paths([config.source.uri, config.output.uri], handle)
             summary.cluster, summary.dashboard = handle.description, handle.dashboard_link
             log(f"cluster: {handle.description}" + (f"  dashboard: {handle.dashboard_link}" if handle.dashboard_link else ""))
+            if handle.job_ids:
+                log(f"batch jobs: {' '.join(handle.job_ids)}")
             _execute(handle.client, pending, config, records, failed, on_progress)
     ordered = [records[s.name] for s in specs if s.name in records]
     failed_ledgers = {s.name: _failed_rows(s, failed[s.name]) for s in specs if s.name in failed}
