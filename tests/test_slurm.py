@@ -7,6 +7,7 @@ Reuse `slurm_available()` / `single_node_dask_config()` / `requires_slurm` for e
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,7 +23,8 @@ import pytest
 from convert.cluster import ClusterError, check_reachable_paths, open_client
 from convert.config import ClusterConfig
 
-SBATCH_SCRIPT = Path(__file__).resolve().parents[1] / "cluster" / "slurm" / "convert.sbatch"
+ROOT = Path(__file__).resolve().parents[1]
+SBATCH_SCRIPT = ROOT / "cluster" / "slurm" / "convert.sbatch"
 SETUP_HINT = "start one with: sudo bash cluster/slurm/setup-single-node.sh"
 
 
@@ -109,11 +111,15 @@ def test_pending_jobs_time_out_with_squeue_and_job_script_and_are_cancelled(jobq
     assert job_id.isdigit() and _wait_gone([job_id]) == {}
 
 
-def _sbatch_wait(tmp_path: Path, command: str, timeout: float = 150) -> tuple[str, int]:
-    """Submit convert.sbatch running `command` as the client; wait; return (job state, exit code)."""
-    env = dict(os.environ, CONVERT_PYTHON=sys.executable, CONVERT_INTERFACE="lo", CONVERT_COMMAND=command)
+def _sbatch_wait(tmp_path: Path, command: str | None, *args: str, timeout: float = 150) -> tuple[str, int]:
+    """Submit convert.sbatch (client: `command`, else convert-dataset run ARGS); return (state, exit code)."""
+    env = dict(os.environ, CONVERT_PYTHON=sys.executable, CONVERT_INTERFACE="lo")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # convert-dataset
+    if command is not None:
+        env["CONVERT_COMMAND"] = command
     submit = subprocess.run(["sbatch", "--parsable", "--ntasks=2", f"--output={tmp_path}/job-%j.out",
-                             str(SBATCH_SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+                             str(SBATCH_SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=30)
     assert submit.returncode == 0, submit.stderr
     job_id = submit.stdout.strip().split(";")[0]
     deadline = time.monotonic() + timeout
@@ -147,3 +153,15 @@ def test_sbatch_script_runs_scheduler_workers_and_client_in_one_allocation(tmp_p
 @pytest.mark.timeout(180)
 def test_sbatch_script_propagates_the_conversion_exit_code(tmp_path: Path) -> None:
     assert _sbatch_wait(tmp_path, "exit 3") == ("FAILED", 3)
+
+
+@pytest.mark.timeout(240)
+def test_sbatch_script_converts_the_demo_dataset(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    state, code = _sbatch_wait(tmp_path, None, str(ROOT / "configs" / "demo.yaml"),
+                                "--source", str(ROOT / "configs" / "sample-images"), "--output", str(out))
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert (state, code) == ("COMPLETED", 0), logs
+    assert "scheduler tcp://127.0.0.1:" in logs  # ran on the job's scheduler, not a LocalCluster
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["totals"]["ok"] == 36, manifest["totals"]
