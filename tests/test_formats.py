@@ -331,3 +331,12 @@ def test_lmdb_reader_needs_a_path(tmp_path: Path) -> None:
         open_reader("lmdb", open(__file__, "rb"))  # noqa: SIM115
     with pytest.raises(FileNotFoundError):
         len(open_reader("lmdb", str(tmp_path / "missing.lmdb")))
+
+
+def test_same_samples_give_identical_bytes(fmt: str, layout: str, tmp_path: Path) -> None:
+    """Deterministic shards: two attempts of one shard (or two clusters) produce the same sha256."""
+    samples = make_samples(layout, 23)
+    info = make_info(layout, 23)
+    write(fmt, tmp_path / "a", info, samples)
+    write(fmt, tmp_path / "b", info, samples)
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()

@@ -64,9 +64,11 @@ class LMDBWriter:
         _remove(path)  # like open(path, "w"): never append to a stale file
         # lock=False: this process is the only writer and no reader exists until close();
         # it also means no "-lock" file. sync at close() instead of per transaction.
+        # meminit=True: zero unused page bytes, so a shard's bytes (and sha256) are deterministic
+        # and never carry stale process memory into the file.
         self._env: lmdb.Environment | None = lmdb.open(
             path, subdir=False, map_size=_map_size(info.expected_count, item), lock=False,
-            sync=False, metasync=False, meminit=False, readahead=False, max_dbs=0,
+            sync=False, metasync=False, meminit=True, readahead=False, max_dbs=0,
         )  # fmt: skip
         self._sized_from_data = self.layout == "fixed"
 
