@@ -169,3 +169,15 @@ def test_overlapped_fetches_over_a_slow_link(http_server, fault_proxy):
     results = list(prefetch(urls, lambda u: fetch_bytes(u, policy), depth=12))
     assert [r.item for r in results] == urls and all(r.value == img for r in results)
     assert proxy.connections > 1  # several requests were in flight at once (serial reuses one)
+
+
+def test_estimate_allows_a_parallel_start_within_the_bound():
+    barrier = threading.Barrier(3, timeout=WAIT)
+
+    def fetch(i: int) -> bytes:
+        if i < 3:
+            barrier.wait()  # the first three must be in flight together
+        return bytes(100)
+
+    results = list(prefetch(range(6), fetch, depth=8, max_bytes=300, estimate=100))
+    assert [r.item for r in results] == list(range(6)) and all(r.ok for r in results)

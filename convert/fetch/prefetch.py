@@ -38,12 +38,12 @@ class Fetched(Generic[T, R]):
 class _Budget:
     """Bytes held by finished-but-unconsumed results, and the running mean result size."""
 
-    def __init__(self, size_of: Callable[[R], int]) -> None:
+    def __init__(self, size_of: Callable[[R], int], estimate: int | None) -> None:
         self._size_of = size_of
         self._lock = threading.Lock()
         self.buffered = 0
-        self.seen = 0
-        self.total = 0
+        self.seen = 1 if estimate is not None else 0  # a prior counts as one observation
+        self.total = estimate or 0
         self.sizes: dict[int, int] = {}
 
     def done(self, key: int, fut: Future) -> None:
@@ -65,7 +65,7 @@ class _Budget:
 
     def room(self, pending: int, max_bytes: int) -> bool:
         """May another fetch start? Unfinished fetches (and the new one) are costed at the mean
-        size seen so far; until a first size is known only one fetch runs (a slow start)."""
+        size seen so far; until a first size (or the estimate) is known only one fetch runs."""
         with self._lock:
             if pending == 0:
                 return True
@@ -81,17 +81,20 @@ def prefetch(
     depth: int = 16,
     max_bytes: int | None = None,
     size_of: Callable[[R], int] = len,  # type: ignore[assignment]
+    estimate: int | None = None,
 ) -> Iterator[Fetched[T, R]]:
     """Yield Fetched(item, value, error) in input order with up to `depth` fetches in flight.
 
     With `max_bytes`, a new fetch starts only while finished-but-unconsumed results plus the
     in-flight ones (costed at the mean result size) fit in max_bytes; one fetch always runs.
+    `estimate` (bytes per result) lets the first fetches run in parallel before any size is
+    known; without it the first result is awaited before a second fetch starts.
     Closing the generator early (or the consumer raising) cancels queued fetches and joins
     the pool's threads before returning, so none are left running.
     """
     if depth < 1:
         raise ValueError("depth must be >= 1")
-    budget = _Budget(size_of)
+    budget = _Budget(size_of, estimate)
     source = iter(items)
     pending: deque[tuple[int, T, Future]] = deque()
     pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix=THREAD_PREFIX)

@@ -143,7 +143,9 @@ class _Readahead:
         self._source, self._policy, self._stats = source, policy, stats
         bs = policy.readahead_block
         blocks = [(a, min(a + bs, source.size)) for a in range(start, source.size, bs)]
-        self._results = prefetch(blocks, self._fetch, depth=policy.readahead, max_bytes=policy.readahead_bytes)
+        self._results = prefetch(
+            blocks, self._fetch, depth=policy.readahead, max_bytes=policy.readahead_bytes, estimate=bs
+        )
         self._buf, self._off = b"", 0
 
     def _fetch(self, block: tuple[int, int]) -> bytes:

@@ -29,6 +29,7 @@ class Rule:
     reset: bool = False  # cut with a TCP RST (SO_LINGER 0) instead of a FIN; with cut_after None: at once
     stall_after: int | None = None  # stop forwarding after this many bytes; hold the connection open
     latency: float = 0.0  # seconds added before each client->upstream chunk (one per request)
+    rate: float | None = None  # bytes/s cap on the response direction of this connection
 
 
 class _Conn:
@@ -172,6 +173,8 @@ class FaultProxy:
                         return
                 conn.client.sendall(data)
                 sent += len(data)
+                if rule.rate and self._stop.wait(len(data) / rule.rate):
+                    break
         except OSError:
             pass
         conn.close()
@@ -200,7 +203,7 @@ class FaultProxy:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m convert.testing.proxy UPSTREAM_URL [--cut-after N] [--latency S] [--reset]`:
+    """`python -m convert.testing.proxy UPSTREAM_URL [--cut-after N] [--latency S] [--rate B] [--reset]`:
     run a proxy in its own process (prints its URL, runs until stdin closes)."""
     import argparse
     import sys
@@ -210,8 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cut-after", type=int, default=None)
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--reset", action="store_true")
+    parser.add_argument("--rate", type=float, default=None, help="bytes/s per connection")
     args = parser.parse_args(argv)
-    rule = Rule(cut_after=args.cut_after, latency=args.latency, reset=args.reset)
+    rule = Rule(cut_after=args.cut_after, latency=args.latency, reset=args.reset, rate=args.rate)
     with FaultProxy(args.upstream, default=rule) as proxy:
         print(proxy.url, flush=True)
         sys.stdin.read()
