@@ -108,30 +108,34 @@ def _reset_rss_peak() -> bool:
 
 
 def worker(impl: str, op: str, dataset: str, codec: str, path: str, items: int,
-           float_mb: int) -> dict:
-    """One measurement in a fresh process; prints a JSON line."""
+           float_mb: int, repeat: int) -> dict:
+    """One measurement in a fresh process: best-of-`repeat` time, first-run RSS, traced peak."""
     dump, load = _ops(impl, codec)
     obj = build(dataset, items, float_mb) if op == "dump" else None
     run = (lambda: dump(obj, path)) if op == "dump" else (lambda: load(path))
     reset = _reset_rss_peak()
     rss0 = _proc_status("VmRSS")
-    t0 = time.perf_counter()
-    result = run()
-    seconds = time.perf_counter() - t0
-    rss_peak = _proc_status("VmHWM") - rss0 if reset else float("nan")
-    del result
+    seconds = []
+    for attempt in range(repeat):
+        t0 = time.perf_counter()
+        result = run()
+        seconds.append(time.perf_counter() - t0)
+        if attempt == 0:
+            rss_peak = _proc_status("VmHWM") - rss0 if reset else float("nan")
+        del result
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     result = run()
     traced = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
     size = os.path.getsize(path)
-    return {"seconds": seconds, "traced": traced, "rss": rss_peak, "size": size}
+    return {"seconds": min(seconds), "traced": traced, "rss": rss_peak, "size": size}
 
 
-def measure(impl: str, op: str, dataset: str, codec: str, path: str, sizes: dict) -> dict:
+def measure(impl: str, op: str, dataset: str, codec: str, path: str, sizes: dict,
+            repeat: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, op, dataset, codec, path,
-           str(sizes["items"]), str(sizes["float_mb"])]
+           str(sizes["items"]), str(sizes["float_mb"]), str(repeat)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"{impl} {op} {dataset} {codec} failed:\n{out.stderr[-2000:]}")
@@ -147,13 +151,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100k-item ledger, 50 MB array")
     parser.add_argument("--codecs", default=",".join(LEVELS))
     parser.add_argument("--datasets", default="ledger_list,ledger_array,floats")
-    parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per case (best of)")
+    parser.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        impl, op, dataset, codec, path, items, float_mb = args.worker
-        print(json.dumps(worker(impl, op, dataset, codec, path, int(items), int(float_mb))))
+        impl, op, dataset, codec, path, items, float_mb, repeat = args.worker
+        print(json.dumps(worker(impl, op, dataset, codec, path, int(items), int(float_mb),
+                                int(repeat))))
         return
     sizes = SIZES["quick" if args.quick else "full"]
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus; best of {args.repeat}")
     print(f"sizes: {sizes}; ratio = persist / joblib (< 1 is better); "
           "mem = tracemalloc peak during the op (dump: beyond the object; load: incl. result); "
           "rss = peak RSS growth")
@@ -166,7 +173,8 @@ def main() -> None:
             for codec in args.codecs.split(","):
                 for op in ("dump", "load"):
                     res = {impl: measure(impl, op, dataset, codec,
-                                         os.path.join(tmp, f"{impl}-{dataset}-{codec}"), sizes)
+                                         os.path.join(tmp, f"{impl}-{dataset}-{codec}"), sizes,
+                                         args.repeat)
                            for impl in ("persist", "joblib")}
                     p, j = res["persist"], res["joblib"]
                     print(f"{dataset:<13}{codec:<6}{op:<5}{p['seconds']:>10.3f}"

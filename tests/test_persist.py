@@ -499,8 +499,8 @@ def test_lying_size_in_stream_is_bounded_by_real_content(compress: str) -> None:
 # ---------------------------------------------------------------- memory
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("compress", [None, "lz4", ("zlib", 1)])
+@pytest.mark.parametrize("compress", [None, "lz4",
+                                      pytest.param(("zlib", 1), marks=pytest.mark.slow)])
 def test_peak_memory_stays_flat_for_200mb_array(compress: object, tmp_path: Path) -> None:
     n = 200 * 2**20 // 8
     tracemalloc.start()
@@ -520,3 +520,29 @@ def test_peak_memory_stays_flat_for_200mb_array(compress: object, tmp_path: Path
     assert out["a"][-1] == n - 1 and out["a"].nbytes == n * 8
     assert dump_extra < 24 << 20, dump_extra
     assert load_extra < n * 8 + (24 << 20), load_extra - n * 8
+
+
+@pytest.mark.s3
+def test_s3_roundtrip_and_aborted_upload_leaves_old_object(s3, monkeypatch: pytest.MonkeyPatch) -> None:
+    opts = s3.storage_options()
+    obj = _ledger(300)
+    url = "s3://test-bucket/meta/ledger.zst"
+    persist.dump(obj, url, storage_options=opts)
+    assert s3.filesystem().cat(url)[:4] == b"\x28\xb5\x2f\xfd"
+    assert_same(obj, persist.load(url, storage_options=opts))
+
+    def failing_chunks(arr: np.ndarray):
+        yield memoryview(arr.view(np.uint8).reshape(-1)[:100])
+        raise OSError("connection reset")
+
+    monkeypatch.setattr("convert.persist._stream._array_chunks", failing_chunks)
+    with pytest.raises(OSError):
+        persist.dump({"new": np.arange(10)}, url, storage_options=opts)
+    with pytest.raises(OSError):
+        persist.dump({"new": np.arange(10)}, "s3://test-bucket/meta/fresh.gz",
+                     storage_options=opts)
+    monkeypatch.undo()
+    fs = s3.filesystem()
+    fs.invalidate_cache()
+    assert not fs.exists("s3://test-bucket/meta/fresh.gz")
+    assert_same(obj, persist.load(url, storage_options=opts))

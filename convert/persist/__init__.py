@@ -35,7 +35,7 @@ __all__ = ["PersistError", "dump", "load", "CODECS"]
 _MMAP_MODES = ("r", "r+", "c")
 
 
-def _split_url(target: Any) -> tuple[str | None, Any, str | None]:
+def _split_url(target: Any, options: dict | None) -> tuple[str | None, Any, str | None]:
     """(local path, fsspec filesystem, remote path) for a path/URL; (None, None, None) otherwise."""
     if not isinstance(target, (str, os.PathLike)):
         return None, None, None
@@ -44,7 +44,7 @@ def _split_url(target: Any) -> tuple[str | None, Any, str | None]:
         text = os.fsdecode(text)
     if "://" not in text and "::" not in text:
         return text, None, None
-    fs, path = fsspec.core.url_to_fs(text)
+    fs, path = fsspec.core.url_to_fs(text, **(options or {}))
     if isinstance(fs, LocalFileSystem):
         return path, None, None
     return None, fs, path
@@ -77,15 +77,17 @@ def _write_remote(fs: Any, path: str, write: Callable[[BinaryIO], None]) -> None
     getattr(fh, "commit", lambda: None)()
 
 
-def dump(obj: Any, target: str | os.PathLike | BinaryIO, compress: Any = None) -> None:
+def dump(obj: Any, target: str | os.PathLike | BinaryIO, compress: Any = None,
+         storage_options: dict | None = None) -> None:
     """Write obj to a local path, an fsspec URL or a binary file object.
 
     compress: None picks the codec from the target's extension (.z .gz .bz2 .lzma .xz .zst .lz4,
     else uncompressed); an int is a zlib level (0/False = none, True = zlib 3); a codec name or
-    (name, level) tuple selects explicitly. Local writes are atomic (temp file + os.replace).
+    (name, level) tuple selects explicitly. Local writes are atomic (temp file + os.replace);
+    object-store writes are committed only when complete. storage_options go to fsspec.
     Raises TypeError for unsupported types and ValueError for cycles or excessive nesting.
     """
-    local, fs, path = _split_url(target)
+    local, fs, path = _split_url(target, storage_options)
     name = local or path or getattr(target, "name", None)
     codec, level = resolve(compress, name if isinstance(name, str) else None)
     encoder = Encoder()
@@ -108,8 +110,8 @@ def dump(obj: Any, target: str | os.PathLike | BinaryIO, compress: Any = None) -
 
 
 @contextlib.contextmanager
-def _open_source(source: Any) -> Iterator[tuple[BinaryIO, str | None]]:
-    local, fs, path = _split_url(source)
+def _open_source(source: Any, options: dict | None) -> Iterator[tuple[BinaryIO, str | None]]:
+    local, fs, path = _split_url(source, options)
     if local is not None:
         with open(local, "rb") as fh:
             yield fh, local
@@ -162,17 +164,19 @@ def _peek(fh: Any, remaining: int | None, n: int = 8) -> tuple[bytes, Any]:
     return head, _Prefixed(head, fh)
 
 
-def load(source: str | os.PathLike | BinaryIO, mmap_mode: str | None = None) -> Any:
+def load(source: str | os.PathLike | BinaryIO, mmap_mode: str | None = None,
+         storage_options: dict | None = None) -> Any:
     """Read an object written by dump() from a path, fsspec URL or binary file object.
 
     The codec is detected from the file's magic number. mmap_mode ("r", "r+", "c") maps the
     arrays of an uncompressed local file as np.memmap instead of reading them. Any corrupt,
     truncated, unknown-version or disallowed content raises PersistError; nothing in the file is
     ever executed, and nothing larger than the file's actual content is allocated.
+    storage_options go to fsspec for URLs.
     """
     if mmap_mode not in (None, *_MMAP_MODES):
         raise ValueError(f"mmap_mode must be None or one of {_MMAP_MODES}, not {mmap_mode!r}")
-    with _open_source(source) as (fh, local):
+    with _open_source(source, storage_options) as (fh, local):
         if mmap_mode is not None and local is None:
             raise PersistError("mmap_mode needs a local file path; load remote or file-object "
                                "sources without mmap_mode")
@@ -185,7 +189,7 @@ def load(source: str | os.PathLike | BinaryIO, mmap_mode: str | None = None) -> 
                 if mmap:
                     warnings.warn(f"{local} is {codec.name}-compressed and cannot be memory-mapped; "
                                   "loading it into memory", stacklevel=2)
-                return read_payload(codec.reader(fh), None)
+                return read_payload(codec.reader(fh), None, decoded=True)
             return read_payload(fh, remaining, mmap)
         except PersistError:
             raise

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Callable
 from ._errors import PersistError
 from ._format import MAGIC
 
-IN_CHUNK = 1 << 18  # compressed bytes pulled from the source per step
+IN_CHUNK = 1 << 17  # compressed bytes pulled from the source per step
 
 
 def _optional(module: str, package: str) -> Any:

@@ -18,7 +18,8 @@ from ._tree import Decoder
 
 WRITE_CHUNK = 1 << 24  # bytes per write() of uncompressed data
 COMPRESS_CHUNK = 1 << 20  # bytes handed to the compressor per call
-READ_CHUNK = 1 << 22  # bytes per readinto()
+READ_CHUNK = 1 << 22  # bytes per readinto() from an uncompressed source (no copy involved)
+DECODE_CHUNK = 1 << 18  # bytes per readinto() from a decompressor (each is a transient copy)
 GROW_START = 1 << 24  # unverifiable blocks up to this size are allocated at once
 
 
@@ -84,8 +85,8 @@ def write_payload(fh: BinaryIO, compressor: Any, header: bytes, arrays: list[np.
 class _Source:
     """Exact-size reads from a stream; EOF before the expected end raises PersistError."""
 
-    def __init__(self, stream: Any, verified: bool) -> None:
-        self._stream, self.verified = stream, verified
+    def __init__(self, stream: Any, verified: bool, chunk: int) -> None:
+        self._stream, self.verified, self._chunk = stream, verified, chunk
         self._readinto = getattr(stream, "readinto", None) or self._readinto_via_read
 
     def _readinto_via_read(self, view: memoryview) -> int:
@@ -96,7 +97,7 @@ class _Source:
     def fill(self, view: memoryview) -> None:
         pos, end = 0, len(view)
         while pos < end:
-            got = self._readinto(view[pos: pos + READ_CHUNK])
+            got = self._readinto(view[pos: pos + self._chunk])
             if not got:
                 raise PersistError("file is truncated: it ends before the data its header describes")
             pos += got
@@ -105,7 +106,7 @@ class _Source:
         """n bytes, read in bounded pieces so a lying length fails at EOF, not at allocation."""
         out = bytearray()
         while len(out) < n:
-            piece = bytearray(min(n - len(out), READ_CHUNK))
+            piece = bytearray(min(n - len(out), self._chunk))
             self.fill(memoryview(piece))
             out += piece
         return out
@@ -151,9 +152,14 @@ def _map_blocks(path: str, mode: str, start: int, specs: list[BlockSpec]) -> lis
     return out
 
 
-def read_payload(stream: Any, remaining: int | None, mmap: tuple[str, str] | None = None) -> Any:
-    """Read and rebuild one object. remaining: bytes left in an uncompressed seekable file."""
-    src = _Source(stream, verified=remaining is not None)
+def read_payload(stream: Any, remaining: int | None, mmap: tuple[str, str] | None = None,
+                 decoded: bool = False) -> Any:
+    """Read and rebuild one object.
+
+    remaining: bytes left in an uncompressed seekable file (None if unknown); decoded: stream is
+    a decompressor; mmap: (path, mode) to map array blocks instead of reading them.
+    """
+    src = _Source(stream, remaining is not None, DECODE_CHUNK if decoded else READ_CHUNK)
     header_len, crc = parse_preamble(bytes(src.read_bytes(PREAMBLE.size)))
     if remaining is not None and PREAMBLE.size + header_len > remaining:
         raise PersistError("header length field exceeds the file size")
