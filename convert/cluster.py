@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import socket
@@ -36,8 +37,10 @@ from .config import ClusterConfig
 
 try:  # register jobqueue.* config defaults now: dask.config.set() blocks entered before a
     import dask_jobqueue  # noqa: F401  # lazy import would delete them again on exit
-except ImportError:  # optional extra `convert[cluster]`; _cluster_class() says how to install
+except ImportError:  # optional extra `convert[cluster]`; _batch_object() says how to install
     pass
+
+logger = logging.getLogger(__name__)
 
 #: seconds to wait for a batch cluster's first worker (jobs may queue); env overrides
 WORKER_TIMEOUT_ENV = "CONVERT_WORKER_TIMEOUT"
@@ -70,7 +73,8 @@ class ClusterHandle:
     def job_ids(self) -> list[str]:
         """Batch job ids submitted so far (empty for local clusters and external schedulers)."""
         workers = getattr(self.cluster, "workers", None) or {}
-        return sorted({str(j.job_id) for j in workers.values() if getattr(j, "job_id", None)})
+        ids = {str(j.job_id) for j in workers.values() if getattr(j, "job_id", None)}
+        return sorted(ids, key=lambda i: (len(i), i))
 
 
 @contextmanager
@@ -118,7 +122,8 @@ def _open_local(cfg: ClusterConfig) -> Iterator[ClusterHandle]:
                 threads_per_worker=cfg.threads_per_worker,
                 processes=True,
                 memory_limit=cfg.memory_limit,
-                dashboard_address=":0" if cfg.dashboard else None,
+                dashboard_address=":0",  # the HTTP server (/health) always runs; on a free port
+                scheduler_kwargs={"dashboard": cfg.dashboard},
                 host="127.0.0.1",
             )
         )
@@ -224,54 +229,39 @@ def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, 
     if cores and conf("processes") is None:
         kw["processes"] = max(1, int(cores) // cfg.threads_per_worker)
     options = dict(conf("scheduler-options") or {})
-    options.setdefault("dashboard_address", ":0" if cfg.dashboard else None)
+    options.setdefault("dashboard_address", ":0")
+    options.setdefault("dashboard", cfg.dashboard)
     kw["scheduler_options"] = options
     return kw
 
 
-def _cluster_class(kind: str) -> Any:
+def _batch_object(cfg: ClusterConfig, job_name: str, *, job_only: bool = False) -> Any:
+    """A started SLURMCluster/PBSCluster, or with job_only its job object (nothing started)."""
     try:
         import dask_jobqueue
     except ImportError:
-        raise ClusterError(
-            f"cluster.kind={kind!r} needs dask-jobqueue; install it with `pip install 'convert[cluster]'`"
-        ) from None
-    return {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
-
-
-def _need_cores_memory(cfg: ClusterConfig) -> ClusterError:
-    return ClusterError(
-        f"cluster.kind={cfg.kind}: set cluster.cores and cluster.memory (e.g. --set cluster.cores=4 "
-        f"--set cluster.memory=16GB) or jobqueue.{cfg.kind}.cores/memory in ~/.config/dask/jobqueue.yaml"
-    )
-
-
-def _make_batch_cluster(cfg: ClusterConfig, job_name: str) -> Any:
-    cls = _cluster_class(cfg.kind)
+        raise ClusterError(f"cluster.kind={cfg.kind!r} needs dask-jobqueue: pip install 'convert[cluster]'") from None
+    cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[cfg.kind]
+    kw = jobqueue_kwargs(cfg, job_name)
     try:
-        return cls(**jobqueue_kwargs(cfg, job_name))
+        if job_only:  # what JobQueueCluster.job_script() renders, without starting a scheduler
+            del kw["scheduler_options"]
+            return cls.job_cls(SCHEDULER_PLACEHOLDER, name=f"{job_name}-worker", **kw)
+        return cls(**kw)
     except ValueError as exc:
-        if "cores and memory" in str(exc):
-            raise _need_cores_memory(cfg) from None
-        raise
+        if "cores and memory" not in str(exc):
+            raise
+        raise ClusterError(
+            f"cluster.kind={cfg.kind}: set cluster.cores and cluster.memory (e.g. --set cluster.cores=4 --set "
+            f"cluster.memory=16GB) or jobqueue.{cfg.kind}.cores/memory in ~/.config/dask/jobqueue.yaml"
+        ) from None
 
 
 def job_script(cfg: ClusterConfig, *, job_name: str = "convert") -> str:
-    """The batch script dask-jobqueue would submit for `cfg`; nothing is started or submitted.
-
-    Built like JobQueueCluster.job_script() (its job class with a placeholder scheduler address).
-    """
+    """The batch script dask-jobqueue would submit for `cfg`; nothing is started or submitted."""
     if cfg.kind not in _BATCH:
         raise ClusterError(f"job_script needs cluster.kind slurm or pbs, not {cfg.kind!r}")
-    kw = jobqueue_kwargs(cfg, job_name)
-    kw.pop("scheduler_options")
-    try:
-        job = _cluster_class(cfg.kind).job_cls(SCHEDULER_PLACEHOLDER, name=f"{job_name}-worker", **kw)
-    except ValueError as exc:
-        if "cores and memory" in str(exc):
-            raise _need_cores_memory(cfg) from None
-        raise
-    return str(job.job_script())
+    return str(_batch_object(cfg, job_name, job_only=True).job_script())
 
 
 @contextmanager
@@ -282,7 +272,7 @@ def _open_batch(cfg: ClusterConfig, job_name: str, worker_timeout: float) -> Ite
             f"cluster.kind={cfg.kind}: `{submit}` is not on PATH; run on a login node of the batch system "
             f"(or for a one-node test cluster: sudo bash cluster/slurm/setup-single-node.sh)"
         )
-    cluster = _make_batch_cluster(cfg, job_name)
+    cluster = _batch_object(cfg, job_name)
     client = None
     try:
         client = Client(cluster)
@@ -350,10 +340,11 @@ def _close_batch(cluster: Any, client: Client | None) -> None:
     try:
         cluster.scale(0)
         cluster.sync(cluster._correct_state)
-    finally:
-        if client is not None:
-            client.close()
-        cluster.close()
+    except Exception as exc:  # keep the caller's exception; close() below retries the cancel
+        logger.warning("scaling %s down failed: %s", type(cluster).__name__, exc)
+    if client is not None:
+        client.close()
+    cluster.close()
 
 
 def _host_of(address: str) -> str:
