@@ -35,10 +35,11 @@ from distributed.core import Status
 
 from .config import ClusterConfig
 
-try:  # register jobqueue.* config defaults now: dask.config.set() blocks entered before a
-    import dask_jobqueue  # noqa: F401  # lazy import would delete them again on exit
+dask_jobqueue: Any
+try:  # import now: it registers jobqueue.* config defaults, which a dask.config.set() block
+    import dask_jobqueue  # entered before a lazy import would delete again on exit
 except ImportError:  # optional extra `convert[cluster]`; _batch_object() says how to install
-    pass
+    dask_jobqueue = None
 
 logger = logging.getLogger(__name__)
 
@@ -237,10 +238,8 @@ def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, 
 
 def _batch_object(cfg: ClusterConfig, job_name: str, *, job_only: bool = False) -> Any:
     """A started SLURMCluster/PBSCluster, or with job_only its job object (nothing started)."""
-    try:
-        import dask_jobqueue
-    except ImportError:
-        raise ClusterError(f"cluster.kind={cfg.kind!r} needs dask-jobqueue: pip install 'convert[cluster]'") from None
+    if dask_jobqueue is None:
+        raise ClusterError(f"cluster.kind={cfg.kind!r} needs dask-jobqueue: pip install 'convert[cluster]'")
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[cfg.kind]
     kw = jobqueue_kwargs(cfg, job_name)
     try:
