@@ -475,6 +475,43 @@ def test_truncated_and_corrupted_files_raise_persist_error(codec: str) -> None:
             persist.load(io.BytesIO(bytes(bad)))
 
 
+_SAMPLES: dict[str, bytes] = {}
+
+
+def _sample(codec: str) -> bytes:
+    if codec not in _SAMPLES:
+        buf = io.BytesIO()
+        obj = {"k": [f"key{i}" for i in range(300)], "a": np.arange(50, dtype="<i4"), "t": (1, "x"),
+               "b": b"x" * 5000, "big": 2**70, "f": [0.5, math.nan]}
+        persist.dump(obj, buf, compress=codec)
+        _SAMPLES[codec] = buf.getvalue()
+    return _SAMPLES[codec]
+
+
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_mutated_files_load_or_raise_persist_error_only(codec: str, data: st.DataObject) -> None:
+    blob = bytearray(_sample(codec))
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(blob) - 1))
+        action = data.draw(st.sampled_from(["flip", "cut", "insert", "zero"]))
+        if action == "flip":
+            blob[pos] ^= data.draw(st.integers(1, 255))
+        elif action == "cut":
+            del blob[pos:]
+            if not blob:
+                break
+        elif action == "insert":
+            blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
+        else:
+            blob[pos: pos + 8] = bytes(len(blob[pos: pos + 8]))
+    try:
+        persist.load(io.BytesIO(bytes(blob)))
+    except PersistError:
+        pass  # anything else (TypeError, OSError, zlib.error, ...) fails the test
+
+
 @pytest.mark.parametrize("compress", ["gzip", "bz2", "xz", "zstd", "lz4", "none"])
 def test_lying_size_in_stream_is_bounded_by_real_content(compress: str) -> None:
     """An 8 GiB array claimed by a ~1 KiB stream: fails at end of data, allocating little."""

@@ -191,9 +191,7 @@ def load(source: str | os.PathLike | BinaryIO, mmap_mode: str | None = None,
                                   "loading it into memory", stacklevel=2)
                 return read_payload(codec.reader(fh), None, decoded=True)
             return read_payload(fh, remaining, mmap)
-        except PersistError:
-            raise
-        except (ImportError, MemoryError):
-            raise
-        except Exception as exc:  # decompressor errors, bad values in a crafted header, ...
+        except (PersistError, ImportError, MemoryError, OSError):
+            raise  # OSError here is the storage failing (worth a retry), not a bad file
+        except Exception as exc:  # bad values in a crafted header: TypeError, ValueError, ...
             raise PersistError(f"cannot load: {type(exc).__name__}: {exc}") from exc

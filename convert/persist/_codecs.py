@@ -73,7 +73,10 @@ class _BoundedReader:
         want, stalls = len(buf), 0
         while want and not self._done:
             data = self._input()
-            out = self._d.decompress(data, want)
+            try:
+                out = self._d.decompress(data, want)
+            except Exception as exc:  # zlib.error, OSError (bz2), LZMAError, RuntimeError (lz4)
+                raise PersistError(f"corrupt compressed stream: {exc}") from exc
             if self._d.eof:
                 self._done = True
                 if self._d.unused_data or self._raw.read(1):
@@ -147,12 +150,15 @@ class _ZstdFrameEnd:
 class _ZstdReader:
     def __init__(self, raw: BinaryIO) -> None:
         zstd = _optional("zstandard", "zstandard")
-        self._frame = _ZstdFrameEnd(raw)
+        self._frame, self._error = _ZstdFrameEnd(raw), zstd.ZstdError
         self._reader = zstd.ZstdDecompressor().stream_reader(self._frame, read_size=IN_CHUNK,
                                                              closefd=False)
 
     def readinto(self, buf: memoryview) -> int:
-        got = self._reader.readinto(buf)
+        try:
+            got = self._reader.readinto(buf)
+        except self._error as exc:
+            raise PersistError(f"corrupt compressed stream: {exc}") from exc
         if not got and len(buf):
             self._frame.read(1)  # anything after the frame shows up as trailing
             if not self._frame.complete:
