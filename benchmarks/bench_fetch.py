@@ -132,12 +132,29 @@ def bench_prefetch(root: Path, count: int, latency: float, depths: tuple[int, ..
 
 
 # -- 3. client CPU per request -----------------------------------------------------------
-def cpu_per_call(n: int, fn: Callable[[], object]) -> float:
-    fn()  # warm up (connection, imports)
-    start = time.process_time()
-    for _ in range(n):
-        fn()
-    return (time.process_time() - start) / n
+THREADS = 8
+Batch = Callable[[int], object]  # performs k requests
+
+
+def compare_cpu(batches: dict[str, Batch], n: int, rounds: int = 5) -> dict[str, float]:
+    """CPU seconds per request of each variant: rounds interleaved, best round kept (the
+    machine is shared, so a burst of load should not land on one variant only)."""
+    k = max(n // rounds, 1)
+    for batch in batches.values():
+        batch(2)  # warm up: connections, imports
+    best = {name: float("inf") for name in batches}
+    for _ in range(rounds):
+        for name, batch in batches.items():
+            start = time.process_time()
+            batch(k)
+            best[name] = min(best[name], (time.process_time() - start) / k)
+    return best
+
+
+def _report(rows: dict[str, float], baseline: str) -> None:
+    base = rows[baseline]
+    for name, cpu in rows.items():
+        print(f"  {name:34s} {cpu * 1e6:7.0f} us/request  {cpu / base:5.2f}x of {baseline.split()[0]}")
 
 
 def bench_cpu(root: Path, n: int) -> None:
@@ -147,96 +164,81 @@ def bench_cpu(root: Path, n: int) -> None:
     img = jpeg_bytes(320, 240, seed=7, quality=85)
     (root / "cpu").mkdir(exist_ok=True)
     (root / "cpu" / "img.jpg").write_bytes(img)
-    print(f"\n[3] client CPU per GET of a {len(img) / 1024:.1f} KB JPEG, {n} sequential requests (process_time)")
+    print(f"\n[3] client CPU per GET of a {len(img) / 1024:.1f} KB JPEG ({n} requests per variant, process_time)")
 
     def decode() -> None:
         with Image.open(io.BytesIO(img)) as im:
             im.convert("RGB").load()
 
-    with child("convert.testing.http", str(root / "cpu")) as server:
+    with child("convert.testing.http", str(root / "cpu")) as server, _aiohttp_clients() as aio:
         url = server + "/img.jpg"
-        session = requests.Session()
-        pool = urllib3.PoolManager()
-        policy = FetchPolicy()
-        rows = {
-            "requests.Session (baseline)": cpu_per_call(n, lambda: session.get(url).content),
-            "urllib3 PoolManager": cpu_per_call(n, lambda: pool.request("GET", url).data),
-            "fetch_bytes (urllib3 hot path)": cpu_per_call(n, lambda: fetch_bytes(url, policy)),
+        session, pool, policy = requests.Session(), urllib3.PoolManager(maxsize=THREADS), FetchPolicy()
+        calls = {
+            "requests.Session (baseline)": lambda: session.get(url).content,
+            "urllib3 PoolManager": lambda: pool.request("GET", url).data,
+            "fetch_bytes (urllib3 hot path)": lambda: fetch_bytes(url, policy),
         }
-        with contextlib.suppress(ImportError):
-            rows["aiohttp (one event loop)"] = _aiohttp_cpu(url, n)
-        rows["(PIL decode of the same image)"] = cpu_per_call(n, decode)
-        base = rows["requests.Session (baseline)"]
-        for name, cpu in rows.items():
-            print(f"  {name:32s} {cpu * 1e6:8.0f} us/request  {cpu / base:5.2f}x of requests")
-        print(f"  from {THREADS} worker threads (how the shard worker calls it):")
-        threaded = {
-            "requests.Session (baseline)": threaded_cpu(n, lambda: session.get(url).content),
-            "fetch_bytes (urllib3 hot path)": threaded_cpu(n, lambda: fetch_bytes(url, policy)),
-        }
-        with contextlib.suppress(ImportError), _aiohttp_bridge() as aio_get:
-            threaded["aiohttp via a loop thread"] = threaded_cpu(n, lambda: aio_get(url))
-        base = threaded["requests.Session (baseline)"]
-        for name, cpu in threaded.items():
-            print(f"  {name:32s} {cpu * 1e6:8.0f} us/request  {cpu / base:5.2f}x of requests")
+        serial: dict[str, Batch] = {name: (lambda k, f=f: [f() for _ in range(k)]) for name, f in calls.items()}
+        serial["aiohttp (all in one event loop)"] = lambda k: aio.serial(url, k)
+        serial["(PIL decode of the same image)"] = lambda k: [decode() for _ in range(k)]
+        print("  one caller:")
+        _report(compare_cpu(serial, n), "requests.Session (baseline)")
+        with ThreadPoolExecutor(THREADS) as workers:
+            threaded: dict[str, Batch] = {
+                name: (lambda k, f=f: list(workers.map(lambda _: f(), range(k)))) for name, f in calls.items()
+            }
+            threaded["aiohttp via a loop thread"] = lambda k: list(workers.map(lambda _: aio.bridged(url), range(k)))
+            print(f"  {THREADS} worker threads (how the shard worker calls it):")
+            _report(compare_cpu(threaded, n), "requests.Session (baseline)")
 
 
-THREADS = 8
+class _Aio:
+    """aiohttp on its own event-loop thread: `serial` runs k GETs inside the loop, `bridged`
+    is one GET submitted from another thread (what a threaded prefetch would need)."""
 
+    def __init__(self) -> None:
+        import aiohttp
 
-def threaded_cpu(n: int, fn: Callable[[], object]) -> float:
-    """CPU per call of n calls spread over THREADS threads (best of 3 rounds)."""
-    fn()
-    best = float("inf")
-    with ThreadPoolExecutor(THREADS) as pool:
-        for _ in range(3):
-            start = time.process_time()
-            list(pool.map(lambda _: fn(), range(n)))
-            best = min(best, (time.process_time() - start) / n)
-    return best
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def make() -> aiohttp.ClientSession:
+            return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=128))
+
+        self.session = self._run(make())
+
+    def _run(self, coro: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()  # type: ignore[arg-type]
+
+    async def _get(self, url: str) -> bytes:
+        async with self.session.get(url) as r:
+            return await r.read()
+
+    async def _many(self, url: str, k: int) -> None:
+        for _ in range(k):
+            await self._get(url)
+
+    def serial(self, url: str, k: int) -> None:
+        self._run(self._many(url, k))
+
+    def bridged(self, url: str) -> bytes:
+        return self._run(self._get(url))  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._run(self.session.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
 
 
 @contextlib.contextmanager
-def _aiohttp_bridge() -> Iterator[Callable[[str], bytes]]:
-    """aiohttp on one event-loop thread, called from worker threads (what the threaded prefetch needs)."""
-    import aiohttp
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def make() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=128))
-
-    session = asyncio.run_coroutine_threadsafe(make(), loop).result()
-
-    async def get(url: str) -> bytes:
-        async with session.get(url) as r:
-            return await r.read()
-
+def _aiohttp_clients() -> Iterator[_Aio]:
+    aio = _Aio()
     try:
-        yield lambda url: asyncio.run_coroutine_threadsafe(get(url), loop).result()
+        yield aio
     finally:
-        asyncio.run_coroutine_threadsafe(session.close(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-
-def _aiohttp_cpu(url: str, n: int) -> float:
-    import aiohttp
-
-    async def run() -> float:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(url) as r:
-                await r.read()
-            start = time.process_time()
-            for _ in range(n):
-                async with session.get(url) as r:
-                    await r.read()
-            return (time.process_time() - start) / n
-
-    return asyncio.run(run())
+        aio.close()
 
 
 def main() -> None:
