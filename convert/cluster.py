@@ -304,9 +304,11 @@ def _submit_jobs(cluster: Any, cfg: ClusterConfig) -> None:
         for job in list(getattr(cluster, "_created", ())):  # never submitted: let close() skip them
             if job.job_id is None and job.status == Status.created:
                 job.status = Status.failed
-        raise ClusterError(
-            f"submitting {cfg.jobs} {cfg.kind} job(s) failed; fix cluster.queue/account/walltime/job_extra "
-            f"(or jobqueue.{cfg.kind}.* in dask's config).\n{exc}\nJob script:\n{cluster.job_script()}"
+        stderr = [ln for ln in str(exc).partition("stderr:")[2].splitlines() if ln.strip()]
+        raise ClusterError(  # first line stands alone (CLIs may print only that); details follow
+            f"submitting {cfg.kind} jobs failed: {stderr[-1].strip() if stderr else exc}; fix cluster.queue/"
+            f"account/walltime/job_extra (or jobqueue.{cfg.kind}.* in dask's config)"
+            f"\n{exc}\nJob script:\n{cluster.job_script()}"
         ) from None
 
 
@@ -317,11 +319,10 @@ def _wait_for_batch_worker(handle: ClusterHandle, status_cmd: str, timeout: floa
         ids = handle.job_ids
         status = _run_quiet([status_cmd, *(["-j", ",".join(ids)] if status_cmd == "squeue" and ids else ids)])
         raise ClusterError(
-            f"no Dask worker joined {handle.description} within {timeout:g}s (job ids: {', '.join(ids) or 'none'}).\n"
-            f"`{status_cmd}` says:\n{status}\n"
-            f"If jobs are pending, wait longer: export {WORKER_TIMEOUT_ENV}=3600. If they failed, read their "
-            f"output files (slurm-<id>.out / <name>.o<id> in the submit directory or jobqueue log-directory).\n"
-            f"Job script:\n{handle.cluster.job_script()}"
+            f"no Dask worker joined {handle.description} within {timeout:g}s (job ids: {', '.join(ids) or 'none'}); "
+            f"if pending, wait longer: export {WORKER_TIMEOUT_ENV}=3600; if failed, read the job output files "
+            f"(slurm-<id>.out / <name>.o<id> in the submit directory or jobqueue log-directory)"
+            f"\n`{status_cmd}` says:\n{status}\nJob script:\n{handle.cluster.job_script()}"
         ) from None
 
 
