@@ -1,8 +1,9 @@
 """Configuration: frozen pydantic models, loaded from YAML and/or CLI overrides, validated once.
 
 Errors are `ConfigError` with one line per problem naming the dotted key and what is allowed.
-`${ENV_VAR}` in string values is interpolated at load time *on the machine that reads it*; the
-config that is shipped to workers or written to the manifest is `redacted()` first.
+`${ENV_VAR}` in string values is interpolated at load time *on the machine that reads it*, except
+inside `storage_options`, where references stay as written and are resolved where used (client and
+each worker; see convert.secrets) so secrets never travel in a task graph. Manifests get `redacted()`.
 """
 
 from __future__ import annotations
@@ -149,7 +150,12 @@ class Config(_Model):
         return data
 
 
-_SECRET = re.compile(r"secret|token|password|key|credential|session", re.I)
+_SECRET = re.compile(r"secret|token|password|passwd|key|credential|session|auth|signature|sas|cookie", re.I)
+
+
+def is_secret_key(name: Any) -> bool:
+    """True for storage-option keys whose values must never be logged or shipped (secret, token, ...)."""
+    return bool(_SECRET.search(str(name)))
 
 
 def _redact(opts: Any) -> Any:
@@ -166,7 +172,10 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 def _interpolate(value: Any, where: str = "") -> Any:
     """Replace ${VAR} in strings with the environment value; missing vars are a ConfigError."""
     if isinstance(value, dict):
-        return {k: _interpolate(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        return {
+            k: (_check_references if k == "storage_options" else _interpolate)(v, f"{where}.{k}" if where else str(k))
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_interpolate(v, where) for v in value]
     if isinstance(value, str):
@@ -178,6 +187,22 @@ def _interpolate(value: Any, where: str = "") -> Any:
             return os.environ[name]
 
         return _ENV.sub(sub, value)
+    return value
+
+
+def _check_references(value: Any, where: str) -> Any:
+    """storage_options keep their ${VAR} references (resolved where used, see convert.secrets);
+    a variable missing on this machine is still reported at load time."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_references(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for v in value:
+            _check_references(v, where)
+    elif isinstance(value, str):
+        for name in _ENV.findall(value):
+            if name not in os.environ:
+                raise ConfigError(f"{where}: environment variable ${{{name}}} is not set; export it or edit the config")
     return value
 
 

@@ -4,8 +4,9 @@ Index i is the i-th successfully converted item in input order. Only the manifes
 Shard handles open lazily and per process (a fork or spawn in a DataLoader worker re-opens them),
 so a `Dataset` pickles as just its URI, options and manifest.
 Remote HDF5 shards are read through fsspec with a block cache (random access without
-downloading whole files); LMDB shards are downloaded once into a local, content-addressed cache
-(LMDB must not live on a network filesystem) and verified against the manifest checksum.
+downloading whole files; `download=True` fetches them whole instead); LMDB shards are downloaded
+once into a local, content-addressed cache (LMDB must not live on a network filesystem), verified
+against the manifest checksum, and reused by later opens. `storage_options` may use ${VAR}.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import bisect
 import io
 import os
+import threading
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -40,27 +43,32 @@ class Dataset:
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         decode: bool = True,
+        download: bool = False,
     ) -> None:
         self.uri = uri
         self.storage_options = dict(storage_options or {})
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.decode = decode
+        self.download = download
         self._out = Output(uri, self.storage_options)
         self.manifest = read_manifest(self._out)
         self._shards = [s for s in self.manifest["shards"] if s["ok"] > 0]
         self._starts = np.cumsum([0] + [s["ok"] for s in self._shards]).tolist()
         self._format = get_format(self.manifest["format"])
         self._readers: dict[int, ShardReader] = {}
+        self._lock = threading.Lock()  # background iteration threads open shards too
         self._pid = os.getpid()
 
     # -- pickling: handles are per process ------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_readers"] = {}
+        del state["_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._lock = threading.Lock()
         self._pid = os.getpid()
 
     # -- public API -------------------------------------------------------------------
@@ -126,26 +134,36 @@ class Dataset:
         return shard, index - self._starts[shard]
 
     def _reader(self, shard: int) -> ShardReader:
-        if self._pid != os.getpid():  # forked: never share file handles across processes
-            self._readers, self._pid = {}, os.getpid()
-        if shard not in self._readers:
-            self._readers[shard] = open_reader(self._format.name, self._source(self._shards[shard]))
-        return self._readers[shard]
+        if self._pid != os.getpid():  # forked: never share file handles (or a held lock) across processes
+            self._readers, self._lock, self._pid = {}, threading.Lock(), os.getpid()
+        reader = self._readers.get(shard)
+        if reader is None:
+            with self._lock:  # one download / open per shard even when iteration threads race
+                reader = self._readers.get(shard)
+                if reader is None:
+                    reader = self._readers[shard] = open_reader(self._format.name, self._source(self._shards[shard]))
+        return reader
 
     def _source(self, shard: dict[str, Any]) -> Any:
         if self._out.is_local:
             return self._out.path(shard["path"])
-        if self._format.needs_local_file:
+        if self._format.needs_local_file or self.download:
             return str(self._cached_copy(shard))
-        return self._out.fs.open(self._out.path(shard["path"]), "rb", block_size=REMOTE_BLOCK, cache_type="blockcache")
+        path = self._out.path(shard["path"])
+        self._out.fs.invalidate_cache(path)  # the size must come from the store, not a stale listing
+        return self._out.fs.open(path, "rb", block_size=REMOTE_BLOCK, cache_type="blockcache")
 
     def _cached_copy(self, shard: dict[str, Any]) -> Path:
-        """Download a shard once into a content-addressed cache file and verify its sha256."""
+        """Download a shard once into a content-addressed cache file and verify its sha256.
+
+        The file name is the manifest's sha256, so a cached copy is reused by any later open of
+        any dataset holding the same shard; a copy of the wrong size is fetched again.
+        """
         target = self.cache_dir / f"{shard['sha256']}{self._format.extension}"
-        if target.exists():
+        if target.is_file() and target.stat().st_size == shard["bytes"]:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
         try:
             self._out.fs.get_file(self._out.path(shard["path"]), str(tmp))
             size, digest = file_digest(str(tmp))
@@ -175,7 +193,14 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def open_dataset(
-    uri: str, storage_options: dict[str, Any] | None = None, cache_dir: str | None = None, decode: bool = True
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | None = None,
+    decode: bool = True,
+    download: bool = False,
 ) -> Dataset:
-    """Open a converted dataset (local path or any fsspec URL) for training."""
-    return Dataset(uri, storage_options=storage_options, cache_dir=cache_dir, decode=decode)
+    """Open a converted dataset (local path or any fsspec URL, e.g. s3://bucket/out/) for training.
+
+    download=True copies remote HDF5 shards whole into `cache_dir` (LMDB shards always are).
+    """
+    return Dataset(uri, storage_options=storage_options, cache_dir=cache_dir, decode=decode, download=download)

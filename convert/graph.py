@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .cluster import check_reachable_paths, open_client
-from .commit import SHARDS_DIR, Output
+from .commit import SHARDS_DIR, Output, check_access, clean_leftovers
 from .config import Config
 from .manifest import LEDGER, MANIFEST, committed_records, write_manifest
 from .plan import fingerprint, output_settings, plan_shards
-from .sources import list_source
+from .secrets import resolve_config, seal_config, share_secrets
+from .sources import SourceListing, list_source
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
 from .worker import process_shard
 
@@ -80,8 +81,11 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     """Convert the configured source into a verified dataset; returns the summary."""
     start = time.perf_counter()
     config = config.with_absolute_paths()
-    out = Output(config.output.uri, config.output.storage_options)
-    listing = list_source(config.source)
+    shipped, secrets = seal_config(config)  # what workers get: secrets only as references
+    local = resolve_config(config)  # this process's own view, secrets resolved
+    check_access(local.output.uri, local.output.storage_options, "output")
+    out = Output(local.output.uri, local.output.storage_options)
+    listing = _list(local)
     specs = plan_shards(listing.items, config.shard.size)
     config_data = config.redacted()
     settings = output_settings(config_data)
@@ -95,6 +99,10 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
         f"({len(records)} already committed, {len(pending)} to convert)")  # fmt: skip
     if pending and out.exists(MANIFEST):
         out.fs.rm_file(out.path(MANIFEST))  # readers must not trust a manifest while shards change
+    if pending:
+        removed = clean_leftovers(out)  # incomplete uploads / temps of earlier killed attempts
+        if removed:
+            log(f"removed {len(removed)} leftovers of earlier attempts (incomplete uploads, temp files)")
     failed: dict[str, str] = {}
     if pending:
         with open_client(config.cluster, job_name="convert") as handle:
@@ -103,7 +111,8 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
             log(f"cluster: {handle.description}" + (f"  dashboard: {handle.dashboard_link}" if handle.dashboard_link else ""))
             if handle.job_ids:
                 log(f"batch jobs: {' '.join(handle.job_ids)}")
-            _execute(handle.client, pending, config, records, failed, on_progress)
+            with share_secrets(handle.client, secrets):
+                _execute(handle.client, pending, shipped, records, failed, on_progress)
     ordered = [records[s.name] for s in specs if s.name in records]
     failed_ledgers = {s.name: _failed_rows(s, failed[s.name]) for s in specs if s.name in failed}
     all_rows = [row for r in ordered for row in r.ledger] + [row for rows in failed_ledgers.values() for row in rows]
@@ -114,6 +123,15 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
                    failed_rows=[row for rows in failed_ledgers.values() for row in rows])  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _list(config: Config) -> SourceListing:
+    """List the source once, here; storage failures become one-line errors naming the source."""
+    try:
+        return list_source(config.source)
+    except OSError:  # PermissionError "Forbidden", endpoint errors: say which bucket and what to fix
+        check_access(config.source.uri, config.source.storage_options, "source")
+        raise
 
 
 def _execute(client, pending, config, records, failed, on_progress) -> None:  # type: ignore[no-untyped-def]

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import persist
-from .commit import SHARDS_DIR, Output, stream_digest
+from .commit import SHARDS_DIR, Leftover, Output, incomplete_uploads, partial_files, stream_digest
 from .specs import ItemResult, ShardRecord, Status
 
 MANIFEST = "manifest.json"
@@ -93,6 +93,7 @@ def read_record(out: Output, name: str) -> tuple[ShardRecord, str] | None:
 
 def committed_records(out: Output, fingerprints: dict[str, str]) -> dict[str, ShardRecord]:
     """Records from a previous run that resume may trust: same fingerprint, shard file present, same size."""
+    out.fs.invalidate_cache(out.path(SHARDS_DIR))  # object stores: list afresh, never from a cached listing
     try:
         listing = {info["name"].rsplit("/", 1)[-1]: info for info in out.fs.ls(out.path(SHARDS_DIR), detail=True)}
     except FileNotFoundError:
@@ -188,6 +189,7 @@ class ShardCheck:
 def verify(out: Output) -> list[ShardCheck]:
     """Re-hash every shard listed in the manifest and compare size and sha256."""
     manifest = read_manifest(out)
+    out.fs.invalidate_cache(out.path(SHARDS_DIR))
     checks = []
     for shard in manifest["shards"]:
         path = out.path(shard["path"])
@@ -203,3 +205,25 @@ def verify(out: Output) -> list[ShardCheck]:
         else:
             checks.append(ShardCheck(shard["name"], True))
     return checks
+
+
+def leftovers(out: Output) -> list[Leftover]:
+    """Debris a reader never trusts but that costs storage: `.partial` temps and incomplete
+    multipart uploads of failed/killed attempts, and (when a manifest exists) objects under
+    shards/ that it does not list, e.g. a shard uploaded by an attempt killed before its record
+    or by a run that then failed. The next run removes the first two kinds; rerunning also
+    replaces unlisted shards of the current plan."""
+    found = incomplete_uploads(out) + partial_files(out)
+    try:
+        manifest = read_manifest(out)
+    except ManifestError:
+        return found
+    listed = {s["path"] for s in manifest["shards"]} | {record_rel_path(s["name"]) for s in manifest["shards"]}
+    partial = {item.url for item in found}
+    root = out.path(SHARDS_DIR)
+    for path in sorted(out.fs.find(root)):
+        rel = f"{SHARDS_DIR}/{path[len(root):].lstrip('/')}"
+        url = path if out.is_local else out.fs.unstrip_protocol(path)
+        if rel not in listed and url not in partial:
+            found.append(Leftover("unlisted", url))
+    return found

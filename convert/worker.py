@@ -19,6 +19,7 @@ from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
 from .manifest import write_record
 from .plan import fingerprint, output_settings
+from .secrets import resolve_config
 from .sources import read_member
 from .specs import ItemError, ItemRef, ItemResult, ShardRecord, ShardSpec, Status
 from .transform import output_shape, transform
@@ -96,7 +97,12 @@ def shard_info(spec: ShardSpec, config: Config, fp: str) -> ShardInfo:
 
 
 def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
-    """Convert one shard end to end and commit it; returns its record (no image data)."""
+    """Convert one shard end to end and commit it; returns its record (no image data).
+
+    `config` arrives with storage-option secrets as references; they are resolved here, in the
+    worker, from its environment and the secrets shared with it (see convert.secrets).
+    """
+    config = resolve_config(config)
     out = Output(config.output.uri, config.output.storage_options)
     fmt = get_format(config.output.format)
     fp = fingerprint(spec, output_settings(config.redacted()))
@@ -119,7 +125,7 @@ def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
         if stored != ok:
             raise ShardError(f"{spec.name}: wrote {ok} images but the re-opened shard holds {stored}")
         size, digest = file_digest(tmp)
-        publish(out, tmp, rel, size)
+        publish(out, tmp, rel, size, digest)
     record = ShardRecord(
         name=spec.name, path=rel, format=fmt.name, count=len(spec), ok=ok, failed=len(spec) - ok,
         bytes=size, sha256=digest, image_shape=info.image_shape, encoding=info.encoding, ledger=tuple(ledger),
