@@ -203,11 +203,6 @@ def _open_existing(cfg: ClusterConfig, connect_timeout: float, worker_timeout: f
         )
 
 
-def _directive(text: str, prefix: str) -> str:
-    text = text.strip()
-    return text[len(prefix) :].strip() if text.startswith(prefix) else text
-
-
 def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, Any]:
     """Keyword arguments for SLURMCluster/PBSCluster: only what `cfg` sets, plus python/local dir.
 
@@ -221,7 +216,8 @@ def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, 
         if value is not None:
             kw[key] = value
     if cfg.job_extra:
-        kw["job_extra_directives"] = [_directive(d, _BATCH[kind][2]) for d in cfg.job_extra]
+        prefix = _BATCH[kind][2]  # accept "--gres=gpu:1" and "#SBATCH --gres=gpu:1" alike
+        kw["job_extra_directives"] = [d.strip().removeprefix(prefix).strip() for d in cfg.job_extra]
     if conf("python") is None:
         kw["python"] = sys.executable
     if conf("local-directory") is None:
@@ -347,14 +343,9 @@ def _close_batch(cluster: Any, client: Client | None) -> None:
     cluster.close()
 
 
-def _host_of(address: str) -> str:
-    netloc = urlsplit(address if "://" in address else f"tcp://{address}").hostname
-    return netloc or ""
-
-
 def is_loopback(address: str) -> bool:
     """True when a scheduler address (tcp://host:port) points at this machine's loopback."""
-    host = _host_of(address)
+    host = urlsplit(address if "://" in address else f"tcp://{address}").hostname or ""
     if host in ("localhost", ""):
         return True
     try:
