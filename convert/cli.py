@@ -26,9 +26,11 @@ out_console = Console(soft_wrap=True)
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .manifest import ManifestError
     from .persist import PersistError
+    from .cluster import ClusterError
     from .sources import SourceError
 
-    return (ConfigError, ManifestError, SourceError, PersistError, FileNotFoundError, PermissionError, ImportError)
+    return (ConfigError, ManifestError, SourceError, PersistError, ClusterError, FileNotFoundError, PermissionError,
+            ImportError)  # fmt: skip
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -45,8 +47,10 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             user = isinstance(exc, _user_errors())
             label = "error" if user else f"error ({type(exc).__name__})"
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            console.print(f"[bold red]{label}:[/] {message}", highlight=False)
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            console.print(f"[bold red]{label}:[/] {lines[0]}", highlight=False)
+            if type(exc).__name__ == "ClusterError" and len(lines) > 1:  # job script, sbatch/squeue output
+                console.print("\n".join(lines[1:]), highlight=False, markup=False)
             if not user:
                 console.print("set CONVERT_DEBUG=1 for the full traceback", style="dim")
             sys.exit(2)

@@ -171,3 +171,24 @@ def test_sbatch_script_converts_the_demo_dataset(tmp_path: Path) -> None:
     assert "scheduler tcp://127.0.0.1:" in logs  # ran on the job's scheduler, not a LocalCluster
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is True and manifest["totals"]["ok"] == 36, manifest["totals"]
+
+
+@pytest.mark.timeout(300)
+def test_submit_converts_the_demo_through_sbatch_jobs(tmp_path: Path) -> None:
+    """`convert-dataset submit --cluster slurm --jobs 2` end to end: workers are real sbatch jobs."""
+    logs = tmp_path / "logs"
+    env = {**os.environ, "DASK_JOBQUEUE__SLURM__INTERFACE": "lo", "DASK_JOBQUEUE__SLURM__LOG_DIRECTORY": str(logs)}
+    result = subprocess.run(
+        [sys.executable, "-m", "convert", "submit", "configs/demo.yaml", "--output", str(tmp_path / "out"),
+         "--cluster", "slurm", "--jobs", "2", "--cores", "1", "--memory", "1GB", "--walltime", "00:10:00"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=280,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    line = next(l for l in result.stderr.splitlines() if l.startswith("batch jobs:"))
+    job_ids = line.split(":", 1)[1].split()
+    assert len(job_ids) == 2 and "SLURMCluster" in result.stderr
+    # each job wrote its worker log through sbatch's --output, and none is left in the queue
+    assert all(list(logs.glob(f"*{job_id}*")) for job_id in job_ids), sorted(p.name for p in logs.iterdir())
+    assert _wait_gone(job_ids) == {}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["totals"]["ok"] == 36
