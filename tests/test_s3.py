@@ -8,6 +8,7 @@ that enforces IAM: a real user, real keys, a policy that can deny single keys.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -23,7 +24,8 @@ import numpy as np
 import pytest
 import yaml
 
-from convert.commit import Output
+from convert import commit
+from convert.commit import Output, clean_leftovers, incomplete_uploads, publish
 from convert.config import load_config
 from convert.dataset import open_dataset
 from convert.graph import run
@@ -355,3 +357,29 @@ def test_cli_wrong_credentials_and_missing_bucket_are_one_line(auth_moto, s3, fo
         assert re.search(expected, text), (name, text)
         assert "Traceback" not in text and len(text.strip().splitlines()) == 1, (name, text)
         assert wrong not in text
+
+
+def test_multipart_upload_is_whole_or_aborted(s3, tmp_path, monkeypatch):
+    monkeypatch.setattr(commit, "PART_SIZE", 5 * 2**20)  # S3's minimum part: 3 parts for 12 MiB
+    blob = os.urandom(12 * 2**20 + 123)
+    path = tmp_path / "big.bin"
+    path.write_bytes(blob)
+    size, digest = len(blob), hashlib.sha256(blob).hexdigest()
+    out = Output("s3://test-bucket/mp", s3.storage_options())
+    publish(out, str(path), "shards/big.bin", size, digest)
+    fs = s3.filesystem()
+    assert fs.cat_file("test-bucket/mp/shards/big.bin") == blob
+    assert fs.info("test-bucket/mp/shards/big.bin")["ETag"].endswith('-3"')  # really multipart
+    with RequestFaults(s3.endpoint_url, rb"PUT /test-bucket/mp/shards/again\.bin\?[^ ]*partNumber=2", 0, 99) as proxy:
+        with pytest.raises(Exception, match="again.bin"):
+            publish(Output(out.uri, s3.storage_options(proxy.url)), str(path), "shards/again.bin", size, digest)
+    assert proxy.cuts >= 1 and not fs.exists("test-bucket/mp/shards/again.bin")
+    assert incomplete_uploads(out) == []  # the failed upload was aborted, nothing billed or listed
+
+
+def test_local_partial_files_are_reported_then_cleaned(local_hdf5):
+    out = Output(local_hdf5.uri)
+    stale = Path(out.path("shards")) / ".shard-00009.0123abcd.partial.h5"
+    stale.write_bytes(b"killed writer")
+    assert [(x.kind, x.url) for x in leftovers(out)] == [("partial", str(stale))]
+    assert [x.url for x in clean_leftovers(out)] == [str(stale)] and not stale.exists()
