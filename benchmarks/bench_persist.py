@@ -5,9 +5,10 @@
 Datasets: a ledger of N items with keys as a list of str ("ledger_list") or as a fixed-width
 bytes array ("ledger_array"), plus labels int64, status uint8, sizes int64, shapes (N,3) int32;
 and one large float64 array ("floats", smooth signal rounded to 3 decimals so it compresses
-realistically). Every measurement runs in its own subprocess: first a timed run whose peak-RSS
-growth is read from /proc (VmHWM after resetting it), then a second run under tracemalloc for the
-traced peak. joblib is measured in the same run, on the same data, at the same codec and level
+realistically). Times: one subprocess per case alternates persist and joblib dump/load for
+--repeat rounds and keeps each one's best. Memory: a fresh subprocess per (library, op) reads its
+peak-RSS growth from /proc (VmHWM after resetting it), then repeats the op under tracemalloc.
+joblib is measured in the same run, on the same data, at the same codec and level
 (zstd is registered with joblib through its public register_compressor hook).
 """
 
@@ -107,38 +108,52 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def worker(impl: str, op: str, dataset: str, codec: str, path: str, items: int,
-           float_mb: int, repeat: int) -> dict:
-    """One measurement in a fresh process: best-of-`repeat` time, first-run RSS, traced peak."""
+def memory_worker(impl: str, op: str, dataset: str, codec: str, path: str, items: int,
+                  float_mb: int) -> dict:
+    """Peak RSS growth and tracemalloc peak of one op, in a fresh process."""
     dump, load = _ops(impl, codec)
     obj = build(dataset, items, float_mb) if op == "dump" else None
     run = (lambda: dump(obj, path)) if op == "dump" else (lambda: load(path))
     reset = _reset_rss_peak()
     rss0 = _proc_status("VmRSS")
-    seconds = []
-    for attempt in range(repeat):
-        t0 = time.perf_counter()
-        result = run()
-        seconds.append(time.perf_counter() - t0)
-        if attempt == 0:
-            rss_peak = _proc_status("VmHWM") - rss0 if reset else float("nan")
-        del result
+    result = run()
+    rss_peak = _proc_status("VmHWM") - rss0 if reset else float("nan")
+    del result
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     result = run()
     traced = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
-    size = os.path.getsize(path)
-    return {"seconds": min(seconds), "traced": traced, "rss": rss_peak, "size": size}
+    return {"traced": traced, "rss": rss_peak, "size": os.path.getsize(path)}
 
 
-def measure(impl: str, op: str, dataset: str, codec: str, path: str, sizes: dict,
-            repeat: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, op, dataset, codec, path,
-           str(sizes["items"]), str(sizes["float_mb"]), str(repeat)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def timing_worker(dataset: str, codec: str, tmp: str, items: int, float_mb: int,
+                  repeat: int) -> dict:
+    """Best-of-`repeat` seconds per (impl, op), alternating persist and joblib every round so
+    that load from other processes on a shared machine hits both alike."""
+    obj = build(dataset, items, float_mb)
+    ops = {impl: _ops(impl, codec) for impl in ("persist", "joblib")}
+    for impl, (dump, load) in ops.items():  # warm-up: lazy imports, page cache
+        dump(obj, os.path.join(tmp, impl))
+        load(os.path.join(tmp, impl))
+    best: dict = {}
+    for _ in range(repeat):
+        for impl, (dump, load) in ops.items():
+            path = os.path.join(tmp, impl)
+            for op, run in (("dump", lambda: dump(obj, path)), ("load", lambda: load(path))):
+                t0 = time.perf_counter()
+                result = run()
+                elapsed = time.perf_counter() - t0
+                del result
+                best[f"{impl}.{op}"] = min(best.get(f"{impl}.{op}", elapsed), elapsed)
+    return best
+
+
+def _run(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                         check=False)
     if out.returncode:
-        raise RuntimeError(f"{impl} {op} {dataset} {codec} failed:\n{out.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -152,33 +167,40 @@ def main() -> None:
     parser.add_argument("--codecs", default=",".join(LEVELS))
     parser.add_argument("--datasets", default="ledger_list,ledger_array,floats")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per case (best of)")
-    parser.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--timing-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        impl, op, dataset, codec, path, items, float_mb, repeat = args.worker
-        print(json.dumps(worker(impl, op, dataset, codec, path, int(items), int(float_mb),
-                                int(repeat))))
+    if args.memory_worker:
+        impl, op, dataset, codec, path, items, float_mb = args.memory_worker
+        print(json.dumps(memory_worker(impl, op, dataset, codec, path, int(items),
+                                       int(float_mb))))
+        return
+    if args.timing_worker:
+        dataset, codec, tmp, items, float_mb = args.timing_worker
+        print(json.dumps(timing_worker(dataset, codec, tmp, int(items), int(float_mb),
+                                       args.repeat)))
         return
     sizes = SIZES["quick" if args.quick else "full"]
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus; best of {args.repeat}")
     print(f"sizes: {sizes}; ratio = persist / joblib (< 1 is better); "
           "mem = tracemalloc peak during the op (dump: beyond the object; load: incl. result); "
           "rss = peak RSS growth")
-    head = (f"{'dataset':<13}{'codec':<6}{'op':<5}{'persist s':>10}{'joblib s':>9}{'ratio':>7}"
-            f"{'mem MiB':>9}{'joblib':>8}{'ratio':>7}{'rss MiB':>9}{'joblib':>8}"
-            f"{'size MiB':>9}{'joblib':>8}")
-    print(head)
+    print(f"{'dataset':<13}{'codec':<6}{'op':<5}{'persist s':>10}{'joblib s':>9}{'ratio':>7}"
+          f"{'mem MiB':>9}{'joblib':>8}{'ratio':>7}{'rss MiB':>9}{'joblib':>8}"
+          f"{'size MiB':>9}{'joblib':>8}")
+    dims = [str(sizes["items"]), str(sizes["float_mb"])]
     with tempfile.TemporaryDirectory() as tmp:
         for dataset in args.datasets.split(","):
             for codec in args.codecs.split(","):
+                times = _run(["--repeat", str(args.repeat), "--timing-worker", dataset, codec,
+                              tmp, *dims])
                 for op in ("dump", "load"):
-                    res = {impl: measure(impl, op, dataset, codec,
-                                         os.path.join(tmp, f"{impl}-{dataset}-{codec}"), sizes,
-                                         args.repeat)
+                    mem = {impl: _run(["--memory-worker", impl, op, dataset, codec,
+                                       os.path.join(tmp, f"{impl}-mem"), *dims])
                            for impl in ("persist", "joblib")}
-                    p, j = res["persist"], res["joblib"]
-                    print(f"{dataset:<13}{codec:<6}{op:<5}{p['seconds']:>10.3f}"
-                          f"{j['seconds']:>9.3f}{p['seconds'] / j['seconds']:>7.2f}"
+                    p, j = mem["persist"], mem["joblib"]
+                    tp, tj = times[f"persist.{op}"], times[f"joblib.{op}"]
+                    print(f"{dataset:<13}{codec:<6}{op:<5}{tp:>10.3f}{tj:>9.3f}{tp / tj:>7.2f}"
                           f"{_mib(p['traced']):>9}{_mib(j['traced']):>8}"
                           f"{p['traced'] / max(j['traced'], 1):>7.2f}{_mib(p['rss']):>9}"
                           f"{_mib(j['rss']):>8}{_mib(p['size']):>9}{_mib(j['size']):>8}",
