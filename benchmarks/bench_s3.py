@@ -53,11 +53,26 @@ def bench_conversion(moto: MotoServer, work: Path, images: int, repeat: int, sch
     for path in sorted(src.rglob("*.jpg")):
         fs.pipe_file(f"bench/in/{path.relative_to(src).as_posix()}", path.read_bytes())
     opts = moto.storage_options()
+    ceiling = get_ceiling(fs, opts)
     local, remote = [], []
     for i in range(repeat):
         local.append(convert_once(str(src), str(work / f"out-{i}"), None, scheduler))
         remote.append(convert_once("s3://bench/in", f"s3://bench/out-{i}", opts, scheduler))
-    return {"local": statistics.median(local), "s3": statistics.median(remote)}
+    return {"local": statistics.median(local), "s3": statistics.median(remote), "ceiling": ceiling}
+
+
+def get_ceiling(fs: object, opts: dict) -> float:
+    """GETs/s moto serves to 16 threads of this process through the same fetch path (no decoding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from convert.fetch import FetchPolicy, fetch_bytes
+
+    keys = sorted(fs.find("bench/in"))  # type: ignore[attr-defined]
+    policy = FetchPolicy(storage_options=opts, allowed_schemes=("s3",))
+    start = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: fetch_bytes(f"s3://{k}", policy), keys))
+    return len(keys) / (time.perf_counter() - start)
 
 
 def bench_upload(moto: MotoServer, work: Path, size_mb: int, repeat: int) -> dict[str, float]:
@@ -103,6 +118,7 @@ def main() -> None:
             print(f"conversion, {args.images} JPEG 320x240 -> 64x64 HDF5, 100/shard, 2 workers:")
             print(f"  local -> local  {conv['local']:8.0f} images/s")
             print(f"  S3    -> S3     {conv['s3']:8.0f} images/s   ({conv['s3'] / conv['local']:.2f}x local)")
+            print(f"  (moto's GET ceiling, fetch only, 16 threads: {conv['ceiling']:.0f} objects/s)")
         if args.only == "convert":
             return
         print(f"upload of one shard file (publish: single PUT up to {2 * PART_SIZE >> 20} MiB, else multipart):")

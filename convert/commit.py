@@ -194,11 +194,18 @@ def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
 
 
+def _read_part(path: str, offset: int, length: int) -> tuple[bytes, str]:
+    """(bytes, base64 SHA-256) of one slice of a local file; runs off the event loop."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        body = f.read(length)
+    return body, _b64(hashlib.sha256(body).digest())
+
+
 async def _s3_upload(fs: Any, path: str, bucket: str, key: str, size: int, sha256: str) -> None:
     """One PUT, or a checksummed multipart upload that is aborted on any failure."""
     if size <= 2 * PART_SIZE:
-        with open(path, "rb") as f:
-            body = f.read()
+        body, _ = await asyncio.to_thread(_read_part, path, 0, size)
         await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=body, ChecksumSHA256=_b64(bytes.fromhex(sha256)))
         return
     mpu = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="SHA256")
@@ -214,21 +221,27 @@ async def _s3_upload(fs: Any, path: str, bucket: str, key: str, size: int, sha25
 
 
 async def _s3_parts(fs: Any, path: str, bucket: str, key: str, upload_id: str, size: int) -> list[dict[str, Any]]:
-    """Upload the file's parts, at most UPLOAD_CONCURRENCY at once, each with its SHA-256."""
+    """Upload the file's parts, at most UPLOAD_CONCURRENCY at once, each with its SHA-256.
+
+    If one part fails the others are cancelled and awaited, so no part lands after the abort.
+    """
     gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
     async def part(number: int) -> dict[str, Any]:
         async with gate:
-            with open(path, "rb") as f:
-                f.seek((number - 1) * PART_SIZE)
-                body = f.read(PART_SIZE)
-            checksum = _b64(hashlib.sha256(body).digest())
+            body, checksum = await asyncio.to_thread(_read_part, path, (number - 1) * PART_SIZE, PART_SIZE)
             resp = await fs._call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
                                      Body=body, ChecksumSHA256=checksum)  # fmt: skip
             return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": checksum}
 
-    count = max(1, -(-size // PART_SIZE))
-    return list(await asyncio.gather(*(part(n) for n in range(1, count + 1))))
+    tasks = [asyncio.ensure_future(part(n)) for n in range(1, max(1, -(-size // PART_SIZE)) + 1)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 @dataclass(frozen=True)

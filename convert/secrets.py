@@ -23,7 +23,6 @@ from typing import Any, Iterator
 
 from .config import Config, ConfigError, is_secret_key
 
-_SECRET_REF = re.compile(r"\$\{secret:([0-9a-f]{32})\}")
 _ANY_REF = re.compile(r"\$\{(secret:[0-9a-f]{32}|[A-Za-z_][A-Za-z0-9_]*)\}")
 _REGISTRY: dict[str, str] = {}  # reference id -> value, in this process (filled by SecretsPlugin)
 _LOCK = threading.Lock()

@@ -159,7 +159,7 @@ class RequestFaults(FaultProxy):
 
 
 # -- tests -----------------------------------------------------------------------------------
-def test_folder_glob_on_s3_to_hdf5_on_s3_equals_local(s3, folder, cluster, local_hdf5, tmp_path):
+def test_folder_glob_on_s3_to_hdf5_on_s3_equals_local(s3, folder, cluster, local_hdf5, tmp_path, monkeypatch):
     fs = s3.filesystem()
     upload_tree(fs, folder[0], "test-bucket/in")
     fs.pipe_file("test-bucket/in/README.txt", b"not an image")  # the glob must skip it
@@ -181,6 +181,12 @@ def test_folder_glob_on_s3_to_hdf5_on_s3_equals_local(s3, folder, cluster, local
                AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=REGION)  # fmt: skip
     done = cli("verify", "s3://test-bucket/out/", env=env)
     assert done.returncode == 0 and "3/3 shards match the manifest" in done.stdout
+    # ... and with nothing but an AWS profile (endpoint and keys from ~/.aws-style files)
+    (tmp_path / "config").write_text(f"[profile conv]\nendpoint_url = {s3.endpoint_url}\nregion = {REGION}\n")
+    (tmp_path / "credentials").write_text("[conv]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    assert all(c.ok for c in verify(Output("s3://test-bucket/out/", {"profile": "conv"})))
     shard = "test-bucket/out/shards/shard-00001.h5"
     data = bytearray(fs.cat_file(shard))
     data[len(data) // 2] ^= 1
