@@ -129,15 +129,23 @@ def _open_local(cfg: ClusterConfig) -> Iterator[ClusterHandle]:
             )
         )
         client = stack.enter_context(Client(cluster))
-        yield ClusterHandle(
-            client=client,
-            description=f"LocalCluster {_plural(n, 'worker')} x {_plural(cfg.threads_per_worker, 'thread')}",
-            dashboard_link=_dashboard(client, cfg),
-            scheduler_address=cluster.scheduler_address,
-            shared_filesystem_required=False,
-            config=cfg,
-            cluster=cluster,
-        )
+        size = f"{_plural(n, 'worker')} x {_plural(cfg.threads_per_worker, 'thread')}"
+        yield _make_handle(cfg, client, f"LocalCluster {size}", cluster=cluster, shared=False)
+
+
+def _make_handle(
+    cfg: ClusterConfig, client: Client, what: str, *, shared: bool, cluster: Any = None, address: str | None = None
+) -> ClusterHandle:
+    """A ClusterHandle described as `what`; the scheduler address is `address` or that of our `cluster`."""
+    return ClusterHandle(
+        client=client,
+        description=what,
+        dashboard_link=_dashboard(client, cfg),
+        scheduler_address=cluster.scheduler_address if address is None else address,
+        shared_filesystem_required=shared,
+        config=cfg,
+        cluster=cluster,
+    )
 
 
 def _plural(n: int, word: str) -> str:
@@ -193,14 +201,7 @@ def _open_existing(cfg: ClusterConfig, connect_timeout: float, worker_timeout: f
                 f"the scheduler at {address} has no workers after {worker_timeout:g}s; "
                 f"start some with `dask worker {address}`"
             ) from None
-        yield ClusterHandle(
-            client=client,
-            description=f"scheduler {address}{origin}",
-            dashboard_link=_dashboard(client, cfg),
-            scheduler_address=address,
-            shared_filesystem_required=True,
-            config=cfg,
-        )
+        yield _make_handle(cfg, client, f"scheduler {address}{origin}", address=address, shared=True)
 
 
 def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, Any]:
@@ -272,15 +273,8 @@ def _open_batch(cfg: ClusterConfig, job_name: str, worker_timeout: float) -> Ite
     try:
         client = Client(cluster)
         _submit_jobs(cluster, cfg)
-        handle = ClusterHandle(
-            client=client,
-            description=f"{type(cluster).__name__} {_plural(cfg.jobs, 'job')}",
-            dashboard_link=_dashboard(client, cfg),
-            scheduler_address=cluster.scheduler_address,
-            shared_filesystem_required=True,
-            config=cfg,
-            cluster=cluster,
-        )
+        jobs = _plural(cfg.jobs, "job")
+        handle = _make_handle(cfg, client, f"{type(cluster).__name__} {jobs}", cluster=cluster, shared=True)
         _wait_for_batch_worker(handle, status_cmd, worker_timeout)
         yield handle
     finally:

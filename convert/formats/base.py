@@ -8,8 +8,11 @@ or for formats that support it a seekable binary file object) and returns sample
 from __future__ import annotations
 
 import importlib
+import os
+import threading
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol, Sequence
+from typing import Any, BinaryIO, Generic, Protocol, Sequence, TypeVar
 
 import numpy as np
 
@@ -55,6 +58,110 @@ class ShardReader(Protocol):
     def get_batch(self, indices: Sequence[int]) -> list[dict[str, Any]]: ...
     def attrs(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
+
+
+H = TypeVar("H")  # a reader's open handle (h5py.File, LMDB environment, ...)
+R = TypeVar("R", bound="LazyShardReader[Any]")
+
+
+class LazyShardReader(ABC, Generic[H]):
+    """The part of a ShardReader every backend shares: open lazily, once per process.
+
+    The handle is opened (and the metadata loaded) on first access by `_open()`, and again after a
+    fork: the process id is checked on each access, and the child never uses the parent's handle.
+    Threads sharing a reader open it once. The reader pickles as its source only.
+
+    `_open()` sets the metadata below; `get_batch` and `_close()` are the backend's.
+    """
+
+    _encoding: str
+    _layout: str  # "fixed" | "variable" | "encoded"
+    _image_shape: tuple[int, int, int] | None
+    _count: int
+    _attrs: dict[str, Any]
+    _labels: list[int | None]
+    _keys: list[str]
+
+    def __init__(self, source: str | os.PathLike[str] | BinaryIO) -> None:
+        self._source = os.fspath(source) if isinstance(source, os.PathLike) else source
+        self._handle: H | None = None
+        self._pid = -1
+        self._open_lock, self._lock_pid = threading.Lock(), os.getpid()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self._source,))
+
+    @abstractmethod
+    def _open(self) -> H:
+        """Open the shard and load its metadata; on failure close what was opened and raise."""
+
+    @abstractmethod
+    def _close(self, handle: H) -> None:
+        """Close a handle this process opened."""
+
+    def _opened(self) -> H:
+        """The handle for this process, opened on first use."""
+        pid = os.getpid()
+        if self._handle is not None and self._pid == pid:
+            return self._handle
+        if self._lock_pid != pid:  # forked: another thread may have held the lock at fork time
+            self._open_lock, self._lock_pid = threading.Lock(), pid
+        with self._open_lock:
+            if self._handle is None or self._pid != pid:
+                self._handle, self._pid = self._open(), pid
+        return self._handle  # type: ignore[return-value]
+
+    @property
+    def encoding(self) -> str:
+        self._opened()
+        return self._encoding
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        self._opened()
+        return self._image_shape
+
+    def __len__(self) -> int:
+        self._opened()
+        return self._count
+
+    def attrs(self) -> dict[str, Any]:
+        """ShardInfo.attrs as written."""
+        self._opened()
+        return dict(self._attrs)
+
+    def get(self, i: int) -> dict[str, Any]:
+        return self.get_batch([i])[0]
+
+    @abstractmethod
+    def get_batch(self, indices: Sequence[int]) -> list[dict[str, Any]]: ...
+
+    def _row(self, i: int, image: np.ndarray | bytes) -> dict[str, Any]:
+        return {"image": image, "label": self._labels[i], "key": self._keys[i]}
+
+    def _check_version(self, version: Any, supported: int) -> None:
+        if int(version) > supported:
+            raise ValueError(f"{self._source!r}: format_version {version} is newer than this reader")
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._close(self._handle)
+        self._handle = None
+
+    def __enter__(self: R) -> R:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+def normalize_indices(indices: Sequence[int], count: int) -> np.ndarray:
+    """`indices` as a flat int64 array with negatives counted from the end; IndexError when out of range."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    idx = np.where(idx < 0, idx + count, idx)
+    if idx.size and (idx.min() < 0 or idx.max() >= count):
+        raise IndexError(f"index out of range for a shard of {count} images: {list(indices)[:10]}")
+    return idx
 
 
 @dataclass(frozen=True)

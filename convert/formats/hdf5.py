@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from typing import Any, BinaryIO, Sequence
+from typing import Any, Sequence
 
 import h5py
 import numpy as np
 
-from .base import Sample, ShardInfo
+from .base import LazyShardReader, Sample, ShardInfo, normalize_indices
 
 FORMAT_VERSION = 1
 NO_LABEL = -1
@@ -151,50 +150,35 @@ def _describe(data: Any) -> str:
     return type(data).__name__
 
 
-class HDF5Reader:
+class HDF5Reader(LazyShardReader[h5py.File]):
     """Reads one shard from a path or a seekable binary file object (e.g. an fsspec file).
 
     Opens lazily and re-opens after fork (the process id is checked on each access); pickles as its
     source only. File objects cannot be re-opened, so pass a path when the reader crosses processes.
     """
 
-    def __init__(self, source: str | os.PathLike[str] | BinaryIO) -> None:
-        self._source = os.fspath(source) if isinstance(source, os.PathLike) else source
-        self._file: h5py.File | None = None
-        self._pid = -1
-        self._open_lock, self._lock_pid = threading.Lock(), os.getpid()  # threads sharing a reader open it once
+    def _open(self) -> h5py.File:
+        # locking=False: shards are immutable, and HDF5 file locks fail on many network filesystems
+        f = h5py.File(self._source, "r", locking=False)
+        try:
+            self._load_meta(f)
+        except BaseException:
+            f.close()
+            raise
+        return f
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self._source,))
-
-    def _f(self) -> h5py.File:
-        pid = os.getpid()
-        if self._file is not None and self._pid == pid:
-            return self._file
-        if self._lock_pid != pid:  # forked: another thread may have held the lock at fork time
-            self._open_lock, self._lock_pid = threading.Lock(), pid
-        with self._open_lock:
-            if self._file is None or self._pid != pid:
-                # locking=False: shards are immutable, and HDF5 file locks fail on many network filesystems
-                f = h5py.File(self._source, "r", locking=False)
-                try:
-                    self._load_meta(f)
-                except BaseException:
-                    f.close()
-                    raise
-                self._file, self._pid = f, pid
-        return self._file
+    def _close(self, handle: h5py.File) -> None:
+        handle.close()
 
     def _load_meta(self, f: h5py.File) -> None:
         a = f.attrs
         if "count" not in a:
             raise ValueError(f"{self._source!r}: incomplete HDF5 shard (writer did not close)")
-        if int(a["format_version"]) > FORMAT_VERSION:
-            raise ValueError(f"{self._source!r}: format_version {a['format_version']} is newer than this reader")
+        self._check_version(a["format_version"], FORMAT_VERSION)
         shape = tuple(int(s) for s in a["image_shape"])
         self._encoding = str(a["encoding"])
         self._layout = str(a["layout"])
-        self._image_shape = shape if shape else None
+        self._image_shape = shape if shape else None  # type: ignore[assignment]
         self._count = int(a["count"])
         self._attrs = json.loads(a["attrs_json"])
         labels = f["labels"][: self._count]
@@ -202,32 +186,10 @@ class HDF5Reader:
         self._keys = f["keys"].asstr()[: self._count].tolist()
         self._shapes = f["shapes"][: self._count] if self._layout == "variable" else None
 
-    @property
-    def encoding(self) -> str:
-        self._f()
-        return self._encoding
-
-    @property
-    def image_shape(self) -> tuple[int, int, int] | None:
-        self._f()
-        return self._image_shape  # type: ignore[return-value]
-
-    def __len__(self) -> int:
-        self._f()
-        return self._count
-
-    def attrs(self) -> dict[str, Any]:
-        """ShardInfo.attrs as written."""
-        self._f()
-        return dict(self._attrs)
-
-    def get(self, i: int) -> dict[str, Any]:
-        return self.get_batch([i])[0]
-
     def get_batch(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Samples at `indices` (any order, duplicates allowed) with one dataset read."""
-        ds = self._f()["images"]
-        idx = _normalize(indices, self._count)
+        ds = self._opened()["images"]
+        idx = normalize_indices(indices, self._count)
         if idx.size == 0:
             return []
         uniq, inverse = np.unique(idx, return_inverse=True)
@@ -245,23 +207,4 @@ class HDF5Reader:
             image = np.array(row, np.uint8).reshape(tuple(self._shapes[i]))  # type: ignore[index]
         else:
             image = np.asarray(row, np.uint8).tobytes()
-        return {"image": image, "label": self._labels[i], "key": self._keys[i]}
-
-    def close(self) -> None:
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file = None
-
-    def __enter__(self) -> "HDF5Reader":
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.close()
-
-
-def _normalize(indices: Sequence[int], n: int) -> np.ndarray:
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-    idx = np.where(idx < 0, idx + n, idx)
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise IndexError(f"index out of range for a shard of {n} images: {list(indices)[:10]}")
-    return idx
+        return self._row(i, image)

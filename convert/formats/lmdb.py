@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import lmdb
 import numpy as np
 
-from .base import Sample, ShardInfo
+from .base import LazyShardReader, Sample, ShardInfo, normalize_indices
 
 FORMAT_VERSION = 1
 META_KEY = b"__meta__"
@@ -220,92 +220,54 @@ def _release(key: tuple[int, int]) -> None:
             entry[0].close()
 
 
-class LMDBReader:
+_Handle = tuple[tuple[int, int], lmdb.Environment]  # (_envs key, shared environment)
+
+
+class LMDBReader(LazyShardReader[_Handle]):
     """Reads one shard from a local path. Opens lazily, re-opens after fork; pickles as its path."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError("LMDB shards are read from a local path (copy remote shards first)")
-        self._path = os.fspath(path)
-        self._env: lmdb.Environment | None = None
-        self._key: tuple[int, int] | None = None
-        self._pid = -1
-        self._open_lock, self._lock_pid = threading.Lock(), os.getpid()  # threads sharing a reader open it once
+        super().__init__(os.fspath(path))
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self._path,))
-
-    def _e(self) -> lmdb.Environment:
-        pid = os.getpid()
-        if self._env is not None and self._pid == pid:
-            return self._env
-        if self._lock_pid != pid:  # forked: another thread may have held the lock at fork time
-            self._open_lock, self._lock_pid = threading.Lock(), pid
-        with self._open_lock:
-            if self._env is None or self._pid != pid:
-                self._open()
-        return self._env  # type: ignore[return-value]
-
-    def _open(self) -> None:
-        key, env = _acquire(self._path)
+    def _open(self) -> _Handle:
+        key, env = _acquire(self._source)
         try:
             with env.begin() as txn:
                 raw = txn.get(META_KEY)
             if raw is None:
-                raise ValueError(f"{self._path!r}: incomplete LMDB shard (no {META_KEY!r})")
+                raise ValueError(f"{self._source!r}: incomplete LMDB shard (no {META_KEY!r})")
             self._load_meta(json.loads(raw))
         except BaseException:
             _release(key)
             raise
-        self._env, self._key, self._pid = env, key, os.getpid()
+        return key, env
+
+    def _close(self, handle: _Handle) -> None:
+        _release(handle[0])
 
     def _load_meta(self, meta: dict[str, Any]) -> None:
-        if int(meta["format_version"]) > FORMAT_VERSION:
-            raise ValueError(f"{self._path!r}: format_version {meta['format_version']} is newer than this reader")
+        self._check_version(meta["format_version"], FORMAT_VERSION)
         self._encoding = str(meta["encoding"])
         self._layout = str(meta["layout"])
-        self._image_shape = tuple(meta["image_shape"]) if meta["image_shape"] else None
+        self._image_shape = tuple(meta["image_shape"]) if meta["image_shape"] else None  # type: ignore[assignment]
         self._count = int(meta["count"])
         self._attrs = meta["attrs"]
         self._labels = meta["labels"]
         self._keys = meta["keys"]
 
-    @property
-    def encoding(self) -> str:
-        self._e()
-        return self._encoding
-
-    @property
-    def image_shape(self) -> tuple[int, int, int] | None:
-        self._e()
-        return self._image_shape  # type: ignore[return-value]
-
-    def __len__(self) -> int:
-        self._e()
-        return self._count
-
-    def attrs(self) -> dict[str, Any]:
-        """ShardInfo.attrs as written."""
-        self._e()
-        return dict(self._attrs)
-
-    def get(self, i: int) -> dict[str, Any]:
-        return self.get_batch([i])[0]
-
     def get_batch(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Samples at `indices` (any order, duplicates allowed) in one read transaction."""
-        env = self._e()
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        idx = np.where(idx < 0, idx + self._count, idx)
-        if idx.size and (idx.min() < 0 or idx.max() >= self._count):
-            raise IndexError(f"index out of range for a shard of {self._count} images: {list(indices)[:10]}")
+        env = self._opened()[1]
+        idx = normalize_indices(indices, self._count)
         out = []
         with env.begin(buffers=True) as txn:  # values are views into the map: copy before the txn ends
             for i in idx.tolist():
                 buf = txn.get(_key(i))
                 if buf is None:
-                    raise KeyError(f"{self._path!r}: item {i} missing (corrupt shard)")
-                out.append({"image": self._image(buf), "label": self._labels[i], "key": self._keys[i]})
+                    raise KeyError(f"{self._source!r}: item {i} missing (corrupt shard)")
+                out.append(self._row(i, self._image(buf)))
         return out
 
     def _image(self, buf: memoryview) -> np.ndarray | bytes:
@@ -315,14 +277,3 @@ class LMDBReader:
             return np.frombuffer(buf, np.uint8).reshape(self._image_shape).copy()  # type: ignore[arg-type]
         shape = _HEADER.unpack_from(buf)
         return np.frombuffer(buf, np.uint8, offset=_HEADER.size).reshape(shape).copy()
-
-    def close(self) -> None:
-        if self._key is not None and self._pid == os.getpid():
-            _release(self._key)
-        self._env = self._key = None
-
-    def __enter__(self) -> "LMDBReader":
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.close()
