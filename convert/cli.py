@@ -223,11 +223,14 @@ def print_summary(summary: Any) -> None:
 def inspect(uri: str, as_json: bool, options: tuple[str, ...]) -> None:
     """Show shards, counts, failures and the config used."""
     from .commit import Output
-    from .manifest import read_manifest
+    from .manifest import leftovers, read_manifest
 
-    manifest = read_manifest(Output(uri, _options(options)))
+    out = Output(uri, _options(options))
+    manifest = read_manifest(out)
+    debris = leftovers(out)
     if as_json:
-        out_console.print_json(json.dumps(manifest))
+        report = {**manifest, "leftovers": [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]}
+        out_console.print_json(json.dumps(report))
         return
     totals = manifest["totals"]
     out_console.print(f"[bold]{uri}[/]  format={manifest['format']}  source={manifest['source_kind']}  "
@@ -241,6 +244,8 @@ def inspect(uri: str, as_json: bool, options: tuple[str, ...]) -> None:
     out_console.print(table)
     for name, error in manifest.get("failed_shards", {}).items():
         out_console.print(f"[red]failed shard {name}[/]: {error}")
+    for d in debris:
+        out_console.print(f"[yellow]leftover {d.kind}[/]: {d.url} {d.detail}".rstrip())
     if manifest.get("label_names"):
         out_console.print(f"labels: {manifest['label_names']}")
     out_console.print("config: " + json.dumps(manifest["config"]), highlight=False)

@@ -90,3 +90,15 @@ def test_missing_config_file_and_inspect_of_nothing(tmp_path):
     assert result.returncode == 2 and "not found" in result.stderr
     result = cli("inspect", str(tmp_path))
     assert result.returncode == 2 and "manifest.json not found" in result.stderr
+
+
+def test_inspect_reports_leftovers_of_killed_attempts(converted):
+    _, out, _ = converted
+    debris = out / "shards" / ".shard-00001.0123456789ab.partial.lmdb"
+    debris.write_bytes(b"half a shard")
+    try:
+        report = json.loads(cli("inspect", str(out), "--json").stdout)
+        assert {"kind": "partial", "url": str(debris), "detail": ""} in report["leftovers"]
+        assert "leftover partial" in cli("inspect", str(out)).stdout
+    finally:
+        debris.unlink()

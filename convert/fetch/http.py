@@ -1,6 +1,6 @@
 """HTTP(S) on the hot path: one pooled keep-alive urllib3 PoolManager per process.
 
-Client CPU per 23 KB GET, 8 worker threads (benchmarks/bench_fetch.py, 2 shared cores):
+Client CPU per 23 KB GET, 8 worker threads (tests/benchmarks/bench_fetch.py, 2 shared cores):
 requests.Session ~1350 us, urllib3/fetch_bytes ~420-480 us (0.31-0.36x), aiohttp driven from
 the threads through a loop thread ~370 us (0.28x). aiohttp alone in one event loop is leaner
 still (0.24x), but the worker's prefetch is threaded and sync; the bridge eats most of that

@@ -4,7 +4,7 @@
 2. a 20-shard job on real `dask scheduler`/`dask worker` processes: wall time without faults vs
    with one worker SIGKILLed mid-run (its nanny restarts it; the shard re-runs): the time lost.
 
-    python benchmarks/bench_cluster.py [--count 2000]
+    python tests/benchmarks/bench_cluster.py [--count 2000]
 """
 
 from __future__ import annotations

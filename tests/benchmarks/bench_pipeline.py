@@ -4,8 +4,8 @@ Prints images/s for each format with a LocalCluster sized to this machine, next 
 measured in the same run: this machine's single-core Pillow draft-decode+resize rate on the same
 bytes (aim: conversion >= 0.6 x cores x that rate), plus peak RSS per worker process.
 
-    python benchmarks/bench_pipeline.py            # 5,000 images of 200-600 px
-    python benchmarks/bench_pipeline.py --count 500
+    python tests/benchmarks/bench_pipeline.py            # 5,000 images of 200-600 px
+    python tests/benchmarks/bench_pipeline.py --count 500
 """
 
 from __future__ import annotations

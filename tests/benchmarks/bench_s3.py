@@ -1,6 +1,6 @@
 """S3 against moto on loopback: conversion images/s S3->S3 vs local->local, upload MB/s vs s3fs.put.
 
-    python benchmarks/bench_s3.py [--quick] [--images N] [--repeat R] [--upload-mb 8,64,160]
+    python tests/benchmarks/bench_s3.py [--quick] [--images N] [--repeat R] [--upload-mb 8,64,160]
 
 Same run, same machine, same corpus, same LocalCluster (2 workers x 1 thread): the corpus is
 converted local folder -> local HDF5 and S3 prefix -> S3 HDF5 (moto's server in its own process
@@ -17,18 +17,15 @@ import argparse
 import hashlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from convert.commit import PART_SIZE, Output, publish  # noqa: E402
-from convert.config import load_config  # noqa: E402
-from convert.graph import run  # noqa: E402
-from convert.testing import images as gen  # noqa: E402
-from convert.testing.s3 import MotoServer  # noqa: E402
+from convert.commit import PART_SIZE, Output, publish
+from convert.config import load_config
+from convert.graph import run
+from convert.testing import images as gen
+from convert.testing.s3 import MotoServer
 
 
 def corpus(root: Path, count: int) -> None:

@@ -1,7 +1,7 @@
 """Fetch-layer benchmark: every figure is printed next to a baseline measured in the same run.
 
-    python benchmarks/bench_fetch.py            # full run (~1-2 min on 2 cores)
-    python benchmarks/bench_fetch.py --quick    # smaller sizes/counts
+    python tests/benchmarks/bench_fetch.py            # full run (~1-2 min on 2 cores)
+    python tests/benchmarks/bench_fetch.py --quick    # smaller sizes/counts
 
 1. Large objects: resilient reader vs plain fsspec open().read(), no faults and a cut every 4 MB.
 2. A shard of small images over a loopback link with 20 ms added latency: prefetch depth 1/16/64.

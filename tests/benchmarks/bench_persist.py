@@ -1,6 +1,6 @@
 """convert.persist vs joblib: time and peak memory of dump/load for every codec.
 
-    python benchmarks/bench_persist.py [--quick] [--codecs zlib,gzip,...] [--datasets ...]
+    python tests/benchmarks/bench_persist.py [--quick] [--codecs zlib,gzip,...] [--datasets ...]
 
 Datasets: a ledger of N items with keys as a list of str ("ledger_list") or as a fixed-width
 bytes array ("ledger_array"), plus labels int64, status uint8, sizes int64, shapes (N,3) int32;

@@ -1,6 +1,6 @@
 """Single-core decode+resize rate on photo-like JPEGs: JPEG draft (DCT-domain scaling) vs full decode.
 
-    python benchmarks/bench_transform.py [--count 200] [--size 64] [--repeats 3]
+    python tests/benchmarks/bench_transform.py [--count 200] [--size 64] [--repeats 3]
 
 Both configurations run in this process on the same in-memory corpus; the figure that matters is the
 ratio (draft / full decode). Also prints the mean absolute pixel difference between the two outputs.
