@@ -189,7 +189,7 @@ def load(source: str | os.PathLike | BinaryIO, mmap_mode: str | None = None,
                 if mmap:
                     warnings.warn(f"{local} is {codec.name}-compressed and cannot be memory-mapped; "
                                   "loading it into memory", stacklevel=2)
-                return read_payload(codec.reader(fh), None, decoded=True)
+                return read_payload(codec.reader(fh), None, compressed_size=remaining or 0)
             return read_payload(fh, remaining, mmap)
         except (PersistError, ImportError, MemoryError, OSError):
             raise  # OSError here is the storage failing (worth a retry), not a bad file

@@ -21,6 +21,10 @@ COMPRESS_CHUNK = 1 << 20  # bytes handed to the compressor per call
 READ_CHUNK = 1 << 22  # bytes per readinto() from an uncompressed source (no copy involved)
 DECODE_CHUNK = 1 << 20  # bytes per readinto() from a decompressor (each is a transient copy)
 GROW_START = 1 << 24  # unverifiable blocks up to this size are allocated at once
+# Blocks of a compressed file are allocated at once, without growing, while their running total
+# stays within this multiple of the compressed size: typical data compresses far less than 64x,
+# so only freak ratios (all-zero arrays, crafted sizes) take the slower growing path.
+RATIO_BUDGET = 64
 
 
 def byte_view(arr: np.ndarray) -> memoryview:
@@ -85,8 +89,8 @@ def write_payload(fh: BinaryIO, compressor: Any, header: bytes, arrays: list[np.
 class _Source:
     """Exact-size reads from a stream; EOF before the expected end raises PersistError."""
 
-    def __init__(self, stream: Any, verified: bool, chunk: int) -> None:
-        self._stream, self.verified, self._chunk = stream, verified, chunk
+    def __init__(self, stream: Any, verified: bool, chunk: int, budget: int = 0) -> None:
+        self._stream, self.verified, self._chunk, self._budget = stream, verified, chunk, budget
         self._readinto = getattr(stream, "readinto", None) or self._readinto_via_read
 
     def _readinto_via_read(self, view: memoryview) -> int:
@@ -118,11 +122,15 @@ class _Source:
     def read_array(self, spec: BlockSpec) -> np.ndarray:
         if spec.nbytes == 0:
             return np.empty(spec.shape, spec.dtype, order=spec.order)
-        if self.verified or spec.nbytes <= GROW_START:
-            arr = np.empty(spec.shape, spec.dtype, order=spec.order)
-            self.fill(byte_view(arr))
-            return arr
-        return self._read_growing(spec.nbytes).view(spec.dtype).reshape(spec.shape, order=spec.order)
+        direct = self.verified or spec.nbytes <= GROW_START or spec.nbytes <= self._budget
+        if not direct:
+            flat = self._read_growing(spec.nbytes)
+            return flat.view(spec.dtype).reshape(spec.shape, order=spec.order)
+        if not self.verified and spec.nbytes > GROW_START:
+            self._budget -= spec.nbytes
+        arr = np.empty(spec.shape, spec.dtype, order=spec.order)
+        self.fill(byte_view(arr))
+        return arr
 
     def _read_growing(self, n: int) -> np.ndarray:
         buf, filled, cap = np.empty(GROW_START, np.uint8), 0, GROW_START
@@ -153,13 +161,17 @@ def _map_blocks(path: str, mode: str, start: int, specs: list[BlockSpec]) -> lis
 
 
 def read_payload(stream: Any, remaining: int | None, mmap: tuple[str, str] | None = None,
-                 decoded: bool = False) -> Any:
+                 compressed_size: int | None = None) -> Any:
     """Read and rebuild one object.
 
-    remaining: bytes left in an uncompressed seekable file (None if unknown); decoded: stream is
-    a decompressor; mmap: (path, mode) to map array blocks instead of reading them.
+    remaining: bytes left in an uncompressed seekable file (None if unknown); mmap: (path, mode)
+    to map array blocks instead of reading them; compressed_size: set when stream is a
+    decompressor (0 if the compressed size is unknown).
     """
-    src = _Source(stream, remaining is not None, DECODE_CHUNK if decoded else READ_CHUNK)
+    if compressed_size is None:
+        src = _Source(stream, remaining is not None, READ_CHUNK)
+    else:
+        src = _Source(stream, False, DECODE_CHUNK, compressed_size * RATIO_BUDGET)
     header_len, crc = parse_preamble(bytes(src.read_bytes(PREAMBLE.size)))
     if remaining is not None and PREAMBLE.size + header_len > remaining:
         raise PersistError("header length field exceeds the file size")
