@@ -340,3 +340,16 @@ def test_same_samples_give_identical_bytes(fmt: str, layout: str, tmp_path: Path
     write(fmt, tmp_path / "a", info, samples)
     write(fmt, tmp_path / "b", info, samples)
     assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+
+
+def test_hdf5_bytes_do_not_depend_on_handle_lifetimes(tmp_path: Path) -> None:
+    """A dataset handle kept alive elsewhere (e.g. until a GC cycle runs) must not move chunks."""
+    samples, info = make_samples("fixed", 9), make_info("fixed", 9)
+    for name, keep_handle in (("a", False), ("b", True)):
+        writer = open_writer("hdf5", str(tmp_path / name), info)
+        stray = writer._file["images"] if keep_handle else None
+        for start in range(0, 9, 3):
+            writer.write_batch(samples[start : start + 3])
+        writer.close()
+        del stray
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()

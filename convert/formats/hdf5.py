@@ -68,6 +68,10 @@ class HDF5Writer:
                 f.create_dataset("shapes", (0, 3), np.int32, maxshape=(None, 3), chunks=(_ROW_CHUNK, 3))
         f.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(_ROW_CHUNK,))
         f.create_dataset("keys", (0,), _STR, maxshape=(None,), chunks=(_ROW_CHUNK,))
+        # Hold every dataset open for the writer's lifetime and flush explicitly at close: HDF5
+        # allocates chunks when a dataset's cache is flushed, so handles whose lifetime depended on
+        # Python's garbage collector made the file layout (and the shard's sha256) vary run to run.
+        self._ds = {name: f[name] for name in f}
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["name"] = info.name
         f.attrs["encoding"] = info.encoding
@@ -81,20 +85,20 @@ class HDF5Writer:
             raise ValueError(f"{self.path}: writer is closed")
         if not samples:
             return
-        f, lo, n = self._file, self._count, len(samples)
+        lo, n = self._count, len(samples)
         hi = lo + n
         images, shapes = self._images(samples)
-        for name in ("images", "shapes", "labels", "keys"):
-            if name in f:
-                f[name].resize(hi, axis=0)
+        ds = self._ds
+        for dataset in ds.values():
+            dataset.resize(hi, axis=0)
         if self.layout == "fixed":
-            f["images"][lo:hi] = images
+            ds["images"][lo:hi] = images
         else:  # write_direct: Dataset.__setitem__ mangles batches whose vlen rows are all one length
-            f["images"].write_direct(images, dest_sel=np.s_[lo:hi])
+            ds["images"].write_direct(images, dest_sel=np.s_[lo:hi])
         if shapes is not None:
-            f["shapes"][lo:hi] = shapes
-        f["labels"][lo:hi] = np.array([NO_LABEL if s.label is None else s.label for s in samples], np.int64)
-        f["keys"][lo:hi] = np.array([s.key for s in samples], dtype=_STR)
+            ds["shapes"][lo:hi] = shapes
+        ds["labels"][lo:hi] = np.array([NO_LABEL if s.label is None else s.label for s in samples], np.int64)
+        ds["keys"][lo:hi] = np.array([s.key for s in samples], dtype=_STR)
         self._count = hi
 
     def _images(self, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -124,11 +128,14 @@ class HDF5Writer:
         if self._file is None:
             return
         self._file.attrs["count"] = self._count
+        self._file.flush()  # allocate everything now, in one deterministic order
+        self._ds = {}
         self._file.close()
         self._file = None
 
     def abort(self) -> None:
         """Close without completing and delete the file."""
+        self._ds = {}
         if self._file is not None:
             try:
                 self._file.close()

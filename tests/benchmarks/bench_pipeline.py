@@ -14,6 +14,8 @@ import argparse
 import csv
 import os
 import resource
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,11 +40,32 @@ def single_core_rate(paths: list[Path], size: int) -> float:
     return len(blobs) / (time.process_time() - start)
 
 
-def serve(root: Path) -> tuple[subprocess.Popen[str], str]:
-    """A static HTTP/1.1 keep-alive server in its own process (like a real file server)."""
+NGINX_CONF = """daemon off; worker_processes 1; pid {tmp}/nginx.pid; error_log {tmp}/error.log;
+events {{ worker_connections 1024; }}
+http {{ access_log off; sendfile on; keepalive_requests 100000;
+  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+  server {{ listen 127.0.0.1:{port}; root {root}; }} }}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(root: Path) -> tuple[subprocess.Popen[str], str, str]:
+    """A static HTTP/1.1 keep-alive server in its own process: nginx if installed, else ours."""
+    if shutil.which("nginx"):
+        port, tmp = _free_port(), root.parent
+        conf = tmp / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, root=root))
+        proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)], stdin=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        return proc, f"http://127.0.0.1:{port}", "nginx (1 worker process)"
     proc = subprocess.Popen([sys.executable, "-m", "convert.testing.http", str(root)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    return proc, proc.stdout.readline().strip()
+    return proc, proc.stdout.readline().strip(), "convert.testing.http (Python, threaded)"
 
 
 def peak_rss_mb() -> float:
@@ -76,7 +99,8 @@ def main() -> None:
         base = single_core_rate(paths[:500], args.size)
         target = 0.6 * args.workers * base
         print(f"baseline: single-core draft decode+resize {base:.0f} img/s; target 0.6 x {args.workers} cores = {target:.0f} img/s")
-        server, url = serve(root / "www")
+        server, url, server_name = serve(root / "www")
+        print(f"static server: {server_name}")
         try:
             with open(root / "urls.csv", "w", newline="") as f:
                 w = csv.writer(f)
@@ -89,7 +113,7 @@ def main() -> None:
                           f"({rate / (args.workers * base):.2f} x cores x single-core); "
                           f"peak RSS per worker {', '.join(f'{r:.0f}' for r in rss)} MiB")  # fmt: skip
         finally:
-            server.stdin.close()
+            server.terminate() if server_name.startswith("nginx") else server.stdin.close()
             server.wait(10)
 
 
