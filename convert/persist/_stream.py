@@ -19,7 +19,7 @@ from ._tree import Decoder
 WRITE_CHUNK = 1 << 24  # bytes per write() of uncompressed data
 COMPRESS_CHUNK = 1 << 20  # bytes handed to the compressor per call
 READ_CHUNK = 1 << 22  # bytes per readinto() from an uncompressed source (no copy involved)
-DECODE_CHUNK = 1 << 20  # bytes per readinto() from a decompressor (each is a transient copy)
+DECODE_CHUNK = 1 << 19  # bytes per readinto() from a decompressor (each is a transient copy)
 GROW_START = 1 << 24  # unverifiable blocks up to this size are allocated at once
 # Blocks of a compressed file are allocated at once, without growing, while their running total
 # stays within this multiple of the compressed size: typical data compresses far less than 64x,
