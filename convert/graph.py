@@ -17,7 +17,7 @@ from typing import Callable
 from .cluster import check_reachable_paths, open_client
 from .commit import SHARDS_DIR, Output, check_access, clean_leftovers
 from .config import Config
-from .manifest import LEDGER, MANIFEST, committed_records, write_manifest
+from .manifest import LEDGER, MANIFEST, PLAN, committed_records, write_manifest, write_plan
 from .plan import fingerprint, output_settings, plan_shards
 from .secrets import resolve_config, seal_config, share_secrets
 from .sources import SourceListing, list_source
@@ -72,7 +72,7 @@ def _failed_rows(spec: ShardSpec, error: str) -> tuple[ItemResult, ...]:
 
 def _reset_output(out: Output) -> None:
     """--overwrite: drop the old manifest, ledger and shards before converting again."""
-    for rel in (MANIFEST, LEDGER, SHARDS_DIR):
+    for rel in (MANIFEST, LEDGER, PLAN, SHARDS_DIR):
         if out.exists(rel):
             out.fs.rm(out.path(rel), recursive=True)
 
@@ -105,6 +105,7 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
             log(f"removed {len(removed)} leftovers of earlier attempts (incomplete uploads, temp files)")
     failed: dict[str, str] = {}
     if pending:
+        write_plan(out, specs, fps)
         with open_client(config.cluster, job_name="convert") as handle:
             check_reachable_paths([config.source.uri, config.output.uri], handle)
             summary.cluster, summary.dashboard = handle.description, handle.dashboard_link

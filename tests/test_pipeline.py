@@ -193,3 +193,14 @@ def test_default_local_cluster(folder, tmp_path):
     summary = run(cfg, log=lambda m: None)
     assert summary.exit_code() == 0 and summary.items_ok == len(paths)
     assert "LocalCluster" in summary.cluster
+
+
+def test_plan_is_persisted_without_pickle(folder, scheduler, tmp_path):
+    from convert import persist
+
+    root, paths = folder
+    run(make_config(root, tmp_path / "out", scheduler), log=lambda m: None)
+    plan = persist.load(str(tmp_path / "out" / "plan.gz"))
+    assert plan["shards"] == ["shard-00000", "shard-00001", "shard-00002"]
+    assert plan["key"] == [f"{p.parent.name}/{p.name}" for p in paths]
+    assert plan["shard"].tolist() == [i // 7 for i in range(len(paths))]
