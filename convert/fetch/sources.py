@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any, Protocol
 
@@ -29,7 +30,7 @@ class Stream(Protocol):
     def close(self) -> None: ...
 
 
-class Source:
+class Source(ABC):
     """One object: where it is, what it is (size, identity) and how to stream it from an offset."""
 
     def __init__(self, url: str) -> None:
@@ -39,13 +40,13 @@ class Source:
         self.range_ignored = False  # set when a server answered a Range request with the whole body
         self._pin_lock = threading.Lock()
 
+    @abstractmethod
     def open(self, start: int, end: int | None) -> Stream:
         """A stream of bytes [start, end) (end None: to the end of the object)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def stat(self) -> None:
         """Fill in size/identity without reading the body (for seeks from the end, read-ahead)."""
-        raise NotImplementedError
 
     def pin(self, identity: str | None, size: int | None, offset: int) -> None:
         """Remember the first identity/size seen; raise ObjectChanged if a later one differs."""
