@@ -167,7 +167,8 @@ class Decoder:
         if type(index) is not int or not 0 <= index < len(self._blocks) or self._used[index]:
             raise PersistError(f"invalid or reused block reference {index!r}")
         self._used[index] = True
-        return self._blocks[index]
+        block, self._blocks[index] = self._blocks[index], None  # the caller's is the last ref
+        return block
 
     def _byte_block(self, index: Any) -> np.ndarray:
         arr = self._take(index)
@@ -194,8 +195,9 @@ class Decoder:
         if kind == "str":
             if type(node.get("n")) is not int:
                 raise PersistError("string list node lacks its length")
-            items = str(memoryview(self._byte_block(node["b"])), "utf-8", "surrogatepass")
-            items = items.split("\x00")
+            text = str(memoryview(self._byte_block(node["b"])), "utf-8", "surrogatepass")
+            items = text.split("\x00")  # the UTF-8 blob is already freed, the text is next
+            del text
             if len(items) != node["n"]:
                 raise PersistError("string list length does not match the header")
             return items

@@ -126,9 +126,10 @@ def memory_worker(impl: str, op: str, dataset: str, codec: str, path: str, items
     del result
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    result = run()
+    result = run()  # kept alive until measured: a load's peak includes its result
     traced = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
+    del result
     return {"traced": traced, "rss": rss_peak, "size": os.path.getsize(path)}
 
 
