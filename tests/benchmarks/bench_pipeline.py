@@ -72,10 +72,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def convert_once(source: str, out: Path, fmt: str, size: int, workers: int) -> tuple[float, list[float]]:
+def convert_once(source: str, out: Path, fmt: str, size: int, workers: int, threads: int) -> tuple[float, list[float]]:
     with LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
         cfg = load_config(None, {"source.uri": source, "output.uri": str(out), "output.format": fmt,
-                                 "image.size": size, "shard.size": 250, "cluster.scheduler": cluster.scheduler_address,
+                                 "image.size": size, "shard.size": 250, "fetch.threads": threads, "cluster.scheduler": cluster.scheduler_address,
                                  "run.overwrite": True})  # fmt: skip
         summary = run(cfg, log=lambda m: None)
         assert summary.exit_code() == 0 and summary.items_failed == 0, summary
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=5000)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=16, help="fetch.threads (concurrent fetches per shard)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -108,7 +109,7 @@ def main() -> None:
                 w.writerows([f"{url}/{p.name}"] for p in paths)
             for label, source in (("http", str(root / "urls.csv")), ("local files", str(root / "www"))):
                 for fmt in ("hdf5", "lmdb"):
-                    rate, rss = convert_once(source, root / f"out-{fmt}", fmt, args.size, args.workers)
+                    rate, rss = convert_once(source, root / f"out-{fmt}", fmt, args.size, args.workers, args.threads)
                     print(f"{label:>11} -> {fmt:<4}: {rate:6.0f} img/s = {rate / target:.2f} x target "
                           f"({rate / (args.workers * base):.2f} x cores x single-core); "
                           f"peak RSS per worker {', '.join(f'{r:.0f}' for r in rss)} MiB")  # fmt: skip
