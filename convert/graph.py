@@ -81,49 +81,58 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     """Convert the configured source into a verified dataset; returns the summary."""
     start = time.perf_counter()
     config = config.with_absolute_paths()
-    shipped, secrets = seal_config(config)  # what workers get: secrets only as references
     local = resolve_config(config)  # this process's own view, secrets resolved
     check_access(local.output.uri, local.output.storage_options, "output")
     out = Output(local.output.uri, local.output.storage_options)
     listing = _list(local)
     specs = plan_shards(listing.items, config.shard.size)
     config_data = config.redacted()
-    settings = output_settings(config_data)
     if config.run.overwrite:
         _reset_output(out)
-    fps = {s.name: fingerprint(s, settings) for s in specs}
+    fps = {s.name: fingerprint(s, output_settings(config_data)) for s in specs}
     records: dict[str, ShardRecord] = committed_records(out, fps)
     pending = [s for s in specs if s.name not in records]
     summary = RunSummary(output=out.url(""), shards=len(specs), skipped=len(records))
     log(f"{len(listing.items)} items from {listing.kind} source -> {len(specs)} shards "
         f"({len(records)} already committed, {len(pending)} to convert)")  # fmt: skip
-    if pending and out.exists(MANIFEST):
-        out.fs.rm_file(out.path(MANIFEST))  # readers must not trust a manifest while shards change
     if pending:
-        removed = clean_leftovers(out)  # incomplete uploads / temps of earlier killed attempts
-        if removed:
-            log(f"removed {len(removed)} leftovers of earlier attempts (incomplete uploads, temp files)")
-    failed: dict[str, str] = {}
-    if pending:
-        write_plan(out, specs, fps)
-        with open_client(config.cluster, job_name="convert") as handle:
-            check_reachable_paths([config.source.uri, config.output.uri], handle)
-            summary.cluster, summary.dashboard = handle.description, handle.dashboard_link
-            log(f"cluster: {handle.description}" + (f"  dashboard: {handle.dashboard_link}" if handle.dashboard_link else ""))
-            if handle.job_ids:
-                log(f"batch jobs: {' '.join(handle.job_ids)}")
-            with share_secrets(handle.client, secrets):
-                _execute(handle.client, pending, shipped, records, failed, on_progress)
+        _prepare_output(out, specs, fps, log)
+        _convert_pending(config, pending, records, summary, on_progress, log)
     ordered = [records[s.name] for s in specs if s.name in records]
-    failed_ledgers = {s.name: _failed_rows(s, failed[s.name]) for s in specs if s.name in failed}
-    all_rows = [row for r in ordered for row in r.ledger] + [row for rows in failed_ledgers.values() for row in rows]
-    summary.converted = len(pending) - len(failed)
-    summary.failed_shards = failed
-    summary.by_status = dict(Counter(row.status.value for row in all_rows))
-    write_manifest(out, ordered, config_data, listing.label_names, listing.kind, failed=failed,
-                   failed_rows=[row for rows in failed_ledgers.values() for row in rows])  # fmt: skip
+    failed_rows = [row for s in specs if s.name in summary.failed_shards
+                   for row in _failed_rows(s, summary.failed_shards[s.name])]  # fmt: skip
+    counts = Counter(row.status.value for r in ordered for row in r.ledger)
+    counts.update(row.status.value for row in failed_rows)
+    summary.by_status = dict(counts)
+    write_manifest(out, ordered, config_data, listing.label_names, listing.kind,
+                   failed=summary.failed_shards, failed_rows=failed_rows)  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _prepare_output(out: Output, specs: list[ShardSpec], fps: dict[str, str], log: Callable[[str], None]) -> None:
+    """Before shards change: retract the manifest, clear debris of killed attempts, record the plan."""
+    if out.exists(MANIFEST):
+        out.fs.rm_file(out.path(MANIFEST))  # readers must not trust a manifest while shards change
+    removed = clean_leftovers(out)  # incomplete uploads / temps of earlier killed attempts
+    if removed:
+        log(f"removed {len(removed)} leftovers of earlier attempts (incomplete uploads, temp files)")
+    write_plan(out, specs, fps)
+
+
+def _convert_pending(config: Config, pending: list[ShardSpec], records: dict[str, ShardRecord],
+                     summary: RunSummary, on_progress: ProgressHook | None, log: Callable[[str], None]) -> None:  # fmt: skip
+    """Run the pending shards on the configured cluster; fills `records` and the summary."""
+    shipped, secrets = seal_config(config)  # what workers get: secrets only as references
+    with open_client(config.cluster, job_name="convert") as handle:
+        check_reachable_paths([config.source.uri, config.output.uri], handle)
+        summary.cluster, summary.dashboard = handle.description, handle.dashboard_link
+        log(f"cluster: {handle.description}" + (f"  dashboard: {handle.dashboard_link}" if handle.dashboard_link else ""))
+        if handle.job_ids:
+            log(f"batch jobs: {' '.join(handle.job_ids)}")
+        with share_secrets(handle.client, secrets):
+            _execute(handle.client, pending, shipped, records, summary.failed_shards, on_progress)
+    summary.converted = len(pending) - len(summary.failed_shards)
 
 
 def _list(config: Config) -> SourceListing:
