@@ -139,26 +139,25 @@ def staging_path(out: Output, name: str, extension: str) -> Iterator[str]:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def file_digest(path: str, chunk: int = 4 * 2**20) -> tuple[int, str]:
-    """(size, sha256 hex) of a local file, read in chunks."""
+def _digest(f: Any, chunk: int) -> tuple[int, str]:
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-            size += len(block)
+    while block := f.read(chunk):
+        h.update(block)
+        size += len(block)
     return size, h.hexdigest()
+
+
+def file_digest(path: str, chunk: int = 4 * 2**20) -> tuple[int, str]:
+    """(size, sha256 hex) of a local file, read in chunks."""
+    with open(path, "rb") as f:
+        return _digest(f, chunk)
 
 
 def stream_digest(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 4 * 2**20) -> tuple[int, str]:
     """(size, sha256 hex) of any fsspec object, streamed."""
-    h = hashlib.sha256()
-    size = 0
     with fs.open(path, "rb", block_size=chunk, cache_type="none") as f:
-        while block := f.read(chunk):
-            h.update(block)
-            size += len(block)
-    return size, h.hexdigest()
+        return _digest(f, chunk)
 
 
 def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
