@@ -160,13 +160,19 @@ def is_secret_key(name: Any) -> bool:
 
 def _redact(opts: Any) -> Any:
     if isinstance(opts, dict):
-        return {k: ("***" if _SECRET.search(str(k)) else _redact(v)) for k, v in opts.items()}
+        return {k: ("***" if is_secret_key(k) else _redact(v)) for k, v in opts.items()}
     if isinstance(opts, list):
         return [_redact(v) for v in opts]
     return opts
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _require_env(name: str, where: str) -> str:
+    if name not in os.environ:
+        raise ConfigError(f"{where}: environment variable ${{{name}}} is not set; export it or edit the config")
+    return os.environ[name]
 
 
 def _interpolate(value: Any, where: str = "") -> Any:
@@ -179,14 +185,7 @@ def _interpolate(value: Any, where: str = "") -> Any:
     if isinstance(value, list):
         return [_interpolate(v, where) for v in value]
     if isinstance(value, str):
-
-        def sub(m: re.Match[str]) -> str:
-            name = m.group(1)
-            if name not in os.environ:
-                raise ConfigError(f"{where}: environment variable ${{{name}}} is not set; export it or edit the config")
-            return os.environ[name]
-
-        return _ENV.sub(sub, value)
+        return _ENV.sub(lambda m: _require_env(m.group(1), where), value)
     return value
 
 
@@ -201,8 +200,7 @@ def _check_references(value: Any, where: str) -> Any:
             _check_references(v, where)
     elif isinstance(value, str):
         for name in _ENV.findall(value):
-            if name not in os.environ:
-                raise ConfigError(f"{where}: environment variable ${{{name}}} is not set; export it or edit the config")
+            _require_env(name, where)
     return value
 
 
