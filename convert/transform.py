@@ -17,6 +17,7 @@ Choices:
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from typing import Any
@@ -273,6 +274,7 @@ def _resample(img: Image.Image, size: tuple[int, int], box: Any) -> Image.Image:
     return img.resize(size, RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
 
 
+@functools.lru_cache(maxsize=64)  # one pad colour per config: don't build an image per item
 def _fill_value(rgb: tuple[int, int, int], mode: str) -> int | tuple[int, int, int]:
     if mode == "RGB":
         return tuple(rgb)  # type: ignore[return-value]

@@ -43,6 +43,20 @@ class ShardInfo:
     compression_level: int = 4
 
 
+def shard_layout(info: ShardInfo) -> str:
+    """"encoded" (bytes per item), "fixed" (one H, W, C for the shard) or "variable" (raw, any shape)."""
+    if info.encoding != "raw":
+        return "encoded"
+    return "fixed" if info.image_shape is not None else "variable"
+
+
+def describe_data(data: Any) -> str:
+    """Short description of a sample's data for error messages."""
+    if isinstance(data, np.ndarray):
+        return f"array {data.dtype} {data.shape}"
+    return type(data).__name__
+
+
 class ShardWriter(Protocol):
     def write_batch(self, samples: Sequence[Sample]) -> None: ...
     def close(self) -> None: ...  # flush and close; the file is complete after this

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from .base import LazyShardReader, Sample, ShardInfo, normalize_indices
+from .base import LazyShardReader, Sample, ShardInfo, describe_data, normalize_indices, shard_layout
 
 FORMAT_VERSION = 1
 NO_LABEL = -1
@@ -31,19 +31,13 @@ _BYTES = h5py.vlen_dtype(np.uint8)
 _STR = h5py.string_dtype("utf-8")
 
 
-def _layout(info: ShardInfo) -> str:
-    if info.encoding != "raw":
-        return "encoded"
-    return "fixed" if info.image_shape is not None else "variable"
-
-
 class HDF5Writer:
     """Writes one shard; each write_batch extends every dataset once and assigns the batch in one slice."""
 
     def __init__(self, path: str, info: ShardInfo) -> None:
         self.path = path
         self.info = info
-        self.layout = _layout(info)
+        self.layout = shard_layout(info)
         self._count = 0
         self._file: h5py.File | None = h5py.File(path, "w")
         try:
@@ -106,19 +100,19 @@ class HDF5Writer:
             shape = tuple(self.info.image_shape or ())
             for s in samples:
                 if not isinstance(s.data, np.ndarray) or s.data.shape != shape or s.data.dtype != np.uint8:
-                    raise ValueError(f"{s.key!r}: expected uint8 pixels of shape {shape}, got {_describe(s.data)}")
+                    raise ValueError(f"{s.key!r}: expected uint8 pixels of shape {shape}, got {describe_data(s.data)}")
             return np.stack([s.data for s in samples]), None
         flat = np.empty(len(samples), dtype=_BYTES)  # object array: h5py's vlen write API (in memory only)
         if self.layout == "encoded":
             for i, s in enumerate(samples):
                 if not isinstance(s.data, (bytes, bytearray, memoryview)):
-                    raise ValueError(f"{s.key!r}: expected encoded bytes, got {_describe(s.data)}")
+                    raise ValueError(f"{s.key!r}: expected encoded bytes, got {describe_data(s.data)}")
                 flat[i] = np.frombuffer(s.data, np.uint8)
             return flat, None
         shapes = np.zeros((len(samples), 3), np.int32)
         for i, s in enumerate(samples):
             if not isinstance(s.data, np.ndarray) or s.data.ndim != 3 or s.data.dtype != np.uint8:
-                raise ValueError(f"{s.key!r}: expected uint8 pixels (H, W, C), got {_describe(s.data)}")
+                raise ValueError(f"{s.key!r}: expected uint8 pixels (H, W, C), got {describe_data(s.data)}")
             flat[i] = np.ascontiguousarray(s.data).reshape(-1)
             shapes[i] = s.data.shape
         return flat, shapes
@@ -149,12 +143,6 @@ class HDF5Writer:
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         self.abort() if exc_type is not None else self.close()
-
-
-def _describe(data: Any) -> str:
-    if isinstance(data, np.ndarray):
-        return f"array {data.dtype} {data.shape}"
-    return type(data).__name__
 
 
 class HDF5Reader(LazyShardReader[h5py.File]):

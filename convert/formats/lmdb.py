@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import lmdb
 import numpy as np
 
-from .base import LazyShardReader, Sample, ShardInfo, normalize_indices
+from .base import LazyShardReader, Sample, ShardInfo, describe_data, normalize_indices, shard_layout
 
 FORMAT_VERSION = 1
 META_KEY = b"__meta__"
@@ -36,12 +36,6 @@ _MAX_MAP = 1 << 40
 
 def _key(i: int) -> bytes:
     return b"%08d" % i
-
-
-def _layout(info: ShardInfo) -> str:
-    if info.encoding != "raw":
-        return "encoded"
-    return "fixed" if info.image_shape is not None else "variable"
 
 
 def _map_size(count: int, item_bytes: int) -> int:
@@ -56,7 +50,7 @@ class LMDBWriter:
     def __init__(self, path: str, info: ShardInfo) -> None:
         self.path = path
         self.info = info
-        self.layout = _layout(info)
+        self.layout = shard_layout(info)
         self.grow_count = 0  # how often MapFullError made the map grow
         self._labels: list[int | None] = []
         self._keys: list[str] = []
@@ -103,7 +97,7 @@ class LMDBWriter:
                 raise ValueError(f"{s.key!r}: expected encoded bytes, got {type(data).__name__}")
             return data
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 3:
-            raise ValueError(f"{s.key!r}: expected uint8 pixels (H, W, C), got {_describe(data)}")
+            raise ValueError(f"{s.key!r}: expected uint8 pixels (H, W, C), got {describe_data(data)}")
         if self.layout == "fixed":
             if data.shape != tuple(self.info.image_shape or ()):
                 raise ValueError(f"{s.key!r}: expected shape {self.info.image_shape}, got {data.shape}")
@@ -169,12 +163,6 @@ def _remove(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
-
-
-def _describe(data: Any) -> str:
-    if isinstance(data, np.ndarray):
-        return f"array {data.dtype} {data.shape}"
-    return type(data).__name__
 
 
 # py-lmdb refuses to open one file twice in a process, so readers of the same shard share one
