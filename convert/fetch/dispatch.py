@@ -10,11 +10,7 @@ from .errors import redact_url, to_item_error
 from .http import fetch_http
 from .policy import FetchPolicy
 from .resilient import open_resilient
-
-
-def scheme_of(uri: str) -> str:
-    """'file' for plain paths, else the lower-cased scheme before '://'."""
-    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+from .sources import scheme_of
 
 
 def _too_large(uri: str, cap: int, size: int | None = None) -> ItemError:

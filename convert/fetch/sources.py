@@ -93,7 +93,6 @@ class _HTTPStream:
             if not data:
                 raise TransientError(f"{self._url}: body ended {self._remaining} bytes short", self._url, self._offset)
             self._remaining -= len(data)
-        self._offset += len(data)
         return data
 
     def close(self) -> None:
@@ -232,7 +231,6 @@ class _S3Stream:
             data, rest = data[:n], data[n:]
             self._ready.appendleft(rest)
         self._remaining -= len(data)
-        self._offset += len(data)
         return data
 
     def close(self) -> None:
@@ -326,8 +324,8 @@ def _info_identity(info: dict[str, Any]) -> str | None:
 
 
 class _FileStream:
-    def __init__(self, source: "FsspecSource", f: Any, remaining: int, offset: int) -> None:
-        self._source, self._f, self._remaining, self._offset = source, f, remaining, offset
+    def __init__(self, source: "FsspecSource", f: Any, remaining: int) -> None:
+        self._source, self._f, self._remaining = source, f, remaining
 
     def read(self, n: int) -> bytes:
         if self._remaining <= 0:
@@ -337,7 +335,6 @@ class _FileStream:
         if not data:
             raise TransientError(f"{self._source.url}: ended {self._remaining} bytes short", self._source.url)
         self._remaining -= len(data)
-        self._offset += len(data)
         return data
 
     def close(self) -> None:
@@ -365,13 +362,18 @@ class FsspecSource(Source):
         except BaseException:
             f.close()
             raise
-        return _FileStream(self, f, stop - start, start)
+        return _FileStream(self, f, stop - start)
+
+
+def scheme_of(uri: str) -> str:
+    """'file' for plain paths, else the lower-cased scheme before '://'."""
+    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
 
 
 def make_source(url: str, storage_options: dict[str, Any] | None, timeout: float) -> Source:
     """The Source for a URL: urllib3 for http(s), s3fs streaming for s3, fsspec for the rest."""
     options = dict(storage_options or {})
-    scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+    scheme = scheme_of(url)
     if scheme in ("http", "https"):
         return HTTPSource(url, timeout, options.get("headers"))
     import fsspec
