@@ -134,7 +134,9 @@ def poison_folder(tmp_path_factory):
 
 
 def test_poison_shard_fails_alone_as_killed_worker(poison_folder, tmp_path):
-    env = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
+    # saturation 1.0: queued tasks wait on the scheduler, not on a worker the poison kills (a task
+    # queued on a dying worker also counts a failure, and could reach KilledWorker innocently)
+    env = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1", "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"}
     with DaskProcesses(tmp_path / "dask", workers=2, env=env,
                        worker_args=("--nthreads", "1", "--memory-limit", "250MB")) as dp:  # fmt: skip
         cfg = load_config(None, {"source.uri": str(poison_folder), "output.uri": str(tmp_path / "out"),
