@@ -50,14 +50,22 @@ def _ledger_columns(rows: Iterable[ItemResult]) -> dict[str, Any]:
         "label": np.array([-1 if r.label is None else r.label for r in rows], dtype=np.int64),
         "status": [r.status.value for r in rows],
         "error": [r.error for r in rows],
+        "width": np.array([r.width for r in rows], dtype=np.int32),
+        "height": np.array([r.height for r in rows], dtype=np.int32),
+        "src_format": [r.src_format for r in rows],
+        "src_bytes": np.array([r.src_bytes for r in rows], dtype=np.int64),
     }
 
 
 def _ledger_rows(cols: dict[str, Any]) -> tuple[ItemResult, ...]:
+    n = len(cols["key"])
+    width, height = cols.get("width", [-1] * n), cols.get("height", [-1] * n)
+    fmt, nbytes = cols.get("src_format", [""] * n), cols.get("src_bytes", [-1] * n)
     return tuple(
-        ItemResult(key, uri, None if int(label) < 0 else int(label), Status(status), error)
-        for key, uri, label, status, error in zip(
-            cols["key"], cols["uri"], cols["label"], cols["status"], cols["error"]
+        ItemResult(key, uri, None if int(label) < 0 else int(label), Status(status), error,
+                   int(w), int(h), f, int(b))  # fmt: skip
+        for key, uri, label, status, error, w, h, f, b in zip(
+            cols["key"], cols["uri"], cols["label"], cols["status"], cols["error"], width, height, fmt, nbytes
         )
     )
 
@@ -88,7 +96,8 @@ def read_record(out: Output, name: str) -> tuple[ShardRecord, str] | None:
         name=obj["name"], path=obj["path"], format=obj["format"], count=obj["count"], ok=obj["ok"],
         failed=obj["failed"], bytes=obj["bytes"], sha256=obj["sha256"],
         image_shape=tuple(shape) if shape else None, encoding=obj["encoding"],
-        ledger=_ledger_rows(obj["ledger"]),
+        ledger=_ledger_rows(obj["ledger"]), stages=dict(obj.get("stages", {})),
+        started=float(obj.get("started", 0.0)), finished=float(obj.get("finished", 0.0)),
     )  # fmt: skip
     return record, obj["fingerprint"]
 

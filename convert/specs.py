@@ -74,6 +74,12 @@ class ItemResult:
     label: int | None
     status: Status
     error: str = ""
+    # What the source image was (read from its header while decoding; -1 / "" when unknown, e.g. a
+    # fetch failure). Recorded in the ledger for the report's source statistics.
+    width: int = -1
+    height: int = -1
+    src_format: str = ""  # "jpeg", "png", ... (Pillow's format name, lower case)
+    src_bytes: int = -1
 
     @property
     def ok(self) -> bool:
@@ -95,6 +101,11 @@ class ShardRecord:
     image_shape: tuple[int, ...] | None  # (H, W, C) when fixed-size raw pixels, else None
     encoding: str  # "raw" or an image format name ("jpeg", "png", "webp", "original")
     ledger: tuple[ItemResult, ...] = field(default=(), repr=False)
+    # Worker-side accounting: per-stage seconds summed over the shard's items ("fetch", "decode",
+    # "resize", "encode", "write", "commit", ...), and wall-clock start/end (unix seconds).
+    stages: dict[str, float] = field(default_factory=dict, repr=False)
+    started: float = 0.0
+    finished: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly summary without the ledger (for manifest.json)."""
@@ -109,6 +120,9 @@ class ShardRecord:
             "sha256": self.sha256,
             "image_shape": list(self.image_shape) if self.image_shape else None,
             "encoding": self.encoding,
+            "stages": dict(self.stages),
+            "started": self.started,
+            "finished": self.finished,
         }
 
 
