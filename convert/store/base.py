@@ -209,18 +209,15 @@ class Store(ABC):
     # -- writing --------------------------------------------------------------------------
     @contextlib.contextmanager
     def writer(self, rel: str) -> Iterator[BinaryIO]:
-        """A file object whose content appears under `rel` only when the block exits cleanly."""
-        # autocommit=False: object stores publish the object on commit() and discard() aborts it
-        fh = self.fs.open(self.path(rel), "wb", autocommit=False)
-        try:
-            yield fh
-            fh.close()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                getattr(fh, "discard", lambda: None)()
-                fh.closed = True  # keep __del__ from flushing the aborted upload
-            raise
-        getattr(fh, "commit", lambda: None)()
+        """A file object whose content appears under `rel` only when the block exits cleanly.
+
+        Generic backends do not all honour fsspec's autocommit=False (memory:// writes through),
+        so the bytes are spooled locally and sent in one put when complete."""
+        with tempfile.SpooledTemporaryFile(max_size=8 * 2**20) as spool:
+            yield spool  # type: ignore[misc]
+            spool.seek(0)
+            with self.fs.open(self.path(rel), "wb") as f:
+                shutil.copyfileobj(spool, f, 2**20)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a small object atomically (temp + rename locally; one PUT remotely)."""

@@ -14,7 +14,7 @@ import base64
 import contextlib
 import datetime as dt
 import hashlib
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from .base import Entry, Leftover, StorageError, Store, first_line
 
@@ -83,10 +83,28 @@ class S3Store(Store):
         return bool(recorded.get("etag")) and (entry.size, entry.etag) == (recorded.get("size"), recorded["etag"])
 
     # -- writing --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writer(self, rel: str) -> Iterator[BinaryIO]:
+        """Streamed: s3fs with autocommit=False completes the (multipart) upload on commit()
+        and discard() aborts it, so readers never see a partial object."""
+        fh = self.fs.open(self.path(rel), "wb", autocommit=False)
+        try:
+            yield fh
+            fh.close()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                fh.discard()
+                fh.closed = True  # keep __del__ from flushing the aborted upload
+            raise
+        fh.commit()
+        self.fs.invalidate_cache(self.path(rel))
+
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         bucket, key = self._split(rel)
         try:
             self._call("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
+            return False
         except Exception as exc:  # noqa: BLE001 - botocore ClientError: only PreconditionFailed means "exists"
             code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "ConditionalRequestConflict") or "Precondition" in str(exc):
