@@ -16,6 +16,7 @@ from typing import Callable
 
 from .cluster import check_reachable_paths, open_client
 from .config import Config
+from .lease import hold_lease
 from .manifest import LEDGER, MANIFEST, PLAN, committed_records, write_manifest, write_plan
 from .plan import fingerprint, output_settings, plan_shards
 from .secrets import resolve_config, seal_config, share_secrets
@@ -82,38 +83,36 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     config = config.with_absolute_paths()
     local = resolve_config(config)  # this process's own view, secrets resolved
     out = preflight(local.output.uri, local.output.storage_options, "output")
-    listing = _list(local)
-    specs = plan_shards(listing.items, config.shard.size)
-    config_data = config.redacted()
-    if config.run.overwrite:
-        _reset_output(out)
-    fps = {s.name: fingerprint(s, output_settings(config_data)) for s in specs}
-    records: dict[str, ShardRecord] = committed_records(out, fps)
-    pending = [s for s in specs if s.name not in records]
-    summary = RunSummary(output=out.url(""), shards=len(specs), skipped=len(records))
-    log(f"{len(listing.items)} items from {listing.kind} source -> {len(specs)} shards "
-        f"({len(records)} already committed, {len(pending)} to convert)")  # fmt: skip
-    if pending:
-        _prepare_output(out, specs, fps, log)
-        _convert_pending(config, pending, records, summary, on_progress, log)
-    ordered = [records[s.name] for s in specs if s.name in records]
-    failed_rows = [row for s in specs if s.name in summary.failed_shards
-                   for row in _failed_rows(s, summary.failed_shards[s.name])]  # fmt: skip
-    counts = Counter(row.status.value for r in ordered for row in r.ledger)
-    counts.update(row.status.value for row in failed_rows)
-    summary.by_status = dict(counts)
-    write_manifest(out, ordered, config_data, listing.label_names, listing.kind,
-                   failed=summary.failed_shards, failed_rows=failed_rows)  # fmt: skip
+    with hold_lease(out, force=config.output.force_unlock, ttl=config.output.lease_ttl, log=log):
+        listing = _list(local)
+        specs = plan_shards(listing.items, config.shard.size)
+        config_data = config.redacted()
+        if config.run.overwrite:
+            _reset_output(out)
+        fps = {s.name: fingerprint(s, output_settings(config_data)) for s in specs}
+        records: dict[str, ShardRecord] = committed_records(out, fps)
+        pending = [s for s in specs if s.name not in records]
+        summary = RunSummary(output=out.url(""), shards=len(specs), skipped=len(records))
+        log(f"{len(listing.items)} items from {listing.kind} source -> {len(specs)} shards "
+            f"({len(records)} already committed, {len(pending)} to convert)")  # fmt: skip
+        if pending:
+            _prepare_output(out, specs, fps, log)
+            _convert_pending(config, pending, records, summary, on_progress, log)
+        ordered = [records[s.name] for s in specs if s.name in records]
+        failed_rows = [row for s in specs if s.name in summary.failed_shards
+                       for row in _failed_rows(s, summary.failed_shards[s.name])]  # fmt: skip
+        counts = Counter(row.status.value for r in ordered for row in r.ledger)
+        counts.update(row.status.value for row in failed_rows)
+        summary.by_status = dict(counts)
+        write_manifest(out, ordered, config_data, listing.label_names, listing.kind,
+                       failed=summary.failed_shards, failed_rows=failed_rows)  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 def _prepare_output(out: Store, specs: list[ShardSpec], fps: dict[str, str], log: Callable[[str], None]) -> None:
-    """Before shards change: retract the manifest, clear debris of killed attempts, record the plan."""
+    """Before shards change: retract the manifest, record the plan (hold_lease cleared dead attempts' debris)."""
     out.delete(MANIFEST)  # readers must not trust a manifest while shards change
-    removed = out.clean_leftovers()  # incomplete uploads / temps of earlier killed attempts
-    if removed:
-        log(f"removed {len(removed)} leftovers of earlier attempts (incomplete uploads, temp files)")
     write_plan(out, specs, fps)
 
 
