@@ -108,6 +108,8 @@ def build_config(config_path: str | None, flags: dict[str, Any], sets: tuple[str
         overrides["run.overwrite"] = True
     if flags.get("force_unlock"):
         overrides["output.force_unlock"] = True
+    if flags.get("verify_resume"):
+        overrides["output.verify_resume"] = True
     if flags.get("fail_on_item_errors"):
         overrides["run.fail_on_item_errors"] = True
     for text in sets:
@@ -116,12 +118,18 @@ def build_config(config_path: str | None, flags: dict[str, Any], sets: tuple[str
     return load_config(config_path, overrides)
 
 
+def _format_names() -> list[str]:
+    from .formats.base import FORMATS
+
+    return sorted(FORMATS)
+
+
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.argument("config_path", required=False, type=click.Path(dir_okay=False)),
         click.option("--source", help="folder, glob, URL list (.txt/.csv/.parquet), CIFAR batches, s3://..."),
         click.option("--output", help="dataset root: local folder or fsspec URL (s3://bucket/out)"),
-        click.option("--format", type=click.Choice(["hdf5", "lmdb"])),
+        click.option("--format", type=click.Choice(_format_names()), help="shard format [output.format]"),
         click.option("--size", help="output size: N or H W"),
         click.option("--resize", type=click.Choice(["center_crop", "pad", "stretch", "none"])),
         click.option("--shard-size", type=int, help="items per shard"),
@@ -131,6 +139,7 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--scheduler-file", help="Dask scheduler file of a running cluster"),
         click.option("--overwrite", is_flag=True, help="discard existing shards instead of resuming"),
         click.option("--force-unlock", is_flag=True, help="take over the output's lease from a dead (stale) run"),
+        click.option("--verify-resume", is_flag=True, help="re-hash committed shards before trusting them"),
         click.option("--fail-on-item-errors", is_flag=True, help="exit 3 if any item failed"),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any config key, e.g. image.quality=85"),
     ]
@@ -232,7 +241,7 @@ def inspect(uri: str, as_json: bool, options: tuple[str, ...]) -> None:
     manifest = read_manifest(out)
     debris = leftovers(out)
     if as_json:
-        report = {**manifest, "leftovers": [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]}
+        report = {**manifest, "shards": list(manifest["shards"]), "leftovers": [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]}
         out_console.print_json(json.dumps(report))
         return
     totals = manifest["totals"]
@@ -257,17 +266,24 @@ def inspect(uri: str, as_json: bool, options: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("uri")
 @click.option("--storage-option", "options", multiple=True, metavar="KEY=VALUE")
+@click.option("--repair", is_flag=True, help="remove failing shards so the next run rebuilds exactly those")
 @friendly
-def verify(uri: str, options: tuple[str, ...]) -> None:
+def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
     """Re-hash every shard against the manifest; exit 0 only if all match."""
+    from .manifest import repair as repair_output
     from .manifest import verify as verify_output
     from .store import open_store
 
-    checks = verify_output(open_store(uri, _options(options)))
+    store = open_store(uri, _options(options))
+    checks = verify_output(store)
     bad = [c for c in checks if not c.ok]
     for c in bad:
         out_console.print(f"[red]FAIL[/] {c.name}: {c.problem}")
     out_console.print(f"{len(checks) - len(bad)}/{len(checks)} shards match the manifest")
+    if repair and bad:
+        command = repair_output(store, checks)
+        out_console.print(f"removed {len(bad)} failing shards and the manifest; rebuild exactly those with the "
+                          f"run that made the dataset (plus its storage/cluster options):\n{command}", highlight=False)
     sys.exit(1 if bad else 0)
 
 

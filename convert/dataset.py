@@ -23,7 +23,7 @@ import numpy as np
 
 from .fetch import prefetch
 from .formats.base import ShardReader, get_format, open_reader
-from .manifest import ManifestError, read_ledger, read_manifest
+from .manifest import ManifestError, check_opened, read_ledger, read_manifest
 from .store import file_digest, open_store
 
 ITER_CHUNK = 256  # items per batched read during iteration
@@ -52,8 +52,9 @@ class Dataset:
         self.download = download
         self._out = open_store(uri, self.storage_options)
         self.manifest = read_manifest(self._out)
-        self._shards = [s for s in self.manifest["shards"] if s["ok"] > 0]
-        self._starts = np.cumsum([0] + [s["ok"] for s in self._shards]).tolist()
+        index = self.manifest["shards"]  # a columnar ShardIndex: cheap at 10^6 shards
+        self._shards = index.select(index.cols["ok"] > 0)
+        self._starts = self._shards.starts()
         self._format = get_format(self.manifest["format"])
         self._readers: dict[int, ShardReader] = {}
         self._lock = threading.Lock()  # background iteration threads open shards too
@@ -141,7 +142,10 @@ class Dataset:
             with self._lock:  # one download / open per shard even when iteration threads race
                 reader = self._readers.get(shard)
                 if reader is None:
-                    reader = self._readers[shard] = open_reader(self._format.name, self._source(self._shards[shard]))
+                    summary = self._shards[shard]
+                    reader = open_reader(self._format.name, self._source(summary))
+                    check_opened(self._out, summary, reader)  # size, count, and the shard's own name
+                    self._readers[shard] = reader
         return reader
 
     def _source(self, shard: dict[str, Any]) -> Any:

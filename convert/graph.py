@@ -90,7 +90,7 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
         if config.run.overwrite:
             _reset_output(out)
         fps = {s.name: fingerprint(s, output_settings(config_data)) for s in specs}
-        records: dict[str, ShardRecord] = committed_records(out, fps)
+        records: dict[str, ShardRecord] = committed_records(out, fps, verify=config.output.verify_resume)
         pending = [s for s in specs if s.name not in records]
         summary = RunSummary(output=out.url(""), shards=len(specs), skipped=len(records))
         log(f"{len(listing.items)} items from {listing.kind} source -> {len(specs)} shards "
@@ -105,7 +105,7 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
         counts.update(row.status.value for row in failed_rows)
         summary.by_status = dict(counts)
         write_manifest(out, ordered, config_data, listing.label_names, listing.kind,
-                       failed=summary.failed_shards, failed_rows=failed_rows)  # fmt: skip
+                       failed=summary.failed_shards, failed_rows=failed_rows, counts=summary.by_status)  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -109,7 +109,7 @@ def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
     fp = fingerprint(spec, output_settings(config.redacted()))
     info = shard_info(spec, config, fp)
     rel = shard_rel_path(spec.name, fmt.extension)
-    with staging(out, spec.name, fmt.extension) as tmp:
+    with staging(out, spec.name, fmt.extension, fmt.sidecars) as tmp:
         writer = open_writer(fmt.name, tmp, info)
         try:
             ledger = _fill(writer, spec, config)

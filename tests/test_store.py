@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from convert.store import SHARDS_DIR, StorageError, Store, open_store
+from convert.store import SHARDS_DIR, StorageError, Store, file_digest, open_store
 from convert.store import s3 as s3_store
 
 
@@ -87,7 +87,7 @@ class StoreTests:
 
     def test_staging_then_publish(self, store):
         data = os.urandom(300_000)
-        with store.staging("shard-00000", ".bin", run_id="abc123") as tmp:
+        with store.staging("shard-00000", ".bin", run_id="abc123", sidecars=("-lock",)) as tmp:
             assert "abc123" in os.path.basename(tmp) and not store.exists("shards/shard-00000.bin")
             Path(tmp).write_bytes(data)
             Path(tmp + "-lock").write_bytes(b"sidecar")  # e.g. LMDB's lock file
@@ -102,7 +102,9 @@ class StoreTests:
             os.makedirs(os.path.join(tmp, "c"))
             Path(tmp, "zarr.json").write_bytes(b"{}")
             Path(tmp, "c", "0").write_bytes(b"chunk")
+            staged = file_digest(tmp)
             store.publish(tmp, "shards/shard-00001.zarr", 7)
+        assert store.sha256("shards/shard-00001.zarr") == staged and staged[0] == 7
         assert [e.rel for e in store.walk("shards/shard-00001.zarr")] == [
             "shards/shard-00001.zarr/c/0", "shards/shard-00001.zarr/zarr.json"]  # fmt: skip
 

@@ -47,6 +47,8 @@ def _map_size(count: int, item_bytes: int) -> int:
 class LMDBWriter:
     """Writes one shard: one write transaction per batch of sorted appends."""
 
+    sidecars = ("-lock",)  # LMDB's lock file, should an environment ever be opened with locking
+
     def __init__(self, path: str, info: ShardInfo) -> None:
         self.path = path
         self.info = info
