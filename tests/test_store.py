@@ -21,10 +21,11 @@ from convert.store import SHARDS_DIR, StorageError, Store, file_digest, open_sto
 from convert.store import s3 as s3_store
 
 
-def _child_report(store: Store, conn: Any) -> None:
+def _child_report(store: Store, parent_fs: Any, conn: Any) -> None:
     fresh = open_store(store.uri, store.storage_options)
     fresh.write_bytes("from-child", b"child")
-    conn.send((fresh is not store, fresh.read_bytes("from-child")))
+    store.write_bytes("inherited", b"works")  # an instance inherited through fork rebuilds its filesystem
+    conn.send((fresh is not store, store.fs is not parent_fs, fresh.read_bytes("from-child"), store.read_bytes("inherited")))
 
 
 class StoreTests:
@@ -150,11 +151,11 @@ class StoreTests:
     def test_fork_child_gets_a_fresh_instance(self, store):
         ctx = mp.get_context("fork")
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child_report, args=(store, child))
+        proc = ctx.Process(target=_child_report, args=(store, store.fs, child))
         proc.start()
-        fresh, data = parent.recv()
+        fresh, rebuilt, data, inherited = parent.recv()
         proc.join(30)
-        assert proc.exitcode == 0 and fresh and data == b"child"
+        assert proc.exitcode == 0 and fresh and rebuilt and (data, inherited) == (b"child", b"works")
 
 
 class TestLocalStore(StoreTests):

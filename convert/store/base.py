@@ -120,8 +120,17 @@ class Store(ABC):
     def __init__(self, uri: str, options: dict[str, Any], fs: fsspec.AbstractFileSystem, root: str) -> None:
         self.uri = uri
         self.storage_options = options  # as given (may hold ${VAR} references); never logged
-        self.fs = fs
+        self._fs, self._pid = fs, os.getpid()
         self.root = root.rstrip("/") or root
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The fsspec filesystem; rebuilt in a forked child (s3fs's session must not cross a fork)."""
+        if self._pid != os.getpid():
+            from . import open_store
+
+            self._fs, self._pid = open_store(self.uri, self.storage_options).fs, os.getpid()
+        return self._fs
 
     def __reduce__(self) -> tuple[Any, ...]:
         from . import open_store
