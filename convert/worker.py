@@ -8,6 +8,9 @@ retries the whole shard.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -19,8 +22,9 @@ from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
 from .manifest import write_record
 from .plan import fingerprint, output_settings
+from .redact import redact_url
 from .secrets import resolve_config
-from .sources import read_member
+from .sources import SourceError, read_member, shard_refs
 from .specs import ItemError, ItemRef, ItemResult, ShardRecord, ShardSpec, Status
 from .transform import output_shape, transform
 
@@ -55,13 +59,38 @@ def _convert(ref: ItemRef, value: Any, error: BaseException | None, config: Conf
     return ItemResult(ref.key, ref.uri, ref.label, Status.OK), Sample(ref.key, ref.label, data)
 
 
+def _unique_keys(refs: Iterator[ItemRef], spec: ShardSpec) -> Iterator[ItemRef]:
+    """The shard's refs, refusing a key seen twice (the planner guarantees uniqueness across shards)."""
+    seen: set[str] = set()
+    for ref in refs:
+        if ref.key in seen:
+            raise ShardError(f"{spec.name}: key {ref.key!r} occurs twice; every item needs a distinct key")
+        seen.add(ref.key)
+        yield ref
+
+
+def _unexpected(spec: ShardSpec, ref: ItemRef, error: BaseException | None, row: ItemResult) -> ShardError | None:
+    """A ShardError for a failure that is not a fact about the input, else None.
+
+    Fetchers and transforms report bad input as ItemError (transforms never with status `error`);
+    anything else (a bug, an import race, a full disk) must fail and retry the shard rather than be
+    committed as a final item status.
+    """
+    if error is not None and not isinstance(error, ItemError):
+        return ShardError(f"{spec.name}: {ref.key}: {type(error).__name__}: {error}")
+    if error is None and row.status is Status.ERROR:
+        return ShardError(f"{spec.name}: {ref.key}: {row.error}")
+    return None
+
+
 def _fill(writer: ShardWriter, spec: ShardSpec, config: Config) -> list[ItemResult]:
     """Stream every item of the shard through fetch -> transform -> writer; returns the ledger rows."""
     policy = config.fetch.policy(config.source.storage_options)
     ledger: list[ItemResult] = []
     batch: list[Sample] = []
+    refs = shard_refs(spec, config.source.storage_options, config.output.storage_options)
     fetched_items = prefetch(
-        spec.items,
+        _unique_keys(refs, spec),
         lambda ref: load_item(ref, policy),
         depth=config.fetch.threads,
         max_bytes=config.fetch.prefetch_bytes,
@@ -70,7 +99,11 @@ def _fill(writer: ShardWriter, spec: ShardSpec, config: Config) -> list[ItemResu
     try:
         for fetched in fetched_items:
             row, sample = _convert(fetched.item, fetched.value, fetched.error, config)
-            ledger.append(row)
+            unexpected = _unexpected(spec, fetched.item, fetched.error, row)
+            if unexpected is not None:
+                raise unexpected from fetched.error
+            safe_uri = redact_url(row.uri)  # never store credentials given in a URL
+            ledger.append(row if safe_uri == row.uri else replace(row, uri=safe_uri))
             if sample is not None:
                 batch.append(sample)
             if len(batch) >= WRITE_BATCH:
@@ -80,6 +113,9 @@ def _fill(writer: ShardWriter, spec: ShardSpec, config: Config) -> list[ItemResu
         fetched_items.close()
     if batch:
         writer.write_batch(batch)
+    if len(ledger) != len(spec):
+        raise ShardError(f"{spec.name}: read {len(ledger)} items but the plan has {len(spec)}; "
+                         "the input changed since planning - rerun the same command to plan again")  # fmt: skip
     return ledger
 
 
@@ -102,6 +138,7 @@ def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
     `config` arrives with storage-option secrets as references; they are resolved here, in the
     worker, from its environment and the secrets shared with it (see convert.secrets).
     """
+    started = time.time()
     config = resolve_config(config)
     out = Output(config.output.uri, config.output.storage_options)
     fmt = get_format(config.output.format)
@@ -113,6 +150,9 @@ def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
         try:
             ledger = _fill(writer, spec, config)
             writer.close()
+        except SourceError as exc:  # the slice cannot be read as planned: fail (and retry) the shard
+            writer.abort()
+            raise ShardError(f"{spec.name}: {exc}") from None
         except BaseException:
             writer.abort()
             raise
@@ -129,6 +169,7 @@ def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
     record = ShardRecord(
         name=spec.name, path=rel, format=fmt.name, count=len(spec), ok=ok, failed=len(spec) - ok,
         bytes=size, sha256=digest, image_shape=info.image_shape, encoding=info.encoding, ledger=tuple(ledger),
+        started=started, finished=time.time(),
     )  # fmt: skip
     write_record(out, record, fp)
     return record

@@ -10,7 +10,7 @@ import pytest
 
 from convert.config import load_config
 from convert.dataset import open_dataset
-from convert.graph import run
+from convert import run
 from convert.manifest import ManifestError
 from convert.testing import images as gen
 

@@ -20,7 +20,7 @@ import pytest
 from convert.commit import Output
 from convert.config import load_config
 from convert.dataset import open_dataset
-from convert.graph import run
+from convert import run
 from convert.manifest import read_ledger, read_manifest, verify
 from convert.testing import images as gen
 from convert.testing.dask import DaskProcesses

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from convert.commit import PART_SIZE, Output, publish
 from convert.config import load_config
-from convert.graph import run
+from convert import run
 from convert.testing import images as gen
 from convert.testing.s3 import MotoServer
 

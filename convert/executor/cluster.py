@@ -33,13 +33,27 @@ import dask.config
 from distributed import Client, LocalCluster
 from distributed.core import Status
 
-from .config import ClusterConfig
+from ..config import ClusterConfig
 
-dask_jobqueue: Any
-try:  # import now: it registers jobqueue.* config defaults, which a dask.config.set() block
-    import dask_jobqueue  # entered before a lazy import would delete again on exit
-except ImportError:  # optional extra `convert[cluster]`; _batch_object() says how to install
-    dask_jobqueue = None
+
+def _jobqueue() -> Any:
+    """dask_jobqueue, imported only when a batch cluster is asked for (its runner module installs a
+    SIGINT handler calling sys.exit, which would turn Ctrl-C of a local run into exit status 0).
+
+    Its jobqueue.* config defaults are (re)applied here: an import inside a dask.config.set()
+    block would otherwise lose them when the block exits.
+    """
+    try:
+        import dask_jobqueue
+    except ImportError:  # optional extra `convert[cluster]`
+        return None
+    import yaml
+
+    path = os.path.join(os.path.dirname(dask_jobqueue.__file__), "jobqueue.yaml")
+    if os.path.isfile(path) and dask.config.get("jobqueue", None) is None:
+        with open(path) as f:
+            dask.config.update(dask.config.config, yaml.safe_load(f), priority="old")
+    return dask_jobqueue
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +224,7 @@ def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, 
     Anything left out is read by dask-jobqueue from ``jobqueue.<kind>.*`` in dask's config.
     """
     kind = cfg.kind
+    _jobqueue()  # registers the jobqueue.* defaults read below
     conf = lambda key: dask.config.get(f"jobqueue.{kind}.{key}", None)  # noqa: E731
     kw: dict[str, Any] = {"job_name": job_name}
     for key in ("cores", "memory", "walltime", "queue", "account"):
@@ -235,6 +250,7 @@ def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, 
 
 def _batch_object(cfg: ClusterConfig, job_name: str, *, job_only: bool = False) -> Any:
     """A started SLURMCluster/PBSCluster, or with job_only its job object (nothing started)."""
+    dask_jobqueue = _jobqueue()
     if dask_jobqueue is None:
         raise ClusterError(f"cluster.kind={cfg.kind!r} needs dask-jobqueue: pip install 'convert[cluster]'")
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[cfg.kind]
