@@ -59,14 +59,16 @@ class ListFile:
 def find_lists(uri: str, storage_options: dict[str, Any] | None) -> list[ListFile]:
     """The list files a source names: one file, a glob, or a folder of list files; sorted by path."""
     fs, path = open_fs(uri, storage_options)
-    if has_magic(path):
+    try:
+        info = None if has_magic(path) else fs.info(path)
+    except FileNotFoundError:
+        raise SourceError(f"URL list {uri!r} not found; check the path (and storage_options for object stores)") from None
+    if info is None:
         infos = fs.glob(path, detail=True)
-    elif fs.isdir(path):
+    elif info.get("type") == "directory":
         infos = {i["name"]: i for i in fs.ls(path, detail=True)}
-    elif fs.isfile(path):
-        infos = {path: fs.info(path)}
     else:
-        raise SourceError(f"URL list {uri!r} not found; check the path (and storage_options for object stores)")
+        infos = {path: info}
     files = []
     for p in sorted(infos):
         info = infos[p]
