@@ -258,7 +258,7 @@ def _execute(config: Config) -> None:
         items = f"{p.items_done}/{p.items_total} items, {p.items_per_second:.0f} images/s{eta}"
         progress.update(task, completed=p.shards_done, total=p.shards_total, items=items)
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         summary = run_conversion(config, on_progress=on_progress, log=lambda m: console.print(m, highlight=False))
     except Interrupted as exc:
@@ -267,19 +267,20 @@ def _execute(config: Config) -> None:
         sys.exit(143 if exc.signal_name == "SIGTERM" else 130)
     finally:
         progress.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print_summary(summary)
     sys.exit(summary.exit_code(config.run.fail_on_item_errors))
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so the run stops the same way (exit 143 instead of 130)."""
+def _on_signal(signum: int, frame: Any) -> None:
+    """Ctrl-C and SIGTERM stop the run the same way (exit 130 / 143): at the executor's next poll
+    while it waits for shards, else right here."""
+    from .executor import Stopped, request_stop
 
-    signal_name = "SIGTERM"
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
+    name = signal.Signals(signum).name
+    if not request_stop(name):
+        raise Stopped(name)
 
 
 def print_summary(summary: Any) -> None:

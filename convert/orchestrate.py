@@ -95,8 +95,11 @@ ProgressHook = Callable[[Progress], None]
 class Interrupted(Exception):
     """The run was stopped (Ctrl-C / SIGTERM); committed shards stay and a rerun resumes."""
 
-    def __init__(self, committed: int, total: int, signal_name: str = "SIGINT") -> None:
-        super().__init__(f"interrupted: {committed} of {total} shards committed; rerun the same command to resume")
+    def __init__(self, committed: int, total: int | None, signal_name: str = "SIGINT") -> None:
+        if total is None:
+            super().__init__("interrupted while planning (no shard changed); rerun the same command to resume")
+        else:
+            super().__init__(f"interrupted: {committed} of {total} shards committed; rerun the same command to resume")
         self.committed, self.total, self.signal_name = committed, total, signal_name
 
 
@@ -128,13 +131,11 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     Raises Interrupted on KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by the CLI).
     """
     start = time.perf_counter()
-    config = config.with_absolute_paths()
-    local = resolve_config(config)  # this process's own view, secrets resolved
-    check_access(local.output.uri, local.output.storage_options, "output")
-    out = Output(local.output.uri, local.output.storage_options)
-    source_plan = plan(local, Workdir(out.url(""), local.output.storage_options))
+    try:
+        source_plan, out, local, config_data = _plan_run(config)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(0, None, getattr(exc, "signal_name", "SIGINT")) from None
     specs = source_plan.specs
-    config_data = config.redacted()
     if config.run.overwrite:
         _reset_output(out)
     fps = {s.name: fingerprint(s, output_settings(config_data)) for s in specs}
@@ -148,12 +149,22 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     try:
         if pending:
             _prepare_output(out, specs, fps, log)
-            _convert_pending(config, pending, records, summary, on_progress, log)
+            _convert_pending(config.with_absolute_paths(), pending, records, summary, on_progress, log)
     except KeyboardInterrupt as exc:
         raise Interrupted(len(records), len(specs), getattr(exc, "signal_name", "SIGINT")) from None
     _finish(out, local, specs, records, summary, config_data, source_plan)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _plan_run(config: Config) -> tuple[SourcePlan, Output, Config, dict]:
+    """Resolve the config here, check the output, plan the source into the output's work folder."""
+    config = config.with_absolute_paths()
+    local = resolve_config(config)  # this process's own view, secrets resolved
+    check_access(local.output.uri, local.output.storage_options, "output")
+    out = Output(local.output.uri, local.output.storage_options)
+    source_plan = plan(local, Workdir(out.url(""), local.output.storage_options))
+    return source_plan, out, local, config.redacted()
 
 
 def _has_transient(record: ShardRecord, statuses: tuple[str, ...]) -> bool:

@@ -65,11 +65,20 @@ def fingerprint(spec: ShardSpec, settings: dict[str, Any]) -> str:
     """
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True).encode())
-    h.update(json.dumps(asdict(spec.source), sort_keys=True).encode())
+    source = spec.source
+    h.update(json.dumps([source.kind, source.root, source.labels_sha, source.keys]).encode())
     for sl in spec.slices:
-        h.update(json.dumps(asdict(sl), sort_keys=True).encode())
+        h.update(json.dumps(_identity(sl)).encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def _identity(sl: InputSlice) -> list[Any]:
+    """What names a slice's rows: a content hash (the planner's own listing files, which live in the
+    output and are rewritten by every run) or the input file's path, size and version."""
+    if sl.version.startswith("sha256:"):
+        return [sl.kind, sl.version, sl.first_row, sl.count]
+    return [sl.kind, sl.uri, sl.size, sl.version, sl.start, sl.stop, sl.first_row, sl.count]
 
 
 _SLICE_FIELDS = tuple(InputSlice.__dataclass_fields__)

@@ -15,6 +15,7 @@ more module implementing `Executor` plus one branch in `open_executor`.
 from __future__ import annotations
 
 import contextlib
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -80,6 +81,43 @@ class Executor(ABC):
         self.close()
 
 
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM, delivered at a safe point of the completion loop (see request_stop)."""
+
+    def __init__(self, signal_name: str = "SIGINT") -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+_WAITING = threading.Event()
+_STOP: list[str] = []
+
+
+def request_stop(signal_name: str) -> bool:
+    """Called by a signal handler: True if an executor is waiting for completions and will raise
+    Stopped at its next poll (an exception raised inside Dask's client calls instead would leave
+    tracebacks); False means the caller should raise at once."""
+    if _WAITING.is_set():
+        _STOP.append(signal_name)
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def stoppable() -> Iterator[None]:
+    """Marks a completion loop that polls `check_stop()`."""
+    _WAITING.set()
+    try:
+        yield
+    finally:
+        _WAITING.clear()
+
+
+def check_stop() -> None:
+    if _STOP:
+        raise Stopped(_STOP.pop())
+
+
 @contextlib.contextmanager
 def open_executor(cfg: ClusterConfig, job_name: str = "convert") -> Iterator[Executor]:
     """The executor a ClusterConfig describes (threads in this process, or a Dask cluster)."""
@@ -95,4 +133,4 @@ def open_executor(cfg: ClusterConfig, job_name: str = "convert") -> Iterator[Exe
         yield ex
 
 
-__all__ = ["Completion", "Executor", "open_executor"]
+__all__ = ["Completion", "Executor", "Stopped", "check_stop", "open_executor", "request_stop", "stoppable"]

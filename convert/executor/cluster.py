@@ -18,9 +18,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -128,21 +130,37 @@ def local_worker_count(threads_per_worker: int = 1) -> int:
 
 
 @contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """While worker processes are spawned, ignore SIGINT: they inherit SIG_IGN (Python keeps an
+    ignored SIGINT at startup), so a terminal's Ctrl-C, sent to the whole process group, stops
+    only the client, which then shuts the workers down itself - no worker tracebacks."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
 def _open_local(cfg: ClusterConfig) -> Iterator[ClusterHandle]:
     n = cfg.workers or local_worker_count(cfg.threads_per_worker)
     with ExitStack() as stack:
-        cluster = stack.enter_context(
-            LocalCluster(
-                n_workers=n,
-                threads_per_worker=cfg.threads_per_worker,
-                processes=True,
-                memory_limit=cfg.memory_limit,
-                dashboard_address=":0",  # the HTTP server (/health) always runs; on a free port
-                scheduler_kwargs={"dashboard": cfg.dashboard},
-                host="127.0.0.1",
+        with _children_ignore_sigint():  # the constructor returns once the workers are up
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=n,
+                    threads_per_worker=cfg.threads_per_worker,
+                    processes=True,
+                    memory_limit=cfg.memory_limit,
+                    dashboard_address=":0",  # the HTTP server (/health) always runs; on a free port
+                    scheduler_kwargs={"dashboard": cfg.dashboard},
+                    host="127.0.0.1",
+                )
             )
-        )
-        client = stack.enter_context(Client(cluster))
+            client = stack.enter_context(Client(cluster))
         size = f"{_plural(n, 'worker')} x {_plural(cfg.threads_per_worker, 'thread')}"
         yield _make_handle(cfg, client, f"LocalCluster {size}", cluster=cluster, shared=False)
 

@@ -20,7 +20,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..config import ClusterConfig
 from ..secrets import register, unregister
-from . import Completion, Executor
+from . import Completion, Executor, check_stop, stoppable
 from .cluster import ClusterHandle, check_reachable_paths, open_client
 
 #: Dask keeps bounded logs per worker/scheduler; at 10^5 tasks the defaults still hold every task's
@@ -29,6 +29,9 @@ QUIET_LOGS = {
     "distributed.admin.low-level-log-length": 1000,
     "distributed.diagnostics.computations.max-history": 10,
 }
+
+
+POLL = 0.05  # seconds between checks for a finished task or a stop request
 
 
 class SecretsPlugin(WorkerPlugin):
@@ -83,13 +86,17 @@ class DaskExecutor(Executor):
 
     def completions(self) -> Iterator[Completion]:
         while self._names:
-            future = next(self._ac)
-            name = self._names.pop(future.key)
-            if future.status == "finished":
-                done = Completion(name, future.result())
-            else:
-                done = Completion(name, error=future.exception())
-            future.release()
+            with stoppable():
+                while not self._ac.has_ready():
+                    check_stop()
+                    time.sleep(POLL)
+                future = next(self._ac)
+                name = self._names.pop(future.key)
+                if future.status == "finished":
+                    done = Completion(name, future.result())
+                else:
+                    done = Completion(name, error=future.exception())
+                future.release()
             yield done
 
     @contextlib.contextmanager
@@ -115,7 +122,10 @@ class DaskExecutor(Executor):
         check_reachable_paths(list(uris), self.handle)
 
     def cancel(self) -> None:
-        """Cancel what is still queued or running (an interrupted run)."""
+        """Cancel what is still queued or running (an interrupted run) on a scheduler we do not own;
+        a cluster we started is closed right after, which stops its tasks anyway (and quietly)."""
+        if self.handle.cluster is not None:
+            return
         with contextlib.suppress(Exception):
             self.client.cancel(list(self._ac.futures), force=True)
 

@@ -9,7 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..secrets import register, unregister
-from . import Completion, Executor
+from . import Completion, Executor, check_stop, stoppable
 
 
 class ThreadExecutor(Executor):
@@ -48,7 +48,14 @@ class ThreadExecutor(Executor):
 
     def completions(self) -> Iterator[Completion]:
         while self._pending:
-            done = self._done.get()
+            with stoppable():
+                while True:
+                    check_stop()
+                    try:
+                        done = self._done.get(timeout=0.05)
+                        break
+                    except queue.Empty:
+                        continue
             self._pending -= 1
             yield done
 
