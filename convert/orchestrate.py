@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .commit import SHARDS_DIR, Output, check_access, clean_leftovers
 from .config import Config, ConfigError
 from .executor import Executor, open_executor
 from .manifest import LEDGER, MANIFEST, PLAN, committed_records, write_manifest
@@ -26,6 +25,7 @@ from .plan import dump_plan, fingerprint, output_settings
 from .secrets import resolve_config, seal_config
 from .sources import SourcePlan, Workdir, plan_source, shard_refs
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .store import SHARDS_DIR, Store, preflight
 from .worker import process_shard
 
 #: `run --retry-failed` with no statuses: the failures a later attempt may well not repeat
@@ -114,15 +114,14 @@ def plan(config: Config, work: Workdir) -> SourcePlan:
     try:
         return plan_source(config.source, config.shard.size, work)
     except OSError:  # PermissionError "Forbidden", endpoint errors: say which bucket and what to fix
-        check_access(config.source.uri, config.source.storage_options, "source")
+        preflight(config.source.uri, config.source.storage_options, "source")
         raise
 
 
-def _reset_output(out: Output) -> None:
+def _reset_output(out: Store) -> None:
     """--overwrite: drop the old manifest, ledger and shards before converting again."""
     for rel in (MANIFEST, LEDGER, PLAN, SHARDS_DIR):
-        if out.exists(rel):
-            out.fs.rm(out.path(rel), recursive=True)
+        out.delete_tree(rel)
 
 
 def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[str], None] = print) -> RunSummary:
@@ -157,13 +156,12 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     return summary
 
 
-def _plan_run(config: Config) -> tuple[SourcePlan, Output, Config, dict]:
+def _plan_run(config: Config) -> tuple[SourcePlan, Store, Config, dict]:
     """Resolve the config here, check the output, plan the source into the output's work folder."""
     config = config.with_absolute_paths()
     local = resolve_config(config)  # this process's own view, secrets resolved
-    check_access(local.output.uri, local.output.storage_options, "output")
-    out = Output(local.output.uri, local.output.storage_options)
-    source_plan = plan(local, Workdir(out.url(""), local.output.storage_options))
+    out = preflight(local.output.uri, local.output.storage_options, "output")
+    source_plan = plan(local, Workdir(out))
     return source_plan, out, local, config.redacted()
 
 
@@ -174,7 +172,7 @@ def _has_transient(record: ShardRecord, statuses: tuple[str, ...]) -> bool:
                for row in record.ledger)  # fmt: skip
 
 
-def _finish(out: Output, local: Config, specs: list[ShardSpec], records: dict[str, ShardRecord], summary: RunSummary,
+def _finish(out: Store, local: Config, specs: list[ShardSpec], records: dict[str, ShardRecord], summary: RunSummary,
             config_data: dict, source_plan: SourcePlan) -> None:  # fmt: skip
     ordered = [records[s.name] for s in specs if s.name in records]
     failed_rows = [row for s in specs if s.name in summary.failed_shards
@@ -195,11 +193,10 @@ def _failed_rows(spec: ShardSpec, error: str, local: Config) -> list[ItemResult]
     return [ItemResult(r.key, r.uri, r.label, Status.SHARD_FAILED, error) for r in refs]
 
 
-def _prepare_output(out: Output, specs: list[ShardSpec], fps: dict[str, str], log: Callable[[str], None]) -> None:
+def _prepare_output(out: Store, specs: list[ShardSpec], fps: dict[str, str], log: Callable[[str], None]) -> None:
     """Before shards change: retract the manifest, clear debris of killed attempts, record the plan."""
-    if out.exists(MANIFEST):
-        out.fs.rm_file(out.path(MANIFEST))  # readers must not trust a manifest while shards change
-    removed = clean_leftovers(out)  # incomplete uploads / temps of earlier killed attempts
+    out.delete(MANIFEST)  # readers must not trust a manifest while shards change
+    removed = out.clean_leftovers()  # incomplete uploads / temps of earlier killed attempts
     if removed:
         log(f"removed {len(removed)} leftovers of earlier attempts (incomplete uploads, temp files)")
     out.write_bytes(PLAN, dump_plan(specs, fps))

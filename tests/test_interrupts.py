@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from convert.commit import Output
+from convert.store import open_store
 from convert.manifest import read_manifest
 from convert.testing import images as gen
 from convert.testing.http import StaticServer
@@ -70,7 +70,7 @@ def test_interrupt_exits_cleanly_and_rerun_resumes(slow_list: Path, tmp_path: Pa
                             "--set", "fetch.allowed_schemes=[http]"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr
     assert f"({on_disk} already committed" in rerun.stderr, rerun.stderr
-    manifest = read_manifest(Output(str(out)))
+    manifest = read_manifest(open_store(str(out)))
     assert manifest["complete"] and manifest["totals"]["ok"] == 40
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from convert import run
-from convert.commit import Output
+from convert.store import open_store
 from convert.config import ConfigError, SourceConfig, load_config
 from convert.executor import open_executor
 from convert.executor.threads import ThreadExecutor
@@ -140,9 +140,9 @@ def test_secrets_in_urls_never_reach_stored_files(http_server, tmp_path: Path) -
 
     texts = [gzip.decompress(p.read_bytes()) for p in out.rglob("*.gz")]
     assert all(secret.encode() not in blob for blob in [stored, *texts])
-    ledger = read_ledger(Output(str(out)))
+    ledger = read_ledger(open_store(str(out)))
     assert ledger["uri"][0].endswith("/a.jpg?token=***&sig=***") and "user" not in ledger["uri"][0]
-    assert json.dumps(read_manifest(Output(str(out)))).count(secret) == 0
+    assert json.dumps(read_manifest(open_store(str(out)))).count(secret) == 0
 
 
 def test_specs_cross_to_workers_small(tmp_path: Path) -> None:

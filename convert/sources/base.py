@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import posixpath
-import uuid
 import re
 import unicodedata
 from collections import Counter
@@ -14,9 +13,10 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from fsspec import AbstractFileSystem
-from fsspec.core import has_magic, url_to_fs
+from fsspec.core import has_magic
 
 from ..specs import ItemRef
+from ..store import StorageError, Store, fs_url, open_store
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MAX_KEY_BYTES = 255  # UTF-8 bytes; LMDB's default key limit is 511 and the shard key may add a prefix
@@ -83,19 +83,15 @@ def require_unique(keys: Iterable[str], where: str) -> None:
 def open_fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[AbstractFileSystem, str]:
     """fsspec filesystem and protocol-less path for `uri` (local paths become absolute)."""
     try:
-        return url_to_fs(uri, **(storage_options or {}))
-    except (ImportError, ValueError) as exc:
-        raise SourceError(f"{uri}: cannot open ({exc}); check the URL scheme and storage_options") from None
-
-
-def is_local(fs: AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "file" in protocols or "local" in protocols
+        store = open_store(uri, storage_options, "source")
+    except StorageError as exc:
+        raise SourceError(str(exc)) from None
+    return store.fs, store.root
 
 
 def full_uri(fs: AbstractFileSystem, path: str) -> str:
     """A URI the fetch layer can open: the absolute path for local files, else protocol://path."""
-    return path if is_local(fs) else fs.unstrip_protocol(path)
+    return fs_url(fs, path)
 
 
 def glob_root(path: str) -> str:
@@ -116,29 +112,20 @@ def relative_to(path: str, root: str) -> str:
 class Workdir:
     """Where the planner leaves the files shard tasks read (label table, folder listings).
 
-    The output root for `run` (workers see it), a temporary folder for `convert-dataset plan`.
+    The output store for `run` (workers see it), a temporary folder for `convert-dataset plan`.
     """
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.fs, self.path = open_fs(uri, storage_options)
-        self.uri = full_uri(self.fs, self.path)
+    def __init__(self, where: Store | str) -> None:
+        self.store = open_store(where) if isinstance(where, str) else where
 
     def url(self, rel: str) -> str:
-        return f"{self.uri.rstrip('/')}/{rel}"
+        return self.store.url(rel)
 
     @contextlib.contextmanager
     def create(self, rel: str) -> Iterator[IO[bytes]]:
-        """A file written to a temporary name and moved to `rel` once complete."""
-        final = f"{self.path.rstrip('/')}/{rel}"
-        tmp = f"{final}.{uuid.uuid4().hex[:12]}.partial"
-        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        try:
-            with self.fs.open(tmp, "wb") as f:
-                yield f
-            self.fs.mv(tmp, final)
-        finally:
-            if self.fs.exists(tmp):
-                self.fs.rm_file(tmp)
+        """A file whose content appears under `rel` only once written completely."""
+        with self.store.writer(rel) as f:
+            yield f
 
 
 def has_scheme(entry: str) -> bool:
@@ -155,7 +142,6 @@ __all__ = [
     "glob_root",
     "has_magic",
     "has_scheme",
-    "is_local",
     "open_fs",
     "relative_to",
     "require_unique",

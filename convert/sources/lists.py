@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..specs import InputSlice
-from .base import SourceError, full_uri, has_magic, is_local, open_fs
+from .base import SourceError, full_uri, has_magic, open_fs
 
 LIST_SUFFIXES = (".txt", ".csv", ".parquet")
 BLOCK = 8 << 20
@@ -286,4 +286,4 @@ def read_rows(sl: InputSlice, storage_options: dict[str, Any] | None) -> Iterato
     return read_parquet_rows(sl, storage_options) if sl.kind == "parquet" else read_text_rows(sl, storage_options)
 
 
-__all__ = ["LIST_SUFFIXES", "ListFile", "Row", "find_lists", "is_local", "read_rows", "scan_text"]
+__all__ = ["LIST_SUFFIXES", "ListFile", "Row", "find_lists", "read_rows", "scan_text"]
