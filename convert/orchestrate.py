@@ -25,7 +25,7 @@ from .plan import dump_plan, fingerprint, output_settings
 from .secrets import resolve_config, seal_config
 from .sources import SourcePlan, Workdir, plan_source, shard_refs
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
-from .store import SHARDS_DIR, Store, preflight
+from .store import SHARDS_DIR, StorageError, Store, preflight
 from .worker import process_shard
 
 #: `run --retry-failed` with no statuses: the failures a later attempt may well not repeat
@@ -245,6 +245,8 @@ def execute(ex: Executor, pending: list[ShardSpec], config: Config, records: dic
 
     top_up()
     for n, done in enumerate(ex.completions(), start=1):
+        if isinstance(done.error, StorageError):  # disk full / no permission: every shard would fail
+            raise done.error
         if done.error is None:
             records[done.name] = done.result
             ok += done.result.ok

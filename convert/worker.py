@@ -8,6 +8,12 @@ retries the whole shard.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import os
+import re
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -25,7 +31,7 @@ from .redact import redact_url
 from .secrets import resolve_config
 from .sources import SourceError, read_member, shard_refs
 from .specs import ItemError, ItemRef, ItemResult, ShardRecord, ShardSpec, Status
-from .store import file_digest, open_store
+from .store import StorageError, file_digest, open_store
 from .transform import output_shape, transform
 
 WRITE_BATCH = 64  # samples per writer call: amortises HDF5/LMDB overhead, bounds buffered pixels
@@ -33,6 +39,40 @@ WRITE_BATCH = 64  # samples per writer call: amortises HDF5/LMDB overhead, bound
 
 class ShardError(RuntimeError):
     """The shard as a whole failed (the orchestrator retries it)."""
+
+
+class OutputError(StorageError):
+    """The output cannot be written (disk full, no permission): every shard would fail the same
+    way, so the orchestrator stops the run and shows this one line."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
+_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)")
+
+
+def _errno_of(exc: BaseException | None) -> int | None:
+    """The errno of an exception or of one it was raised from / during (h5py puts it in the text)."""
+    while exc is not None:
+        code = getattr(exc, "errno", None)
+        if code is None:
+            found = _ERRNO_IN_TEXT.search(str(exc))
+            code = int(found.group(1)) if found else None
+        if code is not None:
+            return code
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def output_error(exc: BaseException, spec: ShardSpec, uri: str) -> OutputError | None:
+    """A one-line OutputError naming the output and the fix for disk-full / permission errors."""
+    code = _errno_of(exc)
+    where = f"output {redact_url(uri)}: {os.strerror(code) if code else ''} while writing {spec.name}"
+    if code in _NO_SPACE:
+        return OutputError(f"{where}; free space there or set output.uri to a volume with room, then rerun to resume")
+    if code in _NO_ACCESS:
+        return OutputError(f"{where}; make it writable for this user (uid {os.getuid()}) or choose another output.uri")
+    return None
 
 
 def load_item(ref: ItemRef, policy: FetchPolicy) -> bytes | np.ndarray:
@@ -144,17 +184,48 @@ def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
     fmt = get_format(config.output.format)
     fp = fingerprint(spec, output_settings(config.redacted()))
     info = shard_info(spec, config, fp)
+    try:
+        return _commit_shard(spec, config, out, fmt, fp, info, started)
+    except (OSError, RuntimeError) as exc:  # h5py reports write failures as RuntimeError
+        failure = output_error(exc, spec, config.output.uri)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+@contextlib.contextmanager
+def _quiet_finalizers() -> Iterator[None]:
+    """h5py handles that fail to flush (a full disk) print "Exception ignored" tracebacks from their
+    finalizers; the error itself is raised (and reported in one line), so silence the echoes."""
+    previous, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # h5py's finalizers print_exc() as well
+            yield
+    finally:
+        sys.unraisablehook = previous
+
+
+def _abort(writer: ShardWriter) -> None:
+    """Drop a failed writer; its own errors must not hide the first one."""
+    with _quiet_finalizers(), contextlib.suppress(Exception):
+        writer.abort()
+
+
+def _commit_shard(spec: ShardSpec, config: Config, out: Any, fmt: Any, fp: str, info: ShardInfo,
+                  started: float) -> ShardRecord:  # fmt: skip
+    """Write, re-open and count, hash, publish, then write the record (the done-marker)."""
     rel = shard_rel_path(spec.name, fmt.extension)
     with out.staging(spec.name, fmt.extension) as tmp:
         writer = open_writer(fmt.name, tmp, info)
         try:
             ledger = _fill(writer, spec, config)
-            writer.close()
+            with _quiet_finalizers():
+                writer.close()
         except SourceError as exc:  # the slice cannot be read as planned: fail (and retry) the shard
-            writer.abort()
+            _abort(writer)
             raise ShardError(f"{spec.name}: {exc}") from None
         except BaseException:
-            writer.abort()
+            _abort(writer)
             raise
         ok = sum(row.ok for row in ledger)
         reader = open_reader(fmt.name, tmp)

@@ -5,6 +5,7 @@ and the in-process executor (the Dask executor is exercised by test_pipeline / t
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -152,3 +153,34 @@ def test_specs_cross_to_workers_small(tmp_path: Path) -> None:
     assert len(specs) == 20 and max(len(pickle.dumps(s)) for s in specs) < 1024
     with open_executor(load_config(None, {"source.uri": "x", "output.uri": "y", "cluster.kind": "threads"}).cluster) as ex:
         assert ex.slots() == 2 and ex.in_flight == 0
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real 64 KiB tmpfs (needs root and a mount-capable environment, else the test is skipped)."""
+    import subprocess
+
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode:  # fmt: skip
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.cluster
+def test_disk_full_is_one_line_naming_the_output(full_disk: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = tmp_path / "imgs"
+    gen.write_image_folder(root, {"a": 12}, size=(80, 80))
+    result = subprocess.run([sys.executable, "-m", "convert", "run", "--source", str(root), "--output", str(full_disk / "out"),
+                             "--size", "64", "--shard-size", "4", "--workers", "1", "--set", "cluster.task_retries=0"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "Compute Failed" not in result.stderr, result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error")]
+    assert errors == [f"error: output {full_disk}/out: No space left on device while writing shard-00000; free space "
+                      "there or set output.uri to a volume with room, then rerun to resume"]  # fmt: skip

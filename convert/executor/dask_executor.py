@@ -9,6 +9,7 @@ removed when the run ends (see convert.secrets for how they are sealed).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,23 @@ class SecretsPlugin(WorkerPlugin):
         unregister(self._values)
 
 
+class _HideComputeFailed(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+class QuietTaskErrors(WorkerPlugin):
+    """Workers of a LocalCluster print to the user's terminal: a failed shard is reported once, in
+    the run's summary, so Dask's "Compute Failed" dump is kept off stderr (get_worker_logs keeps it)."""
+
+    def setup(self, worker: Any) -> None:
+        for handler in logging.getLogger("distributed").handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(f, _HideComputeFailed) for f in handler.filters
+            ):
+                handler.addFilter(_HideComputeFailed())
+
+
 class DaskExecutor(Executor):
     """Shard tasks on a connected Dask cluster (ClusterHandle)."""
 
@@ -62,6 +80,8 @@ class DaskExecutor(Executor):
         self._names: dict[str, str] = {}
         self._ac = as_completed([], with_results=False)
         self._slots: tuple[float, int] = (0.0, 0)
+        if handle.cluster is not None and not handle.job_ids and type(handle.cluster).__name__ == "LocalCluster":
+            self.client.register_plugin(QuietTaskErrors(), name="convert-quiet-task-errors")
 
     @property
     def job_ids(self) -> list[str]:
