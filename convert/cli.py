@@ -109,6 +109,8 @@ def build_config(config_path: str | None, flags: dict[str, Any], sets: tuple[str
         overrides["image.size"] = _parse_size(flags["size"])
     if flags.get("overwrite"):
         overrides["run.overwrite"] = True
+    if flags.get("force_unlock"):
+        overrides["output.force_unlock"] = True
     if flags.get("fail_on_item_errors"):
         overrides["run.fail_on_item_errors"] = True
     for text in sets:
@@ -131,6 +133,7 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)"),
         click.option("--scheduler-file", help="Dask scheduler file of a running cluster"),
         click.option("--overwrite", is_flag=True, help="discard existing shards instead of resuming"),
+        click.option("--force-unlock", is_flag=True, help="take over the output's lease from a dead (stale) run"),
         click.option("--fail-on-item-errors", is_flag=True, help="exit 3 if any item failed"),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any config key, e.g. image.quality=85"),
     ]

@@ -43,6 +43,8 @@ class OutputConfig(_Model):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     compression: Literal["none", "gzip", "lzf"] = "none"  # HDF5 only
     compression_level: int = Field(4, ge=0, le=9)
+    force_unlock: bool = False  # take over a stale lease of another run (convert.lease)
+    lease_ttl: float = Field(60.0, ge=1.0)  # seconds without a heartbeat before a lease is stale
 
 
 class ImageConfig(_Model):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from .config import Config, ConfigError
 from .executor import Executor, open_executor
+from .lease import hold_lease
 from .manifest import LEDGER, MANIFEST, PLAN, committed_records, write_manifest
 from .redact import redact_text
 from .plan import dump_plan, fingerprint, output_settings
@@ -127,13 +128,27 @@ def _reset_output(out: Store) -> None:
 def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[str], None] = print) -> RunSummary:
     """Convert the configured source into a verified dataset; returns the summary.
 
-    Raises Interrupted on KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by the CLI).
+    The run holds the output's lease (convert.lease) before it changes anything, so a second run
+    on the same output stops with one line naming the owner. Raises Interrupted on
+    KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by the CLI).
     """
     start = time.perf_counter()
+    config = config.with_absolute_paths()
+    local = resolve_config(config)  # this process's own view, secrets resolved
+    out = preflight(local.output.uri, local.output.storage_options, "output")
+    with hold_lease(out, force=config.output.force_unlock, ttl=config.output.lease_ttl, log=log):
+        summary = _run_leased(config, local, out, on_progress, log)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run_leased(config: Config, local: Config, out: Store, on_progress: ProgressHook | None,
+                log: Callable[[str], None]) -> RunSummary:  # fmt: skip
     try:
-        source_plan, out, local, config_data = _plan_run(config)
+        source_plan = plan(local, Workdir(out))
     except KeyboardInterrupt as exc:
         raise Interrupted(0, None, getattr(exc, "signal_name", "SIGINT")) from None
+    config_data = config.redacted()
     specs = source_plan.specs
     if config.run.overwrite:
         _reset_output(out)
@@ -148,21 +163,11 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     try:
         if pending:
             _prepare_output(out, specs, fps, log)
-            _convert_pending(config.with_absolute_paths(), pending, records, summary, on_progress, log)
+            _convert_pending(config, pending, records, summary, on_progress, log)
     except KeyboardInterrupt as exc:
         raise Interrupted(len(records), len(specs), getattr(exc, "signal_name", "SIGINT")) from None
     _finish(out, local, specs, records, summary, config_data, source_plan)
-    summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _plan_run(config: Config) -> tuple[SourcePlan, Store, Config, dict]:
-    """Resolve the config here, check the output, plan the source into the output's work folder."""
-    config = config.with_absolute_paths()
-    local = resolve_config(config)  # this process's own view, secrets resolved
-    out = preflight(local.output.uri, local.output.storage_options, "output")
-    source_plan = plan(local, Workdir(out))
-    return source_plan, out, local, config.redacted()
 
 
 def _has_transient(record: ShardRecord, statuses: tuple[str, ...]) -> bool:
@@ -194,11 +199,8 @@ def _failed_rows(spec: ShardSpec, error: str, local: Config) -> list[ItemResult]
 
 
 def _prepare_output(out: Store, specs: list[ShardSpec], fps: dict[str, str], log: Callable[[str], None]) -> None:
-    """Before shards change: retract the manifest, clear debris of killed attempts, record the plan."""
+    """Before shards change: retract the manifest, record the plan (hold_lease cleared dead attempts' debris)."""
     out.delete(MANIFEST)  # readers must not trust a manifest while shards change
-    removed = out.clean_leftovers()  # incomplete uploads / temps of earlier killed attempts
-    if removed:
-        log(f"removed {len(removed)} leftovers of earlier attempts (incomplete uploads, temp files)")
     out.write_bytes(PLAN, dump_plan(specs, fps))
 
 

@@ -25,6 +25,7 @@ from .config import Config
 from .fetch import fetch_bytes, prefetch
 from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
+from .lease import publish, staging
 from .manifest import shard_rel_path, write_record
 from .plan import fingerprint, output_settings
 from .redact import redact_url
@@ -215,7 +216,7 @@ def _commit_shard(spec: ShardSpec, config: Config, out: Any, fmt: Any, fp: str, 
                   started: float) -> ShardRecord:  # fmt: skip
     """Write, re-open and count, hash, publish, then write the record (the done-marker)."""
     rel = shard_rel_path(spec.name, fmt.extension)
-    with out.staging(spec.name, fmt.extension) as tmp:
+    with staging(out, spec.name, fmt.extension) as tmp:
         writer = open_writer(fmt.name, tmp, info)
         try:
             ledger = _fill(writer, spec, config)
@@ -236,7 +237,7 @@ def _commit_shard(spec: ShardSpec, config: Config, out: Any, fmt: Any, fp: str, 
         if stored != ok:
             raise ShardError(f"{spec.name}: wrote {ok} images but the re-opened shard holds {stored}")
         size, digest = file_digest(tmp)
-        out.publish(tmp, rel, size, digest)
+        publish(out, tmp, rel, size, digest)
     record = ShardRecord(
         name=spec.name, path=rel, format=fmt.name, count=len(spec), ok=ok, failed=len(spec) - ok,
         bytes=size, sha256=digest, image_shape=info.image_shape, encoding=info.encoding, ledger=tuple(ledger),
