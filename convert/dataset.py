@@ -69,7 +69,8 @@ class Dataset:
         self._starts = np.cumsum([0] + [s["ok"] for s in self.shards]).tolist()
         self._format = get_format(self.manifest["format"])
         self.is_local = self._out.is_local
-        self.cache = ShardCache(self.cache_dir, self._fetch_file, self._format.extension, cache_limit)
+        self.cache = ShardCache(self.cache_dir, self._fetch_file, self._format.extension, cache_limit,
+                                url_of=self._out.url)  # fmt: skip
         self._init_process()
 
     def _init_process(self) -> None:
@@ -193,7 +194,9 @@ class Dataset:
 
     def _fetch_file(self, rel: str, target: str) -> None:
         """ShardCache's download: the whole object into an existing (reserved) local file."""
-        with self._fs().open(self._out.path(rel), "rb", block_size=8 * 2**20, cache_type="none") as src:
+        path = self._out.path(rel)
+        self._fs().invalidate_cache(path)  # never the size of a stale listing
+        with self._fs().open(path, "rb", block_size=8 * 2**20, cache_type="none") as src:
             with open(target, "r+b") as dst:
                 while block := src.read(8 * 2**20):
                     dst.write(block)

@@ -4,9 +4,10 @@ Files are named by the manifest's sha256 (`<sha256><ext>`), so a copy is reused 
 holding the same shard, and verified after download (size and sha256) before it becomes visible
 through an atomic rename. The cache never holds more than `limit` bytes: before a download the
 space is reserved (the partial file is created at its full size under the cache-wide lock) and
-least-recently-used complete files are evicted to make room. Files this process has pinned (the
-shards it reads or is about to read) are not evicted by it; another process may still evict them,
-which costs a re-download, never a wrong read (an open file stays readable after its unlink).
+least-recently-used complete files are evicted to make room (the shard being fetched never is).
+A shard another reader still has open may be evicted: that reader keeps reading its open file (an
+unlinked file stays readable until closed; readers are LRU-bounded, see Dataset.max_open_shards),
+and a later open downloads it again. Never a wrong read.
 
 Locks are `fcntl.flock` on files in the cache directory (one per shard for the download, one for
 the whole cache for accounting): they work between forked or spawned DataLoader workers and
@@ -24,10 +25,11 @@ import re
 import threading
 import time
 import uuid
-from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from .manifest import ManifestError
 
 PARTIAL = ".partial"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -39,8 +41,8 @@ _WAIT_LIMIT = 600.0
 Fetch = Callable[[str, str], None]  # (shard rel path, local target path) -> writes the file
 
 
-class CacheError(RuntimeError):
-    """A shard cannot be cached: bad checksum, or a limit too small for the shard."""
+class CacheError(ManifestError):
+    """A shard cannot be cached: its download does not match the manifest, or the limit is too small."""
 
 
 def parse_size(value: int | str | None) -> int | None:
@@ -86,23 +88,24 @@ class ShardCache:
     """
 
     def __init__(self, directory: str | os.PathLike[str], fetch: Fetch, extension: str,
-                 limit: int | str | None = None, prefetch_depth: int = 2) -> None:  # fmt: skip
+                 limit: int | str | None = None, prefetch_depth: int = 2,
+                 url_of: Callable[[str], str] = str) -> None:  # fmt: skip
         self.directory = Path(directory)
         self.fetch = fetch
         self.extension = extension
         self.limit = parse_size(limit)
         self.prefetch_depth = prefetch_depth
+        self.url_of = url_of  # shard path -> full URL, for messages
         self._init_process()
 
     def _init_process(self) -> None:
-        self._pins: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[str, Future[Path]] = {}
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k in ("directory", "fetch", "extension", "limit", "prefetch_depth")}
+        return {k: v for k, v in self.__dict__.items() if k in ("directory", "fetch", "extension", "limit", "prefetch_depth", "url_of")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -138,14 +141,6 @@ class ShardCache:
                 if shard["sha256"] not in self._pending:
                     self._pending[shard["sha256"]] = self._pool.submit(self._ensure, shard)
 
-    def pin(self, shard: dict[str, Any]) -> None:
-        self._pins[shard["sha256"]] += 1
-
-    def unpin(self, shard: dict[str, Any]) -> None:
-        self._pins[shard["sha256"]] -= 1
-        if self._pins[shard["sha256"]] <= 0:
-            del self._pins[shard["sha256"]]
-
     def used_bytes(self) -> int:
         """Bytes the cache directory holds now (complete copies plus reserved partial ones)."""
         return sum(size for _, size, _ in self._entries(include_partial=True))
@@ -180,7 +175,7 @@ class ShardCache:
                 digest.update(block)
                 size += len(block)
         if size != shard["bytes"] or digest.hexdigest() != shard["sha256"]:
-            raise CacheError(f"{shard['path']}: downloaded copy does not match the manifest's size/sha256; "
+            raise CacheError(f"{self.url_of(shard['path'])}: checksum does not match the manifest; "
                              "run `convert-dataset verify` on the dataset and re-run the conversion")  # fmt: skip
 
     def _reserve(self, tmp: Path, size: int, keep: str) -> None:
@@ -208,7 +203,7 @@ class ShardCache:
             if used + size <= self.limit:
                 break
             sha = path.name[: -len(self.extension)] if path.name.endswith(self.extension) else path.name
-            if sha in self._pins or sha == keep:
+            if sha == keep:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
