@@ -168,13 +168,26 @@ class Dataset:
         with self._lock:  # one download / open per shard even when iteration threads race
             reader = self._readers.get(shard)
             if reader is None:
-                reader = self._readers[shard] = open_reader(self._format.name, self._source(self.shards[shard]))
+                reader = self._readers[shard] = self._open_shard(self.shards[shard])
                 while len(self._readers) > self.max_open_shards:  # LRU close
                     _, old = self._readers.popitem(last=False)
                     old.close()
             else:
                 self._readers.move_to_end(shard)
         return reader
+
+    def _open_shard(self, shard: dict[str, Any]) -> ShardReader:
+        """Open now (not lazily): a cached copy evicted by another process between the cache's answer
+        and the open is fetched again; once open, the file stays readable even if evicted."""
+        for attempt in range(3):
+            reader = open_reader(self._format.name, self._source(shard))
+            try:
+                len(reader)
+                return reader
+            except FileNotFoundError:
+                if self.is_local or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _fs(self) -> fsspec.AbstractFileSystem:
         """This process's own filesystem instance (a forked worker never reuses the parent's s3fs)."""
