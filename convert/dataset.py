@@ -23,15 +23,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import fsspec
 import numpy as np
 
-from .commit import Output
 from .fetch import prefetch
 from .formats.base import ShardReader, get_format, open_reader
 from .manifest import read_ledger, read_manifest
-from .secrets import resolve_options
 from .shardcache import ShardCache
+from .store import Store, open_store
 
 NO_LABEL = -1  # the label of an unlabelled item
 ITER_CHUNK = 256  # items per batched read during iteration
@@ -63,26 +61,25 @@ class Dataset:
         self.decode = decode
         self.download = download
         self.max_open_shards = max(1, max_open_shards)
-        self._out = Output(uri, self.storage_options)
-        self.manifest = read_manifest(self._out)
+        store = self._store()
+        self.manifest = read_manifest(store)
         self.shards = [s for s in self.manifest["shards"] if s["ok"] > 0]
         self._starts = np.cumsum([0] + [s["ok"] for s in self.shards]).tolist()
         self._format = get_format(self.manifest["format"])
-        self.is_local = self._out.is_local
+        self.is_local = store.is_local
         self.cache = ShardCache(self.cache_dir, self._fetch_file, self._format.extension, cache_limit,
-                                url_of=self._out.url)  # fmt: skip
+                                url_of=store.url)  # fmt: skip
         self._init_process()
 
     def _init_process(self) -> None:
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
         self._lock = threading.RLock()  # background iteration threads open shards too
         self._pid = os.getpid()
-        self._fs_handle: fsspec.AbstractFileSystem | None = None
 
     # -- pickling: handles are per process ------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_readers", "_lock", "_fs_handle", "_pid"):
+        for name in ("_readers", "_lock", "_pid"):
             del state[name]
         return state
 
@@ -133,7 +130,7 @@ class Dataset:
 
     def ledger(self) -> dict[str, Any]:
         """Every input item with its status and error message (columns)."""
-        return read_ledger(self._out)
+        return read_ledger(self._store())
 
     def locate(self, index: int) -> tuple[int, int]:
         """(shard number, index within the shard) of dataset index `index`."""
@@ -189,27 +186,23 @@ class Dataset:
                     raise
         raise AssertionError("unreachable")
 
-    def _fs(self) -> fsspec.AbstractFileSystem:
-        """This process's own filesystem instance (a forked worker never reuses the parent's s3fs)."""
-        if self._fs_handle is None:
-            self._fs_handle = fsspec.core.url_to_fs(self.uri, **resolve_options(self.storage_options))[0]
-        return self._fs_handle
+    def _store(self) -> Store:
+        """This process's store (open_store is per process: a forked worker never reuses the parent's s3fs)."""
+        return open_store(self.uri, self.storage_options, role="dataset")
 
     def _source(self, shard: dict[str, Any]) -> Any:
-        if self.is_local:
-            return self._out.path(shard["path"])
+        store = self._store()
+        local = store.local_path(shard["path"])
+        if local is not None:
+            return local
         if self._format.needs_local_file or self.download:
             return str(self.cache.get(shard))
-        path = self._out.path(shard["path"])
-        self._fs().invalidate_cache(path)  # the size must come from the store, not a stale listing
-        return self._fs().open(path, "rb", block_size=REMOTE_BLOCK, cache_type="blockcache",
-                               cache_options={"maxblocks": REMOTE_BLOCKS})  # fmt: skip
+        return store.open(shard["path"], "rb", block_size=REMOTE_BLOCK, cache_type="blockcache",
+                          cache_options={"maxblocks": REMOTE_BLOCKS})  # fmt: skip
 
     def _fetch_file(self, rel: str, target: str) -> None:
         """ShardCache's download: the whole object into an existing (reserved) local file."""
-        path = self._out.path(rel)
-        self._fs().invalidate_cache(path)  # never the size of a stale listing
-        with self._fs().open(path, "rb", block_size=8 * 2**20, cache_type="none") as src:
+        with self._store().open(rel, "rb", block_size=8 * 2**20, cache_type="none") as src:
             with open(target, "r+b") as dst:
                 while block := src.read(8 * 2**20):
                     dst.write(block)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from convert.config import load_config
+from convert import run
 from convert.dataset import NO_LABEL, Dataset, open_dataset
 from convert.fetch.prefetch import THREAD_PREFIX
-from convert.graph import run
 from convert.manifest import ManifestError
 from convert.testing import images as gen
 

@@ -7,9 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from convert import run
 from convert.config import load_config
 from convert.dataset import open_dataset
-from convert.graph import run
 from convert.stream import Part, Stream
 from convert.testing import images as gen
 

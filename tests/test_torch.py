@@ -25,9 +25,9 @@ else:
 
 from torch.utils.data import DataLoader  # noqa: E402
 
+from convert import run  # noqa: E402
 from convert.config import load_config  # noqa: E402
 from convert.dataset import open_dataset  # noqa: E402
-from convert.graph import run  # noqa: E402
 from convert.testing import images as gen  # noqa: E402
 from convert.torch import StreamingDataLoader, StreamingDataset  # noqa: E402
 
