@@ -3,7 +3,7 @@
 Layout under the dataset root:
     shards/shard-00000.h5            the shard (or .lmdb, or a directory for directory formats)
     shards/shard-00000.record.gz     its record: counts, sha256, identity, ledger rows (convert.records)
-    plan.gz                          the shard plan, written before any shard runs
+    plan.gz                          the shard plan: each shard's input slices (convert.plan)
     failed.gz                        ledger rows of shards that failed after their retries (if any)
     index.gz                         the shard index: one column per summary field (numpy arrays)
     manifest.json                    written LAST: config, label names, aggregate counts, index digest
@@ -31,7 +31,7 @@ from . import persist
 from .records import (RECORD_SUFFIX, ManifestError, check_rel_path, check_summary, committed_records, dump_bytes,
                       iter_record_ledgers, ledger_columns, ledger_rows, ordered_map, read_record, record_rel_path,
                       shard_rel_path, write_record)  # fmt: skip
-from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .specs import ItemResult, ShardRecord, Status
 from .store import SHARDS_DIR, Leftover, Store
 
 MANIFEST = "manifest.json"
@@ -45,7 +45,7 @@ _INT_FIELDS = ("count", "ok", "failed", "bytes")
 __all__ = ["FAILED", "INDEX", "LEDGER", "MANIFEST", "PLAN", "RECORD_SUFFIX", "LedgerRow", "ManifestError",
            "ShardCheck", "ShardIndex", "check_opened", "committed_records", "iter_ledger", "leftovers",
            "read_ledger", "read_manifest", "read_record", "record_rel_path", "repair", "shard_rel_path", "verify",
-           "write_manifest", "write_plan", "write_record"]  # fmt: skip
+           "write_manifest", "write_record"]  # fmt: skip
 
 
 class ShardIndex(Sequence[dict[str, Any]]):
@@ -161,21 +161,6 @@ def write_manifest(store: Store, records: list[ShardRecord], config: dict[str, A
     }
     store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     return {**manifest, "shards": index}
-
-
-def write_plan(out: Store, specs: Sequence[ShardSpec], fingerprints: dict[str, str]) -> None:
-    """The shard plan as columns (one row per input item), written before any shard runs."""
-    refs = [ref for spec in specs for ref in spec.items]
-    plan = {
-        "shards": [spec.name for spec in specs],
-        "fingerprints": [fingerprints[spec.name] for spec in specs],
-        "shard": np.array([spec.index for spec in specs for _ in spec.items], dtype=np.int32),
-        "key": [ref.key for ref in refs],
-        "uri": [ref.uri for ref in refs],
-        "label": np.array([-1 if ref.label is None else ref.label for ref in refs], dtype=np.int64),
-        "member": np.array([-1 if ref.member is None else ref.member for ref in refs], dtype=np.int64),
-    }
-    out.write_bytes(PLAN, dump_bytes(plan))
 
 
 def _load_json(store: Store) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import pytest
 from convert import persist
 from convert.config import load_config
 from convert.dataset import open_dataset
-from convert.graph import run
+from convert.orchestrate import run
 from convert.manifest import INDEX, MANIFEST, ManifestError, iter_ledger, read_ledger, read_manifest, verify
 from convert.records import dump_bytes, record_rel_path
 from convert.store import open_store

@@ -18,7 +18,7 @@ import pytest
 from convert.config import ConfigError, load_config
 from convert.dataset import open_dataset
 from convert.formats.base import FORMATS, FormatOptions, FormatSpec, LazyShardReader, Sample, ShardInfo
-from convert.graph import run
+from convert.orchestrate import run
 from convert.manifest import leftovers, verify
 from convert.store import open_store
 from convert.testing import images as gen

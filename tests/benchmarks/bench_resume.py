@@ -25,7 +25,7 @@ from pathlib import Path
 
 from convert import persist
 from convert.config import load_config
-from convert.graph import run
+from convert.orchestrate import run
 from convert.manifest import read_manifest, write_manifest
 from convert.records import RECORD_SUFFIX, committed_records, record_rel_path
 from convert.specs import ShardRecord
@@ -49,7 +49,7 @@ def size_only(store: Store, names: list[str]) -> int:
 
 def build(uri: str, options: dict, source: Path, scheduler: str, shards: int) -> tuple[Store, dict[str, str]]:
     cfg = load_config(None, {"source.uri": str(source), "output.uri": uri, "output.storage_options": options,
-                             "shard.size": 8, "image.size": 32, "cluster.scheduler": scheduler})  # fmt: skip
+                             "shard.size": 8, "image.size": 16, "cluster.scheduler": scheduler})  # fmt: skip
     summary = run(cfg, log=lambda m: None)
     assert summary.exit_code() == 0 and summary.shards == shards, summary
     store = open_store(uri, options)
@@ -106,19 +106,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, MotoServer() as moto, \
             LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:  # fmt: skip
         root = Path(tmp)
-        gen.write_image_folder(root / "src", {"a": args.shards * 8}, size=(48, 40))
+        gen.write_image_folder(root / "src", {"a": args.shards * 8}, size=(24, 20))
         moto.make_bucket("bench")
-        results = {}
+        idx = index_costs(args.index, root, args.repeat)
+        print(f"open_dataset over a {args.index}-shard index: {idx['index']:.3f} s, {idx['bytes'] / 1e6:.1f} MB on "
+              f"disk; wave 1 inline JSON table: json.loads alone {idx['inline-json']:.3f} s, "
+              f"{idx['legacy-bytes'] / 1e6:.1f} MB", flush=True)  # fmt: skip
+        print(f"resume of {args.shards} committed shards (median of {args.repeat}, seconds):", flush=True)
         for label, uri, opts in (("local", str(root / "out"), {}), ("moto", "s3://bench/out", moto.storage_options())):
             store, fps = build(uri, opts, root / "src", cluster.scheduler_address, args.shards)
-            results[label] = resume_costs(store, fps, args.repeat)
-        idx = index_costs(args.index, root, args.repeat)
-    print(f"resume of {args.shards} committed shards (median of {args.repeat}, seconds):")
-    for label, r in results.items():
-        print(f"  {label:5s}  size-only {r['size-only']:.3f}   content-checked {r['content']:.3f} "
-              f"({r['content'] / r['size-only']:.2f}x)   full sha256 {r['full']:.3f} ({r['full'] / r['size-only']:.2f}x)")
-    print(f"open_dataset over a {args.index}-shard index: {idx['index']:.3f} s, {idx['bytes'] / 1e6:.1f} MB on disk; "
-          f"wave 1 inline JSON table: json.loads alone {idx['inline-json']:.3f} s, {idx['legacy-bytes'] / 1e6:.1f} MB")
+            r = resume_costs(store, fps, args.repeat)
+            print(f"  {label:5s}  size-only {r['size-only']:.3f}   content-checked {r['content']:.3f} "
+                  f"({r['content'] / r['size-only']:.2f}x)   full sha256 {r['full']:.3f} "
+                  f"({r['full'] / r['size-only']:.2f}x)", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
