@@ -211,7 +211,12 @@ def print_summary(summary: Any) -> None:
     table.add_row("items ok", str(summary.items_ok))
     failures = {k: v for k, v in summary.by_status.items() if k != "ok"}
     table.add_row("items failed", f"{summary.items_failed} " + (json.dumps(failures) if failures else ""))
-    table.add_row("time", f"{summary.seconds:.1f} s ({summary.images_per_second:.0f} images/s)")
+    for status, count, keys in summary.top_failures:  # report helper (issue 13): top 3 with example keys
+        table.add_row(f"  {status}", f"{count} (e.g. {', '.join(keys)})")
+    if summary.items_converted or summary.converted:
+        table.add_row("time", f"{summary.seconds:.1f} s ({summary.images_per_second:.0f} images/s)")
+    else:
+        table.add_row("time", f"{summary.seconds:.1f} s (nothing converted: every shard was already committed)")
     for name, error in summary.failed_shards.items():
         table.add_row(f"FAILED {name}", error)
     console.print(table)

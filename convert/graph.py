@@ -9,6 +9,7 @@ killed client just reruns the same config.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .plan import fingerprint, output_settings, plan_shards
 from .secrets import resolve_config, seal_config, share_secrets
 from .sources import SourceListing, list_source
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .summary import previous_config, rebuild_message, remove_stale_shards, top_failures
 from .worker import process_shard
 
 
@@ -36,6 +38,9 @@ class RunSummary:
     seconds: float = 0.0
     cluster: str = ""
     dashboard: str | None = None
+    # -- report helper (issue 13): rate of this run only, and the top failure reasons --
+    items_converted: int = 0  # ok items written by THIS run (resumed shards excluded)
+    top_failures: list[tuple[str, int, list[str]]] = field(default_factory=list)  # (status, count, example keys)
 
     @property
     def items_ok(self) -> int:
@@ -47,7 +52,7 @@ class RunSummary:
 
     @property
     def images_per_second(self) -> float:
-        return self.items_ok / self.seconds if self.seconds > 0 else 0.0
+        return self.items_converted / self.seconds if self.seconds > 0 else 0.0
 
     def exit_code(self, fail_on_item_errors: bool = False) -> int:
         if self.failed_shards:
@@ -95,6 +100,10 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     summary = RunSummary(output=out.url(""), shards=len(specs), skipped=len(records))
     log(f"{len(listing.items)} items from {listing.kind} source -> {len(specs)} shards "
         f"({len(records)} already committed, {len(pending)} to convert)")  # fmt: skip
+    # -- report helper (issue 13): say why committed shards are rebuilt (before the manifest is retracted)
+    rebuild = rebuild_message(previous_config(out), config_data, len(pending))
+    if rebuild:
+        log(rebuild)
     if pending:
         _prepare_output(out, specs, fps, log)
         _convert_pending(config, pending, records, summary, on_progress, log)
@@ -104,8 +113,15 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     counts = Counter(row.status.value for r in ordered for row in r.ledger)
     counts.update(row.status.value for row in failed_rows)
     summary.by_status = dict(counts)
-    write_manifest(out, ordered, config_data, listing.label_names, listing.kind,
-                   failed=summary.failed_shards, failed_rows=failed_rows)  # fmt: skip
+    manifest = write_manifest(out, ordered, config_data, listing.label_names, listing.kind,
+                              failed=summary.failed_shards, failed_rows=failed_rows)  # fmt: skip
+    # -- report helper (issue 13): this run's rate, top failures, shards of an old format/plan
+    summary.items_converted = sum(records[s.name].ok for s in pending if s.name in records)
+    summary.top_failures = top_failures(itertools.chain((row for r in ordered for row in r.ledger), failed_rows))
+    stale = remove_stale_shards(out, manifest, [s.name for s in specs])
+    if stale:
+        log(f"removed {len(stale)} files of earlier settings no manifest lists: {', '.join(stale[:4])}"
+            + (" ..." if len(stale) > 4 else ""))  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -34,9 +34,9 @@ SCREENSHOT_COPY = Path("/work/wt/report-screenshot.png")  # where the lead looks
 pytestmark = pytest.mark.cluster  # real dask LocalCluster processes
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=timeout)  # fmt: skip
+def cli(*args: str, timeout: float = 300, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=env)  # fmt: skip
 
 
 def needs_chromium() -> None:
@@ -174,6 +174,15 @@ def test_report_in_chromium_shows_samples_failures_and_no_external_resources(dem
     ds.close()
 
 
+def test_dataset_repr_names_items_shards_shape_labels(demo):
+    from convert.dataset import open_dataset
+
+    _, out, _ = demo
+    with open_dataset(str(out)) as ds:
+        assert repr(ds) == (f"Dataset({str(out)!r}, items=36, shards=3, format=hdf5, shape=64x64x3, "
+                            "labels=[cat, dog, fox])")  # fmt: skip
+
+
 @pytest.mark.browser
 def test_report_screenshot_and_viewer(demo):
     """Keep a screenshot of the demo report (a test artifact), and one with the full-size viewer open."""
@@ -279,3 +288,20 @@ def test_report_of_a_killed_run(killed, tmp_path):
     reader.close()
     dog = dom.thumbs.index(next(t for t in dom.thumbs if t["data-key"] == "dog/dog_002.jpg"))
     np.testing.assert_array_equal(decode_data_uri(dom.images[dog]), stored["dog/dog_002.jpg"])
+
+
+@pytest.mark.s3
+def test_report_of_an_s3_dataset_is_written_locally_or_where_html_points(s3, tmp_path):
+    env = dict(os.environ, AWS_ENDPOINT_URL=s3.endpoint_url, AWS_ACCESS_KEY_ID="testing",
+               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    done = cli("run", "configs/demo.yaml", "--output", "s3://test-bucket/demo", env=env)
+    assert done.returncode == 0, done.stderr
+    local = cli("report", "s3://test-bucket/demo", "--samples-per-label", "2", cwd=tmp_path, env=env)
+    assert local.returncode == 0, local.stderr
+    page = tmp_path / "demo-report.html"
+    assert Path(local.stdout.strip()) == page and "wrote the report locally" in local.stderr
+    html = page.read_text()
+    assert html.count('<figure class="thumb"') == 6 and "dog/dog_broken.jpg" in html and "complete" in html
+    remote = cli("report", "s3://test-bucket/demo", "--html", "s3://test-bucket/demo/report.html", env=env)
+    assert remote.returncode == 0 and remote.stdout.strip() == "s3://test-bucket/demo/report.html"
+    assert s3.filesystem().cat_file("test-bucket/demo/report.html").decode().count('<figure class="thumb"') == 16 + 8
