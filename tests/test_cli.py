@@ -141,3 +141,39 @@ def test_version():
 
     result = cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"convert-dataset {__version__}"
+
+
+@pytest.mark.parametrize("readme, marker", [("cluster/slurm/README.md", "#SBATCH --cpus-per-task=8"),
+                                            ("cluster/pbs/README.md", "#PBS -l select=1:ncpus=8")])  # fmt: skip
+def test_cluster_readme_dry_run_lines_run_as_written(readme, marker):
+    """Every `--dry-run` command in the SLURM/PBS READMEs, copied as a user would, prints a job script."""
+    import re
+    import shlex
+
+    text = (REPO / readme).read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    commands = [line for line in lines if line.startswith("convert-dataset") and "--dry-run" in line]
+    assert commands, f"no dry-run line in {readme}"
+    for command in commands:
+        args = shlex.split(command)[1:]
+        result = subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=REPO,
+                                timeout=120)  # fmt: skip
+        assert result.returncode == 0, f"{command}: {result.stderr}"
+        assert marker in result.stdout
+
+
+def test_docs_the_configs_and_readmes_point_at_exist():
+    """configs/*.yaml comments and the Markdown files link only to files that exist (docs/s3.md, ...)."""
+    import re
+
+    missing = []
+    for yaml_file in (REPO / "configs").glob("*.yaml"):
+        for ref in re.findall(r"\b((?:docs|configs|cluster)/[\w./-]+\.(?:md|yaml))", yaml_file.read_text()):
+            if not (REPO / ref).is_file():
+                missing.append(f"{yaml_file.name}: {ref}")
+    for md in [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "cluster").glob("*/README.md")]:
+        for ref in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", md.read_text()):
+            if not (md.parent / ref).exists():
+                missing.append(f"{md.relative_to(REPO)}: {ref}")
+    assert missing == []
