@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -204,6 +206,59 @@ def test_report_screenshot_and_viewer(demo):
         shutil.copy(viewer, SCREENSHOT_COPY.with_name("report-viewer.png"))
 
 
+@pytest.mark.browser
+def test_failure_filter_by_status_runs_in_the_browser(demo):
+    needs_chromium()
+    _, out, _ = demo
+    assert cli("report", str(out)).returncode == 0
+    html = chromium_dom((out / "report.html").as_uri() + "#status=not_found")
+    shown = re.findall(r'<tr class="failure" data-status="([a-z_]+)"( style="display: none;")?>', html)
+    assert sorted(shown) == [("bad_url", ' style="display: none;"'), ("decode_error", ' style="display: none;"'),
+                             ("forbidden", ' style="display: none;"'), ("not_found", "")]  # fmt: skip
+    assert "showing 1 not_found of 4 failed items" in html
+
+
+def test_failures_are_capped_with_the_total_shown(demo):
+    from convert.report import render_report
+
+    _, out, _ = demo
+    html = render_report(str(out), failure_cap=2)
+    assert html.count('<tr class="failure"') == 2 and "showing 2 of 4 failed items (capped;" in html
+
+
+def test_source_statistics_and_throughput_from_records(demo, tmp_path):
+    """Records carrying source facts and start/finish times (what the workers record) become the
+    source histograms, the items/s chart and the shard seconds; unknown values (-1/"") are skipped."""
+    import dataclasses
+
+    from convert.commit import Output
+    from convert.manifest import read_record, write_record
+    from convert.report import render_report
+    from convert.report_data import load_run, scan_ledger
+
+    _, src, _ = demo
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    (out / "manifest.json").unlink()  # a partial run: read from the records themselves
+    store = Output(str(out))
+    for i, name in enumerate(["shard-00000", "shard-00001", "shard-00002"]):
+        record, fp = read_record(store, name)
+        ledger = tuple(dataclasses.replace(r, width=640, height=480 if n % 2 else 320, src_format="jpeg",
+                                           src_bytes=40_000 + n) if r.ok else r
+                       for n, r in enumerate(record.ledger))  # fmt: skip
+        write_record(store, dataclasses.replace(record, ledger=ledger, started=1e9 + i, finished=1e9 + i + 2.5,
+                                                stages={"fetch": 0.5, "decode": 0.25}), fp)  # fmt: skip
+    scan = scan_ledger(load_run(store), k=1, cap=10)
+    assert scan.sources.width == {640: 36} and scan.sources.height == {480: 18, 320: 18}
+    assert scan.sources.aspect == {1.33: 18, 2.0: 18} and scan.sources.formats == {"jpeg": 36}
+    assert scan.sources.unknown == 4 and sum(scan.sources.bytes_bin.values()) == 36
+    html = render_report(str(out), samples_per_label=1)
+    assert 'alt="source image statistics"' in html and 'alt="items per second over the run"' in html
+    assert "36 items with recorded source size; 4 without" in html
+    assert "<td class=\"num\">2.50</td>" in html and "&#34;fetch&#34;: 0.5" in html
+    assert "images/s over 4.5 s" in html
+
+
 def test_inspect_failures_lists_every_failed_item(demo):
     _, out, _ = demo
     result = cli("inspect", str(out), "--failures")
@@ -263,6 +318,9 @@ def test_inspect_of_a_killed_run_reads_the_committed_records(killed):
     assert failures.returncode == 0, failures.stderr
     assert [line.split("\t")[0] for line in failures.stdout.splitlines()] == ["web/missing.jpg"]
     assert "partial: 2 of 5 shards committed" in failures.stderr
+    data = json.loads(cli("inspect", str(out), "--json").stdout)
+    assert data["partial"] is True and data["planned_shards"] == 5 and len(data["shards"]) == 2
+    assert data["totals"]["by_status"] == {"not_found": 1, "ok": 15}
 
 
 @pytest.mark.browser
