@@ -231,11 +231,11 @@ def print_summary(summary: Any) -> None:
 @friendly
 def inspect(uri: str, as_json: bool, failures: bool, statuses: tuple[str, ...], options: tuple[str, ...]) -> None:
     """Show shards, counts, failures and the config used (a partial run: its committed shards)."""
-    from .commit import Output
     from .manifest import leftovers
     from .report_data import load_run
+    from .store import open_store
 
-    out = Output(uri, _options(options))
+    out = open_store(uri, _options(options))
     run = load_run(out)
     if failures or statuses:
         _print_failures(run, statuses)
@@ -319,10 +319,10 @@ def report(uri: str, html_target: str | None, k: int, options: tuple[str, ...]) 
 @friendly
 def verify(uri: str, options: tuple[str, ...]) -> None:
     """Re-hash every shard against the manifest; exit 0 only if all match."""
-    from .commit import Output
     from .manifest import verify as verify_output
+    from .store import open_store
 
-    checks = verify_output(Output(uri, _options(options)))
+    checks = verify_output(open_store(uri, _options(options)))
     bad = [c for c in checks if not c.ok]
     for c in bad:
         out_console.print(f"[red]FAIL[/] {c.name}: {c.problem}")

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .commit import Output
 from .fetch.errors import redact_url
 from .report_data import BYTES_BINS_PER_OCTAVE, RunView, SampleView, Scan, SourceStats, load_run, read_samples, scan_ledger
+from .store import open_store
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 FAILURE_CAP = 1000
@@ -37,7 +37,7 @@ def render_report(uri: str, storage_options: dict[str, Any] | None = None, sampl
 
 def _render(uri: str, storage_options: dict[str, Any] | None, samples_per_label: int, failure_cap: int) -> tuple[str, str]:
     _require_extras()
-    out = Output(uri, dict(storage_options or {}))
+    out = open_store(uri, dict(storage_options or {}))
     run = load_run(out)
     scan = scan_ledger(run, samples_per_label, failure_cap)
     samples = read_samples(run, scan)
@@ -68,7 +68,7 @@ def default_target(uri: str) -> tuple[str, bool]:
     A local dataset gets `<root>/report.html`; for a remote one the page is written to the current
     directory as `<dataset name>-report.html` (pass --html s3://... to store it beside the data).
     """
-    out = Output(uri)
+    out = open_store(uri)
     if out.is_local:
         return out.path(REPORT_NAME), True
     name = out.root.rstrip("/").rsplit("/", 1)[-1] or "dataset"

@@ -22,10 +22,10 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from .commit import SHARDS_DIR, Output
 from .manifest import (MANIFEST, PLAN, RECORD_SUFFIX, ManifestError, read_ledger, read_manifest,
                        read_record)  # fmt: skip
 from .specs import Status
+from .store import SHARDS_DIR, Store
 
 BYTES_BINS_PER_OCTAVE = 4  # source-size histogram resolution (log2 bins)
 
@@ -47,7 +47,7 @@ class LedgerRow(NamedTuple):
 class RunView:
     """A dataset root as far as it is committed: complete (manifest) or partial (records only)."""
 
-    out: Output
+    out: Store
     manifest: dict[str, Any] | None
     shards: list[dict[str, Any]]  # shard summaries in shard order (ShardRecord.summary() fields)
     totals: dict[str, Any]
@@ -83,7 +83,7 @@ class RunView:
         return "complete"
 
 
-def load_run(out: Output) -> RunView:
+def load_run(out: Store) -> RunView:
     """The manifest's view if the run finished, else the committed records of the current plan."""
     if out.exists(MANIFEST):
         manifest = read_manifest(out)
@@ -107,18 +107,12 @@ def load_run(out: Output) -> RunView:
     return RunView(out, None, shards, totals, len(plan) if plan is not None else None)
 
 
-def _record_names(out: Output) -> list[str]:
-    root = out.path(SHARDS_DIR)
-    out.fs.invalidate_cache(root)
-    try:
-        paths = out.fs.ls(root, detail=False)
-    except FileNotFoundError:
-        return []
-    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in paths)
+def _record_names(out: Store) -> list[str]:
+    names = (entry.rel.rsplit("/", 1)[-1] for entry in out.list(SHARDS_DIR))
     return sorted(n[: -len(RECORD_SUFFIX)] for n in names if n.endswith(RECORD_SUFFIX))
 
 
-def _plan_fingerprints(out: Output) -> dict[str, str] | None:
+def _plan_fingerprints(out: Store) -> dict[str, str] | None:
     """Shard name -> fingerprint of the current plan (plan.gz), or None if there is no readable plan."""
     from . import persist
 
@@ -301,10 +295,11 @@ def _shard_images(run: RunView, picks: list[Pick]) -> list[np.ndarray]:
     return [images[pos] for pos in range(len(picks))]
 
 
-def _local_copy(out: Output, rel: str, tmp: Path) -> str:
+def _local_copy(out: Store, rel: str, tmp: Path) -> str:
     """A local path of a committed shard: itself when local, else a download into `tmp`."""
-    if out.is_local:
-        return out.path(rel)
+    local = out.local_path(rel)
+    if local is not None:
+        return local
     target = tmp / rel.rsplit("/", 1)[-1]
-    out.fs.get_file(out.path(rel), str(target))
+    out.get_file(rel, str(target))
     return str(target)

@@ -16,11 +16,11 @@ import re
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
-from .commit import SHARDS_DIR, Output
 from .formats.base import get_format
 from .manifest import MANIFEST, ManifestError, read_manifest
 from .plan import output_settings
 from .specs import ItemResult, Status
+from .store import SHARDS_DIR, Store
 
 # The config keys each output setting comes from (output_settings() flattens output.* away).
 _SETTING_KEYS = {"format": "output.format", "compression": "output.compression",
@@ -78,7 +78,7 @@ def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def previous_config(out: Output) -> dict[str, Any] | None:
+def previous_config(out: Store) -> dict[str, Any] | None:
     """The config recorded in the dataset's current manifest.json, or None (no or unreadable manifest)."""
     if not out.exists(MANIFEST):
         return None
@@ -117,18 +117,13 @@ def stale_shard_files(names: Iterable[str], listed: Iterable[str], plan_names: I
     return sorted(stale)
 
 
-def remove_stale_shards(out: Output, manifest: dict[str, Any], plan_names: Sequence[str]) -> list[str]:
+def remove_stale_shards(out: Store, manifest: dict[str, Any], plan_names: Sequence[str]) -> list[str]:
     """Delete `stale_shard_files` under shards/; call only after the new manifest is written."""
     listed = [s["path"].rsplit("/", 1)[-1] for s in manifest["shards"]]
     listed += [f"{s['name']}.record.gz" for s in manifest["shards"]]
     extension = get_format(manifest["format"]).extension
-    root = out.path(SHARDS_DIR)
-    out.fs.invalidate_cache(root)
-    try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in out.fs.ls(root, detail=False)]
-    except FileNotFoundError:
-        return []
-    stale = stale_shard_files(names, listed, plan_names, extension)
+    entries = {entry.rel.rsplit("/", 1)[-1]: entry for entry in out.list(SHARDS_DIR)}
+    stale = stale_shard_files(entries, listed, plan_names, extension)
     for name in stale:
-        out.fs.rm(out.path(f"{SHARDS_DIR}/{name}"), recursive=True)
+        (out.delete_tree if entries[name].is_dir else out.delete)(f"{SHARDS_DIR}/{name}")
     return stale

@@ -231,7 +231,7 @@ def test_source_statistics_and_throughput_from_records(demo, tmp_path):
     source histograms, the items/s chart and the shard seconds; unknown values (-1/"") are skipped."""
     import dataclasses
 
-    from convert.commit import Output
+    from convert.store import open_store
     from convert.manifest import read_record, write_record
     from convert.report import render_report
     from convert.report_data import load_run, scan_ledger
@@ -240,7 +240,7 @@ def test_source_statistics_and_throughput_from_records(demo, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(src, out)
     (out / "manifest.json").unlink()  # a partial run: read from the records themselves
-    store = Output(str(out))
+    store = open_store(str(out))
     for i, name in enumerate(["shard-00000", "shard-00001", "shard-00002"]):
         record, fp = read_record(store, name)
         ledger = tuple(dataclasses.replace(r, width=640, height=480 if n % 2 else 320, src_format="jpeg",
