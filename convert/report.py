@@ -26,6 +26,7 @@ from .store import open_store
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 FAILURE_CAP = 1000
+MAX_SIDE = 512  # embedded sample images larger than this (unresized sources) are downscaled
 REPORT_NAME = "report.html"
 
 
@@ -49,6 +50,8 @@ def _render(uri: str, storage_options: dict[str, Any] | None, samples_per_label:
         config=_config_text(run.config),
         groups=[_group(names, label, views) for label, views in samples.items()],
         samples_per_label=samples_per_label,
+        labels_total=len(run.label_names) if run.label_names else None,
+        command=_command_text(run.manifest),
         failures=[_failure(run, row) for row in scan.failures],
         failed_total=scan.failed_total,
         failure_statuses=sorted({row.status for row in scan.failures}),
@@ -149,6 +152,24 @@ def _config_text(config: dict[str, Any] | None) -> str | None:
     return None if config is None else yaml.safe_dump(clean(config), sort_keys=False, default_flow_style=None)
 
 
+def _command_text(manifest: dict[str, Any] | None) -> str | None:
+    """The recorded command line, if the manifest carries one (`command`: argv), credentials redacted."""
+    import shlex
+
+    from .config import is_secret_key
+
+    argv = (manifest or {}).get("command")
+    if not isinstance(argv, list):
+        return None
+    shown = []
+    for arg in map(str, argv):
+        key, sep, _ = arg.partition("=")
+        if sep and is_secret_key(key) and "://" not in key:
+            arg = f"{key}=***"
+        shown.append(redact_url(arg) if "://" in arg else arg)
+    return shlex.join(shown)
+
+
 def _label_names(run: RunView, scan: Scan) -> dict[int, str]:
     """The manifest's label names; for a partial run, names inferred from ImageFolder-style keys."""
     if run.label_names:
@@ -168,16 +189,21 @@ def _group(names: dict[int, str], label: int | None, views: list[SampleView]) ->
 
 def _sample(names: dict[int, str], view: SampleView) -> dict[str, Any]:
     h, w, c = view.image.shape
+    shape = f"{h}x{w}x{c}" + (f" (shown at most {MAX_SIDE} px a side)" if max(h, w) > MAX_SIDE else "")
     return {"key": view.key, "label": view.label, "name": _label_name(names, view.label), "uri": redact_url(view.uri),
-            "shard": view.shard, "index": view.index, "shape": f"{h}x{w}x{c}", "src": png_data_uri(view.image)}  # fmt: skip
+            "shard": view.shard, "index": view.index, "shape": shape, "src": png_data_uri(view.image)}  # fmt: skip
 
 
-def png_data_uri(image: np.ndarray) -> str:
-    """Lossless PNG data: URI of an H x W x C uint8 image (C = 1 or 3)."""
+def png_data_uri(image: np.ndarray, max_side: int = MAX_SIDE) -> str:
+    """Lossless PNG data: URI of an H x W x C uint8 image (C = 1 or 3). Images larger than
+    `max_side` (unresized sources) are downscaled so the page stays a few MB; the rest are exact."""
     from PIL import Image
 
+    img = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buf, format="PNG")
+    img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

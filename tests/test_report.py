@@ -363,3 +363,25 @@ def test_report_of_an_s3_dataset_is_written_locally_or_where_html_points(s3, tmp
     remote = cli("report", "s3://test-bucket/demo", "--html", "s3://test-bucket/demo/report.html", env=env)
     assert remote.returncode == 0 and remote.stdout.strip() == "s3://test-bucket/demo/report.html"
     assert s3.filesystem().cat_file("test-bucket/demo/report.html").decode().count('<figure class="thumb"') == 16 + 8
+
+
+def test_embedded_images_are_exact_up_to_the_cap_and_downscaled_above():
+    from convert.report import MAX_SIDE, png_data_uri
+
+    small = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(decode_data_uri(png_data_uri(small)), small)
+    grey = np.random.default_rng(1).integers(0, 256, (40, 40, 1), dtype=np.uint8)
+    np.testing.assert_array_equal(decode_data_uri(png_data_uri(grey)), grey)
+    big = np.zeros((MAX_SIDE * 3, MAX_SIDE * 2, 3), dtype=np.uint8)
+    assert decode_data_uri(png_data_uri(big)).shape == (MAX_SIDE, MAX_SIDE * 2 // 3, 3)
+
+
+def test_recorded_command_is_shown_without_credentials():
+    from convert.report import _command_text
+
+    argv = ["convert-dataset", "run", "--source", "https://alice:hunter2@example.com/list.csv?token=abc",
+            "--set", "output.storage_options.secret=s3cr3t", "--set", "image.size=64"]  # fmt: skip
+    shown = _command_text({"command": argv})
+    assert "hunter2" not in shown and "s3cr3t" not in shown and "abc" not in shown
+    assert "output.storage_options.secret=***" in shown and "image.size=64" in shown
+    assert _command_text({}) is None and _command_text(None) is None
