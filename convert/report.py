@@ -12,6 +12,7 @@ Gathering lives in `convert.report_data`; this module only renders.
 from __future__ import annotations
 
 import base64
+import calendar
 import io
 import json
 import time
@@ -129,7 +130,7 @@ def _summary(run: RunView, scan: Scan, names: dict[int, str]) -> dict[str, Any]:
         "labels": [names[k] for k in sorted(names)],
         "labels_inferred": bool(names) and not run.label_names,
         "start": _when(min(started)) if started else "not recorded",
-        "end": _when(max(finished)) if finished else (run.manifest or {}).get("created", "not recorded"),
+        "end": _when(max(finished)) if finished else _created(run.manifest),
         "rate": f"{sum(s['ok'] for s in run.shards) / span:,.1f} images/s over {span:,.1f} s" if span > 0
         else "not recorded (shards carry no start/end times)",
     }  # fmt: skip
@@ -229,6 +230,17 @@ def _human_bytes(n: float) -> str:
 
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def _created(manifest: dict[str, Any] | None) -> str:
+    """The manifest's write time (ISO 8601, UTC) in the page's format, when no shard times exist."""
+    created = (manifest or {}).get("created")
+    if not created:
+        return "not recorded"
+    try:
+        return _when(calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))) + " (manifest written)"
+    except ValueError:
+        return str(created)
 
 
 # -- charts (matplotlib, Agg, SVG data: URIs) -------------------------------------------------------
