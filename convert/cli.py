@@ -277,7 +277,7 @@ def _print_inspect(uri: str, run: Any, debris: list[Any]) -> None:
 def _print_failures(run: Any, statuses: tuple[str, ...]) -> None:
     """key, uri (credentials redacted), status, error: one tab-separated line per item, shard by shard."""
     from .fetch.errors import redact_url
-    from .report_data import iter_ledger
+    from .report_data import iter_ledger, redact_text
     from .specs import Status
 
     known = [s.value for s in Status]
@@ -288,7 +288,7 @@ def _print_failures(run: Any, statuses: tuple[str, ...]) -> None:
     if run.partial:
         console.print(run.state(), highlight=False)  # stderr: stdout stays one item per line
     for row in iter_ledger(run, wanted):
-        error = " ".join(row.error.split())
+        error = redact_text(" ".join(row.error.split()))
         click.echo(f"{row.key}\t{redact_url(row.uri)}\t{row.status}\t{error}")
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .fetch.errors import redact_url
-from .report_data import BYTES_BINS_PER_OCTAVE, RunView, SampleView, Scan, SourceStats, load_run, read_samples, scan_ledger
+from .report_data import BYTES_BINS_PER_OCTAVE, RunView, redact_text, SampleView, Scan, SourceStats, load_run, read_samples, scan_ledger
 from .store import open_store
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -210,7 +210,7 @@ def png_data_uri(image: np.ndarray, max_side: int = MAX_SIDE) -> str:
 
 def _failure(run: RunView, row: Any) -> dict[str, Any]:
     shard = run.shards[row.shard]["name"] if 0 <= row.shard < len(run.shards) else "-"
-    return {"key": row.key, "uri": redact_url(row.uri), "status": row.status, "error": row.error, "shard": shard}
+    return {"key": row.key, "uri": redact_url(row.uri), "status": row.status, "error": redact_text(row.error), "shard": shard}
 
 
 def _shard_row(s: dict[str, Any]) -> dict[str, Any]:

@@ -385,3 +385,13 @@ def test_recorded_command_is_shown_without_credentials():
     assert "hunter2" not in shown and "s3cr3t" not in shown and "abc" not in shown
     assert "output.storage_options.secret=***" in shown and "image.size=64" in shown
     assert _command_text({}) is None and _command_text(None) is None
+
+
+def test_errors_and_uris_never_show_credentials_and_non_datasets_are_one_line_errors(tmp_path):
+    from convert.report_data import redact_text
+
+    text = "GET https://bob:pa55@host/a.jpg?X-Amz-Signature=abc123&x=1 failed; retry s3://bucket/k"
+    shown = redact_text(text)
+    assert "pa55" not in shown and "abc123" not in shown and "s3://bucket/k" in shown and "x=1" in shown
+    result = cli("report", str(tmp_path))
+    assert result.returncode == 2 and "not a converted dataset" in result.stderr and "Traceback" not in result.stderr
