@@ -9,7 +9,6 @@ killed client just reruns the same config.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from .secrets import resolve_config, seal_config, share_secrets
 from .sources import SourceListing, list_source
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
 from .store import SHARDS_DIR, Store, open_store, preflight
-from .summary import previous_config, rebuild_message, remove_stale_shards, top_failures
+from .summary import after_manifest, announce_rebuild
 from .worker import process_shard
 
 
@@ -98,10 +97,7 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     summary = RunSummary(output=out.url(""), shards=len(specs), skipped=len(records))
     log(f"{len(listing.items)} items from {listing.kind} source -> {len(specs)} shards "
         f"({len(records)} already committed, {len(pending)} to convert)")  # fmt: skip
-    # -- report helper (issue 13): say why committed shards are rebuilt (before the manifest is retracted)
-    rebuild = rebuild_message(previous_config(out), config_data, len(pending))
-    if rebuild:
-        log(rebuild)
+    announce_rebuild(out, config_data, pending, log)  # report helper (issue 13): why shards are rebuilt
     if pending:
         _prepare_output(out, specs, fps, log)
         _convert_pending(config, pending, records, summary, on_progress, log)
@@ -113,13 +109,7 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     summary.by_status = dict(counts)
     manifest = write_manifest(out, ordered, config_data, listing.label_names, listing.kind,
                               failed=summary.failed_shards, failed_rows=failed_rows)  # fmt: skip
-    # -- report helper (issue 13): this run's rate, top failures, shards of an old format/plan
-    summary.items_converted = sum(records[s.name].ok for s in pending if s.name in records)
-    summary.top_failures = top_failures(itertools.chain((row for r in ordered for row in r.ledger), failed_rows))
-    stale = remove_stale_shards(out, manifest, [s.name for s in specs])
-    if stale:
-        log(f"removed {len(stale)} files of earlier settings no manifest lists: {', '.join(stale[:4])}"
-            + (" ..." if len(stale) > 4 else ""))  # fmt: skip
+    after_manifest(out, manifest, specs, pending, records, failed_rows, summary, log)  # report helper (issue 13)
     summary.seconds = time.perf_counter() - start
     return summary
 

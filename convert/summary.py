@@ -8,18 +8,23 @@ clearly marked call sites, so the run output stays readable without growing the 
     rebuild_message(old, new, pending)       -> one line for the run log, or None
     stale_shard_files(names, listed, plan, ext) -> files under shards/ of an old format or plan
     remove_stale_shards(out, manifest, plan_names) -> what was removed (after the new manifest is written)
+
+The orchestration calls two hooks, one line each:
+    announce_rebuild(out, config_data, pending, log)            before the old manifest is retracted
+    after_manifest(out, manifest, specs, pending, records, failed_rows, summary, log)   after the new one
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Any, Iterable, Sequence
+import itertools
+from typing import Any, Callable, Iterable, Sequence
 
 from .formats.base import get_format
 from .manifest import MANIFEST, ManifestError, read_manifest
 from .plan import output_settings
-from .specs import ItemResult, Status
+from .specs import ItemResult, ShardRecord, ShardSpec, Status
 from .store import SHARDS_DIR, Store
 
 # The config keys each output setting comes from (output_settings() flattens output.* away).
@@ -127,3 +132,25 @@ def remove_stale_shards(out: Store, manifest: dict[str, Any], plan_names: Sequen
     for name in stale:
         (out.delete_tree if entries[name].is_dir else out.delete)(f"{SHARDS_DIR}/{name}")
     return stale
+
+
+def announce_rebuild(out: Store, config_data: dict[str, Any], pending: Sequence[ShardSpec],
+                     log: Callable[[str], None]) -> None:  # fmt: skip
+    """Log why committed shards are rebuilt, if the output settings changed since the last manifest."""
+    message = rebuild_message(previous_config(out), config_data, len(pending))
+    if message:
+        log(message)
+
+
+def after_manifest(out: Store, manifest: dict[str, Any], specs: Sequence[ShardSpec], pending: Sequence[ShardSpec],
+                   records: dict[str, ShardRecord], failed_rows: Sequence[ItemResult], summary: Any,
+                   log: Callable[[str], None]) -> None:  # fmt: skip
+    """Once the new manifest is written: this run's own item count and top failures go into the
+    summary (`items_converted`, `top_failures`), and shard files of an old format or plan are removed."""
+    summary.items_converted = sum(records[s.name].ok for s in pending if s.name in records)
+    ordered = (records[s.name] for s in specs if s.name in records)
+    summary.top_failures = top_failures(itertools.chain((row for r in ordered for row in r.ledger), failed_rows))
+    stale = remove_stale_shards(out, manifest, [s.name for s in specs])
+    if stale:
+        log(f"removed {len(stale)} files of earlier settings no manifest lists: {', '.join(stale[:4])}"
+            + (" ..." if len(stale) > 4 else ""))  # fmt: skip
