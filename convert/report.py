@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .fetch.errors import redact_url
-from .report_data import BYTES_BINS_PER_OCTAVE, RunView, redact_text, SampleView, Scan, SourceStats, load_run, read_samples, scan_ledger
+from .report_data import BYTES_BINS_PER_OCTAVE, MAX_LABELS, RunView, redact_text, SampleView, Scan, SourceStats, load_run, read_samples, scan_ledger
 from .store import open_store
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -52,6 +52,7 @@ def _render(uri: str, storage_options: dict[str, Any] | None, samples_per_label:
         groups=[_group(names, label, views) for label, views in samples.items()],
         samples_per_label=samples_per_label,
         labels_total=len(run.label_names) if run.label_names else None,
+        labels_capped=len(samples) >= MAX_LABELS,
         command=_command_text(run.manifest),
         failures=[_failure(run, row) for row in scan.failures],
         failed_total=scan.failed_total,

@@ -29,6 +29,7 @@ from .specs import Status
 from .store import SHARDS_DIR, Store
 
 BYTES_BINS_PER_OCTAVE = 4  # source-size histogram resolution (log2 bins)
+MAX_LABELS = 64  # labels shown in the sample grid (the first ones met in input order)
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
@@ -222,7 +223,7 @@ class Scan:
         return dict(dirs)  # type: ignore[arg-type]
 
 
-def scan_ledger(run: RunView, k: int, cap: int, max_labels: int = 64) -> Scan:
+def scan_ledger(run: RunView, k: int, cap: int, max_labels: int = MAX_LABELS) -> Scan:
     """One streamed pass over the ledger: sample picks, capped failures, counts, source statistics."""
     scan = Scan()
     stored: Counter[int] = Counter()  # shard -> ok items seen so far
