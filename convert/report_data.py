@@ -108,7 +108,7 @@ def load_run(out: Store) -> RunView:
             continue  # unreadable, or a record of earlier settings that resume will not trust
         shards.append(found[0].summary())
         by_status.update(row.status.value for row in found[0].ledger)
-    if not shards:
+    if not shards and plan is None:  # with a plan, "0 of N committed" is the answer, not an error
         raise ManifestError(f"{out.url(MANIFEST)} not found and no committed shard records under "
                             f"{out.url(SHARDS_DIR)}: not a converted dataset, or no shard has finished yet")  # fmt: skip
     ok = by_status.get(Status.OK.value, 0)

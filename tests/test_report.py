@@ -395,3 +395,15 @@ def test_errors_and_uris_never_show_credentials_and_non_datasets_are_one_line_er
     assert "pa55" not in shown and "abc123" not in shown and "s3://bucket/k" in shown and "x=1" in shown
     result = cli("report", str(tmp_path))
     assert result.returncode == 2 and "not a converted dataset" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_run_with_a_plan_but_no_committed_shard_yet_is_partial_zero(demo, tmp_path):
+    _, src, _ = demo
+    out = tmp_path / "started"
+    shutil.copytree(src, out)
+    (out / "manifest.json").unlink()
+    for record in (out / "shards").glob("*.record.gz"):
+        record.unlink()
+    human = cli("inspect", str(out))
+    assert human.returncode == 0 and "partial: 0 of 3 shards committed" in human.stdout
+    assert cli("report", str(out)).returncode == 0 and "partial: 0 of 3" in (out / "report.html").read_text()
