@@ -9,16 +9,19 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from typing import Any, Callable
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as Progress_
 from rich.table import Table
 
 from . import __version__
 from .config import Config, ConfigError, load_config, parse_override
+from .redact import redact_url
 
 console = Console(stderr=True, soft_wrap=True)
 out_console = Console(soft_wrap=True)
@@ -27,7 +30,7 @@ out_console = Console(soft_wrap=True)
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .manifest import ManifestError
     from .persist import PersistError
-    from .cluster import ClusterError
+    from .executor.cluster import ClusterError
     from .sources import SourceError
 
     return (ConfigError, ManifestError, SourceError, PersistError, ClusterError, FileNotFoundError, PermissionError,
@@ -107,6 +110,8 @@ def build_config(config_path: str | None, flags: dict[str, Any], sets: tuple[str
         overrides["image.size"] = _parse_size(flags["size"])
     if flags.get("overwrite"):
         overrides["run.overwrite"] = True
+    if flags.get("force_unlock"):
+        overrides["output.force_unlock"] = True
     if flags.get("fail_on_item_errors"):
         overrides["run.fail_on_item_errors"] = True
     for text in sets:
@@ -129,6 +134,7 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)"),
         click.option("--scheduler-file", help="Dask scheduler file of a running cluster"),
         click.option("--overwrite", is_flag=True, help="discard existing shards instead of resuming"),
+        click.option("--force-unlock", is_flag=True, help="take over the output's lease from a dead (stale) run"),
         click.option("--fail-on-item-errors", is_flag=True, help="exit 3 if any item failed"),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any config key, e.g. image.quality=85"),
     ]
@@ -145,11 +151,69 @@ def main() -> None:
 
 @main.command(cls=_SizeCommand)
 @config_options
+@click.option("--retry-failed", "retry_failed", is_flag=False, flag_value="transient", default=None,
+              metavar="[STATUS,...]", help="rebuild committed shards whose ledgers hold these statuses "
+              "(default: timeout,connection_error,http_error (429/5xx),error)")  # fmt: skip
 @friendly
-def run(config_path: str | None, sets: tuple[str, ...], **flags: Any) -> None:
+def run(config_path: str | None, sets: tuple[str, ...], retry_failed: str | None, **flags: Any) -> None:
     """Convert CONFIG_PATH (YAML) and/or the given flags; resumes unless --overwrite."""
-    config = build_config(config_path, flags, sets)
+    config = build_config(config_path, flags, sets + _retry_sets(retry_failed))
     _execute(config)
+
+
+def _retry_sets(value: str | None) -> tuple[str, ...]:
+    from .orchestrate import TRANSIENT
+    from .specs import Status
+
+    if value is None:
+        return ()
+    statuses = TRANSIENT if value == "transient" else tuple(v.strip() for v in value.split(",") if v.strip())
+    known = {s.value for s in Status}
+    bad = [v for v in statuses if v not in known]
+    if bad:
+        raise ConfigError(f"--retry-failed {','.join(bad)}: unknown status; choose from {', '.join(sorted(known))}")
+    return (f"run.retry_failed={json.dumps(list(statuses))}",)
+
+
+@main.command("plan", cls=_SizeCommand)
+@config_options
+@click.option("--samples", type=int, default=5, show_default=True, help="sample rows to show")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def plan_command(config_path: str | None, sets: tuple[str, ...], samples: int, as_json: bool, **flags: Any) -> None:
+    """List and plan only: partitions, items, shards and a few sample rows (nothing is converted)."""
+    import tempfile
+    import time
+
+    from .orchestrate import plan
+    from .secrets import resolve_config
+    from .sources import Workdir, shard_refs
+
+    config = resolve_config(build_config(config_path, flags, sets).with_absolute_paths())
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="convert-plan-") as tmp:
+        found = plan(config, Workdir(tmp))
+        seconds = time.perf_counter() - start
+        rows = []
+        for spec in found.specs[:1]:
+            for ref in shard_refs(spec, config.source.storage_options):
+                rows.append({"key": ref.key, "uri": redact_url(ref.uri), "label": ref.label})
+                if len(rows) >= samples:
+                    break
+    report = {"source": redact_url(config.source.uri), "kind": found.kind, "partitions": found.partitions,
+              "items": found.items, "shards": len(found.specs), "shard_size": config.shard.size,
+              "labels": len(found.label_names) if found.label_names else 0, "seconds": round(seconds, 3),
+              "samples": rows}  # fmt: skip
+    if as_json:
+        out_console.print_json(json.dumps(report))
+        return
+    out_console.print(f"{report['source']}: {found.kind} source, {found.partitions} partitions, {found.items} items "
+                      f"-> {len(found.specs)} shards of {config.shard.size} (planned in {seconds:.2f} s)", highlight=False)
+    if found.label_names:
+        shown = ", ".join(found.label_names[:10]) + (" ..." if len(found.label_names) > 10 else "")
+        out_console.print(f"labels ({len(found.label_names)}): {shown}", highlight=False, markup=False)
+    for row in rows:
+        out_console.print(f"  {row['key']}  {row['uri']}  label={row['label']}", highlight=False, markup=False)
 
 
 @main.command(cls=_SizeCommand)
@@ -177,7 +241,7 @@ def submit(config_path: str | None, sets: tuple[str, ...], dry_run: bool, **flag
     if config.cluster.kind == "local":
         raise ConfigError("submit needs a batch system: --cluster slurm|pbs (or cluster.kind in the config)")
     if dry_run:
-        from .cluster import job_script
+        from .executor.cluster import job_script
 
         out_console.print(job_script(config.cluster), highlight=False, markup=False)
         return
@@ -185,22 +249,43 @@ def submit(config_path: str | None, sets: tuple[str, ...], dry_run: bool, **flag
 
 
 def _execute(config: Config) -> None:
-    from .graph import run as run_graph
+    from .orchestrate import Interrupted, Progress
+    from .orchestrate import run as run_conversion
 
-    columns = (TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    progress = Progress(*columns, console=console, transient=False)
-    task = progress.add_task("convert", total=None)
+    columns = (TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[items]}"),
+               TimeElapsedColumn())  # fmt: skip
+    progress = Progress_(*columns, console=console, transient=False)
+    task = progress.add_task("convert", total=None, items="")
 
-    def on_progress(name: str, done: int, total: int) -> None:
+    def on_progress(p: Progress) -> None:
         progress.start()  # shown from the first completed shard on; no-op once started
-        progress.update(task, completed=done, total=total)
+        eta = f", ETA {p.eta:.0f} s" if p.eta is not None else ""
+        items = f"{p.items_done}/{p.items_total} items, {p.items_per_second:.0f} images/s{eta}"
+        progress.update(task, completed=p.shards_done, total=p.shards_total, items=items)
 
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        summary = run_graph(config, on_progress=on_progress, log=lambda m: console.print(m, highlight=False))
+        summary = run_conversion(config, on_progress=on_progress, log=lambda m: console.print(m, highlight=False))
+    except Interrupted as exc:
+        progress.stop()
+        console.print(str(exc), highlight=False)
+        sys.exit(143 if exc.signal_name == "SIGTERM" else 130)
     finally:
         progress.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print_summary(summary)
     sys.exit(summary.exit_code(config.run.fail_on_item_errors))
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """Ctrl-C and SIGTERM stop the run the same way (exit 130 / 143): at the executor's next poll
+    while it waits for shards, else right here."""
+    from .executor import Stopped, request_stop
+
+    name = signal.Signals(signum).name
+    if not request_stop(name):
+        raise Stopped(name)
 
 
 def print_summary(summary: Any) -> None:
@@ -276,8 +361,8 @@ def _print_inspect(uri: str, run: Any, debris: list[Any]) -> None:
 
 def _print_failures(run: Any, statuses: tuple[str, ...]) -> None:
     """key, uri (credentials redacted), status, error: one tab-separated line per item, shard by shard."""
-    from .fetch.errors import redact_url
-    from .report_data import iter_ledger, redact_text
+    from .redact import redact_text
+    from .report_data import iter_ledger
     from .specs import Status
 
     known = [s.value for s in Status]

@@ -17,6 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .fetch.policy import FetchPolicy
+from .redact import is_secret_key, redact_options, redact_url
+
+__all__ = ["Config", "ConfigError", "is_secret_key", "load_config", "parse_override", "validate"]
 
 
 class ConfigError(ValueError):
@@ -40,6 +43,8 @@ class OutputConfig(_Model):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     compression: Literal["none", "gzip", "lzf"] = "none"  # HDF5 only
     compression_level: int = Field(4, ge=0, le=9)
+    force_unlock: bool = False  # take over a stale lease of another run (convert.lease)
+    lease_ttl: float = Field(60.0, ge=1.0)  # seconds without a heartbeat before a lease is stale
 
 
 class ImageConfig(_Model):
@@ -100,7 +105,7 @@ class FetchConfig(_Model):
 
 
 class ClusterConfig(_Model):
-    kind: Literal["local", "slurm", "pbs"] = "local"
+    kind: Literal["local", "slurm", "pbs", "threads"] = "local"  # threads: in-process (tests, tiny jobs)
     workers: int | None = Field(None, gt=0)  # LocalCluster processes; None = sized to this machine
     threads_per_worker: int = Field(1, gt=0)
     memory_limit: str = "auto"
@@ -122,6 +127,8 @@ class ClusterConfig(_Model):
 class RunConfig(_Model):
     fail_on_item_errors: bool = False
     overwrite: bool = False  # False: resume; True: discard existing shards first
+    # rebuild committed shards whose ledgers hold these statuses (http_error: only 429/5xx)
+    retry_failed: tuple[str, ...] = ()
 
 
 class Config(_Model):
@@ -146,24 +153,9 @@ class Config(_Model):
         """The config as plain data with storage_options secrets removed (for manifests/logs)."""
         data = self.model_dump(mode="json")
         for section in ("source", "output"):
-            data[section]["storage_options"] = _redact(data[section]["storage_options"])
+            data[section]["storage_options"] = redact_options(data[section]["storage_options"])
+            data[section]["uri"] = redact_url(data[section]["uri"])
         return data
-
-
-_SECRET = re.compile(r"secret|token|password|passwd|key|credential|session|auth|signature|sas|cookie", re.I)
-
-
-def is_secret_key(name: Any) -> bool:
-    """True for storage-option keys whose values must never be logged or shipped (secret, token, ...)."""
-    return bool(_SECRET.search(str(name)))
-
-
-def _redact(opts: Any) -> Any:
-    if isinstance(opts, dict):
-        return {k: ("***" if is_secret_key(k) else _redact(v)) for k, v in opts.items()}
-    if isinstance(opts, list):
-        return [_redact(v) for v in opts]
-    return opts
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -3,7 +3,7 @@
 Layout under the dataset root:
     shards/shard-00000.h5            the shard (or .lmdb)
     shards/shard-00000.record.gz     its record: counts, size, sha256, fingerprint, ledger rows
-    plan.gz                          the shard plan: every input item's shard, key, uri, label
+    plan.gz                          the shard plan: each shard's input slices (convert.plan)
     ledger.gz                        every input item once: key, uri, label, status, error, shard
     manifest.json                    written LAST: resolved config, label names, shard summaries
 
@@ -18,12 +18,12 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 
 from . import persist
-from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .specs import ItemResult, ShardRecord, Status
 from .store import SHARDS_DIR, Leftover, Store
 
 MANIFEST = "manifest.json"
@@ -166,21 +166,6 @@ def write_manifest(
     }
     out.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
-
-
-def write_plan(out: Store, specs: Sequence[ShardSpec], fingerprints: dict[str, str]) -> None:
-    """The shard plan as columns (one row per input item), written before any shard runs."""
-    refs = [ref for spec in specs for ref in spec.items]
-    plan = {
-        "shards": [spec.name for spec in specs],
-        "fingerprints": [fingerprints[spec.name] for spec in specs],
-        "shard": np.array([spec.index for spec in specs for _ in spec.items], dtype=np.int32),
-        "key": [ref.key for ref in refs],
-        "uri": [ref.uri for ref in refs],
-        "label": np.array([-1 if ref.label is None else ref.label for ref in refs], dtype=np.int64),
-        "member": np.array([-1 if ref.member is None else ref.member for ref in refs], dtype=np.int64),
-    }
-    out.write_bytes(PLAN, _dump_bytes(plan))
 
 
 def read_manifest(out: Store) -> dict[str, Any]:

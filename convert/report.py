@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .fetch.errors import redact_url
-from .report_data import BYTES_BINS_PER_OCTAVE, MAX_LABELS, RunView, redact_text, SampleView, Scan, SourceStats, load_run, read_samples, scan_ledger
+from .redact import is_secret_key, redact_text, redact_url
+from .report_data import BYTES_BINS_PER_OCTAVE, MAX_LABELS, RunView, SampleView, Scan, SourceStats, load_run, read_samples, scan_ledger
 from .store import open_store
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -142,8 +142,6 @@ def _config_text(config: dict[str, Any] | None) -> str | None:
     the manifest's copy is already redacted, this guards older or hand-edited manifests)."""
     import yaml
 
-    from .config import is_secret_key
-
     def clean(value: Any, key: str = "") -> Any:
         if isinstance(value, dict):
             return {k: ("***" if is_secret_key(k) and v not in (None, {}, []) else clean(v, k)) for k, v in value.items()}
@@ -157,8 +155,6 @@ def _config_text(config: dict[str, Any] | None) -> str | None:
 def _command_text(manifest: dict[str, Any] | None) -> str | None:
     """The recorded command line, if the manifest carries one (`command`: argv), credentials redacted."""
     import shlex
-
-    from .config import is_secret_key
 
     argv = (manifest or {}).get("command")
     if not isinstance(argv, list):

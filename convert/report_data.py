@@ -14,7 +14,6 @@ kept as counters of distinct values, never as per-item lists.
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,15 +29,6 @@ from .store import SHARDS_DIR, Store
 
 BYTES_BINS_PER_OCTAVE = 4  # source-size histogram resolution (log2 bins)
 MAX_LABELS = 64  # labels shown in the sample grid (the first ones met in input order)
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-
-
-def redact_text(text: str) -> str:
-    """`text` with every URL in it redacted (userinfo dropped, credential query values masked): ledger
-    errors are written by many hands, so the report and `inspect --failures` never trust them."""
-    from .fetch.errors import redact_url
-
-    return _URL.sub(lambda m: redact_url(m.group()), text)
 
 
 class LedgerRow(NamedTuple):

@@ -388,7 +388,7 @@ def test_recorded_command_is_shown_without_credentials():
 
 
 def test_errors_and_uris_never_show_credentials_and_non_datasets_are_one_line_errors(tmp_path):
-    from convert.report_data import redact_text
+    from convert.redact import redact_text
 
     text = "GET https://bob:pa55@host/a.jpg?X-Amz-Signature=abc123&x=1 failed; retry s3://bucket/k"
     shown = redact_text(text)

@@ -27,7 +27,7 @@ from ..config import ConfigError
 SHARDS_DIR = "shards"
 PARTIAL = ".partial"
 EDGE_BLOCK = 64 * 2**10  # bytes hashed at each end of a file for the cheap identity check
-_STAGED = re.compile(r"^\.(?P<name>.+?)\.(?:r-(?P<run>[0-9a-z]+)\.)?(?P<attempt>[0-9a-f]{8,32})" + re.escape(PARTIAL))
+_STAGED = re.compile(r"^\.(?P<name>.+?)\.(?:r-(?P<run>[0-9A-Za-z]+)\.)?(?P<attempt>[0-9a-f]{8,32})" + re.escape(PARTIAL))
 
 
 class StorageError(ConfigError):

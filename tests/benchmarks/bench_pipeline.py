@@ -25,7 +25,7 @@ from pathlib import Path
 from distributed import Client, LocalCluster
 
 from convert.config import load_config
-from convert.graph import run
+from convert import run
 from convert.testing.images import write_corpus
 from convert.transform import transform
 

@@ -18,9 +18,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -33,13 +35,27 @@ import dask.config
 from distributed import Client, LocalCluster
 from distributed.core import Status
 
-from .config import ClusterConfig
+from ..config import ClusterConfig
 
-dask_jobqueue: Any
-try:  # import now: it registers jobqueue.* config defaults, which a dask.config.set() block
-    import dask_jobqueue  # entered before a lazy import would delete again on exit
-except ImportError:  # optional extra `convert[cluster]`; _batch_object() says how to install
-    dask_jobqueue = None
+
+def _jobqueue() -> Any:
+    """dask_jobqueue, imported only when a batch cluster is asked for (its runner module installs a
+    SIGINT handler calling sys.exit, which would turn Ctrl-C of a local run into exit status 0).
+
+    Its jobqueue.* config defaults are (re)applied here: an import inside a dask.config.set()
+    block would otherwise lose them when the block exits.
+    """
+    try:
+        import dask_jobqueue
+    except ImportError:  # optional extra `convert[cluster]`
+        return None
+    import yaml
+
+    path = os.path.join(os.path.dirname(dask_jobqueue.__file__), "jobqueue.yaml")
+    if os.path.isfile(path) and dask.config.get("jobqueue", None) is None:
+        with open(path) as f:
+            dask.config.update(dask.config.config, yaml.safe_load(f), priority="old")
+    return dask_jobqueue
 
 logger = logging.getLogger(__name__)
 
@@ -114,21 +130,37 @@ def local_worker_count(threads_per_worker: int = 1) -> int:
 
 
 @contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """While worker processes are spawned, ignore SIGINT: they inherit SIG_IGN (Python keeps an
+    ignored SIGINT at startup), so a terminal's Ctrl-C, sent to the whole process group, stops
+    only the client, which then shuts the workers down itself - no worker tracebacks."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
 def _open_local(cfg: ClusterConfig) -> Iterator[ClusterHandle]:
     n = cfg.workers or local_worker_count(cfg.threads_per_worker)
     with ExitStack() as stack:
-        cluster = stack.enter_context(
-            LocalCluster(
-                n_workers=n,
-                threads_per_worker=cfg.threads_per_worker,
-                processes=True,
-                memory_limit=cfg.memory_limit,
-                dashboard_address=":0",  # the HTTP server (/health) always runs; on a free port
-                scheduler_kwargs={"dashboard": cfg.dashboard},
-                host="127.0.0.1",
+        with _children_ignore_sigint():  # the constructor returns once the workers are up
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=n,
+                    threads_per_worker=cfg.threads_per_worker,
+                    processes=True,
+                    memory_limit=cfg.memory_limit,
+                    dashboard_address=":0",  # the HTTP server (/health) always runs; on a free port
+                    scheduler_kwargs={"dashboard": cfg.dashboard},
+                    host="127.0.0.1",
+                )
             )
-        )
-        client = stack.enter_context(Client(cluster))
+            client = stack.enter_context(Client(cluster))
         size = f"{_plural(n, 'worker')} x {_plural(cfg.threads_per_worker, 'thread')}"
         yield _make_handle(cfg, client, f"LocalCluster {size}", cluster=cluster, shared=False)
 
@@ -210,6 +242,7 @@ def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, 
     Anything left out is read by dask-jobqueue from ``jobqueue.<kind>.*`` in dask's config.
     """
     kind = cfg.kind
+    _jobqueue()  # registers the jobqueue.* defaults read below
     conf = lambda key: dask.config.get(f"jobqueue.{kind}.{key}", None)  # noqa: E731
     kw: dict[str, Any] = {"job_name": job_name}
     for key in ("cores", "memory", "walltime", "queue", "account"):
@@ -235,6 +268,7 @@ def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, 
 
 def _batch_object(cfg: ClusterConfig, job_name: str, *, job_only: bool = False) -> Any:
     """A started SLURMCluster/PBSCluster, or with job_only its job object (nothing started)."""
+    dask_jobqueue = _jobqueue()
     if dask_jobqueue is None:
         raise ClusterError(f"cluster.kind={cfg.kind!r} needs dask-jobqueue: pip install 'convert[cluster]'")
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[cfg.kind]
