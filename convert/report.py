@@ -214,7 +214,7 @@ def _shard_row(s: dict[str, Any]) -> dict[str, Any]:
     seconds = s["finished"] - s["started"] if s.get("started") and s.get("finished") else None
     return {"name": s["name"], "count": s["count"], "ok": s["ok"], "bytes": _human_bytes(s["bytes"]),
             "sha256": s["sha256"][:12], "seconds": f"{seconds:.2f}" if seconds is not None else "-",
-            "stages": json.dumps({k: round(v, 3) for k, v in s.get("stages", {}).items()}) if s.get("stages") else ""}  # fmt: skip
+            "stages": json.dumps({k: round(v, 3) for k, v in s.get("stages", {}).items()}) if s.get("stages") else "-"}  # fmt: skip
 
 
 def _human_bytes(n: float) -> str:
