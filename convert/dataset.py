@@ -129,6 +129,13 @@ class Dataset:
         finally:
             results.close()
 
+    def __repr__(self) -> str:  # report helper (issue 13)
+        shapes = {"x".join(map(str, s["image_shape"])) if s["image_shape"] else s["encoding"] for s in self.shards}
+        names = self.label_names or []
+        labels = ", ".join(names[:8]) + (f", ... ({len(names)} labels)" if len(names) > 8 else "")
+        return (f"Dataset({self.uri!r}, items={len(self)}, shards={len(self.shards)}, format={self._format.name}, "
+                f"shape={'/'.join(sorted(shapes)) or '-'}, labels=[{labels}])")  # fmt: skip
+
     def ledger(self) -> dict[str, Any]:
         """Every input item with its status and error message (columns)."""
         return read_ledger(self._store())
