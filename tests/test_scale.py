@@ -232,6 +232,7 @@ def test_plan_command_on_millions_of_rows(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.timeout(3600)
 def test_200k_items_kill_client_and_rerun_every_item_once(tmp_path: Path) -> None:
     """200,000 tiny images through a real HTTP server: SIGKILL the client mid-run, rerun, and the
     ledger holds every item exactly once, all ok."""
