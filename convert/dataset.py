@@ -21,7 +21,7 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -36,6 +36,7 @@ ITER_CHUNK = 256  # items per batched read during iteration
 REMOTE_BLOCK = 2**20  # fsspec block size for remote HDF5 random access
 REMOTE_BLOCKS = 8  # blocks cached per open remote shard (bounded: max_open_shards x 8 MiB)
 MAX_OPEN_SHARDS = 32
+T = TypeVar("T")
 
 
 def default_cache_dir() -> Path:
@@ -118,15 +119,8 @@ class Dataset:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Ordered iteration; the next chunks are read in the background while this one is consumed."""
-        chunks = [range(s, min(s + ITER_CHUNK, len(self))) for s in range(0, len(self), ITER_CHUNK)]
-        results = prefetch(chunks, lambda r: self.get_batch(list(r)), depth=2)
-        try:
-            for fetched in results:
-                if fetched.error is not None:
-                    raise fetched.error
-                yield from fetched.value
-        finally:
-            results.close()
+        chunks = (range(s, min(s + ITER_CHUNK, len(self))) for s in range(0, len(self), ITER_CHUNK))
+        return read_ahead(chunks, lambda r: self.get_batch(list(r)))
 
     def ledger(self) -> dict[str, Any]:
         """Every input item with its status and error message (columns)."""
@@ -214,6 +208,19 @@ class Dataset:
             image = decode_image(bytes(image))
         label = NO_LABEL if item["label"] is None else item["label"]
         return {"image": image, "label": label, "key": item["key"]}
+
+
+def read_ahead(reads: Iterable[T], read: Callable[[T], list[Any]], depth: int = 2) -> Iterator[Any]:
+    """The items of `read(r)` for each r in order, the next `depth` reads running in the background
+    (a read's exception is raised here; closing early joins the threads)."""
+    results = prefetch(reads, read, depth=depth)
+    try:
+        for fetched in results:
+            if fetched.error is not None:
+                raise fetched.error
+            yield from fetched.value
+    finally:
+        results.close()
 
 
 def decode_image(data: bytes) -> np.ndarray:
