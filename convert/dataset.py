@@ -66,6 +66,7 @@ class Dataset:
         self.manifest = read_manifest(store)
         self.shards = [s for s in self.manifest["shards"] if s["ok"] > 0]
         self._starts = np.cumsum([0] + [s["ok"] for s in self.shards]).tolist()
+        self._starts_arr = np.asarray(self._starts[:-1], np.int64)
         self._format = get_format(self.manifest["format"])
         self.is_local = store.is_local
         self.cache = ShardCache(self.cache_dir, self._fetch_file, self._format.extension, cache_limit,
@@ -102,14 +103,18 @@ class Dataset:
 
     def get_batch(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Items for `indices` (any order, repeats allowed) with one read per shard touched."""
-        by_shard: dict[int, list[tuple[int, int]]] = {}
-        for pos, index in enumerate(indices):
-            shard, local = self.locate(int(index))
-            by_shard.setdefault(shard, []).append((pos, local))
-        out: list[dict[str, Any]] = [{}] * len(indices)
-        for shard, pairs in by_shard.items():
-            items = self._reader(shard).get_batch([local for _, local in pairs])
-            for (pos, _), item in zip(pairs, items):
+        n = len(self)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        idx = np.where(idx < 0, idx + n, idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"index out of range for dataset of {n} items: {list(indices)[:10]}")
+        shard = np.searchsorted(self._starts_arr, idx, side="right") - 1
+        order = np.argsort(shard, kind="stable")
+        out: list[dict[str, Any]] = [{}] * idx.size
+        for group in np.split(order, np.flatnonzero(np.diff(shard[order])) + 1) if idx.size else ():
+            s = int(shard[group[0]])
+            items = self._reader(s).get_batch(idx[group] - self._starts[s])
+            for pos, item in zip(group.tolist(), items):
                 out[pos] = self._finish(item)
         return out
 
@@ -203,11 +208,12 @@ class Dataset:
                 dst.truncate()
 
     def _finish(self, item: dict[str, Any]) -> dict[str, Any]:
-        image = item["image"]
-        if self.decode and isinstance(image, (bytes, bytearray, memoryview)):
-            image = decode_image(bytes(image))
-        label = NO_LABEL if item["label"] is None else item["label"]
-        return {"image": image, "label": label, "key": item["key"]}
+        """Decode (when asked) and give unlabelled items NO_LABEL, in place (readers return fresh dicts)."""
+        if self.decode and isinstance(item["image"], (bytes, bytearray, memoryview)):
+            item["image"] = decode_image(bytes(item["image"]))
+        if item["label"] is None:
+            item["label"] = NO_LABEL
+        return item
 
 
 def read_ahead(reads: Iterable[T], read: Callable[[T], list[Any]], depth: int = 2) -> Iterator[Any]:
