@@ -21,7 +21,7 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -36,6 +36,7 @@ ITER_CHUNK = 256  # items per batched read during iteration
 REMOTE_BLOCK = 2**20  # fsspec block size for remote HDF5 random access
 REMOTE_BLOCKS = 8  # blocks cached per open remote shard (bounded: max_open_shards x 8 MiB)
 MAX_OPEN_SHARDS = 32
+T = TypeVar("T")
 
 
 def default_cache_dir() -> Path:
@@ -66,6 +67,7 @@ class Dataset:
         index = self.manifest["shards"]  # a columnar ShardIndex: cheap at 10^6 shards
         self.shards = index.select(index.cols["ok"] > 0)
         self._starts = self.shards.starts()
+        self._starts_arr = np.asarray(self._starts[:-1], np.int64)
         self._format = get_format(self.manifest["format"])
         self.is_local = store.is_local
         self.cache = ShardCache(self.cache_dir, self._fetch_file, self._format.extension, cache_limit,
@@ -102,14 +104,18 @@ class Dataset:
 
     def get_batch(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Items for `indices` (any order, repeats allowed) with one read per shard touched."""
-        by_shard: dict[int, list[tuple[int, int]]] = {}
-        for pos, index in enumerate(indices):
-            shard, local = self.locate(int(index))
-            by_shard.setdefault(shard, []).append((pos, local))
-        out: list[dict[str, Any]] = [{}] * len(indices)
-        for shard, pairs in by_shard.items():
-            items = self._reader(shard).get_batch([local for _, local in pairs])
-            for (pos, _), item in zip(pairs, items):
+        n = len(self)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        idx = np.where(idx < 0, idx + n, idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"index out of range for dataset of {n} items: {list(indices)[:10]}")
+        shard = np.searchsorted(self._starts_arr, idx, side="right") - 1
+        order = np.argsort(shard, kind="stable")
+        out: list[dict[str, Any]] = [{}] * idx.size
+        for group in np.split(order, np.flatnonzero(np.diff(shard[order])) + 1) if idx.size else ():
+            s = int(shard[group[0]])
+            items = self._reader(s).get_batch(idx[group] - self._starts[s])
+            for pos, item in zip(group.tolist(), items):
                 out[pos] = self._finish(item)
         return out
 
@@ -119,15 +125,8 @@ class Dataset:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Ordered iteration; the next chunks are read in the background while this one is consumed."""
-        chunks = [range(s, min(s + ITER_CHUNK, len(self))) for s in range(0, len(self), ITER_CHUNK)]
-        results = prefetch(chunks, lambda r: self.get_batch(list(r)), depth=2)
-        try:
-            for fetched in results:
-                if fetched.error is not None:
-                    raise fetched.error
-                yield from fetched.value
-        finally:
-            results.close()
+        chunks = (range(s, min(s + ITER_CHUNK, len(self))) for s in range(0, len(self), ITER_CHUNK))
+        return read_ahead(chunks, lambda r: self.get_batch(list(r)))
 
     def __repr__(self) -> str:  # report helper (issue 13)
         shapes = {"x".join(map(str, s["image_shape"])) if s["image_shape"] else s["encoding"] for s in self.shards}
@@ -220,11 +219,25 @@ class Dataset:
                 dst.truncate()
 
     def _finish(self, item: dict[str, Any]) -> dict[str, Any]:
-        image = item["image"]
-        if self.decode and isinstance(image, (bytes, bytearray, memoryview)):
-            image = decode_image(bytes(image))
-        label = NO_LABEL if item["label"] is None else item["label"]
-        return {"image": image, "label": label, "key": item["key"]}
+        """Decode (when asked) and give unlabelled items NO_LABEL, in place (readers return fresh dicts)."""
+        if self.decode and isinstance(item["image"], (bytes, bytearray, memoryview)):
+            item["image"] = decode_image(bytes(item["image"]))
+        if item["label"] is None:
+            item["label"] = NO_LABEL
+        return item
+
+
+def read_ahead(reads: Iterable[T], read: Callable[[T], list[Any]], depth: int = 2) -> Iterator[Any]:
+    """The items of `read(r)` for each r in order, the next `depth` reads running in the background
+    (a read's exception is raised here; closing early joins the threads)."""
+    results = prefetch(reads, read, depth=depth)
+    try:
+        for fetched in results:
+            if fetched.error is not None:
+                raise fetched.error
+            yield from fetched.value
+    finally:
+        results.close()
 
 
 def decode_image(data: bytes) -> np.ndarray:

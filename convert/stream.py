@@ -23,8 +23,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .dataset import Dataset
-from .fetch import prefetch
+from .dataset import Dataset, read_ahead
 
 PARTITIONS = ("exact", "drop", "pad")
 READ_BATCH = 64  # items per read while streaming (one get_batch)
@@ -136,14 +135,7 @@ class Stream:
     # -- reading --------------------------------------------------------------------------
     def samples(self, part: Part = Part(), start: int = 0) -> Iterator[dict[str, Any]]:
         """The consumer's samples in epoch order from position `start`, read ahead in the background."""
-        results = prefetch(self._reads(part, start), self._read, depth=2)
-        try:
-            for fetched in results:
-                if fetched.error is not None:
-                    raise fetched.error
-                yield from fetched.value
-        finally:
-            results.close()
+        return read_ahead(self._reads(part, start), self._read)
 
     def batches(self, batch_size: int, part: Part = Part(), start: int = 0,
                 drop_last: bool = False) -> Iterator[dict[str, Any]]:  # fmt: skip

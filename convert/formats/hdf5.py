@@ -215,6 +215,25 @@ class _Chunks:
             lo += n
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def gather_rows(self, idx: np.ndarray, nbytes: int, out: np.ndarray) -> None:
+        """out[j] = row idx[j] of a fixed-row dataset (rows of `nbytes`, whole rows per chunk):
+        one copy per touched chunk (sequential batches move whole chunks, random ones a few rows)."""
+        rows = self.size // nbytes
+        chunk = idx // rows
+        order = np.argsort(chunk, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk[order])) + 1
+        for group in np.split(order, bounds):
+            k = int(chunk[group[0]])
+            n = min(rows, (int(self.starts.size) - k) * rows)
+            if self._map is not None:
+                block = np.frombuffer(self._map, np.uint8, count=n * nbytes, offset=int(self.starts[k])).reshape(n, nbytes)
+            else:
+                lo, hi = int(idx[group].min() % rows), int(idx[group].max() % rows) + 1
+                data = np.frombuffer(self._range(int(self.starts[k]) + lo * nbytes, (hi - lo) * nbytes), np.uint8)
+                block = np.empty((hi, nbytes), np.uint8)
+                block[lo:] = data.reshape(hi - lo, nbytes)
+            out[group] = block[idx[group] % rows]
+
     def _range(self, start: int, n: int) -> bytes | memoryview:
         if self._map is not None:
             return memoryview(self._map)[start : start + n]
@@ -295,9 +314,7 @@ class HDF5Reader(LazyShardReader[tuple[h5py.File, "_Chunks | None"]]):
         assert shape is not None
         out = np.empty((idx.size, *shape), np.uint8)
         if chunks is not None:
-            flat, nbytes = out.reshape(idx.size, -1), int(np.prod(shape))
-            for j, i in enumerate(idx.tolist()):
-                flat[j] = np.frombuffer(chunks.read(i * nbytes, (i + 1) * nbytes), np.uint8)
+            chunks.gather_rows(idx, int(np.prod(shape)), out.reshape(idx.size, -1))
             return out
         # compressed: read each touched chunk once (sorted, chunk-aligned), scatter to the positions
         ds = f["images"]
