@@ -22,9 +22,9 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from .manifest import (MANIFEST, PLAN, RECORD_SUFFIX, ManifestError, read_ledger, read_manifest,
-                       read_record)  # fmt: skip
-from .specs import Status
+from .manifest import MANIFEST, PLAN, RECORD_SUFFIX, ManifestError, read_manifest, read_record
+from .manifest import iter_ledger as manifest_iter_ledger
+from .specs import ItemResult, Status
 from .store import SHARDS_DIR, Store
 
 BYTES_BINS_PER_OCTAVE = 4  # source-size histogram resolution (log2 bins)
@@ -130,34 +130,23 @@ def iter_ledger(run: RunView, statuses: set[str] | None = None) -> Iterator[Ledg
     """Ledger rows in input order, streamed shard by shard; only `statuses` if given.
 
     This is the single adapter between the report/inspect and the ledger storage: a complete run
-    reads the dataset ledger, a partial run each committed record's rows.
+    streams `manifest.iter_ledger` (records in shard order, then the failed shards' rows), a
+    partial run each committed record's rows.
     """
     if run.manifest is not None:
-        yield from _filter(_rows_from_columns(read_ledger(run.out)), statuses)
+        index = {s["name"]: i for i, s in enumerate(run.shards)}
+        for shard, r in manifest_iter_ledger(run.out, sorted(statuses) if statuses is not None else None):
+            yield _row(r, index.get(shard, -1))
         return
-    for index, summary in enumerate(run.shards):
+    for i, summary in enumerate(run.shards):
         found = read_record(run.out, summary["name"])
         if found is None:
             continue  # replaced or removed since load_run
-        rows = (LedgerRow(r.key, r.uri, r.label, r.status.value, r.error, r.width, r.height, r.src_format,
-                          r.src_bytes, index) for r in found[0].ledger)  # fmt: skip
-        yield from _filter(rows, statuses)
+        yield from (_row(r, i) for r in found[0].ledger if statuses is None or r.status.value in statuses)
 
 
-def _filter(rows: Iterator[LedgerRow], statuses: set[str] | None) -> Iterator[LedgerRow]:
-    return rows if statuses is None else (r for r in rows if r.status in statuses)
-
-
-def _rows_from_columns(cols: dict[str, Any]) -> Iterator[LedgerRow]:
-    n = len(cols["key"])
-    minus = np.full(n, -1)
-    width, height = cols.get("width", minus), cols.get("height", minus)
-    fmt, nbytes = cols.get("src_format", [""] * n), cols.get("src_bytes", minus)
-    shard = cols.get("shard", minus)
-    for i in range(n):
-        label = int(cols["label"][i])
-        yield LedgerRow(cols["key"][i], cols["uri"][i], None if label < 0 else label, cols["status"][i],
-                        cols["error"][i], int(width[i]), int(height[i]), fmt[i], int(nbytes[i]), int(shard[i]))  # fmt: skip
+def _row(r: ItemResult, shard: int) -> LedgerRow:
+    return LedgerRow(r.key, r.uri, r.label, r.status.value, r.error, r.width, r.height, r.src_format, r.src_bytes, shard)
 
 
 @dataclass
