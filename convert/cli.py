@@ -198,17 +198,23 @@ def plan_command(config_path: str | None, sets: tuple[str, ...], samples: int, a
     from .secrets import resolve_config
     from .sources import Workdir, shard_refs
 
-    config = resolve_config(build_config(config_path, flags, sets).with_absolute_paths())
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="convert-plan-") as tmp:
+        try:
+            config = build_config(config_path, flags, sets)
+        except ConfigError as exc:  # plan writes nothing: an output is optional here
+            if "output" not in str(exc) or flags.get("output"):
+                raise
+            config = build_config(config_path, {**flags, "output": tmp}, sets)
+        config = resolve_config(config.with_absolute_paths())
         found = plan(config, Workdir(tmp))
         seconds = time.perf_counter() - start
         rows = []
-        for spec in found.specs[:1]:
-            for ref in shard_refs(spec, config.source.storage_options):
+        for spec in found.specs:
+            if len(rows) >= samples:
+                break
+            for ref, _ in zip(shard_refs(spec, config.source.storage_options), range(samples - len(rows))):
                 rows.append({"key": ref.key, "uri": redact_url(ref.uri), "label": ref.label})
-                if len(rows) >= samples:
-                    break
     report = {"source": redact_url(config.source.uri), "kind": found.kind, "partitions": found.partitions,
               "items": found.items, "shards": len(found.specs), "shard_size": config.shard.size,
               "labels": len(found.label_names) if found.label_names else 0, "seconds": round(seconds, 3),

@@ -28,7 +28,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from . import persist
-from .records import (RECORD_SUFFIX, ManifestError, check_rel_path, check_summary, committed_records, dump_bytes,
+from .records import (RECORD_SUFFIX, ManifestError, check_rel_paths, check_summary, committed_records, dump_bytes,
                       iter_record_ledgers, ledger_columns, ledger_rows, ordered_map, read_record, record_rel_path,
                       shard_rel_path, write_record)  # fmt: skip
 from .specs import ItemResult, ShardRecord, Status
@@ -110,9 +110,9 @@ class ShardIndex(Sequence[dict[str, Any]]):
                 raise ManifestError(f"{where}: shard {key} counts must be non-negative, got {int(c[key].min())}")
         if n and not np.array_equal(c["ok"] + c["failed"], c["count"]):
             raise ManifestError(f"{where}: a shard's ok + failed != count; rerun the conversion")
-        for path in c["path"]:
-            check_rel_path(str(path), where)
-        if len(set(c["name"].tolist())) != n:
+        check_rel_paths(c["path"], where)
+        names = c["name"]
+        if n > 1 and not (names[1:] > names[:-1]).all() and np.unique(names).size != n:  # sorted: O(n)
             raise ManifestError(f"{where}: duplicate shard names; rerun the conversion")
         return self
 

@@ -63,6 +63,20 @@ def check_rel_path(path: Any, where: str) -> str:
     return path
 
 
+def check_rel_paths(paths: np.ndarray, where: str) -> None:
+    """check_rel_path over a whole column with numpy's string ufuncs (10^6 paths in a fraction of
+    a second); the first bad path is then named by check_rel_path."""
+    p = np.asarray(paths, dtype=str)
+    ok = np.strings.startswith(p, f"{SHARDS_DIR}/") & ~np.strings.endswith(p, "/")
+    for bad in ("//", "/./", "/../", "\\", ":", "\n", "\r"):  # (NUL cannot be found: numpy pads with it)
+        ok &= np.strings.find(p, bad) < 0
+    ok &= ~np.strings.endswith(p, "/..") & ~np.strings.endswith(p, "/.")
+    if not ok.all():
+        for path in p[~ok][:1].tolist():
+            check_rel_path(path, where)
+        raise ManifestError(f"{where}: a shard path is not a relative path under {SHARDS_DIR}/; rerun the conversion")
+
+
 def check_summary(s: dict[str, Any], where: str) -> dict[str, Any]:
     """Validate one shard summary: safe name and path, non-negative consistent counts, sha256."""
     name = s.get("name")

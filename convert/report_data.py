@@ -23,7 +23,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from .manifest import MANIFEST, PLAN, RECORD_SUFFIX, ManifestError, read_manifest, read_record
-from .manifest import iter_ledger as manifest_iter_ledger
+from .manifest import iter_ledger as manifest_ledger
 from .specs import ItemResult, Status
 from .store import SHARDS_DIR, Store
 
@@ -130,23 +130,23 @@ def iter_ledger(run: RunView, statuses: set[str] | None = None) -> Iterator[Ledg
     """Ledger rows in input order, streamed shard by shard; only `statuses` if given.
 
     This is the single adapter between the report/inspect and the ledger storage: a complete run
-    streams `manifest.iter_ledger` (records in shard order, then the failed shards' rows), a
-    partial run each committed record's rows.
+    streams the per-shard ledgers through `manifest.iter_ledger`, a partial run each committed
+    record's rows. Items of failed shards carry shard index -1.
     """
     if run.manifest is not None:
-        index = {s["name"]: i for i, s in enumerate(run.shards)}
-        for shard, r in manifest_iter_ledger(run.out, sorted(statuses) if statuses is not None else None):
-            yield _row(r, index.get(shard, -1))
-        return
-    for i, summary in enumerate(run.shards):
-        found = read_record(run.out, summary["name"])
-        if found is None:
-            continue  # replaced or removed since load_run
-        yield from (_row(r, i) for r in found[0].ledger if statuses is None or r.status.value in statuses)
+        index = {summary["name"]: i for i, summary in enumerate(run.shards)}
+        rows = ((entry.item, index.get(entry.shard, -1)) for entry in manifest_ledger(run.out, statuses or None))
+    else:
+        rows = ((item, i) for i, summary in enumerate(run.shards) for item in _record_rows(run.out, summary["name"]))
+    for r, shard in rows:
+        if statuses is None or r.status.value in statuses:
+            yield LedgerRow(r.key, r.uri, r.label, r.status.value, r.error, r.width, r.height, r.src_format,
+                            r.src_bytes, shard)  # fmt: skip
 
 
-def _row(r: ItemResult, shard: int) -> LedgerRow:
-    return LedgerRow(r.key, r.uri, r.label, r.status.value, r.error, r.width, r.height, r.src_format, r.src_bytes, shard)
+def _record_rows(out: Store, name: str) -> tuple[ItemResult, ...]:
+    found = read_record(out, name)
+    return () if found is None else found[0].ledger  # () if replaced or removed since load_run
 
 
 @dataclass

@@ -20,7 +20,8 @@ import threading
 import uuid
 from typing import Any
 
-from .config import Config, ConfigError, is_secret_key
+from .config import Config, ConfigError
+from .redact import is_secret_key
 
 _ANY_REF = re.compile(r"\$\{(secret:[0-9a-f]{32}|[A-Za-z_][A-Za-z0-9_]*)\}")
 _REGISTRY: dict[str, str] = {}  # reference id -> value, in this process (filled by SecretsPlugin)

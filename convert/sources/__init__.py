@@ -14,11 +14,11 @@ import posixpath
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import SourceConfig
+from ..fetch.prefetch import prefetch
 from ..plan import cut_rows, make_specs
 from ..specs import InputSlice, ItemRef, ShardSpec, SourceRef
 from .base import IMAGE_EXTENSIONS, SourceError, SourceListing, Workdir, open_fs, safe_key
@@ -67,10 +67,17 @@ def _resolve_kind(cfg: SourceConfig) -> str:
     return kind
 
 
-def thread_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
-    """Ordered map on a small thread pool: listing and column passes are I/O (and pyarrow) bound."""
-    with ThreadPoolExecutor(PASS_THREADS, thread_name_prefix="convert-plan") as pool:
-        return list(pool.map(fn, items))
+def thread_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+    """Ordered map on a few threads with a bounded number in flight (listing and column passes are
+    I/O and pyarrow bound); results stream in input order, so O(threads) are held at a time."""
+    results = prefetch(items, fn, depth=PASS_THREADS)
+    try:
+        for got in results:
+            if got.error is not None:
+                raise got.error
+            yield got.value
+    finally:
+        results.close()
 
 
 def plan_source(cfg: SourceConfig, shard_size: int, work: Workdir, map_fn: Callable[..., Any] = thread_map) -> SourcePlan:

@@ -132,17 +132,24 @@ def _slice_facts(sl: InputSlice, storage_options: dict[str, Any] | None, keys: b
 
 def _column_pass(slices: list[InputSlice], storage_options: dict[str, Any] | None, keys: bool, uri: str,
                  map_fn: MapFn) -> list[str] | None:  # fmt: skip
-    """Label names (None for integer labels) and the cross-source key check, one task per slice."""
-    facts = list(map_fn(lambda sl: _slice_facts(sl, storage_options, keys, uri), slices))
+    """Label names (None for integer labels) and the cross-source key check, one task per slice;
+    the per-slice facts are folded as they arrive (only the distinct names and key hashes stay)."""
+    names: set[str] = set()
+    all_int, lowest, hashes = True, 0, []
+    for facts in map_fn(lambda sl: _slice_facts(sl, storage_options, keys, uri), slices):
+        names |= facts.names
+        all_int = all_int and facts.all_int
+        lowest = min(lowest, facts.lowest)
+        if facts.hashes is not None:
+            hashes.append(facts.hashes)
     if keys:
-        _check_keys([f.hashes for f in facts], slices, storage_options, uri, map_fn)
-    if all(f.all_int for f in facts):
-        lowest = min(f.lowest for f in facts)
+        _check_keys(hashes, slices, storage_options, uri, map_fn)
+    if all_int:
         if lowest < 0:
             raise SourceError(f"URL list {uri!r}: label {lowest} is negative; use ids >= 0 or class names, "
                               "empty for unlabelled")  # fmt: skip
         return None
-    return sorted(frozenset().union(*(f.names for f in facts)))
+    return sorted(names)
 
 
 def _check_keys(parts: list[Any], slices: list[InputSlice], storage_options: dict[str, Any] | None, uri: str,
