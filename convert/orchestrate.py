@@ -15,6 +15,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass, field
 
 from .config import Config, ConfigError
@@ -27,12 +28,11 @@ from .secrets import resolve_config, seal_config
 from .sources import SourcePlan, Workdir, plan_source, shard_refs
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
 from .store import SHARDS_DIR, StorageError, Store, preflight
-from .summary import after_manifest, announce_rebuild
+from .summary import LedgerTally, after_manifest, announce_rebuild, fold_record
 from .worker import process_shard
 
 #: `run --retry-failed` with no statuses: the failures a later attempt may well not repeat
 TRANSIENT = ("timeout", "connection_error", "http_error", "error")
-_TRANSIENT_HTTP = re.compile(r"HTTP (429|5\d\d)\b")
 IN_FLIGHT_PER_THREAD = 4
 
 
@@ -157,9 +157,12 @@ def _run_leased(config: Config, local: Config, out: Store, on_progress: Progress
     if config.run.overwrite:
         _reset_output(out)
     fps = {s.name: fingerprint(s, output_settings(config_data)) for s in specs}
-    records: dict[str, ShardRecord] = committed_records(out, fps, verify=config.output.verify_resume)
+    # The client keeps each record without its ledger rows, plus their tally: O(shards), never O(items).
+    tallies: dict[str, LedgerTally] = {}
+    records = committed_records(out, fps, verify=config.output.verify_resume, fold=_folder(tallies))
     if config.run.retry_failed:
-        records = {n: r for n, r in records.items() if not _has_transient(r, config.run.retry_failed)}
+        wanted = config.run.retry_failed
+        records = {n: r for n, r in records.items() if not any(tallies[n].transient.get(s) for s in wanted)}
     pending = [s for s in specs if s.name not in records]
     summary = RunSummary(output=out.url(""), shards=len(specs), skipped=len(records), items=source_plan.items)
     log(f"{source_plan.items} items from {source_plan.kind} source -> {len(specs)} shards "
@@ -168,31 +171,39 @@ def _run_leased(config: Config, local: Config, out: Store, on_progress: Progress
     try:
         if pending:
             _prepare_output(out, specs, fps, log)
-            _convert_pending(config, pending, records, summary, on_progress, log)
+            _convert_pending(config, pending, _folder(tallies, records), summary, on_progress, log)
     except KeyboardInterrupt as exc:
         raise Interrupted(len(records), len(specs), getattr(exc, "signal_name", "SIGINT")) from None
-    _finish(out, local, specs, records, summary, config_data, source_plan, pending, log)
+    _finish(out, local, specs, records, tallies, summary, config_data, source_plan, pending, log)
     return summary
 
 
-def _has_transient(record: ShardRecord, statuses: tuple[str, ...]) -> bool:
-    """True if the shard's ledger holds a failure worth another attempt (http_error: only 429/5xx)."""
-    wanted = set(statuses)
-    return any(row.status.value in wanted and (row.status is not Status.HTTP_ERROR or _TRANSIENT_HTTP.search(row.error))
-               for row in record.ledger)  # fmt: skip
+def _folder(tallies: dict[str, LedgerTally], records: dict[str, ShardRecord] | None = None
+            ) -> Callable[[ShardRecord], ShardRecord]:  # fmt: skip
+    """A function that folds a record's ledger into `tallies` (and files the slim record in `records`)."""
+    def fold(record: ShardRecord) -> ShardRecord:
+        slim, tallies[record.name] = fold_record(record)
+        if records is not None:
+            records[record.name] = slim
+        return slim
+
+    return fold
 
 
-def _finish(out: Store, local: Config, specs: list[ShardSpec], records: dict[str, ShardRecord], summary: RunSummary,
-            config_data: dict, source_plan: SourcePlan, pending: list[ShardSpec], log: Callable[[str], None]) -> None:  # fmt: skip
+def _finish(out: Store, local: Config, specs: list[ShardSpec], records: dict[str, ShardRecord],
+            tallies: dict[str, LedgerTally], summary: RunSummary, config_data: dict, source_plan: SourcePlan,
+            pending: list[ShardSpec], log: Callable[[str], None]) -> None:  # fmt: skip
     ordered = [records[s.name] for s in specs if s.name in records]
     failed_rows = [row for s in specs if s.name in summary.failed_shards
                    for row in _failed_rows(s, summary.failed_shards[s.name], local)]  # fmt: skip
-    counts = Counter(row.status.value for r in ordered for row in r.ledger)
+    counts: Counter[str] = Counter()
+    for record in ordered:
+        counts.update(tallies[record.name].counts)
     counts.update(row.status.value for row in failed_rows)
     summary.by_status = dict(counts)
     manifest = write_manifest(out, ordered, config_data, source_plan.label_names, source_plan.kind,
                               failed=summary.failed_shards, failed_rows=failed_rows, counts=summary.by_status)  # fmt: skip
-    after_manifest(out, manifest, specs, pending, records, failed_rows, summary, log)  # report helper (issue 13)
+    after_manifest(out, manifest, specs, pending, records, tallies, failed_rows, summary, log)  # report helper (issue 13)
 
 
 def _failed_rows(spec: ShardSpec, error: str, local: Config) -> list[ItemResult]:
@@ -210,9 +221,9 @@ def _prepare_output(out: Store, specs: list[ShardSpec], fps: dict[str, str], log
     out.write_bytes(PLAN, dump_plan(specs, fps))
 
 
-def _convert_pending(config: Config, pending: list[ShardSpec], records: dict[str, ShardRecord],
+def _convert_pending(config: Config, pending: list[ShardSpec], keep: Callable[[ShardRecord], Any],
                      summary: RunSummary, on_progress: ProgressHook | None, log: Callable[[str], None]) -> None:  # fmt: skip
-    """Run the pending shards on the configured executor; fills `records` and the summary."""
+    """Run the pending shards on the configured executor; `keep` files each new record; fills the summary."""
     shipped, secrets = seal_config(config)  # what workers get: secrets only as references
     with open_executor(config.cluster, job_name="convert") as ex:
         ex.check_paths([config.source.uri, config.output.uri])
@@ -222,7 +233,7 @@ def _convert_pending(config: Config, pending: list[ShardSpec], records: dict[str
         if ex.job_ids:
             log(f"batch jobs: {' '.join(ex.job_ids)}")
         with ex.share_secrets(secrets):
-            execute(ex, pending, shipped, records, summary.failed_shards, on_progress)
+            execute(ex, pending, shipped, keep, summary.failed_shards, on_progress)
     summary.converted = len(pending) - len(summary.failed_shards)
 
 
@@ -236,9 +247,10 @@ def check_memory(config: Config, ex: Executor) -> None:
                           "lower fetch.prefetch_bytes or raise cluster.memory_limit")  # fmt: skip
 
 
-def execute(ex: Executor, pending: list[ShardSpec], config: Config, records: dict[str, ShardRecord],
+def execute(ex: Executor, pending: list[ShardSpec], config: Config, keep: Callable[[ShardRecord], Any],
             failed: dict[str, str], on_progress: ProgressHook | None) -> None:  # fmt: skip
-    """Bounded submission: keep ~4 x worker threads shard tasks in flight; collect as they complete."""
+    """Bounded submission: keep ~4 x worker threads shard tasks in flight; hand each finished
+    record to `keep` as it completes (nothing else is held per shard), name failures in `failed`."""
     queue: Iterator[ShardSpec] = iter(pending)
     sizes = {s.name: len(s) for s in pending}
     total_items, done_items, ok, start = sum(sizes.values()), 0, 0, time.perf_counter()
@@ -256,7 +268,7 @@ def execute(ex: Executor, pending: list[ShardSpec], config: Config, records: dic
         if isinstance(done.error, StorageError):  # disk full / no permission: every shard would fail
             raise done.error
         if done.error is None:
-            records[done.name] = done.result
+            keep(done.result)
             ok += done.result.ok
         else:
             failed[done.name] = describe_error(done.error)

@@ -197,13 +197,16 @@ def _trusted(store: Store, name: str, expected: str, listing: dict[str, Entry], 
     return record if store.sha256(record.path) == (record.bytes, record.sha256) else None
 
 
-def committed_records(store: Store, fingerprints: dict[str, str], verify: bool = False) -> dict[str, ShardRecord]:
+def committed_records(store: Store, fingerprints: dict[str, str], verify: bool = False,
+                      fold: Callable[[ShardRecord], ShardRecord] | None = None) -> dict[str, ShardRecord]:  # fmt: skip
     """Records from a previous run that resume may trust: same fingerprint, and the shard file
-    provably the one committed (see the module doc). Reads records concurrently."""
+    provably the one committed (see the module doc). Reads records concurrently; `fold` (e.g. drop
+    the ledger rows after counting them) is applied to each as it is read, so at most a window of
+    full records is in memory at once."""
     listing = {entry.name: entry for entry in store.list(SHARDS_DIR)}
     names = [n for n in fingerprints if f"{n}{RECORD_SUFFIX}" in listing]
     found = ordered_map(lambda n: _trusted(store, n, fingerprints[n], listing, verify), names)
-    return {name: record for name, record in zip(names, found) if record is not None}
+    return {name: (fold(record) if fold else record) for name, record in zip(names, found) if record is not None}
 
 
 def iter_record_ledgers(store: Store, names: Iterable[str]) -> Iterator[tuple[str, tuple[ItemResult, ...]]]:

@@ -16,9 +16,10 @@ The orchestration calls two hooks, one line each:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
-import itertools
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from .formats.base import get_format
@@ -30,24 +31,56 @@ from .store import SHARDS_DIR, Store
 # The config keys each output setting comes from (output_settings() flattens output.* away).
 _SETTING_KEYS = {"format": "output.format", "compression": "output.compression",
                  "compression_level": "output.compression_level"}  # fmt: skip
+_TRANSIENT_HTTP = re.compile(r"HTTP (429|5\d\d)\b")  # the http_error rows `--retry-failed` redoes
 _SHARD_FILE = re.compile(r"^(shard-\d+)(\..+)$")
 
 
-def top_failures(rows: Iterable[ItemResult], n: int = 3, examples: int = 2) -> list[tuple[str, int, list[str]]]:
-    """The `n` most frequent failure statuses with their counts and the first `examples` keys of each.
+@dataclass(frozen=True)
+class LedgerTally:
+    """One shard's ledger folded to what the client keeps: counts per status, the first few keys of
+    each failure status, and per-status counts of failures a later attempt may not repeat (for
+    `--retry-failed`; http_error only for 429/5xx). O(statuses), never O(items): the client folds
+    each record as it arrives and drops its rows (they stay in the shard's record on storage)."""
 
-    Streams `rows` once; memory is bounded by the number of distinct statuses (never by items).
-    """
+    counts: dict[str, int]
+    examples: dict[str, tuple[str, ...]]
+    transient: dict[str, int]
+
+    @classmethod
+    def of(cls, rows: Iterable[ItemResult], examples: int = 2) -> "LedgerTally":
+        counts: Counter[str] = Counter()
+        transient: Counter[str] = Counter()
+        keys: dict[str, list[str]] = {}
+        for row in rows:
+            status = row.status.value
+            counts[status] += 1
+            if row.status is Status.OK:
+                continue
+            sample = keys.setdefault(status, [])
+            if len(sample) < examples:
+                sample.append(row.key)
+            if row.status is not Status.HTTP_ERROR or _TRANSIENT_HTTP.search(row.error):
+                transient[status] += 1
+        return cls(dict(counts), {k: tuple(v) for k, v in keys.items()}, dict(transient))
+
+
+def fold_record(record: ShardRecord) -> tuple[ShardRecord, LedgerTally]:
+    """(the record without its ledger rows, their tally)."""
+    return dataclasses.replace(record, ledger=()), LedgerTally.of(record.ledger)
+
+
+def top_failures(tallies: Iterable[LedgerTally], n: int = 3, examples: int = 2) -> list[tuple[str, int, list[str]]]:
+    """The `n` most frequent failure statuses with their counts and the first `examples` keys of each
+    (in the order the tallies are given: shard order)."""
     counts: Counter[str] = Counter()
     keys: dict[str, list[str]] = {}
-    for row in rows:
-        if row.status is Status.OK:
-            continue
-        status = row.status.value
-        counts[status] += 1
-        sample = keys.setdefault(status, [])
-        if len(sample) < examples:
-            sample.append(row.key)
+    for tally in tallies:
+        for status, count in tally.counts.items():
+            if status == Status.OK.value:
+                continue
+            counts[status] += count
+            sample = keys.setdefault(status, [])
+            sample.extend(tally.examples.get(status, ())[: examples - len(sample)])
     return [(status, count, keys[status]) for status, count in counts.most_common(n)]
 
 
@@ -143,13 +176,13 @@ def announce_rebuild(out: Store, config_data: dict[str, Any], pending: Sequence[
 
 
 def after_manifest(out: Store, manifest: dict[str, Any], specs: Sequence[ShardSpec], pending: Sequence[ShardSpec],
-                   records: dict[str, ShardRecord], failed_rows: Sequence[ItemResult], summary: Any,
-                   log: Callable[[str], None]) -> None:  # fmt: skip
+                   records: dict[str, ShardRecord], tallies: dict[str, LedgerTally], failed_rows: Sequence[ItemResult],
+                   summary: Any, log: Callable[[str], None]) -> None:  # fmt: skip
     """Once the new manifest is written: this run's own item count and top failures go into the
     summary (`items_converted`, `top_failures`), and shard files of an old format or plan are removed."""
     summary.items_converted = sum(records[s.name].ok for s in pending if s.name in records)
-    ordered = (records[s.name] for s in specs if s.name in records)
-    summary.top_failures = top_failures(itertools.chain((row for r in ordered for row in r.ledger), failed_rows))
+    ordered = [tallies[s.name] for s in specs if s.name in tallies]
+    summary.top_failures = top_failures([*ordered, LedgerTally.of(failed_rows)])
     stale = remove_stale_shards(out, manifest, [s.name for s in specs])
     if stale:
         log(f"removed {len(stale)} files of earlier settings no manifest lists: {', '.join(stale[:4])}"

@@ -86,7 +86,7 @@ def test_thread_executor_runs_a_conversion_with_bounded_submission(tmp_path: Pat
     specs = _plan(tmp_path, str(root), 1).specs
     seen: list[int] = []
     with ThreadExecutor(1) as ex:
-        execute(ex, specs, config, {}, {}, lambda p: seen.append(ex.in_flight))
+        execute(ex, specs, config, lambda record: None, {}, lambda p: seen.append(ex.in_flight))
     assert len(seen) == 39 and max(seen) <= 4 and seen[-1] == 0  # <= 4 x 1 thread queued at any time
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from convert.config import load_config
 from convert.specs import ItemResult, Status
-from convert.summary import explain_changes, rebuild_message, stale_shard_files, top_failures
+from convert.summary import LedgerTally, explain_changes, rebuild_message, stale_shard_files, top_failures
 
 
-def rows(*statuses: str) -> list[ItemResult]:
-    return [ItemResult(f"k{i}", f"u{i}", None, Status(s)) for i, s in enumerate(statuses)]
+def rows(*statuses: str) -> list[LedgerTally]:
+    """One shard's tally of items k0, k1, ... with these statuses."""
+    return [LedgerTally.of(ItemResult(f"k{i}", f"u{i}", None, Status(s)) for i, s in enumerate(statuses))]
 
 
 def test_top_failures_orders_by_count_and_keeps_first_keys():
@@ -21,6 +22,19 @@ def test_top_failures_orders_by_count_and_keeps_first_keys():
     assert found == [("not_found", 3, ["k1", "k3"]), ("decode_error", 2, ["k2", "k6"]), ("timeout", 1, ["k4"])]
     assert top_failures(rows("ok", "ok")) == []
     assert top_failures(rows("timeout"), n=3, examples=2) == [("timeout", 1, ["k0"])]
+
+
+def test_top_failures_across_shards_keeps_shard_order_and_bounds_examples():
+    first, second = rows("timeout", "ok"), rows("timeout", "timeout", "not_found")
+    assert top_failures(first + second) == [("timeout", 3, ["k0", "k0"]), ("not_found", 1, ["k2"])]
+    assert LedgerTally.of(ItemResult(f"k{i}", "u", None, Status.TIMEOUT) for i in range(1000)).examples == {"timeout": ("k0", "k1")}
+
+
+def test_tally_counts_only_429_and_5xx_http_errors_as_transient():
+    tally = LedgerTally.of([ItemResult("a", "u", None, Status.HTTP_ERROR, "HTTP 503 Service Unavailable"),
+                            ItemResult("b", "u", None, Status.HTTP_ERROR, "HTTP 410 Gone"),
+                            ItemResult("c", "u", None, Status.NOT_FOUND, "HTTP 404")])  # fmt: skip
+    assert tally.counts == {"http_error": 2, "not_found": 1} and tally.transient["http_error"] == 1
 
 
 def test_explain_changes_names_only_output_settings():
