@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator, model_validator
 
 from .fetch.policy import FetchPolicy
 from .redact import is_secret_key, redact_options, redact_url
@@ -38,13 +38,75 @@ class SourceConfig(_Model):
 
 
 class OutputConfig(_Model):
+    """The dataset root, its format and the format's own section (`output.hdf5.compression: gzip`).
+
+    Format names and option sections come from the format registry (convert.formats.base). The
+    wave-1 keys `output.compression` / `output.compression_level` still work: they are HDF5's,
+    moved into `output.hdf5`. `compression`/`compression_level` stay in the dumped config (the
+    fingerprint and manifests of wave 1 read them there), computed from the format's section.
+    """
+
     uri: str
-    format: Literal["hdf5", "lmdb"] = "hdf5"
+    format: str = "hdf5"
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    compression: Literal["none", "gzip", "lzf"] = "none"  # HDF5 only
-    compression_level: int = Field(4, ge=0, le=9)
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-format sections, by format name
     force_unlock: bool = False  # take over a stale lease of another run (convert.lease)
     lease_ttl: float = Field(60.0, ge=1.0)  # seconds without a heartbeat before a lease is stale
+    verify_resume: bool = False  # resume re-hashes every committed shard instead of the identity check
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections(cls, data: Any) -> Any:
+        """`output.<format>: {...}` and the wave-1 HDF5 keys -> `options[<format>]`."""
+        from .formats.base import FORMATS
+
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        options = {k: dict(v) for k, v in (data.pop("options", None) or {}).items()}
+        for name in FORMATS:
+            if isinstance(data.get(name), dict):
+                options[name] = {**options.get(name, {}), **data.pop(name)}
+        for legacy in ("compression", "compression_level"):  # wave 1: HDF5's, at the top level
+            if legacy in data:
+                options.setdefault("hdf5", {}).setdefault(legacy, data.pop(legacy))
+        data["options"] = options
+        return data
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        from .formats.base import FORMATS
+
+        if v not in FORMATS:
+            raise ValueError(f"unknown format {v!r}; expected one of {sorted(FORMATS)}")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _format_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from .formats.base import FORMATS
+
+        unknown = sorted(set(v) - set(FORMATS))
+        if unknown:
+            raise ValueError(f"no format named {unknown[0]!r}; format sections: {sorted(FORMATS)}")
+        return {name: FORMATS[name].validate_options(section) for name, section in v.items()}
+
+    def format_options(self) -> dict[str, Any]:
+        """This output's format section, validated, defaults filled."""
+        from .formats.base import get_format
+
+        return self.options.get(self.format) or get_format(self.format).validate_options({})
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def compression(self) -> str:
+        return str(self.format_options()["compression"])
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def compression_level(self) -> int:
+        return int(self.format_options()["compression_level"])
 
 
 class ImageConfig(_Model):

@@ -27,7 +27,7 @@ import numpy as np
 
 from .fetch import prefetch
 from .formats.base import ShardReader, get_format, open_reader
-from .manifest import read_ledger, read_manifest
+from .manifest import ManifestError, check_opened, read_ledger, read_manifest
 from .shardcache import ShardCache
 from .store import Store, open_store
 
@@ -64,8 +64,9 @@ class Dataset:
         self.max_open_shards = max(1, max_open_shards)
         store = self._store()
         self.manifest = read_manifest(store)
-        self.shards = [s for s in self.manifest["shards"] if s["ok"] > 0]
-        self._starts = np.cumsum([0] + [s["ok"] for s in self.shards]).tolist()
+        index = self.manifest["shards"]  # a columnar ShardIndex: cheap at 10^6 shards
+        self.shards = index.select(index.cols["ok"] > 0)
+        self._starts = self.shards.starts()
         self._starts_arr = np.asarray(self._starts[:-1], np.int64)
         self._format = get_format(self.manifest["format"])
         self.is_local = store.is_local
@@ -127,6 +128,13 @@ class Dataset:
         chunks = (range(s, min(s + ITER_CHUNK, len(self))) for s in range(0, len(self), ITER_CHUNK))
         return read_ahead(chunks, lambda r: self.get_batch(list(r)))
 
+    def __repr__(self) -> str:  # report helper (issue 13)
+        shapes = {"x".join(map(str, s["image_shape"])) if s["image_shape"] else s["encoding"] for s in self.shards}
+        names = self.label_names or []
+        labels = ", ".join(names[:8]) + (f", ... ({len(names)} labels)" if len(names) > 8 else "")
+        return (f"Dataset({self.uri!r}, items={len(self)}, shards={len(self.shards)}, format={self._format.name}, "
+                f"shape={'/'.join(sorted(shapes)) or '-'}, labels=[{labels}])")  # fmt: skip
+
     def ledger(self) -> dict[str, Any]:
         """Every input item with its status and error message (columns)."""
         return read_ledger(self._store())
@@ -178,11 +186,14 @@ class Dataset:
         for attempt in range(3):
             reader = open_reader(self._format.name, self._source(shard))
             try:
-                len(reader)
+                check_opened(self._store(), shard, reader)  # size, count and the shard's own name
                 return reader
             except FileNotFoundError:
                 if self.is_local or attempt == 2:
                     raise
+            except ManifestError:
+                reader.close()
+                raise
         raise AssertionError("unreachable")
 
     def _store(self) -> Store:

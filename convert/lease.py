@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .store import StorageError, Store
 from .store.base import staged_run_id
@@ -193,9 +193,9 @@ def current_run_id(store: Store) -> str:
 
 
 @contextlib.contextmanager
-def staging(store: Store, name: str, extension: str) -> Iterator[str]:
+def staging(store: Store, name: str, extension: str, sidecars: Iterable[str] = ()) -> Iterator[str]:
     """store.staging named with the lease holder's run id (so cleanup can tell whose it is)."""
-    with store.staging(name, extension, current_run_id(store)) as tmp:
+    with store.staging(name, extension, current_run_id(store), sidecars) as tmp:
         yield tmp
 
 

@@ -27,6 +27,7 @@ from .secrets import resolve_config, seal_config
 from .sources import SourcePlan, Workdir, plan_source, shard_refs
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
 from .store import SHARDS_DIR, StorageError, Store, preflight
+from .summary import after_manifest, announce_rebuild
 from .worker import process_shard
 
 #: `run --retry-failed` with no statuses: the failures a later attempt may well not repeat
@@ -47,6 +48,9 @@ class RunSummary:
     cluster: str = ""
     dashboard: str | None = None
     items: int = 0
+    # -- report helper (issue 13): rate of this run only, and the top failure reasons --
+    items_converted: int = 0  # ok items written by THIS run (resumed shards excluded)
+    top_failures: list[tuple[str, int, list[str]]] = field(default_factory=list)  # (status, count, example keys)
 
     @property
     def items_ok(self) -> int:
@@ -58,7 +62,7 @@ class RunSummary:
 
     @property
     def images_per_second(self) -> float:
-        return self.items_ok / self.seconds if self.seconds > 0 else 0.0
+        return self.items_converted / self.seconds if self.seconds > 0 else 0.0
 
     def exit_code(self, fail_on_item_errors: bool = False) -> int:
         if self.failed_shards:
@@ -153,20 +157,21 @@ def _run_leased(config: Config, local: Config, out: Store, on_progress: Progress
     if config.run.overwrite:
         _reset_output(out)
     fps = {s.name: fingerprint(s, output_settings(config_data)) for s in specs}
-    records: dict[str, ShardRecord] = committed_records(out, fps)
+    records: dict[str, ShardRecord] = committed_records(out, fps, verify=config.output.verify_resume)
     if config.run.retry_failed:
         records = {n: r for n, r in records.items() if not _has_transient(r, config.run.retry_failed)}
     pending = [s for s in specs if s.name not in records]
     summary = RunSummary(output=out.url(""), shards=len(specs), skipped=len(records), items=source_plan.items)
     log(f"{source_plan.items} items from {source_plan.kind} source -> {len(specs)} shards "
         f"({len(records)} already committed, {len(pending)} to convert)")  # fmt: skip
+    announce_rebuild(out, config_data, pending, log)  # report helper (issue 13): why shards are rebuilt
     try:
         if pending:
             _prepare_output(out, specs, fps, log)
             _convert_pending(config, pending, records, summary, on_progress, log)
     except KeyboardInterrupt as exc:
         raise Interrupted(len(records), len(specs), getattr(exc, "signal_name", "SIGINT")) from None
-    _finish(out, local, specs, records, summary, config_data, source_plan)
+    _finish(out, local, specs, records, summary, config_data, source_plan, pending, log)
     return summary
 
 
@@ -178,15 +183,16 @@ def _has_transient(record: ShardRecord, statuses: tuple[str, ...]) -> bool:
 
 
 def _finish(out: Store, local: Config, specs: list[ShardSpec], records: dict[str, ShardRecord], summary: RunSummary,
-            config_data: dict, source_plan: SourcePlan) -> None:  # fmt: skip
+            config_data: dict, source_plan: SourcePlan, pending: list[ShardSpec], log: Callable[[str], None]) -> None:  # fmt: skip
     ordered = [records[s.name] for s in specs if s.name in records]
     failed_rows = [row for s in specs if s.name in summary.failed_shards
                    for row in _failed_rows(s, summary.failed_shards[s.name], local)]  # fmt: skip
     counts = Counter(row.status.value for r in ordered for row in r.ledger)
     counts.update(row.status.value for row in failed_rows)
     summary.by_status = dict(counts)
-    write_manifest(out, ordered, config_data, source_plan.label_names, source_plan.kind,
-                   failed=summary.failed_shards, failed_rows=failed_rows)  # fmt: skip
+    manifest = write_manifest(out, ordered, config_data, source_plan.label_names, source_plan.kind,
+                              failed=summary.failed_shards, failed_rows=failed_rows, counts=summary.by_status)  # fmt: skip
+    after_manifest(out, manifest, specs, pending, records, failed_rows, summary, log)  # report helper (issue 13)
 
 
 def _failed_rows(spec: ShardSpec, error: str, local: Config) -> list[ItemResult]:

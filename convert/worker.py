@@ -216,7 +216,7 @@ def _commit_shard(spec: ShardSpec, config: Config, out: Any, fmt: Any, fp: str, 
                   started: float) -> ShardRecord:  # fmt: skip
     """Write, re-open and count, hash, publish, then write the record (the done-marker)."""
     rel = shard_rel_path(spec.name, fmt.extension)
-    with staging(out, spec.name, fmt.extension) as tmp:
+    with staging(out, spec.name, fmt.extension, fmt.sidecars) as tmp:
         writer = open_writer(fmt.name, tmp, info)
         try:
             ledger = _fill(writer, spec, config)

@@ -184,3 +184,84 @@ def test_disk_full_is_one_line_naming_the_output(full_disk: Path, tmp_path: Path
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error")]
     assert errors == [f"error: output {full_disk}/out: No space left on device while writing shard-00000; free space "
                       "there or set output.uri to a volume with room, then rerun to resume"]  # fmt: skip
+
+
+@pytest.mark.s3
+def test_s3_prefix_listed_in_parallel_equals_local_listing(s3, tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    gen.write_image_folder(root, {"ant": 3, "bee": 2, "cow.x": 2, "cow": 1}, size=(8, 8))
+    (root / "bee" / "deep").mkdir()
+    (root / "bee" / "deep" / "z.png").write_bytes(gen.jpeg_bytes(8, 8))
+    fs = s3.filesystem()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            fs.pipe_file(f"test-bucket/tree/{path.relative_to(root).as_posix()}", path.read_bytes())
+    remote = plan_source(SourceConfig(uri="s3://test-bucket/tree", storage_options=s3.storage_options()), 3,
+                         Workdir(str(tmp_path / "w1")))  # fmt: skip
+    local = _plan(tmp_path, str(root), 3)
+    assert (remote.items, remote.partitions, remote.label_names) == (local.items, local.partitions, local.label_names)
+    rows = lambda found, prefix: [(r.key, r.label, r.uri.removeprefix(prefix)) for s in found.specs  # noqa: E731
+                                  for r in shard_refs(s, s3.storage_options())]  # fmt: skip
+    assert rows(remote, "s3://test-bucket/tree") == rows(local, str(root))
+    assert local.partitions == 4 and local.label_names == ["ant", "bee", "cow", "cow.x"]
+
+
+@pytest.mark.slow
+def test_plan_command_on_millions_of_rows(tmp_path: Path) -> None:
+    """A 2,000,000-row parquet list and a 1,000,000-line txt list, planned by `convert-dataset plan`."""
+    import subprocess
+    import sys
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    urls = [f"https://example.com/img/{i:08d}.jpg" for i in range(2_000_000)]
+    pq.write_table(pa.table({"url": urls, "label": [i % 1000 for i in range(len(urls))]}), tmp_path / "big.parquet",
+                   row_group_size=250_000)  # fmt: skip
+    (tmp_path / "big.txt").write_text("\n".join(urls[:1_000_000]) + "\n")
+    for name, items in (("big.parquet", 2_000_000), ("big.txt", 1_000_000)):
+        result = subprocess.run([sys.executable, "-m", "convert", "plan", "--source", str(tmp_path / name), "--output",
+                                 str(tmp_path / "unused"), "--shard-size", "1000", "--json", "--samples", "3"],
+                                capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert (report["items"], report["shards"], report["partitions"]) == (items, items // 1000, 1)
+        assert [s["key"] for s in report["samples"]] == ["000000-00000000", "000001-00000001", "000002-00000002"]
+    assert not (tmp_path / "unused").exists()  # plan writes nothing to the output
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_200k_items_kill_client_and_rerun_every_item_once(tmp_path: Path) -> None:
+    """200,000 tiny images through a real HTTP server: SIGKILL the client mid-run, rerun, and the
+    ledger holds every item exactly once, all ok."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from convert.testing.http import StaticServer
+
+    www = tmp_path / "www"
+    for j in range(50):
+        (www / "i").mkdir(parents=True, exist_ok=True)
+        (www / "i" / f"{j}.jpg").write_bytes(gen.jpeg_bytes(8, 8, seed=j))
+    n = 200_000
+    with StaticServer(root=www) as server:
+        lst = tmp_path / "urls.txt"
+        lst.write_text("".join(f"{server.url}/i/{i % 50}.jpg?n={i}\n" for i in range(n)))
+        out = tmp_path / "out"
+        args = [sys.executable, "-m", "convert", "run", "--source", str(lst), "--output", str(out), "--size", "8",
+                "--shard-size", "2000", "--threads", "16", "--set", "fetch.allowed_schemes=[http]"]  # fmt: skip
+        first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 900
+        while len(list((out / "shards").glob("*.record.gz"))) < 10:
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(60)
+        rerun = subprocess.run(args, capture_output=True, text=True, timeout=3600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    ledger = read_ledger(open_store(str(out)))
+    assert len(ledger["key"]) == n and len(set(ledger["key"])) == n
+    assert set(ledger["status"]) == {"ok"}

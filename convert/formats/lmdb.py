@@ -63,6 +63,8 @@ def _map_size(count: int, item_bytes: int) -> int:
 class LMDBWriter:
     """Writes one shard: items are packed into blocks; one write transaction per full block."""
 
+    sidecars = ("-lock",)  # LMDB's lock file, should an environment ever be opened with locking
+
     def __init__(self, path: str, info: ShardInfo) -> None:
         self.path = path
         self.info = info
