@@ -75,7 +75,7 @@ class Stream:
                                    download=True, cache_limit=cache_limit)  # fmt: skip
         self.dataset.cache.prefetch_depth = prefetch_shards
         self.shuffle, self.seed, self.partition, self.transform = shuffle, seed, partition, transform
-        self.counts = np.array([s["ok"] for s in self.dataset.shards], np.int64)
+        self.counts = np.asarray(self.dataset.shards.cols["ok"], np.int64)
         mean = int(self.counts.mean()) if self.counts.size else 1
         self.shuffle_block = max(1, shuffle_block or DEFAULT_BLOCK_SHARDS * mean)
         self.epoch = 0
