@@ -22,11 +22,14 @@ import io
 import struct
 from typing import Any
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image, JpegImagePlugin
 
 from .config import ImageConfig
 from .specs import ItemError, Status
+from .timing import NULL_CLOCK, StageClock
 
 RESAMPLE = Image.Resampling.BICUBIC
 REDUCING_GAP = 3.0
@@ -55,27 +58,59 @@ def output_shape(cfg: ImageConfig) -> tuple[int, int, int] | None:
     return (cfg.size[0], cfg.size[1], 3 if cfg.mode == "RGB" else 1)
 
 
-def transform(data: bytes | np.ndarray, cfg: ImageConfig) -> np.ndarray | bytes:
-    """Decode (bytes) or adopt (uint8 array) one image, apply orientation/mode/resize, return pixels or bytes."""
+@dataclass(slots=True)
+class SourceFacts:
+    """What the source image was, filled in as soon as its header is read (for the ledger)."""
+
+    width: int = -1
+    height: int = -1
+    format: str = ""  # Pillow's format name, lower case ("jpeg", "png", ...)
+
+
+def transform(
+    data: bytes | np.ndarray, cfg: ImageConfig, clock: StageClock = NULL_CLOCK, facts: SourceFacts | None = None
+) -> np.ndarray | bytes:
+    """Decode (bytes) or adopt (uint8 array) one image, apply orientation/mode/resize, return pixels or bytes.
+
+    `clock` is charged "decode", "resize" and "encode"; `facts` receives the source size and format.
+    """
+    t = clock.now()
     if isinstance(data, np.ndarray):
         img = _from_array(data, cfg)
+        _note(facts, img.size, "array")
         if cfg.encode == "original":
-            return _encode(img, "png", cfg.quality)
+            t = clock.lap("decode", t)
+            out = _encode(img, "png", cfg.quality)
+            clock.lap("encode", t)
+            return out
     else:
         data = bytes(data)
         img = _open(data, cfg)
+        _note(facts, img.size, img.format)
         if cfg.encode == "original":
             if cfg.draft and isinstance(img, JpegImagePlugin.JpegImageFile):
                 img.draft(None, (1, 1))  # still entropy-decodes every block; the IDCT is 1/8 the work
             _load(img)
+            clock.lap("decode", t)
             return data
         img = _decode(img, cfg)
+    t = clock.lap("decode", t)
     img = _to_working_mode(img, cfg)
     img = _resize(img, cfg)
+    t = clock.lap("resize", t)
     if cfg.encode == "raw":
         arr = np.array(img, dtype=np.uint8)
-        return arr[:, :, None] if arr.ndim == 2 else arr
-    return _encode(img, cfg.encode, cfg.quality)
+        out: np.ndarray | bytes = arr[:, :, None] if arr.ndim == 2 else arr
+    else:
+        out = _encode(img, cfg.encode, cfg.quality)
+    clock.lap("encode", t)
+    return out
+
+
+def _note(facts: SourceFacts | None, size: tuple[int, int], fmt: str | None) -> None:
+    if facts is not None:
+        facts.width, facts.height = size
+        facts.format = (fmt or "").lower()
 
 
 def _open(data: bytes, cfg: ImageConfig) -> Image.Image:

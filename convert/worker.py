@@ -8,6 +8,7 @@ retries the whole shard.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,8 @@ from .plan import fingerprint, output_settings
 from .secrets import resolve_config
 from .sources import read_member
 from .specs import ItemError, ItemRef, ItemResult, ShardRecord, ShardSpec, Status
-from .transform import output_shape, transform
+from .timing import StageClock, timed_fetch
+from .transform import SourceFacts, output_shape, transform
 
 WRITE_BATCH = 64  # samples per writer call: amortises HDF5/LMDB overhead, bounds buffered pixels
 
@@ -42,45 +44,64 @@ def _size_of(value: Any) -> int:
     return value.nbytes if isinstance(value, np.ndarray) else len(value)
 
 
-def _convert(ref: ItemRef, value: Any, error: BaseException | None, config: Config) -> tuple[ItemResult, Sample | None]:
-    """One item: fetched value (or fetch error) -> ledger row and, if ok, the sample to store."""
+def _convert(
+    ref: ItemRef, value: Any, error: BaseException | None, config: Config, clock: StageClock
+) -> tuple[ItemResult, Sample | None]:
+    """One item: fetched value (or fetch error) -> ledger row (with the source's size, format and
+    byte count as far as they are known) and, if ok, the sample to store."""
+    facts = SourceFacts()
+    nbytes = -1 if error is not None or value is None else _size_of(value)
     try:
         if error is not None:
             raise error
-        data = transform(value, config.image)
+        data = transform(value, config.image, clock, facts)
     except ItemError as exc:
-        return ItemResult(ref.key, ref.uri, ref.label, exc.status, exc.message), None
+        status, message, data = exc.status, exc.message, None
     except Exception as exc:  # an unexpected per-item failure must not sink the other items
-        return ItemResult(ref.key, ref.uri, ref.label, Status.ERROR, f"{type(exc).__name__}: {exc}"), None
-    return ItemResult(ref.key, ref.uri, ref.label, Status.OK), Sample(ref.key, ref.label, data)
+        status, message, data = Status.ERROR, f"{type(exc).__name__}: {exc}", None
+    else:
+        status, message = Status.OK, ""
+    row = ItemResult(ref.key, ref.uri, ref.label, status, message, facts.width, facts.height, facts.format, nbytes)
+    return row, (None if data is None else Sample(ref.key, ref.label, data))
 
 
-def _fill(writer: ShardWriter, spec: ShardSpec, config: Config) -> list[ItemResult]:
+def _fill(writer: ShardWriter, spec: ShardSpec, config: Config, clock: StageClock) -> list[ItemResult]:
     """Stream every item of the shard through fetch -> transform -> writer; returns the ledger rows."""
     policy = config.fetch.policy(config.source.storage_options)
     ledger: list[ItemResult] = []
     batch: list[Sample] = []
     fetched_items = prefetch(
         spec.items,
-        lambda ref: load_item(ref, policy),
+        timed_fetch(clock, lambda ref: load_item(ref, policy)),
         depth=config.fetch.threads,
         max_bytes=config.fetch.prefetch_bytes,
         size_of=_size_of,
     )
     try:
+        t = clock.now()
         for fetched in fetched_items:
-            row, sample = _convert(fetched.item, fetched.value, fetched.error, config)
+            t = clock.lap("wait", t)
+            row, sample = _convert(fetched.item, fetched.value, fetched.error, config, clock)
             ledger.append(row)
             if sample is not None:
                 batch.append(sample)
             if len(batch) >= WRITE_BATCH:
-                writer.write_batch(batch)
+                clock.timed("write", writer.write_batch, batch)
                 batch = []
+            t = clock.now()
     finally:
         fetched_items.close()
     if batch:
-        writer.write_batch(batch)
+        clock.timed("write", writer.write_batch, batch)
     return ledger
+
+
+def _stored_count(fmt: str, path: str) -> int:
+    reader = open_reader(fmt, path)
+    try:
+        return len(reader)
+    finally:
+        reader.close()
 
 
 def shard_info(spec: ShardSpec, config: Config, fp: str) -> ShardInfo:
@@ -102,6 +123,7 @@ def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
     `config` arrives with storage-option secrets as references; they are resolved here, in the
     worker, from its environment and the secrets shared with it (see convert.secrets).
     """
+    started, clock = time.time(), StageClock()
     config = resolve_config(config)
     out = Output(config.output.uri, config.output.storage_options)
     fmt = get_format(config.output.format)
@@ -111,24 +133,21 @@ def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
     with staging_path(out, spec.name, fmt.extension) as tmp:
         writer = open_writer(fmt.name, tmp, info)
         try:
-            ledger = _fill(writer, spec, config)
-            writer.close()
+            ledger = _fill(writer, spec, config, clock)
+            clock.timed("write", writer.close)
         except BaseException:
             writer.abort()
             raise
         ok = sum(row.ok for row in ledger)
-        reader = open_reader(fmt.name, tmp)
-        try:
-            stored = len(reader)
-        finally:
-            reader.close()
+        stored = clock.timed("verify", _stored_count, fmt.name, tmp)
         if stored != ok:
             raise ShardError(f"{spec.name}: wrote {ok} images but the re-opened shard holds {stored}")
-        size, digest = file_digest(tmp)
-        publish(out, tmp, rel, size, digest)
+        size, digest = clock.timed("hash", file_digest, tmp)
+        clock.timed("commit", publish, out, tmp, rel, size, digest)
     record = ShardRecord(
         name=spec.name, path=rel, format=fmt.name, count=len(spec), ok=ok, failed=len(spec) - ok,
         bytes=size, sha256=digest, image_shape=info.image_shape, encoding=info.encoding, ledger=tuple(ledger),
+        stages=clock.seconds(), started=started, finished=time.time(),
     )  # fmt: skip
     write_record(out, record, fp)
     return record
