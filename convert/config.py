@@ -8,6 +8,7 @@ each worker; see convert.secrets) so secrets never travel in a task graph. Manif
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -50,6 +51,9 @@ class ImageConfig(_Model):
     encode: Literal["raw", "original", "jpeg", "png", "webp"] = "raw"
     quality: int = Field(90, ge=1, le=100)
     draft: bool = True  # JPEG DCT-domain downscale while decoding
+    # JPEG decoder when draft is on: "auto" = simplejpeg if installed (the fast-jpeg extra), else
+    # Pillow; "simplejpeg" insists on it; "pillow" always uses Pillow. Other formats always use Pillow.
+    decoder: Literal["auto", "simplejpeg", "pillow"] = "auto"
     max_pixels: int = Field(89_478_485, gt=0)  # Pillow's default bomb threshold
 
     @field_validator("size", mode="before")
@@ -72,6 +76,8 @@ class ImageConfig(_Model):
     def _consistent(self) -> "ImageConfig":
         if self.resize != "none" and self.size is None:
             raise ValueError(f"resize={self.resize!r} needs image.size (e.g. 64 or [64, 48])")
+        if self.decoder == "simplejpeg" and importlib.util.find_spec("simplejpeg") is None:
+            raise ValueError("decoder='simplejpeg' needs simplejpeg: pip install 'convert[fast-jpeg]' (or use 'auto')")
         return self
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, JpegImagePlugin
 
 from .config import ImageConfig
+from .decoders import decode_scaled, exif_orientation, fast_eligible, scan_jpeg
 from .specs import ItemError, Status
 from .timing import NULL_CLOCK, StageClock
 
@@ -65,6 +66,7 @@ class SourceFacts:
     width: int = -1
     height: int = -1
     format: str = ""  # Pillow's format name, lower case ("jpeg", "png", ...)
+    decoder: str = ""  # which path decoded it: "simplejpeg" (fast JPEG path) or "pillow"
 
 
 def transform(
@@ -85,8 +87,11 @@ def transform(
             return out
     else:
         data = bytes(data)
+        fast = _fast_jpeg(data, cfg, facts) if _wants_fast(data, cfg) else None
+        if fast is not None:
+            return _finish(fast, cfg, clock, clock.lap("decode", t))
         img = _open(data, cfg)
-        _note(facts, img.size, img.format)
+        _note(facts, img.size, img.format, "pillow")
         if cfg.encode == "original":
             if cfg.draft and isinstance(img, JpegImagePlugin.JpegImageFile):
                 img.draft(None, (1, 1))  # still entropy-decodes every block; the IDCT is 1/8 the work
@@ -94,7 +99,11 @@ def transform(
             clock.lap("decode", t)
             return data
         img = _decode(img, cfg)
-    t = clock.lap("decode", t)
+    return _finish(img, cfg, clock, clock.lap("decode", t))
+
+
+def _finish(img: Image.Image, cfg: ImageConfig, clock: StageClock, t: int) -> np.ndarray | bytes:
+    """Decoded, upright image -> working mode -> geometry -> pixels or encoded bytes."""
     img = _to_working_mode(img, cfg)
     img = _resize(img, cfg)
     t = clock.lap("resize", t)
@@ -107,10 +116,32 @@ def transform(
     return out
 
 
-def _note(facts: SourceFacts | None, size: tuple[int, int], fmt: str | None) -> None:
+def _note(facts: SourceFacts | None, size: tuple[int, int], fmt: str | None, decoder: str = "") -> None:
     if facts is not None:
         facts.width, facts.height = size
-        facts.format = (fmt or "").lower()
+        facts.format, facts.decoder = (fmt or "").lower(), decoder
+
+
+def _wants_fast(data: bytes, cfg: ImageConfig) -> bool:
+    """Fast JPEG path: draft on (off means "exactly Pillow"), pixels wanted, bytes that start like a JPEG."""
+    return cfg.draft and cfg.decoder != "pillow" and cfg.encode != "original" and data[:3] == b"\xff\xd8\xff"
+
+
+def _fast_jpeg(data: bytes, cfg: ImageConfig, facts: SourceFacts | None) -> Image.Image | None:
+    """Upright pixels of a common JPEG via the DCT-scaled fast decoder, or None to use Pillow."""
+    head = scan_jpeg(data)  # a broken header is DECODE_ERROR on either path
+    if not fast_eligible(head):
+        return None
+    _check_pixels(head.width, head.height, cfg)
+    orientation = exif_orientation(head)
+    if orientation is None:
+        return None
+    need = _needed_size((head.width, head.height), orientation, cfg)
+    img = decode_scaled(data, need, gray=cfg.mode == "L" or head.components == 1)
+    if img is None:
+        return None
+    _note(facts, (head.width, head.height), "jpeg", "simplejpeg")
+    return img.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else img
 
 
 def _open(data: bytes, cfg: ImageConfig) -> Image.Image:
@@ -118,12 +149,15 @@ def _open(data: bytes, cfg: ImageConfig) -> Image.Image:
     if not data:
         raise ItemError(Status.DECODE_ERROR, "empty input (0 bytes)")
     img = _identify(data)
-    w, h = img.size
+    _check_pixels(*img.size, cfg)
+    if isinstance(img, JpegImagePlugin.JpegImageFile):
+        scan_jpeg(data)
+    return img
+
+
+def _check_pixels(w: int, h: int, cfg: ImageConfig) -> None:
     if w * h > cfg.max_pixels:
         raise ItemError(Status.DECOMPRESSION_BOMB, f"{w}x{h} = {w * h} pixels exceeds max_pixels={cfg.max_pixels}")
-    if isinstance(img, JpegImagePlugin.JpegImageFile):
-        _check_jpeg_segments(data)
-    return img
 
 
 def _identify(data: bytes) -> Image.Image:
@@ -134,7 +168,10 @@ def _identify(data: bytes) -> Image.Image:
         if fmt not in ALLOWED_FORMATS:
             continue
         factory, accept = Image.OPEN[fmt]
-        accepted = accept(prefix) if accept is not None else True
+        try:
+            accepted = accept(prefix) if accept is not None else True
+        except Exception:  # noqa: BLE001 - some probes unpack 4 bytes unguarded (DIB on b"\xff\xd8\xff")
+            continue
         if isinstance(accepted, str) or not accepted:  # a str is Pillow's "looks like it, but unsupported"
             continue
         try:
@@ -147,33 +184,6 @@ def _identify(data: bytes) -> Image.Image:
         except Exception as exc:
             raise ItemError(Status.DECODE_ERROR, f"{fmt} header: {type(exc).__name__}: {exc}") from None
     raise ItemError(Status.DECODE_ERROR, f"not a supported image ({len(data)} bytes, starts {data[:8]!r}){why}")
-
-
-def _check_jpeg_segments(data: bytes) -> None:
-    """Walk the JPEG marker segments from SOI to the first SOS.
-
-    Hand-written because Pillow skips garbage between segments and libjpeg only *warns* about it
-    ("Corrupt JPEG data: N extraneous bytes"), and Pillow drops libjpeg warnings, so a file with a
-    damaged header would otherwise decode silently (possibly with substituted Huffman tables).
-    """
-    pos, n = 2, len(data)
-    while pos < n:
-        if data[pos] != 0xFF:
-            raise ItemError(Status.DECODE_ERROR, f"corrupt JPEG: garbage at byte {pos} between header segments")
-        while pos < n and data[pos] == 0xFF:  # fill bytes may precede a marker
-            pos += 1
-        if pos + 2 >= n:
-            break
-        marker = data[pos]
-        if marker == 0xDA:  # start of scan: the header is complete
-            return
-        if marker in (0x00, 0xD8, 0xD9) or 0xD0 <= marker <= 0xD7:
-            raise ItemError(Status.DECODE_ERROR, f"corrupt JPEG: unexpected marker 0xFF{marker:02X} at byte {pos}")
-        (length,) = struct.unpack_from(">H", data, pos + 1)
-        if length < 2:
-            raise ItemError(Status.DECODE_ERROR, f"corrupt JPEG: bad segment length {length} at byte {pos}")
-        pos += 1 + length
-    raise ItemError(Status.DECODE_ERROR, "truncated JPEG: no image data (start-of-scan) found")
 
 
 def _load(img: Image.Image) -> None:
