@@ -9,6 +9,7 @@ each worker; see convert.secrets) so secrets never travel in a task graph. Manif
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -33,6 +34,8 @@ class SourceConfig(_Model):
     kind: Literal["auto", "folder", "urls", "cifar"] = "auto"
     storage_options: dict[str, Any] = Field(default_factory=dict)
     labels: Literal["auto", "folder", "none"] = "auto"  # ImageFolder labels from class sub-folders
+    # Absolute directories a local URL list may name paths under, besides the list's own directory.
+    allowed_roots: tuple[str, ...] = ()
 
 
 class OutputConfig(_Model):
@@ -93,15 +96,45 @@ class FetchConfig(_Model):
     max_bytes: int = Field(50 * 2**20, gt=0)
     prefetch_bytes: int = Field(256 * 2**20, gt=0)
     allowed_schemes: tuple[str, ...] = ("file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "memory")
+    item_timeout: float = Field(60.0, gt=0)  # total seconds per item: connect + all reads + retries
+    # HTTP(S) to loopback/private/link-local/multicast/reserved addresses (checked on the resolved IP
+    # of every connection, redirects included) is refused unless this is true.
+    allow_private_networks: bool = False
+    allowed_networks: tuple[str, ...] = ()  # CIDRs allowed even so, e.g. ["10.1.2.0/24"] for a mirror
 
-    def policy(self, storage_options: dict[str, Any] | None = None) -> FetchPolicy:
+    @field_validator("allowed_networks")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not a network; use CIDR notation like 10.1.2.0/24") from None
+        return v
+
+    def policy(self, source: SourceConfig | None = None, kind: str = "folder") -> FetchPolicy:
+        """The worker-side policy; `source`/`kind` decide where local items may be read from:
+        a remote URL list may not name local files at all; a local one only under its own
+        directory or `source.allowed_roots`; folder sources are listed by us, so unrestricted."""
+        allow_local, roots = True, None
+        if source is not None and kind == "urls":
+            local_list = "://" not in source.uri or source.uri.lower().startswith("file://")
+            allow_local = local_list
+            if local_list:
+                path = source.uri.split("://", 1)[1] if "://" in source.uri else source.uri
+                roots = (os.path.dirname(os.path.abspath(path)),) + tuple(map(os.path.abspath, source.allowed_roots))
         return FetchPolicy(
             timeout=self.timeout,
             retries=self.retries,
             backoff=self.backoff,
             max_bytes=self.max_bytes,
             allowed_schemes=self.allowed_schemes,
-            storage_options=dict(storage_options or {}),
+            storage_options=dict(source.storage_options) if source is not None else {},
+            item_timeout=self.item_timeout,
+            allow_private_networks=self.allow_private_networks,
+            allowed_networks=self.allowed_networks,
+            allow_local=allow_local,
+            local_roots=roots,
         )
 
 

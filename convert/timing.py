@@ -9,7 +9,9 @@
 Stages (seconds summed over a shard's items; threads overlap, so sums can exceed wall time):
 `fetch` (wall time of each item's fetch, in the prefetch threads), `fetch_cpu` (those threads' CPU
 time for the same fetches), `wait` (the converting thread blocked on the next fetched item: idle),
-`decode`, `resize`, `encode`, `write`, `verify` (re-open and count), `hash`, `commit` (publish).
+`decode`, `resize`, `encode`, `write`, `verify` (re-open and count), `hash`, `commit` (publish), and
+`convert_cpu` (the converting thread's CPU time over decode..write: the stages are wall time, which
+on a loaded machine includes waiting for a core).
 
 `time.perf_counter_ns` costs ~50 ns; one lock round trip ~100 ns; per image that is noise next to a
 ~500 us decode. Accumulation takes a lock because fetches report from several threads at once.
@@ -23,7 +25,7 @@ from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
-STAGES = ("fetch", "fetch_cpu", "wait", "decode", "resize", "encode", "write", "verify", "hash", "commit")
+STAGES = ("fetch", "fetch_cpu", "wait", "decode", "resize", "encode", "write", "convert_cpu", "verify", "hash", "commit")
 
 now_ns = time.perf_counter_ns
 

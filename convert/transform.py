@@ -183,7 +183,8 @@ def _identify(data: bytes) -> Image.Image:
             raise ItemError(Status.DECOMPRESSION_BOMB, str(exc)) from None
         except Exception as exc:
             raise ItemError(Status.DECODE_ERROR, f"{fmt} header: {type(exc).__name__}: {exc}") from None
-    raise ItemError(Status.DECODE_ERROR, f"not a supported image ({len(data)} bytes, starts {data[:8]!r}){why}")
+    # never quote the bytes: an item may be a file the list was not meant to expose
+    raise ItemError(Status.DECODE_ERROR, f"not a supported image ({len(data)} bytes, no known image signature){why}")
 
 
 def _load(img: Image.Image) -> None:

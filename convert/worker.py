@@ -16,16 +16,18 @@ import numpy as np
 from .commit import Output, file_digest, publish, shard_rel_path, staging_path
 from .config import Config
 from .fetch import fetch_bytes, prefetch
+from .fetch.netguard import PrivateAddressError, PrivateNetworkRefused
 from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
 from .manifest import write_record
 from .plan import fingerprint, output_settings
 from .secrets import resolve_config
-from .sources import read_member
+from .sources import detect_kind, read_member
 from .specs import ItemError, ItemRef, ItemResult, ShardRecord, ShardSpec, Status
 from .timing import StageClock, timed_fetch
 from .transform import SourceFacts, output_shape, transform
 
+EARLY_REFUSALS = 8  # a shard whose first items are all refused as private addresses stops at once
 WRITE_BATCH = 64  # samples per writer call: amortises HDF5/LMDB overhead, bounds buffered pixels
 
 
@@ -67,7 +69,8 @@ def _convert(
 
 def _fill(writer: ShardWriter, spec: ShardSpec, config: Config, clock: StageClock) -> list[ItemResult]:
     """Stream every item of the shard through fetch -> transform -> writer; returns the ledger rows."""
-    policy = config.fetch.policy(config.source.storage_options)
+    source = config.source
+    policy = config.fetch.policy(source, detect_kind(source.uri) if source.kind == "auto" else source.kind)
     ledger: list[ItemResult] = []
     batch: list[Sample] = []
     fetched_items = prefetch(
@@ -77,10 +80,15 @@ def _fill(writer: ShardWriter, spec: ShardSpec, config: Config, clock: StageCloc
         max_bytes=config.fetch.prefetch_bytes,
         size_of=_size_of,
     )
+    cpu, refused = time.thread_time_ns(), 0
     try:
         t = clock.now()
-        for fetched in fetched_items:
+        for i, fetched in enumerate(fetched_items):
             t = clock.lap("wait", t)
+            if refused == i < EARLY_REFUSALS and isinstance(fetched.error, PrivateAddressError):
+                refused += 1
+                if refused == min(EARLY_REFUSALS, len(spec)):
+                    raise PrivateNetworkRefused(f"{spec.name}: its first {refused} items were refused: {fetched.error}")
             row, sample = _convert(fetched.item, fetched.value, fetched.error, config, clock)
             ledger.append(row)
             if sample is not None:
@@ -93,6 +101,7 @@ def _fill(writer: ShardWriter, spec: ShardSpec, config: Config, clock: StageCloc
         fetched_items.close()
     if batch:
         clock.timed("write", writer.write_batch, batch)
+    clock.add("convert_cpu", time.thread_time_ns() - cpu)  # this thread's CPU over decode..write
     return ledger
 
 

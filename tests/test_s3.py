@@ -97,7 +97,7 @@ def folder(tmp_path_factory):
 def make_config(source: Any, output: Any, cluster: Any = None, **overrides: Any):
     base = {"source.uri": str(source), "output.uri": str(output), "image.size": list(SIZE),
             "image.resize": "stretch", "image.draft": False, "shard.size": 7, "fetch.threads": 4,
-            "cluster.task_retries": 1}  # fmt: skip
+            "cluster.task_retries": 1, "fetch.allow_private_networks": True}  # fmt: skip
     if cluster is not None:
         base["cluster.scheduler"] = cluster.scheduler_address
     base.update(overrides)

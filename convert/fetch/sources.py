@@ -365,9 +365,16 @@ class FsspecSource(Source):
         return _FileStream(self, f, stop - start)
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # 2+ chars, so "C:\\x" stays a path
+
+
 def scheme_of(uri: str) -> str:
-    """'file' for plain paths, else the lower-cased scheme before '://'."""
-    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+    """'file' for plain paths, else the lower-cased scheme ('https', 's3', 'data', 'file', ...).
+
+    'data:...' and 'file:/x' have no '//' but are schemes all the same: they must meet the
+    allow-list rather than pass as relative local paths."""
+    m = _SCHEME.match(uri)
+    return m.group(1).lower() if m else "file"
 
 
 def make_source(url: str, storage_options: dict[str, Any] | None, timeout: float) -> Source:
