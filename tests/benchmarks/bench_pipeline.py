@@ -112,8 +112,9 @@ def write_list(path: Path, base_url: str, names: list[str], count: int) -> None:
         w.writerows([f"{base_url}/{names[i % len(names)]}"] for i in range(count))
 
 
-def cpu_account(source: str, out: Path, size: int, workers: int, overrides: dict) -> dict[str, float]:
+def cpu_account(source: str, out: Path, size: int, workers: int, overrides: dict, server: psutil.Process) -> dict[str, float]:
     """One run on a fresh LocalCluster; per-image milliseconds of every stage and process."""
+    servers = [server, *server.children(recursive=True)]
     wall0, client_cpu0 = time.perf_counter(), _self_cpu()
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1", dashboard_address=None)
     client = Client(cluster)
@@ -121,7 +122,7 @@ def cpu_account(source: str, out: Path, size: int, workers: int, overrides: dict
     worker_pids = set(client.run(os.getpid).values())
     kids = psutil.Process().children(recursive=True)
     before = {p.pid: _cpu(p) for p in kids}
-    client_before = _self_cpu()
+    client_before, server_before = _self_cpu(), sum(map(_cpu, servers))
     t0 = time.perf_counter()
     cfg = load_config(None, {"source.uri": source, "output.uri": str(out), "image.size": size, "shard.size": 250,
                              "cluster.scheduler": cluster.scheduler_address, "run.overwrite": True, **overrides})  # fmt: skip
@@ -129,16 +130,19 @@ def cpu_account(source: str, out: Path, size: int, workers: int, overrides: dict
     run_wall = time.perf_counter() - t0
     assert summary.exit_code() == 0 and summary.items_failed == 0, summary
     after = {p.pid: _cpu(p) for p in kids}
-    client_run = _self_cpu() - client_before
+    client_run, server_cpu = _self_cpu() - client_before, sum(map(_cpu, servers)) - server_before
     client.close()
     cluster.close()
     total_wall = time.perf_counter() - wall0
     n = summary.items_ok
     stages: dict[str, float] = {}
+    shard_wall = 0.0
     for i in range(summary.shards):
         found = read_record(Output(str(out)), f"shard-{i:05d}")
-        for k, v in (found[0].stages if found else {}).items():
-            stages[k] = stages.get(k, 0.0) + v
+        if found:
+            shard_wall += found[0].finished - found[0].started
+            for k, v in found[0].stages.items():
+                stages[k] = stages.get(k, 0.0) + v
     worker_cpu = sum(after[p] - before[p] for p in after if p in worker_pids)
     nanny_cpu = sum(after[p] - before[p] for p in after if p not in worker_pids)
     busy = sum(stages.get(k, 0.0) for k in ("fetch_cpu", "convert_cpu", "verify", "hash", "commit"))
@@ -149,7 +153,10 @@ def cpu_account(source: str, out: Path, size: int, workers: int, overrides: dict
         "client + scheduler CPU (during run)": client_run * 1e3 / n,
         "client CPU incl. cluster start-up/teardown": (_self_cpu() - client_cpu0) * 1e3 / n,
         "nanny processes CPU": nanny_cpu * 1e3 / n,
-        "idle core time during run": max(0.0, workers * run_wall - worker_cpu - client_run - nanny_cpu) * 1e3 / n,
+        "HTTP server CPU (nginx)": server_cpu * 1e3 / n,
+        "idle/other load (cores x wall - all CPU above)":
+            max(0.0, workers * run_wall - worker_cpu - client_run - nanny_cpu - server_cpu) * 1e3 / n,
+        "hash re-read, % of shard wall time": 100 * stages.get("hash", 0.0) / max(shard_wall, 1e-9),
         "cluster start-up wall (s)": startup,
         "run wall (s)": run_wall,
         "whole wall (s)": total_wall,
@@ -216,11 +223,18 @@ def main() -> None:
     parser.add_argument("--img2dataset", default=shutil.which("img2dataset") or "/tmp/i2d-venv/bin/img2dataset")
     parser.add_argument("--rss-counts", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--skip", nargs="*", default=[], choices=["account", "compare", "local", "rss"])
+    parser.add_argument("--corpus", type=Path, default=None, help="reuse (or create) the JPEG corpus in this folder")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        paths = write_corpus(root / "www", args.count, 200, 600)
+        www = root / "www"
+        if args.corpus is not None:
+            if len(list(args.corpus.glob("*.jpg"))) != args.count:
+                shutil.rmtree(args.corpus, ignore_errors=True)
+                write_corpus(args.corpus, args.count, 200, 600)
+            www.symlink_to(args.corpus.resolve())
+        paths = sorted(www.glob("*.jpg")) if args.corpus is not None else write_corpus(www, args.count, 200, 600)
         print(f"corpus: {args.count} JPEGs 200-600 px, mean {sum(p.stat().st_size for p in paths) / len(paths) / 1e3:.0f} kB "
               f"(generated in {time.perf_counter() - t0:.0f} s); {args.workers} cores")  # fmt: skip
         rates = single_core_rates(paths[:500], args.size)
@@ -235,12 +249,13 @@ def main() -> None:
             url_txt.write_text("".join(f"{url}/{n}\n" for n in names))
             if "account" not in args.skip:
                 print("CPU account per image (ms), URL list -> HDF5:")
-                for k, v in cpu_account(str(url_csv), root / "acct", args.size, args.workers, OPEN).items():
+                acct = cpu_account(str(url_csv), root / "acct", args.size, args.workers, OPEN, psutil.Process(server.pid))
+                for k, v in acct.items():
                     print(f"  {k:52s} {v:8.3f}")
             if "compare" not in args.skip and os.path.exists(args.img2dataset):
                 compare(args, root, url_csv, url_txt, len(names))
             if "local" not in args.skip:
-                rate = len(names) / timed(ours_cmd(str(root / "www"), root / "local-out", args.size))
+                rate = len(names) / timed(ours_cmd(str(www.resolve()), root / "local-out", args.size))
                 ceiling = 0.85 * args.workers * rates[best]
                 print(f"local folder -> HDF5, whole process: {rate:.0f} img/s = {rate / ceiling:.2f} x (0.85 x "
                       f"{args.workers} cores x {rates[best]:.0f} single-core {best}) (target >= 1: "
