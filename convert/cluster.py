@@ -117,6 +117,9 @@ def local_worker_count(threads_per_worker: int = 1) -> int:
 def _open_local(cfg: ClusterConfig) -> Iterator[ClusterHandle]:
     n = cfg.workers or local_worker_count(cfg.threads_per_worker)
     with ExitStack() as stack:
+        # (fetch helper, issue 10 item 4) workers forked from a forkserver instead of spawned:
+        # measured 19.0 -> 12.8 s whole-process start-up+teardown on 2 loaded cores (bench notes)
+        stack.enter_context(dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}))
         cluster = stack.enter_context(
             LocalCluster(
                 n_workers=n,
