@@ -222,10 +222,10 @@ def print_summary(summary: Any) -> None:
 @friendly
 def inspect(uri: str, as_json: bool, options: tuple[str, ...]) -> None:
     """Show shards, counts, failures and the config used."""
-    from .commit import Output
     from .manifest import leftovers, read_manifest
+    from .store import open_store
 
-    out = Output(uri, _options(options))
+    out = open_store(uri, _options(options))
     manifest = read_manifest(out)
     debris = leftovers(out)
     if as_json:
@@ -257,10 +257,10 @@ def inspect(uri: str, as_json: bool, options: tuple[str, ...]) -> None:
 @friendly
 def verify(uri: str, options: tuple[str, ...]) -> None:
     """Re-hash every shard against the manifest; exit 0 only if all match."""
-    from .commit import Output
     from .manifest import verify as verify_output
+    from .store import open_store
 
-    checks = verify_output(Output(uri, _options(options)))
+    checks = verify_output(open_store(uri, _options(options)))
     bad = [c for c in checks if not c.ok]
     for c in bad:
         out_console.print(f"[red]FAIL[/] {c.name}: {c.problem}")

@@ -21,10 +21,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .commit import Output, file_digest
 from .fetch import prefetch
 from .formats.base import ShardReader, get_format, open_reader
 from .manifest import ManifestError, read_ledger, read_manifest
+from .store import file_digest, open_store
 
 ITER_CHUNK = 256  # items per batched read during iteration
 REMOTE_BLOCK = 2**20  # fsspec block size for remote HDF5 random access
@@ -50,7 +50,7 @@ class Dataset:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.decode = decode
         self.download = download
-        self._out = Output(uri, self.storage_options)
+        self._out = open_store(uri, self.storage_options)
         self.manifest = read_manifest(self._out)
         self._shards = [s for s in self.manifest["shards"] if s["ok"] > 0]
         self._starts = np.cumsum([0] + [s["ok"] for s in self._shards]).tolist()
@@ -145,13 +145,12 @@ class Dataset:
         return reader
 
     def _source(self, shard: dict[str, Any]) -> Any:
-        if self._out.is_local:
-            return self._out.path(shard["path"])
+        local = self._out.local_path(shard["path"])
+        if local is not None:
+            return local
         if self._format.needs_local_file or self.download:
             return str(self._cached_copy(shard))
-        path = self._out.path(shard["path"])
-        self._out.fs.invalidate_cache(path)  # the size must come from the store, not a stale listing
-        return self._out.fs.open(path, "rb", block_size=REMOTE_BLOCK, cache_type="blockcache")
+        return self._out.open(shard["path"], "rb", block_size=REMOTE_BLOCK, cache_type="blockcache")
 
     def _cached_copy(self, shard: dict[str, Any]) -> Path:
         """Download a shard once into a content-addressed cache file and verify its sha256.
@@ -165,7 +164,7 @@ class Dataset:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
         try:
-            self._out.fs.get_file(self._out.path(shard["path"]), str(tmp))
+            self._out.get_file(shard["path"], str(tmp))
             size, digest = file_digest(str(tmp))
             if digest != shard["sha256"] or size != shard["bytes"]:
                 raise ManifestError(f"{self._out.url(shard['path'])}: checksum does not match the manifest; "

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .cluster import check_reachable_paths, open_client
-from .commit import SHARDS_DIR, Output, check_access, clean_leftovers
 from .config import Config
 from .manifest import LEDGER, MANIFEST, PLAN, committed_records, write_manifest, write_plan
 from .plan import fingerprint, output_settings, plan_shards
 from .secrets import resolve_config, seal_config, share_secrets
 from .sources import SourceListing, list_source
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .store import SHARDS_DIR, Store, open_store, preflight
 from .worker import process_shard
 
 
@@ -70,11 +70,10 @@ def _failed_rows(spec: ShardSpec, error: str) -> tuple[ItemResult, ...]:
     return tuple(ItemResult(r.key, r.uri, r.label, Status.SHARD_FAILED, error) for r in spec.items)
 
 
-def _reset_output(out: Output) -> None:
+def _reset_output(out: Store) -> None:
     """--overwrite: drop the old manifest, ledger and shards before converting again."""
     for rel in (MANIFEST, LEDGER, PLAN, SHARDS_DIR):
-        if out.exists(rel):
-            out.fs.rm(out.path(rel), recursive=True)
+        out.delete_tree(rel)
 
 
 def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[str], None] = print) -> RunSummary:
@@ -82,8 +81,7 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     start = time.perf_counter()
     config = config.with_absolute_paths()
     local = resolve_config(config)  # this process's own view, secrets resolved
-    check_access(local.output.uri, local.output.storage_options, "output")
-    out = Output(local.output.uri, local.output.storage_options)
+    out = preflight(local.output.uri, local.output.storage_options, "output")
     listing = _list(local)
     specs = plan_shards(listing.items, config.shard.size)
     config_data = config.redacted()
@@ -110,11 +108,10 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     return summary
 
 
-def _prepare_output(out: Output, specs: list[ShardSpec], fps: dict[str, str], log: Callable[[str], None]) -> None:
+def _prepare_output(out: Store, specs: list[ShardSpec], fps: dict[str, str], log: Callable[[str], None]) -> None:
     """Before shards change: retract the manifest, clear debris of killed attempts, record the plan."""
-    if out.exists(MANIFEST):
-        out.fs.rm_file(out.path(MANIFEST))  # readers must not trust a manifest while shards change
-    removed = clean_leftovers(out)  # incomplete uploads / temps of earlier killed attempts
+    out.delete(MANIFEST)  # readers must not trust a manifest while shards change
+    removed = out.clean_leftovers()  # incomplete uploads / temps of earlier killed attempts
     if removed:
         log(f"removed {len(removed)} leftovers of earlier attempts (incomplete uploads, temp files)")
     write_plan(out, specs, fps)
@@ -140,7 +137,7 @@ def _list(config: Config) -> SourceListing:
     try:
         return list_source(config.source)
     except OSError:  # PermissionError "Forbidden", endpoint errors: say which bucket and what to fix
-        check_access(config.source.uri, config.source.storage_options, "source")
+        preflight(config.source.uri, config.source.storage_options, "source")
         raise
 
 

@@ -23,8 +23,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import persist
-from .commit import SHARDS_DIR, Leftover, Output, incomplete_uploads, partial_files, stream_digest
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .store import SHARDS_DIR, Leftover, Store
 
 MANIFEST = "manifest.json"
 LEDGER = "ledger.gz"
@@ -36,6 +36,10 @@ _CODEC = ("gzip", 6)
 
 class ManifestError(ValueError):
     """The output is missing its manifest or the manifest is unreadable."""
+
+
+def shard_rel_path(name: str, extension: str) -> str:
+    return f"{SHARDS_DIR}/{name}{extension}"
 
 
 def record_rel_path(name: str) -> str:
@@ -76,13 +80,13 @@ def _dump_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def write_record(out: Output, record: ShardRecord, fingerprint: str) -> None:
+def write_record(out: Store, record: ShardRecord, fingerprint: str) -> None:
     """Commit a shard's record beside it: the shard's done-marker (written after the shard)."""
     obj = {"version": VERSION, "fingerprint": fingerprint, **record.summary(), "ledger": _ledger_columns(record.ledger)}
     out.write_bytes(record_rel_path(record.name), _dump_bytes(obj))
 
 
-def read_record(out: Output, name: str) -> tuple[ShardRecord, str] | None:
+def read_record(out: Store, name: str) -> tuple[ShardRecord, str] | None:
     """(record, fingerprint) of a committed shard, or None if absent or unreadable."""
     rel = record_rel_path(name)
     try:
@@ -102,13 +106,9 @@ def read_record(out: Output, name: str) -> tuple[ShardRecord, str] | None:
     return record, obj["fingerprint"]
 
 
-def committed_records(out: Output, fingerprints: dict[str, str]) -> dict[str, ShardRecord]:
+def committed_records(out: Store, fingerprints: dict[str, str]) -> dict[str, ShardRecord]:
     """Records from a previous run that resume may trust: same fingerprint, shard file present, same size."""
-    out.fs.invalidate_cache(out.path(SHARDS_DIR))  # object stores: list afresh, never from a cached listing
-    try:
-        listing = {info["name"].rsplit("/", 1)[-1]: info for info in out.fs.ls(out.path(SHARDS_DIR), detail=True)}
-    except FileNotFoundError:
-        return {}
+    listing = {entry.name: entry for entry in out.list(SHARDS_DIR)}
     trusted: dict[str, ShardRecord] = {}
     for name, expected in fingerprints.items():
         if f"{name}{RECORD_SUFFIX}" not in listing:
@@ -118,13 +118,13 @@ def committed_records(out: Output, fingerprints: dict[str, str]) -> dict[str, Sh
             continue
         record = found[0]
         info = listing.get(record.path.rsplit("/", 1)[-1])
-        if info is not None and info.get("size") == record.bytes:
+        if info is not None and info.size == record.bytes:
             trusted[name] = record
     return trusted
 
 
 def write_manifest(
-    out: Output,
+    out: Store,
     records: list[ShardRecord],
     config: dict[str, Any],
     label_names: list[str] | None,
@@ -168,7 +168,7 @@ def write_manifest(
     return manifest
 
 
-def write_plan(out: Output, specs: Sequence[ShardSpec], fingerprints: dict[str, str]) -> None:
+def write_plan(out: Store, specs: Sequence[ShardSpec], fingerprints: dict[str, str]) -> None:
     """The shard plan as columns (one row per input item), written before any shard runs."""
     refs = [ref for spec in specs for ref in spec.items]
     plan = {
@@ -183,7 +183,7 @@ def write_plan(out: Output, specs: Sequence[ShardSpec], fingerprints: dict[str, 
     out.write_bytes(PLAN, _dump_bytes(plan))
 
 
-def read_manifest(out: Output) -> dict[str, Any]:
+def read_manifest(out: Store) -> dict[str, Any]:
     try:
         data = out.read_bytes(MANIFEST)
     except FileNotFoundError:
@@ -200,7 +200,7 @@ def read_manifest(out: Output) -> dict[str, Any]:
     return manifest
 
 
-def read_ledger(out: Output) -> dict[str, Any]:
+def read_ledger(out: Store) -> dict[str, Any]:
     """The dataset ledger as columns (key, uri, label, status, error, shard)."""
     return persist.load(io.BytesIO(out.read_bytes(LEDGER)))
 
@@ -212,15 +212,13 @@ class ShardCheck:
     problem: str = ""
 
 
-def verify(out: Output) -> list[ShardCheck]:
+def verify(out: Store) -> list[ShardCheck]:
     """Re-hash every shard listed in the manifest and compare size and sha256."""
     manifest = read_manifest(out)
-    out.fs.invalidate_cache(out.path(SHARDS_DIR))
     checks = []
     for shard in manifest["shards"]:
-        path = out.path(shard["path"])
         try:
-            size, digest = stream_digest(out.fs, path)
+            size, digest = out.sha256(shard["path"])
         except FileNotFoundError:
             checks.append(ShardCheck(shard["name"], False, "missing"))
             continue
@@ -233,23 +231,21 @@ def verify(out: Output) -> list[ShardCheck]:
     return checks
 
 
-def leftovers(out: Output) -> list[Leftover]:
+def leftovers(out: Store) -> list[Leftover]:
     """Debris a reader never trusts but that costs storage: `.partial` temps and incomplete
     multipart uploads of failed/killed attempts, and (when a manifest exists) objects under
     shards/ that it does not list, e.g. a shard uploaded by an attempt killed before its record
     or by a run that then failed. The next run removes the first two kinds; rerunning also
     replaces unlisted shards of the current plan."""
-    found = incomplete_uploads(out) + partial_files(out)
+    found = out.leftovers()
     try:
         manifest = read_manifest(out)
     except ManifestError:
         return found
     listed = {s["path"] for s in manifest["shards"]} | {record_rel_path(s["name"]) for s in manifest["shards"]}
     partial = {item.url for item in found}
-    root = out.path(SHARDS_DIR)
-    for path in sorted(out.fs.find(root)):
-        rel = f"{SHARDS_DIR}/{path[len(root):].lstrip('/')}"
-        url = path if out.is_local else out.fs.unstrip_protocol(path)
-        if rel not in listed and url not in partial:
+    for entry in out.walk(SHARDS_DIR):
+        url = out.url(entry.rel)
+        if entry.rel not in listed and url not in partial:
             found.append(Leftover("unlisted", url))
     return found

@@ -13,17 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from .commit import Output, file_digest, publish, shard_rel_path, staging_path
 from .config import Config
 from .fetch import fetch_bytes, prefetch
 from .fetch.netguard import PrivateAddressError, PrivateNetworkRefused
 from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
-from .manifest import write_record
+from .manifest import shard_rel_path, write_record
 from .plan import fingerprint, output_settings
 from .secrets import resolve_config
 from .sources import detect_kind, read_member
 from .specs import ItemError, ItemRef, ItemResult, ShardRecord, ShardSpec, Status
+from .store import file_digest, open_store
 from .timing import StageClock, timed_fetch
 from .transform import SourceFacts, output_shape, transform
 
@@ -134,12 +134,12 @@ def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
     """
     started, clock = time.time(), StageClock()
     config = resolve_config(config)
-    out = Output(config.output.uri, config.output.storage_options)
+    out = open_store(config.output.uri, config.output.storage_options)
     fmt = get_format(config.output.format)
     fp = fingerprint(spec, output_settings(config.redacted()))
     info = shard_info(spec, config, fp)
     rel = shard_rel_path(spec.name, fmt.extension)
-    with staging_path(out, spec.name, fmt.extension) as tmp:
+    with out.staging(spec.name, fmt.extension) as tmp:
         writer = open_writer(fmt.name, tmp, info)
         try:
             ledger = _fill(writer, spec, config, clock)
@@ -152,7 +152,7 @@ def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
         if stored != ok:
             raise ShardError(f"{spec.name}: wrote {ok} images but the re-opened shard holds {stored}")
         size, digest = clock.timed("hash", file_digest, tmp)
-        clock.timed("commit", publish, out, tmp, rel, size, digest)
+        clock.timed("commit", out.publish, tmp, rel, size, digest)
     record = ShardRecord(
         name=spec.name, path=rel, format=fmt.name, count=len(spec), ok=ok, failed=len(spec) - ok,
         bytes=size, sha256=digest, image_shape=info.image_shape, encoding=info.encoding, ledger=tuple(ledger),

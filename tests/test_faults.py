@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.commit import Output
+from convert.store import open_store
 from convert.config import load_config
 from convert.dataset import open_dataset
 from convert.graph import run
@@ -70,7 +70,7 @@ def wait_for_records(out: Path, n: int, proc: subprocess.Popen, timeout: float =
 
 
 def shard_digests(out: Path) -> list[tuple[str, str]]:
-    return [(s["name"], s["sha256"]) for s in read_manifest(Output(str(out)))["shards"]]
+    return [(s["name"], s["sha256"]) for s in read_manifest(open_store(str(out)))["shards"]]
 
 
 def test_external_scheduler_equals_local_cluster_byte_for_byte(cluster, tmp_path):
@@ -98,8 +98,8 @@ def test_sigkill_worker_mid_run_completes(cluster, slow_urls, tmp_path):
     wait_for_records(out, 3, proc)
     cluster.kill_worker(0)
     assert proc.wait(300) == 0, proc.stderr.read()
-    assert all(c.ok for c in verify(Output(str(out))))
-    ledger = read_ledger(Output(str(out)))
+    assert all(c.ok for c in verify(open_store(str(out))))
+    ledger = read_ledger(open_store(str(out)))
     assert sorted(ledger["key"]) == sorted(keys)  # every input item exactly once
     assert set(ledger["status"]) == {"ok"}
     cluster.wait_for_workers(2)  # the nanny restarted it
@@ -147,5 +147,5 @@ def test_poison_shard_fails_alone_as_killed_worker(poison_folder, tmp_path):
     assert list(summary.failed_shards) == ["shard-00001"]
     assert "KilledWorker" in summary.failed_shards["shard-00001"]
     assert summary.exit_code() == 1 and summary.items_ok == 7
-    manifest = read_manifest(Output(str(tmp_path / "out")))
+    manifest = read_manifest(open_store(str(tmp_path / "out")))
     assert [s["name"] for s in manifest["shards"]] == ["shard-00000", "shard-00002", "shard-00003"]

@@ -7,7 +7,7 @@ import time
 
 from convert.config import load_config
 from convert.manifest import read_record
-from convert.commit import Output
+from convert.store import open_store
 from convert.specs import ItemRef, ShardSpec
 from convert.testing import images as gen
 from convert.timing import StageClock, timed_fetch
@@ -70,5 +70,5 @@ def test_shard_record_has_stages_times_and_source_facts(tmp_path):
     assert (rows["b.png"].width, rows["b.png"].height, rows["b.png"].src_format) == (33, 21, "png")
     assert rows["bad.jpg"].status.value == "decode_error"
     assert (rows["bad.jpg"].width, rows["bad.jpg"].src_format, rows["bad.jpg"].src_bytes) == (-1, "", 19)
-    stored, _ = read_record(Output(str(tmp_path / "out")), "shard-00000")
+    stored, _ = read_record(open_store(str(tmp_path / "out")), "shard-00000")
     assert stored.stages == record.stages and stored.ledger[0].width == record.ledger[0].width

@@ -19,7 +19,7 @@ from convert.config import load_config
 from convert.dataset import open_dataset
 from convert.graph import run
 from convert.manifest import read_ledger, read_manifest, verify
-from convert.commit import Output
+from convert.store import open_store
 from convert.testing import images as gen
 from convert.testing.cifar import write_cifar10
 
@@ -84,7 +84,7 @@ def test_folder_pixels_labels_keys_exact(folder, scheduler, tmp_path, fmt):
         assert item["key"] == f"{path.parent.name}/{path.name}"
         assert item["label"] == ["ant", "bee", "cow"].index(path.parent.name)
         np.testing.assert_array_equal(item["image"], reference(path))
-    assert [c.ok for c in verify(Output(str(tmp_path / "out")))] == [True] * 3
+    assert [c.ok for c in verify(open_store(str(tmp_path / "out")))] == [True] * 3
 
 
 def test_draft_stays_close_to_full_decode(folder, scheduler, tmp_path):
@@ -117,7 +117,7 @@ def test_url_list_bad_items_become_ledger_statuses(scheduler, http_server, tmp_p
         "fetch.retries": 1, "fetch.backoff": 0.05})  # fmt: skip
     summary = run(cfg, log=lambda m: None)
     assert summary.exit_code() == 0 and summary.exit_code(fail_on_item_errors=True) == 3
-    ledger = read_ledger(Output(str(tmp_path / "out")))
+    ledger = read_ledger(open_store(str(tmp_path / "out")))
     status = dict(zip(ledger["key"], ledger["status"]))
     assert sorted(status) == sorted(names)  # every input item exactly once
     expected = {"zero.jpg": "decode_error", "text.jpg": "decode_error", "truncated.jpg": "decode_error",
@@ -156,13 +156,13 @@ def test_verify_detects_flipped_byte_and_resume_rebuilds_only_missing(folder, sc
     data = bytearray(shards[1].read_bytes())
     data[len(data) // 2] ^= 0x01
     shards[1].write_bytes(bytes(data))
-    assert [c.ok for c in verify(Output(str(out)))] == [True, False, True]
+    assert [c.ok for c in verify(open_store(str(out)))] == [True, False, True]
     shards[1].unlink()
     summary = run(cfg, log=lambda m: None)
     assert (summary.skipped, summary.converted) == (2, 1)
     assert {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.h5"))} == before
     assert (out / "shards" / shards[0].name).stat().st_mtime_ns == mtimes[shards[0].name]
-    assert all(c.ok for c in verify(Output(str(out))))
+    assert all(c.ok for c in verify(open_store(str(out))))
 
 
 def test_changed_settings_are_not_resumed(folder, scheduler, tmp_path):
@@ -180,10 +180,10 @@ def test_failed_shard_is_reported_and_others_complete(folder, scheduler, tmp_pat
     (out / "shards" / "shard-00001.h5" / "blocker").write_text("x")
     summary = run(make_config(root, out, scheduler), log=lambda m: None)
     assert list(summary.failed_shards) == ["shard-00001"] and summary.exit_code() == 1
-    manifest = read_manifest(Output(str(out)))
+    manifest = read_manifest(open_store(str(out)))
     assert manifest["complete"] is False and "shard-00001" in manifest["failed_shards"]
     assert [s["name"] for s in manifest["shards"]] == ["shard-00000", "shard-00002"]
-    ledger = read_ledger(Output(str(out)))
+    ledger = read_ledger(open_store(str(out)))
     assert len(ledger["key"]) == len(paths) and ledger["status"].count("shard_failed") == 7
     assert len(open_dataset(str(out))) == len(paths) - 7
 

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import yaml
 
-from convert import commit
-from convert.commit import Output, clean_leftovers, incomplete_uploads, publish
+from convert.store import open_store
+from convert.store import s3 as s3_store
 from convert.config import load_config
 from convert.dataset import open_dataset
 from convert.graph import run
@@ -186,12 +186,12 @@ def test_folder_glob_on_s3_to_hdf5_on_s3_equals_local(s3, folder, cluster, local
     (tmp_path / "credentials").write_text("[conv]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
-    assert all(c.ok for c in verify(Output("s3://test-bucket/out/", {"profile": "conv"})))
+    assert all(c.ok for c in verify(open_store("s3://test-bucket/out/", {"profile": "conv"})))
     shard = "test-bucket/out/shards/shard-00001.h5"
     data = bytearray(fs.cat_file(shard))
     data[len(data) // 2] ^= 1
     fs.pipe_file(shard, bytes(data))
-    assert [c.ok for c in verify(Output("s3://test-bucket/out/", opts))] == [True, False, True]
+    assert [c.ok for c in verify(open_store("s3://test-bucket/out/", opts))] == [True, False, True]
 
 
 def test_url_list_on_s3_to_lmdb_on_s3_equals_local(s3, folder, cluster, http_server, tmp_path):
@@ -245,7 +245,7 @@ def test_upload_cut_mid_body_is_retried_and_killed_run_is_not_trusted(s3, folder
             "output.storage_options": s3.storage_options(proxy.url)})  # fmt: skip
         summary = run(cfg, **QUIET)
     assert proxy.cuts == 2 and summary.exit_code() == 0 and summary.converted == 3
-    out = Output("s3://test-bucket/out", s3.storage_options())
+    out = open_store("s3://test-bucket/out", s3.storage_options())
     assert all(c.ok for c in verify(out)) and leftovers(out) == []
     assert_same(open_dataset(out.uri, out.storage_options), local_hdf5)
     # a job killed after its uploads but before the manifest: readers refuse, a rerun completes
@@ -303,7 +303,7 @@ def test_failure_after_upload_secrets_and_resume(auth_moto, s3, folder, cluster,
         summary = run(cfg, log=lines.append)
         proxy.times = 0  # the fault is over
         first_failed = dict(summary.failed_shards)
-        out = Output("s3://test-bucket/out", s3.storage_options())
+        out = open_store("s3://test-bucket/out", s3.storage_options())
         fs = s3.filesystem()
         assert summary.by_status == {"ok": 11, "shard_failed": 7}  # fetched: the secret reached the workers
         assert list(first_failed) == ["shard-00001"] and proxy.cuts >= 2
@@ -366,26 +366,26 @@ def test_cli_wrong_credentials_and_missing_bucket_are_one_line(auth_moto, s3, fo
 
 
 def test_multipart_upload_is_whole_or_aborted(s3, tmp_path, monkeypatch):
-    monkeypatch.setattr(commit, "PART_SIZE", 5 * 2**20)  # S3's minimum part: 3 parts for 12 MiB
+    monkeypatch.setattr(s3_store, "PART_SIZE", 5 * 2**20)  # S3's minimum part: 3 parts for 12 MiB
     blob = os.urandom(12 * 2**20 + 123)
     path = tmp_path / "big.bin"
     path.write_bytes(blob)
     size, digest = len(blob), hashlib.sha256(blob).hexdigest()
-    out = Output("s3://test-bucket/mp", s3.storage_options())
-    publish(out, str(path), "shards/big.bin", size, digest)
+    out = open_store("s3://test-bucket/mp", s3.storage_options())
+    out.publish(str(path), "shards/big.bin", size, digest)
     fs = s3.filesystem()
     assert fs.cat_file("test-bucket/mp/shards/big.bin") == blob
     assert fs.info("test-bucket/mp/shards/big.bin")["ETag"].endswith('-3"')  # really multipart
     with RequestFaults(s3.endpoint_url, rb"PUT /test-bucket/mp/shards/again\.bin\?[^ ]*partNumber=2", 0, 99) as proxy:
         with pytest.raises(Exception, match="again.bin"):
-            publish(Output(out.uri, s3.storage_options(proxy.url)), str(path), "shards/again.bin", size, digest)
+            open_store(out.uri, s3.storage_options(proxy.url)).publish(str(path), "shards/again.bin", size, digest)
     assert proxy.cuts >= 1 and not fs.exists("test-bucket/mp/shards/again.bin")
-    assert incomplete_uploads(out) == []  # the failed upload was aborted, nothing billed or listed
+    assert out.leftovers() == []  # the failed upload was aborted, nothing billed or listed
 
 
 def test_local_partial_files_are_reported_then_cleaned(local_hdf5):
-    out = Output(local_hdf5.uri)
+    out = open_store(local_hdf5.uri)
     stale = Path(out.path("shards")) / ".shard-00009.0123abcd.partial.h5"
     stale.write_bytes(b"killed writer")
     assert [(x.kind, x.url) for x in leftovers(out)] == [("partial", str(stale))]
-    assert [x.url for x in clean_leftovers(out)] == [str(stale)] and not stale.exists()
+    assert [x.url for x in out.clean_leftovers()] == [str(stale)] and not stale.exists()

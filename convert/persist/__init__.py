@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
+import posixpath
 import warnings
-from typing import Any, BinaryIO, Callable, Iterator
-
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
+from typing import Any, BinaryIO, Iterator
 
 from ._codecs import CODECS, detect, resolve
 from ._errors import PersistError
@@ -36,7 +33,9 @@ _MMAP_MODES = ("r", "r+", "c")
 
 
 def _split_url(target: Any, options: dict | None) -> tuple[str | None, Any, str | None]:
-    """(local path, fsspec filesystem, remote path) for a path/URL; (None, None, None) otherwise."""
+    """(local path, store, path relative to it) for a path/URL; (None, None, None) otherwise.
+
+    URLs go through `convert.store` (one fsspec seam; secrets resolved once per process)."""
     if not isinstance(target, (str, os.PathLike)):
         return None, None, None
     text = os.fspath(target)
@@ -44,37 +43,12 @@ def _split_url(target: Any, options: dict | None) -> tuple[str | None, Any, str 
         text = os.fsdecode(text)
     if "://" not in text and "::" not in text:
         return text, None, None
-    fs, path = fsspec.core.url_to_fs(text, **(options or {}))
-    if isinstance(fs, LocalFileSystem):
-        return path, None, None
-    return None, fs, path
+    from ..store import open_store
 
-
-def _write_local(path: str, write: Callable[[BinaryIO], None]) -> None:
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_remote(fs: Any, path: str, write: Callable[[BinaryIO], None]) -> None:
-    # autocommit=False: object stores (s3fs, gcsfs, ...) publish the object only on commit(),
-    # and discard() aborts the upload, so readers never see a partial file.
-    fh = fs.open(path, "wb", autocommit=False)
-    try:
-        write(fh)
-        fh.close()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            getattr(fh, "discard", lambda: None)()
-            fh.closed = True  # keep __del__ from flushing the aborted upload
-        raise
-    getattr(fh, "commit", lambda: None)()
+    parent, name = posixpath.split(text.rstrip("/"))
+    store = open_store(parent, options)
+    local = store.local_path(name)
+    return (local, None, None) if local is not None else (None, store, name)
 
 
 def dump(obj: Any, target: str | os.PathLike | BinaryIO, compress: Any = None,
@@ -87,7 +61,7 @@ def dump(obj: Any, target: str | os.PathLike | BinaryIO, compress: Any = None,
     object-store writes are committed only when complete. storage_options go to fsspec.
     Raises TypeError for unsupported types and ValueError for cycles or excessive nesting.
     """
-    local, fs, path = _split_url(target, storage_options)
+    local, store, path = _split_url(target, storage_options)
     name = local or path or getattr(target, "name", None)
     codec, level = resolve(compress, name if isinstance(name, str) else None)
     encoder = Encoder()
@@ -100,9 +74,13 @@ def dump(obj: Any, target: str | os.PathLike | BinaryIO, compress: Any = None,
         write_payload(fh, compressor, header, encoder.arrays, specs)
 
     if local is not None:
-        _write_local(local, write)
-    elif fs is not None:
-        _write_remote(fs, path, write)
+        from ..store import atomic_write
+
+        with atomic_write(local) as fh:
+            write(fh)
+    elif store is not None:
+        with store.writer(path) as fh:  # published only when complete; an exception aborts the upload
+            write(fh)
     elif hasattr(target, "write"):
         write(target)
     else:
@@ -111,12 +89,12 @@ def dump(obj: Any, target: str | os.PathLike | BinaryIO, compress: Any = None,
 
 @contextlib.contextmanager
 def _open_source(source: Any, options: dict | None) -> Iterator[tuple[BinaryIO, str | None]]:
-    local, fs, path = _split_url(source, options)
+    local, store, path = _split_url(source, options)
     if local is not None:
         with open(local, "rb") as fh:
             yield fh, local
-    elif fs is not None:
-        with fs.open(path, "rb") as fh:
+    elif store is not None:
+        with store.open(path, "rb") as fh:
             yield fh, None
     elif hasattr(source, "read"):
         yield source, None

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fsspec import AbstractFileSystem
-from fsspec.core import has_magic, url_to_fs
+from fsspec.core import has_magic
 
 from ..specs import ItemRef
+from ..store import StorageError, fs_url, open_store
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MAX_KEY_BYTES = 255  # UTF-8 bytes; LMDB's default key limit is 511 and the shard key may add a prefix
@@ -73,19 +74,15 @@ def require_unique(keys: Iterable[str], where: str) -> None:
 def open_fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[AbstractFileSystem, str]:
     """fsspec filesystem and protocol-less path for `uri` (local paths become absolute)."""
     try:
-        return url_to_fs(uri, **(storage_options or {}))
-    except (ImportError, ValueError) as exc:
-        raise SourceError(f"{uri}: cannot open ({exc}); check the URL scheme and storage_options") from None
-
-
-def is_local(fs: AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "file" in protocols or "local" in protocols
+        store = open_store(uri, storage_options, "source")
+    except StorageError as exc:
+        raise SourceError(str(exc)) from None
+    return store.fs, store.root
 
 
 def full_uri(fs: AbstractFileSystem, path: str) -> str:
     """A URI the fetch layer can open: the absolute path for local files, else protocol://path."""
-    return path if is_local(fs) else fs.unstrip_protocol(path)
+    return fs_url(fs, path)
 
 
 def glob_root(path: str) -> str:
@@ -116,7 +113,6 @@ __all__ = [
     "glob_root",
     "has_magic",
     "has_scheme",
-    "is_local",
     "open_fs",
     "relative_to",
     "require_unique",

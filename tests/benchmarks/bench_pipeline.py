@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 from distributed import Client, LocalCluster
 
-from convert.commit import Output
+from convert.store import open_store
 from convert.config import load_config
 from convert.graph import run
 from convert.manifest import read_record
@@ -138,7 +138,7 @@ def cpu_account(source: str, out: Path, size: int, workers: int, overrides: dict
     stages: dict[str, float] = {}
     shard_wall = 0.0
     for i in range(summary.shards):
-        found = read_record(Output(str(out)), f"shard-{i:05d}")
+        found = read_record(open_store(str(out)), f"shard-{i:05d}")
         if found:
             shard_wall += found[0].finished - found[0].started
             for k, v in found[0].stages.items():

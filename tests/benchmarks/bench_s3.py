@@ -5,7 +5,7 @@
 Same run, same machine, same corpus, same LocalCluster (2 workers x 1 thread): the corpus is
 converted local folder -> local HDF5 and S3 prefix -> S3 HDF5 (moto's server in its own process
 on 127.0.0.1), interleaved, `repeat` times each, fresh output every time; figures are the median.
-The upload path is `convert.commit.publish` (checksummed PUT, or multipart above 32 MiB, then a
+The upload path is `Store.publish` (convert.store.s3) (checksummed PUT, or multipart above 32 MiB, then a
 size check) against `s3fs.put_file` of the same local file, interleaved, median MB/s.
 moto keeps objects in memory and is CPU-bound on this box: absolute S3 figures are a floor for a
 real endpoint, the ratios are what to read.
@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from convert.commit import PART_SIZE, Output, publish
+from convert.store import open_store
+from convert.store.s3 import PART_SIZE
 from convert.config import load_config
 from convert.graph import run
 from convert.testing import images as gen
@@ -79,12 +80,12 @@ def bench_upload(moto: MotoServer, work: Path, size_mb: int, repeat: int) -> dic
             f.write(os.urandom(2**20))
     size = path.stat().st_size
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    out = Output("s3://bench/up", moto.storage_options())
+    out = open_store("s3://bench/up", moto.storage_options())
     fs = moto.filesystem()
     ours, theirs = [], []
     for i in range(repeat):
         t = time.perf_counter()
-        publish(out, str(path), f"ours-{i}.bin", size, digest)
+        out.publish(str(path), f"ours-{i}.bin", size, digest)
         ours.append(size / 2**20 / (time.perf_counter() - t))
         t = time.perf_counter()
         fs.put_file(str(path), f"bench/up/s3fs-{i}.bin")

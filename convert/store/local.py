@@ -1,0 +1,166 @@
+"""A local (or shared POSIX: NFS, Lustre) directory as a store: rename, O_EXCL, stat identities."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from typing import Any, BinaryIO, Iterator
+
+from .base import PARTIAL, SHARDS_DIR, Entry, Store, StorageError
+
+_READ_DENIED = "check the folder's owner and permissions, or choose another output.uri"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str) -> Iterator[BinaryIO]:
+    """The one tmp-then-replace writer of the project: `path.<uuid>.partial`, then `os.replace`;
+    the temp is removed on failure. `with atomic_write(path) as f: f.write(...)`."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}{PARTIAL}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+class LocalStore(Store):
+    is_local = True
+    supports_rename = True
+    supports_conditional_create = True
+
+    def local_path(self, rel: str) -> str:
+        return self.path(rel)
+
+    def url(self, rel: str = "") -> str:
+        return self.path(rel)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with open(self.path(rel), "rb") as f:
+            return f.read()
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        with open(self.path(rel), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
+            f.seek(start)
+            return f.read(max(0, min(end, size) - start))
+
+    def exists(self, rel: str) -> bool:
+        return os.path.lexists(self.path(rel))
+
+    def info(self, rel: str) -> Entry:
+        return _stat_entry(rel, os.stat(self.path(rel)))
+
+    def list(self, rel_dir: str) -> Iterator[Entry]:
+        try:
+            it = os.scandir(self.path(rel_dir))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with it:
+            for d in it:
+                with contextlib.suppress(FileNotFoundError):  # removed while listing
+                    yield _stat_entry(f"{rel_dir.rstrip('/')}/{d.name}", d.stat(follow_symlinks=False), d.is_dir())
+
+    def identity(self, rel: str) -> dict[str, Any]:
+        """Size, inode and mtime_ns (a copy or a swap changes them) plus a hash of both ends."""
+        entry = self.info(rel)
+        return {"size": entry.size, "inode": entry.inode, "mtime_ns": entry.mtime_ns,
+                "edges": self._edges(rel, entry.size)}  # fmt: skip
+
+    def same_object(self, rel: str, recorded: dict[str, Any], entry: Entry) -> bool:
+        if (entry.size, entry.inode, entry.mtime_ns) != (recorded.get("size"), recorded.get("inode"),
+                                                         recorded.get("mtime_ns")):  # fmt: skip
+            return False
+        return self._edges(rel, entry.size) == recorded.get("edges")
+
+    @contextlib.contextmanager
+    def writer(self, rel: str) -> Iterator[BinaryIO]:
+        with atomic_write(self.path(rel)) as f:
+            yield f
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with atomic_write(self.path(rel)) as f:
+            f.write(data)
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """O_EXCL on a temp-complete file: written whole to a temp, then hard-linked into place
+        (link fails if the name exists), so no reader ever sees a half-written object."""
+        final = self.path(rel)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = f"{final}.{uuid.uuid4().hex[:12]}{PARTIAL}"
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                return False
+            except OSError:  # filesystems without hard links: O_EXCL directly
+                try:
+                    fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(rel))
+
+    def delete_tree(self, rel: str) -> None:
+        path = self.path(rel)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            self.delete(rel)
+
+    def _staging_dir(self) -> tuple[str, str | None]:
+        """Inside shards/, so the final rename stays on one filesystem (atomic)."""
+        folder = self.path(SHARDS_DIR)
+        os.makedirs(folder, exist_ok=True)
+        return folder, None
+
+    def publish(self, tmp: str, rel: str, size: int, sha256: str | None = None) -> None:
+        final = self.path(rel)
+        if os.path.isdir(tmp):  # directory-shaped shard: a directory cannot replace a directory
+            old = f"{final}.{uuid.uuid4().hex[:12]}{PARTIAL}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        os.replace(tmp, final)
+
+    def sha256(self, rel: str, chunk: int = 4 * 2**20) -> tuple[int, str]:
+        from .base import file_digest
+
+        return file_digest(self.path(rel), chunk)
+
+    def preflight(self, role: str) -> None:
+        """The root (or its nearest existing parent) must be a writable directory."""
+        probe = self.root
+        while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise StorageError(f"{role}.uri {self.root}: not a directory; choose a folder for {role}.uri")
+        if role == "output" and not os.access(probe, os.W_OK | os.X_OK):
+            raise StorageError(f"{role}.uri {self.root}: permission denied writing {probe}; {_READ_DENIED}")
+
+
+def _stat_entry(rel: str, st: os.stat_result, is_dir: bool | None = None) -> Entry:
+    import stat as stat_mod
+
+    directory = stat_mod.S_ISDIR(st.st_mode) if is_dir is None else is_dir
+    return Entry(rel, st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, is_dir=directory)
+
