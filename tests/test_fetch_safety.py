@@ -82,7 +82,7 @@ def test_one_byte_per_second_server_ends_at_item_timeout(trickle_server, phase):
     err = status(f"{trickle_server}/{phase}.jpg", policy)
     elapsed = time.monotonic() - start
     assert err.status is Status.TIMEOUT and "item_timeout" in err.message
-    assert elapsed < 2.5 + 0.5, elapsed  # not fetch.timeout per read: the item's whole budget
+    assert elapsed < 2.5 + 1.5, elapsed  # not fetch.timeout per read: the item's whole budget (+ slack for load)
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_server_that_never_answers_ends_within_item_timeout(silent_server):
     start = time.monotonic()
     err = status(silent_server + "/x.jpg", policy)
     assert err.status is Status.TIMEOUT
-    assert time.monotonic() - start < 2.5 + 0.5  # 10 retries would take 11 s: the deadline wins
+    assert time.monotonic() - start < 2.5 + 1.5  # 10 retries would take 11 s: the deadline wins
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "socket"])
@@ -133,7 +133,7 @@ def test_non_regular_files_are_refused_before_open(tmp_path, kind):
     start = time.monotonic()
     err = status(str(path), FetchPolicy())
     assert err.status is Status.BAD_URL and "not a regular file" in err.message
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 2.0  # an open() of the FIFO would block forever
 
 
 def test_fifo_in_a_shard_becomes_a_ledger_status(tmp_path):
@@ -161,7 +161,7 @@ def test_url_list_items_each_end_with_a_status_within_their_deadline(tmp_path, h
     assert [r.status for r in record.ledger] == [Status.TIMEOUT, Status.TIMEOUT, Status.BAD_URL, Status.OK]
     # until a first item's size is known the prefetch runs one fetch at a time, so the two hung items
     # may run back to back: each within its own 2 s deadline
-    assert time.monotonic() - start < 2 * 2.0 + 1.5
+    assert time.monotonic() - start < 2 * 2.0 + 3.0  # without deadlines: half an hour
 
 
 # ---------------------------------------------------------------- private networks
