@@ -13,13 +13,13 @@ __all__ = ["run", "open_dataset", "load_config", "Config"]
 if TYPE_CHECKING:
     from .config import Config, load_config
     from .dataset import open_dataset
-    from .graph import run
+    from .orchestrate import run
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import convert` stays cheap (no dask import) for readers in DataLoader workers.
     if name == "run":
-        from .graph import run
+        from .orchestrate import run
 
         return run
     if name == "open_dataset":

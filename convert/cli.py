@@ -9,15 +9,19 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from typing import Any, Callable
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as Progress_
 from rich.table import Table
 
+from . import __version__
 from .config import Config, ConfigError, load_config, parse_override
+from .redact import redact_url
 
 console = Console(stderr=True, soft_wrap=True)
 out_console = Console(soft_wrap=True)
@@ -26,7 +30,7 @@ out_console = Console(soft_wrap=True)
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .manifest import ManifestError
     from .persist import PersistError
-    from .cluster import ClusterError
+    from .executor.cluster import ClusterError
     from .sources import SourceError
 
     return (ConfigError, ManifestError, SourceError, PersistError, ClusterError, FileNotFoundError, PermissionError,
@@ -106,6 +110,10 @@ def build_config(config_path: str | None, flags: dict[str, Any], sets: tuple[str
         overrides["image.size"] = _parse_size(flags["size"])
     if flags.get("overwrite"):
         overrides["run.overwrite"] = True
+    if flags.get("force_unlock"):
+        overrides["output.force_unlock"] = True
+    if flags.get("verify_resume"):
+        overrides["output.verify_resume"] = True
     if flags.get("fail_on_item_errors"):
         overrides["run.fail_on_item_errors"] = True
     for text in sets:
@@ -114,12 +122,18 @@ def build_config(config_path: str | None, flags: dict[str, Any], sets: tuple[str
     return load_config(config_path, overrides)
 
 
+def _format_names() -> list[str]:
+    from .formats.base import FORMATS
+
+    return sorted(FORMATS)
+
+
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.argument("config_path", required=False, type=click.Path(dir_okay=False)),
         click.option("--source", help="folder, glob, URL list (.txt/.csv/.parquet), CIFAR batches, s3://..."),
         click.option("--output", help="dataset root: local folder or fsspec URL (s3://bucket/out)"),
-        click.option("--format", type=click.Choice(["hdf5", "lmdb"])),
+        click.option("--format", type=click.Choice(_format_names()), help="shard format [output.format]"),
         click.option("--size", help="output size: N or H W"),
         click.option("--resize", type=click.Choice(["center_crop", "pad", "stretch", "none"])),
         click.option("--shard-size", type=int, help="items per shard"),
@@ -128,6 +142,8 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)"),
         click.option("--scheduler-file", help="Dask scheduler file of a running cluster"),
         click.option("--overwrite", is_flag=True, help="discard existing shards instead of resuming"),
+        click.option("--force-unlock", is_flag=True, help="take over the output's lease from a dead (stale) run"),
+        click.option("--verify-resume", is_flag=True, help="re-hash committed shards before trusting them"),
         click.option("--fail-on-item-errors", is_flag=True, help="exit 3 if any item failed"),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any config key, e.g. image.quality=85"),
     ]
@@ -137,17 +153,82 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="convert-dataset", message="%(prog)s %(version)s")
 def main() -> None:
     """Convert image collections into verified HDF5/LMDB shards with Dask."""
 
 
 @main.command(cls=_SizeCommand)
 @config_options
+@click.option("--retry-failed", "retry_failed", is_flag=False, flag_value="transient", default=None,
+              metavar="[STATUS,...]", help="rebuild committed shards whose ledgers hold these statuses "
+              "(default: timeout,connection_error,http_error (429/5xx),error)")  # fmt: skip
 @friendly
-def run(config_path: str | None, sets: tuple[str, ...], **flags: Any) -> None:
+def run(config_path: str | None, sets: tuple[str, ...], retry_failed: str | None, **flags: Any) -> None:
     """Convert CONFIG_PATH (YAML) and/or the given flags; resumes unless --overwrite."""
-    config = build_config(config_path, flags, sets)
+    config = build_config(config_path, flags, sets + _retry_sets(retry_failed))
     _execute(config)
+
+
+def _retry_sets(value: str | None) -> tuple[str, ...]:
+    from .orchestrate import TRANSIENT
+    from .specs import Status
+
+    if value is None:
+        return ()
+    statuses = TRANSIENT if value == "transient" else tuple(v.strip() for v in value.split(",") if v.strip())
+    known = {s.value for s in Status}
+    bad = [v for v in statuses if v not in known]
+    if bad:
+        raise ConfigError(f"--retry-failed {','.join(bad)}: unknown status; choose from {', '.join(sorted(known))}")
+    return (f"run.retry_failed={json.dumps(list(statuses))}",)
+
+
+@main.command("plan", cls=_SizeCommand)
+@config_options
+@click.option("--samples", type=int, default=5, show_default=True, help="sample rows to show")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def plan_command(config_path: str | None, sets: tuple[str, ...], samples: int, as_json: bool, **flags: Any) -> None:
+    """List and plan only: partitions, items, shards and a few sample rows (nothing is converted)."""
+    import tempfile
+    import time
+
+    from .orchestrate import plan
+    from .secrets import resolve_config
+    from .sources import Workdir, shard_refs
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="convert-plan-") as tmp:
+        try:
+            config = build_config(config_path, flags, sets)
+        except ConfigError as exc:  # plan writes nothing: an output is optional here
+            if "output" not in str(exc) or flags.get("output"):
+                raise
+            config = build_config(config_path, {**flags, "output": tmp}, sets)
+        config = resolve_config(config.with_absolute_paths())
+        found = plan(config, Workdir(tmp))
+        seconds = time.perf_counter() - start
+        rows = []
+        for spec in found.specs:
+            if len(rows) >= samples:
+                break
+            for ref, _ in zip(shard_refs(spec, config.source.storage_options), range(samples - len(rows))):
+                rows.append({"key": ref.key, "uri": redact_url(ref.uri), "label": ref.label})
+    report = {"source": redact_url(config.source.uri), "kind": found.kind, "partitions": found.partitions,
+              "items": found.items, "shards": len(found.specs), "shard_size": config.shard.size,
+              "labels": len(found.label_names) if found.label_names else 0, "seconds": round(seconds, 3),
+              "samples": rows}  # fmt: skip
+    if as_json:
+        out_console.print_json(json.dumps(report))
+        return
+    out_console.print(f"{report['source']}: {found.kind} source, {found.partitions} partitions, {found.items} items "
+                      f"-> {len(found.specs)} shards of {config.shard.size} (planned in {seconds:.2f} s)", highlight=False)
+    if found.label_names:
+        shown = ", ".join(found.label_names[:10]) + (" ..." if len(found.label_names) > 10 else "")
+        out_console.print(f"labels ({len(found.label_names)}): {shown}", highlight=False, markup=False)
+    for row in rows:
+        out_console.print(f"  {row['key']}  {row['uri']}  label={row['label']}", highlight=False, markup=False)
 
 
 @main.command(cls=_SizeCommand)
@@ -175,7 +256,7 @@ def submit(config_path: str | None, sets: tuple[str, ...], dry_run: bool, **flag
     if config.cluster.kind == "local":
         raise ConfigError("submit needs a batch system: --cluster slurm|pbs (or cluster.kind in the config)")
     if dry_run:
-        from .cluster import job_script
+        from .executor.cluster import job_script
 
         out_console.print(job_script(config.cluster), highlight=False, markup=False)
         return
@@ -183,22 +264,43 @@ def submit(config_path: str | None, sets: tuple[str, ...], dry_run: bool, **flag
 
 
 def _execute(config: Config) -> None:
-    from .graph import run as run_graph
+    from .orchestrate import Interrupted, Progress
+    from .orchestrate import run as run_conversion
 
-    columns = (TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    progress = Progress(*columns, console=console, transient=False)
-    task = progress.add_task("convert", total=None)
+    columns = (TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[items]}"),
+               TimeElapsedColumn())  # fmt: skip
+    progress = Progress_(*columns, console=console, transient=False)
+    task = progress.add_task("convert", total=None, items="")
 
-    def on_progress(name: str, done: int, total: int) -> None:
+    def on_progress(p: Progress) -> None:
         progress.start()  # shown from the first completed shard on; no-op once started
-        progress.update(task, completed=done, total=total)
+        eta = f", ETA {p.eta:.0f} s" if p.eta is not None else ""
+        items = f"{p.items_done}/{p.items_total} items, {p.items_per_second:.0f} images/s{eta}"
+        progress.update(task, completed=p.shards_done, total=p.shards_total, items=items)
 
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        summary = run_graph(config, on_progress=on_progress, log=lambda m: console.print(m, highlight=False))
+        summary = run_conversion(config, on_progress=on_progress, log=lambda m: console.print(m, highlight=False))
+    except Interrupted as exc:
+        progress.stop()
+        console.print(str(exc), highlight=False)
+        sys.exit(143 if exc.signal_name == "SIGTERM" else 130)
     finally:
         progress.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print_summary(summary)
     sys.exit(summary.exit_code(config.run.fail_on_item_errors))
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """Ctrl-C and SIGTERM stop the run the same way (exit 130 / 143): at the executor's next poll
+    while it waits for shards, else right here."""
+    from .executor import Stopped, request_stop
+
+    name = signal.Signals(signum).name
+    if not request_stop(name):
+        raise Stopped(name)
 
 
 def print_summary(summary: Any) -> None:
@@ -209,7 +311,12 @@ def print_summary(summary: Any) -> None:
     table.add_row("items ok", str(summary.items_ok))
     failures = {k: v for k, v in summary.by_status.items() if k != "ok"}
     table.add_row("items failed", f"{summary.items_failed} " + (json.dumps(failures) if failures else ""))
-    table.add_row("time", f"{summary.seconds:.1f} s ({summary.images_per_second:.0f} images/s)")
+    for status, count, keys in summary.top_failures:  # report helper (issue 13): top 3 with example keys
+        table.add_row(f"  {status}", f"{count} (e.g. {', '.join(keys)})")
+    if summary.items_converted or summary.converted:
+        table.add_row("time", f"{summary.seconds:.1f} s ({summary.images_per_second:.0f} images/s)")
+    else:
+        table.add_row("time", f"{summary.seconds:.1f} s (nothing converted: every shard was already committed)")
     for name, error in summary.failed_shards.items():
         table.add_row(f"FAILED {name}", error)
     console.print(table)
@@ -218,53 +325,115 @@ def print_summary(summary: Any) -> None:
 @main.command()
 @click.argument("uri")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--failures", is_flag=True, help="list failed items instead: key, uri, status, error (one per line, tab-separated)")
+@click.option("--status", "statuses", multiple=True, metavar="STATUS", help="with --failures: only this status (repeatable)")
 @click.option("--storage-option", "options", multiple=True, metavar="KEY=VALUE")
 @friendly
-def inspect(uri: str, as_json: bool, options: tuple[str, ...]) -> None:
-    """Show shards, counts, failures and the config used."""
-    from .manifest import leftovers, read_manifest
+def inspect(uri: str, as_json: bool, failures: bool, statuses: tuple[str, ...], options: tuple[str, ...]) -> None:
+    """Show shards, counts, failures and the config used (a partial run: its committed shards)."""
+    from .manifest import leftovers
+    from .report_data import load_run
     from .store import open_store
 
     out = open_store(uri, _options(options))
-    manifest = read_manifest(out)
+    run = load_run(out)
+    if failures or statuses:
+        _print_failures(run, statuses)
+        return
     debris = leftovers(out)
     if as_json:
-        report = {**manifest, "leftovers": [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]}
+        data = {**run.manifest, "shards": run.shards} if run.manifest else {"partial": True, "state": run.state(), "format": run.format,
+                                "planned_shards": run.planned, "totals": run.totals, "shards": run.shards}  # fmt: skip
+        report = {**data, "leftovers": [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]}
         out_console.print_json(json.dumps(report))
         return
-    totals = manifest["totals"]
-    out_console.print(f"[bold]{uri}[/]  format={manifest['format']}  source={manifest['source_kind']}  "
-                      f"complete={manifest['complete']}")  # fmt: skip
+    _print_inspect(uri, run, debris)
+
+
+def _print_inspect(uri: str, run: Any, debris: list[Any]) -> None:
+    manifest, totals = run.manifest, run.totals
+    if manifest is None:
+        out_console.print(f"[bold]{uri}[/]  format={run.format}  [yellow]{run.state()}[/]")
+    else:
+        out_console.print(f"[bold]{uri}[/]  format={manifest['format']}  source={manifest['source_kind']}  "
+                          f"complete={manifest['complete']}")  # fmt: skip
     out_console.print(f"items {totals['items']}  ok {totals['ok']}  failed {totals['failed']}  "
                       f"by status {totals['by_status']}  bytes {totals['bytes']}")  # fmt: skip
     table = Table("shard", "items", "ok", "failed", "bytes", "shape", "sha256")
-    for s in manifest["shards"]:
+    for s in run.shards:
         shape = "x".join(map(str, s["image_shape"])) if s["image_shape"] else s["encoding"]
         table.add_row(s["name"], str(s["count"]), str(s["ok"]), str(s["failed"]), str(s["bytes"]), shape, s["sha256"][:12])
     out_console.print(table)
-    for name, error in manifest.get("failed_shards", {}).items():
+    for name, error in run.failed_shards.items():
         out_console.print(f"[red]failed shard {name}[/]: {error}")
     for d in debris:
         out_console.print(f"[yellow]leftover {d.kind}[/]: {d.url} {d.detail}".rstrip())
-    if manifest.get("label_names"):
-        out_console.print(f"labels: {manifest['label_names']}")
-    out_console.print("config: " + json.dumps(manifest["config"]), highlight=False)
+    if run.label_names:
+        out_console.print(f"labels: {run.label_names}")
+    if manifest is not None:
+        out_console.print("config: " + json.dumps(manifest["config"]), highlight=False)
+
+
+def _print_failures(run: Any, statuses: tuple[str, ...]) -> None:
+    """key, uri (credentials redacted), status, error: one tab-separated line per item, shard by shard."""
+    from .redact import redact_text
+    from .report_data import iter_ledger
+    from .specs import Status
+
+    known = [s.value for s in Status]
+    unknown = sorted(set(statuses) - set(known))
+    if unknown:
+        raise ConfigError(f"--status {unknown[0]!r}: expected one of {', '.join(known)}")
+    wanted = set(statuses) if statuses else set(known) - {Status.OK.value}
+    if run.partial:
+        console.print(run.state(), highlight=False)  # stderr: stdout stays one item per line
+    for row in iter_ledger(run, wanted):
+        error = redact_text(" ".join(row.error.split()))
+        click.echo(f"{row.key}\t{redact_url(row.uri)}\t{row.status}\t{error}")
+
+
+@main.command()
+@click.argument("uri")
+@click.option("--html", "html_target", metavar="FILE",
+              help="where to write the page [default: <root>/report.html; a remote dataset: ./<name>-report.html]; "
+                   "an fsspec URL (s3://...) is written there with the dataset's storage options")
+@click.option("--samples-per-label", "k", type=click.IntRange(0, 256), default=8, show_default=True,
+              help="thumbnails per label, read back from the shards")
+@click.option("--storage-option", "options", multiple=True, metavar="KEY=VALUE")
+@friendly
+def report(uri: str, html_target: str | None, k: int, options: tuple[str, ...]) -> None:
+    """Write one self-contained HTML page: summary, samples as stored, failures, shards, source stats."""
+    from .report import default_target, write_report
+
+    path, state = write_report(uri, html_target, _options(options), k)
+    if html_target is None and not default_target(uri)[1]:
+        console.print(f"the dataset is remote: wrote the report locally (pass --html {uri.rstrip('/')}/report.html "
+                      "to store it beside the data)", highlight=False)  # fmt: skip
+    console.print(f"report of {uri}: {state}", highlight=False)
+    click.echo(os.path.abspath(path) if "://" not in path else path)
 
 
 @main.command()
 @click.argument("uri")
 @click.option("--storage-option", "options", multiple=True, metavar="KEY=VALUE")
+@click.option("--repair", is_flag=True, help="remove failing shards so the next run rebuilds exactly those")
 @friendly
-def verify(uri: str, options: tuple[str, ...]) -> None:
+def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
     """Re-hash every shard against the manifest; exit 0 only if all match."""
+    from .manifest import repair as repair_output
     from .manifest import verify as verify_output
     from .store import open_store
 
-    checks = verify_output(open_store(uri, _options(options)))
+    store = open_store(uri, _options(options))
+    checks = verify_output(store)
     bad = [c for c in checks if not c.ok]
     for c in bad:
         out_console.print(f"[red]FAIL[/] {c.name}: {c.problem}")
     out_console.print(f"{len(checks) - len(bad)}/{len(checks)} shards match the manifest")
+    if repair and bad:
+        command = repair_output(store, checks)
+        out_console.print(f"removed {len(bad)} failing shards and the manifest; rebuild exactly those with the "
+                          f"run that made the dataset (plus its storage/cluster options):\n{command}", highlight=False)
     sys.exit(1 if bad else 0)
 
 

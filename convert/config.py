@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator, model_validator
 
 from .fetch.policy import FetchPolicy
+from .redact import is_secret_key, redact_options, redact_url
+
+__all__ = ["Config", "ConfigError", "is_secret_key", "load_config", "parse_override", "validate"]
 
 
 class ConfigError(ValueError):
@@ -39,11 +42,75 @@ class SourceConfig(_Model):
 
 
 class OutputConfig(_Model):
+    """The dataset root, its format and the format's own section (`output.hdf5.compression: gzip`).
+
+    Format names and option sections come from the format registry (convert.formats.base). The
+    wave-1 keys `output.compression` / `output.compression_level` still work: they are HDF5's,
+    moved into `output.hdf5`. `compression`/`compression_level` stay in the dumped config (the
+    fingerprint and manifests of wave 1 read them there), computed from the format's section.
+    """
+
     uri: str
-    format: Literal["hdf5", "lmdb"] = "hdf5"
+    format: str = "hdf5"
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    compression: Literal["none", "gzip", "lzf"] = "none"  # HDF5 only
-    compression_level: int = Field(4, ge=0, le=9)
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-format sections, by format name
+    force_unlock: bool = False  # take over a stale lease of another run (convert.lease)
+    lease_ttl: float = Field(60.0, ge=1.0)  # seconds without a heartbeat before a lease is stale
+    verify_resume: bool = False  # resume re-hashes every committed shard instead of the identity check
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections(cls, data: Any) -> Any:
+        """`output.<format>: {...}` and the wave-1 HDF5 keys -> `options[<format>]`."""
+        from .formats.base import FORMATS
+
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        options = {k: dict(v) for k, v in (data.pop("options", None) or {}).items()}
+        for name in FORMATS:
+            if isinstance(data.get(name), dict):
+                options[name] = {**options.get(name, {}), **data.pop(name)}
+        for legacy in ("compression", "compression_level"):  # wave 1: HDF5's, at the top level
+            if legacy in data:
+                options.setdefault("hdf5", {}).setdefault(legacy, data.pop(legacy))
+        data["options"] = options
+        return data
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        from .formats.base import FORMATS
+
+        if v not in FORMATS:
+            raise ValueError(f"unknown format {v!r}; expected one of {sorted(FORMATS)}")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _format_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from .formats.base import FORMATS
+
+        unknown = sorted(set(v) - set(FORMATS))
+        if unknown:
+            raise ValueError(f"no format named {unknown[0]!r}; format sections: {sorted(FORMATS)}")
+        return {name: FORMATS[name].validate_options(section) for name, section in v.items()}
+
+    def format_options(self) -> dict[str, Any]:
+        """This output's format section, validated, defaults filled."""
+        from .formats.base import get_format
+
+        return self.options.get(self.format) or get_format(self.format).validate_options({})
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def compression(self) -> str:
+        return str(self.format_options()["compression"])
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def compression_level(self) -> int:
+        return int(self.format_options()["compression_level"])
 
 
 class ImageConfig(_Model):
@@ -88,6 +155,9 @@ class ShardConfig(_Model):
     size: int = Field(1000, gt=0, description="items per shard")
 
 
+ALLOW_PRIVATE_ENV = "CONVERT_ALLOW_PRIVATE_NETWORKS"
+
+
 class FetchConfig(_Model):
     threads: int = Field(16, gt=0, le=512)
     timeout: float = Field(10.0, gt=0)
@@ -98,8 +168,10 @@ class FetchConfig(_Model):
     allowed_schemes: tuple[str, ...] = ("file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "memory")
     item_timeout: float = Field(60.0, gt=0)  # total seconds per item: connect + all reads + retries
     # HTTP(S) to loopback/private/link-local/multicast/reserved addresses (checked on the resolved IP
-    # of every connection, redirects included) is refused unless this is true.
-    allow_private_networks: bool = False
+    # of every connection, redirects included) is refused unless this is true. Its default may be
+    # set for a whole environment with CONVERT_ALLOW_PRIVATE_NETWORKS=1 (e.g. a test suite whose
+    # servers are on 127.0.0.1); a value in the config or --set always wins.
+    allow_private_networks: bool = Field(default_factory=lambda: os.environ.get(ALLOW_PRIVATE_ENV, "") == "1")
     allowed_networks: tuple[str, ...] = ()  # CIDRs allowed even so, e.g. ["10.1.2.0/24"] for a mirror
 
     @field_validator("allowed_networks")
@@ -139,7 +211,7 @@ class FetchConfig(_Model):
 
 
 class ClusterConfig(_Model):
-    kind: Literal["local", "slurm", "pbs"] = "local"
+    kind: Literal["local", "slurm", "pbs", "threads"] = "local"  # threads: in-process (tests, tiny jobs)
     workers: int | None = Field(None, gt=0)  # LocalCluster processes; None = sized to this machine
     threads_per_worker: int = Field(1, gt=0)
     memory_limit: str = "auto"
@@ -161,6 +233,8 @@ class ClusterConfig(_Model):
 class RunConfig(_Model):
     fail_on_item_errors: bool = False
     overwrite: bool = False  # False: resume; True: discard existing shards first
+    # rebuild committed shards whose ledgers hold these statuses (http_error: only 429/5xx)
+    retry_failed: tuple[str, ...] = ()
 
 
 class Config(_Model):
@@ -185,24 +259,9 @@ class Config(_Model):
         """The config as plain data with storage_options secrets removed (for manifests/logs)."""
         data = self.model_dump(mode="json")
         for section in ("source", "output"):
-            data[section]["storage_options"] = _redact(data[section]["storage_options"])
+            data[section]["storage_options"] = redact_options(data[section]["storage_options"])
+            data[section]["uri"] = redact_url(data[section]["uri"])
         return data
-
-
-_SECRET = re.compile(r"secret|token|password|passwd|key|credential|session|auth|signature|sas|cookie", re.I)
-
-
-def is_secret_key(name: Any) -> bool:
-    """True for storage-option keys whose values must never be logged or shipped (secret, token, ...)."""
-    return bool(_SECRET.search(str(name)))
-
-
-def _redact(opts: Any) -> Any:
-    if isinstance(opts, dict):
-        return {k: ("***" if is_secret_key(k) else _redact(v)) for k, v in opts.items()}
-    if isinstance(opts, list):
-        return [_redact(v) for v in opts]
-    return opts
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

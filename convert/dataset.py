@@ -1,12 +1,16 @@
 """Training reader over a converted dataset: `open_dataset(uri)` -> random access and iteration.
 
 Index i is the i-th successfully converted item in input order. Only the manifest is trusted.
+Items are {"image": HxWxC uint8, "label": int, "key": str}; `label` is -1 (NO_LABEL) for an
+unlabelled item, so batches collate (a DataLoader's default collate refuses None).
 Shard handles open lazily and per process (a fork or spawn in a DataLoader worker re-opens them),
-so a `Dataset` pickles as just its URI, options and manifest.
-Remote HDF5 shards are read through fsspec with a block cache (random access without
-downloading whole files; `download=True` fetches them whole instead); LMDB shards are downloaded
-once into a local, content-addressed cache (LMDB must not live on a network filesystem), verified
-against the manifest checksum, and reused by later opens. `storage_options` may use ${VAR}.
+so a `Dataset` pickles as just its URI, options and manifest. At most `max_open_shards` shard
+readers are open per process (least recently used ones are closed).
+Remote HDF5 shards are read through fsspec with a bounded block cache (random access without
+downloading whole files); with `download=True`, or for LMDB (which must not live on a network
+filesystem), shards are copied into a local cache (convert.shardcache: verified against the
+manifest's sha256, shared between processes, bounded by `cache_limit`). `storage_options` may use
+${VAR}. `__getitems__` lets a torch DataLoader fetch a whole batch with one `get_batch`.
 """
 
 from __future__ import annotations
@@ -15,19 +19,24 @@ import bisect
 import io
 import os
 import threading
-import uuid
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 from .fetch import prefetch
 from .formats.base import ShardReader, get_format, open_reader
-from .manifest import ManifestError, read_ledger, read_manifest
-from .store import file_digest, open_store
+from .manifest import ManifestError, check_opened, read_ledger, read_manifest
+from .shardcache import ShardCache
+from .store import Store, open_store
 
+NO_LABEL = -1  # the label of an unlabelled item
 ITER_CHUNK = 256  # items per batched read during iteration
 REMOTE_BLOCK = 2**20  # fsspec block size for remote HDF5 random access
+REMOTE_BLOCKS = 8  # blocks cached per open remote shard (bounded: max_open_shards x 8 MiB)
+MAX_OPEN_SHARDS = 32
+T = TypeVar("T")
 
 
 def default_cache_dir() -> Path:
@@ -35,7 +44,7 @@ def default_cache_dir() -> Path:
 
 
 class Dataset:
-    """Map-style dataset of {"image": HxWxC uint8, "label": int|None, "key": str}."""
+    """Map-style dataset of {"image": HxWxC uint8 (or bytes when decode=False), "label": int, "key": str}."""
 
     def __init__(
         self,
@@ -44,32 +53,42 @@ class Dataset:
         cache_dir: str | os.PathLike[str] | None = None,
         decode: bool = True,
         download: bool = False,
+        cache_limit: int | str | None = None,
+        max_open_shards: int = MAX_OPEN_SHARDS,
     ) -> None:
         self.uri = uri
         self.storage_options = dict(storage_options or {})
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.decode = decode
         self.download = download
-        self._out = open_store(uri, self.storage_options)
-        self.manifest = read_manifest(self._out)
-        self._shards = [s for s in self.manifest["shards"] if s["ok"] > 0]
-        self._starts = np.cumsum([0] + [s["ok"] for s in self._shards]).tolist()
+        self.max_open_shards = max(1, max_open_shards)
+        store = self._store()
+        self.manifest = read_manifest(store)
+        index = self.manifest["shards"]  # a columnar ShardIndex: cheap at 10^6 shards
+        self.shards = index.select(index.cols["ok"] > 0)
+        self._starts = self.shards.starts()
+        self._starts_arr = np.asarray(self._starts[:-1], np.int64)
         self._format = get_format(self.manifest["format"])
-        self._readers: dict[int, ShardReader] = {}
-        self._lock = threading.Lock()  # background iteration threads open shards too
+        self.is_local = store.is_local
+        self.cache = ShardCache(self.cache_dir, self._fetch_file, self._format.extension, cache_limit,
+                                url_of=store.url)  # fmt: skip
+        self._init_process()
+
+    def _init_process(self) -> None:
+        self._readers: OrderedDict[int, ShardReader] = OrderedDict()
+        self._lock = threading.RLock()  # background iteration threads open shards too
         self._pid = os.getpid()
 
     # -- pickling: handles are per process ------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_readers"] = {}
-        del state["_lock"]
+        for name in ("_readers", "_lock", "_pid"):
+            del state[name]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
+        self._init_process()
 
     # -- public API -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -80,51 +99,48 @@ class Dataset:
         return self.manifest.get("label_names")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        shard, local = self._locate(index)
+        shard, local = self.locate(index)
         return self._finish(self._reader(shard).get(local))
 
     def get_batch(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Items for `indices` (any order, repeats allowed) with one read per shard touched."""
-        by_shard: dict[int, list[tuple[int, int]]] = {}
-        for pos, index in enumerate(indices):
-            shard, local = self._locate(index)
-            by_shard.setdefault(shard, []).append((pos, local))
-        out: list[dict[str, Any]] = [{}] * len(indices)
-        for shard, pairs in by_shard.items():
-            items = self._reader(shard).get_batch([local for _, local in pairs])
-            for (pos, _), item in zip(pairs, items):
+        n = len(self)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        idx = np.where(idx < 0, idx + n, idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"index out of range for dataset of {n} items: {list(indices)[:10]}")
+        shard = np.searchsorted(self._starts_arr, idx, side="right") - 1
+        order = np.argsort(shard, kind="stable")
+        out: list[dict[str, Any]] = [{}] * idx.size
+        for group in np.split(order, np.flatnonzero(np.diff(shard[order])) + 1) if idx.size else ():
+            s = int(shard[group[0]])
+            items = self._reader(s).get_batch(idx[group] - self._starts[s])
+            for pos, item in zip(group.tolist(), items):
                 out[pos] = self._finish(item)
         return out
 
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """torch DataLoader's batched fetch (used instead of one __getitem__ per index)."""
+        return self.get_batch(indices)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Ordered iteration; the next chunks are read in the background while this one is consumed."""
-        chunks = [range(s, min(s + ITER_CHUNK, len(self))) for s in range(0, len(self), ITER_CHUNK)]
-        results = prefetch(chunks, lambda r: self.get_batch(list(r)), depth=2)
-        try:
-            for fetched in results:
-                if fetched.error is not None:
-                    raise fetched.error
-                yield from fetched.value
-        finally:
-            results.close()
+        chunks = (range(s, min(s + ITER_CHUNK, len(self))) for s in range(0, len(self), ITER_CHUNK))
+        return read_ahead(chunks, lambda r: self.get_batch(list(r)))
+
+    def __repr__(self) -> str:  # report helper (issue 13)
+        shapes = {"x".join(map(str, s["image_shape"])) if s["image_shape"] else s["encoding"] for s in self.shards}
+        names = self.label_names or []
+        labels = ", ".join(names[:8]) + (f", ... ({len(names)} labels)" if len(names) > 8 else "")
+        return (f"Dataset({self.uri!r}, items={len(self)}, shards={len(self.shards)}, format={self._format.name}, "
+                f"shape={'/'.join(sorted(shapes)) or '-'}, labels=[{labels}])")  # fmt: skip
 
     def ledger(self) -> dict[str, Any]:
         """Every input item with its status and error message (columns)."""
-        return read_ledger(self._out)
+        return read_ledger(self._store())
 
-    def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
-        self._readers.clear()
-
-    def __enter__(self) -> "Dataset":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- internals --------------------------------------------------------------------
-    def _locate(self, index: int) -> tuple[int, int]:
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, index within the shard) of dataset index `index`."""
         n = len(self)
         if index < 0:
             index += n
@@ -133,55 +149,108 @@ class Dataset:
         shard = bisect.bisect_right(self._starts, index) - 1
         return shard, index - self._starts[shard]
 
+    def shard_start(self, shard: int) -> int:
+        return self._starts[shard]
+
+    def close(self) -> None:
+        with self._lock:
+            for reader in self._readers.values():
+                reader.close()
+            self._readers.clear()
+        self.cache.close()
+
+    def __enter__(self) -> "Dataset":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------
     def _reader(self, shard: int) -> ShardReader:
         if self._pid != os.getpid():  # forked: never share file handles (or a held lock) across processes
-            self._readers, self._lock, self._pid = {}, threading.Lock(), os.getpid()
-        reader = self._readers.get(shard)
-        if reader is None:
-            with self._lock:  # one download / open per shard even when iteration threads race
-                reader = self._readers.get(shard)
-                if reader is None:
-                    reader = self._readers[shard] = open_reader(self._format.name, self._source(self._shards[shard]))
+            self._init_process()
+        with self._lock:  # one download / open per shard even when iteration threads race
+            reader = self._readers.get(shard)
+            if reader is None:
+                reader = self._readers[shard] = self._open_shard(self.shards[shard])
+                while len(self._readers) > self.max_open_shards:  # LRU close
+                    _, old = self._readers.popitem(last=False)
+                    old.close()
+            else:
+                self._readers.move_to_end(shard)
         return reader
 
+    def _open_shard(self, shard: dict[str, Any]) -> ShardReader:
+        """Open now (not lazily): a cached copy evicted by another process between the cache's answer
+        and the open is fetched again; once open, the file stays readable even if evicted."""
+        for attempt in range(3):
+            reader = open_reader(self._format.name, self._source(shard))
+            try:
+                check_opened(self._store(), shard, reader)  # size, count and the shard's own name
+                return reader
+            except FileNotFoundError:
+                if self.is_local or attempt == 2:
+                    raise
+            except ManifestError:
+                reader.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def _store(self) -> Store:
+        """This process's store (open_store is per process: a forked worker never reuses the parent's s3fs)."""
+        return open_store(self.uri, self.storage_options, role="dataset")
+
     def _source(self, shard: dict[str, Any]) -> Any:
-        local = self._out.local_path(shard["path"])
+        store = self._store()
+        local = store.local_path(shard["path"])
         if local is not None:
             return local
         if self._format.needs_local_file or self.download:
-            return str(self._cached_copy(shard))
-        return self._out.open(shard["path"], "rb", block_size=REMOTE_BLOCK, cache_type="blockcache")
+            return str(self.cache.get(shard))
+        return store.open(shard["path"], "rb", block_size=REMOTE_BLOCK, cache_type="blockcache",
+                          cache_options={"maxblocks": REMOTE_BLOCKS})  # fmt: skip
 
-    def _cached_copy(self, shard: dict[str, Any]) -> Path:
-        """Download a shard once into a content-addressed cache file and verify its sha256.
-
-        The file name is the manifest's sha256, so a cached copy is reused by any later open of
-        any dataset holding the same shard; a copy of the wrong size is fetched again.
-        """
-        target = self.cache_dir / f"{shard['sha256']}{self._format.extension}"
-        if target.is_file() and target.stat().st_size == shard["bytes"]:
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-        try:
-            self._out.get_file(shard["path"], str(tmp))
-            size, digest = file_digest(str(tmp))
-            if digest != shard["sha256"] or size != shard["bytes"]:
-                raise ManifestError(f"{self._out.url(shard['path'])}: checksum does not match the manifest; "
-                                    "run `convert-dataset verify` and re-run the conversion")  # fmt: skip
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return target
+    def _fetch_file(self, rel: str, target: str) -> None:
+        """ShardCache's download: the whole object into an existing (reserved) local file."""
+        with self._store().open(rel, "rb", block_size=8 * 2**20, cache_type="none") as src:
+            with open(target, "r+b") as dst:
+                while block := src.read(8 * 2**20):
+                    dst.write(block)
+                dst.truncate()
 
     def _finish(self, item: dict[str, Any]) -> dict[str, Any]:
-        if self.decode and isinstance(item["image"], (bytes, bytearray, memoryview, np.void)):
-            item = {**item, "image": decode_image(bytes(item["image"]))}
+        """Decode (when asked) and give unlabelled items NO_LABEL, in place (readers return fresh dicts)."""
+        if self.decode and isinstance(item["image"], (bytes, bytearray, memoryview)):
+            item["image"] = decode_image(bytes(item["image"]))
+        if item["label"] is None:
+            item["label"] = NO_LABEL
         return item
 
 
+def read_ahead(reads: Iterable[T], read: Callable[[T], list[Any]], depth: int = 2) -> Iterator[Any]:
+    """The items of `read(r)` for each r in order, the next `depth` reads running in the background
+    (a read's exception is raised here; closing early joins the threads)."""
+    results = prefetch(reads, read, depth=depth)
+    try:
+        for fetched in results:
+            if fetched.error is not None:
+                raise fetched.error
+            yield from fetched.value
+    finally:
+        results.close()
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded bytes -> HxWxC uint8 (C=1 for grayscale)."""
+    """Encoded bytes -> HxWxC uint8 (C=1 for grayscale). JPEG through libjpeg-turbo when installed."""
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            import simplejpeg
+        except ImportError:
+            pass
+        else:
+            with _suppress_decode_errors():
+                gray = simplejpeg.decode_jpeg_header(data)[2] == "Gray"
+                return simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB")
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
@@ -191,15 +260,28 @@ def decode_image(data: bytes) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+class _suppress_decode_errors:
+    """simplejpeg refuses some valid JPEGs (e.g. CMYK, or grayscale asked for RGB): fall back to Pillow."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, *_: Any) -> bool:
+        return exc_type is not None and issubclass(exc_type, ValueError)
+
+
 def open_dataset(
     uri: str,
     storage_options: dict[str, Any] | None = None,
     cache_dir: str | None = None,
     decode: bool = True,
     download: bool = False,
+    cache_limit: int | str | None = None,
 ) -> Dataset:
     """Open a converted dataset (local path or any fsspec URL, e.g. s3://bucket/out/) for training.
 
-    download=True copies remote HDF5 shards whole into `cache_dir` (LMDB shards always are).
+    download=True copies remote HDF5 shards whole into `cache_dir` (LMDB shards always are),
+    keeping at most `cache_limit` bytes there ('10GB'; None = no limit).
     """
-    return Dataset(uri, storage_options=storage_options, cache_dir=cache_dir, decode=decode, download=download)
+    return Dataset(uri, storage_options=storage_options, cache_dir=cache_dir, decode=decode,
+                   download=download, cache_limit=cache_limit)  # fmt: skip

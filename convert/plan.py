@@ -1,27 +1,48 @@
-"""Planner: a pure function from item references to frozen, picklable shard specs.
+"""Planner: pure functions from input slices to frozen, constant-size shard specs, and the plan file.
 
-Same items + same shard size = same plan (names, membership, order), which is what makes
-resume and concurrent duplicate attempts safe: a shard's identity is its name plus a fingerprint
-of its contents and the output-affecting config.
+Same input and config = same plan (names, slices, order), which is what makes resume and concurrent
+duplicate attempts safe: a shard's identity is its name plus a fingerprint of its input slice and
+the output-affecting config. Specs name slices (file, byte/row range, first row), never items, so
+the plan and everything that crosses to the workers is O(shards).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
 
-from .specs import ItemRef, ShardSpec, shard_name
+from . import persist
+from .redact import redact_url
+from .specs import InputSlice, ShardSpec, SourceRef, shard_name
+
+def make_specs(groups: Sequence[tuple[InputSlice, ...]], source: SourceRef) -> list[ShardSpec]:
+    """One spec per group of slices, named in order: shard-00000, shard-00001, ..."""
+    return [ShardSpec(index=i, name=shard_name(i), slices=tuple(g), source=source) for i, g in enumerate(groups)]
 
 
-def plan_shards(items: Sequence[ItemRef], shard_size: int) -> list[ShardSpec]:
-    """Split `items` in input order into shards of `shard_size` (the last may be shorter)."""
-    if shard_size <= 0:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
-    return [
-        ShardSpec(index=i, name=shard_name(i), items=tuple(items[start : start + shard_size]))
-        for i, start in enumerate(range(0, len(items), shard_size))
-    ]
+def cut_rows(files: Sequence[tuple[str, int, str, int]], kind: str, step: int) -> list[tuple[InputSlice, ...]]:
+    """Consecutive runs of `step` rows over files of (uri, rows, version, size); a run may span files."""
+    if step <= 0:
+        raise ValueError(f"shard_size must be positive, got {step}")
+    groups: list[tuple[InputSlice, ...]] = []
+    current: list[InputSlice] = []
+    need, row = step, 0
+    for uri, rows, version, size in files:
+        at = 0
+        while at < rows:
+            take = min(need, rows - at)
+            current.append(InputSlice(kind, uri, version, size, at, at + take, row, take))
+            at, row, need = at + take, row + take, need - take
+            if need == 0:
+                groups.append(tuple(current))
+                current, need = [], step
+    if current:
+        groups.append(tuple(current))
+    return groups
 
 
 def output_settings(config_data: dict[str, Any]) -> dict[str, Any]:
@@ -36,14 +57,60 @@ def output_settings(config_data: dict[str, Any]) -> dict[str, Any]:
 
 
 def fingerprint(spec: ShardSpec, settings: dict[str, Any]) -> str:
-    """sha256 over the shard's item references and the output-affecting settings.
+    """sha256 over the shard's input slices (file, version, range, first row), the source settings
+    and the output-affecting settings.
 
-    A committed shard is reused on resume only if its record carries the same fingerprint,
-    so changing the image size or the input list never silently mixes old shards in.
+    A committed shard is reused on resume only if its record carries the same fingerprint, so a
+    changed list file, image size or label table never silently mixes old shards in.
     """
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True).encode())
-    for ref in spec.items:
-        h.update(json.dumps([ref.key, ref.uri, ref.label, ref.member]).encode())
+    source = spec.source
+    h.update(json.dumps([source.kind, source.root, source.labels_sha, source.keys]).encode())
+    for sl in spec.slices:
+        h.update(json.dumps(_identity(sl)).encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def _identity(sl: InputSlice) -> list[Any]:
+    """What names a slice's rows: a content hash (the planner's own listing files, which live in the
+    output and are rewritten by every run) or the input file's path, size and version."""
+    if sl.version.startswith("sha256:"):
+        return [sl.kind, sl.version, sl.first_row, sl.count]
+    return [sl.kind, sl.uri, sl.size, sl.version, sl.start, sl.stop, sl.first_row, sl.count]
+
+
+_SLICE_FIELDS = tuple(InputSlice.__dataclass_fields__)
+
+
+def plan_columns(specs: Sequence[ShardSpec], fingerprints: dict[str, str]) -> dict[str, Any]:
+    """The plan as columns, one row per slice (O(shards)); `read_plan` turns it back into specs."""
+    rows = [(spec, sl) for spec in specs for sl in spec.slices]
+    cols: dict[str, Any] = {"shards": [s.name for s in specs], "fingerprints": [fingerprints[s.name] for s in specs],
+                            "source": json.dumps(asdict(specs[0].source)) if specs else "{}",
+                            "shard": [spec.index for spec, _ in rows]}  # fmt: skip
+    for name in _SLICE_FIELDS:
+        cols[f"slice_{name}"] = [getattr(sl, name) for _, sl in rows]
+    cols["slice_uri"] = [redact_url(u) for u in cols["slice_uri"]]  # no credentials at rest
+    return cols
+
+
+def dump_plan(specs: Sequence[ShardSpec], fingerprints: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    persist.dump(plan_columns(specs, fingerprints), buf, compress=("gzip", 6))
+    return buf.getvalue()
+
+
+def read_plan(data: bytes) -> list[ShardSpec]:
+    """Specs back from `dump_plan` bytes (convert.persist: never unpickled; URIs as redacted)."""
+    cols = persist.load(io.BytesIO(data))
+    source = SourceRef(**json.loads(cols["source"]))
+    groups: list[list[InputSlice]] = [[] for _ in cols["shards"]]
+    for i, shard in enumerate(cols["shard"]):
+        groups[int(shard)].append(InputSlice(*(_plain(cols[f"slice_{n}"][i]) for n in _SLICE_FIELDS)))
+    return make_specs([tuple(g) for g in groups], source)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value

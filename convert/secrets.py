@@ -5,23 +5,23 @@ A config's `storage_options` may hold
                   options are used: on the client and on each worker (from *its* environment);
   literal values  under secret-looking keys (secret, token, password, key, ...). Before the config
                   is sent to workers `seal_config` swaps each for a `${secret:<id>}` reference, and
-                  `share_secrets` hands the values to the workers out of band (a WorkerPlugin,
-                  removed again when the run ends), so task arguments, Dask's "Compute Failed" logs
-                  and scheduler task state only ever see the reference.
+                  the executor's `share_secrets` hands the values to the workers out of band (Dask:
+                  a WorkerPlugin, removed again when the run ends), so task arguments, Dask's
+                  "Compute Failed" logs and scheduler task state only ever see the reference.
 Standard credentials (AWS_* variables, AWS_PROFILE / ~/.aws, instance roles) are read by the
 storage client itself on every machine and never pass through here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import threading
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
-from .config import Config, ConfigError, is_secret_key
+from .config import Config, ConfigError
+from .redact import is_secret_key
 
 _ANY_REF = re.compile(r"\$\{(secret:[0-9a-f]{32}|[A-Za-z_][A-Za-z0-9_]*)\}")
 _REGISTRY: dict[str, str] = {}  # reference id -> value, in this process (filled by SecretsPlugin)
@@ -47,7 +47,7 @@ def resolve_options(options: Any, where: str = "storage_options") -> Any:
                 value = _REGISTRY.get(name[7:])
             if value is None:
                 raise ConfigError(f"{where}: a secret given in the config is not registered in this process "
-                                  f"(pid {os.getpid()}); run through convert.graph.run, which shares it with the workers")  # fmt: skip
+                                  f"(pid {os.getpid()}); run through convert.run, which shares it with the workers")  # fmt: skip
             return value
         if name not in os.environ:
             raise ConfigError(f"{where}: environment variable ${{{name}}} is not set on this machine "
@@ -101,55 +101,3 @@ def unregister(refs: Any) -> None:
     with _LOCK:
         for ref in refs:
             _REGISTRY.pop(ref, None)
-
-
-_PLUGIN_CLASS: type | None = None
-
-
-def _plugin_class() -> type:
-    """SecretsPlugin, built on first use so that importing this module does not import distributed."""
-    global _PLUGIN_CLASS
-    if _PLUGIN_CLASS is None:
-        from distributed.diagnostics.plugin import WorkerPlugin
-
-        class SecretsPlugin(WorkerPlugin):
-            """Holds sealed secret values; installs them in each worker process's registry."""
-
-            def __init__(self, values: dict[str, str]) -> None:
-                self._values = dict(values)
-
-            def __repr__(self) -> str:  # never show values in logs
-                return f"SecretsPlugin({len(self._values)} secrets)"
-
-            def setup(self, worker: Any) -> None:
-                register(self._values)
-
-            def teardown(self, worker: Any) -> None:
-                unregister(self._values)
-
-        SecretsPlugin.__module__, SecretsPlugin.__qualname__ = __name__, "SecretsPlugin"
-        _PLUGIN_CLASS = SecretsPlugin
-    return _PLUGIN_CLASS
-
-
-def __getattr__(name: str) -> Any:  # pickle finds the plugin class by name on the workers
-    if name == "SecretsPlugin":
-        return _plugin_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@contextlib.contextmanager
-def share_secrets(client: Any, values: dict[str, str]) -> Iterator[None]:
-    """Make sealed secrets resolvable here and on every (current and future) worker of `client`."""
-    if not values:
-        yield
-        return
-    name = f"convert-secrets-{uuid.uuid4().hex[:12]}"
-    register(values)
-    client.register_plugin(_plugin_class()(values), name=name)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(Exception):  # a lost scheduler forgets its plugins anyway
-            client.unregister_worker_plugin(name)
-        unregister(values)

@@ -1,7 +1,8 @@
 """The small, frozen, picklable values that cross stage boundaries.
 
-`ItemRef`   source -> planner -> worker: where one image lives, never its bytes.
-`ShardSpec` planner -> Dask task: the ordered item references of one shard.
+`ItemRef`   worker-side: where one image lives, never its bytes (read from the shard's input slice).
+`InputSlice` planner -> shard task: a contiguous run of rows of one input file (constant size).
+`ShardSpec` planner -> shard task: the slices of one shard plus source settings; the worker reads its rows.
 `ItemResult` worker -> ledger: one row per input item (status + message).
 `ShardRecord` Dask task -> client: what was committed (counts, bytes, checksum, ledger).
 """
@@ -54,15 +55,55 @@ class ItemRef:
 
 
 @dataclass(frozen=True, slots=True)
+class InputSlice:
+    """A contiguous run of rows of one input file: what a shard task reads for itself.
+
+    `kind` says how to read `uri`: "txt" / "csv" / "folder" (a listing file the planner wrote) are
+    byte ranges [start, stop) that begin at a row; "parquet" / "cifar" are row ranges within the file.
+    `first_row` is the global index of the slice's first item (derived keys), `count` its items.
+    `version` identifies the file as planned (size and etag/mtime, or a content hash) and is part of
+    the shard's fingerprint; `size` lets the worker refuse a file that changed since planning.
+    """
+
+    kind: str
+    uri: str
+    version: str
+    size: int
+    start: int
+    stop: int
+    first_row: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """Source-wide settings every shard of a plan shares (small: names, not tables).
+
+    `root`: folder sources' root (URIs and keys are relative to it); "" for lists (entries resolve
+    against each list's own directory). `labels`: where the sorted label-name table lives ("" when
+    labels are integers or absent) and `labels_sha` its digest, so a changed table changes the plan.
+    `keys`: "derived" (from the global row index, unique by construction) or "explicit" (a key
+    column, checked across the whole source by the planner's key-hash pass).
+    """
+
+    kind: str  # "folder" | "urls" | "cifar"
+    root: str = ""
+    labels: str = ""
+    labels_sha: str = ""
+    keys: str = "derived"
+
+
+@dataclass(frozen=True, slots=True)
 class ShardSpec:
-    """One Dask task's work: an ordered tuple of item references and a deterministic name."""
+    """One shard task's work: its input slices (usually one) and a deterministic name; no items."""
 
     index: int
     name: str
-    items: tuple[ItemRef, ...]
+    slices: tuple[InputSlice, ...]
+    source: SourceRef
 
     def __len__(self) -> int:
-        return len(self.items)
+        return sum(s.count for s in self.slices)
 
 
 @dataclass(frozen=True, slots=True)

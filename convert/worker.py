@@ -8,7 +8,15 @@ retries the whole shard.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import os
+import re
+import sys
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,12 +26,14 @@ from .fetch import fetch_bytes, prefetch
 from .fetch.netguard import PrivateAddressError, PrivateNetworkRefused
 from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
+from .lease import publish, staging
 from .manifest import shard_rel_path, write_record
 from .plan import fingerprint, output_settings
+from .redact import redact_url
 from .secrets import resolve_config
-from .sources import detect_kind, read_member
+from .sources import SourceError, detect_kind, read_member, shard_refs
 from .specs import ItemError, ItemRef, ItemResult, ShardRecord, ShardSpec, Status
-from .store import file_digest, open_store
+from .store import StorageError, file_digest, open_store
 from .timing import StageClock, timed_fetch
 from .transform import SourceFacts, output_shape, transform
 
@@ -33,6 +43,40 @@ WRITE_BATCH = 64  # samples per writer call: amortises HDF5/LMDB overhead, bound
 
 class ShardError(RuntimeError):
     """The shard as a whole failed (the orchestrator retries it)."""
+
+
+class OutputError(StorageError):
+    """The output cannot be written (disk full, no permission): every shard would fail the same
+    way, so the orchestrator stops the run and shows this one line."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
+_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)")
+
+
+def _errno_of(exc: BaseException | None) -> int | None:
+    """The errno of an exception or of one it was raised from / during (h5py puts it in the text)."""
+    while exc is not None:
+        code = getattr(exc, "errno", None)
+        if code is None:
+            found = _ERRNO_IN_TEXT.search(str(exc))
+            code = int(found.group(1)) if found else None
+        if code is not None:
+            return code
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def output_error(exc: BaseException, spec: ShardSpec, uri: str) -> OutputError | None:
+    """A one-line OutputError naming the output and the fix for disk-full / permission errors."""
+    code = _errno_of(exc)
+    where = f"output {redact_url(uri)}: {os.strerror(code) if code else ''} while writing {spec.name}"
+    if code in _NO_SPACE:
+        return OutputError(f"{where}; free space there or set output.uri to a volume with room, then rerun to resume")
+    if code in _NO_ACCESS:
+        return OutputError(f"{where}; make it writable for this user (uid {os.getuid()}) or choose another output.uri")
+    return None
 
 
 def load_item(ref: ItemRef, policy: FetchPolicy) -> bytes | np.ndarray:
@@ -67,14 +111,49 @@ def _convert(
     return row, (None if data is None else Sample(ref.key, ref.label, data))
 
 
+def _check_refused(spec: ShardSpec, index: int, refused: int, error: BaseException | None) -> int:
+    """Count leading private-address refusals; all of the first EARLY_REFUSALS items refused stops
+    the shard with one line naming fetch.allow_private_networks (PrivateNetworkRefused)."""
+    if refused == index < EARLY_REFUSALS and isinstance(error, PrivateAddressError):
+        refused += 1
+        if refused == min(EARLY_REFUSALS, len(spec)):
+            raise PrivateNetworkRefused(f"{spec.name}: its first {refused} items were refused: {error}")
+    return refused
+
+
+def _unique_keys(refs: Iterator[ItemRef], spec: ShardSpec) -> Iterator[ItemRef]:
+    """The shard's refs, refusing a key seen twice (the planner guarantees uniqueness across shards)."""
+    seen: set[str] = set()
+    for ref in refs:
+        if ref.key in seen:
+            raise ShardError(f"{spec.name}: key {ref.key!r} occurs twice; every item needs a distinct key")
+        seen.add(ref.key)
+        yield ref
+
+
+def _unexpected(spec: ShardSpec, ref: ItemRef, error: BaseException | None, row: ItemResult) -> ShardError | None:
+    """A ShardError for a failure that is not a fact about the input, else None.
+
+    Fetchers and transforms report bad input as ItemError (transforms never with status `error`);
+    anything else (a bug, an import race, a full disk) must fail and retry the shard rather than be
+    committed as a final item status.
+    """
+    if error is not None and not isinstance(error, ItemError):
+        return ShardError(f"{spec.name}: {ref.key}: {type(error).__name__}: {error}")
+    if error is None and row.status is Status.ERROR:
+        return ShardError(f"{spec.name}: {ref.key}: {row.error}")
+    return None
+
+
 def _fill(writer: ShardWriter, spec: ShardSpec, config: Config, clock: StageClock) -> list[ItemResult]:
     """Stream every item of the shard through fetch -> transform -> writer; returns the ledger rows."""
     source = config.source
     policy = config.fetch.policy(source, detect_kind(source.uri) if source.kind == "auto" else source.kind)
     ledger: list[ItemResult] = []
     batch: list[Sample] = []
+    refs = shard_refs(spec, config.source.storage_options, config.output.storage_options)
     fetched_items = prefetch(
-        spec.items,
+        _unique_keys(refs, spec),
         timed_fetch(clock, lambda ref: load_item(ref, policy)),
         depth=config.fetch.threads,
         max_bytes=config.fetch.prefetch_bytes,
@@ -85,12 +164,13 @@ def _fill(writer: ShardWriter, spec: ShardSpec, config: Config, clock: StageCloc
         t = clock.now()
         for i, fetched in enumerate(fetched_items):
             t = clock.lap("wait", t)
-            if refused == i < EARLY_REFUSALS and isinstance(fetched.error, PrivateAddressError):
-                refused += 1
-                if refused == min(EARLY_REFUSALS, len(spec)):
-                    raise PrivateNetworkRefused(f"{spec.name}: its first {refused} items were refused: {fetched.error}")
+            refused = _check_refused(spec, i, refused, fetched.error)
             row, sample = _convert(fetched.item, fetched.value, fetched.error, config, clock)
-            ledger.append(row)
+            unexpected = _unexpected(spec, fetched.item, fetched.error, row)
+            if unexpected is not None:
+                raise unexpected from fetched.error
+            safe_uri = redact_url(row.uri)  # never store credentials given in a URL
+            ledger.append(row if safe_uri == row.uri else replace(row, uri=safe_uri))
             if sample is not None:
                 batch.append(sample)
             if len(batch) >= WRITE_BATCH:
@@ -102,15 +182,10 @@ def _fill(writer: ShardWriter, spec: ShardSpec, config: Config, clock: StageCloc
     if batch:
         clock.timed("write", writer.write_batch, batch)
     clock.add("convert_cpu", time.thread_time_ns() - cpu)  # this thread's CPU over decode..write
+    if len(ledger) != len(spec):
+        raise ShardError(f"{spec.name}: read {len(ledger)} items but the plan has {len(spec)}; "
+                         "the input changed since planning - rerun the same command to plan again")  # fmt: skip
     return ledger
-
-
-def _stored_count(fmt: str, path: str) -> int:
-    reader = open_reader(fmt, path)
-    try:
-        return len(reader)
-    finally:
-        reader.close()
 
 
 def shard_info(spec: ShardSpec, config: Config, fp: str) -> ShardInfo:
@@ -132,27 +207,61 @@ def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
     `config` arrives with storage-option secrets as references; they are resolved here, in the
     worker, from its environment and the secrets shared with it (see convert.secrets).
     """
-    started, clock = time.time(), StageClock()
+    started = time.time()
     config = resolve_config(config)
     out = open_store(config.output.uri, config.output.storage_options)
     fmt = get_format(config.output.format)
     fp = fingerprint(spec, output_settings(config.redacted()))
     info = shard_info(spec, config, fp)
-    rel = shard_rel_path(spec.name, fmt.extension)
-    with out.staging(spec.name, fmt.extension) as tmp:
+    try:
+        return _commit_shard(spec, config, out, fmt, fp, info, started)
+    except (OSError, RuntimeError) as exc:  # h5py reports write failures as RuntimeError
+        failure = output_error(exc, spec, config.output.uri)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+@contextlib.contextmanager
+def _quiet_finalizers() -> Iterator[None]:
+    """h5py handles that fail to flush (a full disk) print "Exception ignored" tracebacks from their
+    finalizers; the error itself is raised (and reported in one line), so silence the echoes."""
+    previous, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # h5py's finalizers print_exc() as well
+            yield
+    finally:
+        sys.unraisablehook = previous
+
+
+def _abort(writer: ShardWriter) -> None:
+    """Drop a failed writer; its own errors must not hide the first one."""
+    with _quiet_finalizers(), contextlib.suppress(Exception):
+        writer.abort()
+
+
+def _commit_shard(spec: ShardSpec, config: Config, out: Any, fmt: Any, fp: str, info: ShardInfo,
+                  started: float) -> ShardRecord:  # fmt: skip
+    """Write, re-open and count, hash, publish, then write the record (the done-marker)."""
+    rel, clock = shard_rel_path(spec.name, fmt.extension), StageClock()
+    with staging(out, spec.name, fmt.extension, fmt.sidecars) as tmp:
         writer = open_writer(fmt.name, tmp, info)
         try:
             ledger = _fill(writer, spec, config, clock)
-            clock.timed("write", writer.close)
+            with _quiet_finalizers():
+                clock.timed("write", writer.close)
+        except SourceError as exc:  # the slice cannot be read as planned: fail (and retry) the shard
+            _abort(writer)
+            raise ShardError(f"{spec.name}: {exc}") from None
         except BaseException:
-            writer.abort()
+            _abort(writer)
             raise
         ok = sum(row.ok for row in ledger)
         stored = clock.timed("verify", _stored_count, fmt.name, tmp)
         if stored != ok:
             raise ShardError(f"{spec.name}: wrote {ok} images but the re-opened shard holds {stored}")
         size, digest = clock.timed("hash", file_digest, tmp)
-        clock.timed("commit", out.publish, tmp, rel, size, digest)
+        clock.timed("commit", publish, out, tmp, rel, size, digest)
     record = ShardRecord(
         name=spec.name, path=rel, format=fmt.name, count=len(spec), ok=ok, failed=len(spec) - ok,
         bytes=size, sha256=digest, image_shape=info.image_shape, encoding=info.encoding, ledger=tuple(ledger),
@@ -160,3 +269,11 @@ def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
     )  # fmt: skip
     write_record(out, record, fp)
     return record
+
+
+def _stored_count(fmt: str, path: str) -> int:
+    reader = open_reader(fmt, path)
+    try:
+        return len(reader)
+    finally:
+        reader.close()

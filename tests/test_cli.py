@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,77 @@ def test_inspect_reports_leftovers_of_killed_attempts(converted):
         assert "leftover partial" in cli("inspect", str(out)).stdout
     finally:
         debris.unlink()
+
+
+# -- report helper (issue 13): end-of-run messages, --version -------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_run(out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}  # keep rich's summary table cells on one line
+    return subprocess.run([sys.executable, "-m", "convert", "run", "configs/demo.yaml", "--output", str(out), *flags],
+                          capture_output=True, text=True, cwd=REPO, timeout=300, env=env)  # fmt: skip
+
+
+def test_rerun_says_what_changed_counts_only_its_own_items_and_drops_old_format(tmp_path):
+    from convert.dataset import open_dataset
+
+    out = tmp_path / "demo"
+    first = demo_run(out)
+    assert first.returncode == 0, first.stderr
+    assert "decode_error" in first.stderr and "1 (e.g. dog/dog_broken.jpg)" in first.stderr  # top failure + example key
+    assert "images/s" in first.stderr
+    again = demo_run(out)  # nothing to do: no invented rate
+    assert again.returncode == 0 and "nothing converted" in again.stderr and "images/s" not in again.stderr
+    smaller = demo_run(out, "--size", "32")
+    assert "image.size changed: 64 → 32; 3 shards will be rebuilt" in smaller.stderr
+    lmdb = demo_run(out, "--size", "32", "--format", "lmdb")
+    assert lmdb.returncode == 0 and "output.format changed: hdf5 → lmdb; 3 shards will be rebuilt" in lmdb.stderr
+    assert "removed 3 files of earlier settings" in lmdb.stderr
+    names = sorted(p.name for p in (out / "shards").iterdir())
+    assert names == sorted([f"shard-0000{i}.lmdb" for i in range(3)] + [f"shard-0000{i}.record.gz" for i in range(3)])
+    with open_dataset(str(out)) as ds:
+        assert len(ds) == 36 and ds[0]["image"].shape == (32, 32, 3)
+
+
+def test_version():
+    from convert import __version__
+
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"convert-dataset {__version__}"
+
+
+@pytest.mark.parametrize("readme, marker", [("cluster/slurm/README.md", "#SBATCH --cpus-per-task=8"),
+                                            ("cluster/pbs/README.md", "#PBS -l select=1:ncpus=8")])  # fmt: skip
+def test_cluster_readme_dry_run_lines_run_as_written(readme, marker):
+    """Every `--dry-run` command in the SLURM/PBS READMEs, copied as a user would, prints a job script."""
+    import re
+    import shlex
+
+    text = (REPO / readme).read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    commands = [line for line in lines if line.startswith("convert-dataset") and "--dry-run" in line]
+    assert commands, f"no dry-run line in {readme}"
+    for command in commands:
+        args = shlex.split(command)[1:]
+        result = subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=REPO,
+                                timeout=120)  # fmt: skip
+        assert result.returncode == 0, f"{command}: {result.stderr}"
+        assert marker in result.stdout
+
+
+def test_docs_the_configs_and_readmes_point_at_exist():
+    """configs/*.yaml comments and the Markdown files link only to files that exist (docs/s3.md, ...)."""
+    import re
+
+    missing = []
+    for yaml_file in (REPO / "configs").glob("*.yaml"):
+        for ref in re.findall(r"\b((?:docs|configs|cluster)/[\w./-]+\.(?:md|yaml))", yaml_file.read_text()):
+            if not (REPO / ref).is_file():
+                missing.append(f"{yaml_file.name}: {ref}")
+    for md in [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "cluster").glob("*/README.md")]:
+        for ref in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", md.read_text()):
+            if not (md.parent / ref).exists():
+                missing.append(f"{md.relative_to(REPO)}: {ref}")
+    assert missing == []

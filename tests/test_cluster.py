@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from convert.cluster import (
+from convert.executor.cluster import (
     SCHEDULER_PLACEHOLDER,
     ClusterError,
     ClusterHandle,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
+import threading
 
 import numpy as np
 import pytest
 
 from convert.config import load_config
-from convert.dataset import open_dataset
-from convert.graph import run
+from convert import run
+from convert.dataset import NO_LABEL, Dataset, open_dataset
+from convert.fetch.prefetch import THREAD_PREFIX
 from convert.manifest import ManifestError
 from convert.testing import images as gen
 
@@ -54,9 +56,13 @@ def test_get_batch_any_order_with_repeats(dataset_dir):
 def test_iteration_is_ordered_and_complete(dataset_dir):
     ds = open_dataset(dataset_dir)
     assert [item["key"] for item in ds] == _keys(ds, range(len(ds)))
+    before = {t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)}
     it = iter(ds)
     next(it)
+    assert {t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)} - before  # reading ahead
     it.close()  # stopping early must not hang or leak the prefetch threads
+    leaked = [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX) and t not in before]
+    assert leaked == []
 
 
 def test_ledger_lists_failures(dataset_dir):
@@ -94,3 +100,29 @@ def test_encoded_shards_decode_on_read(tmp_path):
 def test_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(ManifestError, match="manifest.json not found"):
         open_dataset(str(tmp_path))
+
+
+def test_getitems_is_get_batch_and_labels_collate(dataset_dir):
+    ds = open_dataset(dataset_dir)
+    indices = [5, 1, 16]
+    assert [b["key"] for b in ds.__getitems__(indices)] == _keys(ds, indices)
+    assert all(isinstance(ds[i]["label"], int) for i in range(len(ds)))
+
+
+def test_unlabelled_items_get_no_label(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    for i in range(3):
+        (root / f"img_{i}.jpg").write_bytes(gen.jpeg_bytes(20, 20, seed=i))
+    files = sorted(p.name for p in root.iterdir())
+    cfg = load_config(None, {"source.uri": str(root), "output.uri": str(tmp_path / "out"), "image.size": 8,
+                             "source.labels": "none", "cluster.workers": 1})  # fmt: skip
+    run(cfg, log=lambda m: None)
+    ds = open_dataset(str(tmp_path / "out"))
+    assert len(ds) == len(files) and [ds[i]["label"] for i in range(len(ds))] == [NO_LABEL] * len(ds)
+
+
+def test_open_shard_readers_are_bounded(dataset_dir):
+    ds = Dataset(dataset_dir, max_open_shards=2)
+    keys = [ds[i]["key"] for i in range(len(ds))]  # 4 shards of 5 items
+    assert len(ds._readers) == 2 and keys == [ds[i]["key"] for i in range(len(ds))]

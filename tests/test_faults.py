@@ -20,7 +20,7 @@ import pytest
 from convert.store import open_store
 from convert.config import load_config
 from convert.dataset import open_dataset
-from convert.graph import run
+from convert import run
 from convert.manifest import read_ledger, read_manifest, verify
 from convert.testing import images as gen
 from convert.testing.dask import DaskProcesses
@@ -142,6 +142,7 @@ def test_poison_shard_fails_alone_as_killed_worker(poison_folder, tmp_path):
                        worker_args=("--nthreads", "1", "--memory-limit", "250MB")) as dp:  # fmt: skip
         cfg = load_config(None, {"source.uri": str(poison_folder), "output.uri": str(tmp_path / "out"),
                                  "shard.size": 3, "image.size": 16, "image.max_pixels": 300_000_000,
+                                 "fetch.prefetch_bytes": 64 * 2**20,  # must fit the 250 MB limit (config check)
                                  "cluster.scheduler": dp.address})  # fmt: skip
         summary = run(cfg, log=lambda m: None)
     assert list(summary.failed_shards) == ["shard-00001"]

@@ -18,11 +18,20 @@ import pytest
 from convert.config import load_config
 from convert.fetch import FetchPolicy, PrivateAddressError, PrivateNetworkRefused, fetch_bytes
 from convert.fetch.netguard import is_public
-from convert.specs import ItemError, ItemRef, ShardSpec, Status
+from convert.sources import Workdir, plan_source
+from convert.specs import ItemError, Status
 from convert.testing import images as gen
 from convert.worker import process_shard
 
 JPEG = gen.jpeg_bytes(40, 30, seed=2)
+
+
+def one_shard(listing: Path, entries: list[str], tmp_path: Path, **settings: object):
+    """(spec, config) of a URL list holding `entries`, planned as one shard (the worker reads its rows)."""
+    listing.write_text("".join(f"{e}\n" for e in entries))
+    cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8, **settings})
+    (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
+    return spec, cfg
 
 
 def status(uri: str, policy: FetchPolicy) -> ItemError:
@@ -141,23 +150,19 @@ def test_fifo_in_a_shard_becomes_a_ledger_status(tmp_path):
     src.mkdir()
     (src / "a.jpg").write_bytes(JPEG)
     os.mkfifo(src / "x.jpg")
-    items = (ItemRef("a", str(src / "a.jpg")), ItemRef("x", str(src / "x.jpg")))
-    cfg = load_config(None, {"source.uri": str(src), "output.uri": str(tmp_path / "out"), "image.size": 8})
-    record = process_shard(ShardSpec(0, "shard-00000", items), cfg)
+    spec, cfg = one_shard(src / "urls.txt", [str(src / "a.jpg"), str(src / "x.jpg")], tmp_path)
+    record = process_shard(spec, cfg)
     assert [r.status for r in record.ledger] == [Status.OK, Status.BAD_URL]
 
 
 def test_url_list_items_each_end_with_a_status_within_their_deadline(tmp_path, http_server, trickle_server, silent_server):
     http_server.put("ok.jpg", JPEG)
     os.mkfifo(tmp_path / "fifo.jpg")
-    listing = tmp_path / "urls.txt"
-    listing.write_text("unused: the items below are the shard's\n")
-    items = tuple(ItemRef(f"k{i}", u) for i, u in enumerate([f"{trickle_server}/headers.jpg", f"{silent_server}/n.jpg",
-                                                             str(tmp_path / "fifo.jpg"), f"{http_server.url}/ok.jpg"]))  # fmt: skip
-    cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8,
-                             "fetch.item_timeout": 2.0, "fetch.timeout": 5, "fetch.allow_private_networks": True})  # fmt: skip
+    entries = [f"{trickle_server}/headers.jpg", f"{silent_server}/n.jpg", str(tmp_path / "fifo.jpg"), f"{http_server.url}/ok.jpg"]
+    spec, cfg = one_shard(tmp_path / "urls.txt", entries, tmp_path, **{
+        "fetch.item_timeout": 2.0, "fetch.timeout": 5, "fetch.allow_private_networks": True})  # fmt: skip
     start = time.monotonic()
-    record = process_shard(ShardSpec(0, "shard-00000", items), cfg)
+    record = process_shard(spec, cfg)
     assert [r.status for r in record.ledger] == [Status.TIMEOUT, Status.TIMEOUT, Status.BAD_URL, Status.OK]
     # until a first item's size is known the prefetch runs one fetch at a time, so the two hung items
     # may run back to back: each within its own 2 s deadline
@@ -211,13 +216,10 @@ def test_redirect_to_a_private_address_is_refused(http_server, serve_dir):
 
 def test_shard_whose_first_items_are_refused_stops_with_one_line(tmp_path, http_server):
     http_server.put("a.jpg", JPEG)
-    listing = tmp_path / "urls.txt"
-    urls = [http_server.url_for("a.jpg")] * 10
-    listing.write_text("\n".join(urls))
-    items = tuple(ItemRef(f"k{i}", u) for i, u in enumerate(urls))
-    cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8})
+    spec, cfg = one_shard(tmp_path / "urls.txt", [http_server.url_for("a.jpg")] * 10, tmp_path,
+                          **{"fetch.allow_private_networks": False})  # the suite opts in (conftest); not here
     with pytest.raises(PrivateNetworkRefused) as info:
-        process_shard(ShardSpec(0, "shard-00000", items), cfg)
+        process_shard(spec, cfg)
     msg = str(info.value)
     assert "\n" not in msg and "fetch.allow_private_networks" in msg
     assert not (tmp_path / "out" / "shards" / "shard-00000.h5").exists()
@@ -267,7 +269,16 @@ def test_data_urls_are_their_own_scheme_and_off_by_default():
 def test_errors_never_quote_file_contents(tmp_path):
     secret = tmp_path / "shadow.jpg"
     secret.write_bytes(b"root:*:19000:0:99999:7:::\n")
-    cfg = load_config(None, {"source.uri": str(tmp_path), "output.uri": str(tmp_path / "out"), "image.size": 8})
-    record = process_shard(ShardSpec(0, "shard-00000", (ItemRef("s", str(secret)),)), cfg)
+    spec, cfg = one_shard(tmp_path / "urls.txt", [str(secret)], tmp_path)
+    record = process_shard(spec, cfg)
     (row,) = record.ledger
     assert row.status is Status.DECODE_ERROR and "root" not in row.error and "19000" not in row.error
+
+
+def test_private_networks_default_comes_from_the_environment_and_config_wins(monkeypatch):
+    base = {"source.uri": "x.txt", "output.uri": "/tmp/unused"}
+    monkeypatch.delenv("CONVERT_ALLOW_PRIVATE_NETWORKS", raising=False)
+    assert load_config(None, base).fetch.allow_private_networks is False  # refused unless asked for
+    monkeypatch.setenv("CONVERT_ALLOW_PRIVATE_NETWORKS", "1")
+    assert load_config(None, base).fetch.allow_private_networks is True
+    assert load_config(None, {**base, "fetch.allow_private_networks": False}).fetch.allow_private_networks is False

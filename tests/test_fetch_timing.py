@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 from convert.config import load_config
-from convert.manifest import read_record
+from convert.records import read_record
 from convert.store import open_store
-from convert.specs import ItemRef, ShardSpec
+from convert.sources import Workdir, plan_source
 from convert.testing import images as gen
 from convert.timing import StageClock, timed_fetch
 from convert.worker import process_shard
+
+
+def one_shard(listing: Path, entries: list[str], tmp_path: Path, **settings: object):
+    """(spec, config) of a URL list holding `entries`, planned as one shard (the worker reads its rows)."""
+    listing.write_text("".join(f"{e}\n" for e in entries))
+    cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8, **settings})
+    (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
+    return spec, cfg
 
 
 def test_clock_sums_laps_from_many_threads():
@@ -56,15 +65,15 @@ def test_shard_record_has_stages_times_and_source_facts(tmp_path):
     (src / "a.jpg").write_bytes(gen.jpeg_bytes(90, 70, seed=1))
     (src / "b.png").write_bytes(gen.encode(gen.photo_like(33, 21), "PNG"))
     (src / "bad.jpg").write_bytes(b"not an image at all")
-    items = tuple(ItemRef(p.name, str(src / p.name)) for p in sorted(src.iterdir()))
-    cfg = load_config(None, {"source.uri": str(src), "output.uri": str(tmp_path / "out"), "image.size": 16})
+    names = sorted(p.name for p in src.iterdir())
+    spec, cfg = one_shard(src / "urls.txt", [str(src / n) for n in names], tmp_path, **{"image.size": 16})
     before = time.time()
-    record = process_shard(ShardSpec(0, "shard-00000", items), cfg)
+    record = process_shard(spec, cfg)
     assert before <= record.started <= record.finished <= time.time()
     for stage in ("fetch", "fetch_cpu", "wait", "decode", "resize", "encode", "write", "verify", "hash", "commit"):
         assert record.stages[stage] >= 0, stage
     assert record.stages["decode"] > 0 and record.stages["fetch"] > 0
-    rows = {r.key: r for r in record.ledger}
+    rows = {r.uri.rsplit("/", 1)[1]: r for r in record.ledger}
     assert (rows["a.jpg"].width, rows["a.jpg"].height, rows["a.jpg"].src_format) == (90, 70, "jpeg")
     assert rows["a.jpg"].src_bytes == (src / "a.jpg").stat().st_size
     assert (rows["b.png"].width, rows["b.png"].height, rows["b.png"].src_format) == (33, 21, "png")

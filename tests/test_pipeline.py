@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from convert.config import load_config
 from convert.dataset import open_dataset
-from convert.graph import run
+from convert import run
 from convert.manifest import read_ledger, read_manifest, verify
 from convert.store import open_store
 from convert.testing import images as gen
@@ -201,7 +201,13 @@ def test_plan_is_persisted_without_pickle(folder, scheduler, tmp_path):
 
     root, paths = folder
     run(make_config(root, tmp_path / "out", scheduler), log=lambda m: None)
+    from convert.plan import read_plan
+    from convert.sources import shard_refs
+
     plan = persist.load(str(tmp_path / "out" / "plan.gz"))
     assert plan["shards"] == ["shard-00000", "shard-00001", "shard-00002"]
-    assert plan["key"] == [f"{p.parent.name}/{p.name}" for p in paths]
-    assert plan["shard"].tolist() == [i // 7 for i in range(len(paths))]
+    assert len(plan["shard"]) == 3  # one row per slice (O(shards)), not one per item
+    specs = read_plan((tmp_path / "out" / "plan.gz").read_bytes())
+    refs = [ref for spec in specs for ref in shard_refs(spec, None)]
+    assert [r.key for r in refs] == [f"{p.parent.name}/{p.name}" for p in paths]
+    assert [len(s) for s in specs] == [7, 7, len(paths) - 14]

@@ -28,7 +28,7 @@ from convert.store import open_store
 from convert.store import s3 as s3_store
 from convert.config import load_config
 from convert.dataset import open_dataset
-from convert.graph import run
+from convert import run
 from convert.manifest import ManifestError, leftovers, read_manifest, verify
 from convert.testing import images as gen
 from convert.testing.proxy import FaultProxy

@@ -21,7 +21,7 @@ from typing import Any
 import dask
 import pytest
 
-from convert.cluster import ClusterError, check_reachable_paths, open_client
+from convert.executor.cluster import ClusterError, check_reachable_paths, open_client
 from convert.config import ClusterConfig
 
 ROOT = Path(__file__).resolve().parents[1]

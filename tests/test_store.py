@@ -17,14 +17,15 @@ from typing import Any
 
 import pytest
 
-from convert.store import SHARDS_DIR, StorageError, Store, open_store
+from convert.store import SHARDS_DIR, StorageError, Store, file_digest, open_store
 from convert.store import s3 as s3_store
 
 
-def _child_report(store: Store, conn: Any) -> None:
+def _child_report(store: Store, parent_fs: Any, conn: Any) -> None:
     fresh = open_store(store.uri, store.storage_options)
     fresh.write_bytes("from-child", b"child")
-    conn.send((fresh is not store, fresh.read_bytes("from-child")))
+    store.write_bytes("inherited", b"works")  # an instance inherited through fork rebuilds its filesystem
+    conn.send((fresh is not store, store.fs is not parent_fs, fresh.read_bytes("from-child"), store.read_bytes("inherited")))
 
 
 class StoreTests:
@@ -87,7 +88,7 @@ class StoreTests:
 
     def test_staging_then_publish(self, store):
         data = os.urandom(300_000)
-        with store.staging("shard-00000", ".bin", run_id="abc123") as tmp:
+        with store.staging("shard-00000", ".bin", run_id="abc123", sidecars=("-lock",)) as tmp:
             assert "abc123" in os.path.basename(tmp) and not store.exists("shards/shard-00000.bin")
             Path(tmp).write_bytes(data)
             Path(tmp + "-lock").write_bytes(b"sidecar")  # e.g. LMDB's lock file
@@ -102,7 +103,9 @@ class StoreTests:
             os.makedirs(os.path.join(tmp, "c"))
             Path(tmp, "zarr.json").write_bytes(b"{}")
             Path(tmp, "c", "0").write_bytes(b"chunk")
+            staged = file_digest(tmp)
             store.publish(tmp, "shards/shard-00001.zarr", 7)
+        assert store.sha256("shards/shard-00001.zarr") == staged and staged[0] == 7
         assert [e.rel for e in store.walk("shards/shard-00001.zarr")] == [
             "shards/shard-00001.zarr/c/0", "shards/shard-00001.zarr/zarr.json"]  # fmt: skip
 
@@ -148,11 +151,11 @@ class StoreTests:
     def test_fork_child_gets_a_fresh_instance(self, store):
         ctx = mp.get_context("fork")
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child_report, args=(store, child))
+        proc = ctx.Process(target=_child_report, args=(store, store.fs, child))
         proc.start()
-        fresh, data = parent.recv()
+        fresh, rebuilt, data, inherited = parent.recv()
         proc.join(30)
-        assert proc.exitcode == 0 and fresh and data == b"child"
+        assert proc.exitcode == 0 and fresh and rebuilt and (data, inherited) == (b"child", b"works")
 
 
 class TestLocalStore(StoreTests):

@@ -9,30 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from urllib.parse import urlsplit
 
 import urllib3.exceptions as u3
 
+from ..redact import redact_url
 from ..specs import ItemError, Status
-
-_SECRET_WORDS = ("sig", "token", "key", "credential", "secret", "password", "passwd", "auth", "session", "policy")
-
-
-def redact_url(url: str) -> str:
-    """The URL without userinfo and with secret-looking query values replaced by '***'."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<malformed url>"
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = []
-    for pair in parts.query.split("&") if parts.query else []:
-        name, sep, _ = pair.partition("=")
-        secret = any(w in name.lower() for w in _SECRET_WORDS)
-        query.append(f"{name}{sep}***" if secret and sep else pair)
-    out = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else parts.path
-    return out + ("?" + "&".join(query) if query else "")
-
 
 class FetchError(OSError):
     """A failed read; `url` is redacted, `offset` is the byte position reached (if known)."""

@@ -1,8 +1,14 @@
 """Writer/reader interface per output format, and a registry that imports backends lazily.
 
-A writer writes ONE shard to a LOCAL path (the commit stage moves/uploads it); it receives
-samples in batches and never sees the network. A reader opens one committed shard (a local path,
-or for formats that support it a seekable binary file object) and returns samples by index.
+A writer writes ONE shard to a LOCAL path (the store then publishes it); it receives samples in
+batches and never sees the network. A reader opens one committed shard (a local path, or for
+formats that support it a seekable binary file object) and returns samples by index.
+
+A format owns its options and files: its config section (`output.<format>.*`, validated by the
+pydantic model its `FormatSpec.options` names), the sidecar files its writer may leave beside the
+shard (a `sidecars` class attribute on the writer, e.g. LMDB's "-lock"), and its shape on disk
+(`FormatSpec.directory`: one file, or a directory the store publishes whole). The CLI and config
+read the format names from FORMATS. Adding a format = one module + one FORMATS entry.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Generic, Protocol, Sequence, TypeVar
+from typing import Any, BinaryIO, Generic, Literal, Protocol, Sequence, TypeVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +185,24 @@ def normalize_indices(indices: Sequence[int], count: int) -> np.ndarray:
     return idx
 
 
+class FormatOptions(BaseModel):
+    """A format's own config section (`output.<format>`); no options by default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    compression: str = "none"  # every format reports these two: they are part of wave-1 fingerprints
+    compression_level: int = 4
+
+
+class HDF5Options(FormatOptions):
+    compression: Literal["none", "gzip", "lzf"] = "none"
+    compression_level: int = Field(4, ge=0, le=9)
+
+
+class LMDBOptions(FormatOptions):
+    compression: Literal["none"] = "none"
+
+
 @dataclass(frozen=True)
 class FormatSpec:
     name: str
@@ -186,11 +211,30 @@ class FormatSpec:
     writer: str  # attribute names in that module
     reader: str
     needs_local_file: bool  # reader must have a local path (LMDB) vs any seekable file (HDF5)
+    options: type[FormatOptions] = FormatOptions  # validates `output.<name>.*`
+    directory: bool = False  # the shard is a directory (e.g. a Zarr group), published whole
+
+    @property
+    def sidecars(self) -> tuple[str, ...]:
+        """Suffixes of files the writer may leave beside the shard (removed after publishing)."""
+        return tuple(getattr(_attr(self, self.writer), "sidecars", ()))
+
+    def validate_options(self, section: dict[str, Any]) -> dict[str, Any]:
+        """The section validated by this format (defaults filled); ValueError naming the key."""
+        from pydantic import ValidationError
+
+        try:
+            return self.options.model_validate(section).model_dump()
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            allowed = ", ".join(self.options.model_fields)
+            raise ValueError(f"output.{self.name}.{key}: {err['msg']} (options of {self.name}: {allowed})") from None
 
 
 FORMATS: dict[str, FormatSpec] = {
-    "hdf5": FormatSpec("hdf5", ".h5", "convert.formats.hdf5", "HDF5Writer", "HDF5Reader", False),
-    "lmdb": FormatSpec("lmdb", ".lmdb", "convert.formats.lmdb", "LMDBWriter", "LMDBReader", True),
+    "hdf5": FormatSpec("hdf5", ".h5", "convert.formats.hdf5", "HDF5Writer", "HDF5Reader", False, HDF5Options),
+    "lmdb": FormatSpec("lmdb", ".lmdb", "convert.formats.lmdb", "LMDBWriter", "LMDBReader", True, LMDBOptions),
 }
 
 

@@ -1,18 +1,45 @@
-"""Input sources: list a folder/glob, a URL list or CIFAR batches as ItemRefs (never bytes).
+"""Input sources: plan a folder/glob, URL list(s) or CIFAR batches as shard slices (never items, never bytes).
 
-`list_source(cfg)` is the entry point; `detect_kind(uri)` picks the lister when cfg.kind == "auto";
-`read_member(uri, row)` reads one image out of a CIFAR batch on a worker.
+`plan_source(cfg, shard_size, work)` is the planner's entry point: it returns the shard specs (each
+naming its input slices) and the label table, holding O(shards) state. `shard_refs(spec, ...)` is
+the worker's: the ItemRefs of one shard, read from its slices. `list_source(cfg)` materialises every
+item (tests, small sources). `detect_kind(uri)` picks the lister when cfg.kind == "auto".
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from ..config import SourceConfig
-from .base import SourceError, SourceListing, safe_key
-from .cifar import is_cifar_uri, list_cifar, read_member
-from .folder import list_folder
-from .urls import LIST_SUFFIXES, list_urls
+from ..fetch.prefetch import prefetch
+from ..plan import cut_rows, make_specs
+from ..specs import InputSlice, ItemRef, ShardSpec, SourceRef
+from .base import IMAGE_EXTENSIONS, SourceError, SourceListing, Workdir, open_fs, safe_key
+from .cifar import cifar_refs, is_cifar_uri, plan_cifar, read_member
+from .folder import folder_refs, plan_folder
+from .lists import LIST_SUFFIXES, open_list, read_text_rows
+from .urls import plan_urls, url_refs
+
+LABELS = "partitions/labels.json"
+PASS_THREADS = 8
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """What the planner found: shard specs (slices, not items), label names, counts."""
+
+    kind: str
+    specs: list[ShardSpec]
+    label_names: list[str] | None
+    items: int
+    partitions: int  # list files, listing groups or CIFAR batches
 
 
 def detect_kind(uri: str) -> str:
@@ -25,14 +52,119 @@ def detect_kind(uri: str) -> str:
     return "folder"
 
 
-def list_source(cfg: SourceConfig) -> SourceListing:
-    """All items of the configured source, in deterministic order, with the label names table."""
+def _resolve_kind(cfg: SourceConfig) -> str:
+    """cfg.kind, or the detected one; a folder holding only list files is a set of URL lists."""
     kind = detect_kind(cfg.uri) if cfg.kind == "auto" else cfg.kind
+    if cfg.kind == "auto" and kind == "folder":
+        fs, path = open_fs(cfg.uri, cfg.storage_options)
+        if fs.isdir(path):
+            entries = fs.ls(path, detail=True)
+            names = [posixpath.basename(e["name"].rstrip("/")).lower() for e in entries if e.get("type") == "file"]
+            lists = [n for n in names if n.endswith(LIST_SUFFIXES)]
+            images = [n for n in names if posixpath.splitext(n)[1] in IMAGE_EXTENSIONS]
+            if lists and not images and all(e.get("type") == "file" for e in entries):
+                return "urls"
+    return kind
+
+
+def thread_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+    """Ordered map on a few threads with a bounded number in flight (listing and column passes are
+    I/O and pyarrow bound); results stream in input order, so O(threads) are held at a time."""
+    results = prefetch(items, fn, depth=PASS_THREADS)
+    try:
+        for got in results:
+            if got.error is not None:
+                raise got.error
+            yield got.value
+    finally:
+        results.close()
+
+
+def plan_source(cfg: SourceConfig, shard_size: int, work: Workdir, map_fn: Callable[..., Any] = thread_map) -> SourcePlan:
+    """Plan the configured source into shards of `shard_size` items, in deterministic order."""
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    kind = _resolve_kind(cfg)
     if kind == "urls":
-        return list_urls(cfg.uri, cfg.storage_options)
-    if kind == "cifar":
-        return list_cifar(cfg.uri, cfg.storage_options)
-    return list_folder(cfg.uri, cfg.storage_options, cfg.labels)
+        up = plan_urls(cfg.uri, cfg.storage_options, shard_size, map_fn)
+        groups, names, parts = [(s,) for s in up.slices], up.label_names, up.files
+        source = SourceRef("urls", keys="explicit" if up.explicit_keys else "derived")
+    elif kind == "cifar":
+        batches, names = plan_cifar(cfg.uri, cfg.storage_options)
+        groups, parts, source = cut_rows(batches, "cifar", shard_size), len(batches), SourceRef("cifar")
+    else:
+        fp = plan_folder(cfg.uri, cfg.storage_options, cfg.labels, shard_size, work)
+        groups, names, parts, source = [(s,) for s in fp.slices], fp.label_names, fp.groups, SourceRef("folder", fp.root)
+    if names is not None and kind != "cifar":
+        data = json.dumps(names).encode()
+        with work.create(LABELS) as f:
+            f.write(data)
+        source = SourceRef(source.kind, source.root, work.url(LABELS), hashlib.sha256(data).hexdigest()[:16], source.keys)
+    specs = make_specs(groups, source)
+    return SourcePlan(kind, specs, names, sum(len(s) for s in specs), parts)
 
 
-__all__ = ["SourceError", "SourceListing", "detect_kind", "list_source", "read_member", "safe_key"]
+_LABEL_CACHE: dict[tuple[str, str], dict[str, int]] = {}
+_LABEL_LOCK = threading.Lock()
+
+
+def _label_index(source: SourceRef, options: dict[str, Any] | None) -> dict[str, int] | None:
+    """name -> id from the plan's label table (read once per process; checked against its digest)."""
+    if not source.labels:
+        return None
+    with _LABEL_LOCK:
+        found = _LABEL_CACHE.get((source.labels, source.labels_sha))
+        if found is None:
+            with open_list(source.labels, options) as f:
+                data = f.read()
+            if hashlib.sha256(data).hexdigest()[:16] != source.labels_sha:
+                raise SourceError(f"{source.labels} changed since planning; rerun the same command to plan again")
+            if len(_LABEL_CACHE) > 8:
+                _LABEL_CACHE.clear()
+            found = _LABEL_CACHE[(source.labels, source.labels_sha)] = {n: i for i, n in enumerate(json.loads(data))}
+        return found
+
+
+def shard_refs(spec: ShardSpec, source_options: dict[str, Any] | None, work_options: dict[str, Any] | None = None) -> Iterator[ItemRef]:
+    """The ItemRefs of one shard, in order, read from its slices (worker side).
+
+    `source_options` open the input files; `work_options` the planner's files (output root).
+    """
+    names = _label_index(spec.source, work_options)
+    for sl in spec.slices:
+        yield from _slice_refs(sl, spec.source, names, source_options, work_options)
+
+
+def _slice_refs(sl: InputSlice, source: SourceRef, names: dict[str, int] | None, source_options: Any,
+                work_options: Any) -> Iterator[ItemRef]:  # fmt: skip
+    if sl.kind == "cifar":
+        yield from cifar_refs(sl.uri, sl.start, sl.stop, source_options)
+    elif sl.kind == "folder":
+        yield from folder_refs(read_text_rows(sl, work_options), source.root, names)
+    else:
+        yield from url_refs([sl], source_options, names)
+
+
+def list_source(cfg: SourceConfig) -> SourceListing:
+    """Every item of the configured source, in order, with the label names table (small sources)."""
+    with tempfile.TemporaryDirectory(prefix="convert-list-") as tmp:
+        plan = plan_source(cfg, 1 << 20, Workdir(tmp))
+        items = [ref for spec in plan.specs for ref in shard_refs(spec, cfg.storage_options)]
+    for i, ref in enumerate(items):
+        if not ref.uri:
+            raise SourceError(f"URL list {cfg.uri!r} row {i + 1} has an empty url; fill it in or delete the row")
+    return SourceListing(kind=plan.kind, items=items, label_names=plan.label_names)
+
+
+__all__ = [
+    "SourceError",
+    "SourceListing",
+    "SourcePlan",
+    "Workdir",
+    "detect_kind",
+    "list_source",
+    "plan_source",
+    "read_member",
+    "safe_key",
+    "shard_refs",
+]

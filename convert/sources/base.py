@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import posixpath
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from fsspec import AbstractFileSystem
 from fsspec.core import has_magic
 
 from ..specs import ItemRef
-from ..store import StorageError, fs_url, open_store
+from ..store import StorageError, Store, fs_url, open_store
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MAX_KEY_BYTES = 255  # UTF-8 bytes; LMDB's default key limit is 511 and the shard key may add a prefix
@@ -44,13 +45,21 @@ def _clean_segment(seg: str) -> str:
     return "".join("_" if unicodedata.category(c)[0] == "C" or c in "\u2028\u2029" else c for c in seg)
 
 
+def _printable_ascii(text: str) -> bool:
+    # Fast path for safe_key: printable ASCII (" " to "~") has no control/format characters, so the
+    # per-character unicodedata lookup (4.3 s of a 7.4 s listing of 100k items) is skipped.
+    return text.isascii() and text.isprintable()
+
+
 def safe_key(text: str) -> str:
     """A relative, '/'-separated key: no '..', '.', empty segments or control chars; <= MAX_KEY_BYTES.
 
     Over-long keys keep their start and gain a hash of the full text so they stay unique.
     Raises SourceError when nothing usable remains (e.g. "", "/", "..").
     """
-    parts = [_clean_segment(p) for p in str(text).replace("\\", "/").split("/")]
+    text = str(text)
+    clean = _printable_ascii(text)
+    parts = [p if clean else _clean_segment(p) for p in text.replace("\\", "/").split("/")]
     key = "/".join(p for p in parts if p.strip() and p not in (".", ".."))
     if not key:
         raise SourceError(f"key {text!r} has no usable characters; give the item a plain name such as 'img_0001'")
@@ -100,6 +109,25 @@ def relative_to(path: str, root: str) -> str:
     return path[len(root) :].lstrip("/") if root and path.startswith(root + "/") else path.lstrip("/")
 
 
+class Workdir:
+    """Where the planner leaves the files shard tasks read (label table, folder listings).
+
+    The output store for `run` (workers see it), a temporary folder for `convert-dataset plan`.
+    """
+
+    def __init__(self, where: Store | str) -> None:
+        self.store = open_store(where) if isinstance(where, str) else where
+
+    def url(self, rel: str) -> str:
+        return self.store.url(rel)
+
+    @contextlib.contextmanager
+    def create(self, rel: str) -> Iterator[IO[bytes]]:
+        """A file whose content appears under `rel` only once written completely."""
+        with self.store.writer(rel) as f:
+            yield f
+
+
 def has_scheme(entry: str) -> bool:
     """True for 'https://...', 's3://...', 'file:...', 'data:...'; False for paths (incl. 'C:\\x')."""
     return bool(_URL_SCHEME.match(entry))
@@ -109,6 +137,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SourceError",
     "SourceListing",
+    "Workdir",
     "full_uri",
     "glob_root",
     "has_magic",

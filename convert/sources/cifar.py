@@ -1,4 +1,4 @@
-"""CIFAR-10/100 "python version" batch files: listing (one ItemRef per row) and row reading.
+"""CIFAR-10/100 "python version" batch files: planning (rows per batch), a shard's ItemRefs, row reading.
 
 The batch files are Python 2 pickles of a dict {b"data": (N, 3072) uint8, b"labels" | b"fine_labels": [...],
 b"filenames": [...], b"batch_label": ...}. They are read ONLY through `_RestrictedUnpickler`, whose
@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 
 from ..specs import ItemError, ItemRef, Status
-from .base import SourceError, SourceListing, full_uri, has_magic, open_fs
+from .base import SourceError, full_uri, has_magic, open_fs
 
 _BATCH = re.compile(r"^(data_batch_(\d+)|test_batch|train|test)$")
 _FOLDER = re.compile(r"^cifar-[\w.-]*(batches-py|python)$", re.IGNORECASE)
 _ROW = 3 * 32 * 32
 _CACHE_SIZE = 2  # a CIFAR-10 batch is ~30 MB decoded, CIFAR-100 train ~150 MB
-_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+_cache: OrderedDict[str, tuple[np.ndarray, list[int | None]]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -147,37 +147,44 @@ def _label_names(fs: Any, folder: str) -> list[str] | None:
     return None
 
 
-def list_cifar(uri: str, storage_options: dict[str, Any] | None = None) -> SourceListing:
-    """One ItemRef per row of each batch (data batches, then test), key '<batch>/<row:05d>'."""
+def plan_cifar(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[list[tuple[str, int, str, int]], list[str] | None]:
+    """([(batch URI, rows, version, size), ...] in order (data batches, then test), label names)."""
     fs, path = open_fs(uri, storage_options)
     paths = _batch_paths(fs, path, uri)
-    items: list[ItemRef] = []
+    batches = []
     for p in paths:
         name = posixpath.basename(p)
         batch = _read(fs, p, name)
-        data = _data(batch, name)
-        batch_uri = full_uri(fs, p)
-        labels = _labels(batch, len(data), name)
-        items.extend(
-            ItemRef(key=f"{name}/{row:05d}", uri=batch_uri, label=lab, member=row) for row, lab in enumerate(labels)
-        )
-        del batch, data
-    return SourceListing(kind="cifar", items=items, label_names=_label_names(fs, posixpath.dirname(paths[0])))
+        rows = len(_data(batch, name))
+        _labels(batch, rows, name)  # a batch with inconsistent labels fails here, at planning
+        info = fs.info(p)
+        size = int(info.get("size") or 0)
+        batches.append((full_uri(fs, p), rows, f"{size}-{info.get('mtime') or info.get('ETag') or ''}", size))
+        del batch
+    return batches, _label_names(fs, posixpath.dirname(paths[0]))
 
 
-def _cached_data(uri: str, storage_options: dict[str, Any] | None) -> np.ndarray:
+def cifar_refs(uri: str, start: int, stop: int, storage_options: dict[str, Any] | None) -> list[ItemRef]:
+    """ItemRefs of rows [start, stop) of one batch, key '<batch>/<row:05d>' (worker side)."""
+    data, labels = _cached_batch(uri, storage_options)
+    name = posixpath.basename(uri)
+    return [ItemRef(key=f"{name}/{row:05d}", uri=uri, label=labels[row], member=row) for row in range(start, stop)]
+
+
+def _cached_batch(uri: str, storage_options: dict[str, Any] | None) -> tuple[np.ndarray, list[int | None]]:
     # The lock is held while loading so concurrent readers of one batch decode it once.
     with _cache_lock:
-        data = _cache.get(uri)
-        if data is None:
+        found = _cache.get(uri)
+        if found is None:
             fs, path = open_fs(uri, storage_options)
             name = posixpath.basename(path)
-            data = _data(_read(fs, path, name), name)
-            _cache[uri] = data
+            batch = _read(fs, path, name)
+            data = _data(batch, name)
+            found = _cache[uri] = (data, _labels(batch, len(data), name))
             while len(_cache) > _CACHE_SIZE:
                 _cache.popitem(last=False)
         _cache.move_to_end(uri)
-        return data
+        return found
 
 
 def clear_cache() -> None:
@@ -192,7 +199,7 @@ def read_member(uri: str, member: int, storage_options: dict[str, Any] | None = 
     Failures are ItemError (not found / not a batch / row out of range) so the worker records them per item.
     """
     try:
-        data = _cached_data(uri, storage_options)
+        data = _cached_batch(uri, storage_options)[0]
     except FileNotFoundError:
         raise ItemError(Status.NOT_FOUND, f"CIFAR batch {uri} not found") from None
     except SourceError as exc:

@@ -1,131 +1,208 @@
 """URL-list sources: .txt (one URL a line), .csv and .parquet (columns url, optional label, key).
 
-The list may live on any fsspec URL. Relative entries resolve against the list's directory.
+`plan_urls` turns one list, a glob or a folder of lists (sorted by path) into shard specs whose slices
+the workers read themselves (`url_refs`). Relative entries resolve against each list's directory.
 Schemes are not checked here: the fetch layer turns disallowed ones into per-item BAD_URL rows.
+
+Labels: integer label columns are used as they are; if any label is a name, every label gets an id
+into the sorted table of distinct names, found by a pass over the label column per slice that
+returns only the distinct names. Keys: derived keys start with the global row index, so they are
+unique by construction; with a key column, a pass over the 64-bit hashes of every row's key checks
+uniqueness across the whole source (8 bytes per row in the client, for key-column lists only).
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import hashlib
 import math
 import posixpath
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ..specs import ItemRef
-from .base import SourceError, SourceListing, full_uri, has_scheme, open_fs, require_unique, safe_key
+import numpy as np
 
-LIST_SUFFIXES = (".txt", ".csv", ".parquet")
-_COLUMNS = ("url", "label", "key")
-Row = tuple[str, Any, Any]  # (url, label cell, key cell)
+from ..specs import InputSlice, ItemRef
+from .base import SourceError, has_scheme, safe_key
+from .lists import ListFile, find_lists, open_list, parquet_columns, parquet_file, read_rows, scan_text, text_slices
+from .lists import header_columns
+
+MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]  # ordered, like map()
 
 
-def list_urls(uri: str, storage_options: dict[str, Any] | None = None) -> SourceListing:
-    """List the items of a .txt / .csv / .parquet URL list."""
-    fs, path = open_fs(uri, storage_options)
-    if not fs.isfile(path):
-        raise SourceError(f"URL list {uri!r} not found; check the path (and storage_options for object stores)")
-    suffix = posixpath.splitext(path)[1].lower()
+@dataclass(frozen=True)
+class _Scanned:
+    slices: list[InputSlice]  # first_row relative to the file
+    count: int
+    columns: frozenset[str]  # of url / label / key present
+    int_labels: bool  # parquet: the label column is an integer type (no pass needed)
+
+
+def _scan(lf: ListFile, step: int, storage_options: dict[str, Any] | None) -> _Scanned:
     try:
-        with fs.open(path, "rb") as f:
-            raw = f.read()
+        with open_list(lf.uri, storage_options) as f:
+            if lf.suffix == ".parquet":
+                return _scan_parquet(lf, f, step)
+            scan = scan_text(f, step, lf.suffix == ".csv", lf.uri)
     except OSError as exc:
-        raise SourceError(f"cannot read URL list {uri!r} ({exc}); check permissions / storage_options") from None
-    if suffix == ".parquet":
-        rows = _parquet_rows(raw, uri)
-    elif suffix == ".csv":
-        rows = _csv_rows(_text(raw, uri), uri)
-    else:
-        rows = _txt_rows(_text(raw, uri))
-    if not rows:
+        raise SourceError(f"cannot read URL list {lf.uri!r} ({exc}); check permissions / storage_options") from None
+    cols = set(header_columns(scan.header, lf.uri)) if lf.suffix == ".csv" else {"url"}
+    return _Scanned(text_slices(lf, scan, step, 0), scan.count, frozenset(cols & {"url", "label", "key"}), False)
+
+
+def _scan_parquet(lf: ListFile, f: Any, step: int) -> _Scanned:
+    import pyarrow as pa
+
+    pf = parquet_file(f, lf.uri)  # the footer only: no row data is read here
+    cols = parquet_columns(pf, lf.uri)
+    n = pf.metadata.num_rows
+    slices = [InputSlice("parquet", lf.uri, lf.version, lf.size, a, min(a + step, n), a, min(step, n - a))
+              for a in range(0, n, step)]  # fmt: skip
+    label_type = pf.schema_arrow.field(cols["label"]).type if "label" in cols else None
+    int_labels = label_type is not None and pa.types.is_integer(label_type) and _min_label(pf, cols["label"]) >= 0
+    return _Scanned(slices, n, frozenset(set(cols) & {"url", "label", "key"}), int_labels)
+
+
+def _min_label(pf: Any, name: str) -> float:
+    """Smallest label from row-group statistics (-1 when unknown: then the pass checks it)."""
+    meta, idx = pf.metadata, pf.schema_arrow.get_field_index(name)
+    lows = []
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(idx).statistics
+        if stats is None or not stats.has_min_max:
+            if stats is not None and stats.null_count == meta.row_group(g).num_rows:
+                continue
+            return -1
+        lows.append(stats.min)
+    return min(lows, default=0)
+
+
+@dataclass(frozen=True)
+class UrlPlan:
+    slices: list[InputSlice]
+    count: int
+    files: int
+    label_names: list[str] | None
+    explicit_keys: bool
+
+
+def plan_urls(uri: str, storage_options: dict[str, Any] | None, step: int, map_fn: MapFn = map) -> UrlPlan:
+    """Slices of `step` rows over every list the source names, plus the label table; no rows kept."""
+    files = find_lists(uri, storage_options)
+    scanned = list(map_fn(lambda lf: _scan(lf, step, storage_options), files))
+    slices, at = [], 0
+    for s in scanned:
+        slices.extend(replace(sl, first_row=sl.first_row + at) for sl in s.slices)
+        at += s.count
+    if not at:
         raise SourceError(f"URL list {uri!r} has no URLs; add one URL (or path) per line/row")
-    base = full_uri(fs, posixpath.dirname(path))
-    return _build(rows, base, uri)
+    has = frozenset().union(*(s.columns for s in scanned))
+    names = None
+    needs_labels = "label" in has and not all(s.int_labels or "label" not in s.columns for s in scanned)
+    if needs_labels or "key" in has:
+        names = _column_pass(slices, storage_options, "key" in has, uri, map_fn)
+    return UrlPlan(slices, at, len(files), names, "key" in has)
 
 
-def _text(raw: bytes, uri: str) -> str:
-    try:
-        return raw.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a BOM
-    except UnicodeDecodeError as exc:
-        raise SourceError(f"URL list {uri!r} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
+@dataclass(frozen=True)
+class _Facts:
+    names: frozenset[str]
+    all_int: bool
+    lowest: int
+    hashes: np.ndarray | None
 
 
-def _txt_rows(text: str) -> list[Row]:
-    lines = (line.strip() for line in text.splitlines())
-    return [(line, None, None) for line in lines if line and not line.startswith("#")]
-
-
-def _csv_rows(text: str, uri: str) -> list[Row]:
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
-    if header is None:
-        raise SourceError(f"URL list {uri!r} is empty; expected a header row with a 'url' column")
-    cols = {name.strip().lower(): i for i, name in enumerate(header)}
-    _require_url(cols, uri)
-    rows = []
-    for cells in reader:
-        if not any(c.strip() for c in cells):
-            continue
-        get = lambda name: _cell(cells, cols.get(name))  # noqa: E731
-        rows.append((get("url") or "", get("label"), get("key")))
-    return rows
-
-
-def _cell(cells: list[str], index: int | None) -> str | None:
-    if index is None or index >= len(cells):
-        return None
-    return cells[index].strip() or None
-
-
-def _parquet_rows(raw: bytes, uri: str) -> list[Row]:
-    try:
-        import pyarrow.parquet as pq  # lazy: only parquet lists need pyarrow
-    except ImportError:
-        raise SourceError(
-            f"reading {uri!r} needs pyarrow; install it with: pip install 'convert[parquet]' (or pip install pyarrow)"
-        ) from None
-    try:
-        pf = pq.ParquetFile(io.BytesIO(raw))
-    except Exception as exc:  # pyarrow raises ArrowInvalid and friends for non-parquet bytes
-        raise SourceError(f"{uri!r} is not a readable parquet file ({exc}); check the file") from None
-    cols = {name.strip().lower(): name for name in pf.schema_arrow.names}
-    _require_url(cols, uri)
-    wanted = [cols[c] for c in _COLUMNS if c in cols]
-    table = pf.read(columns=wanted)
-    data = {c: table.column(cols[c]).to_pylist() for c in _COLUMNS if c in cols}
-    n = table.num_rows
-    urls, labels, keys = (data.get(c, [None] * n) for c in _COLUMNS)
-    return [(str(u or "").strip(), lab, k) for u, lab, k in zip(urls, labels, keys)]
-
-
-def _require_url(cols: dict[str, Any], uri: str) -> None:
-    if "url" not in cols:
-        found = ", ".join(repr(c) for c in cols) or "none"
-        raise SourceError(f"URL list {uri!r} has no 'url' column (found: {found}); rename the URL column to 'url'")
-
-
-def _build(rows: list[Row], base: str, uri: str) -> SourceListing:
-    label_ids, label_names = _labels([r[1] for r in rows], uri)
-    items = []
-    for i, ((url, _, key), label) in enumerate(zip(rows, label_ids)):
+def _slice_facts(sl: InputSlice, storage_options: dict[str, Any] | None, keys: bool, uri: str) -> _Facts:
+    names: set[str] = set()
+    all_int, lowest, hashes = True, 0, []
+    for i, url, label, key in read_rows(sl, storage_options):
         if not url:
             raise SourceError(f"URL list {uri!r} row {i + 1} has an empty url; fill it in or delete the row")
-        if key not in (None, ""):
-            k = _explicit_key(key, i, uri)
-        else:  # derived: row index first, so keys sort in input order and never collide
-            stem = posixpath.splitext(posixpath.basename(url.split("?", 1)[0].split("#", 1)[0].rstrip("/")))[0]
-            k = safe_key(f"{i:06d}-{stem}") if stem.strip() else f"{i:06d}"
-        items.append(ItemRef(key=k, uri=_resolve(url, base), label=label))
-    require_unique([it.key for it in items], uri)
-    return SourceListing(kind="urls", items=items, label_names=label_names)
+        if not _blank(label):
+            names.add(str(label).strip())
+            n = _as_int(label)
+            all_int = all_int and n is not None
+            lowest = min(lowest, n) if n is not None else lowest
+        if keys:
+            hashes.append(key_hash(item_key(i, url, key, uri)))
+    arr = np.sort(np.array(hashes, dtype=np.uint64)) if keys else None
+    return _Facts(frozenset(names), all_int, lowest, arr)
 
 
-def _explicit_key(key: Any, i: int, uri: str) -> str:
-    try:
-        return safe_key(str(key))
-    except SourceError:
-        raise SourceError(f"URL list {uri!r} row {i + 1}: key {key!r} has no usable characters; fix it") from None
+def _column_pass(slices: list[InputSlice], storage_options: dict[str, Any] | None, keys: bool, uri: str,
+                 map_fn: MapFn) -> list[str] | None:  # fmt: skip
+    """Label names (None for integer labels) and the cross-source key check, one task per slice;
+    the per-slice facts are folded as they arrive (only the distinct names and key hashes stay)."""
+    names: set[str] = set()
+    all_int, lowest, hashes = True, 0, []
+    for facts in map_fn(lambda sl: _slice_facts(sl, storage_options, keys, uri), slices):
+        names |= facts.names
+        all_int = all_int and facts.all_int
+        lowest = min(lowest, facts.lowest)
+        if facts.hashes is not None:
+            hashes.append(facts.hashes)
+    if keys:
+        _check_keys(hashes, slices, storage_options, uri, map_fn)
+    if all_int:
+        if lowest < 0:
+            raise SourceError(f"URL list {uri!r}: label {lowest} is negative; use ids >= 0 or class names, "
+                              "empty for unlabelled")  # fmt: skip
+        return None
+    return sorted(names)
+
+
+def _check_keys(parts: list[Any], slices: list[InputSlice], storage_options: dict[str, Any] | None, uri: str,
+                map_fn: MapFn) -> None:  # fmt: skip
+    hashes = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+    same = hashes[1:][hashes[1:] == hashes[:-1]]
+    if not len(same):
+        return
+    wanted = set(same.tolist())  # a second pass names the keys (and ignores true hash collisions)
+
+    def matching(sl: InputSlice) -> list[str]:
+        keys = (item_key(i, url, key, uri) for i, url, _, key in read_rows(sl, storage_options))
+        return [k for k in keys if key_hash(k) in wanted]
+
+    counts = Counter(k for found in map_fn(matching, slices) for k in found)
+    dupes = sorted(k for k, n in counts.items() if n > 1)
+    if dupes:
+        shown = ", ".join(repr(k) for k in dupes[:5])
+        more = f" and {len(dupes) - 5} more" if len(dupes) > 5 else ""
+        raise SourceError(f"{uri}: duplicate keys {shown}{more}; every item needs a distinct key")
+
+
+def key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def item_key(i: int, url: str, key: Any, uri: str) -> str:
+    """The explicit key of row i, or one derived from the row index (sorts in input order, never collides)."""
+    if key not in (None, ""):
+        try:
+            return safe_key(str(key))
+        except SourceError:
+            raise SourceError(f"URL list {uri!r} row {i + 1}: key {key!r} has no usable characters; fix it") from None
+    stem = posixpath.splitext(posixpath.basename(url.split("?", 1)[0].split("#", 1)[0].rstrip("/")))[0]
+    return safe_key(f"{i:06d}-{stem}") if stem.strip() else f"{i:06d}"
+
+
+def url_refs(slices: Iterable[InputSlice], storage_options: dict[str, Any] | None,
+             names: dict[str, int] | None) -> Iterator[ItemRef]:  # fmt: skip
+    """The ItemRefs of a shard's slices, read from the list files (worker side)."""
+    for sl in slices:
+        base = posixpath.dirname(sl.uri)
+        for i, url, label, key in read_rows(sl, storage_options):
+            yield ItemRef(key=item_key(i, url, key, sl.uri), uri=_resolve(url, base) if url else "",
+                          label=_label(label, names))  # fmt: skip
+
+
+def _label(cell: Any, names: dict[str, int] | None) -> int | None:
+    if _blank(cell):
+        return None
+    if names is not None:
+        return names[str(cell).strip()]
+    return _as_int(cell)
 
 
 def _resolve(entry: str, base: str) -> str:
@@ -136,22 +213,6 @@ def _resolve(entry: str, base: str) -> str:
         scheme, rest = base.split("://", 1)
         return f"{scheme}://{posixpath.normpath(posixpath.join(rest, entry))}"
     return posixpath.normpath(posixpath.join(base, entry))
-
-
-def _labels(cells: Iterable[Any], uri: str) -> tuple[list[int | None], list[str] | None]:
-    """Integer label ids as given; or, if any label is a name, ids into the sorted names table."""
-    values = [None if _blank(c) else c for c in cells]
-    ints = [None if v is None else _as_int(v) for v in values]
-    if all(n is not None for n, v in zip(ints, values) if v is not None):
-        negative = next((n for n in ints if n is not None and n < 0), None)
-        if negative is not None:
-            raise SourceError(
-                f"URL list {uri!r}: label {negative} is negative; use ids >= 0 or class names, empty for unlabelled"
-            )
-        return ints, None
-    names = sorted({str(v).strip() for v in values if v is not None})
-    index = {n: i for i, n in enumerate(names)}
-    return [None if v is None else index[str(v).strip()] for v in values], names
 
 
 def _blank(cell: Any) -> bool:

@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from abc import ABC
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import fsspec
 
@@ -27,7 +27,7 @@ from ..config import ConfigError
 SHARDS_DIR = "shards"
 PARTIAL = ".partial"
 EDGE_BLOCK = 64 * 2**10  # bytes hashed at each end of a file for the cheap identity check
-_STAGED = re.compile(r"^\.(?P<name>.+?)\.(?:r-(?P<run>[0-9a-z]+)\.)?(?P<attempt>[0-9a-f]{8,32})" + re.escape(PARTIAL))
+_STAGED = re.compile(r"^\.(?P<name>.+?)\.(?:r-(?P<run>[0-9A-Za-z]+)\.)?(?P<attempt>[0-9a-f]{8,32})" + re.escape(PARTIAL))
 
 
 class StorageError(ConfigError):
@@ -78,9 +78,23 @@ def _digest(f: Any, chunk: int) -> tuple[int, str]:
 
 
 def file_digest(path: str, chunk: int = 4 * 2**20) -> tuple[int, str]:
-    """(size, sha256 hex) of a local file, read in chunks."""
+    """(size, sha256 hex) of a local file, read in chunks; of a directory, see tree_digest."""
+    if os.path.isdir(path):
+        files = sorted(os.path.relpath(os.path.join(d, n), path).replace(os.sep, "/")
+                       for d, _, names in os.walk(path) for n in names)  # fmt: skip
+        return tree_digest((rel, *file_digest(os.path.join(path, rel), chunk)) for rel in files)
     with open(path, "rb") as f:
         return _digest(f, chunk)
+
+
+def tree_digest(files: Iterable[tuple[str, int, str]]) -> tuple[int, str]:
+    """(total bytes, sha256) of a directory-shaped shard from its sorted (relative path, size,
+    sha256) triples: the same on every store."""
+    h, total = hashlib.sha256(), 0
+    for rel, size, digest in files:
+        h.update(f"{rel}\0{size}\0{digest}\n".encode())
+        total += size
+    return total, h.hexdigest()
 
 
 def first_line(exc: BaseException) -> str:
@@ -106,8 +120,17 @@ class Store(ABC):
     def __init__(self, uri: str, options: dict[str, Any], fs: fsspec.AbstractFileSystem, root: str) -> None:
         self.uri = uri
         self.storage_options = options  # as given (may hold ${VAR} references); never logged
-        self.fs = fs
+        self._fs, self._pid = fs, os.getpid()
         self.root = root.rstrip("/") or root
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The fsspec filesystem; rebuilt in a forked child (s3fs's session must not cross a fork)."""
+        if self._pid != os.getpid():
+            from . import open_store
+
+            self._fs, self._pid = open_store(self.uri, self.storage_options).fs, os.getpid()
+        return self._fs
 
     def __reduce__(self) -> tuple[Any, ...]:
         from . import open_store
@@ -183,9 +206,18 @@ class Store(ABC):
                      str(d.get("VersionId", "") or ""), stamp, is_dir=d.get("type") == "directory")  # fmt: skip
 
     def sha256(self, rel: str, chunk: int = 4 * 2**20) -> tuple[int, str]:
-        """(size, sha256 hex) of an object, streamed."""
-        with self.fs.open(self.path(rel), "rb", block_size=chunk, cache_type="none") as f:
-            return _digest(f, chunk)
+        """(size, sha256 hex) of an object, streamed; a directory by tree_digest."""
+        try:
+            directory = self.info(rel).is_dir
+        except FileNotFoundError:  # object stores: a directory is only a prefix
+            directory = True
+        if not directory:
+            with self.fs.open(self.path(rel), "rb", block_size=chunk, cache_type="none") as f:
+                return _digest(f, chunk)
+        files = [e.rel for e in self.walk(rel)]
+        if not files:
+            raise FileNotFoundError(self.url(rel))
+        return tree_digest((f[len(rel) + 1 :], *self.sha256(f, chunk)) for f in files)
 
     # -- identity (content-checked resume) -----------------------------------------------
     def identity(self, rel: str) -> dict[str, Any]:
@@ -245,19 +277,16 @@ class Store(ABC):
         return tmpdir, tmpdir
 
     @contextlib.contextmanager
-    def staging(self, name: str, ext: str, run_id: str = "") -> Iterator[str]:
-        """A local temp path unique to this attempt (and named with `run_id`); removed afterwards.
-
-        Anything the writer left beside it (sidecars such as LMDB's `-lock`) goes too.
-        """
+    def staging(self, name: str, ext: str, run_id: str = "", sidecars: Iterable[str] = ()) -> Iterator[str]:
+        """A local temp path unique to this attempt (and named with `run_id`); removed afterwards,
+        with the format's `sidecars` (suffixes such as LMDB's "-lock") and whatever the writer left."""
         folder, cleanup = self._staging_dir()
         tag = f"r-{run_id}." if run_id else ""
         tmp = os.path.join(folder, f".{name}.{tag}{uuid.uuid4().hex[:12]}{PARTIAL}{ext}")
         try:
             yield tmp
         finally:
-            for path in [tmp] + [os.path.join(folder, n) for n in os.listdir(folder)
-                                 if n.startswith(os.path.basename(tmp))]:  # fmt: skip
+            for path in [tmp, *(tmp + suffix for suffix in sidecars)]:
                 with contextlib.suppress(FileNotFoundError):
                     shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
             if cleanup:

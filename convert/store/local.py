@@ -8,7 +8,7 @@ import shutil
 import uuid
 from typing import Any, BinaryIO, Iterator
 
-from .base import PARTIAL, SHARDS_DIR, Entry, Store, StorageError
+from .base import PARTIAL, SHARDS_DIR, Entry, StorageError, Store, file_digest
 
 _READ_DENIED = "check the folder's owner and permissions, or choose another output.uri"
 
@@ -143,8 +143,6 @@ class LocalStore(Store):
         os.replace(tmp, final)
 
     def sha256(self, rel: str, chunk: int = 4 * 2**20) -> tuple[int, str]:
-        from .base import file_digest
-
         return file_digest(self.path(rel), chunk)
 
     def preflight(self, role: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from distributed import LocalCluster
 
 from convert.config import load_config
-from convert.graph import run
+from convert import run
 from convert.testing.dask import DaskProcesses
 from convert.testing.images import write_corpus
 

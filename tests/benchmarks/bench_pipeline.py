@@ -34,8 +34,8 @@ from distributed import Client, LocalCluster
 
 from convert.store import open_store
 from convert.config import load_config
-from convert.graph import run
-from convert.manifest import read_record
+from convert import run
+from convert.records import read_record
 from convert.testing.images import write_corpus
 from convert.transform import transform
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from convert.store import open_store
 from convert.store.s3 import PART_SIZE
 from convert.config import load_config
-from convert.graph import run
+from convert import run
 from convert.testing import images as gen
 from convert.testing.s3 import MotoServer
 

@@ -13,40 +13,52 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
 import shutil
-import socket
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import dask.config
 from distributed import Client, LocalCluster
 from distributed.core import Status
 
-from .config import ClusterConfig
+from ..config import ClusterConfig
+from .reach import SHARED_PATHS_ENV, check_reachable_paths, is_loopback  # noqa: F401  (part of this API)
 
-dask_jobqueue: Any
-try:  # import now: it registers jobqueue.* config defaults, which a dask.config.set() block
-    import dask_jobqueue  # entered before a lazy import would delete again on exit
-except ImportError:  # optional extra `convert[cluster]`; _batch_object() says how to install
-    dask_jobqueue = None
+
+def _jobqueue() -> Any:
+    """dask_jobqueue, imported only when a batch cluster is asked for (its runner module installs a
+    SIGINT handler calling sys.exit, which would turn Ctrl-C of a local run into exit status 0).
+
+    Its jobqueue.* config defaults are (re)applied here: an import inside a dask.config.set()
+    block would otherwise lose them when the block exits.
+    """
+    try:
+        import dask_jobqueue
+    except ImportError:  # optional extra `convert[cluster]`
+        return None
+    import yaml
+
+    path = os.path.join(os.path.dirname(dask_jobqueue.__file__), "jobqueue.yaml")
+    if os.path.isfile(path) and dask.config.get("jobqueue", None) is None:
+        with open(path) as f:
+            dask.config.update(dask.config.config, yaml.safe_load(f), priority="old")
+    return dask_jobqueue
 
 logger = logging.getLogger(__name__)
 
 #: seconds to wait for a batch cluster's first worker (jobs may queue); env overrides
 WORKER_TIMEOUT_ENV = "CONVERT_WORKER_TIMEOUT"
-#: os.pathsep-separated prefixes that every worker host sees at the same path
-SHARED_PATHS_ENV = "CONVERT_SHARED_PATHS"
 
 #: scheduler address shown by job_script(): the real one exists only once the cluster starts
 SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:8786"
@@ -114,24 +126,37 @@ def local_worker_count(threads_per_worker: int = 1) -> int:
 
 
 @contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """While worker processes are spawned, ignore SIGINT: they inherit SIG_IGN (Python keeps an
+    ignored SIGINT at startup), so a terminal's Ctrl-C, sent to the whole process group, stops
+    only the client, which then shuts the workers down itself - no worker tracebacks."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
 def _open_local(cfg: ClusterConfig) -> Iterator[ClusterHandle]:
     n = cfg.workers or local_worker_count(cfg.threads_per_worker)
     with ExitStack() as stack:
-        # (fetch helper, issue 10 item 4) workers forked from a forkserver instead of spawned:
-        # measured 19.0 -> 12.8 s whole-process start-up+teardown on 2 loaded cores (bench notes)
-        stack.enter_context(dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}))
-        cluster = stack.enter_context(
-            LocalCluster(
-                n_workers=n,
-                threads_per_worker=cfg.threads_per_worker,
-                processes=True,
-                memory_limit=cfg.memory_limit,
-                dashboard_address=":0",  # the HTTP server (/health) always runs; on a free port
-                scheduler_kwargs={"dashboard": cfg.dashboard},
-                host="127.0.0.1",
+        with _children_ignore_sigint():  # the constructor returns once the workers are up
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=n,
+                    threads_per_worker=cfg.threads_per_worker,
+                    processes=True,
+                    memory_limit=cfg.memory_limit,
+                    dashboard_address=":0",  # the HTTP server (/health) always runs; on a free port
+                    scheduler_kwargs={"dashboard": cfg.dashboard},
+                    host="127.0.0.1",
+                )
             )
-        )
-        client = stack.enter_context(Client(cluster))
+            client = stack.enter_context(Client(cluster))
         size = f"{_plural(n, 'worker')} x {_plural(cfg.threads_per_worker, 'thread')}"
         yield _make_handle(cfg, client, f"LocalCluster {size}", cluster=cluster, shared=False)
 
@@ -213,6 +238,7 @@ def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, 
     Anything left out is read by dask-jobqueue from ``jobqueue.<kind>.*`` in dask's config.
     """
     kind = cfg.kind
+    _jobqueue()  # registers the jobqueue.* defaults read below
     conf = lambda key: dask.config.get(f"jobqueue.{kind}.{key}", None)  # noqa: E731
     kw: dict[str, Any] = {"job_name": job_name}
     for key in ("cores", "memory", "walltime", "queue", "account"):
@@ -238,6 +264,7 @@ def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, 
 
 def _batch_object(cfg: ClusterConfig, job_name: str, *, job_only: bool = False) -> Any:
     """A started SLURMCluster/PBSCluster, or with job_only its job object (nothing started)."""
+    dask_jobqueue = _jobqueue()
     if dask_jobqueue is None:
         raise ClusterError(f"cluster.kind={cfg.kind!r} needs dask-jobqueue: pip install 'convert[cluster]'")
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[cfg.kind]
@@ -338,64 +365,3 @@ def _close_batch(cluster: Any, client: Client | None) -> None:
     if client is not None:
         client.close()
     cluster.close()
-
-
-def is_loopback(address: str) -> bool:
-    """True when a scheduler address (tcp://host:port) points at this machine's loopback."""
-    host = urlsplit(address if "://" in address else f"tcp://{address}").hostname or ""
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return all(ipaddress.ip_address(i[4][0]).is_loopback for i in socket.getaddrinfo(host, None))
-        except OSError:
-            return False
-
-
-def _local_path(uri: str) -> str | None:
-    """The filesystem path of a local URI (no scheme or file://), else None."""
-    parts = urlsplit(uri)
-    if parts.scheme == "file":
-        return parts.path
-    if parts.scheme == "" or len(parts.scheme) == 1:  # plain path (or a Windows drive letter)
-        return uri
-    return None
-
-
-def _declared_shared(handle: ClusterHandle, shared_paths: Sequence[str] | None) -> tuple[bool, list[str]]:
-    if getattr(handle.config, "shared_filesystem", False):
-        return True, []
-    if shared_paths is None:
-        shared_paths = [p for p in os.environ.get(SHARED_PATHS_ENV, "").split(os.pathsep) if p]
-    return False, [os.path.realpath(os.path.expanduser(p)) for p in shared_paths]
-
-
-def check_reachable_paths(
-    uris: Sequence[str], handle: ClusterHandle, *, shared_paths: Sequence[str] | None = None
-) -> None:
-    """Raise ValueError for local paths that workers on other hosts may not see.
-
-    Local paths are fine for a LocalCluster or a scheduler on loopback (every worker runs here),
-    when the config declares ``shared_filesystem: true``, or when they lie under a declared shared
-    prefix (`shared_paths`, default $CONVERT_SHARED_PATHS, os.pathsep-separated).
-    """
-    if not handle.shared_filesystem_required or is_loopback(handle.scheduler_address):
-        return
-    everything, prefixes = _declared_shared(handle, shared_paths)
-    if everything:
-        return
-    for uri in uris:
-        path = _local_path(uri)
-        if path is None:
-            continue
-        real = os.path.realpath(os.path.expanduser(path))
-        if any(real == p or real.startswith(p.rstrip(os.sep) + os.sep) for p in prefixes):
-            continue
-        raise ValueError(
-            f"{uri!r} is a local path, but workers of {handle.description} may run on other hosts and "
-            f"not see it; put the data on an object store (s3://bucket/...) or a shared filesystem "
-            f"mounted at the same path on every node and declare it: export {SHARED_PATHS_ENV}="
-            f"{os.path.dirname(real) or real}"
-        )

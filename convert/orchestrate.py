@@ -1,0 +1,266 @@
+"""Orchestration: plan -> skip committed shards -> bounded shard tasks on an executor -> manifest.
+
+The client holds O(shards) state: the plan names input slices, never items. At most about
+4 x (worker threads) shard tasks are in flight; more are submitted as tasks finish, so client and
+scheduler memory stay O(workers). Tasks return `ShardRecord`s (counts, checksum, ledger rows), never
+image data. A shard task that raises is retried `cluster.task_retries` times; a worker death is re-run
+by the scheduler and ends as `KilledWorker` after its allowed failures. Either way the shard is
+reported as failed and every other shard still completes. Progress lives only in the output's shard
+records, so an interrupted or killed client just reruns the same config.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from .config import Config, ConfigError
+from .executor import Executor, open_executor
+from .lease import hold_lease
+from .manifest import LEDGER, MANIFEST, PLAN, committed_records, write_manifest
+from .redact import redact_text
+from .plan import dump_plan, fingerprint, output_settings
+from .secrets import resolve_config, seal_config
+from .sources import SourcePlan, Workdir, plan_source, shard_refs
+from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .store import SHARDS_DIR, StorageError, Store, preflight
+from .summary import after_manifest, announce_rebuild
+from .worker import process_shard
+
+#: `run --retry-failed` with no statuses: the failures a later attempt may well not repeat
+TRANSIENT = ("timeout", "connection_error", "http_error", "error")
+_TRANSIENT_HTTP = re.compile(r"HTTP (429|5\d\d)\b")
+IN_FLIGHT_PER_THREAD = 4
+
+
+@dataclass
+class RunSummary:
+    output: str
+    shards: int = 0
+    skipped: int = 0  # already committed by an earlier run
+    converted: int = 0
+    failed_shards: dict[str, str] = field(default_factory=dict)  # name -> error
+    by_status: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    cluster: str = ""
+    dashboard: str | None = None
+    items: int = 0
+    # -- report helper (issue 13): rate of this run only, and the top failure reasons --
+    items_converted: int = 0  # ok items written by THIS run (resumed shards excluded)
+    top_failures: list[tuple[str, int, list[str]]] = field(default_factory=list)  # (status, count, example keys)
+
+    @property
+    def items_ok(self) -> int:
+        return self.by_status.get(Status.OK.value, 0)
+
+    @property
+    def items_failed(self) -> int:
+        return sum(self.by_status.values()) - self.items_ok
+
+    @property
+    def images_per_second(self) -> float:
+        return self.items_converted / self.seconds if self.seconds > 0 else 0.0
+
+    def exit_code(self, fail_on_item_errors: bool = False) -> int:
+        if self.failed_shards:
+            return 1
+        if fail_on_item_errors and self.items_failed:
+            return 3
+        return 0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run is: shards and items done of the total, images/s and the estimated time left."""
+
+    name: str  # the shard that just finished
+    shards_done: int
+    shards_total: int
+    items_done: int
+    items_total: int
+    items_ok: int
+    seconds: float
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items_done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        rate = self.items_per_second
+        return (self.items_total - self.items_done) / rate if rate > 0 else None
+
+
+ProgressHook = Callable[[Progress], None]
+
+
+class Interrupted(Exception):
+    """The run was stopped (Ctrl-C / SIGTERM); committed shards stay and a rerun resumes."""
+
+    def __init__(self, committed: int, total: int | None, signal_name: str = "SIGINT") -> None:
+        if total is None:
+            super().__init__("interrupted while planning (no shard changed); rerun the same command to resume")
+        else:
+            super().__init__(f"interrupted: {committed} of {total} shards committed; rerun the same command to resume")
+        self.committed, self.total, self.signal_name = committed, total, signal_name
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line: exception type and first line of its message."""
+    text = str(exc).strip().splitlines()
+    return redact_text(f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": "))
+
+
+def plan(config: Config, work: Workdir) -> SourcePlan:
+    """List and plan the configured source (no cluster); storage failures name the source."""
+    try:
+        return plan_source(config.source, config.shard.size, work)
+    except OSError:  # PermissionError "Forbidden", endpoint errors: say which bucket and what to fix
+        preflight(config.source.uri, config.source.storage_options, "source")
+        raise
+
+
+def _reset_output(out: Store) -> None:
+    """--overwrite: drop the old manifest, ledger and shards before converting again."""
+    for rel in (MANIFEST, LEDGER, PLAN, SHARDS_DIR):
+        out.delete_tree(rel)
+
+
+def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[str], None] = print) -> RunSummary:
+    """Convert the configured source into a verified dataset; returns the summary.
+
+    The run holds the output's lease (convert.lease) before it changes anything, so a second run
+    on the same output stops with one line naming the owner. Raises Interrupted on
+    KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by the CLI).
+    """
+    start = time.perf_counter()
+    config = config.with_absolute_paths()
+    local = resolve_config(config)  # this process's own view, secrets resolved
+    out = preflight(local.output.uri, local.output.storage_options, "output")
+    with hold_lease(out, force=config.output.force_unlock, ttl=config.output.lease_ttl, log=log):
+        summary = _run_leased(config, local, out, on_progress, log)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run_leased(config: Config, local: Config, out: Store, on_progress: ProgressHook | None,
+                log: Callable[[str], None]) -> RunSummary:  # fmt: skip
+    try:
+        source_plan = plan(local, Workdir(out))
+    except KeyboardInterrupt as exc:
+        raise Interrupted(0, None, getattr(exc, "signal_name", "SIGINT")) from None
+    config_data = config.redacted()
+    specs = source_plan.specs
+    if config.run.overwrite:
+        _reset_output(out)
+    fps = {s.name: fingerprint(s, output_settings(config_data)) for s in specs}
+    records: dict[str, ShardRecord] = committed_records(out, fps, verify=config.output.verify_resume)
+    if config.run.retry_failed:
+        records = {n: r for n, r in records.items() if not _has_transient(r, config.run.retry_failed)}
+    pending = [s for s in specs if s.name not in records]
+    summary = RunSummary(output=out.url(""), shards=len(specs), skipped=len(records), items=source_plan.items)
+    log(f"{source_plan.items} items from {source_plan.kind} source -> {len(specs)} shards "
+        f"({len(records)} already committed, {len(pending)} to convert)")  # fmt: skip
+    announce_rebuild(out, config_data, pending, log)  # report helper (issue 13): why shards are rebuilt
+    try:
+        if pending:
+            _prepare_output(out, specs, fps, log)
+            _convert_pending(config, pending, records, summary, on_progress, log)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(len(records), len(specs), getattr(exc, "signal_name", "SIGINT")) from None
+    _finish(out, local, specs, records, summary, config_data, source_plan, pending, log)
+    return summary
+
+
+def _has_transient(record: ShardRecord, statuses: tuple[str, ...]) -> bool:
+    """True if the shard's ledger holds a failure worth another attempt (http_error: only 429/5xx)."""
+    wanted = set(statuses)
+    return any(row.status.value in wanted and (row.status is not Status.HTTP_ERROR or _TRANSIENT_HTTP.search(row.error))
+               for row in record.ledger)  # fmt: skip
+
+
+def _finish(out: Store, local: Config, specs: list[ShardSpec], records: dict[str, ShardRecord], summary: RunSummary,
+            config_data: dict, source_plan: SourcePlan, pending: list[ShardSpec], log: Callable[[str], None]) -> None:  # fmt: skip
+    ordered = [records[s.name] for s in specs if s.name in records]
+    failed_rows = [row for s in specs if s.name in summary.failed_shards
+                   for row in _failed_rows(s, summary.failed_shards[s.name], local)]  # fmt: skip
+    counts = Counter(row.status.value for r in ordered for row in r.ledger)
+    counts.update(row.status.value for row in failed_rows)
+    summary.by_status = dict(counts)
+    manifest = write_manifest(out, ordered, config_data, source_plan.label_names, source_plan.kind,
+                              failed=summary.failed_shards, failed_rows=failed_rows, counts=summary.by_status)  # fmt: skip
+    after_manifest(out, manifest, specs, pending, records, failed_rows, summary, log)  # report helper (issue 13)
+
+
+def _failed_rows(spec: ShardSpec, error: str, local: Config) -> list[ItemResult]:
+    """shard_failed rows for a shard that failed for good (its slice read here; [] if unreadable)."""
+    try:
+        refs = list(shard_refs(spec, local.source.storage_options, local.output.storage_options))
+    except Exception:  # noqa: BLE001 - the shard's input itself may be what failed
+        return []
+    return [ItemResult(r.key, r.uri, r.label, Status.SHARD_FAILED, error) for r in refs]
+
+
+def _prepare_output(out: Store, specs: list[ShardSpec], fps: dict[str, str], log: Callable[[str], None]) -> None:
+    """Before shards change: retract the manifest, record the plan (hold_lease cleared dead attempts' debris)."""
+    out.delete(MANIFEST)  # readers must not trust a manifest while shards change
+    out.write_bytes(PLAN, dump_plan(specs, fps))
+
+
+def _convert_pending(config: Config, pending: list[ShardSpec], records: dict[str, ShardRecord],
+                     summary: RunSummary, on_progress: ProgressHook | None, log: Callable[[str], None]) -> None:  # fmt: skip
+    """Run the pending shards on the configured executor; fills `records` and the summary."""
+    shipped, secrets = seal_config(config)  # what workers get: secrets only as references
+    with open_executor(config.cluster, job_name="convert") as ex:
+        ex.check_paths([config.source.uri, config.output.uri])
+        check_memory(config, ex)
+        summary.cluster, summary.dashboard = ex.description, ex.dashboard
+        log(f"cluster: {ex.description}" + (f"  dashboard: {ex.dashboard}" if ex.dashboard else ""))
+        if ex.job_ids:
+            log(f"batch jobs: {' '.join(ex.job_ids)}")
+        with ex.share_secrets(secrets):
+            execute(ex, pending, shipped, records, summary.failed_shards, on_progress)
+    summary.converted = len(pending) - len(summary.failed_shards)
+
+
+def check_memory(config: Config, ex: Executor) -> None:
+    """ConfigError when one shard's prefetch buffer cannot fit in a worker's memory limit."""
+    limit = ex.memory_limit()
+    per_worker = config.fetch.prefetch_bytes * config.cluster.threads_per_worker
+    if limit and per_worker > limit:
+        raise ConfigError(f"fetch.prefetch_bytes={config.fetch.prefetch_bytes} x cluster.threads_per_worker="
+                          f"{config.cluster.threads_per_worker} is above the worker memory limit {limit} bytes; "
+                          "lower fetch.prefetch_bytes or raise cluster.memory_limit")  # fmt: skip
+
+
+def execute(ex: Executor, pending: list[ShardSpec], config: Config, records: dict[str, ShardRecord],
+            failed: dict[str, str], on_progress: ProgressHook | None) -> None:  # fmt: skip
+    """Bounded submission: keep ~4 x worker threads shard tasks in flight; collect as they complete."""
+    queue: Iterator[ShardSpec] = iter(pending)
+    sizes = {s.name: len(s) for s in pending}
+    total_items, done_items, ok, start = sum(sizes.values()), 0, 0, time.perf_counter()
+
+    def top_up() -> None:
+        limit = max(1, IN_FLIGHT_PER_THREAD * ex.slots())
+        while ex.in_flight < limit:
+            spec = next(queue, None)
+            if spec is None:
+                return
+            ex.submit(spec.name, process_shard, spec, config, retries=config.cluster.task_retries)
+
+    top_up()
+    for n, done in enumerate(ex.completions(), start=1):
+        if isinstance(done.error, StorageError):  # disk full / no permission: every shard would fail
+            raise done.error
+        if done.error is None:
+            records[done.name] = done.result
+            ok += done.result.ok
+        else:
+            failed[done.name] = describe_error(done.error)
+        done_items += sizes.pop(done.name)
+        top_up()
+        if on_progress:
+            on_progress(Progress(done.name, n, len(pending), done_items, total_items, ok, time.perf_counter() - start))

@@ -1,0 +1,220 @@
+"""Shard records: each committed shard's done-marker, its ledger rows, and the identity of its file.
+
+    shards/shard-00000.record.gz   counts, size, sha256, fingerprint, identity, ledger columns
+
+A record is written by the worker after its shard is published. Ledgers stay here, beside their
+shards: nothing concatenates them; `iter_ledger` (convert.manifest) streams them shard by shard.
+Records are read concurrently (a thread pool; reads are I/O), in order, with bounded look-ahead,
+so resume and ledger streaming cost O(shards) requests in parallel and O(window) memory.
+
+Resume trusts a record only if its shard is provably the file that was committed: the store's
+identity check (S3: the ETag recorded at upload, from the listing, no download; local: size,
+inode, mtime_ns and a hash of both ends), falling back to a full sha256 when the cheap check
+fails (a copied dataset), or always under `verify=True` (`--verify-resume`).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from . import persist
+from .specs import ItemResult, ShardRecord, Status
+from .store import SHARDS_DIR, Entry, Store
+
+RECORD_SUFFIX = ".record.gz"
+VERSION = 1
+CODEC = ("gzip", 6)
+READ_THREADS = 16  # concurrent record reads / shard hashes
+WINDOW = 64  # records read ahead of the consumer
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ManifestError(ValueError):
+    """The output's manifest, index or a record is missing, unreadable or not to be trusted."""
+
+
+def shard_rel_path(name: str, extension: str) -> str:
+    return f"{SHARDS_DIR}/{name}{extension}"
+
+
+def record_rel_path(name: str) -> str:
+    return f"{SHARDS_DIR}/{name}{RECORD_SUFFIX}"
+
+
+def check_rel_path(path: Any, where: str) -> str:
+    """A path read from metadata must be relative, normalized and under shards/: no '..', no
+    absolute path, no scheme, no backslash or control character. ManifestError otherwise."""
+    ok = isinstance(path, str) and path.startswith(f"{SHARDS_DIR}/") and len(path) < 1024
+    if ok:
+        parts = path.split("/")
+        ok = all(p not in ("", ".", "..") for p in parts) and not any(c in path for c in "\\:\0\n\r")
+    if not ok:
+        raise ManifestError(f"{where}: path {str(path)[:120]!r} is not a relative path under {SHARDS_DIR}/; "
+                            "the metadata was tampered with or corrupted - rerun the conversion")  # fmt: skip
+    return path
+
+
+def check_rel_paths(paths: np.ndarray, where: str) -> None:
+    """check_rel_path over a whole column with numpy's string ufuncs (10^6 paths in a fraction of
+    a second); the first bad path is then named by check_rel_path."""
+    p = np.asarray(paths, dtype=str)
+    ok = np.strings.startswith(p, f"{SHARDS_DIR}/") & ~np.strings.endswith(p, "/")
+    for bad in ("//", "/./", "/../", "\\", ":", "\n", "\r"):  # (NUL cannot be found: numpy pads with it)
+        ok &= np.strings.find(p, bad) < 0
+    ok &= ~np.strings.endswith(p, "/..") & ~np.strings.endswith(p, "/.")
+    if not ok.all():
+        for path in p[~ok][:1].tolist():
+            check_rel_path(path, where)
+        raise ManifestError(f"{where}: a shard path is not a relative path under {SHARDS_DIR}/; rerun the conversion")
+
+
+def check_summary(s: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validate one shard summary: safe name and path, non-negative consistent counts, sha256."""
+    name = s.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ManifestError(f"{where}: bad shard name {str(name)[:80]!r}; rerun the conversion")
+    check_rel_path(s.get("path"), f"{where} shard {name}")
+    counts = [s.get(k) for k in ("count", "ok", "failed", "bytes")]
+    if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < 2**53 for c in counts):
+        raise ManifestError(f"{where} shard {name}: counts must be non-negative integers, got {counts}")
+    if s["ok"] + s["failed"] != s["count"]:
+        raise ManifestError(f"{where} shard {name}: ok {s['ok']} + failed {s['failed']} != count {s['count']}")
+    if not isinstance(s.get("sha256"), str) or not _SHA.match(s["sha256"]):
+        raise ManifestError(f"{where} shard {name}: sha256 is not 64 hex digits")
+    return s
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = READ_THREADS,
+                window: int = WINDOW) -> Iterator[R]:  # fmt: skip
+    """fn over items on a thread pool, results in input order, at most `window` in flight."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="convert-records") as pool:
+        pending: list[Any] = []
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+
+
+def ledger_columns(rows: Iterable[ItemResult]) -> dict[str, Any]:
+    rows = list(rows)
+    return {
+        "key": [r.key for r in rows],
+        "uri": [r.uri for r in rows],
+        "label": np.array([-1 if r.label is None else r.label for r in rows], dtype=np.int64),
+        "status": [r.status.value for r in rows],
+        "error": [r.error for r in rows],
+        "width": np.array([r.width for r in rows], dtype=np.int32),
+        "height": np.array([r.height for r in rows], dtype=np.int32),
+        "src_format": [r.src_format for r in rows],
+        "src_bytes": np.array([r.src_bytes for r in rows], dtype=np.int64),
+    }
+
+
+def ledger_rows(cols: dict[str, Any]) -> tuple[ItemResult, ...]:
+    n = len(cols["key"])
+    width, height = cols.get("width", [-1] * n), cols.get("height", [-1] * n)
+    fmt, nbytes = cols.get("src_format", [""] * n), cols.get("src_bytes", [-1] * n)
+    return tuple(
+        ItemResult(key, uri, None if int(label) < 0 else int(label), Status(status), error,
+                   int(w), int(h), f, int(b))  # fmt: skip
+        for key, uri, label, status, error, w, h, f, b in zip(
+            cols["key"], cols["uri"], cols["label"], cols["status"], cols["error"], width, height, fmt, nbytes
+        )
+    )
+
+
+def dump_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    persist.dump(obj, buf, compress=CODEC)
+    return buf.getvalue()
+
+
+def write_record(store: Store, record: ShardRecord, fingerprint: str) -> None:
+    """Commit a shard's record beside it (after the shard): its done-marker, with the identity
+    of the published file so a later resume can prove the file is still that one."""
+    try:
+        identity = store.identity(record.path)
+    except OSError:  # a directory-shaped shard: resume checks its tree digest instead
+        identity = {}
+    obj = {"version": VERSION, "fingerprint": fingerprint, **record.summary(),
+           "identity": identity, "ledger": ledger_columns(record.ledger)}  # fmt: skip
+    store.write_bytes(record_rel_path(record.name), dump_bytes(obj))
+
+
+def read_record_full(store: Store, name: str) -> tuple[ShardRecord, str, dict[str, Any]] | None:
+    """(record, fingerprint, identity) of a committed shard; None if absent or unreadable.
+    A record whose paths or counts are unsafe raises ManifestError."""
+    try:
+        obj = persist.load(io.BytesIO(store.read_bytes(record_rel_path(name))))
+    except (FileNotFoundError, persist.PersistError):
+        return None
+    if not isinstance(obj, dict) or obj.get("version") != VERSION:
+        return None
+    where = store.url(record_rel_path(name))
+    check_summary(obj, where)
+    if obj["name"] != name:
+        raise ManifestError(f"{where}: record names shard {obj['name']!r}; rerun the conversion")
+    shape = obj["image_shape"]
+    record = ShardRecord(
+        name=obj["name"], path=obj["path"], format=obj["format"], count=obj["count"], ok=obj["ok"],
+        failed=obj["failed"], bytes=obj["bytes"], sha256=obj["sha256"],
+        image_shape=tuple(shape) if shape else None, encoding=obj["encoding"],
+        ledger=ledger_rows(obj["ledger"]), stages=dict(obj.get("stages", {})),
+        started=float(obj.get("started", 0.0)), finished=float(obj.get("finished", 0.0)),
+    )  # fmt: skip
+    if len(record.ledger) != record.count:
+        raise ManifestError(f"{where}: {len(record.ledger)} ledger rows for {record.count} items; rerun the conversion")
+    return record, obj["fingerprint"], dict(obj.get("identity") or {})
+
+
+def read_record(store: Store, name: str) -> tuple[ShardRecord, str] | None:
+    """(record, fingerprint) of a committed shard, or None if absent or unreadable."""
+    found = read_record_full(store, name)
+    return None if found is None else found[:2]
+
+
+def _trusted(store: Store, name: str, expected: str, listing: dict[str, Entry], verify: bool) -> ShardRecord | None:
+    found = read_record_full(store, name)
+    if found is None or found[1] != expected:
+        return None
+    record, _, identity = found
+    entry = listing.get(record.path.rsplit("/", 1)[-1])
+    if entry is None or (entry.size != record.bytes and not entry.is_dir):
+        return None
+    if not verify and identity and store.same_object(record.path, identity, entry):
+        return record
+    return record if store.sha256(record.path) == (record.bytes, record.sha256) else None
+
+
+def committed_records(store: Store, fingerprints: dict[str, str], verify: bool = False) -> dict[str, ShardRecord]:
+    """Records from a previous run that resume may trust: same fingerprint, and the shard file
+    provably the one committed (see the module doc). Reads records concurrently."""
+    listing = {entry.name: entry for entry in store.list(SHARDS_DIR)}
+    names = [n for n in fingerprints if f"{n}{RECORD_SUFFIX}" in listing]
+    found = ordered_map(lambda n: _trusted(store, n, fingerprints[n], listing, verify), names)
+    return {name: record for name, record in zip(names, found) if record is not None}
+
+
+def iter_record_ledgers(store: Store, names: Iterable[str]) -> Iterator[tuple[str, tuple[ItemResult, ...]]]:
+    """(shard name, ledger rows) for each named shard, in order, read concurrently."""
+    names = list(names)
+
+    def rows(name: str) -> tuple[ItemResult, ...]:
+        found = read_record(store, name)
+        if found is None:
+            raise ManifestError(f"{store.url(record_rel_path(name))}: record missing or unreadable; "
+                                "rerun `convert-dataset run` with the same config to rebuild it")  # fmt: skip
+        return found[0].ledger
+
+    yield from zip(names, ordered_map(rows, names))

@@ -1,0 +1,357 @@
+"""`convert-dataset report`: one self-contained HTML page showing a converted (or partial) dataset.
+
+    html = render_report(uri, storage_options, samples_per_label=8)
+    path = write_report(uri, html_target=None, storage_options={})   # -> where it was written
+
+The page needs no network: CSS and JS are inline, thumbnails are PNG data: URIs of the pixels read
+back from the shards (lossless, so what you see is what training gets), charts are matplotlib SVGs
+(Agg, no display) as data: URIs, and a Content-Security-Policy meta tag forbids every other source.
+Gathering lives in `convert.report_data`; this module only renders.
+"""
+
+from __future__ import annotations
+
+import base64
+import calendar
+import io
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from .redact import is_secret_key, redact_text, redact_url
+from .report_data import BYTES_BINS_PER_OCTAVE, MAX_LABELS, RunView, SampleView, Scan, SourceStats, load_run, read_samples, scan_ledger
+from .store import open_store
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+FAILURE_CAP = 1000
+MAX_SIDE = 512  # embedded sample images larger than this (unresized sources) are downscaled
+REPORT_NAME = "report.html"
+
+
+def render_report(uri: str, storage_options: dict[str, Any] | None = None, samples_per_label: int = 8,
+                  failure_cap: int = FAILURE_CAP) -> str:  # fmt: skip
+    """The report page of the dataset at `uri` (complete or partial) as an HTML string."""
+    return _render(uri, storage_options, samples_per_label, failure_cap)[0]
+
+
+def _render(uri: str, storage_options: dict[str, Any] | None, samples_per_label: int, failure_cap: int) -> tuple[str, str]:
+    _require_extras()
+    out = open_store(uri, dict(storage_options or {}))
+    run = load_run(out)
+    scan = scan_ledger(run, samples_per_label, failure_cap)
+    samples = read_samples(run, scan)
+    names = _label_names(run, scan)
+    html = _template().render(
+        csp=CSP,
+        title=f"convert report: {redact_url(out.url(''))}",
+        summary=_summary(run, scan, names),
+        config=_config_text(run.config),
+        groups=[_group(names, label, views) for label, views in samples.items()],
+        samples_per_label=samples_per_label,
+        labels_total=len(run.label_names) if run.label_names else None,
+        labels_capped=len(samples) >= MAX_LABELS,
+        command=_command_text(run.manifest),
+        failures=[_failure(run, row) for row in scan.failures],
+        failed_total=scan.failed_total,
+        failure_statuses=sorted({row.status for row in scan.failures}),
+        failed_shards=run.failed_shards,
+        shards=[_shard_row(s) for s in run.shards],
+        charts=_charts(run, scan),
+        source_unknown=scan.sources.unknown,
+        source_known=scan.sources.known,
+        generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    )
+    return html, run.state()
+
+
+def default_target(uri: str) -> tuple[str, bool]:
+    """(where the report goes by default, whether that is inside the dataset root).
+
+    A local dataset gets `<root>/report.html`; for a remote one the page is written to the current
+    directory as `<dataset name>-report.html` (pass --html s3://... to store it beside the data).
+    """
+    out = open_store(uri)
+    if out.is_local:
+        return out.path(REPORT_NAME), True
+    name = out.root.rstrip("/").rsplit("/", 1)[-1] or "dataset"
+    return f"{name}-report.html", False
+
+
+def write_report(uri: str, html_target: str | None = None, storage_options: dict[str, Any] | None = None,
+                 samples_per_label: int = 8) -> tuple[str, str]:  # fmt: skip
+    """Render and write the report; returns (its path or URL, the run's state line). An fsspec URL
+    target gets the dataset's storage options (so `--html s3://bucket/ds/report.html` works like the data)."""
+    import fsspec
+
+    html, state = _render(uri, storage_options, samples_per_label, FAILURE_CAP)
+    target = html_target or default_target(uri)[0]
+    if "://" in target:
+        with fsspec.open(target, "wb", **dict(storage_options or {})) as f:
+            f.write(html.encode())
+        return target, state
+    with open(target, "w", encoding="utf-8") as f:
+        f.write(html)
+    return target, state
+
+
+def _require_extras() -> None:
+    """Jinja2 and matplotlib are an extra: say how to install them instead of a bare ImportError."""
+    try:
+        import jinja2  # noqa: F401
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"convert-dataset report needs {exc.name}: pip install 'convert[report]'") from None
+
+
+# -- data for the template ------------------------------------------------------------------------
+def _summary(run: RunView, scan: Scan, names: dict[int, str]) -> dict[str, Any]:
+    totals = run.totals
+    started = [s["started"] for s in run.shards if s.get("started")]
+    finished = [s["finished"] for s in run.shards if s.get("finished")]
+    span = max(finished) - min(started) if started and finished else 0.0
+    shapes = Counter("x".join(map(str, s["image_shape"])) if s["image_shape"] else "variable" for s in run.shards)
+    encodings = Counter(s["encoding"] for s in run.shards)
+    return {
+        "uri": redact_url(run.out.url("")),
+        "state": run.state(),
+        "partial": run.partial,
+        "format": run.format,
+        "items": totals["items"],
+        "ok": totals["ok"],
+        "failed": totals["failed"],
+        "by_status": {k: v for k, v in sorted(scan.by_status.items(), key=lambda kv: -kv[1]) if k != "ok"},
+        "shards": len(run.shards),
+        "planned": run.planned,
+        "bytes": _human_bytes(totals["bytes"]),
+        "shape": ", ".join(shapes),
+        "encoding": ", ".join(encodings),
+        "labels": [names[k] for k in sorted(names)],
+        "labels_inferred": bool(names) and not run.label_names,
+        "start": _when(min(started)) if started else "not recorded",
+        "end": _when(max(finished)) if finished else _created(run.manifest),
+        "rate": f"{sum(s['ok'] for s in run.shards) / span:,.1f} images/s over {span:,.1f} s" if span > 0
+        else "not recorded (shards carry no start/end times)",
+    }  # fmt: skip
+
+
+def _config_text(config: dict[str, Any] | None) -> str | None:
+    """The recorded config as YAML; secret-looking keys and URL credentials are redacted (again:
+    the manifest's copy is already redacted, this guards older or hand-edited manifests)."""
+    import yaml
+
+    def clean(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: ("***" if is_secret_key(k) and v not in (None, {}, []) else clean(v, k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return redact_url(value) if isinstance(value, str) and "://" in value else value
+
+    return None if config is None else yaml.safe_dump(clean(config), sort_keys=False, default_flow_style=None)
+
+
+def _command_text(manifest: dict[str, Any] | None) -> str | None:
+    """The recorded command line, if the manifest carries one (`command`: argv), credentials redacted."""
+    import shlex
+
+    argv = (manifest or {}).get("command")
+    if not isinstance(argv, list):
+        return None
+    shown = []
+    for arg in map(str, argv):
+        key, sep, _ = arg.partition("=")
+        if sep and is_secret_key(key) and "://" not in key:
+            arg = f"{key}=***"
+        shown.append(redact_url(arg) if "://" in arg else arg)
+    return shlex.join(shown)
+
+
+def _label_names(run: RunView, scan: Scan) -> dict[int, str]:
+    """The manifest's label names; for a partial run, names inferred from ImageFolder-style keys."""
+    if run.label_names:
+        return dict(enumerate(run.label_names))
+    return scan.label_names_from_keys()
+
+
+def _label_name(names: dict[int, str], label: int | None) -> str:
+    if label is None:
+        return "unlabelled"
+    return names.get(label, f"label {label}")
+
+
+def _group(names: dict[int, str], label: int | None, views: list[SampleView]) -> dict[str, Any]:
+    return {"label": label, "name": _label_name(names, label), "samples": [_sample(names, v) for v in views]}
+
+
+def _sample(names: dict[int, str], view: SampleView) -> dict[str, Any]:
+    h, w, c = view.image.shape
+    shape = f"{h}x{w}x{c}" + (f" (shown at most {MAX_SIDE} px a side)" if max(h, w) > MAX_SIDE else "")
+    return {"key": view.key, "label": view.label, "name": _label_name(names, view.label), "uri": redact_url(view.uri),
+            "shard": view.shard, "index": view.index, "shape": shape, "src": png_data_uri(view.image)}  # fmt: skip
+
+
+def png_data_uri(image: np.ndarray, max_side: int = MAX_SIDE) -> str:
+    """Lossless PNG data: URI of an H x W x C uint8 image (C = 1 or 3). Images larger than
+    `max_side` (unresized sources) are downscaled so the page stays a few MB; the rest are exact."""
+    from PIL import Image
+
+    img = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _failure(run: RunView, row: Any) -> dict[str, Any]:
+    shard = run.shards[row.shard]["name"] if 0 <= row.shard < len(run.shards) else "-"
+    return {"key": row.key, "uri": redact_url(row.uri), "status": row.status, "error": redact_text(row.error), "shard": shard}
+
+
+def _shard_row(s: dict[str, Any]) -> dict[str, Any]:
+    seconds = s["finished"] - s["started"] if s.get("started") and s.get("finished") else None
+    return {"name": s["name"], "count": s["count"], "ok": s["ok"], "bytes": _human_bytes(s["bytes"]),
+            "sha256": s["sha256"][:12], "seconds": f"{seconds:.2f}" if seconds is not None else "-",
+            "stages": json.dumps({k: round(v, 3) for k, v in s.get("stages", {}).items()}) if s.get("stages") else "-"}  # fmt: skip
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def _created(manifest: dict[str, Any] | None) -> str:
+    """The manifest's write time (ISO 8601, UTC) in the page's format, when no shard times exist."""
+    created = (manifest or {}).get("created")
+    if not created:
+        return "not recorded"
+    try:
+        return _when(calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))) + " (manifest written)"
+    except ValueError:
+        return str(created)
+
+
+# -- charts (matplotlib, Agg, SVG data: URIs) -------------------------------------------------------
+def _charts(run: RunView, scan: Scan) -> dict[str, str | None]:
+    charts: dict[str, str | None] = dict.fromkeys(("reasons", "throughput", "sources"))
+    reasons = [(k, v) for k, v in scan.by_status.most_common() if k != "ok"]
+    if reasons:
+        charts["reasons"] = _bar_chart(reasons, "failed items by reason")
+    timing = [(s["started"], s["finished"], s["count"]) for s in run.shards if s.get("started") and s.get("finished")]
+    if timing:
+        charts["throughput"] = _throughput_chart(timing)
+    if scan.sources.known or scan.sources.formats or scan.sources.bytes_bin:
+        charts["sources"] = _source_charts(scan.sources)
+    return charts
+
+
+def _figure(*shape: int, size: tuple[float, float]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    from matplotlib.figure import Figure
+
+    matplotlib.rcParams["svg.hashsalt"] = "convert-report"  # stable ids: same data, same bytes
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.subplots(*shape) if shape else fig.subplots()
+
+
+def _svg(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None})
+    return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _bar_chart(pairs: list[tuple[str, int]], title: str) -> str:
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = _figure(size=(6.4, 1.1 + 0.3 * len(pairs)))
+    names, counts = [p[0] for p in pairs][::-1], [p[1] for p in pairs][::-1]
+    ax.barh(names, counts, color="#c0392b")
+    for y, count in enumerate(counts):
+        ax.annotate(f" {count:,}", (count, y), va="center", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("items")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.margins(x=0.15)
+    return _svg(fig)
+
+
+def _throughput_chart(timing: list[tuple[float, float, int]]) -> str:
+    """Items/s over the run (items of each shard spread over its own start..finish) and each
+    shard's duration at its finish time, so stragglers and slow phases stand out."""
+    t0 = min(t[0] for t in timing)
+    end = max(t[1] for t in timing) - t0
+    edges = np.linspace(0.0, max(end, 1e-3), min(60, max(8, len(timing))) + 1)
+    rate = np.zeros(len(edges) - 1)
+    for start, finish, count in timing:
+        a, b = start - t0, max(finish - t0, start - t0 + 1e-6)
+        overlap = np.clip(np.minimum(edges[1:], b) - np.maximum(edges[:-1], a), 0, None)
+        rate += count * overlap / (b - a)
+    rate /= np.diff(edges)
+    fig, (ax1, ax2) = _figure(1, 2, size=(9.6, 3.0))
+    ax1.stairs(rate, edges, fill=True, color="#2e86c1")
+    ax1.set(title="items/s over the run", xlabel="seconds since the first shard started", ylabel="items/s")
+    ax2.scatter([t[1] - t0 for t in timing], [t[1] - t[0] for t in timing], s=12, color="#884ea0")
+    ax2.set(title="shard duration at its finish", xlabel="finished at (s)", ylabel="seconds")
+    for ax in (ax1, ax2):
+        ax.title.set_fontsize(10)
+    return _svg(fig)
+
+
+def _source_charts(stats: SourceStats) -> str:
+    fig, axes = _figure(1, 5, size=(12.8, 2.8))
+    for ax, counter, title in ((axes[0], stats.width, "width (px)"), (axes[1], stats.height, "height (px)"),
+                               (axes[2], stats.aspect, "aspect ratio (w/h)")):  # fmt: skip
+        _hist(ax, counter, title)
+    sizes = Counter({2 ** (b / BYTES_BINS_PER_OCTAVE) / 1024: n for b, n in stats.bytes_bin.items()})
+    _hist(axes[3], sizes, "source size (KiB, log)", log=True)
+    formats = stats.formats.most_common(8)
+    axes[4].bar([f for f, _ in formats], [n for _, n in formats], color="#16a085")
+    axes[4].set_title("source format", fontsize=10)
+    _integer_counts(axes[4])
+    return _svg(fig)
+
+
+def _hist(ax: Any, counter: Counter[Any], title: str, log: bool = False) -> None:
+    ax.set_title(title, fontsize=10)
+    if not counter:
+        ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="#888")
+        return
+    values, weights = list(counter.keys()), list(counter.values())
+    lo, hi = min(values), max(values)
+    if log and lo > 0:
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+        bins: Any = np.geomspace(lo / 1.2, hi * 1.2, 24)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        bins = np.linspace(lo - 0.5, hi + 0.5, 24) if hi > lo else [lo - 0.5, lo + 0.5]
+    ax.hist(values, bins=bins, weights=weights, color="#16a085")
+    _integer_counts(ax)
+
+
+def _integer_counts(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _template() -> Any:
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("convert", "templates"), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    return env.get_template("report.html.j2")

@@ -1,0 +1,156 @@
+"""What a run says about itself at the end: top failure reasons, why shards are rebuilt, stale shards.
+
+Small pure functions (plus one listing/deleting helper) that the run orchestration calls at a few
+clearly marked call sites, so the run output stays readable without growing the orchestration:
+
+    top_failures(rows)                       -> [(status, count, [example keys])], most frequent first
+    explain_changes(old_config, new_config)  -> ["image.size changed: [64, 64] → [32, 32]", ...]
+    rebuild_message(old, new, pending)       -> one line for the run log, or None
+    stale_shard_files(names, listed, plan, ext) -> files under shards/ of an old format or plan
+    remove_stale_shards(out, manifest, plan_names) -> what was removed (after the new manifest is written)
+
+The orchestration calls two hooks, one line each:
+    announce_rebuild(out, config_data, pending, log)            before the old manifest is retracted
+    after_manifest(out, manifest, specs, pending, records, failed_rows, summary, log)   after the new one
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+import itertools
+from typing import Any, Callable, Iterable, Sequence
+
+from .formats.base import get_format
+from .manifest import MANIFEST, ManifestError, read_manifest
+from .plan import output_settings
+from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .store import SHARDS_DIR, Store
+
+# The config keys each output setting comes from (output_settings() flattens output.* away).
+_SETTING_KEYS = {"format": "output.format", "compression": "output.compression",
+                 "compression_level": "output.compression_level"}  # fmt: skip
+_SHARD_FILE = re.compile(r"^(shard-\d+)(\..+)$")
+
+
+def top_failures(rows: Iterable[ItemResult], n: int = 3, examples: int = 2) -> list[tuple[str, int, list[str]]]:
+    """The `n` most frequent failure statuses with their counts and the first `examples` keys of each.
+
+    Streams `rows` once; memory is bounded by the number of distinct statuses (never by items).
+    """
+    counts: Counter[str] = Counter()
+    keys: dict[str, list[str]] = {}
+    for row in rows:
+        if row.status is Status.OK:
+            continue
+        status = row.status.value
+        counts[status] += 1
+        sample = keys.setdefault(status, [])
+        if len(sample) < examples:
+            sample.append(row.key)
+    return [(status, count, keys[status]) for status, count in counts.most_common(n)]
+
+
+def _flatten(settings: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{k}": v for k, v in value.items()})
+        else:
+            flat[_SETTING_KEYS.get(name, name)] = value
+    return flat
+
+
+def explain_changes(old_config: dict[str, Any] | None, new_config: dict[str, Any]) -> list[str]:
+    """One line per output-affecting setting that differs between two (redacted) configs.
+
+    Only settings that change shard bytes count (the same ones the shard fingerprint covers), so a
+    changed worker count or fetch timeout is never reported as a reason to rebuild.
+    """
+    if not old_config:
+        return []
+    try:
+        old, new = _flatten(output_settings(old_config)), _flatten(output_settings(new_config))
+    except KeyError:  # a manifest written by an older version without some section
+        return []
+    return [f"{key} changed: {_show(old.get(key))} → {_show(new.get(key))}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]  # fmt: skip
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
+        return str(value[0])  # image.size [64, 64] -> 64, as users write it
+    return "none" if value is None else str(value)
+
+
+def previous_config(out: Store) -> dict[str, Any] | None:
+    """The config recorded in the dataset's current manifest.json, or None (no or unreadable manifest)."""
+    if not out.exists(MANIFEST):
+        return None
+    try:
+        return read_manifest(out).get("config")
+    except ManifestError:
+        return None
+
+
+def rebuild_message(old_config: dict[str, Any] | None, new_config: dict[str, Any], pending: int) -> str | None:
+    """"image.size changed: 64 → 32; 3 shards will be rebuilt", or None when the settings are unchanged."""
+    changes = explain_changes(old_config, new_config)
+    if not changes or not pending:
+        return None
+    return "; ".join(changes) + f"; {pending} shard{'s' if pending != 1 else ''} will be rebuilt"
+
+
+def stale_shard_files(names: Iterable[str], listed: Iterable[str], plan_names: Iterable[str], extension: str) -> list[str]:
+    """File names under shards/ that belong to an older run and that no reader will ever use.
+
+    Stale: a shard file or record (`shard-NNNNN.<suffix>`) that the new manifest does not list and
+    that is either of another format (`.lmdb` beside `.h5` shards) or outside the current plan (a
+    smaller plan after shard.size grew). In-plan names of the current format are left alone: the
+    next run replaces them. Temp files (`.partial`) are the leftovers cleaner's business.
+    """
+    listed_set, plan = set(listed), set(plan_names)
+    stale = []
+    for name in names:
+        match = _SHARD_FILE.match(name)
+        if match is None or name in listed_set or ".partial" in name:
+            continue
+        shard, suffix = match.groups()
+        own_file = suffix in (extension, ".record.gz") or suffix.startswith(extension + "-")
+        if shard not in plan or not own_file:
+            stale.append(name)
+    return sorted(stale)
+
+
+def remove_stale_shards(out: Store, manifest: dict[str, Any], plan_names: Sequence[str]) -> list[str]:
+    """Delete `stale_shard_files` under shards/; call only after the new manifest is written."""
+    listed = [s["path"].rsplit("/", 1)[-1] for s in manifest["shards"]]
+    listed += [f"{s['name']}.record.gz" for s in manifest["shards"]]
+    extension = get_format(manifest["format"]).extension
+    entries = {entry.rel.rsplit("/", 1)[-1]: entry for entry in out.list(SHARDS_DIR)}
+    stale = stale_shard_files(entries, listed, plan_names, extension)
+    for name in stale:
+        (out.delete_tree if entries[name].is_dir else out.delete)(f"{SHARDS_DIR}/{name}")
+    return stale
+
+
+def announce_rebuild(out: Store, config_data: dict[str, Any], pending: Sequence[ShardSpec],
+                     log: Callable[[str], None]) -> None:  # fmt: skip
+    """Log why committed shards are rebuilt, if the output settings changed since the last manifest."""
+    message = rebuild_message(previous_config(out), config_data, len(pending))
+    if message:
+        log(message)
+
+
+def after_manifest(out: Store, manifest: dict[str, Any], specs: Sequence[ShardSpec], pending: Sequence[ShardSpec],
+                   records: dict[str, ShardRecord], failed_rows: Sequence[ItemResult], summary: Any,
+                   log: Callable[[str], None]) -> None:  # fmt: skip
+    """Once the new manifest is written: this run's own item count and top failures go into the
+    summary (`items_converted`, `top_failures`), and shard files of an old format or plan are removed."""
+    summary.items_converted = sum(records[s.name].ok for s in pending if s.name in records)
+    ordered = (records[s.name] for s in specs if s.name in records)
+    summary.top_failures = top_failures(itertools.chain((row for r in ordered for row in r.ledger), failed_rows))
+    stale = remove_stale_shards(out, manifest, [s.name for s in specs])
+    if stale:
+        log(f"removed {len(stale)} files of earlier settings no manifest lists: {', '.join(stale[:4])}"
+            + (" ..." if len(stale) > 4 else ""))  # fmt: skip

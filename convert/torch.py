@@ -1,0 +1,197 @@
+"""PyTorch streaming reader (optional extra `torch`): `StreamingDataset` + `StreamingDataLoader`.
+
+    ds = StreamingDataset("s3://bucket/out", shuffle=True, seed=0, cache_limit="10GB")
+    loader = StreamingDataLoader(ds, batch_size=256, num_workers=2)
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        for batch in loader: ...           # {"image": (B,H,W,C) uint8, "label": (B,), "key": [...]}
+        state = loader.state_dict()        # any time mid-epoch: save it with the checkpoint
+    loader.load_state_dict(state)          # after a restart: continues with the next unseen item
+
+The order and the split over `torch.distributed` ranks and DataLoader workers are those of
+`convert.stream` (a pure function of seed, epoch, world size and worker count; see its docstring
+for the "exact" / "drop" / "pad" rules for uneven splits). Encoded shards are decoded in the
+workers; remote shards stream into the bounded local cache (`cache_dir`, `cache_limit`).
+Resuming needs the same world size and worker count (checked). `persistent_workers` is not
+supported by StreamingDataLoader (a worker's position is set when it starts).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .stream import Part, Stream, collate
+
+_TAG = "_stream"  # (worker, position) carried from a worker to StreamingDataLoader, then removed
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
+    """Shuffled, rank- and worker-partitioned stream of a converted dataset.
+
+    Yields {"image": uint8 tensor HWC (CHW with chw=True), "label": int (-1 unlabelled), "key": str},
+    or with `batch_size` whole batches collated in the worker (use DataLoader(batch_size=None)).
+    `transform(sample) -> sample` runs in the worker on the NumPy sample before tensor conversion.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        shuffle: bool = True,
+        seed: int = 0,
+        batch_size: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_limit: int | str | None = "10GB",
+        *,
+        storage_options: dict[str, Any] | None = None,
+        shuffle_block: int | None = None,
+        partition: str = "exact",
+        prefetch_shards: int = 2,
+        chw: bool = False,
+        drop_last: bool = False,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.stream = Stream(uri, storage_options, shuffle=shuffle, seed=seed, shuffle_block=shuffle_block,
+                             partition=partition, cache_dir=cache_dir, cache_limit=cache_limit,
+                             prefetch_shards=prefetch_shards, transform=transform)  # fmt: skip
+        self.batch_size, self.chw, self.drop_last = batch_size, chw, drop_last
+        self.tag = False  # StreamingDataLoader turns position tags on
+        self.rotate = 0  # logical worker = (DataLoader worker id + rotate) % workers; see StreamingDataLoader
+        self._resume: dict[int, int] = {}  # worker -> positions to skip, for the next iteration
+        self._consumed: dict[int, int] = {}  # in-process iteration (num_workers=0) progress
+        self._rank_world = _rank_world()
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's order (call on every rank before iterating); clears a resume position."""
+        if epoch != self.stream.epoch:
+            self._resume, self._consumed = {}, {}
+        self.stream.set_epoch(epoch)
+        self._rank_world = _rank_world()
+
+    def part(self) -> Part:
+        info = get_worker_info()
+        # a DataLoader worker (spawned, or forked from a process group) may not see the process
+        # group: it uses the rank and world size its parent saw when it made the dataset or loader
+        rank, world = _rank_world() if info is None else self._rank_world
+        workers = info.num_workers if info else 1
+        return Part(rank, world, ((info.id if info else 0) + self.rotate) % workers, workers)
+
+    def __len__(self) -> int:
+        """Samples (or batches, with batch_size) of this rank per epoch."""
+        rank, world = _rank_world()
+        n = self.stream.count(Part(rank, world))
+        return n if self.batch_size is None else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        part = self.part()  # read the resume position now, not at the generator's first step
+        start = self._resume.get(part.worker, 0)
+        self._resume = {}
+        return self._generate(part, start)
+
+    def _generate(self, part: Part, start: int) -> Iterator[Any]:
+        if self.batch_size is None:
+            for pos, sample in enumerate(self.stream.samples(part, start), start + 1):
+                self._consumed[part.worker] = pos
+                yield self._tensors(sample, part.worker, pos)
+        else:
+            pos = start
+            for batch in self.stream.batches(self.batch_size, part, start, self.drop_last):
+                pos += len(batch["key"])
+                self._consumed[part.worker] = pos
+                yield self._tensors(batch, part.worker, pos)
+
+    def _tensors(self, sample: dict[str, Any], worker: int, pos: int) -> dict[str, Any]:
+        out = dict(sample)
+        image = out.get("image")
+        if isinstance(image, np.ndarray):
+            t = torch.from_numpy(image)
+            out["image"] = t.movedim(-1, -3).contiguous() if self.chw else t
+        if isinstance(out.get("label"), np.ndarray):
+            out["label"] = torch.from_numpy(out["label"])
+        if self.tag:
+            out[_TAG] = (worker, pos)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Progress of in-process iteration (num_workers=0); with workers use StreamingDataLoader's."""
+        rank, world = _rank_world()
+        return {"epoch": self.epoch, "seed": self.stream.seed, "rank": rank, "world": world,
+                "workers": 1, "consumed": dict(self._consumed)}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any], workers: int = 1) -> None:
+        """Continue from `state` at the next iteration: each worker skips what it already yielded."""
+        rank, world = _rank_world()
+        if (state["world"], state["workers"], state["seed"]) != (world, workers, self.stream.seed):
+            raise ValueError(f"cannot resume: state is for world size {state['world']}, {state['workers']} workers, "
+                             f"seed {state['seed']}; this run has {world}, {workers}, {self.stream.seed}")  # fmt: skip
+        if state["rank"] != rank:
+            raise ValueError(f"cannot resume: state was saved by rank {state['rank']}, this is rank {rank}")
+        self.stream.set_epoch(state["epoch"])
+        self._consumed = {int(w): int(n) for w, n in state["consumed"].items()}
+        self._resume = dict(self._consumed)
+
+
+class StreamingDataLoader(DataLoader):  # type: ignore[type-arg]
+    """A DataLoader over a StreamingDataset that can save and restore its position mid-epoch."""
+
+    def __init__(self, dataset: StreamingDataset, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("persistent_workers"):
+            raise ValueError("StreamingDataLoader does not support persistent_workers (positions are set per epoch)")
+        if dataset.batch_size is not None:
+            kwargs.setdefault("batch_size", None)
+        super().__init__(dataset, *args, **kwargs)
+        dataset.tag = True
+        self._consumed: dict[int, int] = {}
+        self._epoch = dataset.epoch
+        self._batches = 0  # batches taken this epoch
+        self._complete = False  # the epoch ran to its end: the next iteration starts it afresh
+
+    def __iter__(self) -> Iterator[Any]:
+        ds: StreamingDataset = self.dataset  # type: ignore[assignment]
+        if ds.epoch != self._epoch or self._complete:
+            self._consumed, self._epoch, self._batches = {}, ds.epoch, 0
+        self._complete = False
+        # copied into the workers as they start. A DataLoader takes batches from its workers round
+        # robin starting at worker 0: rotating the logical workers by the batches already taken
+        # makes a resumed epoch continue in the same interleaving as an uninterrupted one.
+        ds._resume, ds.rotate = dict(self._consumed), self._batches % max(1, self.num_workers)
+        ds._rank_world = _rank_world()
+        iterator = super().__iter__()
+        ds._resume, ds.rotate = {}, 0
+        for batch in iterator:
+            tag = batch.pop(_TAG)
+            workers, positions = (tag[0], tag[1]) if isinstance(tag, (list, tuple)) else (tag[:, 0], tag[:, 1])
+            for w, p in zip(torch.as_tensor(workers).reshape(-1).tolist(), torch.as_tensor(positions).reshape(-1).tolist()):
+                self._consumed[w] = max(self._consumed.get(w, 0), p)
+            self._batches += 1
+            yield batch
+        self._complete = True
+
+    def state_dict(self) -> dict[str, Any]:
+        ds: StreamingDataset = self.dataset  # type: ignore[assignment]
+        rank, world = _rank_world()
+        return {"epoch": self._epoch, "seed": ds.stream.seed, "rank": rank, "world": world,
+                "workers": max(1, self.num_workers), "consumed": dict(self._consumed),
+                "batches": self._batches}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ds: StreamingDataset = self.dataset  # type: ignore[assignment]
+        ds.load_state_dict(state, workers=max(1, self.num_workers))
+        self._consumed, self._epoch = dict(ds._resume), ds.epoch
+        self._batches, self._complete = int(state.get("batches", 0)), False

@@ -1,0 +1,82 @@
+"""Ctrl-C and SIGTERM of a real `python -m convert run`: exit 130 / 143, one line saying how many
+shards are committed, no tracebacks (workers included), and the rerun resumes to a complete dataset."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from convert.store import open_store
+from convert.manifest import read_manifest
+from convert.testing import images as gen
+from convert.testing.http import StaticServer
+from convert.testing.proxy import FaultProxy, Rule
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def slow_list(tmp_path_factory):
+    root = tmp_path_factory.mktemp("www")
+    paths = gen.write_image_folder(root, {"x": 40}, size=(20, 20))
+    with StaticServer(root=root) as server:
+        proxy = FaultProxy(server.url, default=Rule(latency=0.15)).start()
+        lst = root / "urls.txt"
+        lst.write_text("".join(f"{proxy.url}/x/{p.name}\n" for p in paths))
+        yield lst
+        proxy.stop()
+
+
+def _start(lst: Path, out: Path) -> subprocess.Popen[str]:
+    args = [sys.executable, "-m", "convert", "run", "--source", str(lst), "--output", str(out), "--shard-size", "2",
+            "--threads", "1", "--workers", "1", "--size", "16", "--set", "fetch.allowed_schemes=[http]"]  # fmt: skip
+    # a session of its own: the signal goes to the whole process group, as a terminal's Ctrl-C does
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_records(out: Path, n: int, proc: subprocess.Popen[str], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list((out / "shards").glob("*.record.gz"))) < n:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "shards did not complete in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig, code, group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
+def test_interrupt_exits_cleanly_and_rerun_resumes(slow_list: Path, tmp_path: Path, sig: int, code: int,
+                                                   group: bool) -> None:  # fmt: skip
+    """Ctrl-C reaches the whole foreground process group (workers included); SIGTERM (kill, docker
+    stop, a scheduler's job end) is sent to the client's pid."""
+    out = tmp_path / "out"
+    proc = _start(slow_list, out)
+    _wait_for_records(out, 3, proc)
+    (os.killpg if group else os.kill)(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "ERROR" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("interrupted:")]
+    assert len(lines) == 1 and lines[0].endswith("of 20 shards committed; rerun the same command to resume"), err
+    committed = int(lines[0].split()[1])
+    on_disk = len(list((out / "shards").glob("*.record.gz")))
+    assert 1 <= committed <= on_disk and not (out / "manifest.json").exists()  # a task may commit as we stop
+    rerun = subprocess.run([sys.executable, "-m", "convert", "run", "--source", str(slow_list),
+                            "--output", str(out), "--shard-size", "2", "--threads", "1", "--workers", "1", "--size", "16",
+                            "--set", "fetch.allowed_schemes=[http]"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({on_disk} already committed" in rerun.stderr, rerun.stderr
+    manifest = read_manifest(open_store(str(out)))
+    assert manifest["complete"] and manifest["totals"]["ok"] == 40
+
+
+def test_local_runs_never_import_dask_jobqueue() -> None:
+    code = ("import sys, convert.cli, convert.orchestrate, convert.executor.dask_executor\n"
+            "from convert.executor.cluster import open_client\n"
+            "assert 'dask_jobqueue' not in sys.modules, 'imported'\n")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,45 @@
+"""The end-of-run messages: top failure reasons, why shards are rebuilt, which old shards are removed.
+
+Pure functions are checked directly; the run-level behaviour (a no-op rerun's rate, a settings change,
+a format switch cleaning the old shards) by running the real CLI in test_cli.py.
+"""
+
+from __future__ import annotations
+
+from convert.config import load_config
+from convert.specs import ItemResult, Status
+from convert.summary import explain_changes, rebuild_message, stale_shard_files, top_failures
+
+
+def rows(*statuses: str) -> list[ItemResult]:
+    return [ItemResult(f"k{i}", f"u{i}", None, Status(s)) for i, s in enumerate(statuses)]
+
+
+def test_top_failures_orders_by_count_and_keeps_first_keys():
+    found = top_failures(rows("ok", "not_found", "decode_error", "not_found", "timeout", "not_found",
+                              "decode_error", "bad_url", "ok"))  # fmt: skip
+    assert found == [("not_found", 3, ["k1", "k3"]), ("decode_error", 2, ["k2", "k6"]), ("timeout", 1, ["k4"])]
+    assert top_failures(rows("ok", "ok")) == []
+    assert top_failures(rows("timeout"), n=3, examples=2) == [("timeout", 1, ["k0"])]
+
+
+def test_explain_changes_names_only_output_settings():
+    old = load_config(None, {"source.uri": "in", "output.uri": "out", "image.size": 64}).redacted()
+    new = load_config(None, {"source.uri": "in", "output.uri": "out", "image.size": 32, "fetch.timeout": 99, "cluster.workers": 3}).redacted()
+    assert explain_changes(old, new) == ["image.size changed: 64 → 32"]
+    fmt = load_config(None, {"source.uri": "in", "output.uri": "out", "image.size": 64, "output.format": "lmdb", "image.encode": "png"}).redacted()
+    assert explain_changes(old, fmt) == ["image.encode changed: raw → png", "output.format changed: hdf5 → lmdb"]
+    assert explain_changes(None, new) == [] and explain_changes(old, old) == []
+    assert rebuild_message(old, new, 3) == "image.size changed: 64 → 32; 3 shards will be rebuilt"
+    assert rebuild_message(old, new, 1).endswith("1 shard will be rebuilt")
+    assert rebuild_message(old, old, 3) is None
+
+
+def test_stale_shard_files_are_other_formats_and_out_of_plan_names_only():
+    names = ["shard-00000.h5", "shard-00000.record.gz", "shard-00001.h5", "shard-00001.record.gz",
+             "shard-00000.lmdb", "shard-00002.lmdb", "shard-00002.record.gz", "shard-00003.h5",
+             ".shard-00001.abc.partial.h5", "notes.txt"]  # fmt: skip
+    listed = ["shard-00000.h5", "shard-00000.record.gz"]  # shard-00001 failed this run: left for the rerun
+    plan = ["shard-00000", "shard-00001", "shard-00002"]
+    assert stale_shard_files(names, listed, plan, ".h5") == [
+        "shard-00000.lmdb", "shard-00002.lmdb", "shard-00003.h5"]  # fmt: skip
