@@ -242,7 +242,7 @@ class Config(_Model):
     output: OutputConfig
     image: ImageConfig = ImageConfig()
     shard: ShardConfig = ShardConfig()
-    fetch: FetchConfig = FetchConfig()
+    fetch: FetchConfig = Field(default_factory=FetchConfig)  # per load: its defaults may read the environment
     cluster: ClusterConfig = ClusterConfig()
     run: RunConfig = RunConfig()
 
