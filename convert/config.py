@@ -8,6 +8,8 @@ each worker; see convert.secrets) so secrets never travel in a task graph. Manif
 
 from __future__ import annotations
 
+import importlib.util
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -35,6 +37,8 @@ class SourceConfig(_Model):
     kind: Literal["auto", "folder", "urls", "cifar"] = "auto"
     storage_options: dict[str, Any] = Field(default_factory=dict)
     labels: Literal["auto", "folder", "none"] = "auto"  # ImageFolder labels from class sub-folders
+    # Absolute directories a local URL list may name paths under, besides the list's own directory.
+    allowed_roots: tuple[str, ...] = ()
 
 
 class OutputConfig(_Model):
@@ -117,6 +121,9 @@ class ImageConfig(_Model):
     encode: Literal["raw", "original", "jpeg", "png", "webp"] = "raw"
     quality: int = Field(90, ge=1, le=100)
     draft: bool = True  # JPEG DCT-domain downscale while decoding
+    # JPEG decoder when draft is on: "auto" = simplejpeg if installed (the fast-jpeg extra), else
+    # Pillow; "simplejpeg" insists on it; "pillow" always uses Pillow. Other formats always use Pillow.
+    decoder: Literal["auto", "simplejpeg", "pillow"] = "auto"
     max_pixels: int = Field(89_478_485, gt=0)  # Pillow's default bomb threshold
 
     @field_validator("size", mode="before")
@@ -139,11 +146,16 @@ class ImageConfig(_Model):
     def _consistent(self) -> "ImageConfig":
         if self.resize != "none" and self.size is None:
             raise ValueError(f"resize={self.resize!r} needs image.size (e.g. 64 or [64, 48])")
+        if self.decoder == "simplejpeg" and importlib.util.find_spec("simplejpeg") is None:
+            raise ValueError("decoder='simplejpeg' needs simplejpeg: pip install 'convert[fast-jpeg]' (or use 'auto')")
         return self
 
 
 class ShardConfig(_Model):
     size: int = Field(1000, gt=0, description="items per shard")
+
+
+ALLOW_PRIVATE_ENV = "CONVERT_ALLOW_PRIVATE_NETWORKS"
 
 
 class FetchConfig(_Model):
@@ -154,15 +166,47 @@ class FetchConfig(_Model):
     max_bytes: int = Field(50 * 2**20, gt=0)
     prefetch_bytes: int = Field(256 * 2**20, gt=0)
     allowed_schemes: tuple[str, ...] = ("file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "memory")
+    item_timeout: float = Field(60.0, gt=0)  # total seconds per item: connect + all reads + retries
+    # HTTP(S) to loopback/private/link-local/multicast/reserved addresses (checked on the resolved IP
+    # of every connection, redirects included) is refused unless this is true. Its default may be
+    # set for a whole environment with CONVERT_ALLOW_PRIVATE_NETWORKS=1 (e.g. a test suite whose
+    # servers are on 127.0.0.1); a value in the config or --set always wins.
+    allow_private_networks: bool = Field(default_factory=lambda: os.environ.get(ALLOW_PRIVATE_ENV, "") == "1")
+    allowed_networks: tuple[str, ...] = ()  # CIDRs allowed even so, e.g. ["10.1.2.0/24"] for a mirror
 
-    def policy(self, storage_options: dict[str, Any] | None = None) -> FetchPolicy:
+    @field_validator("allowed_networks")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not a network; use CIDR notation like 10.1.2.0/24") from None
+        return v
+
+    def policy(self, source: SourceConfig | None = None, kind: str = "folder") -> FetchPolicy:
+        """The worker-side policy; `source`/`kind` decide where local items may be read from:
+        a remote URL list may not name local files at all; a local one only under its own
+        directory or `source.allowed_roots`; folder sources are listed by us, so unrestricted."""
+        allow_local, roots = True, None
+        if source is not None and kind == "urls":
+            local_list = "://" not in source.uri or source.uri.lower().startswith("file://")
+            allow_local = local_list
+            if local_list:
+                path = source.uri.split("://", 1)[1] if "://" in source.uri else source.uri
+                roots = (os.path.dirname(os.path.abspath(path)),) + tuple(map(os.path.abspath, source.allowed_roots))
         return FetchPolicy(
             timeout=self.timeout,
             retries=self.retries,
             backoff=self.backoff,
             max_bytes=self.max_bytes,
             allowed_schemes=self.allowed_schemes,
-            storage_options=dict(storage_options or {}),
+            storage_options=dict(source.storage_options) if source is not None else {},
+            item_timeout=self.item_timeout,
+            allow_private_networks=self.allow_private_networks,
+            allowed_networks=self.allowed_networks,
+            allow_local=allow_local,
+            local_roots=roots,
         )
 
 
@@ -198,7 +242,7 @@ class Config(_Model):
     output: OutputConfig
     image: ImageConfig = ImageConfig()
     shard: ShardConfig = ShardConfig()
-    fetch: FetchConfig = FetchConfig()
+    fetch: FetchConfig = Field(default_factory=FetchConfig)  # per load: its defaults may read the environment
     cluster: ClusterConfig = ClusterConfig()
     run: RunConfig = RunConfig()
 

@@ -22,11 +22,15 @@ import io
 import struct
 from typing import Any
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image, JpegImagePlugin
 
 from .config import ImageConfig
+from .decoders import decode_scaled, exif_orientation, fast_eligible, scan_jpeg
 from .specs import ItemError, Status
+from .timing import NULL_CLOCK, StageClock
 
 RESAMPLE = Image.Resampling.BICUBIC
 REDUCING_GAP = 3.0
@@ -55,27 +59,89 @@ def output_shape(cfg: ImageConfig) -> tuple[int, int, int] | None:
     return (cfg.size[0], cfg.size[1], 3 if cfg.mode == "RGB" else 1)
 
 
-def transform(data: bytes | np.ndarray, cfg: ImageConfig) -> np.ndarray | bytes:
-    """Decode (bytes) or adopt (uint8 array) one image, apply orientation/mode/resize, return pixels or bytes."""
+@dataclass(slots=True)
+class SourceFacts:
+    """What the source image was, filled in as soon as its header is read (for the ledger)."""
+
+    width: int = -1
+    height: int = -1
+    format: str = ""  # Pillow's format name, lower case ("jpeg", "png", ...)
+    decoder: str = ""  # which path decoded it: "simplejpeg" (fast JPEG path) or "pillow"
+
+
+def transform(
+    data: bytes | np.ndarray, cfg: ImageConfig, clock: StageClock = NULL_CLOCK, facts: SourceFacts | None = None
+) -> np.ndarray | bytes:
+    """Decode (bytes) or adopt (uint8 array) one image, apply orientation/mode/resize, return pixels or bytes.
+
+    `clock` is charged "decode", "resize" and "encode"; `facts` receives the source size and format.
+    """
+    t = clock.now()
     if isinstance(data, np.ndarray):
         img = _from_array(data, cfg)
+        _note(facts, img.size, "array")
         if cfg.encode == "original":
-            return _encode(img, "png", cfg.quality)
+            t = clock.lap("decode", t)
+            out = _encode(img, "png", cfg.quality)
+            clock.lap("encode", t)
+            return out
     else:
         data = bytes(data)
+        fast = _fast_jpeg(data, cfg, facts) if _wants_fast(data, cfg) else None
+        if fast is not None:
+            return _finish(fast, cfg, clock, clock.lap("decode", t))
         img = _open(data, cfg)
+        _note(facts, img.size, img.format, "pillow")
         if cfg.encode == "original":
             if cfg.draft and isinstance(img, JpegImagePlugin.JpegImageFile):
                 img.draft(None, (1, 1))  # still entropy-decodes every block; the IDCT is 1/8 the work
             _load(img)
+            clock.lap("decode", t)
             return data
         img = _decode(img, cfg)
+    return _finish(img, cfg, clock, clock.lap("decode", t))
+
+
+def _finish(img: Image.Image, cfg: ImageConfig, clock: StageClock, t: int) -> np.ndarray | bytes:
+    """Decoded, upright image -> working mode -> geometry -> pixels or encoded bytes."""
     img = _to_working_mode(img, cfg)
     img = _resize(img, cfg)
+    t = clock.lap("resize", t)
     if cfg.encode == "raw":
         arr = np.array(img, dtype=np.uint8)
-        return arr[:, :, None] if arr.ndim == 2 else arr
-    return _encode(img, cfg.encode, cfg.quality)
+        out: np.ndarray | bytes = arr[:, :, None] if arr.ndim == 2 else arr
+    else:
+        out = _encode(img, cfg.encode, cfg.quality)
+    clock.lap("encode", t)
+    return out
+
+
+def _note(facts: SourceFacts | None, size: tuple[int, int], fmt: str | None, decoder: str = "") -> None:
+    if facts is not None:
+        facts.width, facts.height = size
+        facts.format, facts.decoder = (fmt or "").lower(), decoder
+
+
+def _wants_fast(data: bytes, cfg: ImageConfig) -> bool:
+    """Fast JPEG path: draft on (off means "exactly Pillow"), pixels wanted, bytes that start like a JPEG."""
+    return cfg.draft and cfg.decoder != "pillow" and cfg.encode != "original" and data[:3] == b"\xff\xd8\xff"
+
+
+def _fast_jpeg(data: bytes, cfg: ImageConfig, facts: SourceFacts | None) -> Image.Image | None:
+    """Upright pixels of a common JPEG via the DCT-scaled fast decoder, or None to use Pillow."""
+    head = scan_jpeg(data)  # a broken header is DECODE_ERROR on either path
+    if not fast_eligible(head):
+        return None
+    _check_pixels(head.width, head.height, cfg)
+    orientation = exif_orientation(head)
+    if orientation is None:
+        return None
+    need = _needed_size((head.width, head.height), orientation, cfg)
+    img = decode_scaled(data, need, gray=cfg.mode == "L" or head.components == 1)
+    if img is None:
+        return None
+    _note(facts, (head.width, head.height), "jpeg", "simplejpeg")
+    return img.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else img
 
 
 def _open(data: bytes, cfg: ImageConfig) -> Image.Image:
@@ -83,12 +149,15 @@ def _open(data: bytes, cfg: ImageConfig) -> Image.Image:
     if not data:
         raise ItemError(Status.DECODE_ERROR, "empty input (0 bytes)")
     img = _identify(data)
-    w, h = img.size
+    _check_pixels(*img.size, cfg)
+    if isinstance(img, JpegImagePlugin.JpegImageFile):
+        scan_jpeg(data)
+    return img
+
+
+def _check_pixels(w: int, h: int, cfg: ImageConfig) -> None:
     if w * h > cfg.max_pixels:
         raise ItemError(Status.DECOMPRESSION_BOMB, f"{w}x{h} = {w * h} pixels exceeds max_pixels={cfg.max_pixels}")
-    if isinstance(img, JpegImagePlugin.JpegImageFile):
-        _check_jpeg_segments(data)
-    return img
 
 
 def _identify(data: bytes) -> Image.Image:
@@ -99,7 +168,10 @@ def _identify(data: bytes) -> Image.Image:
         if fmt not in ALLOWED_FORMATS:
             continue
         factory, accept = Image.OPEN[fmt]
-        accepted = accept(prefix) if accept is not None else True
+        try:
+            accepted = accept(prefix) if accept is not None else True
+        except Exception:  # noqa: BLE001 - some probes unpack 4 bytes unguarded (DIB on b"\xff\xd8\xff")
+            continue
         if isinstance(accepted, str) or not accepted:  # a str is Pillow's "looks like it, but unsupported"
             continue
         try:
@@ -111,34 +183,8 @@ def _identify(data: bytes) -> Image.Image:
             raise ItemError(Status.DECOMPRESSION_BOMB, str(exc)) from None
         except Exception as exc:
             raise ItemError(Status.DECODE_ERROR, f"{fmt} header: {type(exc).__name__}: {exc}") from None
-    raise ItemError(Status.DECODE_ERROR, f"not a supported image ({len(data)} bytes, starts {data[:8]!r}){why}")
-
-
-def _check_jpeg_segments(data: bytes) -> None:
-    """Walk the JPEG marker segments from SOI to the first SOS.
-
-    Hand-written because Pillow skips garbage between segments and libjpeg only *warns* about it
-    ("Corrupt JPEG data: N extraneous bytes"), and Pillow drops libjpeg warnings, so a file with a
-    damaged header would otherwise decode silently (possibly with substituted Huffman tables).
-    """
-    pos, n = 2, len(data)
-    while pos < n:
-        if data[pos] != 0xFF:
-            raise ItemError(Status.DECODE_ERROR, f"corrupt JPEG: garbage at byte {pos} between header segments")
-        while pos < n and data[pos] == 0xFF:  # fill bytes may precede a marker
-            pos += 1
-        if pos + 2 >= n:
-            break
-        marker = data[pos]
-        if marker == 0xDA:  # start of scan: the header is complete
-            return
-        if marker in (0x00, 0xD8, 0xD9) or 0xD0 <= marker <= 0xD7:
-            raise ItemError(Status.DECODE_ERROR, f"corrupt JPEG: unexpected marker 0xFF{marker:02X} at byte {pos}")
-        (length,) = struct.unpack_from(">H", data, pos + 1)
-        if length < 2:
-            raise ItemError(Status.DECODE_ERROR, f"corrupt JPEG: bad segment length {length} at byte {pos}")
-        pos += 1 + length
-    raise ItemError(Status.DECODE_ERROR, "truncated JPEG: no image data (start-of-scan) found")
+    # never quote the bytes: an item may be a file the list was not meant to expose
+    raise ItemError(Status.DECODE_ERROR, f"not a supported image ({len(data)} bytes, no known image signature){why}")
 
 
 def _load(img: Image.Image) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from .config import Config
 from .fetch import fetch_bytes, prefetch
+from .fetch.netguard import PrivateAddressError, PrivateNetworkRefused
 from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
 from .lease import publish, staging
@@ -30,11 +31,13 @@ from .manifest import shard_rel_path, write_record
 from .plan import fingerprint, output_settings
 from .redact import redact_url
 from .secrets import resolve_config
-from .sources import SourceError, read_member, shard_refs
+from .sources import SourceError, detect_kind, read_member, shard_refs
 from .specs import ItemError, ItemRef, ItemResult, ShardRecord, ShardSpec, Status
 from .store import StorageError, file_digest, open_store
-from .transform import output_shape, transform
+from .timing import StageClock, timed_fetch
+from .transform import SourceFacts, output_shape, transform
 
+EARLY_REFUSALS = 8  # a shard whose first items are all refused as private addresses stops at once
 WRITE_BATCH = 64  # samples per writer call: amortises HDF5/LMDB overhead, bounds buffered pixels
 
 
@@ -87,17 +90,35 @@ def _size_of(value: Any) -> int:
     return value.nbytes if isinstance(value, np.ndarray) else len(value)
 
 
-def _convert(ref: ItemRef, value: Any, error: BaseException | None, config: Config) -> tuple[ItemResult, Sample | None]:
-    """One item: fetched value (or fetch error) -> ledger row and, if ok, the sample to store."""
+def _convert(
+    ref: ItemRef, value: Any, error: BaseException | None, config: Config, clock: StageClock
+) -> tuple[ItemResult, Sample | None]:
+    """One item: fetched value (or fetch error) -> ledger row (with the source's size, format and
+    byte count as far as they are known) and, if ok, the sample to store."""
+    facts = SourceFacts()
+    nbytes = -1 if error is not None or value is None else _size_of(value)
     try:
         if error is not None:
             raise error
-        data = transform(value, config.image)
+        data = transform(value, config.image, clock, facts)
     except ItemError as exc:
-        return ItemResult(ref.key, ref.uri, ref.label, exc.status, exc.message), None
+        status, message, data = exc.status, exc.message, None
     except Exception as exc:  # an unexpected per-item failure must not sink the other items
-        return ItemResult(ref.key, ref.uri, ref.label, Status.ERROR, f"{type(exc).__name__}: {exc}"), None
-    return ItemResult(ref.key, ref.uri, ref.label, Status.OK), Sample(ref.key, ref.label, data)
+        status, message, data = Status.ERROR, f"{type(exc).__name__}: {exc}", None
+    else:
+        status, message = Status.OK, ""
+    row = ItemResult(ref.key, ref.uri, ref.label, status, message, facts.width, facts.height, facts.format, nbytes)
+    return row, (None if data is None else Sample(ref.key, ref.label, data))
+
+
+def _check_refused(spec: ShardSpec, index: int, refused: int, error: BaseException | None) -> int:
+    """Count leading private-address refusals; all of the first EARLY_REFUSALS items refused stops
+    the shard with one line naming fetch.allow_private_networks (PrivateNetworkRefused)."""
+    if refused == index < EARLY_REFUSALS and isinstance(error, PrivateAddressError):
+        refused += 1
+        if refused == min(EARLY_REFUSALS, len(spec)):
+            raise PrivateNetworkRefused(f"{spec.name}: its first {refused} items were refused: {error}")
+    return refused
 
 
 def _unique_keys(refs: Iterator[ItemRef], spec: ShardSpec) -> Iterator[ItemRef]:
@@ -124,22 +145,27 @@ def _unexpected(spec: ShardSpec, ref: ItemRef, error: BaseException | None, row:
     return None
 
 
-def _fill(writer: ShardWriter, spec: ShardSpec, config: Config) -> list[ItemResult]:
+def _fill(writer: ShardWriter, spec: ShardSpec, config: Config, clock: StageClock) -> list[ItemResult]:
     """Stream every item of the shard through fetch -> transform -> writer; returns the ledger rows."""
-    policy = config.fetch.policy(config.source.storage_options)
+    source = config.source
+    policy = config.fetch.policy(source, detect_kind(source.uri) if source.kind == "auto" else source.kind)
     ledger: list[ItemResult] = []
     batch: list[Sample] = []
     refs = shard_refs(spec, config.source.storage_options, config.output.storage_options)
     fetched_items = prefetch(
         _unique_keys(refs, spec),
-        lambda ref: load_item(ref, policy),
+        timed_fetch(clock, lambda ref: load_item(ref, policy)),
         depth=config.fetch.threads,
         max_bytes=config.fetch.prefetch_bytes,
         size_of=_size_of,
     )
+    cpu, refused = time.thread_time_ns(), 0
     try:
-        for fetched in fetched_items:
-            row, sample = _convert(fetched.item, fetched.value, fetched.error, config)
+        t = clock.now()
+        for i, fetched in enumerate(fetched_items):
+            t = clock.lap("wait", t)
+            refused = _check_refused(spec, i, refused, fetched.error)
+            row, sample = _convert(fetched.item, fetched.value, fetched.error, config, clock)
             unexpected = _unexpected(spec, fetched.item, fetched.error, row)
             if unexpected is not None:
                 raise unexpected from fetched.error
@@ -148,12 +174,14 @@ def _fill(writer: ShardWriter, spec: ShardSpec, config: Config) -> list[ItemResu
             if sample is not None:
                 batch.append(sample)
             if len(batch) >= WRITE_BATCH:
-                writer.write_batch(batch)
+                clock.timed("write", writer.write_batch, batch)
                 batch = []
+            t = clock.now()
     finally:
         fetched_items.close()
     if batch:
-        writer.write_batch(batch)
+        clock.timed("write", writer.write_batch, batch)
+    clock.add("convert_cpu", time.thread_time_ns() - cpu)  # this thread's CPU over decode..write
     if len(ledger) != len(spec):
         raise ShardError(f"{spec.name}: read {len(ledger)} items but the plan has {len(spec)}; "
                          "the input changed since planning - rerun the same command to plan again")  # fmt: skip
@@ -215,13 +243,13 @@ def _abort(writer: ShardWriter) -> None:
 def _commit_shard(spec: ShardSpec, config: Config, out: Any, fmt: Any, fp: str, info: ShardInfo,
                   started: float) -> ShardRecord:  # fmt: skip
     """Write, re-open and count, hash, publish, then write the record (the done-marker)."""
-    rel = shard_rel_path(spec.name, fmt.extension)
+    rel, clock = shard_rel_path(spec.name, fmt.extension), StageClock()
     with staging(out, spec.name, fmt.extension, fmt.sidecars) as tmp:
         writer = open_writer(fmt.name, tmp, info)
         try:
-            ledger = _fill(writer, spec, config)
+            ledger = _fill(writer, spec, config, clock)
             with _quiet_finalizers():
-                writer.close()
+                clock.timed("write", writer.close)
         except SourceError as exc:  # the slice cannot be read as planned: fail (and retry) the shard
             _abort(writer)
             raise ShardError(f"{spec.name}: {exc}") from None
@@ -229,19 +257,23 @@ def _commit_shard(spec: ShardSpec, config: Config, out: Any, fmt: Any, fp: str, 
             _abort(writer)
             raise
         ok = sum(row.ok for row in ledger)
-        reader = open_reader(fmt.name, tmp)
-        try:
-            stored = len(reader)
-        finally:
-            reader.close()
+        stored = clock.timed("verify", _stored_count, fmt.name, tmp)
         if stored != ok:
             raise ShardError(f"{spec.name}: wrote {ok} images but the re-opened shard holds {stored}")
-        size, digest = file_digest(tmp)
-        publish(out, tmp, rel, size, digest)
+        size, digest = clock.timed("hash", file_digest, tmp)
+        clock.timed("commit", publish, out, tmp, rel, size, digest)
     record = ShardRecord(
         name=spec.name, path=rel, format=fmt.name, count=len(spec), ok=ok, failed=len(spec) - ok,
         bytes=size, sha256=digest, image_shape=info.image_shape, encoding=info.encoding, ledger=tuple(ledger),
-        started=started, finished=time.time(),
+        stages=clock.seconds(), started=started, finished=time.time(),
     )  # fmt: skip
     write_record(out, record, fp)
     return record
+
+
+def _stored_count(fmt: str, path: str) -> int:
+    reader = open_reader(fmt, path)
+    try:
+        return len(reader)
+    finally:
+        reader.close()

@@ -57,7 +57,8 @@ def slow_urls(tmp_path_factory):
 
 def cli_args(source: Path, out: Path, scheduler: str) -> list[str]:
     return [sys.executable, "-m", "convert", "run", "--source", str(source), "--output", str(out),
-            "--scheduler", scheduler, "--shard-size", str(PER_SHARD), "--threads", "1", "--size", "16"]  # fmt: skip
+            "--scheduler", scheduler, "--shard-size", str(PER_SHARD), "--threads", "1", "--size", "16",
+            "--set", "fetch.allow_private_networks=true"]  # fmt: skip
 
 
 def wait_for_records(out: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:

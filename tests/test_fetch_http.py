@@ -17,7 +17,7 @@ from convert.specs import ItemError, Status
 from convert.testing.images import jpeg_bytes
 from convert.testing.proxy import Rule
 
-FAST = FetchPolicy(timeout=2.0, retries=3, backoff=0.01)
+FAST = FetchPolicy(allow_private_networks=True, timeout=2.0, retries=3, backoff=0.01)
 IMG = jpeg_bytes(64, 48, seed=3)
 
 
@@ -81,7 +81,7 @@ def test_retries_are_bounded(http_server):
 def test_hung_server_times_out(http_server):
     http_server.put("/hang.jpg", IMG)
     http_server.fault("/hang.jpg", hang=30)
-    policy = FetchPolicy(timeout=0.3, retries=1, backoff=0.01)
+    policy = FetchPolicy(allow_private_networks=True, timeout=0.3, retries=1, backoff=0.01)
     err = _status(http_server.url_for("/hang.jpg"), policy)
     assert err.status is Status.TIMEOUT
     assert http_server.hits("/hang.jpg") == 2
@@ -93,7 +93,7 @@ def test_cut_body_is_retried_then_reported(http_server, fault_proxy):
     proxy.push(Rule(cut_after=300))  # first connection dies mid-body, the retry is clean
     assert fetch_bytes(proxy.url + "/cut.jpg", FAST) == IMG
     always_cut = fault_proxy(http_server.url, default=Rule(cut_after=300))
-    err = _status(always_cut.url + "/cut.jpg", FetchPolicy(timeout=2, retries=1, backoff=0.01))
+    err = _status(always_cut.url + "/cut.jpg", FetchPolicy(allow_private_networks=True, timeout=2, retries=1, backoff=0.01))
     assert err.status is Status.CONNECTION_ERROR
     assert always_cut.connections == 2
 
@@ -102,19 +102,19 @@ def test_refused_connection():
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    err = _status(f"http://127.0.0.1:{port}/x.jpg", FetchPolicy(timeout=1, retries=1, backoff=0.01))
+    err = _status(f"http://127.0.0.1:{port}/x.jpg", FetchPolicy(allow_private_networks=True, timeout=1, retries=1, backoff=0.01))
     assert err.status is Status.CONNECTION_ERROR
 
 
 def test_too_large_by_content_length_and_by_body(http_server, tmp_path):
     http_server.put("/big.bin", b"x" * 5000)
-    policy = FetchPolicy(max_bytes=4096)
+    policy = FetchPolicy(allow_private_networks=True, max_bytes=4096)
     assert _status(http_server.url_for("/big.bin"), policy).status is Status.TOO_LARGE
     (tmp_path / "big.bin").write_bytes(b"x" * 5000)
     assert _status(str(tmp_path / "big.bin"), policy).status is Status.TOO_LARGE
     fsspec.filesystem("memory").pipe("/fetch-test/big.bin", b"x" * 5000)
     assert _status("memory://fetch-test/big.bin", policy).status is Status.TOO_LARGE
-    assert fetch_bytes(http_server.url_for("/big.bin"), FetchPolicy(max_bytes=5000)) == b"x" * 5000
+    assert fetch_bytes(http_server.url_for("/big.bin"), FetchPolicy(allow_private_networks=True, max_bytes=5000)) == b"x" * 5000
 
 
 def test_disallowed_scheme_is_bad_url(http_server):
@@ -193,7 +193,7 @@ def test_timeout_bounds_a_slow_first_byte(http_server):
     http_server.put("/slow.jpg", IMG)
     http_server.fault("/slow.jpg", hang=30)
     start = time.monotonic()
-    _status(http_server.url_for("/slow.jpg"), FetchPolicy(timeout=0.2, retries=0))
+    _status(http_server.url_for("/slow.jpg"), FetchPolicy(allow_private_networks=True, timeout=0.2, retries=0))
     assert time.monotonic() - start < 25  # bounded by the timeout, not by the 30 s hang
 
 
@@ -202,7 +202,7 @@ def test_chunked_body_is_capped_while_streaming(http_server):
     http_server.fault("/chunked.bin", chunked=True)
     url = http_server.url_for("/chunked.bin")
     assert fetch_bytes(url, FAST) == b"y" * 600_000
-    assert _status(url, FetchPolicy(max_bytes=500_000)).status is Status.TOO_LARGE
+    assert _status(url, FetchPolicy(allow_private_networks=True, max_bytes=500_000)).status is Status.TOO_LARGE
 
 
 def test_redirects_are_followed_and_bounded(http_server):

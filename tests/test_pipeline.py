@@ -47,6 +47,7 @@ def make_config(source, output, scheduler=None, **overrides):
         "shard.size": 7,
         "fetch.threads": 4,
         "cluster.task_retries": 1,
+        "fetch.allow_private_networks": True,  # the test servers are on 127.0.0.1
     }
     if scheduler:
         base["cluster.scheduler"] = scheduler

@@ -244,7 +244,8 @@ def test_source_statistics_and_throughput_from_records(demo, tmp_path):
     for i, name in enumerate(["shard-00000", "shard-00001", "shard-00002"]):
         record, fp = read_record(store, name)
         ledger = tuple(dataclasses.replace(r, width=640, height=480 if n % 2 else 320, src_format="jpeg",
-                                           src_bytes=40_000 + n) if r.ok else r
+                                           src_bytes=40_000 + n) if r.ok
+                       else dataclasses.replace(r, width=-1, height=-1, src_format="", src_bytes=-1)  # unknown
                        for n, r in enumerate(record.ledger))  # fmt: skip
         write_record(store, dataclasses.replace(record, ledger=ledger, started=1e9 + i, finished=1e9 + i + 2.5,
                                                 stages={"fetch": 0.5, "decode": 0.25}), fp)  # fmt: skip

@@ -97,7 +97,7 @@ def folder(tmp_path_factory):
 def make_config(source: Any, output: Any, cluster: Any = None, **overrides: Any):
     base = {"source.uri": str(source), "output.uri": str(output), "image.size": list(SIZE),
             "image.resize": "stretch", "image.draft": False, "shard.size": 7, "fetch.threads": 4,
-            "cluster.task_retries": 1}  # fmt: skip
+            "cluster.task_retries": 1, "fetch.allow_private_networks": True}  # fmt: skip
     if cluster is not None:
         base["cluster.scheduler"] = cluster.scheduler_address
     base.update(overrides)
@@ -206,7 +206,8 @@ def test_url_list_on_s3_to_lmdb_on_s3_equals_local(s3, folder, cluster, http_ser
     fs.pipe_file("test-bucket/lists/urls.csv", _csv(rows).encode())
     opts = s3.storage_options()
     settings = {"output.format": "lmdb", "shard.size": 8, "fetch.retries": 0}
-    assert run(make_config(tmp_path / "local.csv", tmp_path / "local", cluster, **settings), **QUIET).exit_code() == 0
+    local = {**settings, "source.allowed_roots": [str(root)]}  # the list names files outside its own folder
+    assert run(make_config(tmp_path / "local.csv", tmp_path / "local", cluster, **local), **QUIET).exit_code() == 0
     cfg = make_config("s3://test-bucket/lists/urls.csv", "s3://test-bucket/lmdb", cluster,
                       **settings, **{"source.storage_options": opts, "output.storage_options": opts})  # fmt: skip
     summary = run(cfg, **QUIET)

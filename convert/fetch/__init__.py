@@ -14,6 +14,7 @@ from .errors import (
     status_for,
 )
 from .http import pool_manager
+from .netguard import PrivateAddressError, PrivateNetworkRefused
 from .policy import FetchPolicy
 from .prefetch import Fetched, prefetch
 from .resilient import ResilientReader, ResumePolicy, open_resilient
@@ -26,6 +27,8 @@ __all__ = [
     "HTTPNotFound",
     "HTTPStatusError",
     "ObjectChanged",
+    "PrivateAddressError",
+    "PrivateNetworkRefused",
     "ResilientReader",
     "ResumeExhausted",
     "ResumePolicy",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 
 import urllib3.exceptions as u3
 
@@ -81,9 +80,10 @@ class ResumeExhausted(FetchError):
         self.stalled = stalled
 
 
-@functools.lru_cache(maxsize=1)
-def _optional_transients() -> tuple[type[BaseException], ...]:
-    """Transient exception types of optional backends (botocore, aiohttp), if installed."""
+def _load_optional_transients() -> tuple[type[BaseException], ...]:
+    """Transient exception types of optional backends (botocore, aiohttp), if installed.
+
+    Called once at import: importing lazily from the prefetch threads raced on a 10^6-item run."""
     found: list[type[BaseException]] = []
     try:
         import botocore.exceptions as bc
@@ -98,6 +98,9 @@ def _optional_transients() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover
         pass
     return tuple(found)
+
+
+_OPTIONAL_TRANSIENTS = _load_optional_transients()
 
 
 _TRANSIENT_S3_CODES = {
@@ -133,7 +136,7 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (u3.HTTPError, TimeoutError, asyncio.TimeoutError, ConnectionError)):
         return True
-    if isinstance(exc, _optional_transients()):
+    if isinstance(exc, _OPTIONAL_TRANSIENTS):
         return True
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
 

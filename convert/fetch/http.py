@@ -23,6 +23,8 @@ import urllib3.exceptions as u3
 
 from ..specs import ItemError, Status
 from .errors import HTTPStatusError, TransientError, http_status_error, is_transient, redact_url, to_item_error
+from .deadline import deadline_scope
+from .netguard import pool_classes
 from .policy import FetchPolicy
 
 POOL_MAXSIZE = 128  # connections kept per host; created lazily, so a large size costs nothing idle
@@ -34,31 +36,38 @@ ERROR_BODY_DRAIN = 64 * 1024  # error bodies up to this size are read so the con
 NO_RETRY = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5, raise_on_redirect=True)
 
 _lock = threading.Lock()
-_pool: urllib3.PoolManager | None = None
+_pools: dict[tuple[bool, tuple[str, ...]], urllib3.PoolManager] = {}  # (guarded, allowed CIDRs) -> manager
 _pool_pid = -1
 
 
 def _reset_after_fork() -> None:
     # A child must not share the parent's sockets, nor inherit a lock held by another thread.
-    global _lock, _pool, _pool_pid
+    global _lock, _pools, _pool_pid
     _lock = threading.Lock()
-    _pool, _pool_pid = None, -1
+    _pools, _pool_pid = {}, -1
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def pool_manager() -> urllib3.PoolManager:
-    """This process's shared, thread-safe PoolManager (re-created after fork)."""
-    global _pool, _pool_pid
-    pool, pid = _pool, os.getpid()
+def pool_manager(guarded: bool = False, allowed: tuple[str, ...] = ()) -> urllib3.PoolManager:
+    """This process's shared, thread-safe PoolManager (re-created after fork); `guarded` refuses
+    connections to non-public addresses outside `allowed` (see netguard). All resolve through the
+    per-process DNS cache."""
+    global _pool_pid
+    pid, key = os.getpid(), (guarded, allowed if guarded else ())
+    pool = _pools.get(key)
     if pool is not None and _pool_pid == pid:
         return pool
     with _lock:
-        if _pool is None or _pool_pid != pid:
-            _pool = urllib3.PoolManager(num_pools=64, maxsize=POOL_MAXSIZE, block=False, retries=NO_RETRY)
+        if _pool_pid != pid:
+            _pools.clear()
             _pool_pid = pid
-        return _pool
+        if key not in _pools:
+            manager = urllib3.PoolManager(num_pools=64, maxsize=POOL_MAXSIZE, block=False, retries=NO_RETRY)
+            manager.pool_classes_by_scheme = pool_classes(*key)
+            _pools[key] = manager
+        return _pools[key]
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -89,12 +98,18 @@ def retry_delay(attempt: int, backoff: float, retry_after: float | None = None, 
 
 
 def request(
-    url: str, timeout: float, headers: Mapping[str, str] | None = None, method: str = "GET"
+    url: str,
+    timeout: float,
+    headers: Mapping[str, str] | None = None,
+    method: str = "GET",
+    allow_private: bool = True,
+    allowed_networks: tuple[str, ...] = (),
 ) -> urllib3.BaseHTTPResponse:
     """One unretried request on the shared pool with the body left unread (preload_content=False).
 
     Sends Accept-Encoding: identity (byte ranges and size caps are about stored bytes) and
-    turns userinfo in the URL into a basic-auth header.
+    turns userinfo in the URL into a basic-auth header. With `allow_private=False` every
+    connection (redirects included) must go to a public address (PrivateAddressError otherwise).
     """
     hdrs = {"Accept-Encoding": "identity"}
     if "@" in url:  # only then can there be userinfo (skips a second URL parse per request)
@@ -105,7 +120,7 @@ def request(
     if headers:
         hdrs.update(headers)
     try:
-        return pool_manager().request(
+        return pool_manager(not allow_private, allowed_networks).request(
             method,
             url,
             headers=hdrs,
@@ -137,8 +152,35 @@ def status_error(resp: urllib3.BaseHTTPResponse, url: str, offset: int | None = 
     return http_status_error(resp.status, redact_url(url), offset, retry_after)
 
 
-def _get_once(url: str, policy: FetchPolicy) -> bytes:
-    resp = request(url, policy.timeout)
+def check_deadline(url: str, deadline: float, policy: FetchPolicy) -> float:
+    """Seconds left before the item's deadline; ItemError(TIMEOUT) once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ItemError(Status.TIMEOUT, f"{redact_url(url)}: exceeded fetch.item_timeout={policy.item_timeout:g}s")
+    return left
+
+
+def _read_body(resp: urllib3.BaseHTTPResponse, url: str, limit: int, deadline: float, policy: FetchPolicy) -> bytes:
+    """Up to `limit` body bytes; each socket read bounded by min(timeout, time left), so a server
+    trickling bytes cannot stretch the item past its deadline. One join copy, none per chunk
+    when the body arrives in one read (the common case for small images)."""
+    chunks: list[bytes] = []
+    got = 0
+    while got < limit:
+        left = check_deadline(url, deadline, policy)
+        if left < policy.timeout and resp.connection is not None and resp.connection.sock is not None:
+            resp.connection.sock.settimeout(left)
+        chunk = resp.read1(limit - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _get_once(url: str, policy: FetchPolicy, deadline: float) -> bytes:
+    left = check_deadline(url, deadline, policy)
+    resp = request(url, min(policy.timeout, left), None, "GET", policy.allow_private_networks, policy.allowed_networks)
     done = False
     try:
         if not 200 <= resp.status < 300:
@@ -146,7 +188,7 @@ def _get_once(url: str, policy: FetchPolicy) -> bytes:
         length = resp.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > policy.max_bytes:
             raise ItemError(Status.TOO_LARGE, f"{redact_url(url)}: {length} bytes > cap {policy.max_bytes}")
-        data = resp.read(policy.max_bytes + 1)  # stops one byte past the cap, never reads more
+        data = _read_body(resp, url, policy.max_bytes + 1, deadline, policy)  # stops one byte past the cap
         if len(data) > policy.max_bytes:
             raise ItemError(Status.TOO_LARGE, f"{redact_url(url)}: more than {policy.max_bytes} bytes")
         if length is not None and length.isdigit() and len(data) != int(length):
@@ -161,20 +203,34 @@ def _get_once(url: str, policy: FetchPolicy) -> bytes:
             discard(resp)
 
 
-def fetch_http(url: str, policy: FetchPolicy) -> bytes:
-    """GET `url` with retries on transient errors; permanent errors raise ItemError at once."""
+def fetch_http(url: str, policy: FetchPolicy, deadline: float | None = None) -> bytes:
+    """GET `url` with retries on transient errors; permanent errors raise ItemError at once.
+
+    Everything - connects, reads, retries and their backoff - ends by `deadline` (monotonic
+    seconds; default now + policy.item_timeout), as a TIMEOUT if nothing else failed first."""
+    if deadline is None:
+        deadline = time.monotonic() + policy.item_timeout
     last: BaseException | None = None
+    made = 0
     for attempt in range(policy.retries + 1):
         if attempt:
-            time.sleep(retry_delay(attempt, policy.backoff, getattr(last, "retry_after", None)))
+            delay = retry_delay(attempt, policy.backoff, getattr(last, "retry_after", None))
+            if time.monotonic() + delay >= deadline:
+                break  # no time for another attempt: report the last error
+            time.sleep(delay)
+        made += 1
         try:
-            return _get_once(url, policy)
+            with deadline_scope(deadline):
+                return _get_once(url, policy, deadline)
         except ItemError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
+            if time.monotonic() >= deadline:  # the reaper cut it, or the last read ran out of time
+                check_deadline(url, deadline, policy)
             if not is_transient(exc):
                 raise to_item_error(exc, url) from None
             last = exc
     assert last is not None
     err = to_item_error(last, url)
-    raise ItemError(err.status, f"{err.message} (after {policy.retries + 1} attempts)") from None
+    note = f"; fetch.item_timeout={policy.item_timeout:g}s leaves no time for more" if made <= policy.retries else ""
+    raise ItemError(err.status, f"{err.message} (after {made} attempt{'s' if made > 1 else ''}{note})") from None

@@ -14,3 +14,8 @@ class FetchPolicy:
     max_bytes: int = 50 * 2**20  # response size cap per item
     allowed_schemes: tuple[str, ...] = ("file", "http", "https", "s3", "memory")
     storage_options: dict[str, Any] = field(default_factory=dict)
+    item_timeout: float = 60.0  # total seconds per item: connect + every read + retries
+    allow_private_networks: bool = False  # HTTP to loopback/private/link-local/... addresses
+    allowed_networks: tuple[str, ...] = ()  # CIDRs exempt from that refusal (e.g. an internal mirror)
+    allow_local: bool = True  # local paths / file: URLs at all (False for remote URL lists)
+    local_roots: tuple[str, ...] | None = None  # local items must resolve under one of these (None: anywhere)

@@ -14,7 +14,9 @@ from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any, Protocol
 
+import fsspec
 import urllib3
+from fsspec.asyn import sync
 
 from . import http
 from .errors import ObjectChanged, TransientError, boto_code, redact_url
@@ -212,8 +214,6 @@ class _S3Stream:
         self._error: Exception | None = None
 
     def read(self, n: int) -> bytes:
-        from fsspec.asyn import sync
-
         if self._remaining <= 0:
             return b""
         if not self._ready:
@@ -234,8 +234,6 @@ class _S3Stream:
         return data
 
     def close(self) -> None:
-        from fsspec.asyn import sync
-
         try:
             sync(self._fs.loop, _close_body, self._body, timeout=self._timeout)
         except Exception:  # noqa: BLE001 - closing a broken body may fail; nothing to recover
@@ -262,8 +260,6 @@ class S3Source(Source):
         return await asyncio.wait_for(self._fs._call_s3(method, **kw), self._timeout)
 
     def _s3(self, method: str, offset: int, **kw: Any) -> dict[str, Any]:
-        from fsspec.asyn import sync
-
         try:
             return sync(self._fs.loop, self._call, method, **kw)
         except OSError as exc:
@@ -365,9 +361,16 @@ class FsspecSource(Source):
         return _FileStream(self, f, stop - start)
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # 2+ chars, so "C:\\x" stays a path
+
+
 def scheme_of(uri: str) -> str:
-    """'file' for plain paths, else the lower-cased scheme before '://'."""
-    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+    """'file' for plain paths, else the lower-cased scheme ('https', 's3', 'data', 'file', ...).
+
+    'data:...' and 'file:/x' have no '//' but are schemes all the same: they must meet the
+    allow-list rather than pass as relative local paths."""
+    m = _SCHEME.match(uri)
+    return m.group(1).lower() if m else "file"
 
 
 def make_source(url: str, storage_options: dict[str, Any] | None, timeout: float) -> Source:
@@ -376,8 +379,6 @@ def make_source(url: str, storage_options: dict[str, Any] | None, timeout: float
     scheme = scheme_of(url)
     if scheme in ("http", "https"):
         return HTTPSource(url, timeout, options.get("headers"))
-    import fsspec
-
     if scheme in ("s3", "s3a"):
         return S3Source(url, fsspec.filesystem("s3", **options), timeout)
     fs, path = fsspec.core.url_to_fs(url, **options)

@@ -116,7 +116,7 @@ def bench_prefetch(root: Path, count: int, latency: float, depths: tuple[int, ..
     corpus = root / "small"
     paths = write_corpus(corpus, count, min_side=64, max_side=160, seed=1)
     avg = sum(p.stat().st_size for p in paths) / len(paths)
-    policy = FetchPolicy(timeout=30)
+    policy = FetchPolicy(timeout=30, allow_private_networks=True)
     print(f"\n[2] {count} small images (avg {avg / 1024:.1f} KB), +{latency * 1000:.0f} ms per request via proxy")
     with child("convert.testing.http", str(corpus)) as server:
         with child("convert.testing.proxy", server, "--latency", str(latency)) as slow:
@@ -172,11 +172,16 @@ def bench_cpu(root: Path, n: int) -> None:
 
     with child("convert.testing.http", str(root / "cpu")) as server, _aiohttp_clients() as aio:
         url = server + "/img.jpg"
-        session, pool, policy = requests.Session(), urllib3.PoolManager(maxsize=THREADS), FetchPolicy()
+        session, pool = requests.Session(), urllib3.PoolManager(maxsize=THREADS)
+        policy = FetchPolicy(allow_private_networks=True)  # the server is on loopback
+        guarded = FetchPolicy(allowed_networks=("127.0.0.0/8",))  # same, through the address guard
+        keepalive = _HTTPClientPerThread(url)
         calls = {
             "requests.Session (baseline)": lambda: session.get(url).content,
             "urllib3 PoolManager": lambda: pool.request("GET", url).data,
+            "http.client keep-alive per thread": keepalive.get,
             "fetch_bytes (urllib3 hot path)": lambda: fetch_bytes(url, policy),
+            "fetch_bytes, address guard on": lambda: fetch_bytes(url, guarded),
         }
         serial: dict[str, Batch] = {name: (lambda k, f=f: [f() for _ in range(k)]) for name, f in calls.items()}
         serial["aiohttp (all in one event loop)"] = lambda k: aio.serial(url, k)
@@ -190,6 +195,27 @@ def bench_cpu(root: Path, n: int) -> None:
             threaded["aiohttp via a loop thread"] = lambda k: list(workers.map(lambda _: aio.bridged(url), range(k)))
             print(f"  {THREADS} worker threads (how the shard worker calls it):")
             _report(compare_cpu(threaded, n), "requests.Session (baseline)")
+
+
+class _HTTPClientPerThread:
+    """http.client.HTTPConnection kept alive per thread: the leanest stdlib client (no pooling
+    layer, no retries, no redirects, no guard) - the floor a hand-written fast path could reach."""
+
+    def __init__(self, url: str) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.host, self.port, self.path = parts.hostname, parts.port, parts.path
+        self.local = threading.local()
+
+    def get(self) -> bytes:
+        import http.client
+
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.local.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        conn.request("GET", self.path)
+        return conn.getresponse().read()
 
 
 class _Aio:
