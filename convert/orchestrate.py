@@ -19,6 +19,7 @@ from typing import Any
 from dataclasses import dataclass, field
 
 from .config import Config, ConfigError
+from .fetch import PrivateNetworkRefused
 from .executor import Executor, open_executor
 from .lease import hold_lease
 from .manifest import LEDGER, MANIFEST, PLAN, committed_records, write_manifest
@@ -267,6 +268,8 @@ def execute(ex: Executor, pending: list[ShardSpec], config: Config, keep: Callab
     for n, done in enumerate(ex.completions(), start=1):
         if isinstance(done.error, StorageError):  # disk full / no permission: every shard would fail
             raise done.error
+        if isinstance(done.error, PrivateNetworkRefused):  # the list points at private hosts: stop, say the setting
+            raise ConfigError(str(done.error)) from None
         if done.error is None:
             keep(done.result)
             ok += done.result.ok

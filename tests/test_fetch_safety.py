@@ -282,3 +282,23 @@ def test_private_networks_default_comes_from_the_environment_and_config_wins(mon
     monkeypatch.setenv("CONVERT_ALLOW_PRIVATE_NETWORKS", "1")
     assert load_config(None, base).fetch.allow_private_networks is True
     assert load_config(None, {**base, "fetch.allow_private_networks": False}).fetch.allow_private_networks is False
+
+
+def test_run_on_a_list_of_private_hosts_stops_early_with_one_line(tmp_path, http_server):
+    """The whole run (a real CLI process) stops with exit 2 and one line naming the setting, instead of
+    failing every item of every shard one by one; nothing is committed."""
+    import subprocess
+    import sys
+
+    http_server.put("a.jpg", JPEG)
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join([http_server.url_for("a.jpg")] * 40) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "CONVERT_ALLOW_PRIVATE_NETWORKS"}  # not opted in
+    done = subprocess.run([sys.executable, "-m", "convert", "run", "--source", str(listing), "--output",
+                           str(tmp_path / "out"), "--shard-size", "10", "--workers", "1", "--size", "8"],
+                          capture_output=True, text=True, timeout=240, env=env)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "fetch.allow_private_networks" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not list((tmp_path / "out" / "shards").glob("shard-*.h5"))
