@@ -1,0 +1,141 @@
+"""Command line, the dataset side: `inspect`, `report` and `verify` read a converted dataset (or the
+committed records of a partial run); they never change it, except `verify --repair`, which removes
+failing shards so the next `run` rebuilds exactly those. Registered on `convert.cli.main`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+from rich.table import Table
+
+from .cli import console, friendly, main, out_console
+from .config import ConfigError, parse_override
+from .redact import redact_url
+
+
+@main.command()
+@click.argument("uri")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--failures", is_flag=True, help="list failed items instead: key, uri, status, error (one per line, tab-separated)")
+@click.option("--status", "statuses", multiple=True, metavar="STATUS", help="with --failures: only this status (repeatable)")
+@click.option("--storage-option", "options", multiple=True, metavar="KEY=VALUE")
+@friendly
+def inspect(uri: str, as_json: bool, failures: bool, statuses: tuple[str, ...], options: tuple[str, ...]) -> None:
+    """Show shards, counts, failures and the config used (a partial run: its committed shards)."""
+    from .manifest import leftovers
+    from .report_data import load_run
+    from .store import open_store
+
+    out = open_store(uri, _options(options))
+    run = load_run(out)
+    if failures or statuses:
+        _print_failures(run, statuses)
+        return
+    debris = leftovers(out)
+    if as_json:
+        data = {**run.manifest, "shards": run.shards} if run.manifest else {"partial": True, "state": run.state(), "format": run.format,
+                                "planned_shards": run.planned, "totals": run.totals, "shards": run.shards}  # fmt: skip
+        report = {**data, "leftovers": [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]}
+        out_console.print_json(json.dumps(report))
+        return
+    _print_inspect(uri, run, debris)
+
+
+def _print_inspect(uri: str, run: Any, debris: list[Any]) -> None:
+    manifest, totals = run.manifest, run.totals
+    if manifest is None:
+        out_console.print(f"[bold]{uri}[/]  format={run.format}  [yellow]{run.state()}[/]")
+    else:
+        out_console.print(f"[bold]{uri}[/]  format={manifest['format']}  source={manifest['source_kind']}  "
+                          f"complete={manifest['complete']}")  # fmt: skip
+    out_console.print(f"items {totals['items']}  ok {totals['ok']}  failed {totals['failed']}  "
+                      f"by status {totals['by_status']}  bytes {totals['bytes']}")  # fmt: skip
+    table = Table("shard", "items", "ok", "failed", "bytes", "shape", "sha256")
+    for s in run.shards:
+        shape = "x".join(map(str, s["image_shape"])) if s["image_shape"] else s["encoding"]
+        table.add_row(s["name"], str(s["count"]), str(s["ok"]), str(s["failed"]), str(s["bytes"]), shape, s["sha256"][:12])
+    out_console.print(table)
+    for name, error in run.failed_shards.items():
+        out_console.print(f"[red]failed shard {name}[/]: {error}")
+    for d in debris:
+        out_console.print(f"[yellow]leftover {d.kind}[/]: {d.url} {d.detail}".rstrip())
+    if run.label_names:
+        out_console.print(f"labels: {run.label_names}")
+    if manifest is not None:
+        out_console.print("config: " + json.dumps(manifest["config"]), highlight=False)
+
+
+def _print_failures(run: Any, statuses: tuple[str, ...]) -> None:
+    """key, uri (credentials redacted), status, error: one tab-separated line per item, shard by shard."""
+    from .redact import redact_text
+    from .report_data import iter_ledger
+    from .specs import Status
+
+    known = [s.value for s in Status]
+    unknown = sorted(set(statuses) - set(known))
+    if unknown:
+        raise ConfigError(f"--status {unknown[0]!r}: expected one of {', '.join(known)}")
+    wanted = set(statuses) if statuses else set(known) - {Status.OK.value}
+    if run.partial:
+        console.print(run.state(), highlight=False)  # stderr: stdout stays one item per line
+    for row in iter_ledger(run, wanted):
+        error = redact_text(" ".join(row.error.split()))
+        click.echo(f"{row.key}\t{redact_url(row.uri)}\t{row.status}\t{error}")
+
+
+@main.command()
+@click.argument("uri")
+@click.option("--html", "html_target", metavar="FILE",
+              help="where to write the page [default: <root>/report.html; a remote dataset: ./<name>-report.html]; "
+                   "an fsspec URL (s3://...) is written there with the dataset's storage options")
+@click.option("--samples-per-label", "k", type=click.IntRange(0, 256), default=8, show_default=True,
+              help="thumbnails per label, read back from the shards")
+@click.option("--storage-option", "options", multiple=True, metavar="KEY=VALUE")
+@friendly
+def report(uri: str, html_target: str | None, k: int, options: tuple[str, ...]) -> None:
+    """Write one self-contained HTML page: summary, samples as stored, failures, shards, source stats."""
+    from .report import default_target, write_report
+
+    path, state = write_report(uri, html_target, _options(options), k)
+    if html_target is None and not default_target(uri)[1]:
+        console.print(f"the dataset is remote: wrote the report locally (pass --html {uri.rstrip('/')}/report.html "
+                      "to store it beside the data)", highlight=False)  # fmt: skip
+    console.print(f"report of {uri}: {state}", highlight=False)
+    click.echo(os.path.abspath(path) if "://" not in path else path)
+
+
+@main.command()
+@click.argument("uri")
+@click.option("--storage-option", "options", multiple=True, metavar="KEY=VALUE")
+@click.option("--repair", is_flag=True, help="remove failing shards so the next run rebuilds exactly those")
+@friendly
+def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
+    """Re-hash every shard against the manifest; exit 0 only if all match."""
+    from .manifest import repair as repair_output
+    from .manifest import verify as verify_output
+    from .store import open_store
+
+    store = open_store(uri, _options(options))
+    checks = verify_output(store)
+    bad = [c for c in checks if not c.ok]
+    for c in bad:
+        out_console.print(f"[red]FAIL[/] {c.name}: {c.problem}")
+    out_console.print(f"{len(checks) - len(bad)}/{len(checks)} shards match the manifest")
+    if repair and bad:
+        command = repair_output(store, checks)
+        out_console.print(f"removed {len(bad)} failing shards and the manifest; rebuild exactly those with the "
+                          f"run that made the dataset (plus its storage/cluster options):\n{command}", highlight=False)
+    sys.exit(1 if bad else 0)
+
+
+def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    return dict(parse_override(p) for p in pairs)
+
+
+if __name__ == "__main__":
+    main()
