@@ -125,6 +125,35 @@ def test_sigkill_client_then_rerun_redoes_only_uncommitted(cluster, slow_urls, t
     assert json.loads((out / "manifest.json").read_text())["totals"]["ok"] == SHARDS * PER_SHARD
 
 
+def test_kill_and_rerun_loop_ends_identical_to_a_clean_run(cluster, slow_urls, tmp_path):
+    """Ten SIGKILLs of the client at random moments (start-up, planning, mid-conversion), then one
+    run to the end: the shards are byte-identical to a clean run, every key is in the ledger exactly
+    once, and nothing but listed shards and their records is left (no temps, no stale lease)."""
+    listing, keys = slow_urls
+    clean = tmp_path / "clean"
+    began = time.monotonic()
+    assert subprocess.run(cli_args(listing, clean, cluster.address), capture_output=True).returncode == 0
+    whole = time.monotonic() - began
+    out, rng, killed_mid_run = tmp_path / "out", np.random.default_rng(7), 0
+    for _ in range(10):
+        proc = subprocess.Popen(cli_args(listing, out, cluster.address), stderr=subprocess.DEVNULL)
+        time.sleep(float(rng.uniform(0.1, 0.8)) * whole)  # anywhere from start-up to late in the run
+        committed = len(list((out / "shards").glob("*.record.gz"))) if (out / "shards").exists() else 0
+        killed_mid_run += proc.poll() is None and 0 < committed < SHARDS
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert killed_mid_run >= 1  # the loop did interrupt conversions, not only start-ups or finished runs
+    final = subprocess.run(cli_args(listing, out, cluster.address), capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert shard_digests(out) == shard_digests(clean)
+    ledger = read_ledger(open_store(str(out)))
+    assert sorted(ledger["key"]) == sorted(keys) and set(ledger["status"]) == {"ok"}
+    listed = {s["path"] for s in read_manifest(open_store(str(out)))["shards"]}
+    files = {f"shards/{p.name}" for p in (out / "shards").iterdir()}
+    assert files == listed | {p.replace(".h5", ".record.gz") for p in listed}
+    assert not (out / "_lease.json").exists()
+
+
 @pytest.fixture(scope="module")
 def poison_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("poison")
