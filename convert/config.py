@@ -173,6 +173,16 @@ class FetchConfig(_Model):
     # servers are on 127.0.0.1); a value in the config or --set always wins.
     allow_private_networks: bool = Field(default_factory=lambda: os.environ.get(ALLOW_PRIVATE_ENV, "") == "1")
     allowed_networks: tuple[str, ...] = ()  # CIDRs allowed even so, e.g. ["10.1.2.0/24"] for a mirror
+    # HTTP(S) client: "curl" = libcurl multi via pycurl (the `fast-http` extra; ~1/5 of the CPU per
+    # GET), "urllib3" = the pure-Python pool, "auto" = curl when pycurl is installed.
+    backend: Literal["auto", "curl", "urllib3"] = "auto"
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_installed(cls, v: str) -> str:
+        if v == "curl" and importlib.util.find_spec("pycurl") is None:
+            raise ValueError("backend='curl' needs pycurl: pip install 'convert[fast-http]' (or use 'auto')")
+        return v
 
     @field_validator("allowed_networks")
     @classmethod
@@ -207,6 +217,7 @@ class FetchConfig(_Model):
             allowed_networks=self.allowed_networks,
             allow_local=allow_local,
             local_roots=roots,
+            backend=self.backend,
         )
 
 

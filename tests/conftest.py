@@ -83,3 +83,20 @@ def s3(moto_server: Any) -> Any:
     moto_server.reset()
     moto_server.make_bucket("test-bucket")
     return moto_server
+
+
+HTTP_BACKENDS = ["curl", "urllib3"]
+
+
+@pytest.fixture(params=HTTP_BACKENDS)
+def http_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once per HTTP fetch backend (the fetch contract suite): `fetch.backend: auto`
+    resolves to this one, as it would with pycurl installed (curl) or not (urllib3)."""
+    from convert.fetch import curl
+
+    if request.param == "curl" and not curl.AVAILABLE:
+        if os.environ.get("CONVERT_REQUIRE_PYCURL"):
+            pytest.fail("pycurl is not installed: pip install -e '.[test]' installs it (the fast-http extra)")
+        pytest.skip("pycurl not installed")
+    monkeypatch.setattr(curl, "AVAILABLE", request.param == "curl")
+    return request.param

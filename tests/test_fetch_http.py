@@ -17,6 +17,8 @@ from convert.specs import ItemError, Status
 from convert.testing.images import jpeg_bytes
 from convert.testing.proxy import Rule
 
+pytestmark = pytest.mark.usefixtures("http_backend")  # the contract suite: every case on every backend
+
 FAST = FetchPolicy(allow_private_networks=True, timeout=2.0, retries=3, backoff=0.01)
 IMG = jpeg_bytes(64, 48, seed=3)
 

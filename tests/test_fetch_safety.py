@@ -23,6 +23,8 @@ from convert.specs import ItemError, Status
 from convert.testing import images as gen
 from convert.worker import process_shard
 
+pytestmark = pytest.mark.usefixtures("http_backend")  # the contract suite: every case on every backend
+
 JPEG = gen.jpeg_bytes(40, 30, seed=2)
 
 

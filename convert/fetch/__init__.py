@@ -1,5 +1,6 @@
 """The fetch layer: item bytes from anywhere, resilient large-object reads, ordered prefetch."""
 
+from .curl import CurlStream
 from .dispatch import fetch_bytes, scheme_of
 from .errors import (
     FetchError,
@@ -20,6 +21,7 @@ from .prefetch import Fetched, prefetch
 from .resilient import ResilientReader, ResumePolicy, open_resilient
 
 __all__ = [
+    "CurlStream",
     "FetchError",
     "FetchPolicy",
     "Fetched",

@@ -152,12 +152,24 @@ def status_error(resp: urllib3.BaseHTTPResponse, url: str, offset: int | None = 
     return http_status_error(resp.status, redact_url(url), offset, retry_after)
 
 
+def timeout_error(url: str, policy: FetchPolicy) -> ItemError:
+    """The item ran out of its fetch.item_timeout."""
+    return ItemError(Status.TIMEOUT, f"{redact_url(url)}: exceeded fetch.item_timeout={policy.item_timeout:g}s")
+
+
 def check_deadline(url: str, deadline: float, policy: FetchPolicy) -> float:
     """Seconds left before the item's deadline; ItemError(TIMEOUT) once it has passed."""
     left = deadline - time.monotonic()
     if left <= 0:
-        raise ItemError(Status.TIMEOUT, f"{redact_url(url)}: exceeded fetch.item_timeout={policy.item_timeout:g}s")
+        raise timeout_error(url, policy)
     return left
+
+
+def give_up(last: BaseException, url: str, made: int, policy: FetchPolicy) -> ItemError:
+    """The item's final error after `made` attempts that all failed transiently (`last` the latest)."""
+    err = to_item_error(last, url)
+    note = f"; fetch.item_timeout={policy.item_timeout:g}s leaves no time for more" if made <= policy.retries else ""
+    return ItemError(err.status, f"{err.message} (after {made} attempt{'s' if made > 1 else ''}{note})")
 
 
 def _read_body(resp: urllib3.BaseHTTPResponse, url: str, limit: int, deadline: float, policy: FetchPolicy) -> bytes:
@@ -210,6 +222,10 @@ def fetch_http(url: str, policy: FetchPolicy, deadline: float | None = None) -> 
     seconds; default now + policy.item_timeout), as a TIMEOUT if nothing else failed first."""
     if deadline is None:
         deadline = time.monotonic() + policy.item_timeout
+    if policy.uses_curl:
+        from .curl import curl_fetch  # imported at module load by fetch/__init__ (no import race)
+
+        return curl_fetch(url, policy, deadline)
     last: BaseException | None = None
     made = 0
     for attempt in range(policy.retries + 1):
@@ -231,6 +247,4 @@ def fetch_http(url: str, policy: FetchPolicy, deadline: float | None = None) -> 
                 raise to_item_error(exc, url) from None
             last = exc
     assert last is not None
-    err = to_item_error(last, url)
-    note = f"; fetch.item_timeout={policy.item_timeout:g}s leaves no time for more" if made <= policy.retries else ""
-    raise ItemError(err.status, f"{err.message} (after {made} attempt{'s' if made > 1 else ''}{note})") from None
+    raise give_up(last, url, made, policy) from None

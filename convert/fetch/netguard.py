@@ -90,7 +90,7 @@ class _Resolving:
         except socket.gaierror as exc:
             raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[attr-defined]
         if self.guard:
-            public = [a for a in addrs if is_public(a[1]) or _exempt(a[1], self.allowed)]
+            public = [a for a in addrs if is_public(a[1]) or exempt(a[1], self.allowed)]
             if not public:
                 raise PrivateAddressError(host, addrs[0][1] if addrs else "?")
             addrs = public
@@ -108,7 +108,8 @@ class _Resolving:
             self._dns_host = host
 
 
-def _exempt(address: str, nets: tuple) -> bool:
+def exempt(address: str, nets: tuple) -> bool:
+    """True when `address` lies in one of the `nets` (fetch.allowed_networks)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     ip = ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
     return any(ip.version == n.version and ip in n for n in nets)

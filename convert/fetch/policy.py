@@ -19,3 +19,17 @@ class FetchPolicy:
     allowed_networks: tuple[str, ...] = ()  # CIDRs exempt from that refusal (e.g. an internal mirror)
     allow_local: bool = True  # local paths / file: URLs at all (False for remote URL lists)
     local_roots: tuple[str, ...] | None = None  # local items must resolve under one of these (None: anywhere)
+    backend: str = "auto"  # HTTP(S): "curl" (pycurl multi, fetch/curl.py), "urllib3" (http.py), "auto"
+
+    @property
+    def uses_curl(self) -> bool:
+        """Whether HTTP(S) goes through libcurl: asked for, or "auto" and pycurl is installed."""
+        if self.backend == "urllib3":
+            return False
+        return self.backend == "curl" or _pycurl_installed()
+
+
+def _pycurl_installed() -> bool:
+    from . import curl
+
+    return curl.AVAILABLE

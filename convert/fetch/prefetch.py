@@ -35,7 +35,7 @@ class Fetched(Generic[T, R]):
         return self.error is None
 
 
-class _Budget:
+class Budget:
     """Bytes held by finished-but-unconsumed results, and the running mean result size."""
 
     def __init__(self, size_of: Callable[[R], int], estimate: int | None) -> None:
@@ -49,8 +49,12 @@ class _Budget:
     def done(self, key: int, fut: Future) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
+        self.record(key, fut.result())
+
+    def record(self, key: int, value: R) -> None:
+        """Result `key` is held (until consumed): count its size."""
         try:
-            size = int(self._size_of(fut.result()))
+            size = int(self._size_of(value))
         except Exception:  # noqa: BLE001 - an unsizable value counts as 0 bytes
             size = 0
         with self._lock:
@@ -94,7 +98,7 @@ def prefetch(
     """
     if depth < 1:
         raise ValueError("depth must be >= 1")
-    budget = _Budget(size_of, estimate)
+    budget = Budget(size_of, estimate)
     source = iter(items)
     pending: deque[tuple[int, T, Future]] = deque()
     pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix=THREAD_PREFIX)
