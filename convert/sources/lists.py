@@ -200,14 +200,16 @@ def read_text_rows(sl: InputSlice, storage_options: dict[str, Any] | None) -> It
     if not buf.endswith(b"\n"):
         buf += b"\n"
     starts, ends, _ = item_spans(buf, csv_rows)
-    get = lambda cells, name: _cell(cells, cols.get(name))  # noqa: E731
-    for j, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
-        text = buf[s:e].decode("utf-8")
-        if csv_rows:
-            cells = next(csv.reader(io.StringIO(text, newline="")), [])
-            yield sl.first_row + j, get(cells, "url") or "", get(cells, "label"), get(cells, "key")
-        else:
+    texts = (buf[s:e].decode("utf-8") for s, e in zip(starts.tolist(), ends.tolist()))
+    if not csv_rows:
+        for j, text in enumerate(texts):
             yield sl.first_row + j, text.strip(WS.decode()), None, None
+        return
+    url, label, key = cols.get("url"), cols.get("label"), cols.get("key")
+    # one reader over the spans: each span is one whole record (quoted newlines included), so it
+    # yields exactly one row per span ([] for an empty one) - a reader per row cost ~5 us/item
+    for j, cells in enumerate(csv.reader(texts)):
+        yield sl.first_row + j, _cell(cells, url) or "", _cell(cells, label), _cell(cells, key)
 
 
 def _check_size(f: Any, sl: InputSlice) -> None:
