@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
@@ -344,7 +344,10 @@ class CurlStream(Generic[T]):
                 raise StopIteration
             key, t = self._pending[0]
             while not self._ready(t):
-                self._engine.drive(0.005 if self._pool_busy() else 1.0)
+                if t.future is not None and not self._engine.active:
+                    wait([t.future], timeout=1.0)  # nothing for libcurl to do: block on the pool
+                else:
+                    self._engine.drive(0.005 if self._pool_busy() else 1.0)
             self._pending.popleft()
             self._budget.consumed(key)
             return Fetched(t.item, t.value, t.error)
