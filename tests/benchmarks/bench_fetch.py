@@ -6,6 +6,7 @@
 1. Large objects: resilient reader vs plain fsspec open().read(), no faults and a cut every 4 MB.
 2. A shard of small images over a loopback link with 20 ms added latency: prefetch depth 1/16/64.
 3. Client CPU per small-image GET: requests.Session (baseline) vs urllib3 vs aiohttp vs fetch_bytes,
+   and, as a shard fetches a URL list, urllib3 on 16 prefetch threads vs CurlStream (libcurl multi),
    with the CPU of decoding that image for scale.
 
 Servers and proxies run in child processes so their CPU is not counted as the client's.
@@ -31,7 +32,7 @@ from typing import Callable, Iterator
 import fsspec
 from PIL import Image
 
-from convert.fetch import FetchPolicy, fetch_bytes, open_resilient, prefetch
+from convert.fetch import CurlStream, FetchPolicy, fetch_bytes, open_resilient, prefetch
 from convert.testing.images import jpeg_bytes, write_corpus
 
 MB = 1 << 20
@@ -173,8 +174,10 @@ def bench_cpu(root: Path, n: int) -> None:
     with child("convert.testing.http", str(root / "cpu")) as server, _aiohttp_clients() as aio:
         url = server + "/img.jpg"
         session, pool = requests.Session(), urllib3.PoolManager(maxsize=THREADS)
-        policy = FetchPolicy(allow_private_networks=True)  # the server is on loopback
-        guarded = FetchPolicy(allowed_networks=("127.0.0.0/8",))  # same, through the address guard
+        policy = FetchPolicy(allow_private_networks=True, backend="urllib3")  # the server is on loopback
+        guarded = FetchPolicy(allowed_networks=("127.0.0.0/8",), backend="urllib3")  # same, through the guard
+        curl = FetchPolicy(allow_private_networks=True, backend="curl")
+        curl_guarded = FetchPolicy(allowed_networks=("127.0.0.0/8",), backend="curl")
         keepalive = _HTTPClientPerThread(url)
         calls = {
             "requests.Session (baseline)": lambda: session.get(url).content,
@@ -185,6 +188,13 @@ def bench_cpu(root: Path, n: int) -> None:
         }
         serial: dict[str, Batch] = {name: (lambda k, f=f: [f() for _ in range(k)]) for name, f in calls.items()}
         serial["aiohttp (all in one event loop)"] = lambda k: aio.serial(url, k)
+        # how a shard fetches a URL list: 16 ahead, in order - the old way (urllib3 on prefetch
+        # threads) and the new (libcurl multi, driven from the consuming thread)
+        serial["prefetch x16 threads + fetch_bytes (urllib3)"] = lambda k: list(
+            prefetch([url] * k, lambda u: fetch_bytes(u, policy), depth=16))
+        serial["CurlStream x16 (pycurl multi)"] = lambda k: list(CurlStream([url] * k, str, None, curl, depth=16))
+        serial["CurlStream x16, address guard on"] = lambda k: list(
+            CurlStream([url] * k, str, None, curl_guarded, depth=16))
         serial["(PIL decode of the same image)"] = lambda k: [decode() for _ in range(k)]
         print("  one caller:")
         _report(compare_cpu(serial, n), "requests.Session (baseline)")
