@@ -134,3 +134,30 @@ def test_pipeline_output_is_the_same_on_both_backends(tmp_path, http_server):
         ledgers[backend] = sorted(zip(led["key"], led["status"]))
     assert np.array_equal(arrays["curl"], arrays["urllib3"])
     assert ledgers["curl"] == ledgers["urllib3"]
+
+
+def _child(url: str, queue) -> None:  # noqa: ANN001 - multiprocessing queue
+    queue.put(curl_fetch(url, OPEN) == IMGS[4])
+
+
+def test_a_forked_child_gets_its_own_connections(http_server, fault_proxy):
+    import multiprocessing
+
+    proxy = fault_proxy(http_server.url)
+    url = proxy.url + "/" + http_server.put("/fork.jpg", IMGS[4]).rsplit("/", 1)[1]
+    assert curl_fetch(url, OPEN) == IMGS[4]  # the parent's share now holds a live connection
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(url, queue))
+    proc.start()
+    assert queue.get(timeout=30)
+    proc.join(timeout=30)
+    assert curl_fetch(url, OPEN) == IMGS[4]  # the parent's connection was not disturbed
+    assert proxy.connections == 2  # the parent's one (reused) and the child's own
+
+
+def test_stream_close_is_idempotent(http_server):
+    stream = CurlStream([http_server.put("/c.jpg", IMGS[5])], _url, _local, OPEN)
+    assert next(stream).value == IMGS[5]
+    stream.close()
+    stream.close()

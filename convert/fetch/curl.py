@@ -281,6 +281,9 @@ class CurlEngine:
             self.on_settle(t)
 
     def close(self) -> None:
+        """Abort what is in flight and free the handles (idempotent)."""
+        if self.multi is None:
+            return
         for c in list(self.active):
             self.multi.remove_handle(c)
         for c in [*self.active, *self.free]:
@@ -288,6 +291,7 @@ class CurlEngine:
         self.active.clear()
         self.free.clear()
         self.multi.close()
+        self.multi = None
 
 
 def curl_fetch(url: str, policy: FetchPolicy, deadline: float | None = None) -> bytes:
