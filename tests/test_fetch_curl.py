@@ -22,7 +22,8 @@ from convert.testing.images import jpeg_bytes
 from convert.testing.proxy import Rule
 
 pycurl = pytest.importorskip("pycurl")
-from convert.fetch.curl import CurlStream, curl_fetch  # noqa: E402
+from convert.fetch.curl import curl_fetch  # noqa: E402
+from convert.fetch.curl_stream import CurlStream  # noqa: E402
 
 OPEN = FetchPolicy(allow_private_networks=True, timeout=2.0, retries=2, backoff=0.01, backend="curl")
 IMGS = [jpeg_bytes(40 + i, 30, seed=i) for i in range(12)]

@@ -1,6 +1,6 @@
 """The fetch layer: item bytes from anywhere, resilient large-object reads, ordered prefetch."""
 
-from .curl import CurlStream
+from .curl_stream import CurlStream
 from .dispatch import fetch_bytes, scheme_of
 from .errors import (
     FetchError,
