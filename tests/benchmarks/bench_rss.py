@@ -5,7 +5,7 @@ corpus (nginx on 127.0.0.1) in shards of 1000. While it runs, every worker's pro
 (psutil, every 0.1 s) and, each time the committed items cross a checkpoint (--counts), its kernel
 high-water mark (VmHWM: this process's own peak, not inherited through exec) is read. The peak
 at a checkpoint is what a run of that many items would report; the ratio is against the smallest
-checkpoint of the same run. `--fresh` runs one cluster per count instead (the old rss_runs method).
+checkpoint of the same run. `--fresh` runs one run (one fresh cluster) per count instead. bench_pipeline.py (rss_runs) prints the same.
 
 `--probe` also asks each worker at every checkpoint what it holds (live objects by type, Dask worker
 state and profile history, malloc arenas, threads; `--tracemalloc` adds the top allocation sites
