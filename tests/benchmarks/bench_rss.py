@@ -8,8 +8,8 @@ at a checkpoint is what a run of that many items would report; the ratio is agai
 checkpoint of the same run. `--fresh` runs one run (one fresh cluster) per count instead. bench_pipeline.py (rss_runs) prints the same.
 
 `--probe` also asks each worker at every checkpoint what it holds (live objects by type, Dask worker
-state and profile history, malloc arenas, threads; `--tracemalloc` adds the top allocation sites
-grown since the first checkpoint): the evidence for what grows.
+state and profile history, malloc arenas, threads; `--tracemalloc` adds the allocation sites that changed most
+since the first checkpoint): the evidence for what grows.
 
     flock /work/wt/bench.lock python tests/benchmarks/bench_rss.py [--counts 10000 30000 100000]
         [--base-url http://127.0.0.1:18080 --corpus /tmp/bench-corpus] [--probe] [--tracemalloc]
@@ -82,9 +82,9 @@ class Sampler(threading.Thread):
 def probe(dask_worker: Any = None, trace: bool = False) -> dict[str, Any]:
     """What one worker process holds now (runs inside the worker through client.run)."""
     import collections
-    import os
     import ctypes
     import gc
+    import os
     import pickle
     import threading as th
     import tracemalloc
@@ -103,6 +103,8 @@ def probe(dask_worker: Any = None, trace: bool = False) -> dict[str, Any]:
             "profile_history kB": len(pickle.dumps(list(w.profile_history))) // 1024,
             "profile_keys_history kB": len(pickle.dumps(list(w.profile_keys_history))) // 1024,
             "digests_total": len(w.digests_total), "data": len(w.data),
+            "profiler CPU s": round(sum(v for k, v in w.digests_total.items() if "profile-duration" in str(k)), 2),
+            "process CPU s": round(sum(os.times()[:2]), 2),
         }  # fmt: skip
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -121,9 +123,9 @@ def probe(dask_worker: Any = None, trace: bool = False) -> dict[str, Any]:
     if trace and tracemalloc.is_tracing():
         snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
         out["traced MiB"] = tracemalloc.get_traced_memory()[0] / MiB
-        base = getattr(probe, "_base", None)
+        base = getattr(tracemalloc, "_bench_rss_base", None)  # kept in the worker (this function is re-sent)
         if base is None:
-            probe._base = snap  # type: ignore[attr-defined]
+            tracemalloc._bench_rss_base = snap  # type: ignore[attr-defined]
         else:
             out["grown"] = [str(s) for s in snap.compare_to(base, "traceback")[:12]]
     return out
@@ -167,7 +169,7 @@ def _show_probes(first: dict[int, dict], now: dict[int, dict], count: int) -> No
         print(f"    deep sizes kB {p.get('deep kB')}; malloc {p.get('malloc_info_totals', '')}")
         print(f"    live objects grown since first checkpoint: {grown}")
         if "traced MiB" in p:
-            print(f"    tracemalloc {p['traced MiB']:.1f} MiB")
+            print(f"    tracemalloc {p['traced MiB']:.1f} MiB; allocation sites that changed most since the first checkpoint:")
         for line in p.get("grown", []):
             print(f"      {line}")
 
@@ -269,7 +271,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=None, help="JPEG folder (created with 5000 images if empty)")
     parser.add_argument("--fresh", action="store_true", help="one fresh cluster per count")
     parser.add_argument("--probe", action="store_true", help="ask the workers what they hold at each checkpoint")
-    parser.add_argument("--tracemalloc", action="store_true", help="with --probe: top grown allocation sites")
+    parser.add_argument("--tracemalloc", action="store_true", help="with --probe: sites that changed most")
     parser.add_argument("--trim", action="store_true", help="malloc_trim(0) in the workers at each checkpoint")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides k=v")
     parser.add_argument("--dask", nargs="*", default=[], help="dask config k=v for the cluster")
