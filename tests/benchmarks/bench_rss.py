@@ -1,15 +1,18 @@
 """Peak RSS per worker against the number of images (issue 10: flat within +-10% from 10k to 100k).
 
-The product's own LocalCluster (run() with no scheduler: 2 workers x 1 thread on 2 cores) converts a URL list that cycles through the JPEG
-corpus (nginx on 127.0.0.1) in shards of 1000. While it runs, every worker's process tree is sampled
-(psutil, every 0.1 s) and, each time the committed items cross a checkpoint (--counts), its kernel
-high-water mark (VmHWM: this process's own peak, not inherited through exec) is read. The peak
-at a checkpoint is what a run of that many items would report; the ratio is against the smallest
-checkpoint of the same run. `--fresh` runs one run (one fresh cluster) per count instead. bench_pipeline.py (rss_runs) prints the same.
+The product's own LocalCluster (run() with no scheduler: 2 workers x 1 thread on 2 cores) converts a
+URL list cycling through the JPEG corpus (nginx on 127.0.0.1) in shards of 1000. While it runs, every
+worker's process tree is sampled (psutil, every 0.1 s) and, each time the committed items cross a
+checkpoint (--counts), its kernel high-water mark (VmHWM: this process's own peak, not inherited
+through exec like ru_maxrss) is read. The peak at a checkpoint is what a run of that many items would
+report; the ratio is against the first checkpoint of the same run. `--fresh` does one run (one fresh
+cluster) per count instead. bench_pipeline.py (rss_runs) prints the same.
 
 `--probe` also asks each worker at every checkpoint what it holds (live objects by type, Dask worker
-state and profile history, malloc arenas, threads; `--tracemalloc` adds the allocation sites that changed most
-since the first checkpoint): the evidence for what grows.
+state, logs and profile history with their deep sizes, profiler CPU, malloc arenas and heap, threads;
+`--tracemalloc` adds the allocation sites that changed most since the first checkpoint): the evidence
+for what grows. What it found (session 3): Dask's worker profiler, two call trees per second kept for
+1000 cycles (~50 kB/s per worker), grew every worker with run time; see executor.dask_executor.
 
     flock /work/wt/bench.lock python tests/benchmarks/bench_rss.py [--counts 10000 30000 100000]
         [--base-url http://127.0.0.1:18080 --corpus /tmp/bench-corpus] [--probe] [--tracemalloc]
