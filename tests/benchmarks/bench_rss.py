@@ -172,7 +172,7 @@ def _show_probes(first: dict[int, dict], now: dict[int, dict], count: int) -> No
         print(f"    deep sizes kB {p.get('deep kB')}; malloc {p.get('malloc_info_totals', '')}")
         print(f"    live objects grown since first checkpoint: {grown}")
         if "traced MiB" in p:
-            print(f"    tracemalloc {p['traced MiB']:.1f} MiB; allocation sites that changed most since the first checkpoint:")
+            print(f"    tracemalloc {p['traced MiB']:.1f} MiB; sites that changed most since the first checkpoint:")
         for line in p.get("grown", []):
             print(f"      {line}")
 
