@@ -208,18 +208,13 @@ def compare(args, root: Path, url_csv: Path, url_txt: Path, n: int) -> None:
 
 
 def rss_runs(args, root: Path, base_url: str, names: list[str]) -> None:
-    for count in args.rss_counts:
-        lst = root / f"urls-{count}.csv"
-        write_list(lst, base_url, names, count)
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as c:
-            cfg = load_config(None, {"source.uri": str(lst), "output.uri": str(root / f"rss-{count}"), "image.size": args.size,
-                                     "shard.size": 1000, "cluster.scheduler": c.scheduler_address, "run.overwrite": True, **OPEN})  # fmt: skip
-            summary = run(cfg, log=lambda m: None)
-            with Client(c) as client:
-                rss = sorted(client.run(peak_rss_mb).values())
-        shutil.rmtree(root / f"rss-{count}", ignore_errors=True)
-        print(f"peak RSS per worker at {count} items ({summary.images_per_second:.0f} img/s): "
-              f"{', '.join(f'{r:.0f}' for r in rss)} MiB", flush=True)  # fmt: skip
+    """Peak RSS per worker (VmHWM) at each of --rss-counts items and the ratio to the first count:
+    checkpoints of one run on the product's own LocalCluster (bench_rss.py, which also probes why)."""
+    from bench_rss import one_run  # here, not on top: bench_rss imports this module
+
+    settings = {"counts": args.rss_counts, "size": args.size, "shard_size": 1000, "set": {"cluster.workers": args.workers},
+                "probe": False, "tracemalloc": False, "trim": False}  # fmt: skip
+    one_run(argparse.Namespace(**settings), root, base_url, names)
 
 
 def main() -> None:
