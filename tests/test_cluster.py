@@ -28,6 +28,7 @@ from convert.executor.cluster import (
     open_client,
 )
 from convert.config import ClusterConfig, validate
+from convert.executor.dask_executor import open_dask_executor
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "cluster"
@@ -357,3 +358,12 @@ def test_dockerfile_installs_convert_with_existing_extras_and_bokeh() -> None:
 def test_every_deployment_folder_has_a_readme() -> None:
     for name in ("slurm", "pbs", "kubernetes", "ssh"):
         assert (DEPLOY / name / "README.md").stat().st_size > 500, name
+
+
+@pytest.mark.cluster
+def test_workers_we_start_keep_no_profile_history() -> None:
+    """Dask's profiler keeps a call tree per worker per second for 1000 s (a worker grew ~13 MiB per
+    100k images); the workers convert starts run without it, so their memory stays flat (bench_rss.py)."""
+    with open_dask_executor(ClusterConfig(workers=1, dashboard=False)) as ex:
+        profiling = ex.client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+        assert list(profiling.values()) == [False]

@@ -26,9 +26,14 @@ from .cluster import ClusterHandle, check_reachable_paths, open_client
 
 #: Dask keeps bounded logs per worker/scheduler; at 10^5 tasks the defaults still hold every task's
 #: transitions for a long time. These bounds keep long runs flat (issue 9 item 7).
+#: Dask's statistical profiler adds two call trees per worker per second of run time (all tasks and per
+#: task prefix, ~50 kB a second here) and keeps 1000 of them: a worker grew ~13 MiB per 100k images
+#: until ~1000 s had passed (bench_rss.py: peak RSS 1.13x at 150k vs 10k images; off: 1.01x). Shard
+#: records carry our own per-stage CPU account (convert.timing), so the workers we start do not profile.
 QUIET_LOGS = {
     "distributed.admin.low-level-log-length": 1000,
     "distributed.diagnostics.computations.max-history": 10,
+    "distributed.worker.profile.enabled": False,
 }
 
 
