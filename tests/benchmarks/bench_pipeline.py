@@ -29,9 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import dask
 import psutil
 from distributed import Client, LocalCluster
 
+from convert.executor.dask_executor import QUIET_LOGS
 from convert.store import open_store
 from convert.config import load_config
 from convert import run
@@ -88,10 +90,6 @@ def serve(root: Path) -> tuple[subprocess.Popen[str], str, str]:
     return proc, proc.stdout.readline().strip(), "convert.testing.http (Python, threaded)"
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _cpu(proc: psutil.Process) -> float:
     try:
         t = proc.cpu_times()
@@ -116,7 +114,8 @@ def cpu_account(source: str, out: Path, size: int, workers: int, overrides: dict
     """One run on a fresh LocalCluster; per-image milliseconds of every stage and process."""
     servers = [server, *server.children(recursive=True)]
     wall0, client_cpu0 = time.perf_counter(), _self_cpu()
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1", dashboard_address=None)
+    with dask.config.set(QUIET_LOGS):  # the settings of the clusters `run` starts (no profiler, short logs)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1", dashboard_address=None)
     client = Client(cluster)
     startup = time.perf_counter() - wall0
     worker_pids = set(client.run(os.getpid).values())
@@ -167,7 +166,8 @@ def cpu_account(source: str, out: Path, size: int, workers: int, overrides: dict
 
 def local_steady_rate(source: str, out: Path, size: int, workers: int) -> float:
     """img/s of run() on an already running LocalCluster (the wave-1 measure: no start-up)."""
-    with LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as c:
+    with dask.config.set(QUIET_LOGS), LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1",
+                                                   dashboard_address=None) as c:  # fmt: skip
         cfg = load_config(None, {"source.uri": source, "output.uri": str(out), "image.size": size, "shard.size": 250,
                                  "cluster.scheduler": c.scheduler_address, "run.overwrite": True})  # fmt: skip
         return run(cfg, log=lambda m: None).images_per_second
@@ -226,6 +226,7 @@ def main() -> None:
     parser.add_argument("--img2dataset", default=shutil.which("img2dataset") or "/tmp/i2d-venv/bin/img2dataset")
     parser.add_argument("--rss-counts", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--skip", nargs="*", default=[], choices=["account", "compare", "local", "rss"])
+    parser.add_argument("--account-backends", nargs="*", default=["urllib3", "curl"], help="fetch.backend values")
     parser.add_argument("--corpus", type=Path, default=None, help="reuse (or create) the JPEG corpus in this folder")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,10 +252,13 @@ def main() -> None:
             write_list(url_csv, url, names, len(names))
             url_txt.write_text("".join(f"{url}/{n}\n" for n in names))
             if "account" not in args.skip:
-                print("CPU account per image (ms), URL list -> HDF5:")
-                acct = cpu_account(str(url_csv), root / "acct", args.size, args.workers, OPEN, psutil.Process(server.pid))
-                for k, v in acct.items():
-                    print(f"  {k:52s} {v:8.3f}")
+                print("CPU account per image (ms), URL list -> HDF5, per HTTP backend (urllib3 = the previous path):")
+                accts = {b: cpu_account(str(url_csv), root / "acct", args.size, args.workers,
+                                        {**OPEN, "fetch.backend": b}, psutil.Process(server.pid))
+                         for b in args.account_backends}  # fmt: skip
+                print(f"  {'':52s} " + " ".join(f"{b:>9s}" for b in accts))
+                for k in next(iter(accts.values())):
+                    print(f"  {k:52s} " + " ".join(f"{a.get(k, float('nan')):9.3f}" for a in accts.values()))
             if "compare" not in args.skip and os.path.exists(args.img2dataset):
                 compare(args, root, url_csv, url_txt, len(names))
             if "local" not in args.skip:
