@@ -33,6 +33,7 @@ from distributed import Client, LocalCluster
 from distributed.core import Status
 
 from ..config import ClusterConfig
+from .warm import ensure_forkserver, start_method
 from .reach import SHARED_PATHS_ENV, check_reachable_paths, is_loopback  # noqa: F401  (part of this API)
 
 
@@ -143,8 +144,13 @@ def _children_ignore_sigint() -> Iterator[None]:
 @contextmanager
 def _open_local(cfg: ClusterConfig) -> Iterator[ClusterHandle]:
     n = cfg.workers or local_worker_count(cfg.threads_per_worker)
+    method = start_method()
     with ExitStack() as stack:
-        with _children_ignore_sigint():  # the constructor returns once the workers are up
+        # read at every worker (re)start, so it holds for the cluster's life
+        stack.enter_context(dask.config.set({"distributed.worker.multiprocessing-method": method}))
+        if method == "forkserver":
+            ensure_forkserver()  # workers fork from it with SIGINT ignored, from any thread
+        with _children_ignore_sigint():  # spawn: the constructor returns once the workers are up
             cluster = stack.enter_context(
                 LocalCluster(
                     n_workers=n,
