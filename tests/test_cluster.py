@@ -71,6 +71,30 @@ def test_local_cluster_without_dashboard_and_with_threads() -> None:
         assert sum(handle.client.nthreads().values()) == 2
 
 
+def _worker_sigint_and_env() -> tuple[bool, str | None, bool]:
+    import signal as signal_
+
+    return signal_.getsignal(signal_.SIGINT) is signal_.SIG_IGN, os.environ.get("CONVERT_TEST_MARK"), \
+        "convert.worker" in sys.modules  # fmt: skip
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_local_workers_ignore_ctrl_c_even_after_a_restart_and_see_the_current_environment(monkeypatch, method) -> None:
+    """A terminal's Ctrl-C goes to the whole process group: workers must leave it to the client, also
+    ones a nanny restarts mid-run; and a variable set between two runs in one process reaches the workers."""
+    monkeypatch.setenv("CONVERT_WORKER_START", method)
+    for mark in ("first", "second"):
+        monkeypatch.setenv("CONVERT_TEST_MARK", mark)
+        with open_client(ClusterConfig(workers=2, threads_per_worker=1, dashboard=False)) as handle:
+            states = list(handle.client.run(_worker_sigint_and_env).values())
+            assert states == [(True, mark, method == "forkserver")] * 2, states  # forked workers start warm
+            if mark == "second" and method == "forkserver":
+                handle.client.restart()  # the nanny starts new worker processes
+                states = list(handle.client.run(_worker_sigint_and_env).values())
+                assert [s[:2] for s in states] == [(True, mark)] * 2, states
+
+
 def test_local_worker_count_follows_cpu_affinity() -> None:
     cpus = len(os.sched_getaffinity(0))
     assert local_worker_count(1) == cpus

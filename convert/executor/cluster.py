@@ -33,7 +33,7 @@ from distributed import Client, LocalCluster
 from distributed.core import Status
 
 from ..config import ClusterConfig
-from .warm import ensure_forkserver, start_method
+from .warm import claim_preload, ensure_forkserver, start_method
 from .reach import SHARED_PATHS_ENV, check_reachable_paths, is_loopback  # noqa: F401  (part of this API)
 
 
@@ -149,6 +149,7 @@ def _open_local(cfg: ClusterConfig) -> Iterator[ClusterHandle]:
         # read at every worker (re)start, so it holds for the cluster's life
         stack.enter_context(dask.config.set({"distributed.worker.multiprocessing-method": method}))
         if method == "forkserver":
+            claim_preload()
             ensure_forkserver()  # workers fork from it with SIGINT ignored, from any thread
         with _children_ignore_sigint():  # spawn: the constructor returns once the workers are up
             cluster = stack.enter_context(
@@ -162,7 +163,8 @@ def _open_local(cfg: ClusterConfig) -> Iterator[ClusterHandle]:
                     host="127.0.0.1",
                 )
             )
-            client = stack.enter_context(Client(cluster))
+            client = Client(cluster)  # not as a context: that binds it to this thread's context (early.py)
+            stack.callback(client.close)
         size = f"{_plural(n, 'worker')} x {_plural(cfg.threads_per_worker, 'thread')}"
         yield _make_handle(cfg, client, f"LocalCluster {size}", cluster=cluster, shared=False)
 

@@ -18,12 +18,15 @@ between two runs keeps working). ``CONVERT_WORKER_START=spawn`` restores the old
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 #: environment variable choosing how LocalCluster workers start: forkserver (default) or spawn
 WORKER_START_ENV = "CONVERT_WORKER_START"
@@ -58,7 +61,6 @@ def ensure_forkserver() -> None:
             return
         if alive:
             server._stop()  # forked workers would miss the new variables
-        _claim_preload()
         multiprocessing.set_forkserver_preload(["convert.executor._preload"])
         with _sigint_off():
             forkserver.ensure_running()
@@ -69,21 +71,37 @@ def _apply_pre_spawn_environ() -> None:
     """What a nanny puts in os.environ before each spawn (OMP/MKL/OpenBLAS threads = 1, malloc trim,
     a fixed PYTHONHASHSEED), set before the server starts so the preloaded numpy and every forked
     worker see it; since nannies set the same values again, the snapshot compared above stays stable."""
-    import dask.config
-
-    config = dask.config.get("distributed.nanny.pre-spawn-environ", None) or {}
-    env = {str(k): os.environ.get(str(k), str(v)) for k, v in config.items() if v is not None}
+    env = {str(k): os.environ.get(str(k), str(v)) for k, v in _pre_spawn_config().items() if v is not None}
     if env.get("PYTHONHASHSEED") in (None, "0"):  # as distributed.nanny does: consistent hashing in workers
         env["PYTHONHASHSEED"] = "6640"
     os.environ.update(env)
 
 
-def _claim_preload() -> None:
+def _pre_spawn_config() -> dict[str, Any]:
+    """distributed.nanny.pre-spawn-environ: from dask's config once distributed is imported, else from
+    the file distributed ships (importing dask costs ~0.4 s; a user override missed here only means
+    the server is restarted with it when the cluster starts)."""
+    if "distributed" in sys.modules:
+        import dask.config
+
+        return dict(dask.config.get("distributed.nanny.pre-spawn-environ", None) or {})
+    try:
+        import yaml
+
+        spec = importlib.util.find_spec("distributed")
+        folder = list(spec.submodule_search_locations or [])[0] if spec else ""
+        with open(os.path.join(folder, "distributed.yaml")) as f:
+            return dict(yaml.safe_load(f)["distributed"]["nanny"]["pre-spawn-environ"] or {})
+    except (ImportError, OSError, IndexError, KeyError, TypeError, ValueError):
+        return {}
+
+
+def claim_preload() -> None:
     """distributed sets its own preload list (importing pandas here to test for it) the first time it
     uses a forkserver context; mark that as done so our list stays."""
     import distributed.utils
 
-    if hasattr(distributed.utils, "_forkserver_preload_set"):
+    if hasattr(distributed.utils, "_forkserver_preload_set"):  # called before the cluster starts
         distributed.utils._forkserver_preload_set = True
 
 
