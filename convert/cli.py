@@ -264,6 +264,12 @@ def submit(config_path: str | None, sets: tuple[str, ...], dry_run: bool, **flag
 
 
 def _execute(config: Config) -> None:
+    from .executor.early import can_start_early
+
+    if can_start_early(config.cluster):  # the workers' forkserver imports while this process imports and plans
+        from .executor.warm import ensure_forkserver
+
+        ensure_forkserver()
     from .orchestrate import Interrupted, Progress
     from .orchestrate import run as run_conversion
 

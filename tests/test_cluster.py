@@ -42,6 +42,18 @@ def _free_port() -> int:
 # ---------------------------------------------------------------- local
 
 
+def _wait_for_page(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                assert resp.status == 200 and b"bokeh" in resp.read().lower()
+                return
+        except OSError:
+            assert time.monotonic() < deadline, f"{url} not served within {timeout} s"
+            time.sleep(0.2)
+
+
 @pytest.mark.cluster
 def test_local_cluster_runs_tasks_in_worker_processes_and_serves_a_dashboard() -> None:
     cfg = ClusterConfig(workers=2, threads_per_worker=1)
@@ -56,6 +68,7 @@ def test_local_cluster_runs_tasks_in_worker_processes_and_serves_a_dashboard() -
         assert link is not None and link.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(link.rsplit("/", 1)[0] + "/health", timeout=5) as resp:
             assert resp.status == 200
+        _wait_for_page(link)  # bokeh's dashboard joins the running scheduler a moment later
         check_reachable_paths(["/local/only/data"], handle)  # every worker is on this machine
     deadline = time.monotonic() + 10
     while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:

@@ -61,10 +61,18 @@ def ensure_forkserver() -> None:
             return
         if alive:
             server._stop()  # forked workers would miss the new variables
-        multiprocessing.set_forkserver_preload(["convert.executor._preload"])
+        multiprocessing.set_forkserver_preload(["convert.executor._preload", *_main_script_imports()])
         with _sigint_off():
             forkserver.ensure_running()
         _STARTED_WITH = dict(os.environ)
+
+
+def _main_script_imports() -> list[str]:
+    """A worker re-runs a main *script* (the `convert-dataset` entry point, not `python -m convert`)
+    as __mp_main__, which imports convert.cli: preload that too."""
+    main = sys.modules.get("__main__")
+    is_script = getattr(getattr(main, "__spec__", None), "name", None) is None and getattr(main, "__file__", None)
+    return ["convert.cli"] if is_script and "convert.cli" in sys.modules else []
 
 
 def _apply_pre_spawn_environ() -> None:
