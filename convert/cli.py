@@ -264,6 +264,12 @@ def submit(config_path: str | None, sets: tuple[str, ...], dry_run: bool, **flag
 
 
 def _execute(config: Config) -> None:
+    from .executor.early import can_start_early
+
+    if can_start_early(config.cluster):  # the workers' forkserver imports while this process imports and plans
+        from .executor.warm import ensure_forkserver
+
+        ensure_forkserver()
     from .orchestrate import Interrupted, Progress
     from .orchestrate import run as run_conversion
 
@@ -284,13 +290,23 @@ def _execute(config: Config) -> None:
     except Interrupted as exc:
         progress.stop()
         console.print(str(exc), highlight=False)
-        sys.exit(143 if exc.signal_name == "SIGTERM" else 130)
+        _leave(143 if exc.signal_name == "SIGTERM" else 130)
     finally:
         progress.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print_summary(summary)
-    sys.exit(summary.exit_code(config.run.fail_on_item_errors))
+    _leave(summary.exit_code(config.run.fail_on_item_errors))
+
+
+def _leave(code: int) -> None:
+    """Exit with `code`, leaving the run's millions of objects to the OS: frozen, they are not walked
+    again by the collections of interpreter shutdown (~0.8 s after a LocalCluster run). atexit
+    handlers, flushes and every explicit close still happen."""
+    import gc
+
+    gc.freeze()
+    sys.exit(code)
 
 
 def _on_signal(signum: int, frame: Any) -> None:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from .config import Config, ConfigError
 from .fetch import PrivateNetworkRefused
-from .executor import Executor, open_executor
+from .executor import Executor
+from .executor.early import StartingExecutor
 from .lease import hold_lease
 from .manifest import LEDGER, MANIFEST, PLAN, committed_records, write_manifest
 from .redact import redact_text
@@ -142,13 +143,16 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     local = resolve_config(config)  # this process's own view, secrets resolved
     out = preflight(local.output.uri, local.output.storage_options, "output")
     with hold_lease(out, force=config.output.force_unlock, ttl=config.output.lease_ttl, log=log):
-        summary = _run_leased(config, local, out, on_progress, log)
+        # the cluster starts while the source is planned, unless the output looks finished already
+        early = config.run.overwrite or not out.exists(MANIFEST)
+        with StartingExecutor(config.cluster, job_name="convert", early=early) as starting:
+            summary = _run_leased(config, local, out, starting, on_progress, log)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _run_leased(config: Config, local: Config, out: Store, on_progress: ProgressHook | None,
-                log: Callable[[str], None]) -> RunSummary:  # fmt: skip
+def _run_leased(config: Config, local: Config, out: Store, starting: StartingExecutor,
+                on_progress: ProgressHook | None, log: Callable[[str], None]) -> RunSummary:  # fmt: skip
     try:
         source_plan = plan(local, Workdir(out))
     except KeyboardInterrupt as exc:
@@ -172,7 +176,7 @@ def _run_leased(config: Config, local: Config, out: Store, on_progress: Progress
     try:
         if pending:
             _prepare_output(out, specs, fps, log)
-            _convert_pending(config, pending, _folder(tallies, records), summary, on_progress, log)
+            _convert_pending(config, pending, starting, _folder(tallies, records), summary, on_progress, log)
     except KeyboardInterrupt as exc:
         raise Interrupted(len(records), len(specs), getattr(exc, "signal_name", "SIGINT")) from None
     _finish(out, local, specs, records, tallies, summary, config_data, source_plan, pending, log)
@@ -222,11 +226,12 @@ def _prepare_output(out: Store, specs: list[ShardSpec], fps: dict[str, str], log
     out.write_bytes(PLAN, dump_plan(specs, fps))
 
 
-def _convert_pending(config: Config, pending: list[ShardSpec], keep: Callable[[ShardRecord], Any],
-                     summary: RunSummary, on_progress: ProgressHook | None, log: Callable[[str], None]) -> None:  # fmt: skip
+def _convert_pending(config: Config, pending: list[ShardSpec], starting: StartingExecutor,
+                     keep: Callable[[ShardRecord], Any], summary: RunSummary, on_progress: ProgressHook | None,
+                     log: Callable[[str], None]) -> None:  # fmt: skip
     """Run the pending shards on the configured executor; `keep` files each new record; fills the summary."""
     shipped, secrets = seal_config(config)  # what workers get: secrets only as references
-    with open_executor(config.cluster, job_name="convert") as ex:
+    with starting.executor() as ex:
         ex.check_paths([config.source.uri, config.output.uri])
         check_memory(config, ex)
         summary.cluster, summary.dashboard = ex.description, ex.dashboard

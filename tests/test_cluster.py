@@ -43,6 +43,18 @@ def _free_port() -> int:
 # ---------------------------------------------------------------- local
 
 
+def _wait_for_page(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                assert resp.status == 200 and b"bokeh" in resp.read().lower()
+                return
+        except OSError:
+            assert time.monotonic() < deadline, f"{url} not served within {timeout} s"
+            time.sleep(0.2)
+
+
 @pytest.mark.cluster
 def test_local_cluster_runs_tasks_in_worker_processes_and_serves_a_dashboard() -> None:
     cfg = ClusterConfig(workers=2, threads_per_worker=1)
@@ -57,6 +69,7 @@ def test_local_cluster_runs_tasks_in_worker_processes_and_serves_a_dashboard() -
         assert link is not None and link.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(link.rsplit("/", 1)[0] + "/health", timeout=5) as resp:
             assert resp.status == 200
+        _wait_for_page(link)  # bokeh's dashboard joins the running scheduler a moment later
         check_reachable_paths(["/local/only/data"], handle)  # every worker is on this machine
     deadline = time.monotonic() + 10
     while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
@@ -70,6 +83,30 @@ def test_local_cluster_without_dashboard_and_with_threads() -> None:
         assert handle.dashboard_link is None
         assert handle.description == "LocalCluster 1 worker x 2 threads"
         assert sum(handle.client.nthreads().values()) == 2
+
+
+def _worker_sigint_and_env() -> tuple[bool, str | None, bool]:
+    import signal as signal_
+
+    return signal_.getsignal(signal_.SIGINT) is signal_.SIG_IGN, os.environ.get("CONVERT_TEST_MARK"), \
+        "convert.worker" in sys.modules  # fmt: skip
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_local_workers_ignore_ctrl_c_even_after_a_restart_and_see_the_current_environment(monkeypatch, method) -> None:
+    """A terminal's Ctrl-C goes to the whole process group: workers must leave it to the client, also
+    ones a nanny restarts mid-run; and a variable set between two runs in one process reaches the workers."""
+    monkeypatch.setenv("CONVERT_WORKER_START", method)
+    for mark in ("first", "second"):
+        monkeypatch.setenv("CONVERT_TEST_MARK", mark)
+        with open_client(ClusterConfig(workers=2, threads_per_worker=1, dashboard=False)) as handle:
+            states = list(handle.client.run(_worker_sigint_and_env).values())
+            assert states == [(True, mark, method == "forkserver")] * 2, states  # forked workers start warm
+            if mark == "second" and method == "forkserver":
+                handle.client.restart()  # the nanny starts new worker processes
+                states = list(handle.client.run(_worker_sigint_and_env).values())
+                assert [s[:2] for s in states] == [(True, mark)] * 2, states
 
 
 def test_local_worker_count_follows_cpu_affinity() -> None:

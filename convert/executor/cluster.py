@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from distributed import Client, LocalCluster
 from distributed.core import Status
 
 from ..config import ClusterConfig
+from .warm import claim_preload, ensure_forkserver, start_method
 from .reach import SHARED_PATHS_ENV, check_reachable_paths, is_loopback  # noqa: F401  (part of this API)
 
 
@@ -143,8 +145,14 @@ def _children_ignore_sigint() -> Iterator[None]:
 @contextmanager
 def _open_local(cfg: ClusterConfig) -> Iterator[ClusterHandle]:
     n = cfg.workers or local_worker_count(cfg.threads_per_worker)
+    method = start_method()
     with ExitStack() as stack:
-        with _children_ignore_sigint():  # the constructor returns once the workers are up
+        # read at every worker (re)start, so it holds for the cluster's life
+        stack.enter_context(dask.config.set({"distributed.worker.multiprocessing-method": method}))
+        if method == "forkserver":
+            claim_preload()
+            ensure_forkserver()  # workers fork from it with SIGINT ignored, from any thread
+        with _children_ignore_sigint():  # spawn: the constructor returns once the workers are up
             cluster = stack.enter_context(
                 LocalCluster(
                     n_workers=n,
@@ -152,13 +160,29 @@ def _open_local(cfg: ClusterConfig) -> Iterator[ClusterHandle]:
                     processes=True,
                     memory_limit=cfg.memory_limit,
                     dashboard_address=":0",  # the HTTP server (/health) always runs; on a free port
-                    scheduler_kwargs={"dashboard": cfg.dashboard},
+                    scheduler_kwargs={"dashboard": False},  # attached below, off the start-up path
                     host="127.0.0.1",
                 )
             )
-            client = stack.enter_context(Client(cluster))
+            client = Client(cluster)  # not as a context: that binds it to this thread's context (early.py)
+            stack.callback(client.close)
+        if cfg.dashboard:
+            threading.Thread(target=_attach_dashboard, args=(cluster,), name="convert-dashboard", daemon=True).start()
         size = f"{_plural(n, 'worker')} x {_plural(cfg.threads_per_worker, 'thread')}"
         yield _make_handle(cfg, client, f"LocalCluster {size}", cluster=cluster, shared=False)
+
+
+def _attach_dashboard(cluster: LocalCluster) -> None:
+    """Add Dask's dashboard to the running scheduler's HTTP server (what Scheduler(dashboard=True) does
+    while starting): importing bokeh took ~0.5-0.8 s of the client's start-up, now spent while the
+    first shards run. Without bokeh the server keeps serving /health and the JSON routes."""
+    try:
+        import distributed.dashboard.scheduler as dashboard
+    except ImportError:
+        return
+    scheduler = cluster.scheduler
+    with contextlib.suppress(Exception):  # a cluster closing meanwhile: no dashboard needed
+        cluster.loop.add_callback(dashboard.connect, scheduler.http_application, scheduler.http_server, scheduler)
 
 
 def _make_handle(

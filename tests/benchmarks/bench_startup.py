@@ -1,0 +1,138 @@
+"""Fixed cost of a `convert-dataset run` with the default LocalCluster: old code vs this tree, same run.
+
+Each variant is a real `python -m convert run` subprocess; its output lines are timestamped as they
+arrive, which splits the whole-process wall time into phases:
+
+    start -> plan line      interpreter, imports, lease, planning
+    plan -> "cluster:"      LocalCluster start-up still left after planning
+    "cluster:" -> summary   the conversion
+    summary -> exit         teardown (the process exits; EOF = its stdout/stderr closed, what `| tee` waits for)
+
+Variants, interleaved per round, medians of --rounds:
+    old       the code of --baseline-ref (default: merge-base of HEAD and main), extracted with git archive
+    spawn     this tree with CONVERT_WORKER_START=spawn (the old worker start method)
+    new       this tree (forkserver workers, cluster started while planning, quick exit)
+
+Two workloads: a tiny run (--tiny local images) and the URL list (--urls, e.g. /tmp/urls5k.csv served
+by nginx on 127.0.0.1; skipped when the file is missing).
+
+    python tests/benchmarks/bench_startup.py [--rounds 3] [--tiny 20] [--urls /tmp/urls5k.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PHASES = ("plan", "cluster", "convert", "teardown", "eof", "wall")
+
+
+def extract(ref: str, dest: Path) -> Path:
+    """The `convert` package of git `ref`, unpacked under dest (nothing in the repository changes)."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "convert"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def timed_run(tree: Path, args: list[str], env_extra: dict[str, str]) -> dict[str, float]:
+    """One CLI run: seconds from start to each marker line, to process exit and to EOF of its output."""
+    env = dict(os.environ, PYTHONPATH=str(tree), **env_extra)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "convert", "run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    marks: dict[str, float] = {}
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            now = time.perf_counter() - start
+            lines.append(line)
+            if " items from " in line and "plan" not in marks:
+                marks["plan"] = now
+            elif line.startswith("cluster:") and "cluster" not in marks:
+                marks["cluster"] = now
+            elif "convert: summary" in line:
+                marks["summary"] = now
+        marks["eof"] = time.perf_counter() - start
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    code = proc.wait(timeout=600)
+    marks["exit"] = time.perf_counter() - start
+    reader.join(60)
+    if code != 0 or not {"plan", "cluster", "summary"} <= set(marks):
+        raise SystemExit(f"run failed (exit {code}):\n{''.join(lines[-20:])}")
+    return {"plan": marks["plan"], "cluster": marks["cluster"] - marks["plan"],
+            "convert": marks["summary"] - marks["cluster"], "teardown": marks["exit"] - marks["summary"],
+            "eof": marks["eof"] - marks["summary"], "wall": marks["eof"]}  # fmt: skip
+
+
+def report(title: str, results: dict[str, list[dict[str, float]]]) -> None:
+    med = {v: {p: statistics.median(r[p] for r in runs) for p in PHASES} for v, runs in results.items()}
+    print(f"\n{title} (medians of {len(next(iter(results.values())))}; seconds)")
+    print(f"{'variant':8}" + "".join(f"{p:>10}" for p in PHASES) + "   [teardown = to exit, eof = to output closed]")
+    for variant, m in med.items():
+        print(f"{variant:8}" + "".join(f"{m[p]:10.2f}" for p in PHASES))
+    old, new = med["old"], med["new"]
+    fixed_old = old["plan"] + old["cluster"] + old["eof"]
+    fixed_new = new["plan"] + new["cluster"] + new["eof"]
+    print(f"fixed cost (plan + cluster + summary->EOF): old {fixed_old:.2f} s, new {fixed_new:.2f} s, "
+          f"saved {fixed_old - fixed_new:.2f} s ({fixed_old / fixed_new:.2f}x); "
+          f"wall old/new {old['wall'] / new['wall']:.2f}x; cluster-ready (start -> cluster line) "
+          f"old {old['plan'] + old['cluster']:.2f} s, spawn {med['spawn']['plan'] + med['spawn']['cluster']:.2f} s, "
+          f"new {new['plan'] + new['cluster']:.2f} s")  # fmt: skip
+
+
+def workload(name: str, trees: dict[str, tuple[Path, dict[str, str]]], args: list[str], out: Path,
+             rounds: int) -> None:  # fmt: skip
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in trees}
+    for i in range(rounds):
+        for variant, (tree, env) in trees.items():
+            shutil.rmtree(out, ignore_errors=True)
+            results[variant].append(timed_run(tree, [*args, "--output", str(out), "--overwrite"], env))
+            r = results[variant][-1]
+            print(f"  {name} round {i + 1} {variant:6} wall {r['wall']:6.2f} s  (plan {r['plan']:.2f}, cluster "
+                  f"{r['cluster']:.2f}, convert {r['convert']:.2f}, exit {r['teardown']:.2f}, eof {r['eof']:.2f})",
+                  flush=True)  # fmt: skip
+    report(name, results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tiny", type=int, default=20, help="local images in the tiny run")
+    parser.add_argument("--urls", default="/tmp/urls5k.csv", help="URL list for the large run ('' to skip)")
+    parser.add_argument("--baseline-ref", default=None, help="git ref of the old code (default: merge-base HEAD main)")
+    a = parser.parse_args()
+    ref = a.baseline_ref or subprocess.run(["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], check=True,
+                                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp_:
+        tmp = Path(tmp_)
+        sys.path.insert(0, str(ROOT))
+        from convert.testing.images import write_image_folder
+
+        write_image_folder(tmp / "tiny", {"a": a.tiny // 2, "b": a.tiny - a.tiny // 2}, size=(64, 64))
+        trees = {"old": (extract(ref, tmp / "old"), {}), "spawn": (ROOT, {"CONVERT_WORKER_START": "spawn"}),
+                 "new": (ROOT, {})}  # fmt: skip
+        print(f"old = {ref[:12]}, new = {ROOT}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+        workload(f"tiny ({a.tiny} local images)", trees, ["--source", str(tmp / "tiny"), "--size", "32"],
+                 tmp / "out", a.rounds)  # fmt: skip
+        if a.urls and Path(a.urls).is_file():
+            args = ["--source", a.urls, "--size", "64", "--shard-size", "250", "--set", "fetch.allow_private_networks=true"]
+            workload(f"URL list ({a.urls})", trees, args, tmp / "out", a.rounds)
+        print(f"\nload average at the end {os.getloadavg()[0]:.2f} (2 cores shared: other jobs may have run)")
+
+
+if __name__ == "__main__":
+    main()
