@@ -64,10 +64,27 @@ def _print_inspect(uri: str, run: Any, debris: list[Any]) -> None:
         out_console.print(f"[red]failed shard {name}[/]: {error}")
     for d in debris:
         out_console.print(f"[yellow]leftover {d.kind}[/]: {d.url} {d.detail}".rstrip())
+    _print_stages(run.shards)
     if run.label_names:
         out_console.print(f"labels: {run.label_names}")
     if manifest is not None:
         out_console.print("config: " + json.dumps(manifest["config"]), highlight=False)
+
+
+def _print_stages(shards: list[dict[str, Any]]) -> None:
+    """Where the conversion's time went: per-stage seconds summed over shards (convert.timing), and
+    per image. Threads overlap, so the stages of a shard can add up to more than its wall time."""
+    totals: dict[str, float] = {}
+    for s in shards:
+        for stage, seconds in (s.get("stages") or {}).items():
+            totals[stage] = totals.get(stage, 0.0) + seconds
+    from .timing import STAGES
+
+    items = sum(s["count"] for s in shards)
+    if totals and items:
+        order = [k for k in STAGES if k in totals] + sorted(set(totals) - set(STAGES))
+        parts = [f"{k} {totals[k]:.1f} s ({totals[k] * 1e3 / items:.2f} ms/item)" for k in order]
+        out_console.print("time per stage, summed over shards: " + ", ".join(parts), highlight=False)
 
 
 def _print_failures(run: Any, statuses: tuple[str, ...]) -> None:

@@ -46,6 +46,11 @@ def test_inspect_json_reflects_flags(converted):
     assert manifest["label_names"] == ["a", "b"]
     human = cli("inspect", str(out))
     assert "shard-00000" in human.stdout and "complete=True" in human.stdout
+    # where the time went, from the shard records' stage clocks, summed and per item
+    stages = next(line for line in human.stdout.splitlines() if line.startswith("time per stage"))
+    assert "fetch " in stages and "decode " in stages and "ms/item" in stages
+    decode = sum(s["stages"].get("decode", 0.0) for s in manifest["shards"])
+    assert f"decode {decode:.1f} s ({decode * 1e3 / 9:.2f} ms/item)" in stages
 
 
 def test_verify_exit_codes(converted, tmp_path):
