@@ -159,16 +159,18 @@ FETCH_GROUP = 8  # local / object-store items per prefetch task: one thread hand
 
 def _fetch_stream(refs: Iterator[ItemRef], kind: str, policy: FetchPolicy, config: Config, clock: StageClock) -> Any:
     """The shard's items fetched ahead, in order. URL lists: HTTP(S) on libcurl when it is the
-    backend, driven from this thread (no per-item thread hand-off), other items on a small pool.
-    Object-store sources: one item per prefetch thread. Local sources: FETCH_GROUP consecutive
-    items per task (handing each item to a thread and back costs more than reading a cached file)."""
+    backend, driven from this thread (no per-item thread hand-off), other items on a small pool;
+    with urllib3, and for object-store sources: one item per prefetch thread. Local sources:
+    FETCH_GROUP consecutive items per task (a thread hand-off costs more than reading a cached file)."""
     fetch_one = timed_fetch(clock, lambda ref: load_item(ref, policy))
     depth, budget = config.fetch.threads, config.fetch.prefetch_bytes
     if kind == "urls" and policy.uses_curl:
         return CurlStream(refs, lambda ref: _http_url(ref, policy), fetch_one, policy, depth=depth,
                           max_bytes=budget, size_of=_size_of, on_done=lambda ns: clock.add("fetch", ns))  # fmt: skip
-    if "://" in config.source.uri and not config.source.uri.lower().startswith("file:"):
-        # object stores: a GET takes milliseconds, so keep `depth` of them in flight, one per thread
+    remote = "://" in config.source.uri and not config.source.uri.lower().startswith("file:")
+    if kind == "urls" or remote:
+        # a URL list's items or an object store's: a GET takes milliseconds and may hang until
+        # item_timeout, so keep `depth` of them in flight, one per thread
         return prefetch(refs, fetch_one, depth=depth, max_bytes=budget, size_of=_size_of)
     return _Ungrouped(prefetch(_groups(refs), lambda group: [_attempt(fetch_one, ref) for ref in group],
                                depth=max(2, depth // 2), max_bytes=budget, size_of=_group_size))  # fmt: skip

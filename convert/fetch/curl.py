@@ -9,16 +9,20 @@ written by hand only for the glue: which items to start, in what order to hand t
 to map libcurl's outcomes onto the statuses the urllib3 backend (http.py) gives.
 
 pycurl is an optional binary wheel (`pip install 'convert[fast-http]'`); `fetch.backend: auto` uses
-it when installed, else urllib3. Both backends behave the same (tests/test_fetch_backends.py):
+it when installed, else urllib3. Both backends behave the same (test_fetch_http.py, test_fetch_safety.py
+and test_fetch_contract.py run on each):
 - every connection, redirect hops included, is checked on the address libcurl is about to connect
   to (OPENSOCKETFUNCTION), so a second DNS answer cannot slip in (DNS rebinding);
-- `item_timeout` bounds connect, every read and all retries; `timeout` bounds connect and any stall;
-- `max_bytes` caps declared lengths (MAXFILESIZE) and streamed bodies (the write callback);
+- `item_timeout` bounds connect, every read and all retries; `timeout` bounds connect and any stall
+  (checked by the engine: libcurl's LOW_SPEED options average over ~5 s);
+- `max_bytes` caps declared lengths and streamed bodies of successful responses (the header and
+  write callbacks); error bodies are drained up to 64 KiB and never count as too large;
 - transient failures (429/5xx, resets, short bodies, stalls) are retried with the same backoff and
   Retry-After cap; only http/https, redirects included, at most MAX_REDIRECTS of them; no proxy from
   the environment (urllib3 uses none either); `Accept-Encoding: identity` (sizes are stored bytes).
-Connections and DNS answers are shared per process and per guard setting (CurlShare), so a
-connection opened under `allow_private_networks` is never reused by a guarded fetch.
+DNS answers are shared per process (CurlShare); connections stay with their engine (one per shard,
+one per thread for single fetches), bounded by M_MAXCONNECTS, so a connection opened under
+`allow_private_networks` never serves a guarded fetch.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import os
+import re
 import socket
 import ssl
 import threading
@@ -35,9 +40,11 @@ from concurrent.futures import Future
 from typing import Any
 from urllib.parse import urlsplit
 
+import urllib3
+
 from ..specs import ItemError, Status
 from .errors import TransientError, http_status_error, is_transient, redact_url, to_item_error
-from .http import RETRY_AFTER_CAP, give_up, retry_delay, timeout_error
+from .http import ERROR_BODY_DRAIN, RETRY_AFTER_CAP, give_up, retry_delay, timeout_error
 from .netguard import DNS_TTL, PrivateAddressError, exempt, is_public
 from .policy import FetchPolicy
 
@@ -49,35 +56,38 @@ except ImportError:  # pragma: no cover - exercised only without the fast-http e
 AVAILABLE = pycurl is not None
 MISSING_MESSAGE = "fetch.backend='curl' needs pycurl: pip install 'convert[fast-http]' (or use 'auto')"
 MAX_REDIRECTS = 5
-BUFFER_SIZE = 256 * 1024  # libcurl's receive buffer: most images arrive in one write callback
+BUFFER_SIZE = 256 * 1024  # libcurl's receive buffer
+STALL_CHECK = 0.25  # seconds between checks for transfers that stopped receiving
 USER_AGENT = "convert (+https://github.com/convert)"
 _VERIFY = ssl.get_default_verify_paths()
 
 _share_lock = threading.Lock()
-_shares: dict[tuple[bool, tuple[str, ...]], Any] = {}
+_shares: dict[int, Any] = {}  # pid -> CurlShare
+_local = threading.local()  # this thread's engines for single fetches, by guard setting
 
 
-def _forget_shares() -> None:
-    global _share_lock
-    _share_lock = threading.Lock()
-    _shares.clear()  # a child never reuses its parent's connections
+def _after_fork() -> None:
+    global _share_lock, _local
+    _share_lock, _local = threading.Lock(), threading.local()
 
 
-os.register_at_fork(after_in_child=_forget_shares)
+os.register_at_fork(after_in_child=_after_fork)
 
 
-def _share(guarded: bool, allowed: tuple[str, ...]) -> Any:
-    """This process's CurlShare (DNS cache + connection pool) for one guard setting."""
-    key = (guarded, allowed)
-    share = _shares.get(key)
+def _share() -> Any:
+    """This process's CurlShare: the DNS cache only. Connections stay with their engine (bounded by
+    M_MAXCONNECTS and closed with it), so a crawl of millions of hosts keeps a bounded number of
+    descriptors, and a connection opened under allow_private_networks never serves a guarded fetch."""
+    pid = os.getpid()
+    share = _shares.get(pid)
     if share is None:
         with _share_lock:
-            share = _shares.get(key)
+            share = _shares.get(pid)
             if share is None:
+                _shares.clear()  # a forked child never touches its parent's share
                 share = pycurl.CurlShare()
                 share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_DNS)
-                share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_CONNECT)
-                _shares[key] = share
+                _shares[pid] = share
     return share
 
 
@@ -85,7 +95,7 @@ class _Transfer:
     """One item's HTTP fetch across its attempts; `done` once value or error is set."""
 
     __slots__ = ("item", "url", "deadline", "attempts", "chunks", "got", "cap", "refused", "value", "error",
-                 "done", "last", "started", "future", "key")  # fmt: skip
+                 "done", "last", "started", "future", "key", "handle", "status", "too_large", "last_data", "length")  # fmt: skip
 
     def __init__(self, item: Any, url: str | None, deadline: float, cap: int, key: int = 0) -> None:
         self.item, self.url, self.deadline, self.cap, self.key = item, url, deadline, cap, key
@@ -97,12 +107,42 @@ class _Transfer:
         self.done = False
         self.started = time.perf_counter_ns()
         self.future: Future | None = None  # set for items fetched off the curl path
+        self.handle: Any = None
+        self.status = 0  # HTTP status of the response whose body is arriving (0: none yet)
+        self.too_large = False
+        self.last_data = 0.0  # monotonic time of the attempt's start or its latest body bytes
+
+    def begin(self, handle: Any) -> None:
+        """Reset for a new attempt on `handle`."""
+        self.attempts += 1
+        self.chunks, self.got, self.refused, self.handle = [], 0, None, handle
+        self.status, self.too_large, self.last_data, self.length = 0, False, time.monotonic(), -1
+
+    def header(self, line: bytes) -> None:
+        """libcurl's header callback (getinfo is not allowed inside callbacks): the status line of
+        each response (redirects included) and its Content-Length; any header counts as progress."""
+        self.last_data = time.monotonic()
+        if line[:5] == b"HTTP/":
+            parts = line.split(None, 2)
+            self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            self.length = -1
+        elif line[:15].lower() == b"content-length:":
+            value = line[15:].strip()
+            self.length = int(value) if value.isdigit() else -1
 
     def write(self, chunk: bytes) -> int | None:
-        """libcurl's write callback: keep the chunk (no copy), abort one byte past the cap."""
-        self.got += len(chunk)
-        if self.got > self.cap:
+        """libcurl's write callback: keep the chunk (no copy); abort one byte past the cap. Error
+        bodies are not kept, and a small one is drained so the connection stays reusable."""
+        if not self.got and 200 <= self.status < 300 and self.length > self.cap:
+            self.too_large = True  # declared too large: stop before keeping anything
             return 0  # any count but len(chunk) aborts the transfer (CURLE_WRITE_ERROR)
+        self.got += len(chunk)
+        self.last_data = time.monotonic()
+        if not 200 <= self.status < 300:
+            return 0 if self.got > ERROR_BODY_DRAIN else None
+        if self.got > self.cap:
+            self.too_large = True
+            return 0
         self.chunks.append(chunk)
         return None
 
@@ -120,8 +160,10 @@ class CurlEngine:
         self.policy = policy
         self.guarded = not policy.allow_private_networks
         self.allowed = tuple(ipaddress.ip_network(n, strict=False) for n in policy.allowed_networks)
-        self.share = _share(self.guarded, policy.allowed_networks if self.guarded else ())
+        self.share = _share()
         self.multi = pycurl.CurlMulti()
+        self.multi.setopt(pycurl.M_MAXCONNECTS, max(8, 2 * concurrency))  # idle keep-alive connections kept
+        self._stall_check = 0.0
         self.free: list[Any] = []
         self.handles = 0
         self.concurrency = concurrency
@@ -149,9 +191,6 @@ class CurlEngine:
         c.setopt(pycurl.BUFFERSIZE, BUFFER_SIZE)
         c.setopt(pycurl.DNS_CACHE_TIMEOUT, int(DNS_TTL))
         c.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(p.timeout * 1000)))
-        c.setopt(pycurl.LOW_SPEED_LIMIT, 1)  # a stall of `timeout` seconds ends the attempt
-        c.setopt(pycurl.LOW_SPEED_TIME, max(1, round(p.timeout)))
-        c.setopt(pycurl.MAXFILESIZE_LARGE, p.max_bytes)
         if _VERIFY.cafile:
             c.setopt(pycurl.CAINFO, _VERIFY.cafile)
         if _VERIFY.capath:
@@ -179,10 +218,15 @@ class CurlEngine:
             self._settle(t, error=timeout_error(t.url or "", self.policy))
             return
         c = self._handle()
-        t.attempts += 1
-        t.chunks, t.got, t.refused = [], 0, None
-        c.setopt(pycurl.URL, t.url)
+        t.begin(c)
+        try:
+            c.setopt(pycurl.URL, t.url)
+        except (UnicodeEncodeError, pycurl.error):
+            self.free.append(c)
+            self._settle(t, error=ItemError(Status.BAD_URL, f"{redact_url(t.url or '')[:200]}: not a valid URL"))
+            return
         c.setopt(pycurl.WRITEFUNCTION, t.write)
+        c.setopt(pycurl.HEADERFUNCTION, t.header)
         c.setopt(pycurl.TIMEOUT_MS, max(1, int(left * 1000)))
         self.active[c] = t
         self.multi.add_handle(c)
@@ -194,6 +238,8 @@ class CurlEngine:
             pass
         progressed = self._collect()
         now = time.monotonic()
+        if now >= self._stall_check:
+            progressed = self._cut_stalled(now) or progressed
         while self.retries and self.retries[0][0] <= now:
             self.start(heapq.heappop(self.retries)[2])
             progressed = True
@@ -202,9 +248,22 @@ class CurlEngine:
         if self.retries:
             timeout = min(timeout, max(0.0, self.retries[0][0] - now))
         if self.active:
-            multi.select(timeout)
+            multi.select(min(timeout, STALL_CHECK))
         elif timeout > 0:
             time.sleep(timeout)
+
+    def _cut_stalled(self, now: float) -> bool:
+        """End attempts that received nothing for `fetch.timeout` seconds (a retryable timeout).
+        Checked here rather than with libcurl's LOW_SPEED_* options, which average over a ~5 s
+        window and so noticed a stall after a burst only 6-7 s late."""
+        self._stall_check = now + STALL_CHECK
+        stalled = [c for c, t in self.active.items() if now - t.last_data > self.policy.timeout]
+        for c in stalled:
+            t = self.active.pop(c)
+            self.multi.remove_handle(c)
+            self.free.append(c)
+            self._failed(t, TimeoutError(f"no data for fetch.timeout={self.policy.timeout:g}s"))
+        return bool(stalled)
 
     def _collect(self) -> bool:
         found = False
@@ -229,8 +288,12 @@ class CurlEngine:
             self._settle(t, value=t.body())
             return
         url = t.url or ""
-        error = http_status_error(status, redact_url(url), None, min(retry_after, RETRY_AFTER_CAP) or None) \
-            if code == 0 else self._curl_error(t, code, message)  # fmt: skip
+        if status and not 200 <= status < 300 and (code == 0 or (code == pycurl.E_WRITE_ERROR and not t.too_large)):
+            # an error response (its body drained or cut short on purpose): the status is the answer
+            error: BaseException = http_status_error(status, redact_url(url), None,
+                                                     min(retry_after, RETRY_AFTER_CAP) or None)  # fmt: skip
+        else:
+            error = self._curl_error(t, code, message)
         self._failed(t, error)
 
     def _curl_error(self, t: _Transfer, code: int, message: str) -> BaseException:
@@ -239,11 +302,15 @@ class CurlEngine:
         safe = redact_url(url)
         text = f"{safe}: {message.replace(url, safe)}"
         if code == pycurl.E_COULDNT_CONNECT and t.refused is not None:
-            return PrivateAddressError(urlsplit(url).hostname or "?", t.refused)
+            hop = t.handle.getinfo(pycurl.EFFECTIVE_URL) if t.handle is not None else url  # the redirect hop's
+            return PrivateAddressError(urlsplit(hop).hostname or "?", t.refused)
         if code == pycurl.E_OPERATION_TIMEDOUT:
-            return timeout_error(url, self.policy) if time.monotonic() >= t.deadline - 0.05 else TimeoutError(text)
-        if code == pycurl.E_FILESIZE_EXCEEDED or (code == pycurl.E_WRITE_ERROR and t.got > t.cap):
+            late = time.monotonic() >= t.deadline - 0.05
+            return timeout_error(url, self.policy) if late else TimeoutError(message.replace(url, safe))
+        if code == pycurl.E_FILESIZE_EXCEEDED or (code == pycurl.E_WRITE_ERROR and t.too_large):
             return ItemError(Status.TOO_LARGE, f"{safe}: more than the cap of {t.cap} bytes")
+        if code == pycurl.E_UNSUPPORTED_PROTOCOL and "HTTP/0.9" in message:
+            return TransientError(f"{text} (the server did not answer in HTTP)", safe)  # e.g. the wrong port
         if code in (pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT):
             return ItemError(Status.BAD_URL, f"{text} (only http and https are fetched)")
         if code == pycurl.E_TOO_MANY_REDIRECTS:
@@ -252,7 +319,8 @@ class CurlEngine:
             return ItemError(Status.CONNECTION_ERROR, text)
         if code == pycurl.E_PARTIAL_FILE:
             return TransientError(text, safe)
-        return ConnectionError(text)  # resets, refused, name resolution, nothing received: retried
+        return TransientError(text if message else f"{safe}: libcurl error {code}", safe)  # resets, refused,
+        # name resolution, nothing received: retried, then CONNECTION_ERROR
 
     def _failed(self, t: _Transfer, error: BaseException) -> None:
         """Retry a transient failure after backoff if its deadline allows, else settle the item."""
@@ -291,16 +359,40 @@ class CurlEngine:
 
 
 def curl_fetch(url: str, policy: FetchPolicy, deadline: float | None = None) -> bytes:
-    """One URL's bytes through libcurl (the single-item form of curl_stream.CurlStream); ItemError on failure."""
-    engine = CurlEngine(policy, 1)
+    """One URL's bytes through libcurl (the single-item form of curl_stream.CurlStream); ItemError
+    on failure. Each thread keeps one engine per policy, so its connections stay alive between calls."""
+    engines = _local.__dict__.setdefault("engines", {})
+    key = (policy.timeout, policy.retries, policy.backoff, policy.max_bytes, policy.item_timeout,
+           policy.allow_private_networks, policy.allowed_networks)  # what an engine's behaviour depends on
+    engine = engines.get(key)
+    if engine is None or engine.multi is None:
+        engine = engines[key] = CurlEngine(policy, 4)
+        while len(engines) > 8:  # a few policies per thread at most; drop the oldest
+            engines.pop(next(iter(engines))).close()
+    t = _Transfer(url, http_url(url), deadline if deadline is not None else time.monotonic() + policy.item_timeout,
+                  policy.max_bytes)  # fmt: skip
     try:
-        t = _Transfer(url, url, deadline if deadline is not None else time.monotonic() + policy.item_timeout,
-                      policy.max_bytes)  # fmt: skip
         engine.start(t)
         while not t.done:
             engine.drive(1.0)
-    finally:
+    except BaseException:
+        engines.pop(key, None)
         engine.close()
+        raise
     if t.error is not None:
         raise t.error
     return t.value
+
+
+_PLAIN_URL = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
+
+
+def http_url(url: str) -> str:
+    """`url` as sent on the wire: spaces, non-ASCII and other characters URLs may not hold are
+    percent-encoded exactly as the urllib3 backend does (urllib3.util.parse_url)."""
+    if _PLAIN_URL.fullmatch(url):
+        return url
+    try:
+        return urllib3.util.parse_url(url).url
+    except urllib3.exceptions.LocationParseError:
+        return url  # libcurl reports it as a malformed URL (bad_url)

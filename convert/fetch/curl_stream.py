@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Generic, TypeVar
 
-from .curl import CurlEngine, _Transfer
+from .curl import CurlEngine, _Transfer, http_url
 from .policy import FetchPolicy
 from .prefetch import THREAD_PREFIX, Budget, Fetched
 
@@ -79,6 +79,7 @@ class CurlStream(Generic[T]):
                 self._exhausted = True
                 return
             url = self._url_of(item)
+            url = None if url is None else http_url(url)
             key = self._index
             t = _Transfer(item, url, time.monotonic() + self._policy.item_timeout, self._policy.max_bytes, key)
             self._pending.append((key, t))
