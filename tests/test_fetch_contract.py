@@ -336,9 +336,9 @@ def test_ctrl_c_during_a_shard_stops_it_promptly_and_cleanly(tmp_path, http_serv
     http_server.put("/hang.jpg", JPEG)
     http_server.fault("/hang.jpg", hang=30)
     listing = tmp_path / "urls.txt"
-    listing.write_text("".join(f"{http_server.url}/{n}.jpg\n" for n in ["ok"] + ["hang"] * 8))
+    listing.write_text("".join(f"{http_server.url}/{n}.jpg\n" for n in ["ok"] + ["hang"] * 3))
     cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8,
-                             "fetch.allow_private_networks": True, "fetch.timeout": 2, "fetch.item_timeout": 3})  # fmt: skip
+                             "fetch.allow_private_networks": True, "fetch.timeout": 2, "fetch.item_timeout": 2.5})  # fmt: skip
     (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
     timer = threading.Timer(0.8, os.kill, (os.getpid(), signal.SIGINT))
     start = time.monotonic()
