@@ -46,10 +46,10 @@ def extract(ref: str, dest: Path) -> Path:
 
 def timed_run(tree: Path, args: list[str], env_extra: dict[str, str]) -> dict[str, float]:
     """One CLI run: seconds from start to each marker line, to process exit and to EOF of its output."""
-    env = dict(os.environ, PYTHONPATH=str(tree), **env_extra)
+    env = dict(os.environ, PYTHONPATH=str(tree), **env_extra)  # run from tree.parent: `-m` puts the cwd first
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "convert", "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=tree.parent)  # fmt: skip
     marks: dict[str, float] = {}
     lines: list[str] = []
 
