@@ -9,7 +9,8 @@ arrive, which splits the whole-process wall time into phases:
     summary -> exit         teardown (the process exits; EOF = its stdout/stderr closed, what `| tee` waits for)
 
 Variants, interleaved per round, medians of --rounds:
-    old       the code of --baseline-ref (default: merge-base of HEAD and main), extracted with git archive
+    old       the code of --baseline-ref (default 9d19210, the last commit before this start-up work),
+              extracted with git archive
     spawn     this tree with CONVERT_WORKER_START=spawn (the old worker start method)
     new       this tree (forkserver workers, cluster started while planning, quick exit)
 
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+BASELINE = "9d19210"  # main before the forkserver / early cluster / quick exit work (issue 10 item 4)
 PHASES = ("plan", "cluster", "convert", "teardown", "eof", "wall")
 
 
@@ -46,10 +48,10 @@ def extract(ref: str, dest: Path) -> Path:
 
 def timed_run(tree: Path, args: list[str], env_extra: dict[str, str]) -> dict[str, float]:
     """One CLI run: seconds from start to each marker line, to process exit and to EOF of its output."""
-    env = dict(os.environ, PYTHONPATH=str(tree), **env_extra)
+    env = dict(os.environ, PYTHONPATH=str(tree), **env_extra)  # run from tree.parent: `-m` puts the cwd first
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "convert", "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=tree.parent)  # fmt: skip
     marks: dict[str, float] = {}
     lines: list[str] = []
 
@@ -113,10 +115,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tiny", type=int, default=20, help="local images in the tiny run")
     parser.add_argument("--urls", default="/tmp/urls5k.csv", help="URL list for the large run ('' to skip)")
-    parser.add_argument("--baseline-ref", default=None, help="git ref of the old code (default: merge-base HEAD main)")
+    parser.add_argument("--baseline-ref", default=BASELINE, help="git ref of the old code [%(default)s]")
     a = parser.parse_args()
-    ref = a.baseline_ref or subprocess.run(["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], check=True,
-                                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    ref = subprocess.run(["git", "-C", str(ROOT), "rev-parse", a.baseline_ref], check=True, capture_output=True,
+                         text=True).stdout.strip()  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp_:
         tmp = Path(tmp_)
         sys.path.insert(0, str(ROOT))
