@@ -15,8 +15,8 @@ and test_fetch_contract.py run on each):
   to (OPENSOCKETFUNCTION), so a second DNS answer cannot slip in (DNS rebinding);
 - `item_timeout` bounds connect, every read and all retries; `timeout` bounds connect and any stall
   (checked by the engine: libcurl's LOW_SPEED options average over ~5 s);
-- `max_bytes` caps declared lengths and streamed bodies of successful responses (the header and
-  write callbacks); error bodies are drained up to 64 KiB and never count as too large;
+- `max_bytes` caps declared lengths (MAXFILESIZE) and streamed bodies (the write callback); an error
+  response cut at the cap still reports its HTTP status, never too_large;
 - transient failures (429/5xx, resets, short bodies, stalls) are retried with the same backoff and
   Retry-After cap; only http/https, redirects included, at most MAX_REDIRECTS of them; no proxy from
   the environment (urllib3 uses none either); `Accept-Encoding: identity` (sizes are stored bytes).
@@ -44,7 +44,7 @@ import urllib3
 
 from ..specs import ItemError, Status
 from .errors import TransientError, http_status_error, is_transient, redact_url, to_item_error
-from .http import ERROR_BODY_DRAIN, RETRY_AFTER_CAP, give_up, retry_delay, timeout_error
+from .http import RETRY_AFTER_CAP, give_up, retry_delay, timeout_error
 from .netguard import DNS_TTL, PrivateAddressError, exempt, is_public
 from .policy import FetchPolicy
 
@@ -95,7 +95,7 @@ class _Transfer:
     """One item's HTTP fetch across its attempts; `done` once value or error is set."""
 
     __slots__ = ("item", "url", "deadline", "attempts", "chunks", "got", "cap", "refused", "value", "error",
-                 "done", "last", "started", "future", "key", "handle", "status", "too_large", "last_data", "length")  # fmt: skip
+                 "done", "last", "started", "future", "key", "handle", "too_large", "last_data")  # fmt: skip
 
     def __init__(self, item: Any, url: str | None, deadline: float, cap: int, key: int = 0) -> None:
         self.item, self.url, self.deadline, self.cap, self.key = item, url, deadline, cap, key
@@ -108,7 +108,6 @@ class _Transfer:
         self.started = time.perf_counter_ns()
         self.future: Future | None = None  # set for items fetched off the curl path
         self.handle: Any = None
-        self.status = 0  # HTTP status of the response whose body is arriving (0: none yet)
         self.too_large = False
         self.last_data = 0.0  # monotonic time of the attempt's start or its latest body bytes
 
@@ -116,33 +115,17 @@ class _Transfer:
         """Reset for a new attempt on `handle`."""
         self.attempts += 1
         self.chunks, self.got, self.refused, self.handle = [], 0, None, handle
-        self.status, self.too_large, self.last_data, self.length = 0, False, time.monotonic(), -1
-
-    def header(self, line: bytes) -> None:
-        """libcurl's header callback (getinfo is not allowed inside callbacks): the status line of
-        each response (redirects included) and its Content-Length; any header counts as progress."""
-        self.last_data = time.monotonic()
-        if line[:5] == b"HTTP/":
-            parts = line.split(None, 2)
-            self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-            self.length = -1
-        elif line[:15].lower() == b"content-length:":
-            value = line[15:].strip()
-            self.length = int(value) if value.isdigit() else -1
+        self.too_large, self.last_data = False, time.monotonic()
 
     def write(self, chunk: bytes) -> int | None:
-        """libcurl's write callback: keep the chunk (no copy); abort one byte past the cap. Error
-        bodies are not kept, and a small one is drained so the connection stays reusable."""
-        if not self.got and 200 <= self.status < 300 and self.length > self.cap:
-            self.too_large = True  # declared too large: stop before keeping anything
-            return 0  # any count but len(chunk) aborts the transfer (CURLE_WRITE_ERROR)
+        """libcurl's write callback: keep the chunk (no copy); abort one byte past the cap. The only
+        Python call per chunk (no header callback: the status is read once the transfer ends, and
+        an error response's body, capped like any other, is dropped then)."""
         self.got += len(chunk)
         self.last_data = time.monotonic()
-        if not 200 <= self.status < 300:
-            return 0 if self.got > ERROR_BODY_DRAIN else None
         if self.got > self.cap:
             self.too_large = True
-            return 0
+            return 0  # any count but len(chunk) aborts the transfer (CURLE_WRITE_ERROR)
         self.chunks.append(chunk)
         return None
 
@@ -191,6 +174,7 @@ class CurlEngine:
         c.setopt(pycurl.BUFFERSIZE, BUFFER_SIZE)
         c.setopt(pycurl.DNS_CACHE_TIMEOUT, int(DNS_TTL))
         c.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(p.timeout * 1000)))
+        c.setopt(pycurl.MAXFILESIZE_LARGE, p.max_bytes)  # a declared length over the cap ends it at once
         if _VERIFY.cafile:
             c.setopt(pycurl.CAINFO, _VERIFY.cafile)
         if _VERIFY.capath:
@@ -226,7 +210,6 @@ class CurlEngine:
             self._settle(t, error=ItemError(Status.BAD_URL, f"{redact_url(t.url or '')[:200]}: not a valid URL"))
             return
         c.setopt(pycurl.WRITEFUNCTION, t.write)
-        c.setopt(pycurl.HEADERFUNCTION, t.header)
         c.setopt(pycurl.TIMEOUT_MS, max(1, int(left * 1000)))
         self.active[c] = t
         self.multi.add_handle(c)
@@ -288,8 +271,8 @@ class CurlEngine:
             self._settle(t, value=t.body())
             return
         url = t.url or ""
-        if status and not 200 <= status < 300 and (code == 0 or (code == pycurl.E_WRITE_ERROR and not t.too_large)):
-            # an error response (its body drained or cut short on purpose): the status is the answer
+        if status and not 200 <= status < 300 and code in (0, pycurl.E_WRITE_ERROR, pycurl.E_FILESIZE_EXCEEDED):
+            # an error response, whole or cut at the size cap: its status is the answer, not its size
             error: BaseException = http_status_error(status, redact_url(url), None,
                                                      min(retry_after, RETRY_AFTER_CAP) or None)  # fmt: skip
         else:
