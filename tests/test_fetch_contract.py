@@ -322,6 +322,8 @@ def test_ctrl_c_during_a_shard_stops_it_promptly_and_cleanly(tmp_path, http_serv
                              "fetch.allow_private_networks": True, "fetch.timeout": 2, "fetch.item_timeout": 2.5})  # fmt: skip
     (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
     timer = threading.Timer(0.8, os.kill, (os.getpid(), signal.SIGINT))
+    # Python's own Ctrl-C handler, whatever an earlier import installed (dask_jobqueue's calls sys.exit)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     start = time.monotonic()
     timer.start()
     try:
@@ -329,6 +331,7 @@ def test_ctrl_c_during_a_shard_stops_it_promptly_and_cleanly(tmp_path, http_serv
             process_shard(spec, cfg)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 0.8 + cfg.fetch.item_timeout + 1.5  # at most one fetch's deadline to unwind
     time.sleep(0.1)
     assert not [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]

@@ -85,8 +85,10 @@ def test_batches_in_workers_and_chw(dataset_dir, tmp_path):
 
 
 def _free_port() -> int:
+    """A port free on every address: gloo's TCPStore listens on all of them, and a port free on
+    127.0.0.1 may still be held on 127.0.0.x by another test's client socket (EADDRINUSE)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
