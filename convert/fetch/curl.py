@@ -95,7 +95,7 @@ class _Transfer:
     """One item's HTTP fetch across its attempts; `done` once value or error is set."""
 
     __slots__ = ("item", "url", "deadline", "attempts", "chunks", "got", "cap", "refused", "value", "error",
-                 "done", "last", "started", "future", "key", "handle", "too_large", "last_data")  # fmt: skip
+                 "done", "started", "future", "key", "handle", "too_large", "last_data")  # fmt: skip
 
     def __init__(self, item: Any, url: str | None, deadline: float, cap: int, key: int = 0) -> None:
         self.item, self.url, self.deadline, self.cap, self.key = item, url, deadline, cap, key
@@ -103,7 +103,6 @@ class _Transfer:
         self.refused: str | None = None  # an address the guard refused during this attempt
         self.value: Any = None
         self.error: BaseException | None = None
-        self.last: BaseException | None = None  # the previous attempt's transient error
         self.done = False
         self.started = time.perf_counter_ns()
         self.future: Future | None = None  # set for items fetched off the curl path
@@ -148,8 +147,6 @@ class CurlEngine:
         self.multi.setopt(pycurl.M_MAXCONNECTS, max(8, 2 * concurrency))  # idle keep-alive connections kept
         self._stall_check = 0.0
         self.free: list[Any] = []
-        self.handles = 0
-        self.concurrency = concurrency
         self.active: dict[Any, _Transfer] = {}
         self.retries: list[tuple[float, int, _Transfer]] = []  # heap of (monotonic due, seq, transfer)
         self._seq = 0
@@ -160,7 +157,6 @@ class CurlEngine:
         if self.free:
             return self.free.pop()
         c = pycurl.Curl()
-        self.handles += 1
         p = self.policy
         c.setopt(pycurl.SHARE, self.share)
         c.setopt(pycurl.NOSIGNAL, 1)
@@ -313,7 +309,6 @@ class CurlEngine:
         if not is_transient(error):
             self._settle(t, error=to_item_error(error, t.url or ""))
             return
-        t.last = error
         if t.attempts <= self.policy.retries:
             due = time.monotonic() + retry_delay(t.attempts, self.policy.backoff, getattr(error, "retry_after", None))
             if due < t.deadline:

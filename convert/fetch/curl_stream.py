@@ -37,12 +37,12 @@ class CurlStream(Generic[T]):
                  size_of: Callable[[Any], int] = len, on_done: Callable[[int], None] | None = None) -> None:  # fmt: skip
         self._source = iter(items)
         self._url_of, self._fallback, self._policy = url_of, fallback, policy
-        self._depth, self._max_bytes, self._size_of = depth, max_bytes, size_of
+        self._depth, self._max_bytes = depth, max_bytes
         self._on_done = on_done  # called with each item's fetch wall time (ns)
         self._engine = CurlEngine(policy, depth)
         self._engine.on_settle = self._settled
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: deque[tuple[int, _Transfer]] = deque()
+        self._pending: deque[_Transfer] = deque()  # in input order; each knows its budget key
         self._budget = Budget(size_of, None)
         self._exhausted = False
         self._index = 0
@@ -57,14 +57,14 @@ class CurlStream(Generic[T]):
             self._top_up()
             if not self._pending:
                 raise StopIteration
-            key, t = self._pending[0]
+            t = self._pending[0]
             while not self._ready(t):
                 if t.future is not None and not self._engine.active:
                     wait([t.future], timeout=1.0)  # nothing for libcurl to do: block on the pool
                 else:
                     self._engine.drive(0.005 if self._pool_busy() else 1.0)
             self._pending.popleft()
-            self._budget.consumed(key)
+            self._budget.consumed(t.key)
             return Fetched(t.item, t.value, t.error)
         finally:
             self.inline_cpu_ns += time.thread_time_ns() - cpu
@@ -82,7 +82,7 @@ class CurlStream(Generic[T]):
             url = None if url is None else http_url(url)
             key = self._index
             t = _Transfer(item, url, time.monotonic() + self._policy.item_timeout, self._policy.max_bytes, key)
-            self._pending.append((key, t))
+            self._pending.append(t)
             self._index += 1
             if url is None:
                 t.future = self._submit(item)
@@ -107,7 +107,7 @@ class CurlStream(Generic[T]):
         return t.done
 
     def _pool_busy(self) -> bool:
-        return any(t.future is not None and not t.done for _, t in self._pending)
+        return any(t.future is not None and not t.done for t in self._pending)
 
     def _submit(self, item: T) -> Future:
         if self._pool is None:
@@ -118,7 +118,7 @@ class CurlStream(Generic[T]):
         """Abort transfers in flight, cancel queued fallback fetches and join the pool's threads."""
         self._engine.close()
         if self._pool is not None:
-            for _, t in self._pending:
+            for t in self._pending:
                 if t.future is not None:
                     t.future.cancel()
             self._pool.shutdown(wait=True, cancel_futures=True)
