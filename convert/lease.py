@@ -193,15 +193,16 @@ def current_run_id(store: Store) -> str:
 
 
 @contextlib.contextmanager
-def staging(store: Store, name: str, extension: str, sidecars: Iterable[str] = ()) -> Iterator[str]:
-    """store.staging named with the lease holder's run id (so cleanup can tell whose it is)."""
-    with store.staging(name, extension, current_run_id(store), sidecars) as tmp:
+def staging(store: Store, name: str, extension: str, sidecars: Iterable[str] = (), run_id: str = "") -> Iterator[str]:
+    """store.staging named with the task's run id (so cleanup can tell whose it is)."""
+    with store.staging(name, extension, run_id, sidecars) as tmp:
         yield tmp
 
 
-def publish(store: Store, tmp: str, rel: str, size: int, sha256: str | None = None) -> None:
-    """store.publish, refused if the lease moved to another run since `tmp` was staged."""
-    staged = staged_run_id(os.path.basename(tmp))
+def publish(store: Store, tmp: str, rel: str, size: int, sha256: str | None = None, run_id: str = "") -> None:
+    """store.publish, refused unless the lease still carries `run_id`, the fencing token the shard
+    task was planned under (a leftover task of an earlier run must not publish into a newer one)."""
+    staged = run_id or staged_run_id(os.path.basename(tmp))
     if staged and current_run_id(store) != staged:
         raise LeaseError(f"{store.url(rel)}: not published, the output's lease moved from run {staged} "
                          "to another run (--force-unlock); this attempt is discarded")  # fmt: skip

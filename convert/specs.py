@@ -27,6 +27,9 @@ class Status(str, Enum):
     DECODE_ERROR = "decode_error"  # not an image / corrupt / truncated / empty
     DECOMPRESSION_BOMB = "decompression_bomb"  # decoded pixels over the cap
     BAD_URL = "bad_url"  # scheme not allowed / malformed
+    OPTED_OUT = "opted_out"  # the publisher opted out (X-Robots-Tag directive, robots.txt): permanent
+    HASH_MISMATCH = "hash_mismatch"  # fetched bytes differ from the list's digest column: permanent
+    FILTERED = "filtered"  # refused by an image.* filter (min_size, max_aspect_ratio, max_area): permanent
     ERROR = "error"  # anything else (message says what)
     SHARD_FAILED = "shard_failed"  # the item's whole shard failed after its retries
 
@@ -52,6 +55,21 @@ class ItemRef:
     uri: str
     label: int | None = None
     member: int | None = None
+    # Values of the shard task's kept columns (ShardTask.columns), in that order: str, int, float,
+    # bool or None. Empty for sources without columns.
+    columns: tuple[Any, ...] = ()
+    slice: int = 0  # index of the input slice it was read from (its fetch policy: ShardTask.policies)
+
+
+COLUMN_TYPES = ("string", "int64", "float64", "bool")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One kept column of a list source: its name and type (one of COLUMN_TYPES); values may be null."""
+
+    name: str
+    type: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +139,7 @@ class ItemResult:
     height: int = -1
     src_format: str = ""  # "jpeg", "png", ... (Pillow's format name, lower case)
     src_bytes: int = -1
+    digest: str = ""  # hex digest of the source bytes (fetch.compute_hash), "" when not computed
 
     @property
     def ok(self) -> bool:

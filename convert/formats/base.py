@@ -17,11 +17,13 @@ import importlib
 import os
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Generic, Literal, Protocol, Sequence, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..specs import Column
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,7 @@ class Sample:
     key: str
     label: int | None
     data: np.ndarray | bytes
+    columns: tuple[Any, ...] = ()  # values of ShardInfo.columns, in order (None = null)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,11 @@ class ShardInfo:
     attrs: dict[str, Any]  # JSON-able: shard config etc. (never secrets)
     compression: str = "none"  # "none" | "gzip" | "lzf" (HDF5)
     compression_level: int = 4
+    # The shard's kept columns (caption, list columns, the source-bytes digest), stored columnar
+    # per shard beside the images; Sample.columns holds each sample's values in this order.
+    columns: tuple[Column, ...] = ()
+    # The format's whole validated section (`output.<format>.*`), decided on the client.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def shard_layout(info: ShardInfo) -> str:
