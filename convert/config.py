@@ -39,6 +39,21 @@ class SourceConfig(_Model):
     labels: Literal["auto", "folder", "none"] = "auto"  # ImageFolder labels from class sub-folders
     # Absolute directories a local URL list may name paths under, besides the list's own directory.
     allowed_roots: tuple[str, ...] = ()
+    # Image-text lists: the caption column ("auto": the first of caption, text, TEXT, txt present;
+    # "none": no caption), other list columns kept beside each image (names, or "*" for all), the
+    # cap on a text value (longer is truncated and counted), and a column of expected digests of
+    # the image bytes (sha256 or md5 hex; a mismatch is status hash_mismatch).
+    caption_column: str = "auto"
+    columns: tuple[str, ...] | Literal["*"] = ()
+    max_text_bytes: int = Field(65536, gt=0)
+    hash_column: str | None = None
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _columns(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "*":
+            return tuple(c.strip() for c in v.split(",") if c.strip())
+        return v
 
 
 class OutputConfig(_Model):
@@ -176,6 +191,8 @@ class FetchConfig(_Model):
     # HTTP(S) client: "curl" = libcurl multi via pycurl (the `fast-http` extra; ~1/5 of the CPU per
     # GET), "urllib3" = the pure-Python pool, "auto" = curl when pycurl is installed.
     backend: Literal["auto", "curl", "urllib3"] = "auto"
+    # digest of each item's source bytes, stored as a column named after the algorithm and in the ledger
+    compute_hash: Literal["sha256", "md5", "none"] = "sha256"
 
     @field_validator("backend")
     @classmethod
