@@ -184,7 +184,7 @@ def test_submit_converts_the_demo_through_sbatch_jobs(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=280,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    line = next(l for l in result.stderr.splitlines() if l.startswith("batch jobs:"))
+    line = next(ln for ln in result.stderr.splitlines() if ln.startswith("batch jobs:"))
     job_ids = line.split(":", 1)[1].split()
     assert len(job_ids) == 2 and "SLURMCluster" in result.stderr
     # each job wrote its worker log through sbatch's --output, and none is left in the queue

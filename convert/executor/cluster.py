@@ -180,9 +180,11 @@ def _attach_dashboard(cluster: LocalCluster) -> None:
         import distributed.dashboard.scheduler as dashboard
     except ImportError:
         return
-    scheduler = cluster.scheduler
+    scheduler, loop = cluster.scheduler, cluster.loop
+    if loop is None:  # closed meanwhile
+        return
     with contextlib.suppress(Exception):  # a cluster closing meanwhile: no dashboard needed
-        cluster.loop.add_callback(dashboard.connect, scheduler.http_application, scheduler.http_server, scheduler)
+        loop.add_callback(dashboard.connect, scheduler.http_application, scheduler.http_server, scheduler)
 
 
 def _make_handle(
