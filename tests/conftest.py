@@ -17,14 +17,9 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from convert.config import ALLOW_PRIVATE_ENV
 from convert.testing.http import StaticServer
 from convert.testing.proxy import FaultProxy
 
-# Every test server is on 127.0.0.1: the suite opts in to private addresses (in-process configs and
-# the CLI subprocesses it starts). tests/test_fetch_safety.py sets fetch.allow_private_networks=false
-# explicitly where it checks the refusal.
-os.environ[ALLOW_PRIVATE_ENV] = "1"
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from convert.executor.cluster import (
 )
 from convert.config import ClusterConfig, validate
 from convert.executor.dask_executor import open_dask_executor
+from convert.executor.worker_settings import worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "cluster"
@@ -404,3 +405,49 @@ def test_workers_we_start_keep_no_profile_history() -> None:
     with open_dask_executor(ClusterConfig(workers=1, dashboard=False)) as ex:
         profiling = ex.client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
         assert list(profiling.values()) == [False]
+
+
+def _profiling(client) -> list[bool]:
+    return list(client.run(lambda dask_worker: dask_worker.periodic_callbacks["profile"].is_running()).values())
+
+
+@pytest.mark.cluster
+def test_external_workers_run_without_the_profiler_during_a_run_and_get_it_back(dask_cluster) -> None:
+    address, _, _ = dask_cluster
+    with open_client(ClusterConfig(scheduler=address), worker_timeout=30) as handle:
+        assert _profiling(handle.client) == [True]  # the user's worker, as they started it
+    with open_dask_executor(ClusterConfig(scheduler=address)) as ex:
+        assert _profiling(ex.client) == [False]
+    with open_client(ClusterConfig(scheduler=address)) as handle:
+        assert _profiling(handle.client) == [True]  # the run is over: their setting is back
+
+
+@pytest.mark.parametrize("kind", ["slurm", "pbs"])
+def test_batch_job_script_turns_the_profiler_off_after_the_users_own_prologue(kind: str, tmp_path: Path) -> None:
+    with dask.config.set({f"jobqueue.{kind}.job-script-prologue": ["module load python"]}):
+        lines = job_script(ClusterConfig(kind=kind, cores=1, memory="1GB")).splitlines()
+    exports = [ln for ln in lines if ln.startswith("export DASK_")]
+    assert lines.index("module load python") < lines.index(exports[0]) < len(lines) - 1  # before the worker
+    assert "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in exports
+    # what a worker started after these lines reads from dask's config
+    probe = "import dask.config, distributed; print(dask.config.get('distributed.worker.profile.enabled'))"
+    shell = "; ".join([*exports, f"{sys.executable} -c \"{probe}\""])
+    out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_deployment_scripts_and_manifests_start_workers_without_the_profiler() -> None:
+    name = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"
+    assert worker_env()[name] == "False"
+    for script in ("slurm/convert.sbatch", "pbs/convert.pbs"):  # exported before any worker starts
+        text = (DEPLOY / script).read_text()
+        assert text.index(f"{name}=False") < text.index("distributed.cli.dask_worker"), script
+    assert 'WORKER_CMD="export $DASK_SETTINGS && ' in (DEPLOY / "pbs" / "convert.pbs").read_text()  # pbsdsh: no env
+    for doc in _k8s_docs():
+        specs = [doc["spec"].get("worker", {}).get("spec")] if doc["kind"] == "DaskCluster" else []
+        if doc["kind"] == "DaskJob":
+            specs = [doc["spec"]["cluster"]["spec"]["worker"]["spec"]]
+        for spec in filter(None, specs):
+            env = {e["name"]: e["value"] for e in _containers(spec)["worker"].get("env", [])}
+            assert env.get(name) == "False", doc["kind"]
+

@@ -83,6 +83,9 @@ def test_open_client_runs_two_slurm_jobs_and_cancels_them_on_exit(jobqueue_confi
         assert set(_squeue(ids).values()) == {"RUNNING"}
         # every worker runs inside one of our SLURM jobs
         assert sorted(handle.client.run(os.getenv, "SLURM_JOB_ID").values()) == sorted(ids)
+        # ... without Dask's statistical profiler (the job script's prologue turns it off)
+        profiling = handle.client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+        assert list(profiling.values()) == [False, False]
         assert handle.client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
         assert handle.scheduler_address.startswith("tcp://127.0.0.1:")
         check_reachable_paths([str(jobqueue_config)], handle)  # one node: loopback scheduler
@@ -148,11 +151,13 @@ def test_sbatch_script_runs_scheduler_workers_and_client_in_one_allocation(tmp_p
         "c.wait_for_workers(2, timeout=60)\n"
         "jobs = set(c.run(lambda: os.environ['SLURM_JOB_ID']).values())\n"
         "print('WORKERS', len(c.scheduler_info()['workers']), 'JOBS', len(jobs), 'SUM', sum(c.gather(c.map(abs, range(-4, 0)))))\n"
+        "print('PROFILING', any(c.run(lambda dask_worker: 'profile' in dask_worker.periodic_callbacks).values()))\n"
     )
     state, code = _sbatch_wait(tmp_path, f"{sys.executable} {client}")
     logs = "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert (state, code) == ("COMPLETED", 0), logs
     assert "WORKERS 2 JOBS 1 SUM 10" in logs
+    assert "PROFILING False" in logs  # convert.sbatch starts its workers without the profiler
     assert not list(tmp_path.glob("dask-scheduler-*.json")), "scheduler file left behind"
 
 

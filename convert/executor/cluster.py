@@ -35,6 +35,7 @@ from distributed.core import Status
 
 from ..config import ClusterConfig
 from .warm import claim_preload, ensure_forkserver, start_method
+from .worker_settings import prologue
 from .reach import SHARED_PATHS_ENV, check_reachable_paths, is_loopback  # noqa: F401  (part of this API)
 
 
@@ -281,6 +282,8 @@ def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, 
     cores = cfg.cores or conf("cores")
     if cores and conf("processes") is None:
         kw["processes"] = max(1, int(cores) // cfg.threads_per_worker)
+    # the workers' Dask settings (profiler off, short logs) as exports, after the user's own prologue
+    kw["job_script_prologue"] = prologue(list(conf("job-script-prologue") or conf("env-extra") or []))
     options = dict(conf("scheduler-options") or {})
     options.setdefault("dashboard_address", ":0")
     options.setdefault("dashboard", cfg.dashboard)
