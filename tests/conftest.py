@@ -6,7 +6,9 @@
     @pytest.mark.s3
     def test_s3(s3):                         # MotoServer, reset for this test; s3.storage_options()
 
-All servers bind 127.0.0.1 on a free port and are stopped at teardown.
+All servers bind 127.0.0.1 on a free port and are stopped at teardown. The private-network guard
+stays on: a test that fetches from them says so itself (`fetch.allow_private_networks: true` in its
+config or `--set`, `FetchPolicy(allow_private_networks=True)`); no environment variable turns it off.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def demo(tmp_path_factory):
         rows = write_url_list(srv, tmp / "demo.csv", EXTRA_FAILURES)
         out = tmp / "demo"
         result = cli("run", "configs/demo.yaml", "--source", str(tmp / "demo.csv"), "--output", str(out),
-                     "--set", "fetch.retries=0")  # fmt: skip
+                     "--set", "fetch.retries=0", "--set", "fetch.allow_private_networks=true")  # fmt: skip
     assert result.returncode == 0, result.stderr
     return tmp, out, rows
 
