@@ -235,7 +235,9 @@ class FetchConfig(_Model):
 
 
 class ClusterConfig(_Model):
-    kind: Literal["local", "slurm", "pbs", "threads"] = "local"  # threads: in-process (tests, tiny jobs)
+    # auto: threads in this process for a small plan, a LocalCluster beyond (executor/auto.py says the rule);
+    # local: always a LocalCluster; threads: always in process; slurm/pbs: batch jobs (dask-jobqueue)
+    kind: Literal["auto", "local", "slurm", "pbs", "threads"] = "auto"
     workers: int | None = Field(None, gt=0)  # LocalCluster processes; None = sized to this machine
     threads_per_worker: int = Field(1, gt=0)
     memory_limit: str = "auto"

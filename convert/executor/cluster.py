@@ -2,7 +2,7 @@
 
 `open_client(cfg)` is the single entry point the pipeline uses:
 
-* ``kind: local`` (no scheduler) -> a `distributed.LocalCluster` of worker processes on 127.0.0.1;
+* ``kind: local`` or ``auto`` (no scheduler) -> a `distributed.LocalCluster` of worker processes on 127.0.0.1;
 * ``scheduler: tcp://host:8786`` / ``scheduler_file: path`` -> a `Client` to a running scheduler;
 * ``kind: slurm|pbs`` -> a dask-jobqueue cluster that submits ``cluster.jobs`` batch jobs.
   Only values set in the config are passed; dask's ``jobqueue.yaml`` config fills in the rest.
@@ -35,6 +35,7 @@ from distributed.core import Status
 
 from ..config import ClusterConfig
 from .warm import claim_preload, ensure_forkserver, start_method
+from .auto import usable_cpus
 from .worker_settings import prologue
 from .reach import SHARED_PATHS_ENV, check_reachable_paths, is_loopback  # noqa: F401  (part of this API)
 
@@ -110,7 +111,7 @@ def open_client(
     if cfg.scheduler or cfg.scheduler_file:
         with _open_existing(cfg, connect_timeout, worker_timeout or 60.0) as handle:
             yield handle
-    elif cfg.kind == "local":
+    elif cfg.kind in ("local", "auto"):
         with _open_local(cfg) as handle:
             yield handle
     else:
@@ -121,11 +122,7 @@ def open_client(
 
 def local_worker_count(threads_per_worker: int = 1) -> int:
     """Worker processes that fit this machine: usable CPUs (affinity-aware) / threads per worker."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(1, threads_per_worker))
+    return max(1, usable_cpus() // max(1, threads_per_worker))
 
 
 @contextmanager

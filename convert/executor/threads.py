@@ -20,7 +20,7 @@ class ThreadExecutor(Executor):
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="convert-task")
         self._done: queue.Queue[Completion] = queue.Queue()
         self._pending = 0
-        self.description = f"ThreadExecutor {threads} threads (in process)"
+        self.description = f"ThreadExecutor {threads} thread{'s' if threads != 1 else ''} in this process"
 
     def slots(self) -> int:
         return self._threads
