@@ -23,7 +23,6 @@ from convert.testing.http import StaticServer
 from convert.testing.proxy import FaultProxy
 
 
-
 @pytest.fixture
 def http_server(tmp_path: Path) -> Iterator[StaticServer]:
     """A started StaticServer whose root is tmp_path/'www' (created empty)."""

@@ -89,8 +89,11 @@ def test_local_cluster_without_dashboard_and_with_threads() -> None:
 def _worker_sigint_and_env() -> tuple[bool, str | None, bool]:
     import signal as signal_
 
-    return signal_.getsignal(signal_.SIGINT) is signal_.SIG_IGN, os.environ.get("CONVERT_TEST_MARK"), \
-        "convert.worker" in sys.modules  # fmt: skip
+    return (
+        signal_.getsignal(signal_.SIGINT) is signal_.SIG_IGN,
+        os.environ.get("CONVERT_TEST_MARK"),
+        "convert.worker" in sys.modules,
+    )
 
 
 @pytest.mark.cluster
@@ -151,8 +154,16 @@ def dask_scheduler(tmp_path: Path) -> Iterator[tuple[str, Path, list[subprocess.
     port = _free_port()
     procs = [
         _spawn(
-            ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
-             "--scheduler-file", str(sched_file)],
+            [
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+                "--scheduler-file",
+                str(sched_file),
+            ],
             log,
         )
     ]
@@ -168,8 +179,18 @@ def dask_cluster(dask_scheduler, tmp_path: Path) -> Iterator[tuple[str, Path, in
     """dask_scheduler plus one `dask worker` process: (address, scheduler file, worker pid)."""
     address, sched_file, procs = dask_scheduler
     worker = _spawn(
-        ["distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-         "--host", "127.0.0.1", "--local-directory", str(tmp_path)],
+        [
+            "distributed.cli.dask_worker",
+            address,
+            "--nthreads",
+            "1",
+            "--no-nanny",
+            "--no-dashboard",
+            "--host",
+            "127.0.0.1",
+            "--local-directory",
+            str(tmp_path),
+        ],
         tmp_path / "worker.log",
     )
     procs.append(worker)
@@ -235,8 +256,16 @@ FULL = dict(cores=4, memory="16GiB", walltime="02:00:00", queue="gpu", account="
 def test_slurm_job_script_carries_every_setting() -> None:
     cfg = ClusterConfig(kind="slurm", job_extra=("--gres=gpu:1", "#SBATCH --exclusive"), **FULL)
     lines = job_script(cfg, job_name="conv").splitlines()
-    for directive in ("-J conv", "-p gpu", "-A proj42", "--cpus-per-task=4", "--mem=16G", "-t 02:00:00",
-                      "--gres=gpu:1", "--exclusive"):
+    for directive in (
+        "-J conv",
+        "-p gpu",
+        "-A proj42",
+        "--cpus-per-task=4",
+        "--mem=16G",
+        "-t 02:00:00",
+        "--gres=gpu:1",
+        "--exclusive",
+    ):
         assert f"#SBATCH {directive}" in lines, (directive, lines)
     command = lines[-1]
     assert command.startswith(f"{sys.executable} -m distributed.cli.dask_worker {SCHEDULER_PLACEHOLDER}")
@@ -246,15 +275,25 @@ def test_slurm_job_script_carries_every_setting() -> None:
 def test_pbs_job_script_carries_every_setting() -> None:
     cfg = ClusterConfig(kind="pbs", job_extra=("-l place=scatter",), **FULL)
     lines = job_script(cfg).splitlines()
-    for directive in ("-N convert", "-q gpu", "-A proj42", "-l select=1:ncpus=4:mem=16GB",
-                      "-l walltime=02:00:00", "-l place=scatter"):
+    for directive in (
+        "-N convert",
+        "-q gpu",
+        "-A proj42",
+        "-l select=1:ncpus=4:mem=16GB",
+        "-l walltime=02:00:00",
+        "-l place=scatter",
+    ):
         assert f"#PBS {directive}" in lines, (directive, lines)
     assert "-m distributed.cli.dask_worker" in lines[-1] and "--nthreads 2" in lines[-1]
 
 
 def test_unset_batch_values_fall_back_to_dask_jobqueue_config() -> None:
-    conf = {"jobqueue.slurm.cores": 3, "jobqueue.slurm.memory": "6GB", "jobqueue.slurm.queue": "from-yaml",
-            "jobqueue.slurm.walltime": "00:07:00"}
+    conf = {
+        "jobqueue.slurm.cores": 3,
+        "jobqueue.slurm.memory": "6GB",
+        "jobqueue.slurm.queue": "from-yaml",
+        "jobqueue.slurm.walltime": "00:07:00",
+    }
     with dask.config.set(conf):
         script = job_script(ClusterConfig(kind="slurm"))
         assert "#SBATCH --cpus-per-task=3" in script and "#SBATCH -p from-yaml" in script
@@ -278,8 +317,14 @@ def test_batch_cluster_without_submit_command_points_at_setup(monkeypatch, tmp_p
 
 
 def _remote_handle(address: str = "tcp://10.1.2.3:8786") -> ClusterHandle:
-    return ClusterHandle(client=None, description=f"scheduler {address}", dashboard_link=None,  # type: ignore[arg-type]
-                         scheduler_address=address, shared_filesystem_required=True, config=ClusterConfig())
+    return ClusterHandle(
+        client=None,
+        description=f"scheduler {address}",
+        dashboard_link=None,  # type: ignore[arg-type]
+        scheduler_address=address,
+        shared_filesystem_required=True,
+        config=ClusterConfig(),
+    )
 
 
 def test_local_paths_with_a_remote_scheduler_are_refused_with_the_fix(monkeypatch) -> None:
@@ -342,7 +387,7 @@ def test_kubernetes_daskjob_runs_convert_on_the_configmap_config() -> None:
     kinds = {d["kind"] for d in docs}
     assert {"DaskCluster", "DaskJob", "ConfigMap"} <= kinds
     configmap = next(d for d in docs if d["kind"] == "ConfigMap")
-    (key, text), = configmap["data"].items()
+    ((key, text),) = configmap["data"].items()
     config = yaml.safe_load(text)
     assert {"source", "output", "cluster"} <= set(config)
     job = next(d for d in docs if d["kind"] == "DaskJob")
@@ -431,7 +476,7 @@ def test_batch_job_script_turns_the_profiler_off_after_the_users_own_prologue(ki
     assert "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in exports
     # what a worker started after these lines reads from dask's config
     probe = "import dask.config, distributed; print(dask.config.get('distributed.worker.profile.enabled'))"
-    shell = "; ".join([*exports, f"{sys.executable} -c \"{probe}\""])
+    shell = "; ".join([*exports, f'{sys.executable} -c "{probe}"'])
     out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -450,4 +495,3 @@ def test_deployment_scripts_and_manifests_start_workers_without_the_profiler() -
         for spec in filter(None, specs):
             env = {e["name"]: e["value"] for e in _containers(spec)["worker"].get("env", [])}
             assert env.get(name) == "False", doc["kind"]
-

@@ -51,8 +51,10 @@ def test_a_small_plan_gets_threads_and_the_cluster_line_says_why(tmp_path: Path)
     source = SourceConfig(uri=str(tmp_path))
     with StartingExecutor(ClusterConfig(), source=source) as starting:
         with starting.executor(shards=2, items=20) as ex:
-            assert ex.description == ("ThreadExecutor 2 threads in this process "
-                                      f"(auto: 2 shards, 20 items <= {SMALL_SHARDS} shards and {SMALL_ITEMS} items)")
+            assert ex.description == (
+                "ThreadExecutor 2 threads in this process "
+                f"(auto: 2 shards, 20 items <= {SMALL_SHARDS} shards and {SMALL_ITEMS} items)"
+            )
             ex.submit("a", os.getpid)
             (done,) = list(ex.completions())
             assert done.result == os.getpid()  # in this process: no cluster was started

@@ -55,8 +55,9 @@ pytestmark = [pytest.mark.slurm, requires_slurm]
 
 def _squeue(job_ids: list[str]) -> dict[str, str]:
     """{job id: state} for those of job_ids still known to squeue."""
-    out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True,
-                         text=True, timeout=15).stdout
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=15
+    ).stdout
     return dict(line.split() for line in out.splitlines() if line.strip())
 
 
@@ -126,9 +127,14 @@ def _sbatch_wait(tmp_path: Path, command: str | None, *args: str, timeout: float
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # convert-dataset
     if command is not None:
         env["CONVERT_COMMAND"] = command
-    submit = subprocess.run(["sbatch", "--parsable", "--ntasks=2", f"--output={tmp_path}/job-%j.out",
-                             str(SBATCH_SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=30)
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks=2", f"--output={tmp_path}/job-%j.out", str(SBATCH_SCRIPT), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert submit.returncode == 0, submit.stderr
     job_id = submit.stdout.strip().split(";")[0]
     deadline = time.monotonic() + timeout
@@ -169,8 +175,15 @@ def test_sbatch_script_propagates_the_conversion_exit_code(tmp_path: Path) -> No
 @pytest.mark.timeout(240)
 def test_sbatch_script_converts_the_demo_dataset(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    state, code = _sbatch_wait(tmp_path, None, str(ROOT / "configs" / "demo.yaml"),
-                                "--source", str(ROOT / "configs" / "sample-images"), "--output", str(out))
+    state, code = _sbatch_wait(
+        tmp_path,
+        None,
+        str(ROOT / "configs" / "demo.yaml"),
+        "--source",
+        str(ROOT / "configs" / "sample-images"),
+        "--output",
+        str(out),
+    )
     logs = "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert (state, code) == ("COMPLETED", 0), logs
     assert "scheduler tcp://127.0.0.1:" in logs  # ran on the job's scheduler, not a LocalCluster
@@ -184,10 +197,31 @@ def test_submit_converts_the_demo_through_sbatch_jobs(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     env = {**os.environ, "DASK_JOBQUEUE__SLURM__INTERFACE": "lo", "DASK_JOBQUEUE__SLURM__LOG_DIRECTORY": str(logs)}
     result = subprocess.run(
-        [sys.executable, "-m", "convert", "submit", "configs/demo.yaml", "--output", str(tmp_path / "out"),
-         "--cluster", "slurm", "--jobs", "2", "--cores", "1", "--memory", "1GB", "--walltime", "00:10:00"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=280,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "convert",
+            "submit",
+            "configs/demo.yaml",
+            "--output",
+            str(tmp_path / "out"),
+            "--cluster",
+            "slurm",
+            "--jobs",
+            "2",
+            "--cores",
+            "1",
+            "--memory",
+            "1GB",
+            "--walltime",
+            "00:10:00",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=280,
+    )
     assert result.returncode == 0, result.stderr
     line = next(ln for ln in result.stderr.splitlines() if ln.startswith("batch jobs:"))
     job_ids = line.split(":", 1)[1].split()

@@ -59,6 +59,7 @@ def _jobqueue() -> Any:
             dask.config.update(dask.config.config, yaml.safe_load(f), priority="old")
     return dask_jobqueue
 
+
 logger = logging.getLogger(__name__)
 
 #: seconds to wait for a batch cluster's first worker (jobs may queue); env overrides

@@ -43,8 +43,9 @@ class StartingExecutor:
     otherwise wait for the plan size given to `executor()`; without `source` it starts one early.
     A cluster started early is used whatever the plan size."""
 
-    def __init__(self, cfg: ClusterConfig, job_name: str = "convert", *, early: bool = True,
-                 source: SourceConfig | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: ClusterConfig, job_name: str = "convert", *, early: bool = True, source: SourceConfig | None = None
+    ) -> None:
         self._cfg, self._job_name = cfg, job_name
         self._early: Choice | None = None  # the cluster started before the plan was known
         self._stack = contextlib.ExitStack()
@@ -114,4 +115,3 @@ def _described(ex: Executor, choice: Choice) -> Executor:
     if choice.reason and choice.reason not in ex.description:
         ex.description = f"{ex.description} ({choice.reason})"
     return ex
-

@@ -59,8 +59,14 @@ def timed_run(tree: Path, args: list[str], env_extra: dict[str, str]) -> dict[st
     env = dict(os.environ, PYTHONPATH=str(tree), **env_extra)  # run from tree.parent: `-m` puts the cwd first
     imported = import_seconds(tree, env_extra)
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "convert", "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=tree.parent)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convert", "run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tree.parent,
+    )
     marks: dict[str, float] = {}
     lines: list[str] = []
 
@@ -84,9 +90,15 @@ def timed_run(tree: Path, args: list[str], env_extra: dict[str, str]) -> dict[st
     reader.join(60)
     if code != 0 or not {"plan", "cluster", "summary"} <= set(marks):
         raise SystemExit(f"run failed (exit {code}):\n{''.join(lines[-20:])}")
-    return {"import": imported, "plan": marks["plan"], "cluster": marks["cluster"] - marks["plan"],
-            "convert": marks["summary"] - marks["cluster"], "teardown": marks["exit"] - marks["summary"],
-            "eof": marks["eof"] - marks["summary"], "wall": marks["eof"]}  # fmt: skip
+    return {
+        "import": imported,
+        "plan": marks["plan"],
+        "cluster": marks["cluster"] - marks["plan"],
+        "convert": marks["summary"] - marks["cluster"],
+        "teardown": marks["exit"] - marks["summary"],
+        "eof": marks["eof"] - marks["summary"],
+        "wall": marks["eof"],
+    }
 
 
 def report(title: str, results: dict[str, list[dict[str, float]]]) -> None:
@@ -98,24 +110,29 @@ def report(title: str, results: dict[str, list[dict[str, float]]]) -> None:
     old, new = med["old"], med["new"]
     fixed_old = old["plan"] + old["cluster"] + old["eof"]
     fixed_new = new["plan"] + new["cluster"] + new["eof"]
-    print(f"fixed cost (plan + cluster + summary->EOF): old {fixed_old:.2f} s, new {fixed_new:.2f} s, "
-          f"saved {fixed_old - fixed_new:.2f} s ({fixed_old / fixed_new:.2f}x); "
-          f"wall old/new {old['wall'] / new['wall']:.2f}x; executor-ready (start -> cluster line) "
-          f"old {old['plan'] + old['cluster']:.2f} s, local {med['local']['plan'] + med['local']['cluster']:.2f} s, "
-          f"new {new['plan'] + new['cluster']:.2f} s")  # fmt: skip
+    print(
+        f"fixed cost (plan + cluster + summary->EOF): old {fixed_old:.2f} s, new {fixed_new:.2f} s, "
+        f"saved {fixed_old - fixed_new:.2f} s ({fixed_old / fixed_new:.2f}x); "
+        f"wall old/new {old['wall'] / new['wall']:.2f}x; executor-ready (start -> cluster line) "
+        f"old {old['plan'] + old['cluster']:.2f} s, local {med['local']['plan'] + med['local']['cluster']:.2f} s, "
+        f"new {new['plan'] + new['cluster']:.2f} s"
+    )
 
 
-def workload(name: str, trees: dict[str, tuple[Path, list[str], dict[str, str]]], args: list[str], out: Path,
-             rounds: int) -> None:  # fmt: skip
+def workload(
+    name: str, trees: dict[str, tuple[Path, list[str], dict[str, str]]], args: list[str], out: Path, rounds: int
+) -> None:
     results: dict[str, list[dict[str, float]]] = {v: [] for v in trees}
     for i in range(rounds):
         for variant, (tree, extra, env) in trees.items():
             shutil.rmtree(out, ignore_errors=True)
             results[variant].append(timed_run(tree, [*args, *extra, "--output", str(out), "--overwrite"], env))
             r = results[variant][-1]
-            print(f"  {name} round {i + 1} {variant:6} wall {r['wall']:6.2f} s  (import {r['import']:.2f}, plan {r['plan']:.2f}, cluster "
-                  f"{r['cluster']:.2f}, convert {r['convert']:.2f}, exit {r['teardown']:.2f}, eof {r['eof']:.2f})",
-                  flush=True)  # fmt: skip
+            print(
+                f"  {name} round {i + 1} {variant:6} wall {r['wall']:6.2f} s  (import {r['import']:.2f}, plan {r['plan']:.2f}, cluster "
+                f"{r['cluster']:.2f}, convert {r['convert']:.2f}, exit {r['teardown']:.2f}, eof {r['eof']:.2f})",
+                flush=True,
+            )
     report(name, results)
 
 
@@ -126,29 +143,50 @@ def main() -> None:
     parser.add_argument("--urls", default="/tmp/urls5k.csv", help="URL list for the large run ('' to skip)")
     parser.add_argument("--baseline-ref", default=BASELINE, help="git ref of the old code [%(default)s]")
     a = parser.parse_args()
-    ref = subprocess.run(["git", "-C", str(ROOT), "rev-parse", a.baseline_ref], check=True, capture_output=True,
-                         text=True).stdout.strip()  # fmt: skip
+    ref = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", a.baseline_ref], check=True, capture_output=True, text=True
+    ).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp_:
         tmp = Path(tmp_)
         sys.path.insert(0, str(ROOT))
         from convert.testing.images import write_image_folder
 
         write_image_folder(tmp / "tiny", {"a": a.tiny // 2, "b": a.tiny - a.tiny // 2}, size=(64, 64))
-        trees = {"old": (extract(ref, tmp / "old"), [], {}), "local": (ROOT, ["--set", "cluster.kind=local"], {}),
-                 "new": (ROOT, [], {})}  # fmt: skip
+        trees = {
+            "old": (extract(ref, tmp / "old"), [], {}),
+            "local": (ROOT, ["--set", "cluster.kind=local"], {}),
+            "new": (ROOT, [], {}),
+        }
         print(f"old = {ref[:12]}, new = {ROOT}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-        workload(f"tiny ({a.tiny} local images)", trees, ["--source", str(tmp / "tiny"), "--size", "32"],
-                 tmp / "out", a.rounds)  # fmt: skip
+        workload(
+            f"tiny ({a.tiny} local images)",
+            trees,
+            ["--source", str(tmp / "tiny"), "--size", "32"],
+            tmp / "out",
+            a.rounds,
+        )
         from convert.testing.http import StaticServer
 
         with StaticServer(root=tmp / "tiny") as srv:  # the same images as a URL list, on 127.0.0.1
             urls = tmp / "tiny.txt"
-            urls.write_text("".join(f"{srv.url_for(str(p.relative_to(tmp / 'tiny')))}\n"
-                                    for p in sorted((tmp / "tiny").rglob("*.jpg"))))  # fmt: skip
+            urls.write_text(
+                "".join(
+                    f"{srv.url_for(str(p.relative_to(tmp / 'tiny')))}\n" for p in sorted((tmp / "tiny").rglob("*.jpg"))
+                )
+            )
             args = ["--source", str(urls), "--size", "32", "--set", "fetch.allow_private_networks=true"]
             workload(f"tiny URL list ({a.tiny} URLs)", trees, args, tmp / "out", a.rounds)
         if a.urls and Path(a.urls).is_file():
-            args = ["--source", a.urls, "--size", "64", "--shard-size", "250", "--set", "fetch.allow_private_networks=true"]
+            args = [
+                "--source",
+                a.urls,
+                "--size",
+                "64",
+                "--shard-size",
+                "250",
+                "--set",
+                "fetch.allow_private_networks=true",
+            ]
             workload(f"URL list ({a.urls})", trees, args, tmp / "out", a.rounds)
         print(f"\nload average at the end {os.getloadavg()[0]:.2f} (2 cores shared: other jobs may have run)")
 
