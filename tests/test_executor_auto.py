@@ -6,13 +6,23 @@ uses it; the rule itself is a pure function (convert.executor.auto.choose_cluste
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from convert.config import ClusterConfig, SourceConfig, load_config
 from convert.executor.auto import LARGE_LIST_BYTES, SMALL_ITEMS, SMALL_SHARDS, choose_cluster, likely_large
 from convert.executor.early import StartingExecutor
+from convert.testing import images as gen
+from convert.testing.http import StaticServer
+from convert.testing.proxy import FaultProxy, Rule
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_auto_is_the_default_and_a_small_plan_runs_in_process() -> None:
@@ -70,3 +80,47 @@ def test_a_large_plan_gets_a_local_cluster_and_the_cluster_line_says_why(tmp_pat
             ex.submit("a", os.getpid)
             (done,) = list(ex.completions())
             assert done.result != os.getpid()  # a worker process
+
+
+def _cli(*args: str, **kw: Any) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "convert", "run", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT, **kw)
+
+
+@pytest.mark.cluster
+@pytest.mark.xfail(reason="needs orchestrate to pass the plan size: starting.executor(shards=..., items=...)")
+def test_a_ten_image_run_converts_in_process_and_says_why(tmp_path: Path) -> None:
+    gen.write_image_folder(tmp_path / "src", {"a": 5, "b": 5}, size=(32, 32))
+    proc = _cli("--source", str(tmp_path / "src"), "--output", str(tmp_path / "out"), "--size", "16")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    line = next(ln for ln in out.splitlines() if ln.startswith("cluster:"))
+    assert line.startswith("cluster: ThreadExecutor 1 thread in this process (auto: 1 shard, 10 items <= "), line
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_ends_a_small_run_at_once_while_its_shards_wait_on_a_slow_server(tmp_path: Path) -> None:
+    """A small plan runs on threads of the client: SIGTERM must not wait for the shards in flight."""
+    paths = gen.write_image_folder(tmp_path / "www", {"x": 8}, size=(16, 16))
+    with StaticServer(root=tmp_path / "www") as server:
+        proxy = FaultProxy(server.url, default=Rule(latency=3.0)).start()
+        try:
+            urls = tmp_path / "urls.txt"
+            urls.write_text("".join(f"{proxy.url}/x/{p.name}\n" for p in paths))
+            args = ["--source", str(urls), "--output", str(tmp_path / "out"), "--shard-size", "4", "--size", "8"]
+            sets = ["fetch.threads=1", "fetch.allow_private_networks=true", "cluster.kind=threads"]  # what auto picks
+            proc = _cli(*args, *(arg for kv in sets for arg in ("--set", kv)))
+            assert proc.stdout is not None
+            for line in proc.stdout:  # the shards are running once the executor is announced
+                if line.startswith("cluster:"):
+                    break
+            time.sleep(0.5)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rest, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 143, rest
+            assert time.monotonic() - sent < 2.5, "the run waited for its running shards"  # each needs 4 x 3 s
+            assert "interrupted:" in rest and "Traceback" not in rest
+        finally:
+            proxy.stop()
