@@ -495,3 +495,19 @@ def test_deployment_scripts_and_manifests_start_workers_without_the_profiler() -
         for spec in filter(None, specs):
             env = {e["name"]: e["value"] for e in _containers(spec)["worker"].get("env", [])}
             assert env.get(name) == "False", doc["kind"]
+
+
+def test_pbs_worker_command_carries_the_settings_through_pbsdsh_which_passes_no_environment(tmp_path: Path) -> None:
+    text = (DEPLOY / "pbs" / "convert.pbs").read_text()
+    settings = text[text.index("DASK_SETTINGS=") : text.index("# shellcheck disable=SC2086  # a word list")]
+    cmd_at = text.index("WORKER_CMD=")
+    worker_cmd = text[cmd_at : text.index("\n", text.index("--death-timeout", cmd_at))]  # the real two lines
+    probe = "import dask.config, distributed; print(dask.config.get('distributed.worker.profile.enabled'))"
+    fake_python = tmp_path / "python"  # stands in for $PY: prints what a worker would read, starts nothing
+    fake_python.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{probe}"\n')
+    fake_python.chmod(0o755)
+    node = f"WORKDIR={tmp_path}; PY={fake_python}; SCHED_FILE=x; THREADS=1; IFACE=()\n{settings}{worker_cmd}\n"
+    # what pbsdsh runs on a node: `bash -c "$WORKER_CMD"`, in an environment without the job's variables
+    script = node + 'env -i PATH="$PATH" PYTHONPATH="$PYTHONPATH" bash -c "$WORKER_CMD"'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
