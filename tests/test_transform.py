@@ -20,7 +20,8 @@ from PIL import Image, ImageOps
 from convert.config import ImageConfig
 from convert.specs import ItemError, Status
 from convert.testing import images
-from convert.transform import _needed_size, output_shape, transform
+from convert.geometry import needed_size
+from convert.transform import output_shape, transform
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -190,7 +191,7 @@ def test_draft_is_used_and_stays_close() -> None:
 @settings(max_examples=60, deadline=None)
 def test_draft_request_keeps_enough_pixels(w, h, tw, th, orientation, resize) -> None:
     """A real JPEG drafted with the requested size still covers what the resize mode needs."""
-    need = _needed_size((w, h), orientation, cfg(size=(th, tw), resize=resize))
+    need = needed_size((w, h), orientation, cfg(size=(th, tw), resize=resize))
     img = pil(images.encode(Image.new("RGB", (w, h)), "JPEG"))
     if need is not None:
         img.draft("RGB", need)
