@@ -75,6 +75,7 @@ def transform(
     t = clock.now()
     if isinstance(data, np.ndarray):
         img = _from_array(data, cfg)
+        src = img.size
         _note(facts, img.size, "array")
         if cfg.encode == "original":
             t = clock.lap("decode", t)
@@ -85,7 +86,7 @@ def transform(
         data = bytes(data)
         fast = _fast_jpeg(data, cfg, facts) if _wants_fast(data, cfg) else None
         if fast is not None:
-            return _finish(fast, cfg, clock, clock.lap("decode", t))
+            return _finish(*fast, cfg, clock, clock.lap("decode", t))
         img = _open(data, cfg, facts)
         _note(facts, img.size, img.format, "pillow")
         if cfg.encode == "original":
@@ -94,14 +95,17 @@ def transform(
             _load(img)
             clock.lap("decode", t)
             return data
-        img = _decode(img, cfg)
-    return _finish(img, cfg, clock, clock.lap("decode", t))
+        img, src = _decode(img, cfg)
+    return _finish(img, src, cfg, clock, clock.lap("decode", t))
 
 
-def _finish(img: Image.Image, cfg: ImageConfig, clock: StageClock, t: int) -> np.ndarray | bytes:
-    """Decoded, upright image -> working mode -> geometry -> pixels or encoded bytes."""
+def _finish(
+    img: Image.Image, src: tuple[int, int], cfg: ImageConfig, clock: StageClock, t: int
+) -> np.ndarray | bytes:
+    """Decoded, upright image (`src`: the source's upright size, before any draft) -> working mode ->
+    geometry -> pixels or encoded bytes."""
     img = _to_working_mode(img, cfg)
-    img = _resize(img, cfg)
+    img = _resize(img, src, cfg)
     t = clock.lap("resize", t)
     if cfg.encode == "raw":
         arr = np.array(img, dtype=np.uint8)
@@ -123,8 +127,9 @@ def _wants_fast(data: bytes, cfg: ImageConfig) -> bool:
     return cfg.draft and cfg.decoder != "pillow" and cfg.encode != "original" and data[:3] == b"\xff\xd8\xff"
 
 
-def _fast_jpeg(data: bytes, cfg: ImageConfig, facts: SourceFacts | None) -> Image.Image | None:
-    """Upright pixels of a common JPEG via the DCT-scaled fast decoder, or None to use Pillow."""
+def _fast_jpeg(data: bytes, cfg: ImageConfig, facts: SourceFacts | None) -> tuple[Image.Image, tuple[int, int]] | None:
+    """Upright pixels of a common JPEG via the DCT-scaled fast decoder and the source's upright
+    size, or None to use Pillow."""
     head = scan_jpeg(data)  # a broken header is DECODE_ERROR on either path
     if not fast_eligible(head):
         return None
@@ -138,7 +143,8 @@ def _fast_jpeg(data: bytes, cfg: ImageConfig, facts: SourceFacts | None) -> Imag
     if img is None:
         return None
     _note(facts, (head.width, head.height), "jpeg", "simplejpeg")
-    return upright(img, orientation)
+    src = (head.height, head.width) if orientation >= 5 else (head.width, head.height)
+    return upright(img, orientation), src
 
 
 def _open(data: bytes, cfg: ImageConfig, facts: SourceFacts | None) -> Image.Image:
@@ -190,16 +196,17 @@ def _load(img: Image.Image) -> None:
         raise ItemError(Status.DECODE_ERROR, f"{img.format} decode: {type(exc).__name__}: {exc}") from None
 
 
-def _decode(img: Image.Image, cfg: ImageConfig) -> Image.Image:
-    """Draft (JPEG), decode, and make the image upright."""
+def _decode(img: Image.Image, cfg: ImageConfig) -> tuple[Image.Image, tuple[int, int]]:
+    """Draft (JPEG), decode, and make the image upright; also the source's upright size."""
     orientation = pil_orientation(img)
+    src = (img.size[1], img.size[0]) if orientation >= 5 else img.size
     if cfg.draft and isinstance(img, JpegImagePlugin.JpegImageFile):
         need = needed_size(img.size, orientation, cfg)
         mode = "L" if cfg.mode == "L" and img.mode == "RGB" else None
         if need is not None or mode is not None:
             img.draft(mode, need)
     _load(img)
-    return upright(img, orientation)
+    return upright(img, orientation), src
 
 
 def _from_array(arr: np.ndarray, cfg: ImageConfig) -> Image.Image:
@@ -251,19 +258,27 @@ def _flatten_alpha(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     return canvas
 
 
-def _resize(img: Image.Image, cfg: ImageConfig) -> Image.Image:
-    """Geometry per resize mode (convert.geometry.plan). Converts to cfg.mode at the end."""
-    p = plan(img.size, cfg)
+def _resize(img: Image.Image, src: tuple[int, int], cfg: ImageConfig) -> Image.Image:
+    """Geometry per resize mode (convert.geometry.plan), decided on the source's size `src` so a
+    drafted decode gives the same output size. Converts to cfg.mode at the end."""
+    p = plan(src, cfg)
     if p is None:
-        out = img
-    elif p.canvas is None:
-        out = _resample(img, p.size, p.box)
+        return img.convert(cfg.mode) if img.mode != cfg.mode else img
+    box = p.box if p.box is None or img.size == src else _scale_box(p.box, src, img.size)
+    if p.canvas is None:
+        out = _resample(img, p.size, box)
     else:  # pad: the fitted content centred on a pad_color canvas
         (fw, fh), (tw, th) = p.size, p.canvas
-        content = _resample(img, p.size, p.box).convert(cfg.mode)
+        content = _resample(img, p.size, box).convert(cfg.mode)
         out = Image.new(cfg.mode, (tw, th), _fill_value(cfg.pad_color, cfg.mode))
         out.paste(content, ((tw - fw) // 2, (th - fh) // 2))
     return out.convert(cfg.mode) if out.mode != cfg.mode else out
+
+
+def _scale_box(box: Box, src: tuple[int, int], got: tuple[int, int]) -> Box:
+    """A source-coordinate box in the coordinates of the decoded (drafted) image."""
+    kx, ky = got[0] / src[0], got[1] / src[1]
+    return (box[0] * kx, box[1] * ky, box[2] * kx, box[3] * ky)
 
 
 def _resample(img: Image.Image, size: tuple[int, int], box: Box | None) -> Image.Image:
