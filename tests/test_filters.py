@@ -231,15 +231,20 @@ def test_keep_ratio_and_filters_end_to_end(tmp_path, fmt):
                         "b/long.jpg": "aspect ratio 5 > image.max_aspect_ratio 4 (200x40)"}  # fmt: skip
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
-def test_reader_turns_original_bytes_upright(fmt):
-    """Issue 20.5: what `encode: original` stored reads back as the write side would decode it."""
-    src = images.photo_like(120, 80, seed=7)
-    data = images.exif_rotated(src, fmt, 6)
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("WEBP", "RGB")])
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_reader_turns_original_bytes_upright(fmt, mode, orientation):
+    """Issue 20.5: what `encode: original` stored reads back as the write side decodes it (JPEG
+    through simplejpeg, PNG/WebP through Pillow)."""
+    src = images.photo_like(120, 80, seed=7).convert(mode)
+    data = images.exif_rotated(src, fmt, orientation)
     arr = decode_stored(data)
-    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
-    assert arr.shape == (120, 80, 3) and mae(arr, upright) <= (1.0 if fmt == "JPEG" else 0.0)
-    written = transform(data, ImageConfig(resize="none", size=None))
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
+    upright = upright[:, :, None] if upright.ndim == 2 else upright
+    channels = 1 if mode == "L" else 3
+    want = (80, 120, channels) if orientation == 3 else (120, 80, channels)
+    assert arr.shape == want and mae(arr, upright) <= (1.0 if fmt == "JPEG" else 0.0)
+    written = transform(data, ImageConfig(resize="none", size=None, mode=mode))
     assert mae(arr, written) <= 1.0
 
 
