@@ -50,7 +50,7 @@ def output_shape(cfg: ImageConfig) -> tuple[int, int, int] | None:
     """Fixed (H, W, C) of transform() output for raw pixels with a resize; None if variable or encoded
     (resize none, keep_ratio modes, stretch/center_crop with upscale false): writers then store each
     image's own shape."""
-    if cfg.encode != "raw" or not fixed_shape(cfg):
+    if cfg.encode != "raw" or cfg.size is None or not fixed_shape(cfg):
         return None
     return (cfg.size[0], cfg.size[1], 3 if cfg.mode == "RGB" else 1)
 
@@ -127,7 +127,10 @@ def _wants_fast(data: bytes, cfg: ImageConfig) -> bool:
     return cfg.draft and cfg.decoder != "pillow" and cfg.encode != "original" and data[:3] == b"\xff\xd8\xff"
 
 
-def _fast_jpeg(data: bytes, cfg: ImageConfig, facts: SourceFacts | None) -> tuple[Image.Image, tuple[int, int]] | None:
+Decoded = tuple[Image.Image, tuple[int, int]]  # upright pixels (maybe drafted), the source's upright (w, h)
+
+
+def _fast_jpeg(data: bytes, cfg: ImageConfig, facts: SourceFacts | None) -> Decoded | None:
     """Upright pixels of a common JPEG via the DCT-scaled fast decoder and the source's upright
     size, or None to use Pillow."""
     head = scan_jpeg(data)  # a broken header is DECODE_ERROR on either path
@@ -196,7 +199,7 @@ def _load(img: Image.Image) -> None:
         raise ItemError(Status.DECODE_ERROR, f"{img.format} decode: {type(exc).__name__}: {exc}") from None
 
 
-def _decode(img: Image.Image, cfg: ImageConfig) -> tuple[Image.Image, tuple[int, int]]:
+def _decode(img: Image.Image, cfg: ImageConfig) -> Decoded:
     """Draft (JPEG), decode, and make the image upright; also the source's upright size."""
     orientation = pil_orientation(img)
     src = (img.size[1], img.size[0]) if orientation >= 5 else img.size
@@ -285,7 +288,7 @@ def _resample(img: Image.Image, size: tuple[int, int], box: Box | None) -> Image
     if box is None:
         return img if img.size == size else img.resize(size, RESAMPLE, reducing_gap=REDUCING_GAP)
     if (box[2] - box[0], box[3] - box[1]) == size and all(float(v).is_integer() for v in box):
-        return img.crop(tuple(int(v) for v in box))  # a crop at the source's scale: no resampling
+        return img.crop(box)  # a crop at the source's scale (integer box): no resampling
     return img.resize(size, RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
 
 

@@ -180,7 +180,8 @@ def test_upscale_false_center_crop_and_pad_do_not_resample():
     png = images.encode(src, "PNG")
     crop = transform(png, ImageConfig(size=64, resize="center_crop", upscale=False))
     np.testing.assert_array_equal(crop, np.asarray(src)[:, 18:82])
-    pad = transform(images.encode(src.crop((0, 0, 50, 40)), "PNG"), ImageConfig(size=64, resize="pad", upscale=False))
+    small = images.encode(src.crop((0, 0, 50, 40)), "PNG")
+    pad = transform(small, ImageConfig(size=64, resize="pad", upscale=False))
     np.testing.assert_array_equal(pad[12:52, 7:57], np.asarray(src)[:, :50])
     assert (pad[:12] == 0).all() and (pad[:, :7] == 0).all()
 
