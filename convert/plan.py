@@ -53,19 +53,22 @@ def output_settings(config_data: dict[str, Any]) -> dict[str, Any]:
     Missing keys (a manifest written before they existed) read as their defaults then.
     """
     out, src = config_data["output"], config_data["source"]
-    return {
+    fmt = out["format"]
+    own = {k: v for k, v in ((out.get("options") or {}).get(fmt) or {}).items()
+           if k not in ("compression", "compression_level")}  # fmt: skip
+    return {  # keys flatten to the config's own dotted names (summary.explain_changes shows them)
         "image": config_data["image"],
-        "format": out["format"],
+        "format": fmt,
         "compression": out["compression"],
         "compression_level": out["compression_level"],
-        "format_options": (out.get("options") or {}).get(out["format"], {}),
-        "columns": {
+        f"output.{fmt}": own,
+        "source": {
             "caption_column": src.get("caption_column", "auto"),
             "columns": src.get("columns", []),
             "max_text_bytes": src.get("max_text_bytes", 65536),
             "hash_column": src.get("hash_column"),
         },
-        "compute_hash": config_data.get("fetch", {}).get("compute_hash", "sha256"),
+        "fetch.compute_hash": config_data.get("fetch", {}).get("compute_hash", "sha256"),
     }
 
 
