@@ -18,6 +18,13 @@ Resize modes (`image.size` is (H, W); keep_ratio modes take one length S, stored
   and unpadded): stretch shrinks each side to at most the target; center_crop takes the centred
   min(W, w) x min(H, h) region when covering the target would enlarge; pad centres the image at its
   own size on the (W, H) canvas when fitting would enlarge, so pad keeps its fixed shape.
+
+Other differences from img2dataset to expect in a comparison (its modes: fixed = our stretch,
+border = pad with a white canvas, no = none): it decodes with OpenCV's IMREAD_UNCHANGED, which
+ignores EXIF orientation, so an orientation 5-8 image comes out transposed there and upright here
+(the filters agree: they do not depend on orientation); it filters after a full decode, so a
+truncated file it reports as a decode error can be `filtered` here; it resamples with OpenCV
+(INTER_AREA down, LANCZOS up), we with Pillow's antialiased BICUBIC after a JPEG DCT-scaled decode.
 """
 
 from __future__ import annotations
