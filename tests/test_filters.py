@@ -230,6 +230,8 @@ def test_keep_ratio_and_filters_end_to_end(tmp_path, fmt):
     filtered = {k: e for k, s, e in zip(ledger["key"], ledger["status"], ledger["error"]) if s == "filtered"}
     assert filtered == {"b/tiny.jpg": "shorter side 19 px < image.min_size 20 (40x19)",
                         "b/long.jpg": "aspect ratio 5 > image.max_aspect_ratio 4 (200x40)"}  # fmt: skip
+    row = ledger["key"].index("b/tiny.jpg")  # the header was read: the source columns are filled
+    assert (ledger["width"][row], ledger["height"][row], ledger["src_format"][row]) == (40, 19, "jpeg")
 
 
 @pytest.mark.parametrize("fmt,mode", [("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("WEBP", "RGB")])
