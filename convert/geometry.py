@@ -57,7 +57,8 @@ def fixed_shape(cfg: ImageConfig) -> bool:
 
 
 def check_header(w: int, h: int, cfg: ImageConfig) -> None:
-    """The pixel cap, then the filters, on the header's size; raises ItemError before any decode.
+    """The pixel cap, then the filters, then the cap on a keep_ratio output, on the header's size;
+    raises ItemError before any decode.
 
     The filters are rotation-invariant, so the stored (pre-EXIF) size decides them. Boundaries as
     img2dataset: min(w, h) < min_size, max/min > max_aspect_ratio and w*h > max_area are refused.
@@ -74,6 +75,14 @@ def check_header(w: int, h: int, cfg: ImageConfig) -> None:
         )
     if cfg.max_area is not None and w * h > cfg.max_area:
         raise ItemError(Status.FILTERED, f"area {w}x{h} = {w * h} px > image.max_area {cfg.max_area}")
+    p = plan((w, h), cfg) if cfg.resize in KEEP_RATIO else None  # only these grow without bound
+    if p is not None and p.size[0] * p.size[1] > cfg.max_pixels:  # e.g. a 1x2000 sliver to keep_ratio 512
+        ow, oh = p.size
+        raise ItemError(
+            Status.DECOMPRESSION_BOMB,
+            f"{w}x{h} would resize to {ow}x{oh} = {ow * oh} pixels, over max_pixels={cfg.max_pixels}"
+            " (set image.max_aspect_ratio to filter such images)",
+        )
 
 
 def plan(src: tuple[int, int], cfg: ImageConfig) -> Plan | None:

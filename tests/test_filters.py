@@ -106,6 +106,14 @@ def test_bomb_cap_is_checked_before_filters():
     assert err.status == Status.DECOMPRESSION_BOMB
 
 
+def test_keep_ratio_output_is_capped_by_max_pixels():
+    """A sliver upscaled to keep_ratio would be 512 x 1,024,000: refused from the header, not an OOM."""
+    sliver = images.encode(images.photo_like(1, 2000), "PNG")
+    err, _, _ = refused(sliver, size=512, resize="keep_ratio")
+    assert err.status == Status.DECOMPRESSION_BOMB and "would resize to 512x1024000" in err.message
+    assert transform(sliver, ImageConfig(size=512, resize="keep_ratio", upscale=False)).shape == (2000, 1, 3)
+
+
 def test_filter_settings_are_validated():
     for bad in ({"min_size": -1}, {"max_aspect_ratio": 0.5}, {"max_area": 0}):
         with pytest.raises(ValidationError):
