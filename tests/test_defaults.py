@@ -11,6 +11,7 @@ import pytest
 from convert.backends import missing_backend
 from convert.config import load_config
 from convert.fetch import curl
+from convert.task import policy_uses_curl
 from convert.testing.images import jpeg_bytes
 from convert.transform import SourceFacts, transform
 
@@ -26,7 +27,7 @@ def test_default_install_declares_the_fast_libraries_and_keeps_the_old_extras() 
 
 def test_a_default_config_fetches_http_with_libcurl_and_decodes_jpegs_with_simplejpeg() -> None:
     config = load_config(None, {"source.uri": "urls.txt", "output.uri": "out"})
-    assert config.fetch.backend == "auto" and config.fetch.policy().uses_curl is curl.AVAILABLE is True
+    assert config.fetch.backend == "auto" and policy_uses_curl(config) is curl.AVAILABLE is True
     facts = SourceFacts()
     pixels = transform(jpeg_bytes(320, 240), config.image, facts=facts)
     assert facts.decoder == "simplejpeg" and pixels.shape == (64, 64, 3)
@@ -34,7 +35,7 @@ def test_a_default_config_fetches_http_with_libcurl_and_decodes_jpegs_with_simpl
 
 def test_without_pycurl_auto_falls_back_to_urllib3(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(curl, "AVAILABLE", False)
-    assert load_config(None, {"source.uri": "u.txt", "output.uri": "o"}).fetch.policy().uses_curl is False
+    assert policy_uses_curl(load_config(None, {"source.uri": "u.txt", "output.uri": "o"})) is False
 
 
 def test_a_missing_storage_backend_is_one_line_naming_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
