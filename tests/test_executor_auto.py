@@ -82,6 +82,16 @@ def test_a_large_plan_gets_a_local_cluster_and_the_cluster_line_says_why(tmp_pat
             assert done.result != os.getpid()  # a worker process
 
 
+@pytest.mark.cluster
+def test_a_large_local_list_starts_its_local_cluster_while_planning(tmp_path: Path) -> None:
+    big = tmp_path / "big.txt"
+    with big.open("wb") as f:
+        f.truncate(LARGE_LIST_BYTES)
+    with StartingExecutor(ClusterConfig(workers=1, dashboard=False), source=SourceConfig(uri=str(big))) as starting:
+        with starting.executor(shards=1, items=1) as ex:  # started before the plan was known: used anyway
+            assert ex.description == "LocalCluster 1 worker x 1 thread (auto: a large source list)"
+
+
 def _cli(*args: str, **kw: Any) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "convert", "run", *args]
