@@ -50,7 +50,7 @@ def choose_cluster(cfg: ClusterConfig, shards: int | None = None, items: int | N
     if cfg.kind != "auto":
         return Choice(cfg)
     if cfg.scheduler or cfg.scheduler_file:
-        return Choice(cfg.model_copy(update={"kind": "local"}), "auto: a scheduler is configured")
+        return Choice(cfg.model_copy(update={"kind": "local"}))  # connect to it (its line names it)
     local = cfg.model_copy(update={"kind": "local"})
     if shards is None or items is None:
         return Choice(local, "auto: plan size not known")
