@@ -3,6 +3,7 @@ and a stopped run that does not wait for its running shards."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -51,3 +52,22 @@ def test_a_stopped_run_does_not_wait_for_its_running_tasks() -> None:
     assert time.monotonic() - t0 < 2
     assert all(t.daemon for t in threading.enumerate() if t.name.startswith("convert-task-"))
     release.set()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="worker._quiet_finalizers swaps the process-wide sys.stderr per shard: two shards closing on two "
+    "threads leave it swapped, and the run's summary is lost (~1 run in 10 of the demo in process); remove "
+    "this mark with the fix (refcounted swap under a lock, /tmp/fast_worker_quiet.patch)",
+)
+def test_shards_closing_on_two_threads_leave_stderr_as_it_was() -> None:
+    from convert.worker import _quiet_finalizers
+
+    real = sys.stderr
+    a, b = _quiet_finalizers(), _quiet_finalizers()
+    a.__enter__()  # shard A closes its writer ...
+    b.__enter__()  # ... while shard B, on another thread, closes its own
+    a.__exit__(None, None, None)
+    b.__exit__(None, None, None)
+    swapped, sys.stderr = sys.stderr, real
+    assert swapped is real
