@@ -341,3 +341,5 @@ def print_summary(summary: Any) -> None:
 # The commands that read a converted dataset (inspect, report, verify) live in cli_dataset; importing
 # it registers them on `main`.
 from . import cli_dataset  # noqa: E402,F401
+from .cli_export import export  # noqa: E402
+main.add_command(export)
