@@ -157,9 +157,11 @@ def column_of(base: Any, name: str) -> np.ndarray:
         return column_of(base.base, name)[base.indices]
     if hasattr(base, "column"):
         try:
-            return np.asarray(base.column(name))
+            col = base.column(name)  # numbers: an array (masked where null); text: a list (None = null)
         except KeyError:
             pass
+        else:
+            return col if isinstance(col, np.ndarray) else np.asarray(col, dtype=object)
     cols = _ledger_columns(base)
     if name not in cols:
         raise ValueError(f"filter: no column {name!r}; columns: {', '.join(sorted(cols))}")
@@ -188,7 +190,12 @@ def evaluate(base: Any, conditions: Sequence[Condition]) -> np.ndarray:
             kind = "text" if col.dtype.kind in "USO" else "numeric"
             raise ValueError(f"filter: column {c.column!r} is {kind}; compare it with a "
                              f"{'quoted string' if kind == 'text' else 'number'}")  # fmt: skip
-        mask &= np.asarray(_OPS[c.op](col.astype(str) if col.dtype.kind == "O" else col, c.value), dtype=bool)
+        null = np.ma.getmaskarray(col) if isinstance(col, np.ma.MaskedArray) else np.zeros(len(col), bool)
+        if col.dtype.kind == "O":  # text with nulls: a null matches no condition
+            null = np.fromiter((v is None for v in col), bool, len(col))
+            col = np.where(null, "", col).astype(str)
+        held = _OPS[c.op](np.ma.getdata(col), c.value)
+        mask &= np.asarray(held, dtype=bool) & ~null
     return mask
 
 

@@ -157,3 +157,26 @@ def test_views_pickle_small_and_recompute_the_same_members(dataset_dir):
     assert extra < 400, extra  # ... but only the spec travels
     with mp.get_context("spawn").Pool(1) as pool:
         assert pool.apply(_members, (v,)) == expected
+
+
+class _Table:
+    """A base in the shape `Dataset.column` returns columns: numbers masked where null, text as a list."""
+
+    def __init__(self) -> None:
+        self.cols = {"similarity": np.ma.masked_array([0.1, 0.5, 0.9, 0.7], mask=[False, False, True, False]),
+                     "caption": ["a cat", None, "a dog", ""]}  # fmt: skip
+
+    def __len__(self) -> int:
+        return 4
+
+    def column(self, name):
+        return self.cols[name]
+
+    def get_batch(self, indices):
+        return [{"key": str(i)} for i in indices]
+
+
+def test_nulls_match_no_condition():
+    assert View(_Table(), filter="similarity > 0.3").indices.tolist() == [1, 3]
+    assert View(_Table(), filter="caption != ''").indices.tolist() == [0, 2]
+    assert View(_Table(), filter="caption >= 'a' and similarity < 1").indices.tolist() == [0]
