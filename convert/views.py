@@ -19,7 +19,10 @@ shard-sequential; shuffle when training).
 Filters: `COLUMN OP VALUE [and COLUMN OP VALUE ...]`, OP one of == != < <= > >=, VALUE a number or a
 quoted string. A tiny parser (never eval) evaluated on whole columns with NumPy; columns come from
 `ds.column(name)` when the dataset has it, else from the ledger (key, label, width, height,
-src_format, src_bytes, digest, uri of the converted items): image bytes are never read.
+src_format, src_bytes, digest, uri of the converted items): image bytes are never read. A column
+read once is kept per process and saved (numbers and plain text, as .npy, loaded without pickle)
+under `<cache_dir>/columns/`, keyed by the dataset's index sha256: DataLoader workers and later opens
+of the same dataset version load it in milliseconds.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ import operator
 import re
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from .fetch import prefetch
+from .store import atomic_write
 
 ITER_CHUNK = 256  # items per batched read during iteration
 SPLIT_SYNTAX = "use NAME[START:STOP] with counts or percents, e.g. 'train[:90%]', 'train[90%:]', 'train[:1000]', 'train[10%:20%]'"
@@ -42,7 +47,8 @@ _BOUND = re.compile(r"^(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+))(?P<pct>%?)$")
 _TOKEN = re.compile(r"""\s*(?:(?P<op>==|!=|<=|>=|<|>)|(?P<str>'[^']*'|"[^"]*")|(?P<num>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)|(?P<word>[A-Za-z_][\w.]*))""")
 _OPS: dict[str, Callable[[Any, Any], Any]] = {"==": operator.eq, "!=": operator.ne, "<": operator.lt,
                                               "<=": operator.le, ">": operator.gt, ">=": operator.ge}  # fmt: skip
-_LEDGERS: weakref.WeakKeyDictionary[Any, dict[str, np.ndarray]] = weakref.WeakKeyDictionary()
+_MEMO: weakref.WeakKeyDictionary[Any, dict[str, np.ndarray]] = weakref.WeakKeyDictionary()  # per process
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]{0,100}$")
 
 
 class Readable(Protocol):
@@ -155,30 +161,77 @@ def column_of(base: Any, name: str) -> np.ndarray:
     """One column of `base` (a Dataset or a view) for every item, without reading images."""
     if isinstance(base, View):
         return column_of(base.base, name)[base.indices]
-    if hasattr(base, "column"):
+    if isinstance(base, _Subset):
+        return column_of(base.base, name)[base.members]
+    memo = _MEMO.setdefault(base, {})
+    if name not in memo:
+        memo[name] = _load_cached(base, name)
+        if memo[name] is None:
+            memo[name] = _read_column(base, name)
+            _save_cached(base, name, memo[name])
+    return memo[name]
+
+
+def _read_column(ds: Any, name: str) -> np.ndarray:
+    if hasattr(ds, "column"):
         try:
-            col = base.column(name)  # numbers: an array (masked where null); text: a list (None = null)
+            col = ds.column(name)  # numbers: an array (masked where null); text: a list (None = null)
         except KeyError:
             pass
         else:
             return col if isinstance(col, np.ndarray) else np.asarray(col, dtype=object)
-    cols = _ledger_columns(base)
+    ledger = ds.ledger()
+    ok = np.asarray(ledger["status"]) == "ok"
+    cols = {k: np.asarray(v)[ok] for k, v in ledger.items() if k not in ("status", "error", "shard")}
+    if len(cols["key"]) != len(ds):
+        raise ValueError(f"{ds.uri}: the ledger lists {len(cols['key'])} converted items, the dataset {len(ds)}")
     if name not in cols:
         raise ValueError(f"filter: no column {name!r}; columns: {', '.join(sorted(cols))}")
+    memo = _MEMO.setdefault(ds, {})
+    for other, col in cols.items():  # one ledger read yields every ledger column: keep them all
+        if other != name and other not in memo:
+            memo[other] = col
+            _save_cached(ds, other, col)
     return cols[name]
 
 
-def _ledger_columns(ds: Any) -> dict[str, np.ndarray]:
-    """The converted items' ledger columns, in dataset order (cached per dataset object and process)."""
-    cached = _LEDGERS.get(ds)
-    if cached is None:
-        ledger = ds.ledger()
-        ok = np.asarray(ledger["status"]) == "ok"
-        cached = {k: np.asarray(v)[ok] for k, v in ledger.items() if k not in ("status", "error", "shard")}
-        if len(cached["key"]) != len(ds):
-            raise ValueError(f"{ds.uri}: the ledger lists {len(cached['key'])} converted items, the dataset {len(ds)}")
-        _LEDGERS[ds] = cached
-    return cached
+def _cache_path(ds: Any, name: str) -> Path | None:
+    """Where a column of this dataset version is cached locally: <cache_dir>/columns/<index sha256>-<name>.npy
+    (the index digest changes whenever any shard does); None when the dataset has no identity."""
+    digest = (getattr(ds, "manifest", None) or {}).get("index", {}).get("sha256", "")
+    folder = getattr(ds, "cache_dir", None)
+    if not digest or folder is None or not _SAFE_NAME.match(name):
+        return None
+    return Path(folder) / "columns" / f"{digest[:32]}-{name}.npy"
+
+
+def _load_cached(ds: Any, name: str) -> np.ndarray | None:
+    path = _cache_path(ds, name)
+    if path is None or not path.exists():
+        return None
+    try:
+        col = np.load(path, allow_pickle=False)  # never unpickle
+        mask_path = path.with_suffix(".mask.npy")
+        if mask_path.exists():
+            col = np.ma.masked_array(col, mask=np.load(mask_path, allow_pickle=False))
+    except (OSError, ValueError):
+        return None
+    return col if len(col) == len(ds) else None
+
+
+def _save_cached(ds: Any, name: str, col: np.ndarray) -> None:
+    """Best effort: numbers and plain text only (text with nulls would need pickles)."""
+    path = _cache_path(ds, name)
+    if path is None or col.dtype.kind == "O":
+        return
+    try:
+        if isinstance(col, np.ma.MaskedArray):
+            with atomic_write(str(path.with_suffix(".mask.npy"))) as f:
+                np.save(f, np.ma.getmaskarray(col), allow_pickle=False)
+        with atomic_write(str(path)) as f:
+            np.save(f, np.ma.getdata(col), allow_pickle=False)
+    except OSError:
+        pass  # a read-only home: every process reads the columns itself
 
 
 def evaluate(base: Any, conditions: Sequence[Condition]) -> np.ndarray:
@@ -301,7 +354,7 @@ class _Subset:
         return int(self.members.size)
 
     def column(self, name: str) -> np.ndarray:
-        return column_of(self.base, name)[self.members]
+        return column_of(self, name)
 
 
 def view(base: Readable, split: str | None = None, filter: str | None = None, seed: int | None = None,

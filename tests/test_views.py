@@ -180,3 +180,17 @@ def test_nulls_match_no_condition():
     assert View(_Table(), filter="similarity > 0.3").indices.tolist() == [1, 3]
     assert View(_Table(), filter="caption != ''").indices.tolist() == [0, 2]
     assert View(_Table(), filter="caption >= 'a' and similarity < 1").indices.tolist() == [0]
+
+
+def test_columns_are_cached_per_dataset_version(dataset_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset_dir, copy)
+    cache = tmp_path / "cache"
+    expected = View(open_dataset(str(copy), cache_dir=str(cache)), filter="width >= 40").indices
+    assert list((cache / "columns").glob("*-width.npy")) and list((cache / "columns").glob("*-label.npy"))
+    for record in (copy / "shards").glob("*.record.gz"):
+        record.unlink()  # the ledger is gone: a second open must use the cached columns
+    again = View(open_dataset(str(copy), cache_dir=str(cache)), filter="width >= 40 and label >= 0")
+    assert again.indices.tolist() == expected.tolist()
+    with pytest.raises(Exception):
+        len(View(open_dataset(str(copy), cache_dir=str(tmp_path / "empty")), filter="width >= 40"))
