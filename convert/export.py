@@ -12,7 +12,7 @@ range, so an interrupted export resumes by skipping the tars already proven comp
     <key>.txt                        the `caption` column, when the dataset has one
     <key>.json                       every other column of the item (JSON)
 
-`__key__` is the dataset key with '%' and '.' percent-escaped (WebDataset cuts a member name at its
+`__key__` is the dataset key with '%', '.' and a leading '/' percent-escaped (WebDataset cuts a member name at its
 first dot; `urllib.parse.unquote` gives the key back). Output layout:
 
     shard-000000.tar ...         written through Store.writer: visible only when complete
@@ -31,6 +31,7 @@ import io
 import json
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, Callable, Iterator
 
@@ -42,6 +43,7 @@ from .redact import redact_url
 from .store import Store, open_store
 
 CHUNK = 512  # items per get_batch while exporting
+MARKER_THREADS = 16  # concurrent done-marker reads when resuming
 MARKERS = "_export"
 INDEX = "index.wids.json"
 IMAGE_FORMATS = ("auto", "npy", "png", "jpg")
@@ -140,16 +142,17 @@ def _completed(out: Store, settings: ExportSettings, fp: str) -> dict[str, dict[
     """Done-markers whose tar is present with the recorded size, by tar name (one listing each)."""
     sizes = {e.name: e.size for e in out.list("")}
     found: dict[str, dict[str, Any]] = {}
-    for entry in out.list(MARKERS):
-        if not (entry.name.startswith(settings.prefix + "-") and entry.name.endswith(".json")):
-            continue
+    rels = [e.rel for e in out.list(MARKERS) if e.name.startswith(settings.prefix + "-") and e.name.endswith(".json")]
+    with ThreadPoolExecutor(MARKER_THREADS) as pool:  # one small GET each: concurrent on object stores
+        blobs = list(pool.map(out.read_bytes, rels))
+    for rel, blob in zip(rels, blobs):
         try:
-            marker = json.loads(out.read_bytes(entry.rel))
+            marker = json.loads(blob)
             tar, theirs = str(marker["tar"]), str(marker["fingerprint"])
         except (ValueError, KeyError, TypeError):
             continue  # unreadable marker: its tar is rewritten
         if theirs != fp:
-            raise ExportError(f"{out.url(entry.rel)}: this output holds an export of another dataset or with other "
+            raise ExportError(f"{out.url(rel)}: this output holds an export of another dataset or with other "
                               "settings; choose another output or pass --overwrite")  # fmt: skip
         if sizes.get(tar) == marker.get("bytes"):
             found[tar] = marker
@@ -216,7 +219,8 @@ class _Hashing:
 # -- one sample -------------------------------------------------------------------------------
 def escape_key(key: str) -> str:
     """The key as a WebDataset `__key__` (no dots in the last path part; reversible by unquote)."""
-    return key.replace("%", "%25").replace(".", "%2E")
+    escaped = key.replace("%", "%25").replace(".", "%2E")  # also makes '..' segments harmless
+    return "%2F" + escaped[1:] if escaped.startswith("/") else escaped
 
 
 def sample_members(item: dict[str, Any], image_format: str = "auto") -> list[tuple[str, bytes]]:

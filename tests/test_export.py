@@ -98,6 +98,10 @@ def test_caption_goes_to_txt_and_other_columns_to_json(tmp_path):
     (sample,) = list(wds.WebDataset(str(path), shardshuffle=False).decode())
     assert unquote(sample["__key__"]) == "dir/photo.v2.jpg" and sample["cls"] == 3
     assert sample["txt"] == "a cat, on a mat" and sample["json"] == {"similarity": 0.5, "width": 8, "tags": None}
+    for key in ("../../etc/passwd.jpg", "/abs/x", "100%.png"):
+        names = [name for name, _ in sample_members(dict(item, key=key))]
+        assert not any(".." in n or n.startswith("/") for n in names)
+        assert {unquote(n.rsplit(".", 1)[0]) for n in names} == {key}
     unlabelled = dict(item, label=-1)
     assert not any(name.endswith(".cls") for name, _ in sample_members(unlabelled))
 
