@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import tarfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -129,7 +131,7 @@ def plan_ranges(ds: Dataset, settings: ExportSettings) -> list[tuple[int, int]]:
     if per is not None:
         return [(a, min(a + per, n)) for a in range(0, n, per)]
     starts = [ds.shard_start(s) for s in range(len(ds.shards))] + [n]
-    return [(a, b) for a, b in zip(starts, starts[1:]) if b > a]
+    return [(a, b) for a, b in itertools.pairwise(starts) if b > a]
 
 
 def fingerprint(ds: Dataset, settings: ExportSettings) -> str:
@@ -168,7 +170,9 @@ def _remove_debris(out: Store, prefix: str, planned: set[str] | None) -> None:
         stale = planned is not None and entry.name.endswith(".tar") and entry.name not in planned
         if entry.name.endswith(".partial") or stale:
             out.delete(entry.rel)
-    for entry in out.list(MARKERS) if planned is not None else ():
+    if planned is None:
+        return
+    for entry in out.list(MARKERS):
         if entry.name.startswith(prefix + "-") and entry.name[: -len(".json")] + ".tar" not in planned:
             out.delete(entry.rel)
 
@@ -197,7 +201,7 @@ def _chunks(ds: Dataset, start: int, stop: int) -> Iterator[range]:
     """[start, stop) cut at source shard boundaries and every CHUNK items."""
     pos = start
     while pos < stop:
-        shard, local = ds.locate(pos)
+        shard, _ = ds.locate(pos)
         end = ds.shard_start(shard + 1) if shard + 1 < len(ds.shards) else len(ds)
         end = min(stop, end, pos + CHUNK)
         yield range(pos, end)

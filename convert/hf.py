@@ -12,7 +12,8 @@ them. Needs `pip install datasets`.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from .dataset import open_dataset
 from .views import view
@@ -22,7 +23,7 @@ BATCH = 256
 
 
 def to_iterable_dataset(uri: str, storage_options: dict[str, Any] | None = None, split: str | None = None,
-                        filter: str | None = None, seed: int | None = None, stratify: bool = False,
+                        filter: str | None = None, seed: int | None = 0, stratify: bool = False,
                         decode: bool = True) -> Any:  # fmt: skip
     """A `datasets.IterableDataset` of the items of `uri` (or of its view: split/filter/seed as in
     convert.views); its `n_shards` is the number of index ranges."""

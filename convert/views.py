@@ -9,8 +9,9 @@ are a pure function of the base and the spec, computed lazily once per process a
 a view sent to a DataLoader worker is the base's pickle plus the spec (a few hundred bytes).
 
 Splits: `NAME[START:STOP]` (NAME is a label only), bounds are counts (`1000`, negative from the
-end) or percents (`90%`, `12.5%`). With `seed` an int the base is first permuted by
-`numpy.random.default_rng(seed)`; with `seed=None` slices are taken in dataset order. Percent bounds
+end) or percents (`90%`, `12.5%`). With `seed` an int (default 0) the base is first permuted by
+`numpy.random.default_rng(seed)`, so a split of a label-sorted folder is not whole labels; with
+`seed=None` slices are taken in dataset order. Percent bounds
 round the same way wherever they appear, so `[:90%]` and `[90%:]` tile the base exactly.
 `stratify=True` orders each label's items by their fractional rank within the label, so every
 slice holds each label within one item of its share. Members are listed in base order (reads stay
@@ -30,9 +31,10 @@ from __future__ import annotations
 import operator
 import re
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -97,7 +99,7 @@ class ViewSpec:
 
     split: str | None = None
     filter: str | None = None
-    seed: int | None = None
+    seed: int | None = 0
     stratify: bool = False
 
     def __post_init__(self) -> None:  # parse now: a bad string fails where it was written
@@ -164,12 +166,14 @@ def column_of(base: Any, name: str) -> np.ndarray:
     if isinstance(base, _Subset):
         return column_of(base.base, name)[base.members]
     memo = _MEMO.setdefault(base, {})
-    if name not in memo:
-        memo[name] = _load_cached(base, name)
-        if memo[name] is None:
-            memo[name] = _read_column(base, name)
-            _save_cached(base, name, memo[name])
-    return memo[name]
+    col = memo.get(name)
+    if col is None:
+        col = _load_cached(base, name)
+        if col is None:
+            col = _read_column(base, name)
+            _save_cached(base, name, col)
+        memo[name] = col
+    return col
 
 
 def _read_column(ds: Any, name: str) -> np.ndarray:
@@ -273,7 +277,7 @@ class View:
     """A subset of `base` (a Dataset or view): len, [i], get_batch, iteration, in base order."""
 
     def __init__(self, base: Readable, split: str | None = None, filter: str | None = None,
-                 seed: int | None = None, stratify: bool = False) -> None:  # fmt: skip
+                 seed: int | None = 0, stratify: bool = False) -> None:  # fmt: skip
         self.base = base
         self.spec = ViewSpec(split, filter, seed, stratify)
         self._indices: np.ndarray | None = None
@@ -323,9 +327,9 @@ class View:
             for fetched in results:
                 if fetched.error is not None:
                     raise fetched.error
-                yield from fetched.value
+                yield from fetched.value or ()
         finally:
-            results.close()
+            results.close()  # type: ignore[attr-defined]  # a generator: joins the read-ahead threads
 
     def column(self, name: str) -> np.ndarray:
         return column_of(self, name)
@@ -357,7 +361,7 @@ class _Subset:
         return column_of(self, name)
 
 
-def view(base: Readable, split: str | None = None, filter: str | None = None, seed: int | None = None,
+def view(base: Readable, split: str | None = None, filter: str | None = None, seed: int | None = 0,
          stratify: bool = False) -> Readable:  # fmt: skip
     """`base` itself when nothing is asked, else a View (what `open_dataset(split=, filter=)` returns)."""
     if split is None and filter is None:
