@@ -20,7 +20,8 @@ shard-sequential; shuffle when training).
 Filters: `COLUMN OP VALUE [and COLUMN OP VALUE ...]`, OP one of == != < <= > >=, VALUE a number or a
 quoted string. A tiny parser (never eval) evaluated on whole columns with NumPy; columns come from
 `ds.column(name)` when the dataset has it, else from the ledger (key, label, width, height,
-src_format, src_bytes, digest, uri of the converted items): image bytes are never read. A column
+src_format, src_bytes, digest, uri of the converted items; read as columns from the shard records,
+~1 s per 10^6 items): image bytes are never read. A column
 read once is kept per process and saved (numbers and plain text, as .npy, loaded without pickle)
 under `<cache_dir>/columns/`, keyed by the dataset's index sha256: DataLoader workers and later opens
 of the same dataset version load it in milliseconds.
@@ -28,20 +29,26 @@ of the same dataset version load it in milliseconds.
 
 from __future__ import annotations
 
+import io
 import operator
 import re
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from . import persist
 from .fetch import prefetch
-from .store import atomic_write
+from .records import VERSION as RECORD_VERSION
+from .records import record_rel_path
+from .store import atomic_write, open_store
 
 ITER_CHUNK = 256  # items per batched read during iteration
+RECORD_THREADS = 4  # concurrent shard-record reads for ledger columns
 SPLIT_SYNTAX = "use NAME[START:STOP] with counts or percents, e.g. 'train[:90%]', 'train[90%:]', 'train[:1000]', 'train[10%:20%]'"
 FILTER_SYNTAX = "use COLUMN OP VALUE joined by 'and', OP one of == != < <= > >=, e.g. \"width >= 256 and caption != ''\""
 _SPLIT = re.compile(r"^\s*(?P<name>[A-Za-z_][\w-]*)?\s*(?:\[\s*(?P<start>[^:\]]*?)\s*:\s*(?P<stop>[^:\]]*?)\s*\])?\s*$")
@@ -184,11 +191,13 @@ def _read_column(ds: Any, name: str) -> np.ndarray:
             pass
         else:
             return col if isinstance(col, np.ndarray) else np.asarray(col, dtype=object)
-    ledger = ds.ledger()
-    ok = np.asarray(ledger["status"]) == "ok"
-    cols = {k: np.asarray(v)[ok] for k, v in ledger.items() if k not in ("status", "error", "shard")}
-    if len(cols["key"]) != len(ds):
-        raise ValueError(f"{ds.uri}: the ledger lists {len(cols['key'])} converted items, the dataset {len(ds)}")
+    cols = _record_columns(ds, name)
+    if cols is None:  # not a dataset whose records read as expected: the ledger, with its own errors
+        ledger = ds.ledger()
+        ok = np.asarray(ledger["status"]) == "ok"
+        cols = {k: np.asarray(v)[ok] for k, v in ledger.items() if k not in ("status", "error", "shard")}
+    if len(cols.get("label", ())) != len(ds):
+        raise ValueError(f"{ds.uri}: the ledger lists {len(cols.get('label', ()))} converted items, the dataset {len(ds)}")
     if name not in cols:
         raise ValueError(f"filter: no column {name!r}; columns: {', '.join(sorted(cols))}")
     memo = _MEMO.setdefault(ds, {})
@@ -197,6 +206,37 @@ def _read_column(ds: Any, name: str) -> np.ndarray:
             memo[other] = col
             _save_cached(ds, other, col)
     return cols[name]
+
+
+def _record_columns(ds: Any, name: str) -> dict[str, np.ndarray] | None:
+    """The converted items' ledger columns straight from the shard records' columnar ledgers,
+    concurrently and without per-row objects (~1 ms per 1000-item record): every numeric column
+    and `name`. None when the records are not in the expected form (the caller reads ds.ledger())."""
+    manifest, shards = getattr(ds, "manifest", None), getattr(ds, "shards", None)
+    if manifest is None or shards is None or not hasattr(ds, "storage_options"):
+        return None
+    store = open_store(ds.uri, ds.storage_options, role="dataset")
+    entries = list(shards)
+
+    def load(shard: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        try:
+            obj = persist.load(io.BytesIO(store.read_bytes(record_rel_path(shard["name"]))))
+        except (FileNotFoundError, persist.PersistError):
+            return None
+        ledger = obj.get("ledger") if isinstance(obj, dict) and obj.get("version") == RECORD_VERSION else None
+        if not isinstance(ledger, dict) or obj.get("name") != shard["name"] or "status" not in ledger:
+            return None
+        ok = np.asarray(ledger["status"]) == "ok"
+        if int(ok.sum()) != int(shard["ok"]) or any(len(v) != ok.size for v in ledger.values()):
+            return None
+        return {k: np.asarray(v)[ok] for k, v in ledger.items()
+                if k not in ("status", "error") and (k == name or isinstance(v, np.ndarray))}  # fmt: skip
+
+    with ThreadPoolExecutor(RECORD_THREADS) as pool:
+        parts = list(pool.map(load, entries))
+    if not parts or any(p is None or p.keys() != parts[0].keys() for p in parts):  # type: ignore[union-attr]
+        return None
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # type: ignore[index,union-attr]
 
 
 def _cache_path(ds: Any, name: str) -> Path | None:

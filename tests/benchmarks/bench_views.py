@@ -67,7 +67,8 @@ def main() -> None:
     uri = build(Path(args.root), args.count)
     cache = tempfile.mkdtemp(prefix="bench-views-cache-")
     try:
-        path = "ds.column" if hasattr(open_dataset(uri), "column") else "ledger (records)"
+        path = "ds.column, else" if hasattr(open_dataset(uri), "column") else ""
+        path += " the shard records' columnar ledgers"
         print(f"{args.count} items; columns read through: {path}")
         print(f"{'view':55} {'open s':>7} {'members s':>10} {'items':>8}")
         cases = [("cold  filter " + FILTER, {"filter": FILTER}),
