@@ -195,3 +195,16 @@ def test_columns_are_cached_per_dataset_version(dataset_dir, tmp_path):
     assert again.indices.tolist() == expected.tolist()
     with pytest.raises(Exception, match="record"):  # without the cache the ledger is needed (and gone)
         len(View(open_dataset(str(copy), cache_dir=str(tmp_path / "empty")), filter="width >= 40"))
+
+
+@pytest.mark.torch
+def test_a_view_in_torch_dataloader_workers(dataset_dir):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    v = View(open_dataset(dataset_dir), split="train[:90%]", seed=0, filter="label != 2")
+    keys = []
+    for batch in DataLoader(v, batch_size=8, num_workers=2, multiprocessing_context="spawn"):
+        assert isinstance(batch["image"], torch.Tensor)
+        keys += batch["key"]
+    assert keys == _keys(v)
