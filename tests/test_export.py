@@ -187,3 +187,15 @@ def test_hugging_face_iterable_dataset_streams_the_items(raw_dir):
     assert all(np.array_equal(np.asarray(a["image"]), b["image"]) for a, b in zip(items, ds))
     val = list(to_iterable_dataset(raw_dir, split="[90%:]", seed=0))
     assert len(val) == len(ds) - round(0.9 * len(ds))
+
+
+def test_wids_random_access_through_the_written_index(jpeg_dir, tmp_path):
+    wids = pytest.importorskip("wids")  # a separate package (pip install wids), not part of webdataset 1.x
+    export_webdataset(jpeg_dir, str(tmp_path / "wds"), maxcount=6)
+    ds = open_dataset(jpeg_dir)
+    indexed = wids.ShardListDataset(str(tmp_path / "wds" / "index.wids.json"), cache_dir=str(tmp_path / "cache"))
+    assert len(indexed) == len(ds)
+    for i in (0, 7, len(ds) - 1):
+        sample = indexed[i]
+        assert unquote(sample["__key__"]) == ds[i]["key"] and int(sample[".cls"]) == ds[i]["label"]
+        assert np.asarray(sample[".jpg"].convert("RGB")).shape == ds[i]["image"].shape
