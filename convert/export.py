@@ -99,6 +99,8 @@ def export_webdataset(uri: str, output: str, *, maxcount: int | None = None, sha
     ranges = plan_ranges(ds, settings)
     fp = fingerprint(ds, settings)
     done = {} if overwrite else _completed(out, settings, fp)
+    if len(done) < len(ranges):
+        out.delete(INDEX)  # an old export's index must not describe tars being rewritten
     _remove_debris(out, settings.prefix, {tar_name(settings.prefix, j) for j in range(len(ranges))} if overwrite else None)
     written = nbytes = 0
     entries = []
