@@ -27,7 +27,7 @@ from .fetch.netguard import PrivateAddressError, PrivateNetworkRefused
 from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
 from .lease import publish, staging
-from .manifest import shard_rel_path, write_record
+from .records import shard_rel_path, write_record
 from .plan import fingerprint, output_settings
 from .redact import redact_url
 from .secrets import resolve_config

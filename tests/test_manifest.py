@@ -18,7 +18,9 @@ from convert import persist
 from convert.config import load_config
 from convert.dataset import open_dataset
 from convert.orchestrate import run
-from convert.manifest import INDEX, MANIFEST, ManifestError, iter_ledger, read_ledger, read_manifest, verify
+from convert.ledger import iter_ledger, read_ledger
+from convert.manifest import INDEX, MANIFEST, ManifestError, read_manifest
+from convert.shards import verify
 from convert.records import dump_bytes, record_rel_path
 from convert.store import open_store
 from convert.testing import images as gen
