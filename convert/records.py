@@ -49,6 +49,10 @@ class ManifestError(ValueError):
     """The output's manifest, index or a record is missing, unreadable or not to be trusted."""
 
 
+class NotRegularFile(ManifestError):
+    """A local object named by metadata is a FIFO, device, socket (or holds one): never opened."""
+
+
 def shard_rel_path(name: str, extension: str) -> str:
     return f"{SHARDS_DIR}/{name}{extension}"
 
@@ -116,7 +120,7 @@ def read_meta(store: Store, rel: str) -> bytes:
     fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ManifestError(f"{local} is not a regular file; the output was tampered with - rerun the conversion")
+            raise NotRegularFile(f"{local} is not a regular file; the output was tampered with - rerun the conversion")
         os.set_blocking(fd, True)
         return f.read()
 
@@ -136,7 +140,7 @@ def check_regular(store: Store, rel: str) -> None:
     if stat.S_ISDIR(mode):
         bad = any(not stat.S_ISREG(os.stat(os.path.join(top, n)).st_mode) for top, _, files in os.walk(local) for n in files)
     if bad:
-        raise ManifestError(f"{local} is not a regular file; the output was tampered with - "
+        raise NotRegularFile(f"{local} is not a regular file; the output was tampered with - "
                             "run `convert-dataset verify --repair` or rerun the conversion")  # fmt: skip
 
 
@@ -219,13 +223,14 @@ def write_record(store: Store, record: ShardRecord, fingerprint: str) -> None:
 
 
 def read_record_full(store: Store, name: str) -> tuple[ShardRecord, str, dict[str, Any]] | None:
-    """(record, fingerprint, identity) of a committed shard; None if absent or unreadable.
+    """(record, fingerprint, identity) of a committed shard; None if absent, unreadable or not a
+    regular file (resume then rebuilds it; a reader reports it missing).
     A record whose paths or counts are unsafe, or an unsafe name, raises ManifestError."""
     if not is_shard_name(name):
         raise ManifestError(f"bad shard name {str(name)[:80]!r}; the metadata was tampered with - rerun the conversion")
     try:
         obj = persist.load(io.BytesIO(read_meta(store, record_rel_path(name))))
-    except (FileNotFoundError, persist.PersistError):
+    except (FileNotFoundError, NotRegularFile, persist.PersistError):  # a FIFO in its place: not a record
         return None
     if not isinstance(obj, dict) or obj.get("version") != VERSION:
         return None
@@ -260,7 +265,10 @@ def _trusted(store: Store, name: str, expected: str, listing: dict[str, Entry], 
     entry = listing.get(record.path.rsplit("/", 1)[-1])
     if entry is None or (entry.size != record.bytes and not entry.is_dir):
         return None
-    check_regular(store, record.path)
+    try:
+        check_regular(store, record.path)
+    except NotRegularFile:  # a FIFO or device in the shard's place: rebuild it
+        return None
     if not verify and proves_commit(store, record.path, identity) and store.same_object(record.path, identity, entry):
         return record
     return record if store.sha256(record.path) == (record.bytes, record.sha256) else None

@@ -22,7 +22,7 @@ from typing import Any
 from .config import validate
 from .formats.base import get_format
 from .manifest import MANIFEST, read_manifest
-from .records import ManifestError, check_regular, ordered_map, read_record, record_rel_path
+from .records import ManifestError, NotRegularFile, check_regular, ordered_map, read_record, record_rel_path
 from .store import SHARDS_DIR, Leftover, Store
 
 __all__ = ["ShardCheck", "leftovers", "rebuild_command", "remove_stale_shards", "repair", "stale_shard_files",
@@ -49,7 +49,7 @@ def _check_shard(store: Store, shard: dict[str, Any]) -> ShardCheck:
         size, digest = store.sha256(shard["path"])
     except FileNotFoundError:
         return ShardCheck(shard["name"], False, "missing")
-    except ManifestError:
+    except NotRegularFile:
         return ShardCheck(shard["name"], False, "not a regular file")
     if size != shard["bytes"]:
         return ShardCheck(shard["name"], False, f"size {size} != {shard['bytes']}")
