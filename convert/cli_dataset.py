@@ -147,7 +147,8 @@ def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
     if repair and bad:
         command = repair_output(store, checks)
         out_console.print(f"removed {len(bad)} failing shards and the manifest; rebuild exactly those with the "
-                          f"run that made the dataset (plus its storage/cluster options):\n{command}", highlight=False)
+                          "run that made the dataset (plus its storage/cluster options):", highlight=False)
+        click.echo(command)  # plain: no console markup or wrapping inside a shell command
     sys.exit(1 if bad else 0)
 
 
