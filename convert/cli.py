@@ -16,7 +16,7 @@ from rich.progress import Progress as Progress_
 from rich.table import Table
 
 from . import __version__
-from .cli_common import EXIT_CODES, console, friendly, out_console
+from .cli_common import EXIT_CODES, console, friendly, out_console, quiet_workers
 from .cli_dataset import COMMANDS as DATASET_COMMANDS
 from .config import Config, ConfigError, load_config, parse_override
 from .redact import redact_url
@@ -231,6 +231,9 @@ def _execute(config: Config) -> None:
         ensure_forkserver()
     from .orchestrate import Interrupted, Progress
     from .orchestrate import run as run_conversion
+
+    if config.cluster.kind != "threads":
+        quiet_workers()  # no CancelledError lines from the workers when a run is stopped
 
     columns = (TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[items]}"),
                TimeElapsedColumn())  # fmt: skip

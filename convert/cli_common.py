@@ -12,20 +12,18 @@ slow to close), ends the process at once: exit 130 (SIGINT) or 143 (SIGTERM) in 
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import CancelledError as FutureCancelled
 from typing import Any
 
 import click
 from rich.console import Console
 
+from . import quietlog
 from .config import ConfigError, parse_override
 
 console = Console(stderr=True, soft_wrap=True)
@@ -91,7 +89,7 @@ def install_signal_handlers() -> None:
     _SIGNALS.clear()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
-    quiet_cancellations()
+    quietlog.install()
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -112,35 +110,36 @@ def _force_exit(name: str, why: str) -> None:
     """End the process now: committed shards are safe (a commit is one rename/upload + a record),
     anything half-staged is debris the next run removes. Workers of a LocalCluster exit with us
     (their parent pipe closes); the forkserver too."""
-    try:
-        console.print(f"interrupted: {why}; committed shards stay, rerun the same command to resume", highlight=False)
+    line = f"interrupted: {why}; committed shards stay, rerun the same command to resume\n"
+    cleanup = threading.Thread(target=_unlink_semaphores, daemon=True)
+    cleanup.start()
+    cleanup.join(1.0)
+    try:  # straight to the file descriptors: the console's lock may be held by the thread we cut short
         sys.stdout.flush()
-        sys.stderr.flush()
+        os.write(2, (("\x1b[?25h" if os.isatty(2) else "") + line).encode())  # a progress bar hid the cursor
+    except (OSError, ValueError):
+        pass
     finally:
         os._exit(EXIT_CODES.get(name, 130))
 
 
-class _NoCancellations(logging.Filter):
-    """Drops log records about asyncio/concurrent CancelledError (what Dask's client and scheduler
-    log when a run stops and its futures are cancelled): expected, and not the user's business."""
+def _unlink_semaphores() -> None:
+    """Run multiprocessing's exit finalizers now (the ones a normal exit runs first): they unlink
+    the named semaphores of the cluster's queues, which the resource tracker would otherwise
+    clean up after us with a "leaked semaphore objects" warning."""
+    try:
+        from multiprocessing import util
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, (asyncio.CancelledError, FutureCancelled)):
-            return False
-        return "CancelledError" not in record.getMessage()
-
-
-_FILTER = _NoCancellations()
+        util._run_finalizers(0)
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
 
 
-def quiet_cancellations() -> None:
-    """Install the CancelledError filter on the loggers and handlers that would print it."""
-    for name in ("distributed", "distributed.client", "distributed.scheduler", "distributed.worker",
-                 "distributed.core", "distributed.nanny", "asyncio", "tornado.application"):  # fmt: skip
-        logger = logging.getLogger(name)
-        if _FILTER not in logger.filters:
-            logger.addFilter(_FILTER)
-        for handler in logger.handlers:
-            if _FILTER not in handler.filters:
-                handler.addFilter(_FILTER)
+def quiet_workers() -> None:
+    """Name convert.quietlog as a Dask worker preload (beside the user's own), so the workers a run
+    starts drop the CancelledError lines a stop makes them log. Call before the cluster starts."""
+    import dask.config
+
+    preload = list(dask.config.get("distributed.worker.preload", None) or [])
+    if quietlog.__name__ not in preload:
+        dask.config.set({"distributed.worker.preload": [*preload, quietlog.__name__]})
