@@ -168,7 +168,7 @@ def plan_command(config_path: str | None, sets: tuple[str, ...], samples: int, a
         config = resolve_config(config.with_absolute_paths())
         found = plan(config, Workdir(tmp))
         seconds = time.perf_counter() - start
-        rows = []
+        rows: list[dict[str, Any]] = []
         for spec in found.specs:
             if len(rows) >= samples:
                 break

@@ -130,7 +130,7 @@ def _unlink_semaphores() -> None:
     try:
         from multiprocessing import util
 
-        util._run_finalizers(0)
+        util._run_finalizers(0)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - best effort on the way out
         pass
 

@@ -196,7 +196,7 @@ def _load_index(store: Store, manifest: dict[str, Any]) -> ShardIndex:
 
 
 def _check_totals(manifest: dict[str, Any], index: ShardIndex, where: str) -> None:
-    totals = manifest.get("totals")
+    totals: Any = manifest.get("totals")
     try:
         by_status = {str(k): int(v) for k, v in totals["by_status"].items()}
         numbers = {k: totals[k] for k in ("items", "ok", "failed", "shards", "bytes")}

@@ -118,7 +118,7 @@ def leftovers(store: Store) -> list[Leftover]:
     of failed/killed attempts, and (when a manifest exists) objects under shards/ it does not
     list. The next run holding the lease removes the first two kinds; rerunning also replaces
     unlisted shards of the current plan."""
-    found = store.leftovers()
+    found: list[Leftover] = [*store.leftovers()]
     try:
         index = read_manifest(store)["shards"]
     except ManifestError:

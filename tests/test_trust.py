@@ -93,7 +93,7 @@ def test_identity_that_cannot_prove_the_commit_is_rehashed(built, out):
     assert (summary.skipped, summary.converted) == (1, 2)
 
 
-def test_repair_command_is_quoted_and_rebuilds_exactly_the_failing_shard(built, out, tmp_path):
+def test_repair_command_is_quoted_and_rebuilds_exactly_the_failing_shard(built, out):
     shard = out / "shards" / "shard-00002.h5"
     shard.write_bytes(shard.read_bytes()[:-1] + b"x")
     done = subprocess.run([sys.executable, "-m", "convert", "verify", "--repair", str(out)],
