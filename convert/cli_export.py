@@ -1,16 +1,14 @@
 """Command line: `convert-dataset export URI --to webdataset OUTPUT` (convert.export does the work).
 
-A standalone click command; `convert.cli` attaches it to its group with `main.add_command(export)`.
+A standalone click command importing only the shared parts (convert.cli_common); `convert.cli`
+attaches it to its group (`main.add_command(export_command)`).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
-from .cli import console, friendly
-from .config import parse_override
+from .cli_common import console, friendly, storage_options
 from .export import IMAGE_FORMATS, ExportError, export_webdataset
 from .redact import redact_url
 from .shardcache import parse_size
@@ -32,8 +30,8 @@ def export(uri: str, to: str, output: str, maxcount: int | None, shard_size: str
            options: tuple[str, ...], output_options: tuple[str, ...], overwrite: bool) -> None:  # fmt: skip
     """Write the converted dataset URI as WebDataset tars under OUTPUT (resumes an interrupted export)."""
     summary = export_webdataset(uri, output, maxcount=maxcount, shard_size=_size(shard_size),
-                                image_format=image_format, storage_options=_pairs(options),
-                                output_options=_pairs(output_options), overwrite=overwrite,
+                                image_format=image_format, storage_options=storage_options(options),
+                                output_options=storage_options(output_options), overwrite=overwrite,
                                 log=lambda m: console.print(m, highlight=False))  # fmt: skip
     console.print(f"exported {summary.items} items to {redact_url(output)}: {summary.tars} tars "
                   f"({summary.written} written, {summary.skipped} already complete) in {summary.seconds:.1f} s",
@@ -45,7 +43,3 @@ def _size(text: str | None) -> int | None:
         return parse_size(text)
     except ValueError:
         raise ExportError(f"--shard-size {text!r}: expected bytes or a size like '1GB' or '512MiB'") from None
-
-
-def _pairs(pairs: tuple[str, ...]) -> dict[str, Any]:
-    return dict(parse_override(p) for p in pairs)
