@@ -40,7 +40,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .config import ConfigError
-from .dataset import Dataset, open_dataset, read_ahead
+from .dataset import Dataset, read_ahead
 from .redact import redact_url
 from .store import Store, open_store
 
@@ -94,7 +94,7 @@ def export_webdataset(uri: str, output: str, *, maxcount: int | None = None, sha
     a previous export of the same dataset and settings; `overwrite` rewrites every tar."""
     settings = ExportSettings(image_format, maxcount, shard_size)
     started = time.perf_counter()
-    ds = open_dataset(uri, storage_options=storage_options, decode=False)
+    ds = Dataset(uri, storage_options=storage_options, decode=False)
     out = open_store(output, output_options, role="export")
     ranges = plan_ranges(ds, settings)
     fp = fingerprint(ds, settings)

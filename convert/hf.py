@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .dataset import open_dataset
+from .dataset import Dataset
 from .views import view
 
 RANGE_ITEMS = 4096  # at most this many items per generator range (the unit datasets shards by)
@@ -31,7 +31,7 @@ def to_iterable_dataset(uri: str, storage_options: dict[str, Any] | None = None,
         import datasets
     except ImportError:
         raise ImportError("convert.hf needs the Hugging Face datasets library: pip install datasets") from None
-    ds = view(open_dataset(uri, storage_options=storage_options, decode=decode), split, filter, seed, stratify)
+    ds = view(Dataset(uri, storage_options=storage_options, decode=decode), split, filter, seed, stratify)
     n = len(ds)
     ranges = [(a, min(a + RANGE_ITEMS, n)) for a in range(0, n, RANGE_ITEMS)]
     spec = {"uri": uri, "storage_options": storage_options or {}, "decode": decode, "split": split,
@@ -41,7 +41,7 @@ def to_iterable_dataset(uri: str, storage_options: dict[str, Any] | None = None,
 
 def _generate(ranges: list[tuple[int, int]], spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The items of `ranges` (this consumer's share), read in batches."""
-    base = open_dataset(spec["uri"], storage_options=spec["storage_options"], decode=spec["decode"])
+    base = Dataset(spec["uri"], storage_options=spec["storage_options"], decode=spec["decode"])
     ds = view(base, spec["split"], spec["filter"], spec["seed"], spec["stratify"])
     for a, b in ranges:
         for s in range(a, b, BATCH):
