@@ -119,14 +119,14 @@ def sample_schema(uri: str, rows: Iterable[bytes]) -> FileSchema:
 def parse_object(raw: bytes | str, uri: str, n: int) -> dict[str, Any]:
     """One JSON Lines row as a dict (invalid UTF-8 replaced); SourceError for anything else."""
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    hint = " (a .json list holds one object a line, JSON Lines, not an array)" if text.lstrip()[:1] == "[" else ""
     try:
         obj = json.loads(text)
     except ValueError as exc:
-        hint = "; a .json list holds one object a line (JSON Lines), not an array" if text.lstrip()[:1] == "[" else ""
         raise SourceError(f"URL list {uri!r} item row {n + 1} is not valid JSON ({exc}){hint}; fix the row") from None
     if not isinstance(obj, dict):
         raise SourceError(f"URL list {uri!r} item row {n + 1} is a JSON {type(obj).__name__}, not an object "
-                          'like {"url": ...}; write one object a line')  # fmt: skip
+                          f'like {{"url": ...}}{hint}; write one object a line')  # fmt: skip
     return obj
 
 
