@@ -23,10 +23,12 @@ pq = pytest.importorskip("pyarrow.parquet")
 zstandard = pytest.importorskip("zstandard")
 
 CAPTIONS = ["plain", "ünïcødé 日本語 🐱‍👤 ©", 'say "hi", then\nnext line', "", None, "a,b;c 'q' \\ end"]
+INTS = [1, -(2**40), 0, None, 7, 2**62]
+FLOATS = [0.5, -1.25e-3, 3.0, None, 2.5, 1e300]
+BOOLS = [True, False, None, True, False, True]
 ROWS: list[dict[str, Any]] = [
     {"url": f"img/{i}.jpg", "caption": cap, "n": n, "f": f, "b": b, "z": None}
-    for i, (cap, n, f, b) in enumerate(zip(CAPTIONS, [1, -(2**40), 0, None, 7, 2**62], [0.5, -1.25e-3, 3.0, None, 2.5, 1e300],
-                                           [True, False, None, True, False, True]))  # fmt: skip
+    for i, (cap, n, f, b) in enumerate(zip(CAPTIONS, INTS, FLOATS, BOOLS))
 ]
 FORMATS = ["txt", "csv", "tsv", "parquet", "jsonl"]
 CODECS = {"": lambda b: b, ".gz": gzip.compress, ".zst": lambda b: zstandard.ZstdCompressor().compress(b),
@@ -144,7 +146,7 @@ def test_jsonl_types_from_a_sample_and_mixed_values(tmp_path: Path) -> None:
 
 
 def test_jsonl_value_that_does_not_fit_its_sampled_type_is_one_line(tmp_path: Path, monkeypatch: Any) -> None:
-    import convert.sources.urls as urls
+    from convert.sources import urls
 
     monkeypatch.setattr(urls, "SAMPLE_ROWS", 2)
     path = tmp_path / "l.jsonl"

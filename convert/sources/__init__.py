@@ -92,6 +92,7 @@ def plan_source(cfg: SourceConfig, shard_size: int, work: Workdir, map_fn: Calla
     if kind == "urls":
         want = ColumnChoice(cfg.caption_column, cfg.columns, cfg.hash_column)
         up = plan_urls(cfg.uri, cfg.storage_options, shard_size, map_fn, want)
+        groups: list[tuple[InputSlice, ...]]
         groups, names, parts, columns = [(s,) for s in up.slices], up.label_names, up.files, up.choice.stored
         source = SourceRef("urls", keys="explicit" if up.explicit_keys else "derived", columns=up.choice.read,
                            column_types=tuple(c.type for c in columns), text_limit=cfg.max_text_bytes)  # fmt: skip

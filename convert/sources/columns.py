@@ -56,7 +56,7 @@ class Choice:
 
 def text_schema(uri: str, names: Sequence[str]) -> FileSchema:
     """A CSV/TSV header: every column a string; a name given twice is refused."""
-    seen: dict[str, str] = {}
+    seen: dict[str, str | None] = {}
     for name in names:
         if name in seen:
             raise SourceError(f"URL list {uri!r}: column {name!r} appears twice in the header; rename one")

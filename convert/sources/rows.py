@@ -13,13 +13,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ..specs import InputSlice
 from .base import SourceError
 from .columns import ROLES, arrow_type, coerce, parse_object
-from .lists import BLOCK, ROW_MODES, _BOM, WS, inflate_all, item_spans, open_stream, parquet_file, row_ends, split_kind
+from .lists import _BOM, BLOCK, ROW_MODES, WS, inflate_all, item_spans, open_stream, parquet_file, row_ends, split_kind
 
 Row = tuple[int, str, Any, Any, tuple[Any, ...]]  # (global row index, url, label cell, key cell, column values)
 # A CSV cell may be as long as its row (csv's default limit of 128 Ki characters raises on more):
@@ -69,7 +69,7 @@ def _first_row(f: Any, mode: str) -> tuple[bytes, bytes]:
     while True:
         more = f.read(1 << 16)
         head += more
-        body = head[len(_BOM) :] if head.startswith(_BOM) else head
+        body = head.removeprefix(_BOM)
         ends = row_ends(body, mode)
         if len(ends) or not more:
             return (body[: int(ends[0])] if len(ends) else body), head
@@ -82,7 +82,7 @@ def header_names(header: bytes, mode: str) -> list[str]:
     return [name.strip() for name in cells]
 
 
-def roles(names: Sequence[str]) -> dict[str, Any]:
+def roles(names: Iterable[str]) -> dict[str, Any]:
     """{'url' | 'label' | 'key': the column of that role} (any case); the later of two wins."""
     return {name.lower(): name for name in names if name.lower() in ROLES}
 
@@ -156,7 +156,8 @@ def _parquet_rows(sl: InputSlice, storage_options: dict[str, Any] | None, column
         if "url" not in found:
             raise SourceError(f"URL list {sl.uri!r} has no 'url' column; rename the URL column to 'url'")
         meta = pf.metadata
-        groups, first, at = [], 0, 0
+        groups: list[int] = []
+        first, at = 0, 0
         for g in range(meta.num_row_groups):
             n = meta.row_group(g).num_rows
             if at < sl.stop and at + n > sl.start:

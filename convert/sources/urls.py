@@ -28,8 +28,17 @@ from ..redact import redact_url
 from ..specs import InputSlice, ItemRef, SourceRef
 from .base import SourceError, has_scheme, safe_key
 from .columns import SAMPLE_ROWS, Choice, FileSchema, arrow_schema, choose, sample_schema, text_schema, unify
-from .lists import ListFile, find_lists, inflate_all, open_stream, parquet_file, scan_text, split_kind, text_slices
-from .lists import ROW_MODES
+from .lists import (
+    ROW_MODES,
+    ListFile,
+    find_lists,
+    inflate_all,
+    open_stream,
+    parquet_file,
+    scan_text,
+    split_kind,
+    text_slices,
+)
 from .rows import header_names, read_rows, roles
 
 MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]  # ordered, like map()
@@ -127,7 +136,8 @@ def plan_urls(uri: str, storage_options: dict[str, Any] | None, step: int, map_f
     files = find_lists(uri, storage_options)
     scanned = list(map_fn(lambda lf: _scan(lf, step, storage_options, want), files))
     choice = unify([(s.schema, s.choice) for s in scanned])
-    slices, at = [], 0
+    slices: list[InputSlice] = []
+    at = 0
     for s in scanned:
         slices.extend(replace(sl, first_row=sl.first_row + at) for sl in s.slices)
         at += s.count
