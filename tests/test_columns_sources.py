@@ -322,3 +322,38 @@ def test_end_to_end_run_records_the_columns(tmp_path: Path) -> None:
     stored = [("caption", "string"), ("n", "int64"), ("f", "float64"), ("b", "bool"), ("sha256", "string")]
     assert all(rec is not None and [(c.name, c.type) for c in rec[0].columns] == stored for rec in records)
     assert sum(rec[0].ok for rec in records if rec) == len(ROWS)
+
+
+def test_end_to_end_counts_replaced_and_truncated_text(tmp_path: Path) -> None:
+    from convert import run
+    from convert.records import read_record
+    from convert.store import open_store
+    from convert.testing.images import jpeg_bytes
+
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg_bytes(16, 12))
+    long = "ü" * 5000  # 10,000 bytes: over max_text_bytes
+    (tmp_path / "l.csv").write_bytes(b"url,caption\nimg/0.jpg,caf\xe9\nimg/1.jpg," + long.encode() + b"\nimg/2.jpg,ok\n")
+    cfg = load_config(None, {"source.uri": str(tmp_path / "l.csv"), "source.max_text_bytes": 100,
+                             "output.uri": str(tmp_path / "out"), "image.size": [8, 8], "image.resize": "stretch",
+                             "shard.size": 10, "cluster.kind": "threads"})  # fmt: skip
+    assert run(cfg, log=lambda m: None).exit_code() == 0
+    found = read_record(open_store(str(tmp_path / "out")), "shard-00000")
+    assert found is not None and found[0].counters == {"text_truncated": 1, "text_replaced": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["l.csv", "l.jsonl.gz", "l.parquet"])
+def test_a_100_mb_caption_is_cut_without_a_traceback(tmp_path: Path, name: str) -> None:
+    big = "x" * 100_000_000
+    rows = [{"url": "a.jpg", "caption": big}, {"url": "b.jpg", "caption": "ok"}]
+    data = list_bytes(name.split(".")[1], rows) if "parquet" not in name else None
+    if data is None:
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"url": ["a.jpg", "b.jpg"], "caption": [big, "ok"]}), buf)
+        data = buf.getvalue()
+    (tmp_path / name).write_bytes(gzip.compress(data, 1) if name.endswith(".gz") else data)
+    del big
+    got = [r.columns for r in refs(plan(tmp_path, tmp_path / name, max_text_bytes=65536))]
+    assert got == [("x" * 65537,), ("ok",)]

@@ -230,7 +230,7 @@ def scan_text(f: Any, step: int, mode: str, sample_rows: int = 0) -> TextScan:
     sample: list[bytes] = []
     count, pos, carry, header, sampled = 0, 0, b"", None if mode in ("csv", "tsv") else b"", 0
     while True:
-        block = f.read(BLOCK)
+        block = f.read(max(BLOCK, len(carry)))  # a row longer than a block: read geometrically more
         if pos == 0 and not carry and block.startswith(_BOM):
             block, pos = block[len(_BOM) :], len(_BOM)
         buf = carry + block

@@ -97,7 +97,8 @@ def _text_rows(sl: InputSlice, storage_options: dict[str, Any] | None, columns: 
     if not buf.endswith(b"\n"):
         buf += b"\n"
     starts, ends, _ = item_spans(buf, mode)
-    texts = (buf[s:e].decode("utf-8", "replace") for s, e in zip(starts.tolist(), ends.tolist()))
+    view = memoryview(buf)  # decoded from the buffer itself: a giant row is not copied first
+    texts = (str(view[s:e], "utf-8", "replace") for s, e in zip(starts.tolist(), ends.tolist()))
     if fmt == "jsonl":
         yield from _json_rows(sl, texts, columns, types, limit)
     elif mode == "lines":
