@@ -357,3 +357,12 @@ def test_a_100_mb_caption_is_cut_without_a_traceback(tmp_path: Path, name: str) 
     del big
     got = [r.columns for r in refs(plan(tmp_path, tmp_path / name, max_text_bytes=65536))]
     assert got == [("x" * 65537,), ("ok",)]
+
+
+def test_named_caption_column_and_unnamed_header_cells(tmp_path: Path) -> None:
+    (tmp_path / "l.csv").write_text("url,caption,sim,,\na.jpg,x,1,,\n")
+    found = plan(tmp_path, tmp_path / "l.csv", columns=["caption", "sim"])  # the caption is kept once
+    assert [c.name for c in found.columns] == ["caption", "sim"]
+    assert [c.name for c in plan(tmp_path, tmp_path / "l.csv", columns="*").columns] == ["caption", "sim"]
+    _one_line(tmp_path, tmp_path / "l.csv", r"'sim' would be stored twice \(source.columns names it twice\)",
+              columns=["sim", "sim"])  # fmt: skip

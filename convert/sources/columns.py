@@ -60,7 +60,8 @@ def text_schema(uri: str, names: Sequence[str]) -> FileSchema:
     for name in names:
         if name in seen:
             raise SourceError(f"URL list {uri!r}: column {name!r} appears twice in the header; rename one")
-        seen[name] = "string"
+        if name:  # an unnamed column (a trailing comma) is not kept
+            seen[name] = "string"
     return FileSchema(uri, seen)
 
 
@@ -137,12 +138,12 @@ def choose(schema: FileSchema, caption: str, columns: tuple[str, ...] | str, has
     pairs: list[tuple[str, str]] = [(cap, CAPTION)] if cap else []
     if columns == "*":
         roles = {schema.role(r) for r in ROLES}
-        pairs += [(c, c) for c in types if c not in roles and c != cap]
+        pairs += [(c, c) for c in types if c not in roles and c != cap and c.strip()]
         if len(pairs) > MAX_COLUMNS:
             raise SourceError(f"URL list {uri!r} has {len(pairs)} columns, over the {MAX_COLUMNS} that "
                               'source.columns "*" keeps; name the ones to keep in source.columns')  # fmt: skip
     else:
-        pairs += [(c, c) for c in columns]
+        pairs += [(c, c) for c in columns if c != cap]  # the caption is kept already
     if hash_column and hash_column not in {stored for _, stored in pairs}:
         pairs.append((hash_column, hash_column))
     missing = [src for src, _ in pairs if src not in types]
@@ -170,8 +171,9 @@ def _check_names(names: list[str], uri: str) -> None:
             raise SourceError(f"URL list {uri!r}: column {name!r} is named like the stored item's own {name.lower()!r} "
                               "field; rename it in the list or leave it out of source.columns")  # fmt: skip
         if name in seen:
-            raise SourceError(f"URL list {uri!r}: column {name!r} would be stored twice (the caption is stored as "
-                              f"{CAPTION!r}); leave it out of source.columns or set source.caption_column")  # fmt: skip
+            why = f"the caption is stored as {CAPTION!r}" if name == CAPTION else "source.columns names it twice"
+            raise SourceError(f"URL list {uri!r}: column {name!r} would be stored twice ({why}); leave it out of "
+                              "source.columns or set source.caption_column")  # fmt: skip
         seen.add(name)
 
 
@@ -209,7 +211,7 @@ def _difference(first: tuple[FileSchema, Choice], other: tuple[FileSchema, Choic
                  f"only the second has {', '.join(map(repr, only_b))}" if only_b else ""]  # fmt: skip
         what = "; ".join(p for p in parts if p) or f"{ca.read} vs {cb.read}"
     return (f"URL lists {a.uri!r} and {b.uri!r} have different columns ({what}); give every list file the "
-            "same columns, or name the ones to keep in source.columns")
+            "same columns, name the ones to keep in source.columns, or select the lists with a glob (lists/*.parquet)")
 
 
 def coerce(value: Any, kind: str, where: str, name: str) -> Any:

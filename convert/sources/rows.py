@@ -64,10 +64,10 @@ def _slice_bytes(sl: InputSlice, storage_options: dict[str, Any] | None, mode: s
 
 
 def _first_row(f: Any, mode: str) -> tuple[bytes, bytes]:
-    """(a CSV/TSV's header row, every byte read so far) - read in 64 KiB steps until its end."""
+    """(a CSV/TSV's header row, every byte read so far) - read in growing steps until its end."""
     head = b""
     while True:
-        more = f.read(1 << 16)
+        more = f.read(max(1 << 16, len(head)))
         head += more
         body = head.removeprefix(_BOM)
         ends = row_ends(body, mode)
