@@ -366,3 +366,34 @@ def test_named_caption_column_and_unnamed_header_cells(tmp_path: Path) -> None:
     assert [c.name for c in plan(tmp_path, tmp_path / "l.csv", columns="*").columns] == ["caption", "sim"]
     _one_line(tmp_path, tmp_path / "l.csv", r"'sim' would be stored twice \(source.columns names it twice\)",
               columns=["sim", "sim"])  # fmt: skip
+
+
+def test_end_to_end_parquet_hash_column_is_checked(tmp_path: Path) -> None:
+    import hashlib
+
+    from convert import run
+    from convert.records import read_record
+    from convert.store import open_store
+    from convert.testing.images import jpeg_bytes
+
+    (tmp_path / "img").mkdir()
+    digests = []
+    for i in range(3):
+        data = jpeg_bytes(16, 12 + i)
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(data)
+        digests.append(hashlib.sha256(data).hexdigest())
+    digests[1] = "0" * 64  # a wrong digest in the list
+    table = pa.table({"url": [f"img/{i}.jpg" for i in range(3)], "caption": ["a", None, "c"],
+                      "similarity": [0.25, 0.5, None], "sha256": digests})  # fmt: skip
+    pq.write_table(table, tmp_path / "l.parquet")
+    cfg = load_config(None, {"source.uri": str(tmp_path / "l.parquet"), "source.columns": ["similarity"],
+                             "source.hash_column": "sha256", "output.uri": str(tmp_path / "out"),
+                             "image.size": [8, 8], "image.resize": "stretch", "cluster.kind": "threads"})  # fmt: skip
+    run(cfg, log=lambda m: None)
+    found = read_record(open_store(str(tmp_path / "out")), "shard-00000")
+    assert found is not None
+    record = found[0]
+    assert [(c.name, c.type) for c in record.columns] == [("caption", "string"), ("similarity", "float64"),
+                                                          ("sha256", "string")]  # fmt: skip
+    assert [row.status.value for row in record.ledger] == ["ok", "hash_mismatch", "ok"]
+    assert record.ledger[0].digest == digests[0]
