@@ -276,6 +276,7 @@ def test_jsonl_files_merge_sampled_types(tmp_path: Path) -> None:
         ("l.parquet.zst", b"\x28\xb5\x2f\xfdjunk", "not a readable parquet file"),
         ("l.csv.bz2", b"BZh9junk", r"valid \.bz2 file"),
         ("l.tsv", b"link\tcaption\nx\ty\n", "no 'url' column"),
+        ("l.jsonl", b'{"link": "x"}\n', r"no 'url' column \(found: 'link'\)"),
     ],
 )
 def test_bad_list_files_are_one_line(tmp_path: Path, name: str, data: bytes, match: str) -> None:

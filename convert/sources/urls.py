@@ -73,6 +73,8 @@ def _scan(lf: ListFile, step: int, storage_options: dict[str, Any] | None, want:
     if fmt == "jsonl":
         schema = sample_schema(lf.uri, scan.sample)
         present = set(roles(schema.types))
+        if scan.count:
+            _require_url(present, schema)
     elif fmt == "txt":
         schema, present = FileSchema(lf.uri, {}), {"url"}
     else:
