@@ -129,7 +129,8 @@ def test_default_keeps_only_the_caption_and_plain_lists_have_none(tmp_path: Path
     found = plan(tmp_path, tmp_path / "a.csv")
     assert found.columns == (Column("caption", "string"),) and refs(found)[0].columns == ("hello",)
     (tmp_path / "b.txt").write_text("x.jpg\n")
-    assert plan(tmp_path, tmp_path / "b.txt").columns == () and refs(plan(tmp_path, tmp_path / "b.txt"))[0].columns == ()
+    plain = plan(tmp_path, tmp_path / "b.txt")
+    assert plain.columns == () and refs(plain)[0].columns == ()
 
 
 def test_jsonl_types_from_a_sample_and_mixed_values(tmp_path: Path) -> None:
@@ -335,7 +336,8 @@ def test_end_to_end_counts_replaced_and_truncated_text(tmp_path: Path) -> None:
     for i in range(3):
         (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg_bytes(16, 12))
     long = "ü" * 5000  # 10,000 bytes: over max_text_bytes
-    (tmp_path / "l.csv").write_bytes(b"url,caption\nimg/0.jpg,caf\xe9\nimg/1.jpg," + long.encode() + b"\nimg/2.jpg,ok\n")
+    rows = b"img/0.jpg,caf\xe9\nimg/1.jpg," + long.encode() + b"\nimg/2.jpg,ok\n"
+    (tmp_path / "l.csv").write_bytes(b"url,caption\n" + rows)
     cfg = load_config(None, {"source.uri": str(tmp_path / "l.csv"), "source.max_text_bytes": 100,
                              "output.uri": str(tmp_path / "out"), "image.size": [8, 8], "image.resize": "stretch",
                              "shard.size": 10, "cluster.kind": "threads"})  # fmt: skip

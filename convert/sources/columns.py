@@ -153,7 +153,8 @@ def choose(schema: FileSchema, caption: str, columns: tuple[str, ...] | str, has
         raise SourceError(f"URL list {uri!r} has no column {missing[0]!r}; it has {have}{sampled}: fix "
                           "source.columns / caption_column / hash_column or the list")  # fmt: skip
     _check_names([stored for _, stored in pairs], uri)
-    return Choice(tuple(src for src, _ in pairs), tuple(Column(stored, types[src]) for src, stored in pairs))  # type: ignore[arg-type]
+    stored = tuple(Column(name, types[src]) for src, name in pairs)  # type: ignore[arg-type]  # None: still open
+    return Choice(tuple(src for src, _ in pairs), stored)
 
 
 def _caption(schema: FileSchema, caption: str) -> str | None:
@@ -232,5 +233,5 @@ def coerce(value: Any, kind: str, where: str, name: str) -> Any:
             return int(value)
     if kind == "bool" and is_bool:
         return value
-    raise SourceError(f"{where}: column {name!r} holds {json.dumps(value)[:40]}, not {kind} as the list's first "
-                      f"{SAMPLE_ROWS} rows said; give the column one type throughout (e.g. 3.0 for a float)")  # fmt: skip
+    raise SourceError(f"{where}: column {name!r} holds {json.dumps(value)[:40]}, not {kind} as the list's "
+                      f"first {SAMPLE_ROWS} rows said; give the column one type throughout (e.g. 3.0 for a float)")

@@ -265,8 +265,8 @@ def text_slices(lf: ListFile, scan: TextScan, step: int, first_row: int) -> list
     into the decompressed bytes of a compressed list, `size` is the file's own."""
     ends = scan.offsets[1:] + [scan.length]
     return [
-        InputSlice(lf.kind, lf.uri, lf.version, lf.size, start, stop, first_row + j * step, min(step, scan.count - j * step))
-        for j, (start, stop) in enumerate(zip(scan.offsets, ends))
+        InputSlice(lf.kind, lf.uri, lf.version, lf.size, a, b, first_row + j * step, min(step, scan.count - j * step))
+        for j, (a, b) in enumerate(zip(scan.offsets, ends))
     ]
 
 

@@ -88,7 +88,8 @@ def _scan(lf: ListFile, step: int, storage_options: dict[str, Any] | None, want:
 def _require_url(present: set[str], schema: FileSchema) -> None:
     if "url" not in present:
         found = ", ".join(repr(c) for c in schema.types) or "none"
-        raise SourceError(f"URL list {schema.uri!r} has no 'url' column (found: {found}); rename the URL column to 'url'")
+        raise SourceError(f"URL list {schema.uri!r} has no 'url' column (found: {found}); "
+                          "rename the URL column to 'url'")
 
 
 def _scan_parquet(lf: ListFile, f: Any, step: int, want: ColumnChoice) -> _Scanned:
