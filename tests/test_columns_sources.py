@@ -288,6 +288,7 @@ def test_bad_list_files_are_one_line(tmp_path: Path, name: str, data: bytes, mat
 # ---------------------------------------------------------------- remote and end to end
 
 
+@pytest.mark.s3
 def test_remote_compressed_lists_on_s3(s3: Any, tmp_path: Path) -> None:
     s3.make_bucket("lists")
     opts = s3.storage_options()
