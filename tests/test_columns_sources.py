@@ -401,3 +401,45 @@ def test_end_to_end_parquet_hash_column_is_checked(tmp_path: Path) -> None:
                                                           ("sha256", "string")]  # fmt: skip
     assert [row.status.value for row in record.ledger] == ["ok", "hash_mismatch", "ok"]
     assert record.ledger[0].digest == digests[0]
+
+
+def seekable_zstd(chunks: list[bytes], checksums: bool = False) -> bytes:
+    """`chunks` as independent zstd frames followed by the seekable format's seek table."""
+    import struct
+
+    frames = [zstandard.ZstdCompressor().compress(c) for c in chunks]
+    entry = "<III" if checksums else "<II"
+    table = b"".join(struct.pack(entry, len(f), len(c), *([0] if checksums else [])) for f, c in zip(frames, chunks))
+    footer = struct.pack("<IBI", len(frames), 0x80 if checksums else 0, 0x8F92EAB1)
+    return b"".join(frames) + struct.pack("<II", 0x184D2A5E, len(table) + 9) + table + footer
+
+
+@pytest.mark.parametrize("checksums", [False, True])
+def test_seekable_zstd_shards_start_at_their_own_frame(tmp_path: Path, checksums: bool) -> None:
+    def rows(a: int, b: int) -> bytes:
+        return b"".join(b"img/%d.jpg,c%d\n" % (i, i) for i in range(a, b))
+
+    chunks = [b"url,caption\n" + rows(0, 4000), rows(4000, 5000), rows(5000, 6000)]  # the header well inside frame 0
+    path = tmp_path / "l.csv.zst"
+    path.write_bytes(seekable_zstd(chunks, checksums))
+    found = plan(tmp_path, path, 1000)
+    assert [r.columns[0] for r in refs(found)] == [f"c{i}" for i in range(6000)]
+    data = bytearray(path.read_bytes())
+    second = len(zstandard.ZstdCompressor().compress(chunks[0]))
+    data[second + 6 : second + 9] = b"\xff\xff\xff"  # break frame 1 (same size: still "as planned")
+    path.write_bytes(bytes(data))
+    last = [r.columns[0] for r in shard_refs(found.specs[5], None)]
+    assert last == [f"c{i}" for i in range(5000, 6000)]  # read from its own frame: the broken one is skipped
+    with pytest.raises(SourceError, match=r"valid \.zst file"):
+        list(shard_refs(found.specs[4], None))
+
+
+def test_zstd_without_a_seek_table_is_read_from_its_start(tmp_path: Path) -> None:
+    from convert.sources.seekable import frame_start
+
+    plain = zstandard.ZstdCompressor().compress(b"x" * 1000)
+    assert frame_start(io.BytesIO(plain), len(plain), 500) is None
+    table = seekable_zstd([b"a" * 10, b"b" * 10])
+    assert frame_start(io.BytesIO(table), len(table), 15)[1] == 10
+    assert frame_start(io.BytesIO(table), len(table), 25) is None  # past the end
+    assert frame_start(io.BytesIO(b"junk" + table), len(table) + 4, 15) is None  # frames do not fill the file

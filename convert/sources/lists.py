@@ -9,7 +9,8 @@ later reads exactly its slice (convert.sources.rows) through the resilient reade
 Compressed lists are read as streams (never decompressed to disk). A compressed text list is cut
 like a plain one, at offsets into its decompressed bytes; a shard task decompresses the file from
 its start and drops the bytes before its slice (gzip, bzip2 and zstd streams cannot be entered in
-the middle). A compressed parquet list is inflated into memory (up to MAX_INFLATED bytes) by the
+the middle), or, for a .zst file in the seekable format, from the frame holding its first byte
+(convert.sources.seekable). A compressed parquet list is inflated into memory (up to MAX_INFLATED bytes) by the
 planner and by each of its shard tasks: parquet compresses its own pages, prefer that.
 
 Row rules (the planner and the worker use the same code, so their counts always agree):
@@ -125,7 +126,7 @@ def open_list(uri: str, storage_options: dict[str, Any] | None) -> Any:
     return open_resilient(uri, storage_options)
 
 
-def _inflating(raw: Any, codec: str, uri: str) -> Any:
+def inflating(raw: Any, codec: str, uri: str) -> Any:
     """A readable stream of the decompressed bytes of `raw` (multi-member/-frame files included)."""
     if codec == "gz":
         return gzip.GzipFile(fileobj=raw, mode="rb")
@@ -151,15 +152,20 @@ def open_stream(uri: str, kind: str, storage_options: dict[str, Any] | None, siz
     """The list's bytes as a stream, decompressed when its kind says so; a read or decompression
     failure is one SourceError line. `size`: refuse a file whose size changed since planning."""
     codec = split_kind(kind)[1]
+    with open_raw(uri, kind, storage_options, size) as raw:
+        yield inflating(raw, codec, uri) if codec else raw
+
+
+@contextlib.contextmanager
+def open_raw(uri: str, kind: str, storage_options: dict[str, Any] | None, size: int | None = None) -> Iterator[Any]:
+    """The list file's own bytes (seekable); failures inside the block, decompression included,
+    are one SourceError line. `size`: refuse a file whose size changed since planning."""
+    codec = split_kind(kind)[1]
     try:
         with open_list(uri, storage_options) as raw:
             if size is not None:
                 check_size(raw, uri, size)
-            if not codec:
-                yield raw
-                return
-            with _inflating(raw, codec, uri) as f:
-                yield f
+            yield raw
     except _codec_errors() as exc:
         what = f"a valid .{codec} file" if codec else "readable"
         raise SourceError(f"cannot read URL list {uri!r} ({type(exc).__name__}: {exc}); check that it is {what} "

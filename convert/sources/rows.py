@@ -19,7 +19,21 @@ from typing import Any
 from ..specs import InputSlice
 from .base import SourceError
 from .columns import ROLES, arrow_type, coerce, parse_object
-from .lists import _BOM, BLOCK, ROW_MODES, WS, inflate_all, item_spans, open_stream, parquet_file, row_ends, split_kind
+from .lists import (
+    _BOM,
+    BLOCK,
+    ROW_MODES,
+    WS,
+    inflate_all,
+    inflating,
+    item_spans,
+    open_raw,
+    open_stream,
+    parquet_file,
+    row_ends,
+    split_kind,
+)
+from .seekable import frame_start
 
 Row = tuple[int, str, Any, Any, tuple[Any, ...]]  # (global row index, url, label cell, key cell, column values)
 # A CSV cell may be as long as its row (csv's default limit of 128 Ki characters raises on more):
@@ -45,14 +59,21 @@ def clip(value: Any, limit: int) -> Any:
 
 
 def _slice_bytes(sl: InputSlice, storage_options: dict[str, Any] | None, mode: str) -> tuple[bytes, bytes]:
-    """(header row, the slice's bytes) of a text slice; a compressed stream is read from its start."""
+    """(header row, the slice's bytes) of a text slice. A compressed stream is read from its start
+    (the header) and then from the frame holding the slice (a seekable .zst) or on from there."""
     codec = split_kind(sl.kind)[1]
-    with open_stream(sl.uri, sl.kind, storage_options, sl.size) as f:
+    with open_raw(sl.uri, sl.kind, storage_options, sl.size) as raw:
+        entry = frame_start(raw, sl.size, sl.start) if codec == "zst" and sl.start else None
+        raw.seek(0)
+        f = inflating(raw, codec, sl.uri) if codec else raw
         header, head = _first_row(f, mode) if mode in ("csv", "tsv") else (b"", b"")
         if not codec:
             f.seek(sl.start)
             return header, f.read(sl.stop - sl.start)
         pos, parts = len(head), [head[sl.start : sl.stop]]
+        if entry is not None and entry[1] > pos:  # enter the stream at the slice's own frame
+            raw.seek(entry[0])
+            f, pos = inflating(raw, codec, sl.uri), entry[1]
         while pos < sl.stop:
             chunk = f.read(min(BLOCK, sl.stop - pos))
             if not chunk:
