@@ -443,3 +443,18 @@ def test_zstd_without_a_seek_table_is_read_from_its_start(tmp_path: Path) -> Non
     assert frame_start(io.BytesIO(table), len(table), 15)[1] == 10
     assert frame_start(io.BytesIO(table), len(table), 25) is None  # past the end
     assert frame_start(io.BytesIO(b"junk" + table), len(table) + 4, 15) is None  # frames do not fill the file
+
+
+def test_column_order_may_differ_between_files(tmp_path: Path) -> None:
+    (tmp_path / "lists").mkdir()
+    pq.write_table(pa.table({"url": ["a.jpg"], "caption": ["x"], "w": [1], "h": [2]}), tmp_path / "lists" / "a.parquet")
+    pq.write_table(pa.table({"h": [4], "url": ["b.jpg"], "w": [3], "caption": ["y"]}), tmp_path / "lists" / "b.parquet")
+    found = plan(tmp_path, tmp_path / "lists", columns="*")
+    assert [c.name for c in found.columns] == ["caption", "w", "h"]
+    assert [r.columns for r in refs(found)] == [("x", 1, 2), ("y", 3, 4)]
+    (tmp_path / "lists" / "c.csv").write_text("h,url,w,caption\n6,c.jpg,5,z\n")  # CSV: strings, so refused
+    with pytest.raises(SourceError, match=r"\('w' is int64 vs string\)"):
+        plan(tmp_path, tmp_path / "lists", columns="*")
+    (tmp_path / "lists" / "c.csv").unlink()
+    found = plan(tmp_path, tmp_path / "lists", columns=["h", "w"], caption_column="none")
+    assert [r.columns for r in refs(found)] == [(2, 1), (4, 3)]

@@ -181,14 +181,16 @@ def _check_names(names: list[str], uri: str) -> None:
 def unify(found: Sequence[tuple[FileSchema, Choice]]) -> Choice:
     """The one choice of every list file; a difference is one line naming both files and what.
 
-    JSON Lines types were sampled, so they may still meet: a column null in one file's sample
-    takes the other's type, int64 and float64 make float64. Declared types (CSV, parquet) must
-    be equal."""
+    The order of the columns in a file does not matter (each file is read by name; the first
+    file's order is kept). JSON Lines types were sampled, so they may still meet: a column null
+    in one file's sample takes the other's type, int64 and float64 make float64. Declared types
+    (CSV, parquet) must be equal."""
     first, merged = found[0], list(found[0][1].stored)
     for schema, choice in found[1:]:
-        if choice.read != first[1].read:
+        if _names(choice) != _names(first[1]):  # the same columns, stored under the same names
             raise SourceError(_difference(first, (schema, choice), "names"))
-        for i, (mine, theirs) in enumerate(zip(merged, choice.stored)):
+        by_name = dict(zip(choice.read, choice.stored))
+        for i, (mine, theirs) in enumerate(zip(merged, (by_name[n] for n in first[1].read))):
             if mine.type == theirs.type:
                 continue
             kinds = {mine.type, theirs.type} - {None}
@@ -201,6 +203,10 @@ def unify(found: Sequence[tuple[FileSchema, Choice]]) -> Choice:
                 raise SourceError(_difference(first, (schema, choice), f"{first[1].read[i]!r} is {mine.type} "
                                               f"vs {theirs.type}"))  # fmt: skip
     return Choice(first[1].read, tuple(Column(c.name, c.type or "string") for c in merged))
+
+
+def _names(choice: Choice) -> dict[str, str]:
+    return {src: col.name for src, col in zip(choice.read, choice.stored)}
 
 
 def _difference(first: tuple[FileSchema, Choice], other: tuple[FileSchema, Choice], what: str) -> str:
