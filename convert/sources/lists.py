@@ -173,12 +173,16 @@ def open_raw(uri: str, kind: str, storage_options: dict[str, Any] | None, size: 
 
 
 def inflate_all(f: Any, uri: str) -> io.BytesIO:
-    """A compressed (parquet) list wholly in memory, refused over MAX_INFLATED bytes."""
-    data = f.read(MAX_INFLATED + 1)
-    if len(data) > MAX_INFLATED:
-        raise SourceError(f"{uri!r} inflates to over {MAX_INFLATED >> 20} MiB; store it uncompressed (parquet "
-                          "compresses its own pages: write it with compression='zstd')")  # fmt: skip
-    return io.BytesIO(data)
+    """A compressed (parquet) list wholly in memory, refused over MAX_INFLATED bytes (read in
+    blocks: a decompressor may allocate the whole of what one read asks for)."""
+    out = io.BytesIO()
+    while block := f.read(BLOCK):
+        out.write(block)
+        if out.tell() > MAX_INFLATED:
+            raise SourceError(f"{uri!r} inflates to over {MAX_INFLATED >> 20} MiB; store it uncompressed (parquet "
+                              "compresses its own pages: write it with compression='zstd')")  # fmt: skip
+    out.seek(0)
+    return out
 
 
 def check_size(f: Any, uri: str, planned: int) -> None:
