@@ -105,7 +105,7 @@ def header_names(header: bytes, mode: str) -> list[str]:
 
 def roles(names: Iterable[str]) -> dict[str, Any]:
     """{'url' | 'label' | 'key': the column of that role} (any case); the later of two wins."""
-    return {name.lower(): name for name in names if name.lower() in ROLES}
+    return {name.strip().lower(): name for name in names if name.strip().lower() in ROLES}
 
 
 def _text_rows(sl: InputSlice, storage_options: dict[str, Any] | None, columns: tuple[str, ...],
