@@ -42,8 +42,13 @@ class FileSchema:
     sampled: bool = False  # JSON Lines: types from a sample of rows, not declared
 
     def role(self, name: str) -> str | None:
-        """The file's column for url / label / key (any case), or None."""
-        return next((c for c in self.types if c.strip().lower() == name), None)
+        """The file's column for url / label / key, or None."""
+        return roles(self.types).get(name)
+
+
+def roles(names: Iterable[str]) -> dict[str, str]:
+    """{'url' | 'label' | 'key': the column of that role} (any case); the later of two wins."""
+    return {name.strip().lower(): name for name in names if name.strip().lower() in ROLES}
 
 
 @dataclass(frozen=True)

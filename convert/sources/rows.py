@@ -13,12 +13,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..specs import InputSlice
 from .base import SourceError
-from .columns import ROLES, arrow_type, coerce, parse_object
+from .columns import ROLES, arrow_type, coerce, parse_object, roles
 from .lists import (
     _BOM,
     BLOCK,
@@ -101,11 +101,6 @@ def header_names(header: bytes, mode: str) -> list[str]:
     text = header.decode("utf-8", "replace")
     cells = text.rstrip("\r").split("\t") if mode == "tsv" else next(csv.reader([text]), [])
     return [name.strip() for name in cells]
-
-
-def roles(names: Iterable[str]) -> dict[str, Any]:
-    """{'url' | 'label' | 'key': the column of that role} (any case); the later of two wins."""
-    return {name.strip().lower(): name for name in names if name.strip().lower() in ROLES}
 
 
 def _text_rows(sl: InputSlice, storage_options: dict[str, Any] | None, columns: tuple[str, ...],

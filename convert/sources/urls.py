@@ -27,7 +27,7 @@ import numpy as np
 from ..redact import redact_url
 from ..specs import InputSlice, ItemRef, SourceRef
 from .base import SourceError, has_scheme, safe_key
-from .columns import SAMPLE_ROWS, Choice, FileSchema, arrow_schema, choose, sample_schema, text_schema, unify
+from .columns import SAMPLE_ROWS, Choice, FileSchema, arrow_schema, choose, roles, sample_schema, text_schema, unify
 from .lists import (
     ROW_MODES,
     ListFile,
@@ -39,7 +39,7 @@ from .lists import (
     split_kind,
     text_slices,
 )
-from .rows import header_names, read_rows, roles
+from .rows import header_names, read_rows
 
 MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]  # ordered, like map()
 
