@@ -458,3 +458,11 @@ def test_column_order_may_differ_between_files(tmp_path: Path) -> None:
     (tmp_path / "lists" / "c.csv").unlink()
     found = plan(tmp_path, tmp_path / "lists", columns=["h", "w"], caption_column="none")
     assert [r.columns for r in refs(found)] == [(2, 1), (4, 3)]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_bom_and_crlf(tmp_path: Path, fmt: str) -> None:
+    data = list_bytes(fmt, ROWS[:2]).replace(b"\n", b"\r\n")
+    (tmp_path / f"l.{fmt}.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf" + data))
+    found = plan(tmp_path, tmp_path / f"l.{fmt}.gz", 1, columns="*")
+    assert [r.columns for r in refs(found)] == expected(fmt)[1][:2]
