@@ -23,8 +23,8 @@ from .fetch import PrivateNetworkRefused
 from .executor import Executor
 from .executor.early import StartingExecutor
 from .lease import hold_lease
-from .manifest import LEDGER, MANIFEST, PLAN, committed_records, write_manifest
-from .records import RECORD_SUFFIX
+from .manifest import LEDGER, MANIFEST, PLAN, write_manifest
+from .records import RECORD_SUFFIX, committed_records
 from .redact import redact_text
 from .plan import dump_plan
 from .secrets import resolve_config, seal_config
