@@ -109,6 +109,16 @@ class SourceRef:
     labels: str = ""
     labels_sha: str = ""
     keys: str = "derived"
+    # A list's kept columns as the worker reads them (ItemRef.columns, in this order): the list's own
+    # column names (the caption under its name in the list) and their types (COLUMN_TYPES); text
+    # values over `text_limit` bytes are cut by the reader to text_limit + 1 characters (0: no cut).
+    columns: tuple[str, ...] = ()
+    column_types: tuple[str, ...] = ()
+    text_limit: int = 0
+
+    def __post_init__(self) -> None:  # plan.gz stores them as JSON lists
+        object.__setattr__(self, "columns", tuple(self.columns))
+        object.__setattr__(self, "column_types", tuple(self.column_types))
 
 
 @dataclass(frozen=True, slots=True)
