@@ -32,7 +32,9 @@ from .records import (RECORD_SUFFIX, ManifestError, check_rel_paths, check_summa
                       iter_record_ledgers, ledger_columns, ledger_rows, ordered_map, read_record, record_rel_path,
                       shard_rel_path, write_record)  # fmt: skip
 from .specs import ItemResult, ShardRecord, Status
-from .store import SHARDS_DIR, Leftover, Store
+from .layout import SHARDS_DIR
+from .lease import Leftover, debris
+from .store import Store
 
 MANIFEST = "manifest.json"
 INDEX = "index.gz"
@@ -325,7 +327,7 @@ def leftovers(store: Store) -> list[Leftover]:
     of failed/killed attempts, and (when a manifest exists) objects under shards/ it does not
     list. The next run holding the lease removes the first two kinds; rerunning also replaces
     unlisted shards of the current plan."""
-    found = store.leftovers()
+    found = debris(store)
     try:
         index = read_manifest(store)["shards"]
     except ManifestError:

@@ -29,7 +29,8 @@ from .plan import dump_plan, fingerprint, output_settings
 from .secrets import resolve_config, seal_config
 from .sources import SourcePlan, Workdir, plan_source, shard_refs
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
-from .store import SHARDS_DIR, StorageError, Store, preflight
+from .layout import SHARDS_DIR
+from .store import StorageError, Store, preflight
 from .summary import LedgerTally, after_manifest, announce_rebuild, fold_record
 from .worker import process_shard
 

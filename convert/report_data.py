@@ -25,7 +25,8 @@ import numpy as np
 from .manifest import MANIFEST, PLAN, RECORD_SUFFIX, ManifestError, read_manifest, read_record
 from .manifest import iter_ledger as manifest_ledger
 from .specs import ItemResult, Status
-from .store import SHARDS_DIR, Store
+from .layout import SHARDS_DIR
+from .store import Store
 
 BYTES_BINS_PER_OCTAVE = 4  # source-size histogram resolution (log2 bins)
 MAX_LABELS = 64  # labels shown in the sample grid (the first ones met in input order)

@@ -26,7 +26,8 @@ from .formats.base import get_format
 from .manifest import MANIFEST, ManifestError, read_manifest
 from .plan import output_settings
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
-from .store import SHARDS_DIR, Store
+from .layout import SHARDS_DIR
+from .store import Store
 
 # The config keys each output setting comes from (output_settings() flattens output.* away).
 _SETTING_KEYS = {"format": "output.format", "compression": "output.compression",
