@@ -18,7 +18,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator, model_validator
 
-from .fetch.policy import FetchPolicy
 from .redact import is_secret_key, redact_options, redact_url
 
 __all__ = ["Config", "ConfigError", "is_secret_key", "load_config", "parse_override", "validate"]
@@ -89,6 +88,9 @@ class OutputConfig(_Model):
         for legacy in ("compression", "compression_level"):  # wave 1: HDF5's, at the top level
             if legacy in data:
                 options.setdefault("hdf5", {}).setdefault(legacy, data.pop(legacy))
+        fmt = data.get("format", "hdf5")
+        if isinstance(fmt, str) and fmt in FORMATS:
+            options.setdefault(fmt, {})  # the output's own section is always there, defaults filled
         data["options"] = options
         return data
 
@@ -210,32 +212,6 @@ class FetchConfig(_Model):
             except ValueError:
                 raise ValueError(f"{net!r} is not a network; use CIDR notation like 10.1.2.0/24") from None
         return v
-
-    def policy(self, source: SourceConfig | None = None, kind: str = "folder") -> FetchPolicy:
-        """The worker-side policy; `source`/`kind` decide where local items may be read from:
-        a remote URL list may not name local files at all; a local one only under its own
-        directory or `source.allowed_roots`; folder sources are listed by us, so unrestricted."""
-        allow_local, roots = True, None
-        if source is not None and kind == "urls":
-            local_list = "://" not in source.uri or source.uri.lower().startswith("file://")
-            allow_local = local_list
-            if local_list:
-                path = source.uri.split("://", 1)[1] if "://" in source.uri else source.uri
-                roots = (os.path.dirname(os.path.abspath(path)),) + tuple(map(os.path.abspath, source.allowed_roots))
-        return FetchPolicy(
-            timeout=self.timeout,
-            retries=self.retries,
-            backoff=self.backoff,
-            max_bytes=self.max_bytes,
-            allowed_schemes=self.allowed_schemes,
-            storage_options=dict(source.storage_options) if source is not None else {},
-            item_timeout=self.item_timeout,
-            allow_private_networks=self.allow_private_networks,
-            allowed_networks=self.allowed_networks,
-            allow_local=allow_local,
-            local_roots=roots,
-            backend=self.backend,
-        )
 
 
 class ClusterConfig(_Model):

@@ -19,6 +19,7 @@ from . import persist
 from .redact import redact_url
 from .specs import InputSlice, ShardSpec, SourceRef, shard_name
 
+
 def make_specs(groups: Sequence[tuple[InputSlice, ...]], source: SourceRef) -> list[ShardSpec]:
     """One spec per group of slices, named in order: shard-00000, shard-00001, ..."""
     return [ShardSpec(index=i, name=shard_name(i), slices=tuple(g), source=source) for i, g in enumerate(groups)]
@@ -46,13 +47,25 @@ def cut_rows(files: Sequence[tuple[str, int, str, int]], kind: str, step: int) -
 
 
 def output_settings(config_data: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a (redacted, JSON-mode) config that change shard bytes."""
-    out = config_data["output"]
+    """The parts of a (redacted, JSON-mode) config that change shard bytes: the image settings, the
+    format and every one of its options, the kept columns and the digest computed per item.
+
+    Missing keys (a manifest written before they existed) read as their defaults then.
+    """
+    out, src = config_data["output"], config_data["source"]
     return {
         "image": config_data["image"],
         "format": out["format"],
         "compression": out["compression"],
         "compression_level": out["compression_level"],
+        "format_options": (out.get("options") or {}).get(out["format"], {}),
+        "columns": {
+            "caption_column": src.get("caption_column", "auto"),
+            "columns": src.get("columns", []),
+            "max_text_bytes": src.get("max_text_bytes", 65536),
+            "hash_column": src.get("hash_column"),
+        },
+        "compute_hash": config_data.get("fetch", {}).get("compute_hash", "sha256"),
     }
 
 
