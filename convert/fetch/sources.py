@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import threading
 from abc import ABC, abstractmethod
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import urllib3
 
@@ -212,7 +212,8 @@ class StoreSource(Source):
         except BaseException:
             stream.close()
             raise
-        return _Checked(stream, self.url, start)
+        # without ETags a version can change under an open file: check it again at the range's end
+        return _Checked(stream, self.url, start, None if self._store.supports_etags else self.stat)
 
 
 def _skip_stream(stream: RangeStream, count: int, url: str) -> None:
@@ -224,18 +225,21 @@ def _skip_stream(stream: RangeStream, count: int, url: str) -> None:
 
 
 class _Checked:
-    """A store's range stream with its short-body failures as TransientError (so the reader resumes)."""
+    """A store's range stream with its short-body failures as TransientError (so the reader resumes),
+    and, for stores without ETags, the object's identity checked again at the end of the range."""
 
-    def __init__(self, stream: RangeStream, url: str, offset: int) -> None:
-        self._stream, self._url, self._offset = stream, url, offset
+    def __init__(self, stream: RangeStream, url: str, offset: int, at_end: Callable[[], None] | None) -> None:
+        self._stream, self._url, self._offset, self._at_end = stream, url, offset, at_end
 
     def read(self, n: int) -> bytes:
         try:
             data = self._stream.read(n)
-        except (ConnectionError, OSError) as exc:
+        except OSError as exc:
             if is_transient(exc) or "short" in str(exc):
                 raise TransientError(f"{self._url}: {exc}", self._url, self._offset) from exc
             raise
+        if not data and self._at_end is not None:
+            self._at_end()
         self._offset += len(data)
         return data
 

@@ -110,7 +110,7 @@ class S3Store(FsspecStore):
             if _changed(exc):
                 raise PreconditionFailed(f"{self.url(rel)} changed (ETag no longer {match})") from exc
             if error_code(exc) in ("InvalidRange", "416"):
-                return EmptyRange(self.info(rel))
+                return EmptyRange(self.info(rel), start)
             raise
         total, first = _extent(resp)
         entry = entry_of(rel, {**resp, "ContentLength": total})

@@ -78,10 +78,8 @@ class S3Range:
 class EmptyRange:
     """A range starting at or past the end of the object."""
 
-    first = 0
-
-    def __init__(self, entry: Entry) -> None:
-        self.entry = entry
+    def __init__(self, entry: Entry, first: int) -> None:
+        self.entry, self.first = entry, first
 
     def read(self, n: int) -> bytes:
         return b""
