@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -221,6 +222,23 @@ def _token(data: bytes) -> str:
 
 
 def _rename_into(tmp: str, final: str) -> None:
+    """Rename `tmp` to `final`; from another filesystem (EXDEV), copy beside `final` first."""
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    try:
+        _rename(tmp, final)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        near = f"{final}.{uuid.uuid4().hex[:12]}{PARTIAL}"
+        try:
+            (shutil.copytree if os.path.isdir(tmp) else shutil.copyfile)(tmp, near)
+            _rename(near, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(near) if os.path.isdir(near) else os.unlink(near)
+
+
+def _rename(tmp: str, final: str) -> None:
     if os.path.isdir(tmp):  # directory-shaped shard: a directory cannot replace a directory
         old = f"{final}.{uuid.uuid4().hex[:12]}{PARTIAL}"
         with contextlib.suppress(FileNotFoundError):
