@@ -23,7 +23,7 @@ import numpy as np
 
 from .redact import is_secret_key, redact_text, redact_url
 from .report_data import BYTES_BINS_PER_OCTAVE, MAX_LABELS, RunView, SampleView, Scan, SourceStats, load_run, read_samples, scan_ledger
-from .store import open_store
+from .store import is_local, open_object, open_store
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 FAILURE_CAP = 1000
@@ -84,13 +84,11 @@ def write_report(uri: str, html_target: str | None = None, storage_options: dict
                  samples_per_label: int = 8) -> tuple[str, str]:  # fmt: skip
     """Render and write the report; returns (its path or URL, the run's state line). An fsspec URL
     target gets the dataset's storage options (so `--html s3://bucket/ds/report.html` works like the data)."""
-    import fsspec
-
     html, state = _render(uri, storage_options, samples_per_label, FAILURE_CAP)
     target = html_target or default_target(uri)[0]
-    if "://" in target:
-        with fsspec.open(target, "wb", **dict(storage_options or {})) as f:
-            f.write(html.encode())
+    if not is_local(target):
+        store, rel = open_object(target, storage_options, "report")
+        store.write_bytes(rel, html.encode())
         return target, state
     with open(target, "w", encoding="utf-8") as f:
         f.write(html)

@@ -24,13 +24,13 @@ from fsspec.implementations.local import LocalFileSystem
 from ..secrets import resolve_options
 from . import base
 from .base import (PARTIAL, Entry, Guard, PreconditionFailed, RangeStream, StorageError, Store, entry_of, file_digest,
-                   first_line, is_local, reopen, scheme_of, tree_digest)  # fmt: skip
+                   first_line, has_scheme, is_local, reopen, scheme_of, tree_digest)  # fmt: skip
 from .generic import FsspecStore, fs_url
 from .local import LocalStore, atomic_write
 from .s3 import S3Store
 
 __all__ = ["PARTIAL", "Entry", "FsspecStore", "Guard", "LocalStore", "PreconditionFailed", "RangeStream",
-           "S3Store", "StorageError", "Store", "atomic_write", "entry_of", "file_digest", "first_line", "fs_url", "is_local",
+           "S3Store", "StorageError", "Store", "atomic_write", "entry_of", "file_digest", "first_line", "fs_url", "has_scheme", "is_local",
            "open_object", "open_store", "preflight", "scheme_of", "tree_digest"]  # fmt: skip
 
 

@@ -44,6 +44,11 @@ def scheme_of(uri: str) -> str:
     return m.group(1).lower() if m else "file"
 
 
+def has_scheme(uri: str) -> bool:
+    """True for 'https://...', 's3://...', 'file:...', 'data:...'; False for paths (incl. 'C:\\x')."""
+    return bool(_SCHEME.match(uri))
+
+
 def is_local(uri: str) -> bool:
     """The one local-vs-remote rule: plain paths and file:// / local:// URLs are local."""
     return scheme_of(uri) in ("file", "local")

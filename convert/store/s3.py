@@ -20,7 +20,7 @@ import datetime as dt
 import hashlib
 import os
 import re
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from fsspec.asyn import sync
 
@@ -79,6 +79,10 @@ class S3Store(FsspecStore):
     supports_etags = True
     supports_multipart = True
     part_size: int | None = None  # None: the module's PART_SIZE (tests shrink either)
+
+    def __init__(self, uri: str, options: dict[str, Any], fs: Any, root: str) -> None:
+        super().__init__(uri, options, fs, root)
+        self._fences: dict[str, tuple[bytes, str]] = {}  # guard rel -> last (content, ETag) it allowed
 
     def _split(self, rel: str) -> tuple[str, str, str | None]:
         """(bucket, key, version id or None)."""
@@ -158,14 +162,14 @@ class S3Store(FsspecStore):
         fh.commit()
         self.fs.invalidate_cache(self.path(rel))
 
-    def _put_if(self, rel: str, data: bytes, **condition: str) -> str | None:
+    async def _put_if(self, rel: str, data: bytes, **condition: str) -> str | None:
         """PUT with If-None-Match / If-Match: the new ETag, or None if the precondition failed."""
         bucket, key, _ = self._split(rel)
         try:
-            resp = self._call("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+            resp = await self.fs._call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
         except (FileExistsError, FileNotFoundError):  # s3fs's translation of 412 (If-None-Match) / 404
             return None
-        except Exception as exc:  # noqa: BLE001 - botocore ClientError: only a failed precondition means "changed"
+        except Exception as exc:  # botocore ClientError: only a failed precondition means "changed"
             if _changed(exc) or "Precondition" in str(exc):
                 return None
             if error_code(exc) in ("NotImplemented", "InvalidArgument"):
@@ -177,36 +181,41 @@ class S3Store(FsspecStore):
             self.fs.invalidate_cache(self.path(rel))
         return str(resp.get("ETag", "")).strip('"')
 
+    async def _read_versioned(self, rel: str) -> tuple[bytes, str]:
+        resp = await self.fs._call_s3("get_object", **self._object(rel))
+        body = resp["Body"]
+        try:
+            data = await body.read()
+        finally:
+            body.close()
+        return data, str(resp.get("ETag", "")).strip('"')
+
     def create_exclusive(self, rel: str, data: bytes) -> bool:
-        return self._put_if(rel, data, IfNoneMatch="*") is not None
+        return sync(self.fs.loop, self._put_if, rel, data, IfNoneMatch="*") is not None
 
     def read_versioned(self, rel: str) -> tuple[bytes, str]:
-        resp = self._call("get_object", **self._object(rel))
-        body = resp["Body"]
-
-        async def _read() -> bytes:
-            try:
-                return await body.read()
-            finally:
-                body.close()
-
-        return sync(self.fs.loop, _read), str(resp.get("ETag", "")).strip('"')
+        return sync(self.fs.loop, self._read_versioned, rel)
 
     def replace_if(self, rel: str, data: bytes, token: str) -> str | None:
-        return self._put_if(rel, data, IfMatch=f'"{token}"')
+        return sync(self.fs.loop, self._put_if, rel, data, IfMatch=f'"{token}"')
 
-    def _fence(self, guard: Guard, rel: str) -> None:
-        """Rewrite the guard object with its own bytes under If-Match on the ETag just read: the
-        server confirms that the object it allowed the publish by is still current. Identical bytes
-        keep the ETag, so the holder's next compare-and-swap is unaffected."""
+    async def _fence(self, guard: Guard, rel: str) -> None:
+        """Rewrite the guard object with its own bytes under If-Match on its ETag: the server
+        confirms that the version the guard allowed is still current. Identical bytes keep the
+        ETag, so the holder's next compare-and-swap is unaffected. The last allowed version is
+        remembered, so a fence is one request until the guard object changes (a renewal)."""
+        cached = self._fences.get(guard.rel)
+        if cached is not None and await self._put_if(guard.rel, cached[0], IfMatch=f'"{cached[1]}"') is not None:
+            return
         for _ in range(5):  # a concurrent renewal moved the ETag: read again
             try:
-                data, etag = self.read_versioned(guard.rel)
+                data, etag = await self._read_versioned(guard.rel)
             except FileNotFoundError:
                 raise guard_refused(self, rel, guard) from None
             if not guard.holds(data):
                 raise guard_refused(self, rel, guard)
-            if self.replace_if(guard.rel, data, etag) is not None:
+            if await self._put_if(guard.rel, data, IfMatch=f'"{etag}"') is not None:
+                self._fences[guard.rel] = (data, etag)
                 return
         raise guard_refused(self, rel, guard)
 
@@ -216,17 +225,16 @@ class S3Store(FsspecStore):
         if sha256 is None or os.path.isdir(tmp):
             return super().publish(tmp, rel, size, guard=guard)
         bucket, key, _ = self._split(rel)
-        fence = None if guard is None else (lambda: self._fence(guard, rel))
-        sync(self.fs.loop, self._upload, tmp, bucket, key, size, sha256, fence)
+        sync(self.fs.loop, self._upload, tmp, bucket, key, size, sha256, None if guard is None else (guard, rel))
         self._check_size(rel, size)
 
     async def _upload(self, path: str, bucket: str, key: str, size: int, sha256: str,
-                      fence: Callable[[], None] | None) -> None:  # fmt: skip
+                      fence: tuple[Guard, str] | None) -> None:  # fmt: skip
         part = self.part_size or PART_SIZE
         if size <= 2 * part:
             body, _ = await asyncio.to_thread(_read_part, path, 0, size)
             if fence is not None:
-                await asyncio.to_thread(fence)
+                await self._fence(*fence)
             await self.fs._call_s3("put_object", Bucket=bucket, Key=key, Body=body,
                                    ChecksumSHA256=_b64(bytes.fromhex(sha256)))  # fmt: skip
             return
@@ -235,7 +243,7 @@ class S3Store(FsspecStore):
         try:
             parts = await self._parts(path, bucket, key, upload_id, size, part)
             if fence is not None:
-                await asyncio.to_thread(fence)
+                await self._fence(*fence)
             await self.fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
                                    MultipartUpload={"Parts": parts})  # fmt: skip
         except BaseException:
