@@ -74,9 +74,10 @@ def default_target(uri: str) -> tuple[str, bool]:
     directory as `<dataset name>-report.html` (pass --html s3://... to store it beside the data).
     """
     out = open_store(uri)
-    if out.is_local:
-        return out.path(REPORT_NAME), True
-    name = out.root.rstrip("/").rsplit("/", 1)[-1] or "dataset"
+    local = out.local_path(REPORT_NAME)
+    if local is not None:
+        return local, True
+    name = out.url().rstrip("/").rsplit("/", 1)[-1] or "dataset"
     return f"{name}-report.html", False
 
 
