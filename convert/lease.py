@@ -179,10 +179,11 @@ def renew(store: Store, lease: Lease) -> Lease | None:
 
 
 def release(store: Store, lease: Lease) -> None:
-    """Delete the lease if it is still ours."""
+    """Delete the lease if it is still ours (conditional on the version read: a takeover that
+    lands in between is not deleted)."""
     held = read_lease(store)
     if held is not None and held.run_id == lease.run_id:
-        store.delete(LEASE)
+        store.delete_if(LEASE, held.token)
 
 
 class _Heartbeat:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from convert.lease import (LEASE, Lease, LeaseError, acquire, debris, hold_lease, publish, read_lease, release, renew,
+from convert.lease import (LEASE, Lease, LeaseError, acquire, clean_debris, debris, hold_lease, publish, read_lease, release, renew,
                            staging)  # fmt: skip
 from convert.manifest import read_manifest, verify
 from convert.store import open_store
@@ -191,6 +192,30 @@ def test_a_fresh_lease_is_not_stale():
     now = time.time()
     assert not Lease("r", "o", "h", 1, now, now + 5, 60.0).stale(now)  # small clock skew is fine
     assert Lease("r", "o", "h", 1, now, now - 61, 60.0).stale(now)
+
+
+def test_staging_is_named_by_run_and_leaves_nothing(real_store):
+    store = real_store
+    with hold_lease(store, "abc123"), staging(store, "shard-00000", ".bin", ("-lock",), run_id="abc123") as tmp:
+        assert os.path.basename(tmp).startswith(".shard-00000.r-abc123.") and ".partial" in tmp
+        Path(tmp).write_bytes(b"data")
+        Path(tmp + "-lock").write_bytes(b"sidecar")  # e.g. LMDB's lock file
+        publish(store, tmp, "shards/shard-00000.bin", 4)  # the fence comes from the staged name here
+    assert not os.path.exists(tmp) and not os.path.exists(tmp + "-lock")
+    assert [e.name for e in store.list("shards")] == ["shard-00000.bin"]  # nothing staged remains
+    assert debris(store) == []
+
+
+def test_only_provably_dead_debris_is_cleaned(real_store):
+    store = real_store
+    store.write_bytes("shards/.shard-00002.r-oldrun.0123abcd.partial.h5", b"killed")
+    store.write_bytes("shards/.shard-00003.r-ours.4567abcd.partial.h5", b"running")
+    found = {x.run_id: x for x in debris(store) if x.kind == "partial"}
+    assert sorted(found) == ["oldrun", "ours"]
+    assert [x.run_id for x in clean_debris(store, keep_run="ours", since=time.time() - 3600)] == ["oldrun"]
+    assert [x.run_id for x in debris(store)] == ["ours"]
+    assert [x.run_id for x in clean_debris(store, keep_run="ours", since=time.time() + 60)] == ["ours"]
+    assert debris(store) == []
 
 
 def test_leftovers_of_killed_workers_go_with_the_next_lease_only(tmp_path):

@@ -310,6 +310,10 @@ class Store(ABC):
         the new token, or None if the object changed or vanished meanwhile."""
 
     @abstractmethod
+    def delete_if(self, rel: str, token: str) -> bool:
+        """Delete `rel` only if its version is still `token`; False if it changed or is gone."""
+
+    @abstractmethod
     def delete(self, rel: str) -> None:
         """Remove one object; absent is not an error."""
 

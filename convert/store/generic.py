@@ -165,6 +165,9 @@ class FsspecStore(Store):
     def replace_if(self, rel: str, data: bytes, token: str) -> str | None:
         raise StorageError(f"{self.url(rel)}: {_NO_CAS}; use a local path or S3 for the output")
 
+    def delete_if(self, rel: str, token: str) -> bool:
+        raise StorageError(f"{self.url(rel)}: {_NO_CAS}; use a local path or S3 for the output")
+
     def delete(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(rel))

@@ -177,6 +177,17 @@ class LocalStore(FsspecStore):
             self.write_bytes(rel, data)
         return _token(data)
 
+    def delete_if(self, rel: str, token: str) -> bool:
+        with self._locked(rel):
+            try:
+                current = self.read_bytes(rel)
+            except FileNotFoundError:
+                return False
+            if _token(current) != token:
+                return False
+            self.delete(rel)
+        return True
+
     def delete(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(rel))

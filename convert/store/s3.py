@@ -199,6 +199,19 @@ class S3Store(FsspecStore):
     def replace_if(self, rel: str, data: bytes, token: str) -> str | None:
         return sync(self.fs.loop, self._put_if, rel, data, IfMatch=f'"{token}"')
 
+    def delete_if(self, rel: str, token: str) -> bool:
+        try:
+            self._call("delete_object", **self._object(rel), IfMatch=f'"{token}"')
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if _changed(exc):
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(self.path(rel))
+        return True
+
     async def _fence(self, guard: Guard, rel: str) -> None:
         """Rewrite the guard object with its own bytes under If-Match on its ETag: the server
         confirms that the version the guard allowed is still current. Identical bytes keep the

@@ -148,6 +148,19 @@ class StoreTests:
         same, again = store.read_versioned("cas")
         assert store.replace_if("cas", same, again) == again  # same bytes keep the version
 
+    def test_delete_if_only_deletes_the_version_read(self, store):
+        if not store.supports_conditional_writes:
+            with pytest.raises(StorageError, match="conditionally"):
+                store.delete_if("cas", "token")
+            return
+        self.set(store, "cas", b"v1")
+        _, token = store.read_versioned("cas")
+        self.set(store, "cas", b"v2 by someone else")
+        assert store.delete_if("cas", token) is False and self.get(store, "cas") == b"v2 by someone else"
+        _, token = store.read_versioned("cas")
+        assert store.delete_if("cas", token) is True and not store.exists("cas")
+        assert store.delete_if("cas", token) is False
+
     # -- listing and deleting --------------------------------------------------------------
     def test_list_with_identity_walk_and_delete(self, store):
         assert list(store.list("nothing-here")) == []
