@@ -64,7 +64,9 @@ def open_object(url: str, options: dict[str, Any] | None = None, role: str = "so
         path = url.split("://", 1)[1] if "://" in url else url.removeprefix("file:")
         path = os.path.abspath(path)
         return open_store("/", options, role), path.lstrip("/")
-    scheme, rest = url.split("://", 1) if "://" in url else (scheme_of(url), url.split(":", 1)[1])
+    if "://" not in url:
+        raise StorageError(f"{url[:80]}: not an object URL; write it as scheme://bucket/key")
+    scheme, rest = url.split("://", 1)
     container, _, rel = rest.partition("/")
     return open_store(f"{scheme}://{container}", options, role), rel
 
