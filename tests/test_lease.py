@@ -258,7 +258,7 @@ def test_s3_lease_conditional_create_and_takeover(s3):
         acquire(store, "s3run0000003")
     assert acquire(store, "s3run0000003", force=True).run_id == "s3run0000003"
     bucket, key = store.root.split("/", 1)
-    store.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=f"{key}/shards/shard-00000.h5")
+    s3.filesystem().call_s3("create_multipart_upload", Bucket=bucket, Key=f"{key}/shards/shard-00000.h5")
     store.delete(LEASE)
     with hold_lease(store, "s3run0000004"):
         assert debris(store) == []  # the dead attempt's upload was aborted by the new holder

@@ -10,6 +10,7 @@ policy of the modules that own them (`convert.records`, `convert.lease`), not of
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import math
@@ -322,7 +323,7 @@ class Store(ABC):
         """Remove an object or everything below a prefix; absent is not an error."""
 
     # -- incomplete uploads and preflight ------------------------------------------------
-    def incomplete_uploads(self) -> list[tuple[str, str, float]]:
+    def incomplete_uploads(self) -> builtins.list[tuple[str, str, float]]:
         """(rel, upload id, unix start) of uploads begun under the root and never completed."""
         return []
 

@@ -10,9 +10,9 @@ import os
 import stat as stat_mod
 import shutil
 import uuid
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, cast
 
-from .base import PARTIAL, Entry, Guard, PreconditionFailed, StorageError, file_digest, guard_refused
+from .base import PARTIAL, Entry, Guard, RangeStream, PreconditionFailed, StorageError, file_digest, guard_refused
 from .generic import FsspecStore, _FileRange, _join
 
 LOCK_SUFFIX = ".lock"  # beside an object whose conditional writes are serialised by flock
@@ -63,7 +63,7 @@ class LocalStore(FsspecStore):
             return f.read(max(0, min(end, size) - start))
 
     def open_range(self, rel: str, start: int = 0, end: int | None = None, match: str | None = None,
-                   timeout: float | None = None) -> _FileRange:  # fmt: skip
+                   timeout: float | None = None) -> RangeStream:  # fmt: skip
         f = open(self.path(rel), "rb")  # noqa: SIM115 - closed by the stream
         entry = _stat_entry(rel, os.fstat(f.fileno()))
         if match is not None and entry.token != match:
@@ -72,7 +72,7 @@ class LocalStore(FsspecStore):
         return _FileRange(f, entry, start, end)
 
     def open(self, rel: str, mode: str = "rb", **kwargs: Any) -> BinaryIO:
-        return open(self.path(rel), mode)  # noqa: SIM115 - the caller closes it
+        return cast(BinaryIO, open(self.path(rel), mode))  # noqa: SIM115 - the caller closes it
 
     def get_file(self, rel: str, local_path: str) -> None:
         shutil.copyfile(self.path(rel), local_path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import contextlib
 import datetime as dt
 import hashlib
@@ -24,7 +25,7 @@ from typing import Any, BinaryIO, Iterator
 
 from fsspec.asyn import sync
 
-from .base import Entry, Guard, PreconditionFailed, StorageError, entry_of, first_line, guard_refused
+from .base import Entry, Guard, PreconditionFailed, RangeStream, StorageError, entry_of, first_line, guard_refused
 from .generic import FsspecStore
 from .s3_stream import EmptyRange, S3Range
 
@@ -101,7 +102,7 @@ class S3Store(FsspecStore):
         return entry_of(rel, self._call("head_object", **self._object(rel)))
 
     def open_range(self, rel: str, start: int = 0, end: int | None = None, match: str | None = None,
-                   timeout: float | None = None) -> S3Range | EmptyRange:  # fmt: skip
+                   timeout: float | None = None) -> RangeStream:  # fmt: skip
         """One streaming GetObject; `match` (an etag: token) becomes If-Match."""
         kw = self._object(rel)
         if match is not None and match.startswith("etag:"):
@@ -265,7 +266,7 @@ class S3Store(FsspecStore):
             raise
 
     async def _parts(self, path: str, bucket: str, key: str, upload_id: str, size: int,
-                     part_size: int) -> list[dict[str, Any]]:  # fmt: skip
+                     part_size: int) -> builtins.list[dict[str, Any]]:  # fmt: skip
         """Upload the parts, at most UPLOAD_CONCURRENCY at once, each with its SHA-256.
 
         If one part fails the others are cancelled and awaited, so no part lands after the abort.
@@ -289,7 +290,7 @@ class S3Store(FsspecStore):
             raise
 
     # -- incomplete uploads and preflight -------------------------------------------------
-    def incomplete_uploads(self) -> list[tuple[str, str, float]]:
+    def incomplete_uploads(self) -> builtins.list[tuple[str, str, float]]:
         """Multipart uploads begun under the root and never completed or aborted."""
         bucket, prefix, _ = self._split("")
         prefix = f"{prefix.rstrip('/')}/" if prefix else ""

@@ -64,7 +64,7 @@ class StoreTests:
         raise NotImplementedError
 
     # -- reading ---------------------------------------------------------------------------
-    def test_reads_what_was_set(self, store):
+    def test_reads_what_was_set(self, store: Store) -> None:
         self.set(store, "a/b.bin", b"0123456789")
         assert store.exists("a/b.bin") and not store.exists("a/missing")
         assert store.read_bytes("a/b.bin") == b"0123456789"
@@ -80,7 +80,7 @@ class StoreTests:
         with pytest.raises(FileNotFoundError):
             store.info("a/missing")
 
-    def test_open_range_streams_and_pins_the_version(self, store):
+    def test_open_range_streams_and_pins_the_version(self, store: Store) -> None:
         self.set(store, "r.bin", bytes(range(256)) * 10)
         stream = store.open_range("r.bin", 100, 300)
         token = stream.entry.token
@@ -93,7 +93,7 @@ class StoreTests:
         with pytest.raises(PreconditionFailed):
             _read_all(store.open_range("r.bin", 0, 10, match=token))
 
-    def test_get_file_and_sha256(self, store, tmp_path):
+    def test_get_file_and_sha256(self, store: Store, tmp_path: Path) -> None:
         data = os.urandom(70_000)
         self.set(store, "g/x.bin", data)
         store.get_file("g/x.bin", str(tmp_path / "x.bin"))
@@ -101,13 +101,13 @@ class StoreTests:
         assert store.sha256("g/x.bin") == (len(data), hashlib.sha256(data).hexdigest())
 
     # -- writing ---------------------------------------------------------------------------
-    def test_write_bytes_lands_whole(self, store):
+    def test_write_bytes_lands_whole(self, store: Store) -> None:
         store.write_bytes("w/m.json", b"{}")
         assert self.get(store, "w/m.json") == b"{}"
         store.write_bytes("w/m.json", b"[1]")
         assert self.get(store, "w/m.json") == b"[1]"
 
-    def test_writer_never_shows_partial_content(self, store):
+    def test_writer_never_shows_partial_content(self, store: Store) -> None:
         store.write_bytes("m.json", b"old")
         with pytest.raises(RuntimeError):
             with store.writer("m.json") as f:
@@ -119,7 +119,7 @@ class StoreTests:
             f.write(b"new")
         assert self.get(store, "m.json") == b"new"
 
-    def test_create_exclusive_once(self, store):
+    def test_create_exclusive_once(self, store: Store) -> None:
         if not store.supports_conditional_writes:
             with pytest.raises(StorageError, match="conditionally"):
                 store.create_exclusive("_lock", b"first")
@@ -130,7 +130,7 @@ class StoreTests:
         store.delete("_lock")
         assert store.create_exclusive("_lock", b"third") is True
 
-    def test_replace_if_is_a_compare_and_swap(self, store):
+    def test_replace_if_is_a_compare_and_swap(self, store: Store) -> None:
         if not store.supports_conditional_writes:
             with pytest.raises(StorageError, match="conditionally"):
                 store.replace_if("cas", b"x", "token")
@@ -148,7 +148,7 @@ class StoreTests:
         same, again = store.read_versioned("cas")
         assert store.replace_if("cas", same, again) == again  # same bytes keep the version
 
-    def test_delete_if_only_deletes_the_version_read(self, store):
+    def test_delete_if_only_deletes_the_version_read(self, store: Store) -> None:
         if not store.supports_conditional_writes:
             with pytest.raises(StorageError, match="conditionally"):
                 store.delete_if("cas", "token")
@@ -162,7 +162,7 @@ class StoreTests:
         assert store.delete_if("cas", token) is False
 
     # -- listing and deleting --------------------------------------------------------------
-    def test_list_with_identity_walk_and_delete(self, store):
+    def test_list_with_identity_walk_and_delete(self, store: Store) -> None:
         assert list(store.list("nothing-here")) == []
         for name in ("x.bin", "y.bin"):
             self.set(store, f"d/{name}", name.encode())
@@ -183,7 +183,7 @@ class StoreTests:
         assert list(store.list("d")) == [] and not store.exists("d/sub/z.bin")
 
     # -- publishing ------------------------------------------------------------------------
-    def test_publish_a_file(self, store, tmp_path):
+    def test_publish_a_file(self, store: Store, tmp_path: Path) -> None:
         data = os.urandom(300_000)
         tmp = tmp_path / "staged.bin"
         tmp.write_bytes(data)
@@ -191,7 +191,7 @@ class StoreTests:
         assert self.get(store, "shards/s.bin") == data
         assert store.sha256("shards/s.bin") == (len(data), hashlib.sha256(data).hexdigest())
 
-    def test_publish_a_directory(self, store, tmp_path):
+    def test_publish_a_directory(self, store: Store, tmp_path: Path) -> None:
         tmp = tmp_path / "staged.zarr"
         os.makedirs(tmp / "c")
         Path(tmp, "zarr.json").write_bytes(b"{}")
@@ -201,7 +201,7 @@ class StoreTests:
         assert store.sha256("shards/d.zarr") == staged and staged[0] == 7
         assert [e.rel for e in store.walk("shards/d.zarr")] == ["shards/d.zarr/c/0", "shards/d.zarr/zarr.json"]
 
-    def test_publish_refuses_a_short_upload(self, store, tmp_path):
+    def test_publish_refuses_a_short_upload(self, store: Store, tmp_path: Path) -> None:
         if store.supports_rename:
             pytest.skip("a rename cannot be short")
         path = tmp_path / "f.bin"
@@ -209,7 +209,7 @@ class StoreTests:
         with pytest.raises(OSError, match="incomplete: 5 of 6 bytes"):
             store.publish(str(path), "shards/f.bin", 6)
 
-    def test_guarded_publish_commits_only_while_the_guard_holds(self, store, tmp_path):
+    def test_guarded_publish_commits_only_while_the_guard_holds(self, store: Store, tmp_path: Path) -> None:
         if not store.supports_conditional_writes:
             pytest.skip("no conditional writes: nothing can be guarded atomically")
         data = b"shard bytes" * 1000
@@ -228,7 +228,7 @@ class StoreTests:
         assert self.get(store, "shards/g.bin") == data and self.get(store, "guard") == b"mine"
 
     # -- identity --------------------------------------------------------------------------
-    def test_identity_proves_the_same_object(self, store):
+    def test_identity_proves_the_same_object(self, store: Store) -> None:
         self.set(store, "shards/a.h5", b"A" * 1000)
         self.set(store, "shards/b.h5", b"B" * 1000)
         recorded = store.identity("shards/a.h5")
@@ -240,10 +240,10 @@ class StoreTests:
         assert not store.same_object("shards/a.h5", recorded, listed["a.h5"])
 
     # -- processes -------------------------------------------------------------------------
-    def test_pickles_as_uri_and_options(self, store):
+    def test_pickles_as_uri_and_options(self, store: Store) -> None:
         assert pickle.loads(pickle.dumps(store)) is store  # same process: the cached instance
 
-    def test_fork_child_gets_a_fresh_instance(self, store):
+    def test_fork_child_gets_a_fresh_instance(self, store: Store) -> None:
         ctx = mp.get_context("fork")
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_child_report, args=(store, child))
