@@ -46,10 +46,6 @@ def _read_part(path: str, offset: int, length: int) -> tuple[bytes, str]:
     return body, _b64(hashlib.sha256(body).digest())
 
 
-async def _bounded(call: Any, timeout: float | None) -> Any:
-    return await asyncio.wait_for(call, timeout)
-
-
 def _stamp(value: Any) -> int:
     return int(value.timestamp() * 1e9) if isinstance(value, dt.datetime) else -1
 
@@ -106,11 +102,11 @@ class S3Store(FsspecStore):
         """One streaming GetObject; `match` (an etag: token) becomes If-Match."""
         kw = self._object(rel)
         if match is not None and match.startswith("etag:"):
-            kw["IfMatch"] = match[5:]
+            kw["IfMatch"] = f'"{match[5:]}"'
         if start > 0 or end is not None:
             kw["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         try:
-            resp = sync(self.fs.loop, _bounded, self.fs._call_s3("get_object", **kw), timeout)
+            resp = sync(self.fs.loop, self._get_object, kw, timeout)
         except OSError as exc:
             if _changed(exc):
                 raise PreconditionFailed(f"{self.url(rel)} changed (ETag no longer {match})") from exc
@@ -121,6 +117,9 @@ class S3Store(FsspecStore):
         entry = entry_of(rel, {**resp, "ContentLength": total})
         stop = total if end is None else min(end, total)
         return S3Range(self.fs.loop, resp["Body"], entry, first, stop - first, timeout)
+
+    async def _get_object(self, kw: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        return await asyncio.wait_for(self.fs._call_s3("get_object", **kw), timeout)
 
     def list(self, rel_dir: str) -> Iterator[Entry]:
         """list_objects_v2 page by page (1000 keys each), streamed; keeps each object's ETag."""
