@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from convert.lease import (LEASE, Lease, LeaseError, acquire, clean_debris, debris, hold_lease, publish, read_lease, release, renew,
-                           staging)  # fmt: skip
-from convert.manifest import read_manifest, verify
+from convert.lease import (LEASE, Lease, LeaseError, acquire, clean_debris, debris, hold_lease, publish, read_lease,
+                           release, renew, staging)  # fmt: skip
+from convert.manifest import read_manifest
+from convert.shards import verify
 from convert.store import open_store
 from convert.testing import images as gen
 from convert.testing.http import StaticServer
