@@ -215,8 +215,9 @@ class S3Store(FsspecStore):
     async def _fence(self, guard: Guard, rel: str) -> None:
         """Rewrite the guard object with its own bytes under If-Match on its ETag: the server
         confirms that the version the guard allowed is still current. Identical bytes keep the
-        ETag, so the holder's next compare-and-swap is unaffected. The last allowed version is
-        remembered, so a fence is one request until the guard object changes (a renewal)."""
+        ETag, so the holder's next compare-and-swap is unaffected (under SSE-KMS the ETag is not a
+        content hash and moves: the holder's renewal then re-reads, see lease.renew). The last
+        allowed version is remembered, so a fence is one request until the guard object changes."""
         cached = self._fences.get(guard.rel)
         if cached is not None and await self._put_if(guard.rel, cached[0], IfMatch=f'"{cached[1]}"') is not None:
             return
