@@ -219,17 +219,21 @@ class S3Store(FsspecStore):
         content hash and moves: the holder's renewal then re-reads, see lease.renew). The last
         allowed version is remembered, so a fence is one request until the guard object changes."""
         cached = self._fences.get(guard.rel)
-        if cached is not None and await self._put_if(guard.rel, cached[0], IfMatch=f'"{cached[1]}"') is not None:
-            return
-        for _ in range(5):  # a concurrent renewal moved the ETag: read again
+        if cached is not None:
+            fresh = await self._put_if(guard.rel, cached[0], IfMatch=f'"{cached[1]}"')
+            if fresh is not None:
+                self._fences[guard.rel] = (cached[0], fresh)
+                return
+        for _ in range(5):  # a concurrent renewal (or fence) moved the ETag: read again
             try:
                 data, etag = await self._read_versioned(guard.rel)
             except FileNotFoundError:
                 raise guard_refused(self, rel, guard) from None
             if not guard.holds(data):
                 raise guard_refused(self, rel, guard)
-            if await self._put_if(guard.rel, data, IfMatch=f'"{etag}"') is not None:
-                self._fences[guard.rel] = (data, etag)
+            fresh = await self._put_if(guard.rel, data, IfMatch=f'"{etag}"')
+            if fresh is not None:
+                self._fences[guard.rel] = (data, fresh)
                 return
         raise guard_refused(self, rel, guard)
 
