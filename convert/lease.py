@@ -45,7 +45,8 @@ LEASE = "_lease.json"
 TTL = 60.0  # seconds without a heartbeat after which a lease is stale
 MAX_TTL = 7 * 86400.0  # a longer ttl is absurd: the lease is treated as stale
 MAX_SKEW = 60.0  # seconds a heartbeat may lie in the future (clock skew between hosts)
-_STAGED = re.compile(r"^\.(?P<name>.+?)\.(?:r-(?P<run>[0-9A-Za-z]+)\.)?(?P<attempt>[0-9a-f]{8,32})" + re.escape(PARTIAL))
+_STAGED = re.compile(r"^\.(?P<name>.+?)\.(?:r-(?P<run>[0-9A-Za-z]+)\.)?(?P<attempt>[0-9a-f]{8,32})"
+                     + re.escape(PARTIAL))  # fmt: skip
 
 
 class LeaseError(StorageError):

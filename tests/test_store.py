@@ -51,7 +51,8 @@ class TestLocalStore(StoreTests):
             release.wait(5)
             return data == b"mine"
 
-        worker = threading.Thread(target=store.publish, args=(str(path), "shards/f.bin", 1, None, Guard("guard", holds)))
+        guard = Guard("guard", holds)
+        worker = threading.Thread(target=store.publish, args=(str(path), "shards/f.bin", 1, None, guard))
         worker.start()
         assert inside.wait(5)
         _, token = store.read_versioned("guard")

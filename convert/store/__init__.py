@@ -30,7 +30,8 @@ from .local import LocalStore, atomic_write
 from .s3 import S3Store
 
 __all__ = ["PARTIAL", "Entry", "FsspecStore", "Guard", "LocalStore", "PreconditionFailed", "RangeStream",
-           "S3Store", "StorageError", "Store", "atomic_write", "entry_of", "file_digest", "first_line", "fs_url", "has_scheme", "is_local",
+           "S3Store", "StorageError", "Store", "atomic_write", "entry_of", "file_digest", "first_line", "fs_url",
+           "has_scheme", "is_local",
            "open_object", "open_store", "preflight", "scheme_of", "tree_digest"]  # fmt: skip
 
 

@@ -15,7 +15,8 @@ from typing import Any, BinaryIO, Iterator
 
 import fsspec
 
-from .base import Entry, Guard, PreconditionFailed, RangeStream, StorageError, Store, entry_of, guard_refused, is_local, reopen
+from .base import (Entry, Guard, PreconditionFailed, RangeStream, StorageError, Store, entry_of, guard_refused, is_local,
+                   reopen)  # fmt: skip
 
 _NO_CAS = "this store cannot write objects conditionally, so two runs could write one output at once"
 

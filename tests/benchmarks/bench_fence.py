@@ -8,8 +8,9 @@ fenced (`convert.lease.publish(..., run_id)`: locally flock + read + compare aro
 on S3 one If-Match PUT of the lease's own bytes before the shard's PUT, the lease version read
 once and reused until it changes) and, for comparison, the wave-2 check (read the lease, compare,
 publish: not atomic). Only the publish call is timed; the figure is the median per publish over
-`repeat` rounds, the modes interleaved; the fence's cost is the difference. moto is CPU-bound on this box: its absolute times are a ceiling
-for a real endpoint, where the fence costs two small requests' latency.
+`repeat` rounds, the modes interleaved; the fence's cost is the difference. moto is CPU-bound on
+this box: its absolute times are a ceiling for a real endpoint, where the fence costs one small
+request's latency.
 """
 
 from __future__ import annotations
