@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import pickle
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ def _read_all(stream: Any) -> bytes:
 
 class StoreTests:
     """Mixed into one test class per store; `store` is a fresh, empty root."""
+
+    # False where the backend under test (not the Store) is known not to serialise racing
+    # conditional writes: moto checks If-Match and then writes without a lock (AWS S3 is atomic).
+    backend_serialises_races = True
 
     @pytest.fixture
     def store(self) -> Store:
@@ -147,6 +152,16 @@ class StoreTests:
         assert store.replace_if("absent", b"x", token2) is None and not store.exists("absent")
         same, again = store.read_versioned("cas")
         assert store.replace_if("cas", same, again) == again  # same bytes keep the version
+
+    def test_racing_replaces_from_one_version_have_one_winner(self, store: Store) -> None:
+        if not store.supports_conditional_writes or not self.backend_serialises_races:
+            pytest.skip("no conditional writes, or a test double that does not serialise them")
+        self.set(store, "race", b"v0")
+        _, token = store.read_versioned("race")
+        with ThreadPoolExecutor(8) as pool:
+            won = list(pool.map(lambda i: store.replace_if("race", f"writer {i}".encode(), token), range(8)))
+        winners = [i for i, t in enumerate(won) if t is not None]
+        assert len(winners) == 1 and self.get(store, "race") == f"writer {winners[0]}".encode()
 
     def test_delete_if_only_deletes_the_version_read(self, store: Store) -> None:
         if not store.supports_conditional_writes:
