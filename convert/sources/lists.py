@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..specs import InputSlice
+from ..store import is_local
 from .base import SourceError, full_uri, has_magic, open_fs
 
 FORMATS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -119,7 +120,7 @@ def find_lists(uri: str, storage_options: dict[str, Any] | None) -> list[ListFil
 
 def open_list(uri: str, storage_options: dict[str, Any] | None) -> Any:
     """A seekable binary file: plain open for local lists, the resilient reader for remote ones."""
-    if "://" not in uri or uri.startswith("file://"):
+    if is_local(uri):
         return open(uri.removeprefix("file://"), "rb")
     from ..fetch.resilient import open_resilient
 
