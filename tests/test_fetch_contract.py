@@ -6,6 +6,7 @@ Odd HTTP comes from small raw-socket servers (`raw_server`), which record each r
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import gzip
 import os
@@ -28,12 +29,20 @@ from convert.worker import process_shard
 pytestmark = pytest.mark.usefixtures("http_backend")
 
 OPEN = FetchPolicy(allow_private_networks=True, timeout=1.0, retries=2, backoff=0.01, item_timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def _policy_for_backend(http_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OPEN was made at import; remade here, it takes the backend under test (chosen once per policy)."""
+    monkeypatch.setattr(sys.modules[__name__], "OPEN", dataclasses.replace(OPEN))
+
+
 JPEG = jpeg_bytes(40, 30, seed=5)
 
 
-def status(url: str, policy: FetchPolicy = OPEN) -> ItemError:
+def status(url: str, policy: FetchPolicy | None = None) -> ItemError:
     with pytest.raises(ItemError) as info:
-        fetch_bytes(url, policy)
+        fetch_bytes(url, policy or OPEN)
     return info.value
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import os
-import re
 import socket
 import ssl
 import threading
@@ -40,13 +39,12 @@ from concurrent.futures import Future
 from typing import Any
 from urllib.parse import urlsplit
 
-import urllib3
-
 from ..specs import ItemError, Status
-from .errors import TransientError, http_status_error, is_transient, redact_url, to_item_error
-from .http import RETRY_AFTER_CAP, give_up, retry_delay, timeout_error
-from .netguard import DNS_TTL, PrivateAddressError, exempt, is_public
+from . import robots
+from .errors import PrivateAddressError, TransientError, http_status_error, is_transient, redact_url, to_item_error
+from .netguard import DNS_TTL, exempt, is_public
 from .policy import FetchPolicy
+from .retry import RETRY_AFTER_CAP, give_up, http_url, retry_delay, timeout_error
 
 try:
     import pycurl
@@ -58,7 +56,6 @@ MISSING_MESSAGE = "fetch.backend='curl' needs pycurl: pip install 'convert[fast-
 MAX_REDIRECTS = 5
 BUFFER_SIZE = 256 * 1024  # libcurl's receive buffer
 STALL_CHECK = 0.25  # seconds between checks for transfers that stopped receiving
-USER_AGENT = "convert (+https://github.com/convert)"
 _VERIFY = ssl.get_default_verify_paths()
 
 _share_lock = threading.Lock()
@@ -95,7 +92,8 @@ class _Transfer:
     """One item's HTTP fetch across its attempts; `done` once value or error is set."""
 
     __slots__ = ("item", "url", "deadline", "attempts", "chunks", "got", "cap", "refused", "value", "error",
-                 "done", "started", "future", "key", "handle", "too_large", "last_data")  # fmt: skip
+                 "done", "started", "future", "key", "handle", "too_large", "last_data", "headers", "screen",
+                 "opted", "robots", "cleared")  # fmt: skip
 
     def __init__(self, item: Any, url: str | None, deadline: float, cap: int, key: int = 0) -> None:
         self.item, self.url, self.deadline, self.cap, self.key = item, url, deadline, cap, key
@@ -109,17 +107,28 @@ class _Transfer:
         self.handle: Any = None
         self.too_large = False
         self.last_data = 0.0  # monotonic time of the attempt's start or its latest body bytes
+        self.headers: list[bytes] = []  # raw header lines of this attempt (every redirect hop)
+        self.screen: Callable[[list[bytes]], str | None] | None = None  # X-Robots-Tag check, if any
+        self.opted: str | None = None  # the X-Robots-Tag directive that opted this item out
+        self.robots: tuple | None = None  # set on a robots.txt fetch: its cache key
+        self.cleared = False  # robots.txt allows this URL (checked once, not per attempt)
 
     def begin(self, handle: Any) -> None:
         """Reset for a new attempt on `handle`."""
         self.attempts += 1
         self.chunks, self.got, self.refused, self.handle = [], 0, None, handle
-        self.too_large, self.last_data = False, time.monotonic()
+        self.too_large, self.last_data, self.opted = False, time.monotonic(), None
+        self.headers.clear()
 
     def write(self, chunk: bytes) -> int | None:
-        """libcurl's write callback: keep the chunk (no copy); abort one byte past the cap. The only
-        Python call per chunk (no header callback: the status is read once the transfer ends, and
-        an error response's body, capped like any other, is dropped then)."""
+        """libcurl's write callback: keep the chunk (no copy); abort one byte past the cap, or at the
+        first chunk if the headers opt the item out (the body is then neither kept nor read on).
+        Header lines are collected by `list.append` itself (a C call, no Python frame per line);
+        the status is read once the transfer ends, and an error response's body is dropped then."""
+        if not self.got and self.screen is not None:
+            self.opted = self.screen(self.headers)
+            if self.opted is not None:
+                return 0
         self.got += len(chunk)
         self.last_data = time.monotonic()
         if self.got > self.cap:
@@ -151,11 +160,17 @@ class CurlEngine:
         self.retries: list[tuple[float, int, _Transfer]] = []  # heap of (monotonic due, seq, transfer)
         self._seq = 0
         self.on_settle: Callable[[_Transfer], None] | None = None
+        self.screen = self._screen if policy.disallowed_header_directives else None
+        self.robots = policy.robots_txt == "respect"
+        self.waiting: dict[str, list[_Transfer]] = {}  # origin -> transfers waiting for its robots.txt
 
     # -- handles ---------------------------------------------------------------------------------
     def _handle(self) -> Any:
         if self.free:
             return self.free.pop()
+        return self._new_handle()
+
+    def _new_handle(self) -> Any:
         c = pycurl.Curl()
         p = self.policy
         c.setopt(pycurl.SHARE, self.share)
@@ -166,7 +181,7 @@ class CurlEngine:
         c.setopt(pycurl.MAXREDIRS, MAX_REDIRECTS)
         c.setopt(pycurl.PROXY, "")  # never a proxy from the environment
         c.setopt(pycurl.HTTPHEADER, ["Accept-Encoding: identity"])
-        c.setopt(pycurl.USERAGENT, USER_AGENT)
+        c.setopt(pycurl.USERAGENT, p.user_agent_header)
         c.setopt(pycurl.BUFFERSIZE, BUFFER_SIZE)
         c.setopt(pycurl.DNS_CACHE_TIMEOUT, int(DNS_TTL))
         c.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(p.timeout * 1000)))
@@ -192,23 +207,78 @@ class CurlEngine:
 
     # -- transfers -------------------------------------------------------------------------------
     def start(self, t: _Transfer) -> None:
-        """Begin (another) attempt of `t`, or finish it with TIMEOUT if its deadline has passed."""
+        """Begin (another) attempt of `t`, or finish it with TIMEOUT if its deadline has passed.
+        With robots_txt: respect, first its host's robots.txt (cached per process, else fetched
+        here as one more transfer while `t` waits)."""
         left = t.deadline - time.monotonic()
         if left <= 0:
             self._settle(t, error=timeout_error(t.url or "", self.policy))
             return
-        c = self._handle()
+        if self.robots and not t.cleared and not self._robots_clear(t):
+            return
+        c = self._new_handle() if t.robots is not None else self._handle()
+        if t.robots is None:
+            t.screen = self.screen
         t.begin(c)
         try:
             c.setopt(pycurl.URL, t.url)
         except (UnicodeEncodeError, pycurl.error):
-            self.free.append(c)
+            self._release(c, t)
             self._settle(t, error=ItemError(Status.BAD_URL, f"{redact_url(t.url or '')[:200]}: not a valid URL"))
             return
         c.setopt(pycurl.WRITEFUNCTION, t.write)
         c.setopt(pycurl.TIMEOUT_MS, max(1, int(left * 1000)))
+        if t.screen is not None:
+            c.setopt(pycurl.HEADERFUNCTION, t.headers.append)
+        if t.robots is not None:
+            c.setopt(pycurl.MAXFILESIZE_LARGE, 0)  # a large robots.txt is read up to ROBOTS_CAP, not refused
         self.active[c] = t
         self.multi.add_handle(c)
+
+    def _release(self, c: Any, t: _Transfer) -> None:
+        """Back to the free list; a robots.txt fetch's handle (other size cap) is closed instead."""
+        if t.robots is None:
+            self.free.append(c)
+        else:
+            c.close()
+
+    def _screen(self, lines: list[bytes]) -> str | None:
+        p = self.policy
+        return robots.header_lines_opt_out(lines, p.bot, p.disallowed_header_directives)
+
+    def _robots_clear(self, t: _Transfer) -> bool:
+        """True if robots.txt allows `t`'s URL; else `t` is settled (disallowed) or waits for it."""
+        p = self.policy
+        try:
+            site = robots.origin(t.url or "")
+        except ValueError:
+            return True  # not a URL: the fetch itself reports it
+        key = robots.cache_key(site, p.bot, p.allow_private_networks, p.allowed_networks)
+        rules = robots.cache.get(key)
+        if rules is None:
+            waiting = self.waiting.get(site)
+            if waiting is not None:
+                waiting.append(t)
+                return False
+            self.waiting[site] = [t]
+            fetch = _Transfer(None, robots.robots_url(site), time.monotonic() + p.item_timeout, robots.ROBOTS_CAP)
+            fetch.robots, fetch.cleared = key, True
+            self.start(fetch)
+            return False
+        if not rules.allowed(t.url or ""):
+            self._settle(t, error=robots.refusal(rules, p.bot))
+            return False
+        t.cleared = True
+        return True
+
+    def _robots_done(self, t: _Transfer, status: int | None, reason: str = "") -> None:
+        """A robots.txt fetch ended: cache its verdict and start (or refuse) the URLs waiting for it."""
+        assert t.robots is not None
+        rules = robots.rules_for(status, t.body(), self.policy.bot, reason)
+        robots.cache.put(t.robots, rules)
+        t.done, t.chunks = True, []
+        for waiter in self.waiting.pop(t.robots[0], []):
+            self.start(waiter)
 
     def drive(self, timeout: float) -> None:
         """Move every transfer along; wait up to `timeout` s for socket activity if none is ready."""
@@ -240,7 +310,10 @@ class CurlEngine:
         for c in stalled:
             t = self.active.pop(c)
             self.multi.remove_handle(c)
-            self.free.append(c)
+            self._release(c, t)
+            if t.robots is not None:
+                self._robots_done(t, None, f"sent nothing for fetch.timeout={self.policy.timeout:g}s")
+                continue
             self._failed(t, TimeoutError(f"no data for fetch.timeout={self.policy.timeout:g}s"))
         return bool(stalled)
 
@@ -262,9 +335,18 @@ class CurlEngine:
         self.multi.remove_handle(c)
         status = c.getinfo(pycurl.RESPONSE_CODE)
         retry_after = c.getinfo(pycurl.RETRY_AFTER) if status in (429, 503) else 0
+        if t.robots is not None:
+            self._robots_finished(c, t, code, status, message)
+            return
         self.free.append(c)
         if code == 0 and 200 <= status < 300:
-            self._settle(t, value=t.body())
+            if t.screen is not None and not t.got:  # an empty body: no write callback saw the headers
+                t.opted = t.screen(t.headers)
+            if t.opted is None:
+                self._settle(t, value=t.body())
+                return
+        if t.opted is not None and 200 <= status < 300:
+            self._settle(t, error=robots.header_error(t.opted))
             return
         url = t.url or ""
         if status and not 200 <= status < 300 and code in (0, pycurl.E_WRITE_ERROR, pycurl.E_FILESIZE_EXCEEDED):
@@ -317,7 +399,21 @@ class CurlEngine:
                 return
         self._settle(t, error=give_up(error, t.url or "", t.attempts, self.policy))
 
+    def _robots_finished(self, c: Any, t: _Transfer, code: int, status: int, message: str) -> None:
+        """RFC 9309's reading of a robots.txt transfer's outcome (a cut at ROBOTS_CAP is a success)."""
+        self._release(c, t)
+        if code == pycurl.E_TOO_MANY_REDIRECTS:
+            self._robots_done(t, 404)  # not reached within the redirect limit: "unavailable"
+        elif code == 0 or (code == pycurl.E_WRITE_ERROR and t.too_large):
+            self._robots_done(t, status)
+        else:
+            error = self._curl_error(t, code, message)
+            self._robots_done(t, None, str(error.message if isinstance(error, ItemError) else error))
+
     def _settle(self, t: _Transfer, value: Any = None, error: BaseException | None = None) -> None:
+        if t.robots is not None:  # a robots.txt fetch that could not start
+            self._robots_done(t, None, str(getattr(error, "message", error)))
+            return
         t.value, t.error, t.done, t.chunks = value, error, True, []
         if self.on_settle is not None:
             self.on_settle(t)
@@ -341,7 +437,8 @@ def curl_fetch(url: str, policy: FetchPolicy, deadline: float | None = None) -> 
     on failure. Each thread keeps one engine per policy, so its connections stay alive between calls."""
     engines = _local.__dict__.setdefault("engines", {})
     key = (policy.timeout, policy.retries, policy.backoff, policy.max_bytes, policy.item_timeout,
-           policy.allow_private_networks, policy.allowed_networks)  # what an engine's behaviour depends on
+           policy.allow_private_networks, policy.allowed_networks, policy.user_agent_header, policy.bot,
+           policy.disallowed_header_directives, policy.robots_txt)  # what an engine's behaviour depends on
     engine = engines.get(key)
     if engine is None or engine.multi is None:
         engine = engines[key] = CurlEngine(policy, 4)
@@ -360,17 +457,3 @@ def curl_fetch(url: str, policy: FetchPolicy, deadline: float | None = None) -> 
     if t.error is not None:
         raise t.error
     return t.value
-
-
-_PLAIN_URL = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
-
-
-def http_url(url: str) -> str:
-    """`url` as sent on the wire: spaces, non-ASCII and other characters URLs may not hold are
-    percent-encoded exactly as the urllib3 backend does (urllib3.util.parse_url)."""
-    if _PLAIN_URL.fullmatch(url):
-        return url
-    try:
-        return urllib3.util.parse_url(url).url
-    except urllib3.exceptions.LocationParseError:
-        return url  # libcurl reports it as a malformed URL (bad_url)

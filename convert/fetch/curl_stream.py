@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Generic, TypeVar
 
-from .curl import CurlEngine, _Transfer, http_url
+from .curl import CurlEngine, _Transfer
 from .policy import FetchPolicy
 from .prefetch import THREAD_PREFIX, Budget, Fetched
+from .retry import http_url
 
 T = TypeVar("T")
 
