@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import urllib3
 import urllib3.exceptions as u3
@@ -22,10 +22,24 @@ import urllib3.exceptions as u3
 from ..specs import ItemError, Status
 from . import robots
 from .deadline import deadline_scope, watched
-from .errors import HTTPStatusError, TransientError, http_status_error, is_transient, redact_url, to_item_error
+from .errors import (
+    HTTPStatusError,
+    TransientError,
+    http_status_error,
+    is_transient,
+    redact_url,
+    to_item_error,
+)
 from .netguard import pool_classes
 from .policy import FetchPolicy
-from .retry import RETRY_AFTER_CAP, check_deadline, give_up, http_url, parse_retry_after, retry_delay
+from .retry import (
+    RETRY_AFTER_CAP,
+    check_deadline,
+    give_up,
+    http_url,
+    parse_retry_after,
+    retry_delay,
+)
 
 __all__ = ["RETRY_AFTER_CAP", "discard", "fetch_http", "pool_manager", "request", "retry_delay", "status_error"]
 
@@ -178,10 +192,9 @@ def _get_once(url: str, policy: FetchPolicy, deadline: float) -> bytes:
                 discard(resp)
 
 
-def _robots_rules(url: str, policy: FetchPolicy, deadline: float) -> robots.Rules:
-    """This URL's host's robots.txt rules for our bot: from the process cache, else fetched once
-    (other threads wanting the same host wait for that fetch) through the guarded pool."""
-    site = robots.origin(url)
+def _robots_rules(site: str, policy: FetchPolicy, deadline: float) -> robots.Rules:
+    """The robots.txt rules of `site` (an origin) for our bot: from the process cache, else fetched
+    once (other threads wanting the same host wait for that fetch) through the guarded pool."""
     key = robots.cache_key(site, policy.bot, policy.allow_private_networks, policy.allowed_networks)
     rules = robots.cache.get(key)
     if rules is None:
@@ -229,8 +242,12 @@ def fetch_http(url: str, policy: FetchPolicy, deadline: float | None = None) -> 
         deadline = time.monotonic() + policy.item_timeout
     url = http_url(url)  # the URL as sent: errors name the host actually contacted
     if policy.robots_txt == "respect":
-        rules = _robots_rules(url, policy, deadline)
-        if not rules.allowed(url):
+        try:
+            site, path = robots.locate(url)
+        except ValueError:
+            raise ItemError(Status.BAD_URL, f"{redact_url(url)[:200]}: not a valid URL") from None
+        rules = _robots_rules(site, policy, deadline)
+        if not rules.allows(path):
             raise robots.refusal(rules, policy.bot)
     last: BaseException | None = None
     made = 0

@@ -28,6 +28,7 @@ CACHE_MAX = 10_000  # hosts per process (LRU)
 HEADER_CAP = 16 * 1024  # characters of X-Robots-Tag values parsed per response
 _VALUED = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}  # "name: value" directives
 _PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+_PLAIN = re.compile(rb"[!-$&-~]*")  # printable ASCII but '%': already canonical
 _TOKEN = re.compile(r"[A-Za-z_-]*")
 
 
@@ -67,6 +68,9 @@ def header_lines_opt_out(lines: list[bytes], bot: str, directives: tuple[str, ..
     values: list[str] = []
     for line in reversed(lines):
         if line[:5] == b"HTTP/":
+            parts = line.split(b" ", 2)
+            if len(parts) < 2 or parts[1][:1] != b"2":
+                return None  # a redirect hop or an error: its status decides, not its tags
             break
         if line[:13].lower() == b"x-robots-tag:":
             values.append(line[13:].decode("latin-1").strip())
@@ -83,6 +87,8 @@ def header_error(directive: str) -> ItemError:
 def _canon(path: bytes) -> str:
     """A path (or pattern) in one canonical form for comparison (RFC 9309 2.2.2): percent-escapes
     decoded, then non-ASCII, controls and spaces percent-encoded with upper-case hex digits."""
+    if _PLAIN.fullmatch(path):
+        return path.decode("ascii")  # the common case: nothing to decode or encode
     raw = _PERCENT.sub(lambda m: bytes([int(m.group(1), 16)]), path)
     return "".join(chr(b) if 0x20 < b < 0x7F else f"%{b:02X}" for b in raw)
 
@@ -110,16 +116,19 @@ def _rule(allow: bool, value: str) -> _Rule:
 class Rules:
     """The rules that apply to one bot on one host: longest match wins, allow wins a tie."""
 
-    __slots__ = ("rules", "default", "why")
+    __slots__ = ("default", "rules", "why")
 
     def __init__(self, rules: tuple[_Rule, ...] = (), default: bool = True, why: str = "") -> None:
         self.rules, self.default, self.why = rules, default, why
 
     def allowed(self, url: str) -> bool:
+        return self.allows(locate(url)[1])
+
+    def allows(self, path: str) -> bool:
+        """Whether the rules allow `path` (path and query of the URL, as `locate` gives it)."""
         if not self.rules:
             return self.default
-        parts = urlsplit(url)
-        path = _canon(((parts.path or "/") + (f"?{parts.query}" if parts.query else "")).encode("utf-8"))
+        path = _canon(path.encode("utf-8"))
         if path == "/robots.txt":
             return True
         best, verdict = -1, True
@@ -187,18 +196,21 @@ def refusal(rules: Rules, bot: str) -> ItemError:
 # ------------------------------------------------------------------ hosts and the cache
 
 
-def origin(url: str) -> str:
-    """scheme://host:port of an http(s) URL (the robots.txt scope), lower-case, port explicit."""
+def locate(url: str) -> tuple[str, str]:
+    """(origin, path) of an http(s) URL: scheme://host:port (the robots.txt scope, lower-case, port
+    explicit) and the path with its query, the part robots.txt rules match. ValueError if malformed."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
     if ":" in host:
         host = f"[{host}]"
-    try:
-        port = parts.port or (443 if scheme == "https" else 80)
-    except ValueError:
-        port = 0
-    return f"{scheme}://{host}:{port}"
+    port = parts.port or (443 if scheme == "https" else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return f"{scheme}://{host}:{port}", path
+
+
+def origin(url: str) -> str:
+    return locate(url)[0]
 
 
 def robots_url(origin: str) -> str:
