@@ -31,143 +31,42 @@ import heapq
 import ipaddress
 import os
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
-from urllib.parse import urlsplit
 
 from ..specs import ItemError, Status
 from . import robots
-from .errors import (
-    PrivateAddressError,
-    TransientError,
-    http_status_error,
-    is_transient,
-    redact_url,
-    to_item_error,
+from .curl_transfer import (
+    AVAILABLE,
+    BUFFER_SIZE,
+    MAX_REDIRECTS,
+    MISSING_MESSAGE,
+    STALL_CHECK,
+    VERIFY,
+    Transfer,
+    curl_error,
+    pycurl,
+    share,
 )
+from .errors import http_status_error, is_transient, redact_url, to_item_error
 from .netguard import DNS_TTL, exempt, is_public
 from .policy import FetchPolicy
 from .retry import RETRY_AFTER_CAP, give_up, http_url, retry_delay, timeout_error
 
-try:
-    import pycurl
-except ImportError:  # pragma: no cover - exercised only without the fast-http extra
-    pycurl = None
+__all__ = ["AVAILABLE", "MAX_REDIRECTS", "MISSING_MESSAGE", "CurlEngine", "curl_fetch", "http_url"]
 
-AVAILABLE = pycurl is not None
-MISSING_MESSAGE = "fetch.backend='curl' needs pycurl: pip install 'convert[fast-http]' (or use 'auto')"
-MAX_REDIRECTS = 5
-BUFFER_SIZE = 256 * 1024  # libcurl's receive buffer
-STALL_CHECK = 0.25  # seconds between checks for transfers that stopped receiving
-_VERIFY = ssl.get_default_verify_paths()
-
-_share_lock = threading.Lock()
-_shares: dict[int, Any] = {}  # pid -> CurlShare
 _local = threading.local()  # this thread's engines for single fetches, by guard setting
 
 
 def _after_fork() -> None:
-    global _share_lock, _local
-    _share_lock, _local = threading.Lock(), threading.local()
+    global _local
+    _local = threading.local()
 
 
 os.register_at_fork(after_in_child=_after_fork)
 
-
-def _share() -> Any:
-    """This process's CurlShare: the DNS cache only. Connections stay with their engine (bounded by
-    M_MAXCONNECTS and closed with it), so a crawl of millions of hosts keeps a bounded number of
-    descriptors, and a connection opened under allow_private_networks never serves a guarded fetch."""
-    pid = os.getpid()
-    share = _shares.get(pid)
-    if share is None:
-        with _share_lock:
-            share = _shares.get(pid)
-            if share is None:
-                _shares.clear()  # a forked child never touches its parent's share
-                share = pycurl.CurlShare()
-                share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_DNS)
-                _shares[pid] = share
-    return share
-
-
-class _Transfer:
-    """One item's HTTP fetch across its attempts; `done` once value or error is set."""
-
-    __slots__ = (
-        "attempts",
-        "cap",
-        "chunks",
-        "cleared",
-        "deadline",
-        "done",
-        "error",
-        "future",
-        "got",
-        "handle",
-        "headers",
-        "item",
-        "key",
-        "last_data",
-        "opted",
-        "refused",
-        "robots",
-        "screen",
-        "started",
-        "too_large",
-        "url",
-        "value",
-    )  # fmt: skip
-
-    def __init__(self, item: Any, url: str | None, deadline: float, cap: int, key: int = 0) -> None:
-        self.item, self.url, self.deadline, self.cap, self.key = item, url, deadline, cap, key
-        self.attempts, self.chunks, self.got = 0, [], 0
-        self.refused: str | None = None  # an address the guard refused during this attempt
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.done = False
-        self.started = time.perf_counter_ns()
-        self.future: Future | None = None  # set for items fetched off the curl path
-        self.handle: Any = None
-        self.too_large = False
-        self.last_data = 0.0  # monotonic time of the attempt's start or its latest body bytes
-        self.headers: list[bytes] = []  # raw header lines of this attempt (every redirect hop)
-        self.screen: Callable[[list[bytes]], str | None] | None = None  # X-Robots-Tag check, if any
-        self.opted: str | None = None  # the X-Robots-Tag directive that opted this item out
-        self.robots: tuple | None = None  # set on a robots.txt fetch: its cache key
-        self.cleared = False  # robots.txt allows this URL (checked once, not per attempt)
-
-    def begin(self, handle: Any) -> None:
-        """Reset for a new attempt on `handle`."""
-        self.attempts += 1
-        self.chunks, self.got, self.refused, self.handle = [], 0, None, handle
-        self.too_large, self.last_data, self.opted = False, time.monotonic(), None
-        self.headers.clear()
-
-    def write(self, chunk: bytes) -> int | None:
-        """libcurl's write callback: keep the chunk (no copy); abort one byte past the cap, or at the
-        first chunk if the headers opt the item out (the body is then neither kept nor read on).
-        Header lines are collected by `list.append` itself (a C call, no Python frame per line);
-        the status is read once the transfer ends, and an error response's body is dropped then."""
-        if not self.got and self.screen is not None:
-            self.opted = self.screen(self.headers)
-            if self.opted is not None:
-                return 0
-        self.got += len(chunk)
-        self.last_data = time.monotonic()
-        if self.got > self.cap:
-            self.too_large = True
-            return 0  # any count but len(chunk) aborts the transfer (CURLE_WRITE_ERROR)
-        self.chunks.append(chunk)
-        return None
-
-    def body(self) -> bytes:
-        chunks = self.chunks
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class CurlEngine:
@@ -179,18 +78,18 @@ class CurlEngine:
         self.policy = policy
         self.guarded = not policy.allow_private_networks
         self.allowed = tuple(ipaddress.ip_network(n, strict=False) for n in policy.allowed_networks)
-        self.share = _share()
+        self.share = share()
         self.multi = pycurl.CurlMulti()
         self.multi.setopt(pycurl.M_MAXCONNECTS, max(8, 2 * concurrency))  # idle keep-alive connections kept
         self._stall_check = 0.0
         self.free: list[Any] = []
-        self.active: dict[Any, _Transfer] = {}
-        self.retries: list[tuple[float, int, _Transfer]] = []  # heap of (monotonic due, seq, transfer)
+        self.active: dict[Any, Transfer] = {}
+        self.retries: list[tuple[float, int, Transfer]] = []  # heap of (monotonic due, seq, transfer)
         self._seq = 0
-        self.on_settle: Callable[[_Transfer], None] | None = None
+        self.on_settle: Callable[[Transfer], None] | None = None
         self.screen = self._screen if policy.disallowed_header_directives else None
         self.robots = policy.robots_txt == "respect"
-        self.waiting: dict[str, list[_Transfer]] = {}  # origin -> transfers waiting for its robots.txt
+        self.waiting: dict[str, list[Transfer]] = {}  # origin -> transfers waiting for its robots.txt
         self.handed: list[socket.socket] = []  # sockets given to libcurl (it keeps a dup of each)
 
     # -- handles ---------------------------------------------------------------------------------
@@ -215,10 +114,10 @@ class CurlEngine:
         c.setopt(pycurl.DNS_CACHE_TIMEOUT, int(DNS_TTL))
         c.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(p.timeout * 1000)))
         c.setopt(pycurl.MAXFILESIZE_LARGE, p.max_bytes)  # a declared length over the cap ends it at once
-        if _VERIFY.cafile:
-            c.setopt(pycurl.CAINFO, _VERIFY.cafile)
-        if _VERIFY.capath:
-            c.setopt(pycurl.CAPATH, _VERIFY.capath)
+        if VERIFY.cafile:
+            c.setopt(pycurl.CAINFO, VERIFY.cafile)
+        if VERIFY.capath:
+            c.setopt(pycurl.CAPATH, VERIFY.capath)
         if self.guarded:
             c.setopt(pycurl.OPENSOCKETFUNCTION, lambda purpose, address, c=c: self._open_socket(c, address))
         return c
@@ -237,7 +136,7 @@ class CurlEngine:
         return sock  # ~40 us (CPython formats an "unclosed <socket ...>" ResourceWarning with its repr)
 
     # -- transfers -------------------------------------------------------------------------------
-    def start(self, t: _Transfer) -> None:
+    def start(self, t: Transfer) -> None:
         """Begin (another) attempt of `t`, or finish it with TIMEOUT if its deadline has passed.
         With robots_txt: respect, first its host's robots.txt (cached per process, else fetched
         here as one more transfer while `t` waits)."""
@@ -266,7 +165,7 @@ class CurlEngine:
         self.active[c] = t
         self.multi.add_handle(c)
 
-    def _release(self, c: Any, t: _Transfer) -> None:
+    def _release(self, c: Any, t: Transfer) -> None:
         """Back to the free list; a robots.txt fetch's handle (other size cap) is closed instead."""
         if t.robots is None:
             self.free.append(c)
@@ -290,7 +189,7 @@ class CurlEngine:
         p = self.policy
         return robots.header_lines_opt_out(lines, p.bot, p.disallowed_header_directives)
 
-    def _robots_clear(self, t: _Transfer) -> bool:
+    def _robots_clear(self, t: Transfer) -> bool:
         """True if robots.txt allows `t`'s URL; else `t` is settled (disallowed) or waits for it."""
         p = self.policy
         try:
@@ -305,7 +204,7 @@ class CurlEngine:
                 waiting.append(t)
                 return False
             self.waiting[site] = [t]
-            fetch = _Transfer(None, robots.robots_url(site), time.monotonic() + p.item_timeout, robots.ROBOTS_CAP)
+            fetch = Transfer(None, robots.robots_url(site), time.monotonic() + p.item_timeout, robots.ROBOTS_CAP)
             fetch.robots, fetch.cleared = key, True
             self.start(fetch)
             return False
@@ -315,7 +214,7 @@ class CurlEngine:
         t.cleared = True
         return True
 
-    def _robots_done(self, t: _Transfer, status: int | None, reason: str = "") -> None:
+    def _robots_done(self, t: Transfer, status: int | None, reason: str = "") -> None:
         """A robots.txt fetch ended: cache its verdict and start (or refuse) the URLs waiting for it."""
         assert t.robots is not None
         rules = robots.rules_for(status, t.body(), self.policy.bot, reason)
@@ -404,36 +303,10 @@ class CurlEngine:
             error: BaseException = http_status_error(status, redact_url(url), None,
                                                      min(retry_after, RETRY_AFTER_CAP) or None)  # fmt: skip
         else:
-            error = self._curl_error(t, code, message)
+            error = curl_error(t, code, message, self.policy)
         self._failed(t, error)
 
-    def _curl_error(self, t: _Transfer, code: int, message: str) -> BaseException:
-        """libcurl's error as the exception the urllib3 backend raises for the same condition."""
-        url = t.url or ""
-        safe = redact_url(url)
-        text = f"{safe}: {message.replace(url, safe)}"
-        if code == pycurl.E_COULDNT_CONNECT and t.refused is not None:
-            hop = t.handle.getinfo(pycurl.EFFECTIVE_URL) if t.handle is not None else url  # the redirect hop's
-            return PrivateAddressError(urlsplit(hop).hostname or "?", t.refused)
-        if code == pycurl.E_OPERATION_TIMEDOUT:
-            late = time.monotonic() >= t.deadline - 0.05
-            return timeout_error(url, self.policy) if late else TimeoutError(message.replace(url, safe))
-        if code == pycurl.E_FILESIZE_EXCEEDED or (code == pycurl.E_WRITE_ERROR and t.too_large):
-            return ItemError(Status.TOO_LARGE, f"{safe}: more than the cap of {t.cap} bytes")
-        if code == pycurl.E_UNSUPPORTED_PROTOCOL and "HTTP/0.9" in message:
-            return TransientError(f"{text} (the server did not answer in HTTP)", safe)  # e.g. the wrong port
-        if code in (pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT):
-            return ItemError(Status.BAD_URL, f"{text} (only http and https are fetched)")
-        if code == pycurl.E_TOO_MANY_REDIRECTS:
-            return ItemError(Status.HTTP_ERROR, f"{safe}: more than {MAX_REDIRECTS} redirects")
-        if code in (pycurl.E_SSL_CONNECT_ERROR, pycurl.E_PEER_FAILED_VERIFICATION):
-            return ItemError(Status.CONNECTION_ERROR, text)
-        if code == pycurl.E_PARTIAL_FILE:
-            return TransientError(text, safe)
-        return TransientError(text if message else f"{safe}: libcurl error {code}", safe)  # resets, refused,
-        # name resolution, nothing received: retried, then CONNECTION_ERROR
-
-    def _failed(self, t: _Transfer, error: BaseException) -> None:
+    def _failed(self, t: Transfer, error: BaseException) -> None:
         """Retry a transient failure after backoff if its deadline allows, else settle the item."""
         if isinstance(error, ItemError):
             self._settle(t, error=error)
@@ -449,18 +322,18 @@ class CurlEngine:
                 return
         self._settle(t, error=give_up(error, t.url or "", t.attempts, self.policy))
 
-    def _robots_finished(self, c: Any, t: _Transfer, code: int, status: int, message: str) -> None:
+    def _robots_finished(self, c: Any, t: Transfer, code: int, status: int, message: str) -> None:
         """RFC 9309's reading of a robots.txt transfer's outcome (a cut at ROBOTS_CAP is a success)."""
         reason = ""
         if code == pycurl.E_TOO_MANY_REDIRECTS:
             status = 404  # not reached within the redirect limit: "unavailable"
         elif not (code == 0 or (code == pycurl.E_WRITE_ERROR and t.too_large)):
-            error = self._curl_error(t, code, message)  # reads the handle: before it is released
+            error = curl_error(t, code, message, self.policy)  # reads the handle: before it is released
             status, reason = None, str(error.message if isinstance(error, ItemError) else error)
         self._release(c, t)
         self._robots_done(t, status, reason)
 
-    def _settle(self, t: _Transfer, value: Any = None, error: BaseException | None = None) -> None:
+    def _settle(self, t: Transfer, value: Any = None, error: BaseException | None = None) -> None:
         if t.robots is not None:  # a robots.txt fetch that could not start
             self._robots_done(t, None, str(getattr(error, "message", error)))
             return
@@ -497,7 +370,7 @@ def curl_fetch(url: str, policy: FetchPolicy, deadline: float | None = None) -> 
         engine = engines[key] = CurlEngine(policy, 4)
         while len(engines) > 8:  # a few policies per thread at most; drop the oldest
             engines.pop(next(iter(engines))).close()
-    t = _Transfer(url, http_url(url), deadline if deadline is not None else time.monotonic() + policy.item_timeout,
+    t = Transfer(url, http_url(url), deadline if deadline is not None else time.monotonic() + policy.item_timeout,
                   policy.max_bytes)  # fmt: skip
     try:
         engine.start(t)

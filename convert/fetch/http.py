@@ -194,15 +194,21 @@ def _get_once(url: str, policy: FetchPolicy, deadline: float) -> bytes:
 
 def _robots_rules(site: str, policy: FetchPolicy, deadline: float) -> robots.Rules:
     """The robots.txt rules of `site` (an origin) for our bot: from the process cache, else fetched
-    once (other threads wanting the same host wait for that fetch) through the guarded pool."""
+    once (other threads wanting the same host wait for that fetch, until their own deadline)
+    through the guarded pool."""
     key = robots.cache_key(site, policy.bot, policy.allow_private_networks, policy.allowed_networks)
     rules = robots.cache.get(key)
-    if rules is None:
-        with robots.fetch_lock(key):
-            rules = robots.cache.get(key)
-            if rules is None:
+    while rules is None:
+        mine, done = robots.inflight.claim(key)
+        if mine:
+            try:
                 rules = _fetch_robots(robots.robots_url(site), policy, deadline)
                 robots.cache.put(key, rules)
+            finally:
+                robots.inflight.release(key)
+        else:
+            done.wait(check_deadline(site, deadline, policy))
+            rules = robots.cache.get(key)
     return rules
 
 

@@ -8,6 +8,7 @@ decided once, when the policy is made, not on every fetch.
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from .. import __version__
 PROJECT_URL = "https://github.com/convert-dataset/convert"
 DEFAULT_USER_AGENT = f"convert/{__version__} (+{PROJECT_URL})"
 DEFAULT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+_TOKEN = re.compile(r"[A-Za-z_-]*")  # an RFC 9309 product token: what robots.txt groups can name
 CURL_INSTALLED = importlib.util.find_spec("pycurl") is not None  # without importing it (DataLoader workers)
 
 
@@ -46,7 +48,7 @@ class FetchPolicy:
         curl = self.backend == "curl" or (self.backend == "auto" and CURL_INSTALLED)
         token = self.user_agent_token or ""
         header = f"{self.user_agent} {token}".strip()
-        bot = (token or self.user_agent.split("/", 1)[0].split(" ", 1)[0]).lower()
+        bot = _TOKEN.match(token or self.user_agent).group(0).lower()  # type: ignore[union-attr]
         object.__setattr__(self, "uses_curl", curl)
         object.__setattr__(self, "bot", bot)
         object.__setattr__(self, "user_agent_header", header)

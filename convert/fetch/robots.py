@@ -114,12 +114,14 @@ def _rule(allow: bool, value: str) -> _Rule:
 
 
 class Rules:
-    """The rules that apply to one bot on one host: longest match wins, allow wins a tie."""
+    """The rules that apply to one bot on one host: longest match wins, allow wins a tie. Kept
+    longest first (allow first among equals), so the first rule that matches decides."""
 
     __slots__ = ("default", "rules", "why")
 
     def __init__(self, rules: tuple[_Rule, ...] = (), default: bool = True, why: str = "") -> None:
-        self.rules, self.default, self.why = rules, default, why
+        self.rules = tuple(sorted(rules, key=lambda r: (-len(r.pattern), not r.allow)))
+        self.default, self.why = default, why
 
     def allowed(self, url: str) -> bool:
         return self.allows(locate(url)[1])
@@ -131,12 +133,10 @@ class Rules:
         path = _canon(path.encode("utf-8"))
         if path == "/robots.txt":
             return True
-        best, verdict = -1, True
         for rule in self.rules:
-            size = len(rule.pattern)
-            if size >= best and rule.matches(path) and (size > best or rule.allow):
-                best, verdict = size, rule.allow
-        return verdict
+            if rule.matches(path):
+                return rule.allow
+        return True
 
 
 ALLOW_ALL = Rules()
@@ -249,12 +249,32 @@ class Cache:
             self._entries.clear()
 
 
+class Inflight:
+    """One robots.txt fetch per host at a time among a process's threads: the first to `claim` a
+    key fetches it, the others wait for its `release` (then read the cache)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[tuple, threading.Event] = {}
+
+    def claim(self, key: tuple) -> tuple[bool, threading.Event]:
+        """(True, event) if the caller must fetch `key`, else (False, the event to wait for)."""
+        with self._lock:
+            event = self._events.get(key)
+            if event is not None:
+                return False, event
+            event = self._events[key] = threading.Event()
+            return True, event
+
+    def release(self, key: tuple) -> None:
+        with self._lock:
+            event = self._events.pop(key, None)
+        if event is not None:
+            event.set()
+
+
 cache = Cache()
-_fetch_locks = [threading.Lock() for _ in range(64)]  # one robots.txt fetch per origin at a time (striped)
-
-
-def fetch_lock(key: tuple) -> threading.Lock:
-    return _fetch_locks[hash(key) % len(_fetch_locks)]
+inflight = Inflight()
 
 
 def cache_key(url_origin: str, bot: str, allow_private: bool, allowed_networks: tuple[str, ...]) -> tuple:
@@ -262,9 +282,8 @@ def cache_key(url_origin: str, bot: str, allow_private: bool, allowed_networks: 
 
 
 def _after_fork() -> None:
-    global cache, _fetch_locks
-    cache = Cache()
-    _fetch_locks = [threading.Lock() for _ in range(64)]
+    global cache, inflight
+    cache, inflight = Cache(), Inflight()
 
 
 os.register_at_fork(after_in_child=_after_fork)
