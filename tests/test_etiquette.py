@@ -16,7 +16,7 @@ from convert.sources import Workdir, plan_source
 from convert.specs import ItemError, Status
 from convert.testing.images import jpeg_bytes
 from convert.testing.rawhttp import RawServer, ok, raw_servers, reply
-from convert.worker import process_shard
+from convert.testing.tasks import fetch_policy, run_shard
 
 JPEG = jpeg_bytes(40, 30, seed=9)
 DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
@@ -202,7 +202,7 @@ def test_robots_cache_is_a_bounded_lru_with_a_ttl(monkeypatch):
 def test_settings_and_their_one_line_errors():
     cfg = load_config(None, {"source.uri": "x.txt", "output.uri": "out", "fetch.user_agent_token": "mybot",
                              "fetch.robots_txt": "respect"})  # fmt: skip
-    pol = cfg.fetch.policy()
+    pol = fetch_policy(cfg)
     assert pol.user_agent_header == DEFAULT_USER_AGENT + " mybot" and pol.bot == "mybot"
     assert pol.robots_txt == "respect" and pol.disallowed_header_directives == DIRECTIVES
     assert DEFAULT_USER_AGENT.startswith("convert/") and "+https://" in DEFAULT_USER_AGENT
@@ -306,7 +306,7 @@ def test_opted_out_items_are_counted_and_not_stored(tmp_path, raw_server):
     cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8,
                              "fetch.allow_private_networks": True})  # fmt: skip
     (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
-    record = process_shard(spec, cfg)
+    record = run_shard(spec, cfg)
     assert [r.status for r in record.ledger] == [Status.OK, Status.OPTED_OUT, Status.OK]
     assert record.ok == 2
 
@@ -409,7 +409,7 @@ def test_robots_txt_for_many_items_of_one_host_is_fetched_once_in_a_shard(tmp_pa
     cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8,
                              "fetch.allow_private_networks": True, "fetch.robots_txt": "respect"})  # fmt: skip
     (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
-    statuses = [r.status for r in process_shard(spec, cfg).ledger]
+    statuses = [r.status for r in run_shard(spec, cfg).ledger]
     assert statuses == [Status.OPTED_OUT if n.startswith("no/") else Status.OK for n in names]
     assert http_server.hits("/robots.txt") == 1
 
@@ -425,4 +425,7 @@ def test_errors_name_the_host_actually_contacted(raw_server):
         fetch_bytes(f"http://127.0.0.1:{port}\\@example.com/img.png", policy())
     assert srv.heads, "the request went to 127.0.0.1"
     assert f"127.0.0.1:{port}" in info.value.message and "//example.com" not in info.value.message
+    with pytest.raises(ItemError):
+        fetch_bytes(f"http://127.0.0.1:{port}\\@example.com/img.png", policy(robots_txt="respect"))
+    assert srv.lines()[1] == "GET /robots.txt HTTP/1.1"  # robots.txt of the host contacted, not example.com's
 

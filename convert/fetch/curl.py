@@ -142,7 +142,7 @@ class CurlEngine:
         here as one more transfer while `t` waits)."""
         left = t.deadline - time.monotonic()
         if left <= 0:
-            self._settle(t, error=timeout_error(t.url or "", self.policy))
+            self._settle(t, error=timeout_error(t.shown, self.policy))
             return
         if self.robots and not t.cleared and not self._robots_clear(t):
             return
@@ -154,7 +154,7 @@ class CurlEngine:
             c.setopt(pycurl.URL, t.url)
         except (UnicodeEncodeError, pycurl.error):
             self._release(c, t)
-            self._settle(t, error=ItemError(Status.BAD_URL, f"{redact_url(t.url or '')[:200]}: not a valid URL"))
+            self._settle(t, error=ItemError(Status.BAD_URL, f"{redact_url(t.shown)[:200]}: not a valid URL"))
             return
         c.setopt(pycurl.WRITEFUNCTION, t.write)
         c.setopt(pycurl.TIMEOUT_MS, max(1, int(left * 1000)))
@@ -297,10 +297,9 @@ class CurlEngine:
         if t.opted is not None and 200 <= status < 300:
             self._settle(t, error=robots.header_error(t.opted))
             return
-        url = t.url or ""
         if status and not 200 <= status < 300 and code in (0, pycurl.E_WRITE_ERROR, pycurl.E_FILESIZE_EXCEEDED):
             # an error response, whole or cut at the size cap: its status is the answer, not its size
-            error: BaseException = http_status_error(status, redact_url(url), None,
+            error: BaseException = http_status_error(status, redact_url(t.shown), None,
                                                      min(retry_after, RETRY_AFTER_CAP) or None)  # fmt: skip
         else:
             error = curl_error(t, code, message, self.policy)
@@ -312,7 +311,7 @@ class CurlEngine:
             self._settle(t, error=error)
             return
         if not is_transient(error):
-            self._settle(t, error=to_item_error(error, t.url or ""))
+            self._settle(t, error=to_item_error(error, t.shown))
             return
         if t.attempts <= self.policy.retries:
             due = time.monotonic() + retry_delay(t.attempts, self.policy.backoff, getattr(error, "retry_after", None))
@@ -320,7 +319,7 @@ class CurlEngine:
                 self._seq += 1
                 heapq.heappush(self.retries, (due, self._seq, t))
                 return
-        self._settle(t, error=give_up(error, t.url or "", t.attempts, self.policy))
+        self._settle(t, error=give_up(error, t.shown, t.attempts, self.policy))
 
     def _robots_finished(self, c: Any, t: Transfer, code: int, status: int, message: str) -> None:
         """RFC 9309's reading of a robots.txt transfer's outcome (a cut at ROBOTS_CAP is a success)."""
@@ -371,7 +370,7 @@ def curl_fetch(url: str, policy: FetchPolicy, deadline: float | None = None) -> 
         while len(engines) > 8:  # a few policies per thread at most; drop the oldest
             engines.pop(next(iter(engines))).close()
     t = Transfer(url, http_url(url), deadline if deadline is not None else time.monotonic() + policy.item_timeout,
-                  policy.max_bytes)  # fmt: skip
+                 policy.max_bytes, shown=url)  # fmt: skip
     try:
         engine.start(t)
         while not t.done:

@@ -80,10 +80,10 @@ class CurlStream(Generic[T]):
             except StopIteration:
                 self._exhausted = True
                 return
-            url = self._url_of(item)
-            url = None if url is None else http_url(url)
+            listed = self._url_of(item)
+            url = None if listed is None else http_url(listed)  # as sent; errors name it as listed
             key = self._index
-            t = Transfer(item, url, time.monotonic() + self._policy.item_timeout, self._policy.max_bytes, key)
+            t = Transfer(item, url, time.monotonic() + self._policy.item_timeout, self._policy.max_bytes, key, listed)
             self._pending.append(t)
             self._index += 1
             if url is None:

@@ -64,33 +64,14 @@ def share() -> Any:
 class Transfer:
     """One item's HTTP fetch across its attempts; `done` once value or error is set."""
 
-    __slots__ = (
-        "attempts",
-        "cap",
-        "chunks",
-        "cleared",
-        "deadline",
-        "done",
-        "error",
-        "future",
-        "got",
-        "handle",
-        "headers",
-        "item",
-        "key",
-        "last_data",
-        "opted",
-        "refused",
-        "robots",
-        "screen",
-        "started",
-        "too_large",
-        "url",
-        "value",
-    )  # fmt: skip
+    __slots__ = ("attempts", "cap", "chunks", "cleared", "deadline", "done", "error", "future", "got", "handle",
+                 "headers", "item", "key", "last_data", "opted", "refused", "robots", "screen", "shown", "started",
+                 "too_large", "url", "value")  # fmt: skip
 
-    def __init__(self, item: Any, url: str | None, deadline: float, cap: int, key: int = 0) -> None:
+    def __init__(self, item: Any, url: str | None, deadline: float, cap: int, key: int = 0,
+                 shown: str | None = None) -> None:  # fmt: skip
         self.item, self.url, self.deadline, self.cap, self.key = item, url, deadline, cap, key
+        self.shown = shown if shown is not None else url or ""  # the URL as listed: what errors name
         self.attempts, self.chunks, self.got = 0, [], 0
         self.refused: str | None = None  # an address the guard refused during this attempt
         self.value: Any = None
@@ -138,15 +119,15 @@ class Transfer:
 
 def curl_error(t: Transfer, code: int, message: str, policy: FetchPolicy) -> BaseException:
     """libcurl's error as the exception the urllib3 backend raises for the same condition."""
-    url = t.url or ""
-    safe = redact_url(url)
+    url = t.url or ""  # as sent: libcurl's messages quote this form
+    safe = redact_url(t.shown)
     text = f"{safe}: {message.replace(url, safe)}"
     if code == pycurl.E_COULDNT_CONNECT and t.refused is not None:
         hop = t.handle.getinfo(pycurl.EFFECTIVE_URL) if t.handle is not None else url  # the redirect hop's
         return PrivateAddressError(urlsplit(hop).hostname or "?", t.refused)
     if code == pycurl.E_OPERATION_TIMEDOUT:
         late = time.monotonic() >= t.deadline - 0.05
-        return timeout_error(url, policy) if late else TimeoutError(message.replace(url, safe))
+        return timeout_error(t.shown, policy) if late else TimeoutError(message.replace(url, safe))
     if code == pycurl.E_FILESIZE_EXCEEDED or (code == pycurl.E_WRITE_ERROR and t.too_large):
         return ItemError(Status.TOO_LARGE, f"{safe}: more than the cap of {t.cap} bytes")
     if code == pycurl.E_UNSUPPORTED_PROTOCOL and "HTTP/0.9" in message:

@@ -246,10 +246,9 @@ def fetch_http(url: str, policy: FetchPolicy, deadline: float | None = None) -> 
     `robots_txt: respect` a URL its host's robots.txt disallows is not fetched (opted_out)."""
     if deadline is None:
         deadline = time.monotonic() + policy.item_timeout
-    url = http_url(url)  # the URL as sent: errors name the host actually contacted
     if policy.robots_txt == "respect":
         try:
-            site, path = robots.locate(url)
+            site, path = robots.locate(http_url(url))  # the host actually contacted (urlsplit may differ)
         except ValueError:
             raise ItemError(Status.BAD_URL, f"{redact_url(url)[:200]}: not a valid URL") from None
         rules = _robots_rules(site, policy, deadline)

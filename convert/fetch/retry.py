@@ -72,9 +72,9 @@ def give_up(last: BaseException, url: str, made: int, policy: FetchPolicy) -> It
 
 def http_url(url: str) -> str:
     """`url` as sent on the wire: spaces, non-ASCII and other characters URLs may not hold are
-    percent-encoded as urllib3.util.parse_url does, for both backends. Errors name this form, so
-    they name the host actually contacted (`http://10.0.0.1:80\\@example.com/` goes to 10.0.0.1,
-    whatever urlsplit makes of it)."""
+    percent-encoded as urllib3.util.parse_url does, for both backends. robots.txt is looked up for
+    this form's host, the one actually contacted (`http://10.0.0.1:80\\@example.com/` goes to
+    10.0.0.1, whatever urlsplit makes of it); errors name the URL as listed, redacted."""
     if _PLAIN_URL.fullmatch(url):
         return url
     try:
