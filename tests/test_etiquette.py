@@ -24,7 +24,7 @@ DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 
 def policy(**changes: object) -> FetchPolicy:
     """Made inside each test, so it takes the backend under test (a policy decides it once)."""
-    base: dict[str, object] = dict(allow_private_networks=True, timeout=1.0, retries=0, item_timeout=5)
+    base: dict[str, object] = {"allow_private_networks": True, "timeout": 1.0, "retries": 0, "item_timeout": 5}
     return FetchPolicy(**{**base, **changes})  # type: ignore[arg-type]
 
 

@@ -323,14 +323,15 @@ class CurlEngine:
 
     def _robots_finished(self, c: Any, t: Transfer, code: int, status: int, message: str) -> None:
         """RFC 9309's reading of a robots.txt transfer's outcome (a cut at ROBOTS_CAP is a success)."""
+        answer: int | None = status
         reason = ""
         if code == pycurl.E_TOO_MANY_REDIRECTS:
-            status = 404  # not reached within the redirect limit: "unavailable"
+            answer = 404  # not reached within the redirect limit: "unavailable"
         elif not (code == 0 or (code == pycurl.E_WRITE_ERROR and t.too_large)):
             error = curl_error(t, code, message, self.policy)  # reads the handle: before it is released
-            status, reason = None, str(error.message if isinstance(error, ItemError) else error)
+            answer, reason = None, str(error.message if isinstance(error, ItemError) else error)
         self._release(c, t)
-        self._robots_done(t, status, reason)
+        self._robots_done(t, answer, reason)
 
     def _settle(self, t: Transfer, value: Any = None, error: BaseException | None = None) -> None:
         if t.robots is not None:  # a robots.txt fetch that could not start

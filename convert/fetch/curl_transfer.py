@@ -72,7 +72,8 @@ class Transfer:
                  shown: str | None = None) -> None:  # fmt: skip
         self.item, self.url, self.deadline, self.cap, self.key = item, url, deadline, cap, key
         self.shown = shown if shown is not None else url or ""  # the URL as listed: what errors name
-        self.attempts, self.chunks, self.got = 0, [], 0
+        self.attempts, self.got = 0, 0
+        self.chunks: list[bytes] = []
         self.refused: str | None = None  # an address the guard refused during this attempt
         self.value: Any = None
         self.error: BaseException | None = None

@@ -54,7 +54,7 @@ def run_once(urls: list[str], policy: FetchPolicy, cold: bool) -> tuple[float, f
 
 
 def bench(urls: list[str], backend: str, rounds: int) -> None:
-    base = dict(allowed_networks=("127.0.0.0/8",), backend=backend, timeout=10.0, item_timeout=60.0)
+    base = {"allowed_networks": ("127.0.0.0/8",), "backend": backend, "timeout": 10.0, "item_timeout": 60.0}
     modes: dict[str, tuple[FetchPolicy, bool]] = {
         "ignore": (FetchPolicy(**base), False),  # type: ignore[arg-type]
         "respect, cold cache": (FetchPolicy(**base, robots_txt="respect"), True),  # type: ignore[arg-type]
