@@ -27,7 +27,8 @@ import numpy as np
 from .decoders import decode_stored
 from .fetch import prefetch
 from .formats.base import ShardReader, get_format, open_reader
-from .manifest import ManifestError, check_opened, read_ledger, read_manifest
+from .ledger import read_ledger
+from .manifest import ManifestError, check_opened, read_manifest
 from .shardcache import ShardCache
 from .store import Store, open_store
 

@@ -23,15 +23,16 @@ from .fetch import PrivateNetworkRefused
 from .executor import Executor
 from .executor.early import StartingExecutor
 from .lease import hold_lease
-from .manifest import LEDGER, MANIFEST, PLAN, committed_records, write_manifest
-from .records import RECORD_SUFFIX
+from .manifest import LEDGER, MANIFEST, PLAN, write_manifest
+from .records import RECORD_SUFFIX, committed_records
 from .redact import redact_text
 from .plan import dump_plan
 from .secrets import resolve_config, seal_config
 from .sources import SourcePlan, Workdir, plan_source, shard_refs
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .layout import SHARDS_DIR
 from .task import ShardTask, TaskMaker
-from .store import SHARDS_DIR, StorageError, Store, preflight
+from .store import StorageError, Store, preflight
 from .summary import LedgerTally, after_manifest, announce_rebuild, fold_record
 from .worker import process_shard
 

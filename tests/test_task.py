@@ -21,7 +21,7 @@ from convert import run
 from convert.config import load_config
 from convert.formats import base as formats
 from convert.formats.hdf5 import HDF5Reader, HDF5Writer
-from convert.manifest import iter_ledger
+from convert.ledger import iter_ledger
 from convert.sources import Workdir, plan_source
 from convert.specs import Status
 from convert.store import open_store
@@ -38,7 +38,7 @@ def _run(source: str, out: Path, **overrides: Any) -> Any:
 
 
 def _statuses(out: Path) -> dict[str, tuple[Status, str]]:
-    return {row.key: (row.status, row.error) for _, row in iter_ledger(open_store(str(out)))}
+    return {row.key: (row.status, row.error) for _, row, _ in iter_ledger(open_store(str(out)))}
 
 
 def _outside(tmp_path: Path) -> Path:
@@ -153,7 +153,7 @@ def test_digest_of_the_source_bytes_is_in_the_ledger_and_a_change_of_algorithm_r
     gen.write_image_folder(folder, {"a": 3, "b": 2}, size=(20, 20))
     out = tmp_path / "out"
     assert _run(str(folder), out).exit_code() == 0
-    rows = [row for _, row in iter_ledger(open_store(str(out)))]
+    rows = [row for _, row, _ in iter_ledger(open_store(str(out)))]
     assert rows and all(row.digest == hashlib.sha256(Path(row.uri).read_bytes()).hexdigest() for row in rows)
     lines: list[str] = []
     cfg = load_config(None, {"source.uri": str(folder), "output.uri": str(out), "cluster.kind": "threads",
@@ -161,5 +161,5 @@ def test_digest_of_the_source_bytes_is_in_the_ledger_and_a_change_of_algorithm_r
     summary = run(cfg, log=lines.append)
     assert summary.converted == 2
     assert any("fetch.compute_hash changed: sha256 → md5; 2 shards will be rebuilt" in line for line in lines), lines
-    rows = [row for _, row in iter_ledger(open_store(str(out)))]
+    rows = [row for _, row, _ in iter_ledger(open_store(str(out)))]
     assert all(row.digest == hashlib.md5(Path(row.uri).read_bytes()).hexdigest() for row in rows)

@@ -141,12 +141,12 @@ def timed(cmd: list[str]) -> float:
 def our_outcomes(out: Path) -> tuple[dict[str, str], dict[str, str | None]]:
     """url -> status, and url -> stored caption for the ok items (read back through open_dataset)."""
     from convert import open_dataset
-    from convert.manifest import iter_ledger
+    from convert.ledger import iter_ledger
     from convert.store import open_store
 
-    status = {row.uri: row.status.value for _, row in iter_ledger(open_store(str(out)))}
+    status = {row.uri: row.status.value for _, row, _ in iter_ledger(open_store(str(out)))}
     ds = open_dataset(str(out))
-    ok_urls = [row.uri for _, row in iter_ledger(open_store(str(out))) if row.ok]
+    ok_urls = [row.uri for _, row, _ in iter_ledger(open_store(str(out))) if row.ok]
     return status, dict(zip(ok_urls, ds.column("caption")))
 
 
