@@ -92,7 +92,7 @@ def http_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 
     if request.param == "curl" and not curl.AVAILABLE:
         if os.environ.get("CONVERT_REQUIRE_PYCURL"):
-            pytest.fail("pycurl is not installed: pip install -e '.[test]' installs it (the fast-http extra)")
+            pytest.fail("pycurl is not installed: pip install -e . installs it (a default dependency)")
         pytest.skip("pycurl not installed")
     monkeypatch.setattr(policy, "CURL_INSTALLED", request.param == "curl")  # policies made from now on
     return request.param

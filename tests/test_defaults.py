@@ -37,7 +37,9 @@ def test_a_default_config_fetches_http_with_libcurl_and_decodes_jpegs_with_simpl
 
 
 def test_without_pycurl_auto_falls_back_to_urllib3(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(curl, "AVAILABLE", False)
+    from convert.fetch import policy
+
+    monkeypatch.setattr(policy, "CURL_INSTALLED", False)  # what fetch/policy.py reads at import without pycurl
     assert policy_uses_curl(load_config(None, {"source.uri": "u.txt", "output.uri": "o"})) is False
 
 
