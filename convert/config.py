@@ -18,7 +18,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator, model_validator
 
-from .fetch.policy import FetchPolicy
 from .redact import is_secret_key, redact_options, redact_url
 
 __all__ = ["Config", "ConfigError", "is_secret_key", "load_config", "parse_override", "validate"]
@@ -89,6 +88,9 @@ class OutputConfig(_Model):
         for legacy in ("compression", "compression_level"):  # wave 1: HDF5's, at the top level
             if legacy in data:
                 options.setdefault("hdf5", {}).setdefault(legacy, data.pop(legacy))
+        fmt = data.get("format", "hdf5")
+        if isinstance(fmt, str) and fmt in FORMATS:
+            options.setdefault(fmt, {})  # the output's own section is always there, defaults filled
         data["options"] = options
         return data
 
@@ -130,7 +132,10 @@ class OutputConfig(_Model):
 
 class ImageConfig(_Model):
     size: tuple[int, int] | None = (64, 64)  # (H, W); None keeps the source size
-    resize: Literal["center_crop", "pad", "stretch", "none"] = "center_crop"
+    # keep_ratio: shorter side -> size, keep_ratio_largest: longer side -> size (aspect kept, no crop;
+    # variable shapes); both take one length (image.size: 256). See convert/geometry.py.
+    resize: Literal["center_crop", "pad", "stretch", "keep_ratio", "keep_ratio_largest", "none"] = "center_crop"
+    upscale: bool = True  # false: never enlarge (images smaller than the target keep their size)
     mode: Literal["RGB", "L"] = "RGB"
     pad_color: tuple[int, int, int] = (0, 0, 0)
     encode: Literal["raw", "original", "jpeg", "png", "webp"] = "raw"
@@ -140,6 +145,10 @@ class ImageConfig(_Model):
     # Pillow; "simplejpeg" insists on it; "pillow" always uses Pillow. Other formats always use Pillow.
     decoder: Literal["auto", "simplejpeg", "pillow"] = "auto"
     max_pixels: int = Field(89_478_485, gt=0)  # Pillow's default bomb threshold
+    # Filters, decided from the header before decoding; a refused image is status `filtered`.
+    min_size: int = Field(0, ge=0)  # shorter side below this (px) is refused
+    max_aspect_ratio: float | None = Field(None, ge=1)  # max(w, h) / min(w, h) above this is refused
+    max_area: int | None = Field(None, gt=0)  # w * h above this is refused
 
     @field_validator("size", mode="before")
     @classmethod
@@ -161,6 +170,11 @@ class ImageConfig(_Model):
     def _consistent(self) -> "ImageConfig":
         if self.resize != "none" and self.size is None:
             raise ValueError(f"resize={self.resize!r} needs image.size (e.g. 64 or [64, 48])")
+        keep_ratio = self.resize in ("keep_ratio", "keep_ratio_largest")
+        if keep_ratio and self.size is not None and self.size[0] != self.size[1]:
+            side = "shorter" if self.resize == "keep_ratio" else "longer"
+            fix = f"image.size: {self.size[0]}, not {list(self.size)}"
+            raise ValueError(f"resize={self.resize!r} takes one length, the {side} side's ({fix})")
         if self.decoder == "simplejpeg" and importlib.util.find_spec("simplejpeg") is None:
             raise ValueError("decoder='simplejpeg' needs simplejpeg: pip install 'convert[fast-jpeg]' (or use 'auto')")
         return self
@@ -210,32 +224,6 @@ class FetchConfig(_Model):
             except ValueError:
                 raise ValueError(f"{net!r} is not a network; use CIDR notation like 10.1.2.0/24") from None
         return v
-
-    def policy(self, source: SourceConfig | None = None, kind: str = "folder") -> FetchPolicy:
-        """The worker-side policy; `source`/`kind` decide where local items may be read from:
-        a remote URL list may not name local files at all; a local one only under its own
-        directory or `source.allowed_roots`; folder sources are listed by us, so unrestricted."""
-        allow_local, roots = True, None
-        if source is not None and kind == "urls":
-            local_list = "://" not in source.uri or source.uri.lower().startswith("file://")
-            allow_local = local_list
-            if local_list:
-                path = source.uri.split("://", 1)[1] if "://" in source.uri else source.uri
-                roots = (os.path.dirname(os.path.abspath(path)),) + tuple(map(os.path.abspath, source.allowed_roots))
-        return FetchPolicy(
-            timeout=self.timeout,
-            retries=self.retries,
-            backoff=self.backoff,
-            max_bytes=self.max_bytes,
-            allowed_schemes=self.allowed_schemes,
-            storage_options=dict(source.storage_options) if source is not None else {},
-            item_timeout=self.item_timeout,
-            allow_private_networks=self.allow_private_networks,
-            allowed_networks=self.allowed_networks,
-            allow_local=allow_local,
-            local_roots=roots,
-            backend=self.backend,
-        )
 
 
 class ClusterConfig(_Model):

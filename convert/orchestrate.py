@@ -24,12 +24,13 @@ from .executor import Executor
 from .executor.early import StartingExecutor
 from .lease import hold_lease
 from .manifest import LEDGER, MANIFEST, PLAN, write_manifest
-from .records import committed_records
+from .records import RECORD_SUFFIX, committed_records
 from .redact import redact_text
-from .plan import dump_plan, fingerprint, output_settings
+from .plan import dump_plan
 from .secrets import resolve_config, seal_config
 from .sources import SourcePlan, Workdir, plan_source, shard_refs
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .task import ShardTask, TaskMaker
 from .store import SHARDS_DIR, StorageError, Store, preflight
 from .summary import LedgerTally, after_manifest, announce_rebuild, fold_record
 from .worker import process_shard
@@ -143,16 +144,16 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     config = config.with_absolute_paths()
     local = resolve_config(config)  # this process's own view, secrets resolved
     out = preflight(local.output.uri, local.output.storage_options, "output")
-    with hold_lease(out, force=config.output.force_unlock, ttl=config.output.lease_ttl, log=log):
+    with hold_lease(out, force=config.output.force_unlock, ttl=config.output.lease_ttl, log=log) as lease:
         # the cluster starts while the source is planned, unless the output looks finished already
         early = config.run.overwrite or not out.exists(MANIFEST)
         with StartingExecutor(config.cluster, job_name="convert", early=early) as starting:
-            summary = _run_leased(config, local, out, starting, on_progress, log)
+            summary = _run_leased(config, local, out, starting, lease.run_id, on_progress, log)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _run_leased(config: Config, local: Config, out: Store, starting: StartingExecutor,
+def _run_leased(config: Config, local: Config, out: Store, starting: StartingExecutor, run_id: str,
                 on_progress: ProgressHook | None, log: Callable[[str], None]) -> RunSummary:  # fmt: skip
     try:
         source_plan = plan(local, Workdir(out))
@@ -162,7 +163,10 @@ def _run_leased(config: Config, local: Config, out: Store, starting: StartingExe
     specs = source_plan.specs
     if config.run.overwrite:
         _reset_output(out)
-    fps = {s.name: fingerprint(s, output_settings(config_data)) for s in specs}
+    # Every decision a shard task carries is made here, once (convert.task); workers execute it.
+    shipped, secrets = seal_config(config)  # what workers get: secrets only as references
+    maker = TaskMaker(shipped, source_plan.kind, source_plan.columns, run_id)
+    fps = {s.name: maker.fingerprint(s) for s in specs}
     # The client keeps each record without its ledger rows, plus their tally: O(shards), never O(items).
     tallies: dict[str, LedgerTally] = {}
     records = committed_records(out, fps, verify=config.output.verify_resume, fold=_folder(tallies))
@@ -177,11 +181,24 @@ def _run_leased(config: Config, local: Config, out: Store, starting: StartingExe
     try:
         if pending:
             _prepare_output(out, specs, fps, log)
-            _convert_pending(config, pending, starting, _folder(tallies, records), summary, on_progress, log)
+            tasks = (maker.task(s, fps[s.name]) for s in pending)
+            _convert_pending(config, tasks, len(pending), sum(len(s) for s in pending), secrets, starting, _folder(tallies, records), summary,
+                             on_progress, log)  # fmt: skip
     except KeyboardInterrupt as exc:
-        raise Interrupted(len(records), len(specs), getattr(exc, "signal_name", "SIGINT")) from None
+        committed = _committed_count(out, specs, len(records))
+        raise Interrupted(committed, len(specs), getattr(exc, "signal_name", "SIGINT")) from None
     _finish(out, local, specs, records, tallies, summary, config_data, source_plan, pending, log)
     return summary
+
+
+def _committed_count(out: Store, specs: list[ShardSpec], known: int) -> int:
+    """Shards of this plan with a record on storage: the records the client received are not all
+    (workers commit shards whose results never reached it before Ctrl-C). One listing."""
+    try:
+        names = {entry.name for entry in out.list(SHARDS_DIR)}
+    except (OSError, StorageError):
+        return known
+    return max(known, sum(f"{spec.name}{RECORD_SUFFIX}" in names for spec in specs))
 
 
 def _folder(tallies: dict[str, LedgerTally], records: dict[str, ShardRecord] | None = None
@@ -227,11 +244,10 @@ def _prepare_output(out: Store, specs: list[ShardSpec], fps: dict[str, str], log
     out.write_bytes(PLAN, dump_plan(specs, fps))
 
 
-def _convert_pending(config: Config, pending: list[ShardSpec], starting: StartingExecutor,
-                     keep: Callable[[ShardRecord], Any], summary: RunSummary, on_progress: ProgressHook | None,
-                     log: Callable[[str], None]) -> None:  # fmt: skip
-    """Run the pending shards on the configured executor; `keep` files each new record; fills the summary."""
-    shipped, secrets = seal_config(config)  # what workers get: secrets only as references
+def _convert_pending(config: Config, tasks: Iterator[ShardTask], count: int, items: int, secrets: dict[str, str],
+                     starting: StartingExecutor, keep: Callable[[ShardRecord], Any], summary: RunSummary,
+                     on_progress: ProgressHook | None, log: Callable[[str], None]) -> None:  # fmt: skip
+    """Run the pending shard tasks on the configured executor; `keep` files each new record; fills the summary."""
     with starting.executor() as ex:
         ex.check_paths([config.source.uri, config.output.uri])
         check_memory(config, ex)
@@ -240,8 +256,8 @@ def _convert_pending(config: Config, pending: list[ShardSpec], starting: Startin
         if ex.job_ids:
             log(f"batch jobs: {' '.join(ex.job_ids)}")
         with ex.share_secrets(secrets):
-            execute(ex, pending, shipped, keep, summary.failed_shards, on_progress)
-    summary.converted = len(pending) - len(summary.failed_shards)
+            execute(ex, tasks, count, items, config.cluster.task_retries, keep, summary.failed_shards, on_progress)
+    summary.converted = count - len(summary.failed_shards)
 
 
 def check_memory(config: Config, ex: Executor) -> None:
@@ -254,21 +270,23 @@ def check_memory(config: Config, ex: Executor) -> None:
                           "lower fetch.prefetch_bytes or raise cluster.memory_limit")  # fmt: skip
 
 
-def execute(ex: Executor, pending: list[ShardSpec], config: Config, keep: Callable[[ShardRecord], Any],
+def execute(ex: Executor, tasks: Iterator[ShardTask], count: int, total_items: int, retries: int, keep: Callable[[ShardRecord], Any],
             failed: dict[str, str], on_progress: ProgressHook | None) -> None:  # fmt: skip
-    """Bounded submission: keep ~4 x worker threads shard tasks in flight; hand each finished
-    record to `keep` as it completes (nothing else is held per shard), name failures in `failed`."""
-    queue: Iterator[ShardSpec] = iter(pending)
-    sizes = {s.name: len(s) for s in pending}
-    total_items, done_items, ok, start = sum(sizes.values()), 0, 0, time.perf_counter()
+    """Bounded submission: keep ~4 x worker threads shard tasks in flight (tasks are built lazily,
+    as they are submitted); hand each finished record to `keep` as it completes (nothing else is
+    held per shard but the in-flight tasks' sizes), name failures in `failed`."""
+    queue = iter(tasks)
+    sizes: dict[str, int] = {}
+    done_items, ok, start = 0, 0, time.perf_counter()
 
     def top_up() -> None:
         limit = max(1, IN_FLIGHT_PER_THREAD * ex.slots())
         while ex.in_flight < limit:
-            spec = next(queue, None)
-            if spec is None:
+            task = next(queue, None)
+            if task is None:
                 return
-            ex.submit(spec.name, process_shard, spec, config, retries=config.cluster.task_retries)
+            sizes[task.name] = len(task)
+            ex.submit(task.name, process_shard, task, retries=retries)
 
     top_up()
     for n, done in enumerate(ex.completions(), start=1):
@@ -284,4 +302,4 @@ def execute(ex: Executor, pending: list[ShardSpec], config: Config, keep: Callab
         done_items += sizes.pop(done.name)
         top_up()
         if on_progress:
-            on_progress(Progress(done.name, n, len(pending), done_items, total_items, ok, time.perf_counter() - start))
+            on_progress(Progress(done.name, n, count, done_items, total_items, ok, time.perf_counter() - start))

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from . import persist
-from .specs import ItemResult, ShardRecord, Status
+from .specs import Column, ItemResult, ShardRecord, Status
 from .store import SHARDS_DIR, Entry, Store
 
 RECORD_SUFFIX = ".record.gz"
@@ -185,6 +185,7 @@ def ledger_columns(rows: Iterable[ItemResult]) -> dict[str, Any]:
         "height": np.array([r.height for r in rows], dtype=np.int32),
         "src_format": [r.src_format for r in rows],
         "src_bytes": np.array([r.src_bytes for r in rows], dtype=np.int64),
+        "digest": [r.digest for r in rows],
     }
 
 
@@ -192,11 +193,13 @@ def ledger_rows(cols: dict[str, Any]) -> tuple[ItemResult, ...]:
     n = len(cols["key"])
     width, height = cols.get("width", [-1] * n), cols.get("height", [-1] * n)
     fmt, nbytes = cols.get("src_format", [""] * n), cols.get("src_bytes", [-1] * n)
+    digests = cols.get("digest", [""] * n)
     return tuple(
         ItemResult(key, uri, None if int(label) < 0 else int(label), Status(status), error,
-                   int(w), int(h), f, int(b))  # fmt: skip
-        for key, uri, label, status, error, w, h, f, b in zip(
-            cols["key"], cols["uri"], cols["label"], cols["status"], cols["error"], width, height, fmt, nbytes
+                   int(w), int(h), f, int(b), str(d))  # fmt: skip
+        for key, uri, label, status, error, w, h, f, b, d in zip(
+            cols["key"], cols["uri"], cols["label"], cols["status"], cols["error"], width, height, fmt, nbytes,
+            digests,
         )
     )
 
@@ -244,6 +247,8 @@ def read_record_full(store: Store, name: str) -> tuple[ShardRecord, str, dict[st
         failed=obj["failed"], bytes=obj["bytes"], sha256=obj["sha256"],
         image_shape=tuple(shape) if shape else None, encoding=obj["encoding"],
         ledger=ledger_rows(obj["ledger"]), stages=dict(obj.get("stages", {})),
+        counters={str(k): int(v) for k, v in dict(obj.get("counters") or {}).items()},
+        columns=tuple(Column(str(n), str(t)) for n, t in (obj.get("columns") or [])),
         started=float(obj.get("started", 0.0)), finished=float(obj.get("finished", 0.0)),
     )  # fmt: skip
     if len(record.ledger) != record.count:

@@ -166,6 +166,10 @@ class ShardRecord:
     stages: dict[str, float] = field(default_factory=dict, repr=False)
     started: float = 0.0
     finished: float = 0.0
+    # Counts beside the ledger: text values truncated at source.max_text_bytes, or holding U+FFFD
+    # (invalid UTF-8 in the list, replaced), by name; the stored columns' names and types.
+    counters: dict[str, int] = field(default_factory=dict, repr=False)
+    columns: tuple[Column, ...] = ()
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly summary without the ledger (for manifest.json)."""
@@ -183,6 +187,8 @@ class ShardRecord:
             "stages": dict(self.stages),
             "started": self.started,
             "finished": self.finished,
+            "counters": dict(self.counters),
+            "columns": [[c.name, c.type] for c in self.columns],
         }
 
 

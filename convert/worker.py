@@ -1,4 +1,8 @@
-"""The shard task: `process_shard(spec, config)` is the one function Dask runs.
+"""The shard task's execution: `process_shard(task)` is the one function Dask runs.
+
+The task (convert.task.ShardTask) arrives fully decided on the client: the source kind, a fetch
+policy per input slice, the output and every format option, the kept columns, the fingerprint and
+the run id that fences publishing. Nothing here re-derives any of it from a config.
 
 Fetch (bounded async prefetch, in memory) -> decode/transform -> write in batches to a temp file
 unique to this attempt -> close, re-open and count -> hash -> publish -> write the record. Item
@@ -21,19 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config
 from .fetch import CurlStream, Fetched, fetch_bytes, prefetch, scheme_of
 from .fetch.netguard import PrivateAddressError, PrivateNetworkRefused
 from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
+from .itemcols import ItemColumns
 from .lease import publish, staging
 from .records import shard_rel_path, write_record
-from .plan import fingerprint, output_settings
 from .redact import redact_url
-from .secrets import resolve_config
-from .sources import SourceError, detect_kind, read_member, shard_refs
+from .secrets import resolve_options
+from .sources import SourceError, read_member, shard_refs
 from .specs import ItemError, ItemRef, ItemResult, ShardRecord, ShardSpec, Status
 from .store import StorageError, file_digest, open_store
+from .task import ShardTask
 from .timing import StageClock, timed_fetch
 from .transform import SourceFacts, output_shape, transform
 
@@ -79,8 +83,10 @@ def output_error(exc: BaseException, spec: ShardSpec, uri: str) -> OutputError |
     return None
 
 
-def load_item(ref: ItemRef, policy: FetchPolicy) -> bytes | np.ndarray:
-    """Bytes (or decoded pixels for records inside a container file) of one item, in memory."""
+def load_item(ref: ItemRef, policies: tuple[FetchPolicy, ...]) -> bytes | np.ndarray:
+    """Bytes (or decoded pixels for records inside a container file) of one item, in memory,
+    fetched under the policy of the slice it was read from."""
+    policy = policies[ref.slice]
     if ref.member is not None:
         return read_member(ref.uri, ref.member, policy.storage_options)
     return fetch_bytes(ref.uri, policy)
@@ -91,24 +97,29 @@ def _size_of(value: Any) -> int:
 
 
 def _convert(
-    ref: ItemRef, value: Any, error: BaseException | None, config: Config, clock: StageClock
+    ref: ItemRef, value: Any, error: BaseException | None, task: ShardTask, cols: ItemColumns, clock: StageClock
 ) -> tuple[ItemResult, Sample | None]:
-    """One item: fetched value (or fetch error) -> ledger row (with the source's size, format and
-    byte count as far as they are known) and, if ok, the sample to store."""
+    """One item: fetched value (or fetch error) -> ledger row (with the source's size, format,
+    byte count and digest as far as they are known) and, if ok, the sample to store."""
     facts = SourceFacts()
     nbytes = -1 if error is not None or value is None else _size_of(value)
+    digest = ""
     try:
         if error is not None:
             raise error
-        data = transform(value, config.image, clock, facts)
+        digest = cols.digest(ref, value)
+        data = transform(value, task.items.image, clock, facts)
     except ItemError as exc:
         status, message, data = exc.status, exc.message, None
     except Exception as exc:  # an unexpected per-item failure must not sink the other items
         status, message, data = Status.ERROR, f"{type(exc).__name__}: {exc}", None
     else:
         status, message = Status.OK, ""
-    row = ItemResult(ref.key, ref.uri, ref.label, status, message, facts.width, facts.height, facts.format, nbytes)
-    return row, (None if data is None else Sample(ref.key, ref.label, data))
+    row = ItemResult(ref.key, ref.uri, ref.label, status, message, facts.width, facts.height, facts.format, nbytes,
+                     digest)  # fmt: skip
+    if data is None:
+        return row, None
+    return row, Sample(ref.key, ref.label, data, cols.values(ref, digest) if task.items.columns else ())
 
 
 def _check_refused(spec: ShardSpec, index: int, refused: int, error: BaseException | None) -> int:
@@ -154,23 +165,21 @@ def _http_url(ref: ItemRef, policy: FetchPolicy) -> str | None:
     return uri if scheme in ("http", "https") and scheme in policy.allowed_schemes else None
 
 
-FETCH_GROUP = 8  # local / object-store items per prefetch task: one thread hand-off per group, not per item
+FETCH_GROUP = 8  # cached local items per prefetch task: one thread hand-off per group, not per item
 
 
-def _fetch_stream(refs: Iterator[ItemRef], kind: str, policy: FetchPolicy, config: Config, clock: StageClock) -> Any:
-    """The shard's items fetched ahead, in order. URL lists: HTTP(S) on libcurl when it is the
-    backend, driven from this thread (no per-item thread hand-off), other items on a small pool;
-    with urllib3, and for object-store sources: one item per prefetch thread. Local sources:
-    FETCH_GROUP consecutive items per task (a thread hand-off costs more than reading a cached file)."""
-    fetch_one = timed_fetch(clock, lambda ref: load_item(ref, policy))
-    depth, budget = config.fetch.threads, config.fetch.prefetch_bytes
-    if kind == "urls" and policy.uses_curl:
-        return CurlStream(refs, lambda ref: _http_url(ref, policy), fetch_one, policy, depth=depth,
+def _fetch_stream(refs: Iterator[ItemRef], task: ShardTask, clock: StageClock) -> Any:
+    """The shard's items fetched ahead, in order, the way the task says (ItemPlan.fetch): "curl" =
+    HTTP(S) on libcurl driven from this thread (no per-item thread hand-off), other items on a small
+    pool; "threads" = one item per prefetch thread (GETs take milliseconds and may hang until
+    item_timeout, so keep `depth` in flight); "grouped" = FETCH_GROUP cached local files per task."""
+    policies, items = task.policies, task.items
+    fetch_one = timed_fetch(clock, lambda ref: load_item(ref, policies))
+    depth, budget = items.depth, items.prefetch_bytes
+    if items.fetch == "curl":
+        return CurlStream(refs, lambda ref: _http_url(ref, policies[ref.slice]), fetch_one, policies[0], depth=depth,
                           max_bytes=budget, size_of=_size_of, on_done=lambda ns: clock.add("fetch", ns))  # fmt: skip
-    remote = "://" in config.source.uri and not config.source.uri.lower().startswith("file:")
-    if kind == "urls" or remote:
-        # a URL list's items or an object store's: a GET takes milliseconds and may hang until
-        # item_timeout, so keep `depth` of them in flight, one per thread
+    if items.fetch == "threads":
         return prefetch(refs, fetch_one, depth=depth, max_bytes=budget, size_of=_size_of)
     return _Ungrouped(prefetch(_groups(refs), lambda group: [_attempt(fetch_one, ref) for ref in group],
                                depth=max(2, depth // 2), max_bytes=budget, size_of=_group_size))  # fmt: skip
@@ -215,22 +224,20 @@ class _Ungrouped:
         self._groups.close()
 
 
-def _fill(writer: ShardWriter, spec: ShardSpec, config: Config, clock: StageClock) -> list[ItemResult]:
+def _fill(writer: ShardWriter, task: ShardTask, clock: StageClock, cols: ItemColumns) -> list[ItemResult]:
     """Stream every item of the shard through fetch -> transform -> writer; returns the ledger rows."""
-    source = config.source
-    kind = detect_kind(source.uri) if source.kind == "auto" else source.kind
-    policy = config.fetch.policy(source, kind)
+    spec = task.spec
     ledger: list[ItemResult] = []
     batch: list[Sample] = []
-    refs = shard_refs(spec, config.source.storage_options, config.output.storage_options)
-    fetched_items = _fetch_stream(_unique_keys(refs, spec), kind, policy, config, clock)
+    refs = shard_refs(spec, task.source_options, task.work_options)
+    fetched_items = _fetch_stream(_unique_keys(refs, spec), task, clock)
     cpu, refused = time.thread_time_ns(), 0
     try:
         t = clock.now()
         for i, fetched in enumerate(fetched_items):
             t = clock.lap("wait", t)
             refused = _check_refused(spec, i, refused, fetched.error)
-            row, sample = _convert(fetched.item, fetched.value, fetched.error, config, clock)
+            row, sample = _convert(fetched.item, fetched.value, fetched.error, task, cols, clock)
             unexpected = _unexpected(spec, fetched.item, fetched.error, row)
             if unexpected is not None:
                 raise unexpected from fetched.error
@@ -255,35 +262,47 @@ def _fill(writer: ShardWriter, spec: ShardSpec, config: Config, clock: StageCloc
     return ledger
 
 
-def shard_info(spec: ShardSpec, config: Config, fp: str) -> ShardInfo:
-    shape = output_shape(config.image)
+def shard_info(task: ShardTask) -> ShardInfo:
+    """What the writer is told up front: all of it decided on the client (format options included)."""
+    image, options = task.items.image, task.output.options
     return ShardInfo(
-        name=spec.name,
-        encoding=config.image.encode,
-        image_shape=shape,
-        expected_count=len(spec),
-        attrs={"shard": spec.name, "fingerprint": fp, "image": config.image.model_dump(mode="json")},
-        compression=config.output.compression,
-        compression_level=config.output.compression_level,
+        name=task.name,
+        encoding=image.encode,
+        image_shape=output_shape(image),
+        expected_count=len(task),
+        attrs={"shard": task.name, "fingerprint": task.fingerprint, "image": image.model_dump(mode="json"),
+               "format_options": dict(options)},  # fmt: skip
+        compression=str(options.get("compression", "none")),
+        compression_level=int(options.get("compression_level", 4)),
+        columns=task.items.columns,
+        options=dict(options),
     )
 
 
-def process_shard(spec: ShardSpec, config: Config) -> ShardRecord:
+def _resolved(task: ShardTask) -> ShardTask:
+    """The task with its storage-option secrets resolved here, in the worker (convert.secrets):
+    from this process's environment and the secrets the executor shared with it."""
+    policies = tuple(replace(p, storage_options=resolve_options(p.storage_options, "source.storage_options"))
+                     for p in task.policies)  # fmt: skip
+    out = replace(task.output, storage_options=resolve_options(task.output.storage_options, "output.storage_options"))
+    return replace(task, policies=policies, output=out,
+                   source_options=resolve_options(task.source_options, "source.storage_options"),
+                   work_options=resolve_options(task.work_options, "output.storage_options"))  # fmt: skip
+
+
+def process_shard(task: ShardTask) -> ShardRecord:
     """Convert one shard end to end and commit it; returns its record (no image data).
 
-    `config` arrives with storage-option secrets as references; they are resolved here, in the
-    worker, from its environment and the secrets shared with it (see convert.secrets).
+    `task` arrives with storage-option secrets as references; they are resolved here.
     """
     started = time.time()
-    config = resolve_config(config)
-    out = open_store(config.output.uri, config.output.storage_options)
-    fmt = get_format(config.output.format)
-    fp = fingerprint(spec, output_settings(config.redacted()))
-    info = shard_info(spec, config, fp)
+    task = _resolved(task)
+    out = open_store(task.output.uri, task.output.storage_options)
+    fmt = get_format(task.output.format)
     try:
-        return _commit_shard(spec, config, out, fmt, fp, info, started)
+        return _commit_shard(task, out, fmt, shard_info(task), started)
     except (OSError, RuntimeError) as exc:  # h5py reports write failures as RuntimeError
-        failure = output_error(exc, spec, config.output.uri)
+        failure = output_error(exc, task.spec, task.output.uri)
         if failure is None:
             raise
         raise failure from None
@@ -307,14 +326,14 @@ def _abort(writer: ShardWriter) -> None:
         writer.abort()
 
 
-def _commit_shard(spec: ShardSpec, config: Config, out: Any, fmt: Any, fp: str, info: ShardInfo,
-                  started: float) -> ShardRecord:  # fmt: skip
-    """Write, re-open and count, hash, publish, then write the record (the done-marker)."""
-    rel, clock = shard_rel_path(spec.name, fmt.extension), StageClock()
-    with staging(out, spec.name, fmt.extension, fmt.sidecars) as tmp:
+def _commit_shard(task: ShardTask, out: Any, fmt: Any, info: ShardInfo, started: float) -> ShardRecord:
+    """Write, re-open and count, hash, publish (fenced by the task's run id), then write the record."""
+    spec = task.spec
+    rel, clock, cols = shard_rel_path(spec.name, fmt.extension), StageClock(), ItemColumns(task.items)
+    with staging(out, spec.name, fmt.extension, fmt.sidecars, run_id=task.run_id) as tmp:
         writer = open_writer(fmt.name, tmp, info)
         try:
-            ledger = _fill(writer, spec, config, clock)
+            ledger = _fill(writer, task, clock, cols)
             with _quiet_finalizers():
                 clock.timed("write", writer.close)
         except SourceError as exc:  # the slice cannot be read as planned: fail (and retry) the shard
@@ -328,13 +347,14 @@ def _commit_shard(spec: ShardSpec, config: Config, out: Any, fmt: Any, fp: str, 
         if stored != ok:
             raise ShardError(f"{spec.name}: wrote {ok} images but the re-opened shard holds {stored}")
         size, digest = clock.timed("hash", file_digest, tmp)
-        clock.timed("commit", publish, out, tmp, rel, size, digest)
+        clock.timed("commit", publish, out, tmp, rel, size, digest, task.run_id)
     record = ShardRecord(
         name=spec.name, path=rel, format=fmt.name, count=len(spec), ok=ok, failed=len(spec) - ok,
         bytes=size, sha256=digest, image_shape=info.image_shape, encoding=info.encoding, ledger=tuple(ledger),
-        stages=clock.seconds(), started=started, finished=time.time(),
+        stages=clock.seconds(), started=started, finished=time.time(), counters=cols.counters(),
+        columns=info.columns,
     )  # fmt: skip
-    write_record(out, record, fp)
+    write_record(out, record, task.fingerprint)
     return record
 
 

@@ -23,7 +23,7 @@ from convert.sources import Workdir, plan_source
 from convert.specs import ItemError, Status
 from convert.testing.images import jpeg_bytes
 from convert.testing.proxy import Rule
-from convert.worker import process_shard
+from convert.testing.tasks import run_shard
 
 pytestmark = pytest.mark.usefixtures("http_backend")
 
@@ -238,7 +238,7 @@ def test_a_shard_with_a_non_ascii_url_fetches_it(tmp_path, http_server, request)
     cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8,
                              "fetch.allow_private_networks": True})  # fmt: skip
     (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
-    assert [r.status for r in process_shard(spec, cfg).ledger] == [Status.OK, Status.OK]
+    assert [r.status for r in run_shard(spec, cfg).ledger] == [Status.OK, Status.OK]
 
 
 def test_userinfo_is_basic_auth_and_not_forwarded_to_another_host(raw_server):
@@ -328,7 +328,7 @@ def test_ctrl_c_during_a_shard_stops_it_promptly_and_cleanly(tmp_path, http_serv
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            process_shard(spec, cfg)
+            run_shard(spec, cfg)
     finally:
         timer.cancel()
         signal.signal(signal.SIGINT, previous)

@@ -21,7 +21,7 @@ from convert.fetch.netguard import is_public
 from convert.sources import Workdir, plan_source
 from convert.specs import ItemError, Status
 from convert.testing import images as gen
-from convert.worker import process_shard
+from convert.testing.tasks import fetch_policy, run_shard
 
 pytestmark = pytest.mark.usefixtures("http_backend")  # the contract suite: every case on every backend
 
@@ -153,7 +153,7 @@ def test_fifo_in_a_shard_becomes_a_ledger_status(tmp_path):
     (src / "a.jpg").write_bytes(JPEG)
     os.mkfifo(src / "x.jpg")
     spec, cfg = one_shard(src / "urls.txt", [str(src / "a.jpg"), str(src / "x.jpg")], tmp_path)
-    record = process_shard(spec, cfg)
+    record = run_shard(spec, cfg)
     assert [r.status for r in record.ledger] == [Status.OK, Status.BAD_URL]
 
 
@@ -164,7 +164,7 @@ def test_url_list_items_each_end_with_a_status_within_their_deadline(tmp_path, h
     spec, cfg = one_shard(tmp_path / "urls.txt", entries, tmp_path, **{
         "fetch.item_timeout": 2.0, "fetch.timeout": 5, "fetch.allow_private_networks": True})  # fmt: skip
     start = time.monotonic()
-    record = process_shard(spec, cfg)
+    record = run_shard(spec, cfg)
     assert [r.status for r in record.ledger] == [Status.TIMEOUT, Status.TIMEOUT, Status.BAD_URL, Status.OK]
     # until a first item's size is known the prefetch runs one fetch at a time, so the two hung items
     # may run back to back: each within its own 2 s deadline
@@ -221,7 +221,7 @@ def test_shard_whose_first_items_are_refused_stops_with_one_line(tmp_path, http_
     spec, cfg = one_shard(tmp_path / "urls.txt", [http_server.url_for("a.jpg")] * 10, tmp_path,
                           **{"fetch.allow_private_networks": False})  # the suite opts in (conftest); not here
     with pytest.raises(PrivateNetworkRefused) as info:
-        process_shard(spec, cfg)
+        run_shard(spec, cfg)
     msg = str(info.value)
     assert "\n" not in msg and "fetch.allow_private_networks" in msg
     assert not (tmp_path / "out" / "shards" / "shard-00000.h5").exists()
@@ -232,7 +232,7 @@ def test_shard_whose_first_items_are_refused_stops_with_one_line(tmp_path, http_
 
 def _policy_for(listing: str, **source) -> FetchPolicy:
     cfg = load_config(None, {"source.uri": listing, "output.uri": "/tmp/unused", **{f"source.{k}": v for k, v in source.items()}})
-    return cfg.fetch.policy(cfg.source, "urls")
+    return fetch_policy(cfg, "urls")
 
 
 def test_local_list_reads_only_under_its_directory_or_allowed_roots(tmp_path):
@@ -272,7 +272,7 @@ def test_errors_never_quote_file_contents(tmp_path):
     secret = tmp_path / "shadow.jpg"
     secret.write_bytes(b"root:*:19000:0:99999:7:::\n")
     spec, cfg = one_shard(tmp_path / "urls.txt", [str(secret)], tmp_path)
-    record = process_shard(spec, cfg)
+    record = run_shard(spec, cfg)
     (row,) = record.ledger
     assert row.status is Status.DECODE_ERROR and "root" not in row.error and "19000" not in row.error
 

@@ -12,7 +12,7 @@ from convert.store import open_store
 from convert.sources import Workdir, plan_source
 from convert.testing import images as gen
 from convert.timing import StageClock, timed_fetch
-from convert.worker import process_shard
+from convert.testing.tasks import run_shard
 
 
 def one_shard(listing: Path, entries: list[str], tmp_path: Path, **settings: object):
@@ -68,7 +68,7 @@ def test_shard_record_has_stages_times_and_source_facts(tmp_path):
     names = sorted(p.name for p in src.iterdir())
     spec, cfg = one_shard(src / "urls.txt", [str(src / n) for n in names], tmp_path, **{"image.size": 16})
     before = time.time()
-    record = process_shard(spec, cfg)
+    record = run_shard(spec, cfg)
     assert before <= record.started <= record.finished <= time.time()
     for stage in ("fetch", "fetch_cpu", "wait", "decode", "resize", "encode", "write", "verify", "hash", "commit"):
         assert record.stages[stage] >= 0, stage

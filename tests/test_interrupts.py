@@ -64,7 +64,8 @@ def test_interrupt_exits_cleanly_and_rerun_resumes(slow_list: Path, tmp_path: Pa
     assert len(lines) == 1 and lines[0].endswith("of 20 shards committed; rerun the same command to resume"), err
     committed = int(lines[0].split()[1])
     on_disk = len(list((out / "shards").glob("*.record.gz")))
-    assert 1 <= committed <= on_disk and not (out / "manifest.json").exists()  # a task may commit as we stop
+    # every record on storage when the signal came counts, received by the client or not (was "0 of 20")
+    assert 3 <= committed <= on_disk and not (out / "manifest.json").exists()  # a task may commit as we stop
     rerun = subprocess.run([sys.executable, "-m", "convert", "run", "--source", str(slow_list),
                             "--output", str(out), "--shard-size", "2", "--threads", "1", "--workers", "1", "--size", "16",
                             "--set", "fetch.allowed_schemes=[http]"], capture_output=True, text=True, timeout=300)  # fmt: skip

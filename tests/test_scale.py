@@ -22,7 +22,8 @@ from convert.orchestrate import execute
 from convert.redact import redact_options, redact_text, redact_url
 from convert.sources import SourceError, Workdir, plan_source, shard_refs
 from convert.testing import images as gen
-from convert.worker import ShardError, process_shard
+from convert.testing.tasks import run_shard, shard_task
+from convert.worker import ShardError
 
 
 def _plan(tmp_path: Path, uri: str, size: int, **kw):  # type: ignore[no-untyped-def]
@@ -73,7 +74,7 @@ def test_process_shard_fails_when_its_input_changed(tmp_path: Path) -> None:
     spec = _plan(tmp_path, str(lst), 3).specs[1]
     lst.write_text(lst.read_text() + "http://127.0.0.1:9/6.jpg\n")  # appended after planning
     with pytest.raises(ShardError, match=r"shard-00001: .*changed since planning"):
-        process_shard(spec, config)
+        run_shard(spec, config)
     assert not list((tmp_path / "out" / "shards").glob("shard-00001*"))  # nothing published
 
 
@@ -87,7 +88,8 @@ def test_thread_executor_runs_a_conversion_with_bounded_submission(tmp_path: Pat
     specs = _plan(tmp_path, str(root), 1).specs
     seen: list[int] = []
     with ThreadExecutor(1) as ex:
-        execute(ex, specs, config, lambda record: None, {}, lambda p: seen.append(ex.in_flight))
+        tasks = (shard_task(spec, config) for spec in specs)
+        execute(ex, tasks, len(specs), 39, 0, lambda record: None, {}, lambda p: seen.append(ex.in_flight))
     assert len(seen) == 39 and max(seen) <= 4 and seen[-1] == 0  # <= 4 x 1 thread queued at any time
 
 

@@ -2,7 +2,7 @@
 
     with open_executor(cluster_config) as ex:
         with ex.share_secrets(values):
-            ex.submit("shard-00000", process_shard, spec, config, retries=2)
+            ex.submit("shard-00000", process_shard, task, retries=2)
             for done in ex.completions():   # each task once, as it finishes; submit more meanwhile
                 ...
 

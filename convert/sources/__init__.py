@@ -14,13 +14,13 @@ import posixpath
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import SourceConfig
 from ..fetch.prefetch import prefetch
 from ..plan import cut_rows, make_specs
-from ..specs import InputSlice, ItemRef, ShardSpec, SourceRef
+from ..specs import Column, InputSlice, ItemRef, ShardSpec, SourceRef
 from .base import IMAGE_EXTENSIONS, SourceError, SourceListing, Workdir, open_fs, safe_key
 from .cifar import cifar_refs, is_cifar_uri, plan_cifar, read_member
 from .folder import folder_refs, plan_folder
@@ -40,6 +40,7 @@ class SourcePlan:
     label_names: list[str] | None
     items: int
     partitions: int  # list files, listing groups or CIFAR batches
+    columns: tuple[Column, ...] = ()  # the kept columns of a list source (caption first), names as stored
 
 
 def detect_kind(uri: str) -> str:
@@ -52,7 +53,7 @@ def detect_kind(uri: str) -> str:
     return "folder"
 
 
-def _resolve_kind(cfg: SourceConfig) -> str:
+def resolve_kind(cfg: SourceConfig) -> str:
     """cfg.kind, or the detected one; a folder holding only list files is a set of URL lists."""
     kind = detect_kind(cfg.uri) if cfg.kind == "auto" else cfg.kind
     if cfg.kind == "auto" and kind == "folder":
@@ -84,7 +85,7 @@ def plan_source(cfg: SourceConfig, shard_size: int, work: Workdir, map_fn: Calla
     """Plan the configured source into shards of `shard_size` items, in deterministic order."""
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
-    kind = _resolve_kind(cfg)
+    kind = resolve_kind(cfg)
     if kind == "urls":
         up = plan_urls(cfg.uri, cfg.storage_options, shard_size, map_fn)
         groups, names, parts = [(s,) for s in up.slices], up.label_names, up.files
@@ -131,8 +132,9 @@ def shard_refs(spec: ShardSpec, source_options: dict[str, Any] | None, work_opti
     `source_options` open the input files; `work_options` the planner's files (output root).
     """
     names = _label_index(spec.source, work_options)
-    for sl in spec.slices:
-        yield from _slice_refs(sl, spec.source, names, source_options, work_options)
+    for i, sl in enumerate(spec.slices):
+        refs = _slice_refs(sl, spec.source, names, source_options, work_options)
+        yield from (refs if i == 0 else (replace(ref, slice=i) for ref in refs))  # its fetch policy: policies[i]
 
 
 def _slice_refs(sl: InputSlice, source: SourceRef, names: dict[str, int] | None, source_options: Any,
@@ -165,6 +167,7 @@ __all__ = [
     "list_source",
     "plan_source",
     "read_member",
+    "resolve_kind",
     "safe_key",
     "shard_refs",
 ]
