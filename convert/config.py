@@ -50,7 +50,9 @@ class SourceConfig(_Model):
     @field_validator("columns", mode="before")
     @classmethod
     def _columns(cls, v: Any) -> Any:
-        if isinstance(v, str) and v != "*":
+        if isinstance(v, str) and v.strip().startswith("["):  # "[a, b]" as a Python override
+            v = yaml.safe_load(v)
+        if isinstance(v, str) and v != "*":  # "a,b" or one name
             return tuple(c.strip() for c in v.split(",") if c.strip())
         return v
 

@@ -27,7 +27,8 @@ from .manifest import FAILED, LEDGER, MANIFEST, PLAN, ShardIndex, read_manifest
 from .records import (RECORD_SUFFIX, ManifestError, is_shard_name, iter_record_ledgers, ledger_columns, ledger_rows,
                       read_meta, read_record)  # fmt: skip
 from .specs import ItemResult, Status
-from .store import SHARDS_DIR, Store
+from .layout import SHARDS_DIR
+from .store import Store
 
 __all__ = ["LedgerRow", "RunView", "iter_ledger", "load_run", "read_ledger"]
 

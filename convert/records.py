@@ -29,7 +29,8 @@ import numpy as np
 
 from . import persist
 from .specs import Column, ItemResult, ShardRecord, Status
-from .store import SHARDS_DIR, Entry, Store
+from .layout import SHARDS_DIR
+from .store import Entry, Store
 
 RECORD_SUFFIX = ".record.gz"
 VERSION = 1
