@@ -292,6 +292,22 @@ def read_record_full(store: Store, name: str) -> tuple[ShardRecord, str, dict[st
     return record, obj["fingerprint"], dict(obj.get("identity") or {})
 
 
+def read_ledger_columns(store: Store, name: str) -> dict[str, Any] | None:
+    """A committed shard's ledger as stored: columns (lists / numpy arrays), no per-row objects
+    (~1 ms per 1000 items). None if the record is absent, unreadable, not a regular file or not
+    this shard's; the caller decides what a missing one means."""
+    if not is_shard_name(name):
+        raise ManifestError(f"bad shard name {str(name)[:80]!r}; the metadata was tampered with - rerun the conversion")
+    try:
+        obj = persist.load(io.BytesIO(read_meta(store, record_rel_path(name))))
+    except (FileNotFoundError, NotRegularFile, persist.PersistError):
+        return None
+    ledger = obj.get("ledger") if isinstance(obj, dict) and obj.get("version") == VERSION else None
+    if not isinstance(ledger, dict) or obj.get("name") != name or "status" not in ledger:
+        return None
+    return ledger
+
+
 def read_record(store: Store, name: str) -> tuple[ShardRecord, str] | None:
     """(record, fingerprint) of a committed shard, or None if absent or unreadable."""
     found = read_record_full(store, name)

@@ -255,3 +255,16 @@ def test_a_fifo_in_place_of_a_record_or_shard_never_hangs_a_reader(out):
     (out / INDEX).unlink()
     os.mkfifo(out / INDEX)
     one_line_error(cli("inspect", str(out)), "index.gz is not a regular file")
+
+
+def test_ledger_columns_stream_as_stored_and_a_fifo_reads_as_missing(out):
+    from convert.ledger import iter_ledger_columns
+
+    store = open_store(str(out))
+    names = [f"shard-{i:05d}" for i in range(SHARDS)]
+    record = out / record_rel_path("shard-00001")
+    record.unlink()
+    os.mkfifo(record)
+    found = dict(iter_ledger_columns(store, names))
+    assert list(found) == names and found["shard-00001"] is None
+    assert found["shard-00005"]["status"].count("decode_error") == 2 and len(found["shard-00000"]["key"]) == PER_SHARD
