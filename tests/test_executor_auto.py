@@ -99,7 +99,6 @@ def _cli(*args: str, **kw: Any) -> subprocess.Popen[str]:
 
 
 @pytest.mark.cluster
-@pytest.mark.xfail(reason="needs orchestrate to pass the plan size: starting.executor(shards=..., items=...)")
 def test_a_ten_image_run_converts_in_process_and_says_why(tmp_path: Path) -> None:
     gen.write_image_folder(tmp_path / "src", {"a": 5, "b": 5}, size=(32, 32))
     proc = _cli("--source", str(tmp_path / "src"), "--output", str(tmp_path / "out"), "--size", "16")
