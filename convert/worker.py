@@ -27,7 +27,7 @@ from .fetch import CurlStream, Fetched, fetch_bytes, prefetch, scheme_of
 from .fetch.netguard import PrivateAddressError, PrivateNetworkRefused
 from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
-from .itemcols import ItemColumns
+from .itemcols import ItemColumns, unfit_value
 from .lease import publish, staging
 from .mute import muted
 from .records import shard_rel_path, write_record
@@ -146,11 +146,11 @@ def _unexpected(spec: ShardSpec, ref: ItemRef, error: BaseException | None, row:
 
     Fetchers and transforms report bad input as ItemError (transforms never with status `error`);
     anything else (a bug, an import race, a full disk) must fail and retry the shard rather than be
-    committed as a final item status.
+    committed as a final item status. A list value its column cannot hold is a fact about the input.
     """
     if error is not None and not isinstance(error, ItemError):
         return ShardError(f"{spec.name}: {ref.key}: {type(error).__name__}: {error}")
-    if error is None and row.status is Status.ERROR:
+    if error is None and row.status is Status.ERROR and unfit_value(ref) is None:
         return ShardError(f"{spec.name}: {ref.key}: {row.error}")
     return None
 
