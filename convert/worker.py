@@ -228,7 +228,7 @@ def _fill(writer: ShardWriter, task: ShardTask, clock: StageClock, cols: ItemCol
     spec = task.spec
     ledger: list[ItemResult] = []
     batch: list[Sample] = []
-    refs = shard_refs(spec, task.source_options, task.work_options)
+    refs = shard_refs(spec, task.source_options, task.work_options, on_unfit="keep")  # such an item fails alone
     fetched_items = _fetch_stream(_unique_keys(refs, spec), task, clock)
     cpu, refused = time.thread_time_ns(), 0
     try:
