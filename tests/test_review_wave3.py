@@ -201,3 +201,25 @@ def test_changing_only_a_column_setting_rebuilds_naming_it(tmp_path: Path) -> No
         assert len(why) == 1 and f"{setting} changed" in why[0], lines
     again(**over)  # the same settings again: nothing to rebuild
     assert not any("rebuilt" in line for line in lines)
+
+
+@pytest.mark.usefixtures("http_backend")
+@pytest.mark.parametrize("first,expected", [(b"noai", Status.OPTED_OUT), (b"all", "ok")])
+def test_a_response_with_150_header_lines_gets_the_same_outcome_on_both_backends(first: bytes,
+                                                                                  expected: Any) -> None:  # fmt: skip
+    """Found: on the urllib3 backend http.client refused more than 100 header lines, so a response with
+    150 X-Robots-Tag lines was a (retryable) connection_error there and opted_out / ok on libcurl."""
+    from convert.fetch import FetchPolicy, fetch_bytes
+    from convert.specs import ItemError
+    from convert.testing.rawhttp import ok, raw_servers, reply
+
+    image = jpeg_bytes(40, 30)
+    tags = b"X-Robots-Tag: " + first + b"\r\n" + b"X-Robots-Tag: all\r\n" * 149
+    with raw_servers() as make:
+        srv = make(reply(ok(image, tags)))
+        pol = FetchPolicy(allow_private_networks=True, timeout=1.0, retries=0, item_timeout=5)
+        try:
+            got: Any = fetch_bytes(srv.url + "/a.jpg", pol)
+        except ItemError as exc:
+            got = exc.status
+    assert got == (image if expected == "ok" else expected)
