@@ -223,3 +223,39 @@ def test_a_response_with_150_header_lines_gets_the_same_outcome_on_both_backends
         except ItemError as exc:
             got = exc.status
     assert got == (image if expected == "ok" else expected)
+
+
+def _robots_cut_inside_a_rule() -> bytes:
+    """A robots.txt whose ROBOTS_CAP-th byte falls right after "Disallow: /" of "Disallow: /private/"."""
+    from convert.fetch.robots import ROBOTS_CAP
+
+    head = b"User-agent: *\nDisallow: /nothing-here\n"
+    cut = b"Disallow: /"
+    pad = ROBOTS_CAP - len(head) - len(cut)
+    comments = (b"# " + b"x" * 97 + b"\n") * (pad // 100)
+    comments += b"#" * (pad - len(comments) - 1) + b"\n"
+    body = head + comments + cut + b"private/\n" + b"# more\n" * 1000
+    assert body[:ROBOTS_CAP].endswith(cut)
+    return body
+
+
+def test_a_robots_txt_cut_at_its_cap_does_not_turn_a_rule_into_disallow_everything() -> None:
+    """Found: the line cut by ROBOTS_CAP was parsed: "Disallow: /private/" became "Disallow: /" and every
+    item of the host was opted_out (a permanent status)."""
+    from convert.fetch.robots import ROBOTS_CAP, rules_for
+
+    body = _robots_cut_inside_a_rule()
+    rules = rules_for(200, body[:ROBOTS_CAP], "convert")
+    assert rules.allows("/a.jpg") and not rules.allows("/nothing-here/x")
+
+
+@pytest.mark.usefixtures("http_backend")
+def test_a_robots_txt_cut_at_its_cap_end_to_end() -> None:
+    from convert.fetch import FetchPolicy, fetch_bytes, robots
+
+    robots.cache.clear()
+    image = jpeg_bytes(20, 20)
+    with StaticServer(files={"/a.jpg": image, "/robots.txt": _robots_cut_inside_a_rule()}) as srv:
+        pol = FetchPolicy(allow_private_networks=True, timeout=2.0, retries=0, item_timeout=10, robots_txt="respect")
+        assert fetch_bytes(srv.url_for("/a.jpg"), pol) == image
+    robots.cache.clear()
