@@ -33,7 +33,7 @@ def cap_text(text: str, limit: int) -> tuple[str, bool]:
 
 def unfit_value(ref: ItemRef) -> Unfit | None:
     """The first of an item's list values that does not fit its column, if any."""
-    return next((v for v in ref.columns if isinstance(v, Unfit)), None)
+    return next((v for v in ref.columns if isinstance(v, Unfit)), None) if ref.columns else None
 
 
 class ItemColumns:
@@ -46,14 +46,20 @@ class ItemColumns:
         self.replaced = 0
         self._text = [i for i, c in enumerate(plan.columns[: plan.list_columns]) if c.type == "string"]
 
+    @staticmethod
+    def check(ref: ItemRef) -> None:
+        """ItemError(error) when the item's list row or one of its values is unusable (`Unfit`):
+        this item fails, not the shard."""
+        unfit = unfit_value(ref)
+        if unfit is not None:
+            raise ItemError(Status.ERROR, unfit.message)
+
     def digest(self, ref: ItemRef, data: Any) -> str:
         """The digest of the source bytes ("" when none is computed or the value is not bytes);
         ItemError(hash_mismatch) when the list's expected digest differs or is malformed,
         ItemError(error) when one of the item's list values does not fit its column."""
         plan = self.plan
-        unfit = unfit_value(ref)
-        if unfit is not None:  # a list value its column cannot hold: this item fails, not the shard
-            raise ItemError(Status.ERROR, unfit.message)
+        self.check(ref)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             return ""
         expected = ref.columns[plan.hash_column] if 0 <= plan.hash_column < len(ref.columns) else None

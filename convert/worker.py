@@ -104,6 +104,7 @@ def _convert(
     nbytes = -1 if error is not None or value is None else _size_of(value)
     digest = ""
     try:
+        cols.check(ref)  # an unusable list row says so, not the fetch of its missing URL
         if error is not None:
             raise error
         digest = cols.digest(ref, value)

@@ -259,3 +259,26 @@ def test_a_robots_txt_cut_at_its_cap_end_to_end() -> None:
         pol = FetchPolicy(allow_private_networks=True, timeout=2.0, retries=0, item_timeout=10, robots_txt="respect")
         assert fetch_bytes(srv.url_for("/a.jpg"), pol) == image
     robots.cache.clear()
+
+
+def test_a_malformed_jsonl_row_past_the_sample_fails_that_item_not_the_shard(tmp_path: Path) -> None:
+    """Found: a broken line (or a JSON array) at row 1,201 raised a ShardError: 1,200 good items lost."""
+    _images(tmp_path, 4)
+    lines = [json.dumps({"url": f"img/{i % 4}.jpg"}) for i in range(1200)]
+    lines += ['{"url": "img/1.jpg", broken', "[1, 2]", json.dumps({"url": "img/2.jpg"})]
+    (tmp_path / "l.jsonl").write_text("\n".join(lines) + "\n")
+    assert _run(tmp_path, tmp_path / "l.jsonl", **{"shard.size": 2000}).exit_code() == 0
+    bad = [r.item for r in iter_ledger(open_store(str(tmp_path / "out"))) if r.item.status is not Status.OK]
+    assert [b.status for b in bad] == [Status.ERROR, Status.ERROR]
+    assert "item row 1201 is not valid JSON" in bad[0].error and "item row 1202 is a JSON list" in bad[1].error
+    found = read_record(open_store(str(tmp_path / "out")), "shard-00000")
+    assert found is not None and found[0].ok == 1201
+
+
+def test_an_empty_url_cell_is_a_bad_url_saying_so(tmp_path: Path) -> None:
+    """Found: a row with an empty url cell was recorded as `error` with the message ': is a directory'."""
+    _images(tmp_path, 2)
+    (tmp_path / "l.csv").write_text("url,caption\nimg/0.jpg,a\n,b\nimg/1.jpg,c\n")
+    _run(tmp_path, tmp_path / "l.csv")
+    bad = [r.item for r in iter_ledger(open_store(str(tmp_path / "out"))) if r.item.status is not Status.OK]
+    assert len(bad) == 1 and bad[0].status is Status.BAD_URL and "url cell is empty" in bad[0].error

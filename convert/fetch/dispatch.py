@@ -136,6 +136,8 @@ def fetch_bytes(uri: str, policy: FetchPolicy) -> bytes:
     with retries; other fsspec schemes (s3://, memory://, gs://...) through the resilient reader
     with `policy.storage_options`. Schemes outside `policy.allowed_schemes` are BAD_URL.
     """
+    if not uri.strip():
+        raise ItemError(Status.BAD_URL, "empty URL: the list's url cell is empty; fill it in or delete the row")
     deadline = time.monotonic() + policy.item_timeout
     scheme = scheme_of(uri)
     if scheme not in policy.allowed_schemes:

@@ -138,14 +138,15 @@ def shard_refs(spec: ShardSpec, source_options: dict[str, Any] | None, work_opti
     """The ItemRefs of one shard, in order, read from its slices (worker side).
 
     `source_options` open the input files; `work_options` the planner's files (output root).
-    A JSON Lines value that its column's sampled type cannot hold: `on_unfit="raise"` (SourceError)
+    A JSON Lines row that is not an object, or a value its column's sampled type cannot hold:
+    `on_unfit="raise"` (SourceError)
     or `"keep"` (a `columns.Unfit` in its place, for the worker to fail that item alone).
     """
     names = _label_index(spec.source, work_options)
     for i, sl in enumerate(spec.slices):
         refs = _slice_refs(sl, spec.source, names, source_options, work_options)
         refs = refs if i == 0 else (replace(ref, slice=i) for ref in refs)  # its fetch policy: policies[i]
-        yield from (refs if on_unfit == "keep" or not spec.source.columns else _raise_unfit(refs))
+        yield from (refs if on_unfit == "keep" else _raise_unfit(refs))
 
 
 def _raise_unfit(refs: Iterator[ItemRef]) -> Iterator[ItemRef]:
