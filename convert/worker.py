@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .fetch import CurlStream, Fetched, fetch_bytes, prefetch, scheme_of
+from .fetch.dispatch import has_control
 from .fetch.netguard import PrivateAddressError, PrivateNetworkRefused
 from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
@@ -159,8 +160,8 @@ def _unexpected(spec: ShardSpec, ref: ItemRef, error: BaseException | None, row:
 def _http_url(ref: ItemRef, policy: FetchPolicy) -> str | None:
     """The URL libcurl should fetch for `ref`, or None for items read another way."""
     uri = ref.uri
-    if ref.member is not None or uri[:4].lower() != "http":
-        return None
+    if ref.member is not None or uri[:4].lower() != "http" or has_control(uri):
+        return None  # (a control character: fetch_bytes refuses it as bad_url)
     scheme = scheme_of(uri)
     return uri if scheme in ("http", "https") and scheme in policy.allowed_schemes else None
 

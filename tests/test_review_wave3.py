@@ -282,3 +282,20 @@ def test_an_empty_url_cell_is_a_bad_url_saying_so(tmp_path: Path) -> None:
     _run(tmp_path, tmp_path / "l.csv")
     bad = [r.item for r in iter_ledger(open_store(str(tmp_path / "out"))) if r.item.status is not Status.OK]
     assert len(bad) == 1 and bad[0].status is Status.BAD_URL and "url cell is empty" in bad[0].error
+
+
+@pytest.mark.usefixtures("http_backend")
+def test_a_control_character_in_a_url_is_bad_url_not_a_failed_shard(tmp_path: Path) -> None:
+    """Found: a NUL in a list's path raised `ValueError: embedded null byte`: the whole shard failed
+    (retried), its good items lost."""
+    _images(tmp_path, 2)
+    with StaticServer(files={"/a.jpg": jpeg_bytes(16, 12)}) as srv:
+        rows = ["img/0.jpg", "img/1\x00.jpg", srv.url_for("/a\x00.jpg"), srv.url_for("/a.jpg\r\nX-Injected: 1"),
+                srv.url_for("/a.jpg")]  # fmt: skip
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([["url"]] + [[r] for r in rows])
+        (tmp_path / "l.csv").write_text(buf.getvalue())
+        summary = _run(tmp_path, tmp_path / "l.csv", **{"fetch.allowed_networks": ["127.0.0.0/8"]})
+    assert summary.exit_code() == 0
+    statuses = [r.item.status for r in iter_ledger(open_store(str(tmp_path / "out")))]
+    assert statuses == [Status.OK, Status.BAD_URL, Status.BAD_URL, Status.BAD_URL, Status.OK]
