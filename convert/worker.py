@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import re
 import time
@@ -183,7 +184,7 @@ def _fetch_stream(refs: Iterator[ItemRef], task: ShardTask, cols: ItemColumns, c
                           max_bytes=budget, size_of=_size_of, on_done=lambda ns: clock.add("fetch", ns)), False  # fmt: skip
     if items.fetch == "threads":
         return prefetch(refs, fetch_one, depth=depth, max_bytes=budget, size_of=_size_of), False
-    examine = lambda group: _examine_group(group, fetch_one, task, cols, clock)  # noqa: E731
+    examine = functools.partial(_examine_group, fetch=fetch_one, task=task, cols=cols, clock=clock)
     groups = prefetch(_groups(refs), examine, depth=max(2, depth // 2), max_bytes=budget, size_of=_group_size,
                       threads=DECODE_THREADS)  # fmt: skip
     return _Ungrouped(groups), True
