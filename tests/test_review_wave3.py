@@ -299,3 +299,18 @@ def test_a_control_character_in_a_url_is_bad_url_not_a_failed_shard(tmp_path: Pa
     assert summary.exit_code() == 0
     statuses = [r.item.status for r in iter_ledger(open_store(str(tmp_path / "out")))]
     assert statuses == [Status.OK, Status.BAD_URL, Status.BAD_URL, Status.BAD_URL, Status.OK]
+
+
+def test_a_robots_txt_redirect_to_10_0_0_1_is_refused_by_the_guard_decision() -> None:
+    """The address guard's decision alone (nothing connects): opening 127.0.0.0/8 does not open 10.0.0.1,
+    so a robots.txt redirected there is never fetched (the host counts as unreachable: disallowed)."""
+    import ipaddress
+
+    from convert.fetch.netguard import exempt, is_public
+    from convert.fetch.robots import rules_for
+
+    nets = (ipaddress.ip_network("127.0.0.0/8"),)
+    for address in ("10.0.0.1", "::ffff:10.0.0.1", "169.254.169.254"):
+        assert not is_public(address) and not exempt(address, nets)
+    assert exempt("127.0.0.1", nets) and exempt("::ffff:127.0.0.2", nets)
+    assert not rules_for(None, b"", "convert", "PrivateAddressError: 10.0.0.1").allows("/a.jpg")
