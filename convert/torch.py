@@ -4,7 +4,8 @@
     loader = StreamingDataLoader(ds, batch_size=256, num_workers=2)
     for epoch in range(epochs):
         ds.set_epoch(epoch)
-        for batch in loader: ...           # {"image": (B,H,W,C) uint8, "label": (B,), "key": [...]}
+        for batch in loader: ...           # {"image": (B,H,W,C) uint8, "label": (B,), "key": [...],
+                                           #  "caption": [...], "caption_null": (B,) bool, ...}
         state = loader.state_dict()        # any time mid-epoch: save it with the checkpoint
     loader.load_state_dict(state)          # after a restart: continues with the next unseen item
 
@@ -14,6 +15,12 @@ for the "exact" / "drop" / "pad" rules for uneven splits). Encoded shards are de
 workers; remote shards stream into the bounded local cache (`cache_dir`, `cache_limit`).
 Resuming needs the same world size and worker count (checked). `persistent_workers` is not
 supported by StreamingDataLoader (a worker's position is set when it starts).
+
+Workers take whole batches in turn (the loader's or the dataset's batch size), so every batch but
+the epoch's last is full and `len(loader)` is the number of batches yielded, in every partition
+mode. Stored columns collate like `convert.stream.collate`: strings to list[str], numbers to
+tensors (int64, float64, bool), and each column `c` adds a bool tensor `c_null`; a null's value is
+"" (string), NaN (float64), 0 (int64) or False (bool).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .stream import Part, Stream, collate
+from .stream import Part, Stream, fill_nulls
 
 _TAG = "_stream"  # (worker, position) carried from a worker to StreamingDataLoader, then removed
 
@@ -68,6 +75,7 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
                              prefetch_shards=prefetch_shards, transform=transform)  # fmt: skip
         self.batch_size, self.chw, self.drop_last = batch_size, chw, drop_last
         self.tag = False  # StreamingDataLoader turns position tags on
+        self.loader_batch = 0  # the batch size of the DataLoader batching these samples (StreamingDataLoader)
         self.rotate = 0  # logical worker = (DataLoader worker id + rotate) % workers; see StreamingDataLoader
         self._resume: dict[int, int] = {}  # worker -> positions to skip, for the next iteration
         self._consumed: dict[int, int] = {}  # in-process iteration (num_workers=0) progress
@@ -90,7 +98,8 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
         # group: it uses the rank and world size its parent saw when it made the dataset or loader
         rank, world = _rank_world() if info is None else self._rank_world
         workers = info.num_workers if info else 1
-        return Part(rank, world, ((info.id if info else 0) + self.rotate) % workers, workers)
+        batch = self.batch_size or self.loader_batch
+        return Part(rank, world, ((info.id if info else 0) + self.rotate) % workers, workers, batch)
 
     def __len__(self) -> int:
         """Samples (or batches, with batch_size) of this rank per epoch."""
@@ -106,9 +115,10 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
 
     def _generate(self, part: Part, start: int) -> Iterator[Any]:
         if self.batch_size is None:
+            schema = self.stream.dataset.schema
             for pos, sample in enumerate(self.stream.samples(part, start), start + 1):
                 self._consumed[part.worker] = pos
-                yield self._tensors(sample, part.worker, pos)
+                yield self._tensors(fill_nulls(sample, schema), part.worker, pos)
         else:
             pos = start
             for batch in self.stream.batches(self.batch_size, part, start, self.drop_last):
@@ -122,8 +132,9 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
         if isinstance(image, np.ndarray):
             t = torch.from_numpy(image)
             out["image"] = t.movedim(-1, -3).contiguous() if self.chw else t
-        if isinstance(out.get("label"), np.ndarray):
-            out["label"] = torch.from_numpy(out["label"])
+        for name, value in out.items():  # labels and number columns of a batch
+            if name != "image" and isinstance(value, np.ndarray) and value.dtype != object:
+                out[name] = torch.from_numpy(value)
         if self.tag:
             out[_TAG] = (worker, pos)
         return out
@@ -157,6 +168,7 @@ class StreamingDataLoader(DataLoader):  # type: ignore[type-arg]
             kwargs.setdefault("batch_size", None)
         super().__init__(dataset, *args, **kwargs)
         dataset.tag = True
+        dataset.loader_batch = self.batch_size or 0
         self._consumed: dict[int, int] = {}
         self._epoch = dataset.epoch
         self._batches = 0  # batches taken this epoch
@@ -171,6 +183,7 @@ class StreamingDataLoader(DataLoader):  # type: ignore[type-arg]
         # robin starting at worker 0: rotating the logical workers by the batches already taken
         # makes a resumed epoch continue in the same interleaving as an uninterrupted one.
         ds._resume, ds.rotate = dict(self._consumed), self._batches % max(1, self.num_workers)
+        ds.loader_batch = self.batch_size or 0
         ds._rank_world = _rank_world()
         iterator = super().__iter__()
         ds._resume, ds.rotate = {}, 0
