@@ -22,7 +22,7 @@ import bisect
 import io
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -126,6 +126,12 @@ class Dataset:
     def columns(self) -> dict[str, Any]:
         """Every column this dataset reads ({name: ds.column(name)}), without image bytes."""
         return {c.name: self.column(c.name) for c in self.schema}
+
+    def read_counts(self) -> Counter[str]:
+        """What this process's open shard readers read ("image" items, "column:<name>" whole
+        columns): a diagnostic that shows a column read touched no image."""
+        with self._lock:
+            return sum((r.reads for r in self._readers.values()), Counter())
 
     def _shard_column(self, shard: int, col: Column) -> Any:
         reader = self._reader(shard)

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
 
+from convert.dataset import open_dataset
 from convert.formats.base import open_reader
 from convert.formats.hdf5_chunks import Chunks
-from convert.testing.formats import SCHEMA, FormatTests, make_samples, write_shard
+from convert.stream import Stream
+from convert.testing.formats import (SCHEMA, FormatTests, assert_column, expected_column, make_samples, write_dataset,
+                                     write_shard)  # fmt: skip
 
 
 class TestHDF5(FormatTests):
@@ -104,3 +108,110 @@ def test_chunk_map_reads_across_data_and_tail(tmp_path: Path) -> None:
         for lo, hi in [(0, 3017), (990, 1010), (2995, 3017), (3001, 3005), (5, 5)]:
             assert bytes(chunks.read(lo, hi)) == blob[lo:hi].tobytes()
         chunks.close()
+
+
+# -- every reader: Dataset, get_batch, column(), Stream.batches, torch ---------------------------
+
+N = 53
+
+
+@pytest.fixture(scope="module", params=["hdf5", "lmdb"])
+def column_dataset(request, tmp_path_factory) -> tuple[str, list]:
+    samples = make_samples(N)
+    root = tmp_path_factory.mktemp(f"cols-{request.param}")
+    return write_dataset(root, request.param, samples, 12, image_shape=(6, 5, 3)), samples
+
+
+def _assert_row(row: dict, sample) -> None:
+    assert list(row) == ["image", "label", "key", *(c.name for c in SCHEMA)]
+    assert row["key"] == sample.key and row["label"] == (-1 if sample.label is None else sample.label)
+    np.testing.assert_array_equal(row["image"], sample.data)
+    for col, want in zip(SCHEMA, sample.columns):
+        assert row[col.name] == want and type(row[col.name]) is type(want), (col.name, row[col.name], want)
+
+
+def test_dataset_rows_and_batches_carry_every_column(column_dataset) -> None:
+    uri, samples = column_dataset
+    ds = open_dataset(uri)
+    assert ds.schema == SCHEMA and "caption:string" in repr(ds)
+    for i in (0, 5, 12, N - 1):
+        _assert_row(ds[i], samples[i])
+    order = [40, 3, 3, 17, 52, 0]
+    for row, i in zip(ds.get_batch(order), order):
+        _assert_row(row, samples[i])
+
+
+def test_dataset_whole_columns_touch_no_image(column_dataset) -> None:
+    uri, samples = column_dataset
+    ds = open_dataset(uri)
+    whole = ds.columns()
+    assert list(whole) == [c.name for c in SCHEMA]
+    for col in SCHEMA:
+        assert_column(ds.column(col.name), col, expected_column(col, samples))
+    counts = ds.read_counts()
+    assert counts["image"] == 0 and counts["column:caption"] == 5  # one read per shard
+    with pytest.raises(KeyError, match="no column 'nope'"):
+        ds.column("nope")
+
+
+def test_open_dataset_columns_reads_only_those(column_dataset) -> None:
+    uri, samples = column_dataset
+    ds = open_dataset(uri, columns=["width"])
+    assert ds.schema == (SCHEMA[2],)
+    row = ds[13]
+    assert set(row) == {"image", "label", "key", "width"} and row["width"] == samples[13].columns[2]
+    ds.get_batch(list(range(N)))
+    counts = ds.read_counts()
+    assert counts["image"] == N + 1 and set(k for k in counts if k.startswith("column:")) == {"column:width"}
+    assert set(open_dataset(uri, columns=[])[0]) == {"image", "label", "key"}
+    with pytest.raises(ValueError, match="no column 'captions'; its columns are"):
+        open_dataset(uri, columns=["captions"])
+
+
+def _check_batch_columns(batch: dict, by_key: dict, as_tensor: Any = np.asarray) -> None:
+    for col in SCHEMA:
+        wants = [by_key[k].columns[SCHEMA.index(col)] for k in batch["key"]]
+        nulls = np.asarray(as_tensor(batch[f"{col.name}_null"])).tolist()
+        assert nulls == [w is None for w in wants]
+        got = batch[col.name]
+        if col.type == "string":
+            assert isinstance(got, list) and got == ["" if w is None else w for w in wants]
+            continue
+        arr = np.asarray(as_tensor(got))
+        assert arr.dtype == np.dtype(col.type)
+        for g, w in zip(arr.tolist(), wants):
+            assert (g == w) if w is not None else (np.isnan(g) if col.type == "float64" else g in (0, False))
+
+
+def test_stream_batches_strings_as_lists_numbers_as_arrays(column_dataset) -> None:
+    uri, samples = column_dataset
+    by_key = {s.key: s for s in samples}
+    batches = list(Stream(uri, seed=1).batches(8))
+    assert [len(b["key"]) for b in batches] == [8] * 6 + [5]
+    for batch in batches:
+        _check_batch_columns(batch, by_key)
+        assert batch["image"].shape == (len(batch["key"]), 6, 5, 3)
+    assert sorted(k for b in batches for k in b["key"]) == sorted(by_key)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("batched_in", ["loader", "dataset"])
+def test_torch_collates_columns(column_dataset, workers: int, batched_in: str, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from convert.torch import StreamingDataLoader, StreamingDataset
+
+    uri, samples = column_dataset
+    by_key = {s.key: s for s in samples}
+    if batched_in == "loader":
+        loader = StreamingDataLoader(StreamingDataset(uri, seed=2, cache_dir=tmp_path), batch_size=8, num_workers=workers)
+    else:
+        loader = StreamingDataLoader(StreamingDataset(uri, seed=2, batch_size=8, cache_dir=tmp_path), num_workers=workers)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 7 and [len(b["key"]) for b in batches] == [8] * 6 + [5]
+    for batch in batches:
+        for col in SCHEMA:
+            kind = list if col.type == "string" else torch.Tensor
+            assert isinstance(batch[col.name], kind) and isinstance(batch[f"{col.name}_null"], torch.Tensor)
+        _check_batch_columns(batch, by_key, as_tensor=lambda t: t.numpy())
+    assert sorted(k for b in batches for k in b["key"]) == sorted(by_key)

@@ -20,7 +20,10 @@ import numpy as np
 import pytest
 
 from ..formats.base import FORMATS, Sample, ShardInfo, open_reader, open_writer
-from ..specs import Column
+from ..manifest import write_manifest
+from ..records import shard_rel_path, write_record
+from ..specs import Column, ItemResult, ShardRecord, Status, shard_name
+from ..store import file_digest, open_store
 
 SCHEMA = (Column("caption", "string"), Column("similarity", "float64"), Column("width", "int64"),
           Column("nsfw", "bool"), Column("sha256", "string"))  # fmt: skip
@@ -51,10 +54,10 @@ def make_samples(n: int, shape: tuple[int, int, int] | None = (6, 5, 3), columns
 
 def write_shard(fmt: str, path: Path, samples: Sequence[Sample], *, encoding: str = "raw",
                 image_shape: tuple[int, int, int] | None = None, columns: Sequence[Column] = SCHEMA,
-                batches: Sequence[int] = BATCHES) -> ShardInfo:  # fmt: skip
+                batches: Sequence[int] = BATCHES, name: str = "shard-00001") -> ShardInfo:  # fmt: skip
     """Write `samples` as one shard in `batches` (sizes; the rest in one more batch); its ShardInfo."""
-    info = ShardInfo(name="shard-00001", encoding=encoding, image_shape=image_shape, expected_count=len(samples),
-                     attrs={"shard": "shard-00001"}, columns=tuple(columns))  # fmt: skip
+    info = ShardInfo(name=name, encoding=encoding, image_shape=image_shape, expected_count=len(samples),
+                     attrs={"shard": name}, columns=tuple(columns))  # fmt: skip
     writer = open_writer(fmt, str(path), info)
     pos = 0
     for size in [*batches, max(0, len(samples) - sum(batches))]:
@@ -62,6 +65,27 @@ def write_shard(fmt: str, path: Path, samples: Sequence[Sample], *, encoding: st
         pos += size
     writer.close()
     return info
+
+
+def write_dataset(root: Path, fmt: str, samples: Sequence[Sample], shard_size: int, *, encoding: str = "raw",
+                  image_shape: tuple[int, int, int] | None = None, columns: Sequence[Column] = SCHEMA) -> str:  # fmt: skip
+    """A complete dataset at `root` (shards, records, index, manifest) written by the real modules
+    from `samples` in order, as a run would commit them: for readers' tests of any column schema."""
+    store = open_store(str(root))
+    records = []
+    for k, lo in enumerate(range(0, len(samples), shard_size)):
+        part, name = samples[lo : lo + shard_size], shard_name(k)
+        rel = shard_rel_path(name, FORMATS[fmt].extension)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_shard(fmt, root / rel, part, encoding=encoding, image_shape=image_shape, columns=columns, name=name)
+        size, digest = file_digest(str(root / rel))
+        ledger = tuple(ItemResult(s.key, f"list.csv#{s.key}", s.label, Status.OK) for s in part)
+        record = ShardRecord(name, rel, fmt, len(part), len(part), 0, size, digest, image_shape, encoding, ledger,
+                             columns=tuple(columns))  # fmt: skip
+        write_record(store, record, "test")
+        records.append(record)
+    write_manifest(store, records, {"output": {"format": fmt}}, None, "urls")
+    return str(root)
 
 
 def expected_column(col: Column, samples: Sequence[Sample]) -> list[Any]:
