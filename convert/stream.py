@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -74,6 +74,7 @@ class Stream:
         prefetch_shards: int = 2,
         decode: bool = True,
         transform: Callable[[dict[str, Any]], Any] | None = None,
+        columns: Sequence[str] | None = None,
     ) -> None:
         if partition not in PARTITIONS:
             raise ValueError(f"partition {partition!r}: expected one of {PARTITIONS}")
@@ -81,7 +82,7 @@ class Stream:
             self.dataset = uri
         else:  # remote shards are streamed whole into the bounded cache
             self.dataset = Dataset(uri, storage_options, cache_dir=cache_dir, decode=decode,
-                                   download=True, cache_limit=cache_limit)  # fmt: skip
+                                   download=True, cache_limit=cache_limit, columns=columns)  # fmt: skip
         self.dataset.cache.prefetch_depth = prefetch_shards
         self.shuffle, self.seed, self.partition, self.transform = shuffle, seed, partition, transform
         self.counts = np.asarray(self.dataset.shards.cols["ok"], np.int64)

@@ -26,7 +26,7 @@ tensors (int64, float64, bool), and each column `c` adds a bool tensor `c_null`;
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
     Yields {"image": uint8 tensor HWC (CHW with chw=True), "label": int (-1 unlabelled), "key": str},
     or with `batch_size` whole batches collated in the worker (use DataLoader(batch_size=None)).
     `transform(sample) -> sample` runs in the worker on the NumPy sample before tensor conversion.
+    `columns`: the stored columns to read (None = all, [] = images, labels and keys only).
     """
 
     def __init__(
@@ -68,11 +69,12 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
         chw: bool = False,
         drop_last: bool = False,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        columns: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.stream = Stream(uri, storage_options, shuffle=shuffle, seed=seed, shuffle_block=shuffle_block,
                              partition=partition, cache_dir=cache_dir, cache_limit=cache_limit,
-                             prefetch_shards=prefetch_shards, transform=transform)  # fmt: skip
+                             prefetch_shards=prefetch_shards, transform=transform, columns=columns)  # fmt: skip
         self.batch_size, self.chw, self.drop_last = batch_size, chw, drop_last
         self.tag = False  # StreamingDataLoader turns position tags on
         self.loader_batch = 0  # the batch size of the DataLoader batching these samples (StreamingDataLoader)

@@ -13,10 +13,8 @@ Layout (format_version 3):
   int64 (item i is bytes offsets[i]:offsets[i+1] of data + data_tail); variable raw pixels add
   "shapes" (N, 3) int32.
 - "labels" (N,) int64 with -1 for "no label"; "keys" (N,) variable-length UTF-8 strings.
-- "columns/<i>": the i-th stored column (ShardInfo.columns), (N,) variable-length UTF-8 strings,
-  int64, float64 or bool; "columns/<i>.null" (N,) uint8, 1 = null, only when the shard has nulls
-  there (the value is then "", 0, NaN or False); "columns/<i>.escaped" (N,) uint8 marks strings
-  stored JSON-escaped (HDF5 strings cannot hold NUL characters; such values are rare).
+- "columns": the stored columns (ShardInfo.columns), one dataset per column with a null mask where
+  there are nulls (layout in `hdf5_columns`).
 - file attrs: format_version, name, encoding, layout, image_shape (empty when variable), count
   (written by close(): a file without it is incomplete), attrs_json (ShardInfo.attrs as JSON),
   columns_json ([[name, type], ...]).
@@ -38,8 +36,9 @@ import numpy as np
 
 from ..specs import Column
 from .base import LazyShardReader, Sample, ShardInfo, describe_data, normalize_indices, shard_layout
-from .columns import NUMPY, StoredColumn, batch_values, check_schema
+from .columns import StoredColumn, check_schema
 from .hdf5_chunks import Chunks
+from .hdf5_columns import Appender, ColumnWriter, read_column
 
 FORMAT_VERSION = 3
 NO_LABEL = -1
@@ -82,10 +81,7 @@ class HDF5Writer:
         self._decided = self.layout != "variable"  # variable: decided by the first batch (uniform -> fixed)
         self._adaptive = False  # fixed because the first batch was uniform: may still turn variable
         self._count = 0
-        self._nbytes = 0  # bytes of every item so far (data + the tail not yet written)
-        self._tail = bytearray()  # bytes after the last whole chunk of "data"
-        self._nulls: list[list[np.ndarray]] = [[] for _ in info.columns]
-        self._escaped: list[list[np.ndarray]] = [[] for _ in info.columns]
+        self._data: Appender | None = None  # the flat layout's bytes, in whole chunks (+ "data_tail")
         self._ds: dict[str, h5py.Dataset] = {}
         self._file: h5py.File | None = h5py.File(path, "w", rdcc_nbytes=_WRITE_CACHE)
         try:
@@ -100,15 +96,11 @@ class HDF5Writer:
             self._create_images(f)
         f.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(_ROW_CHUNK,))
         f.create_dataset("keys", (0,), _STR, maxshape=(None,), chunks=(_ROW_CHUNK,))
-        group = f.create_group("columns")
-        for i, col in enumerate(info.columns):
-            dtype = _STR if col.type == "string" else NUMPY[col.type]
-            group.create_dataset(str(i), (0,), dtype, maxshape=(None,), chunks=(_ROW_CHUNK,))
+        self._cols = ColumnWriter(f, info.columns)
         # Hold every dataset open for the writer's lifetime and flush explicitly at close: HDF5
         # allocates chunks when a dataset's cache is flushed, so handles whose lifetime depended on
         # Python's garbage collector made the file layout (and the shard's sha256) vary run to run.
         self._ds.update({"labels": f["labels"], "keys": f["keys"]})
-        self._cols = [group[str(i)] for i in range(len(info.columns))]
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["name"] = info.name
         f.attrs["encoding"] = info.encoding
@@ -130,6 +122,7 @@ class HDF5Writer:
             f.create_dataset("data", (0,), np.uint8, maxshape=(None,), chunks=(_DATA_CHUNK,))
             f.create_dataset("offsets", (1,), np.int64, maxshape=(None,), chunks=(_ROW_CHUNK,))
             names = ["data", "offsets"]
+            self._data = Appender(f["data"], _DATA_CHUNK)
             if self.layout == "variable":
                 f.create_dataset("shapes", (0, 3), np.int32, maxshape=(None, 3), chunks=(_ROW_CHUNK, 3))
                 names.append("shapes")
@@ -155,7 +148,7 @@ class HDF5Writer:
         ds["labels"][lo:hi] = np.array([NO_LABEL if s.label is None else s.label for s in samples], np.int64)
         ds["keys"].resize(hi, axis=0)
         ds["keys"][lo:hi] = np.array([s.key for s in samples], dtype=_STR)
-        self._write_columns(lo, samples)
+        self._cols.write(lo, samples)
         self._count = hi
 
     def _choose_layout(self, samples: Sequence[Sample]) -> None:
@@ -186,36 +179,15 @@ class HDF5Writer:
         del f["images"]
 
     def _append_flat(self, lo: int, blob: np.ndarray, sizes: np.ndarray, shapes: np.ndarray | None) -> None:
-        """Rows lo.. of the flat layout: their bytes (whole chunks to "data", the rest kept), offsets, shapes."""
+        """Rows lo.. of the flat layout: their bytes, offsets and (variable raw pixels) shapes."""
         ds, hi = self._ds, lo + sizes.size
-        start, self._nbytes = self._nbytes, self._nbytes + blob.size
-        self._tail += memoryview(np.ascontiguousarray(blob)).cast("B")
-        full = len(self._tail) // _DATA_CHUNK * _DATA_CHUNK
-        if full:
-            done = ds["data"].shape[0]
-            ds["data"].resize(done + full, axis=0)
-            chunk = np.frombuffer(self._tail, np.uint8, count=full)
-            ds["data"][done : done + full] = chunk
-            del chunk  # release the view before the bytearray shrinks
-            del self._tail[:full]
+        assert self._data is not None
+        start = self._data.add(np.ascontiguousarray(blob))
         ds["offsets"].resize(hi + 1, axis=0)
         ds["offsets"][lo + 1 : hi + 1] = start + np.cumsum(sizes)
         if shapes is not None:
             ds["shapes"].resize(hi, axis=0)
             ds["shapes"][lo:hi] = shapes
-
-    def _write_columns(self, lo: int, samples: Sequence[Sample]) -> None:
-        hi = lo + len(samples)
-        for j, (values, nulls) in enumerate(batch_values(self.info.columns, samples)):
-            if self.info.columns[j].type == "string":
-                escaped = np.fromiter(("\x00" in v for v in values), np.bool_, len(values))
-                if escaped.any():  # HDF5 strings end at NUL: store those values JSON-escaped
-                    values = [json.dumps(v) if e else v for v, e in zip(values, escaped.tolist())]
-                self._escaped[j].append(escaped)
-                values = np.array(values, dtype=_STR)
-            self._nulls[j].append(nulls)
-            self._cols[j].resize(hi, axis=0)
-            self._cols[j][lo:hi] = values
 
     def _fixed(self, samples: Sequence[Sample]) -> np.ndarray:
         shape = tuple(self._shape or ())
@@ -249,24 +221,20 @@ class HDF5Writer:
         if not self._decided:  # no samples at all
             self._decided = True
             self._create_images(f)
-        if self._tail:
-            f.create_dataset("data_tail", data=np.frombuffer(bytes(self._tail), np.uint8))
-        for j in range(len(self.info.columns)):
-            for suffix, parts in ((".null", self._nulls[j]), (".escaped", self._escaped[j])):
-                mask = np.concatenate(parts) if parts else np.zeros(0, np.bool_)
-                if mask.any():
-                    f["columns"].create_dataset(f"{j}{suffix}", data=mask.astype(np.uint8))
+        if self._data is not None:
+            self._data.finish(f, "data_tail")
+        self._cols.finish()
         f.attrs["layout"] = self.layout
         f.attrs["image_shape"] = np.asarray(self._shape or (), dtype=np.int64)
         f.attrs["count"] = self._count
         f.flush()  # allocate everything now, in one deterministic order
-        self._ds, self._cols = {}, []
+        self._ds = {}
         f.close()
         self._file = None
 
     def abort(self) -> None:
         """Close without completing and delete the file."""
-        self._ds, self._cols = {}, []
+        self._ds = {}
         if self._file is not None:
             try:
                 self._file.close()
@@ -324,26 +292,23 @@ class HDF5Reader(LazyShardReader[_Handle]):
         self._image_shape = shape if shape else None  # type: ignore[assignment]
         self._count = int(a["count"])
         self._attrs = json.loads(a["attrs_json"])
-        labels = f["labels"][: self._count]
-        self._labels = [None if v == NO_LABEL else int(v) for v in labels]
-        self._keys = f["keys"].asstr()[: self._count].tolist()
+        self._labels, self._keys = None, None  # type: ignore[assignment]
         self._shapes = f["shapes"][: self._count] if self._layout == "variable" else None
         self._offsets = f["offsets"][: self._count + 1] if "offsets" in f else None
         self._schema = tuple(Column(str(n), str(t)) for n, t in json.loads(a.get("columns_json", "[]")))
 
     def _read_columns(self, handle: _Handle, name: str) -> list[StoredColumn]:
         f, chunks = handle
-        pos = [c.name for c in self._schema].index(name)
-        col, n, group = self._schema[pos], self._count, f["columns"]
         # a file object is shared with the chunk reads: h5py reads on it under the same lock
         with chunks.lock if chunks is not None else contextlib.nullcontext():
-            ds = group[str(pos)]
-            values: Any = ds.asstr()[:n].tolist() if col.type == "string" else ds[:n]
-            nulls = group[f"{pos}.null"][:n].astype(bool) if f"{pos}.null" in group else None
-            escaped = group[f"{pos}.escaped"][:n] if f"{pos}.escaped" in group else None
-        for r in np.flatnonzero(escaped).tolist() if escaped is not None else ():
-            values[r] = json.loads(values[r])
-        return [StoredColumn(col, values, nulls)]
+            return [read_column(f, self._schema, name, self._count)]
+
+    def _rows(self, f: h5py.File) -> None:
+        """Labels and keys, read on the first item read (a column read needs neither)."""
+        if self._keys is None:
+            labels = f["labels"][: self._count]
+            self._labels = [None if v == NO_LABEL else int(v) for v in labels.tolist()]
+            self._keys = f["keys"].asstr()[: self._count].tolist()
 
     def get_batch(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Samples at `indices` (any order, duplicates allowed); each distinct item is read once."""
@@ -352,6 +317,8 @@ class HDF5Reader(LazyShardReader[_Handle]):
         if idx.size == 0:
             return []
         self.reads["image"] += idx.size
+        with chunks.lock if chunks is not None else contextlib.nullcontext():
+            self._rows(f)
         if self._layout == "fixed":  # (h5py is used only when `chunks` is None: it shares a file object)
             images = self._fixed_rows(f, chunks, idx)
             return [self._row(int(i), images[j]) for j, i in enumerate(idx.tolist())]
@@ -387,7 +354,7 @@ class HDF5Reader(LazyShardReader[_Handle]):
 
 
 def _h5py_reader(f: h5py.File) -> Any:
-    """read(lo, hi) of the flat layout through h5py (data, then data_tail)."""
+    """read(lo, hi) of the flat layout through h5py (data, then data_tail), for filtered files."""
     data, tail = f["data"], f.get("data_tail")
     limit = data.shape[0]
 
