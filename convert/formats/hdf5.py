@@ -293,8 +293,6 @@ class HDF5Reader(LazyShardReader[_Handle]):
         self._count = int(a["count"])
         self._attrs = json.loads(a["attrs_json"])
         self._labels, self._keys = None, None  # type: ignore[assignment]
-        self._shapes = f["shapes"][: self._count] if self._layout == "variable" else None
-        self._offsets = f["offsets"][: self._count + 1] if "offsets" in f else None
         self._schema = tuple(Column(str(n), str(t)) for n, t in json.loads(a.get("columns_json", "[]")))
 
     def _read_columns(self, handle: _Handle, name: str) -> list[StoredColumn]:
@@ -304,8 +302,11 @@ class HDF5Reader(LazyShardReader[_Handle]):
             return [read_column(f, self._schema, name, self._count)]
 
     def _rows(self, f: h5py.File) -> None:
-        """Labels and keys, read on the first item read (a column read needs neither)."""
+        """Labels, keys, item offsets and shapes, read on the first item read (a column read
+        needs none of them)."""
         if self._keys is None:
+            self._shapes = f["shapes"][: self._count] if self._layout == "variable" else None
+            self._offsets = f["offsets"][: self._count + 1] if self._layout != "fixed" else None
             labels = f["labels"][: self._count]
             self._labels = [None if v == NO_LABEL else int(v) for v in labels.tolist()]
             self._keys = f["keys"].asstr()[: self._count].tolist()

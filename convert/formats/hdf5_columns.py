@@ -112,10 +112,9 @@ def read_column(f: h5py.File, schema: Sequence[Column], name: str, count: int) -
     if col.type != "string":
         return StoredColumn(col, group[str(pos)][:count], nulls)
     blob = read_bytes(group, str(pos), f"{pos}.tail")
-    bounds = group[f"{pos}.offsets"][: count + 1].tolist()
-    text = blob.decode("utf-8", "surrogatepass")
-    if len(text) == len(blob):  # ASCII: byte offsets are character offsets
-        values = [text[a:b] for a, b in zip(bounds, bounds[1:])]
-    else:
-        values = [blob[a:b].decode("utf-8", "surrogatepass") for a, b in zip(bounds, bounds[1:])]
-    return StoredColumn(col, values, nulls)
+    at = group[f"{pos}.offsets"][: count + 1]
+    text = blob.decode("utf-8", "surrogatepass")  # one decode, then slices
+    if len(text) != len(blob):  # not ASCII: character offset = byte offset - continuation bytes before it
+        at = at - np.searchsorted(np.flatnonzero((np.frombuffer(blob, np.uint8) & 0xC0) == 0x80), at)
+    bounds = at.tolist()
+    return StoredColumn(col, [text[a:b] for a, b in zip(bounds, bounds[1:])], nulls)
