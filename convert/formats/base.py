@@ -129,6 +129,7 @@ class LazyShardReader(ABC, Generic[H]):
         self._pid = -1
         self._open_lock, self._lock_pid = threading.Lock(), os.getpid()
         self._loaded: dict[str, StoredColumn] = {}
+        self._cells: list[tuple[str, list[Any], list[bool] | None]] | None = None
         self.reads: Counter[str] = Counter()
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -216,8 +217,11 @@ class LazyShardReader(ABC, Generic[H]):
 
     def _row(self, i: int, image: np.ndarray | bytes) -> dict[str, Any]:
         row = {"image": image, "label": self._labels[i], "key": self._keys[i]}
-        for col in self.columns:
-            row[col.name] = self._stored(col.name).value(i)
+        cells = self._cells
+        if cells is None:  # the selected columns as Python lists, once per reader
+            cells = self._cells = [(c.name, *self._stored(c.name).cells()) for c in self.columns]
+        for name, values, nulls in cells:
+            row[name] = None if nulls is not None and nulls[i] else values[i]
         return row
 
     def _check_version(self, version: Any, supported: int) -> None:

@@ -75,12 +75,10 @@ class StoredColumn:
     values: Any  # list[str] for strings, else a NumPy array of the column's dtype
     nulls: np.ndarray | None
 
-    def value(self, i: int) -> Any:
-        """Row i's value as a Python str/int/float/bool, or None for a null."""
-        if self.nulls is not None and self.nulls[i]:
-            return None
-        v = self.values[i]
-        return v if isinstance(v, str) else v.item()
+    def cells(self) -> tuple[list[Any], list[bool] | None]:
+        """(values as a list of Python values, null flags or None): what rows are built from."""
+        values = self.values if isinstance(self.values, list) else self.values.tolist()
+        return values, None if self.nulls is None or not self.nulls.any() else self.nulls.tolist()
 
     def whole(self) -> Any:
         """The whole column: list[str | None] for strings; an array for numbers (masked if nulls)."""
