@@ -163,7 +163,7 @@ def test_open_dataset_columns_reads_only_those(column_dataset) -> None:
     assert set(row) == {"image", "label", "key", "width"} and row["width"] == samples[13].columns[2]
     ds.get_batch(list(range(N)))
     counts = ds.read_counts()
-    assert counts["image"] == N + 1 and set(k for k in counts if k.startswith("column:")) == {"column:width"}
+    assert counts["image"] == N + 1 and {k for k in counts if k.startswith("column:")} == {"column:width"}
     assert set(open_dataset(uri, columns=[])[0]) == {"image", "label", "key"}
     with pytest.raises(ValueError, match="no column 'captions'; its columns are"):
         open_dataset(uri, columns=["captions"])

@@ -16,8 +16,8 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-from collections import Counter
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Generic, Literal, Protocol, Sequence, TypeVar
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, BinaryIO, Sequence
+from typing import Any, Sequence
 
 import h5py
 import numpy as np

@@ -12,6 +12,7 @@ Layout, in the group "columns" (i = the column's position in ShardInfo.columns):
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any, Sequence
 
 import h5py
@@ -117,4 +118,4 @@ def read_column(f: h5py.File, schema: Sequence[Column], name: str, count: int) -
     if len(text) != len(blob):  # not ASCII: character offset = byte offset - continuation bytes before it
         at = at - np.searchsorted(np.flatnonzero((np.frombuffer(blob, np.uint8) & 0xC0) == 0x80), at)
     bounds = at.tolist()
-    return StoredColumn(col, [text[a:b] for a, b in zip(bounds, bounds[1:])], nulls)
+    return StoredColumn(col, [text[a:b] for a, b in pairwise(bounds)], nulls)

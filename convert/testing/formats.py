@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -146,7 +147,7 @@ class FormatTests:
             assert np.ma.getmaskarray(reader.column("f")).tolist() == [False, True, False]
 
     def test_a_selection_reads_only_its_columns(self, tmp_path: Path) -> None:
-        path, samples = self.written(tmp_path)
+        path, _ = self.written(tmp_path)
         with open_reader(self.format, str(path), columns=["width", "caption"]) as reader:
             assert [c.name for c in reader.columns] == ["width", "caption"]
             row = reader.get(2)
@@ -159,7 +160,7 @@ class FormatTests:
             assert reader.reads == {"image": 1}
 
     def test_whole_columns_read_no_image_bytes(self, tmp_path: Path) -> None:
-        path, samples = self.written(tmp_path)
+        path, _ = self.written(tmp_path)
         with open_reader(self.format, str(path)) as reader:
             for col in SCHEMA:
                 reader.column(col.name)

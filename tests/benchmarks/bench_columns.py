@@ -18,6 +18,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,6 +49,10 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
+def column(uri: str) -> None:
+    open_dataset(uri).column("caption")
+
+
 def full_rows(uri: str) -> None:
     ds = open_dataset(uri)
     for lo in range(0, len(ds), BATCH):
@@ -72,11 +77,13 @@ def main() -> None:
             uri = make_dataset(Path(tmp) / fmt, fmt, a.count)
             cache = str(Path(tmp) / f"cache-{fmt}")
             col, rows, with_cols, images_only = [], [], [], []
-            for _ in range(a.repeats):  # interleaved, medians
-                col.append(timed(lambda: open_dataset(uri).column("caption")))
-                rows.append(timed(lambda: full_rows(uri)))
-                with_cols.append(timed(lambda: epoch(uri, cache, None)))
-                images_only.append(timed(lambda: epoch(uri, cache, [])))
+            epoch(uri, cache, None)  # warm-up: page cache, imports
+            for k in range(a.repeats):  # interleaved (alternating which epoch goes first), medians
+                col.append(timed(partial(column, uri)))
+                rows.append(timed(partial(full_rows, uri)))
+                pair = [(with_cols, None), (images_only, [])]
+                for out, cols in pair if k % 2 == 0 else pair[::-1]:
+                    out.append(timed(partial(epoch, uri, cache, cols)))
             c, r = statistics.median(col), statistics.median(rows)
             w, i = statistics.median(with_cols), statistics.median(images_only)
             print(f"{fmt}: {a.count} items | column('caption') {c * 1e3:.1f} ms vs full rows {r * 1e3:.0f} ms: "
