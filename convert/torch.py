@@ -203,10 +203,13 @@ class StreamingDataLoader(DataLoader):  # type: ignore[type-arg]
         rank, world = _rank_world()
         return {"epoch": self._epoch, "seed": ds.stream.seed, "rank": rank, "world": world,
                 "workers": max(1, self.num_workers), "consumed": dict(self._consumed),
-                "batches": self._batches}  # fmt: skip
+                "batches": self._batches, "batch_size": ds.batch_size or self.batch_size or 0}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ds: StreamingDataset = self.dataset  # type: ignore[assignment]
+        size, saved = ds.batch_size or self.batch_size or 0, state.get("batch_size")
+        if self.num_workers > 1 and saved is not None and saved != size:  # workers own batches of that size
+            raise ValueError(f"cannot resume: state is for batch size {saved}, this loader has {size}")
         ds.load_state_dict(state, workers=max(1, self.num_workers))
         self._consumed, self._epoch = dict(ds._resume), ds.epoch
         self._batches, self._complete = int(state.get("batches", 0)), False
