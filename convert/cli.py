@@ -6,61 +6,20 @@ User errors print one line naming the problem and the fix and exit 2; they never
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import signal
 import sys
 from typing import Any, Callable
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as Progress_
 from rich.table import Table
 
 from . import __version__
+from .cli_common import EXIT_CODES, console, friendly, out_console, quiet_workers
+from .cli_dataset import COMMANDS as DATASET_COMMANDS
 from .config import Config, ConfigError, load_config, parse_override
 from .redact import redact_url
-
-console = Console(stderr=True, soft_wrap=True)
-out_console = Console(soft_wrap=True)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .manifest import ManifestError
-    from .persist import PersistError
-    from .executor.cluster import ClusterError
-    from .sources import SourceError
-
-    return (ConfigError, ManifestError, SourceError, PersistError, ClusterError, FileNotFoundError, PermissionError,
-            ImportError)  # fmt: skip
-
-
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user-facing exceptions into a one-line error and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except click.exceptions.Exit:
-            raise
-        except Exception as exc:
-            if os.environ.get("CONVERT_DEBUG"):
-                raise
-            user = isinstance(exc, _user_errors())
-            label = "error" if user else f"error ({type(exc).__name__})"
-            lines = str(exc).strip().splitlines() or [type(exc).__name__]
-            console.print(f"[bold red]{label}:[/] {lines[0]}", highlight=False)
-            if type(exc).__name__ == "ClusterError" and len(lines) > 1:  # job script, sbatch/squeue output
-                console.print("\n".join(lines[1:]), highlight=False, markup=False)
-            if not user:
-                console.print("set CONVERT_DEBUG=1 for the full traceback", style="dim")
-            sys.exit(2)
-
-    return wrapper
-
 
 class _SizeCommand(click.Command):
     """Lets `--size 64 48` (H W) through click, which cannot take a variable number of values."""
@@ -209,7 +168,7 @@ def plan_command(config_path: str | None, sets: tuple[str, ...], samples: int, a
         config = resolve_config(config.with_absolute_paths())
         found = plan(config, Workdir(tmp))
         seconds = time.perf_counter() - start
-        rows = []
+        rows: list[dict[str, Any]] = []
         for spec in found.specs:
             if len(rows) >= samples:
                 break
@@ -273,6 +232,9 @@ def _execute(config: Config) -> None:
     from .orchestrate import Interrupted, Progress
     from .orchestrate import run as run_conversion
 
+    if config.cluster.kind != "threads":
+        quiet_workers()  # no CancelledError lines from the workers when a run is stopped
+
     columns = (TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[items]}"),
                TimeElapsedColumn())  # fmt: skip
     progress = Progress_(*columns, console=console, transient=False)
@@ -284,17 +246,14 @@ def _execute(config: Config) -> None:
         items = f"{p.items_done}/{p.items_total} items, {p.items_per_second:.0f} images/s{eta}"
         progress.update(task, completed=p.shards_done, total=p.shards_total, items=items)
 
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    try:  # Ctrl-C / SIGTERM: convert.cli_common (installed by `friendly`) turns them into Interrupted
         summary = run_conversion(config, on_progress=on_progress, log=lambda m: console.print(m, highlight=False))
     except Interrupted as exc:
         progress.stop()
         console.print(str(exc), highlight=False)
-        _leave(143 if exc.signal_name == "SIGTERM" else 130)
+        _leave(EXIT_CODES.get(exc.signal_name, 130))
     finally:
         progress.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     print_summary(summary)
     _leave(summary.exit_code(config.run.fail_on_item_errors))
 
@@ -307,16 +266,6 @@ def _leave(code: int) -> None:
 
     gc.freeze()
     sys.exit(code)
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    """Ctrl-C and SIGTERM stop the run the same way (exit 130 / 143): at the executor's next poll
-    while it waits for shards, else right here."""
-    from .executor import Stopped, request_stop
-
-    name = signal.Signals(signum).name
-    if not request_stop(name):
-        raise Stopped(name)
 
 
 def print_summary(summary: Any) -> None:
@@ -338,6 +287,5 @@ def print_summary(summary: Any) -> None:
     console.print(table)
 
 
-# The commands that read a converted dataset (inspect, report, verify) live in cli_dataset; importing
-# it registers them on `main`.
-from . import cli_dataset  # noqa: E402,F401
+for _command in DATASET_COMMANDS:  # inspect, report, verify: the commands that read a converted dataset
+    main.add_command(_command)

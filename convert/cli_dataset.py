@@ -1,6 +1,7 @@
 """Command line, the dataset side: `inspect`, `report` and `verify` read a converted dataset (or the
 committed records of a partial run); they never change it, except `verify --repair`, which removes
-failing shards so the next `run` rebuilds exactly those. Registered on `convert.cli.main`.
+failing shards so the next `run` rebuilds exactly those. `convert.cli` registers `COMMANDS` on
+its group; this module imports only the shared parts (convert.cli_common), never convert.cli.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .cli import console, friendly, main, out_console
-from .config import ConfigError, parse_override
-from .redact import redact_url
+from .cli_common import console, friendly, out_console, storage_options
+from .config import ConfigError
+from .redact import redact_options, redact_text, redact_url
 
 
-@main.command()
+@click.command()
 @click.argument("uri")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--failures", is_flag=True, help="list failed items instead: key, uri, status, error (one per line, tab-separated)")
@@ -27,18 +28,18 @@ from .redact import redact_url
 @friendly
 def inspect(uri: str, as_json: bool, failures: bool, statuses: tuple[str, ...], options: tuple[str, ...]) -> None:
     """Show shards, counts, failures and the config used (a partial run: its committed shards)."""
-    from .manifest import leftovers
-    from .report_data import load_run
+    from .ledger import load_run
+    from .shards import leftovers
     from .store import open_store
 
-    out = open_store(uri, _options(options))
+    out = open_store(uri, storage_options(options))
     run = load_run(out)
     if failures or statuses:
         _print_failures(run, statuses)
         return
     debris = leftovers(out)
     if as_json:
-        data = {**run.manifest, "shards": run.shards} if run.manifest else {"partial": True, "state": run.state(), "format": run.format,
+        data = {**run.manifest, "shards": list(run.shards), "config": redact_options(run.manifest["config"])} if run.manifest else {"partial": True, "state": run.state(), "format": run.format,
                                 "planned_shards": run.planned, "totals": run.totals, "shards": run.shards}  # fmt: skip
         report = {**data, "leftovers": [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]}
         out_console.print_json(json.dumps(report))
@@ -68,7 +69,7 @@ def _print_inspect(uri: str, run: Any, debris: list[Any]) -> None:
     if run.label_names:
         out_console.print(f"labels: {run.label_names}")
     if manifest is not None:
-        out_console.print("config: " + json.dumps(manifest["config"]), highlight=False)
+        out_console.print("config: " + json.dumps(redact_options(manifest["config"])), highlight=False)
 
 
 def _print_stages(shards: list[dict[str, Any]]) -> None:
@@ -89,8 +90,7 @@ def _print_stages(shards: list[dict[str, Any]]) -> None:
 
 def _print_failures(run: Any, statuses: tuple[str, ...]) -> None:
     """key, uri (credentials redacted), status, error: one tab-separated line per item, shard by shard."""
-    from .redact import redact_text
-    from .report_data import iter_ledger
+    from .ledger import iter_ledger
     from .specs import Status
 
     known = [s.value for s in Status]
@@ -101,11 +101,12 @@ def _print_failures(run: Any, statuses: tuple[str, ...]) -> None:
     if run.partial:
         console.print(run.state(), highlight=False)  # stderr: stdout stays one item per line
     for row in iter_ledger(run, wanted):
-        error = redact_text(" ".join(row.error.split()))
-        click.echo(f"{row.key}\t{redact_url(row.uri)}\t{row.status}\t{error}")
+        item = row.item
+        error = redact_text(" ".join(item.error.split()))
+        click.echo(f"{item.key}\t{redact_url(item.uri)}\t{item.status.value}\t{error}")
 
 
-@main.command()
+@click.command()
 @click.argument("uri")
 @click.option("--html", "html_target", metavar="FILE",
               help="where to write the page [default: <root>/report.html; a remote dataset: ./<name>-report.html]; "
@@ -118,7 +119,7 @@ def report(uri: str, html_target: str | None, k: int, options: tuple[str, ...]) 
     """Write one self-contained HTML page: summary, samples as stored, failures, shards, source stats."""
     from .report import default_target, write_report
 
-    path, state = write_report(uri, html_target, _options(options), k)
+    path, state = write_report(uri, html_target, storage_options(options), k)
     if html_target is None and not default_target(uri)[1]:
         console.print(f"the dataset is remote: wrote the report locally (pass --html {uri.rstrip('/')}/report.html "
                       "to store it beside the data)", highlight=False)  # fmt: skip
@@ -126,18 +127,18 @@ def report(uri: str, html_target: str | None, k: int, options: tuple[str, ...]) 
     click.echo(os.path.abspath(path) if "://" not in path else path)
 
 
-@main.command()
+@click.command()
 @click.argument("uri")
 @click.option("--storage-option", "options", multiple=True, metavar="KEY=VALUE")
 @click.option("--repair", is_flag=True, help="remove failing shards so the next run rebuilds exactly those")
 @friendly
 def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
     """Re-hash every shard against the manifest; exit 0 only if all match."""
-    from .manifest import repair as repair_output
-    from .manifest import verify as verify_output
+    from .shards import repair as repair_output
+    from .shards import verify as verify_output
     from .store import open_store
 
-    store = open_store(uri, _options(options))
+    store = open_store(uri, storage_options(options))
     checks = verify_output(store)
     bad = [c for c in checks if not c.ok]
     for c in bad:
@@ -146,13 +147,9 @@ def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
     if repair and bad:
         command = repair_output(store, checks)
         out_console.print(f"removed {len(bad)} failing shards and the manifest; rebuild exactly those with the "
-                          f"run that made the dataset (plus its storage/cluster options):\n{command}", highlight=False)
+                          "run that made the dataset (plus its storage/cluster options):", highlight=False)
+        click.echo(command)  # plain: no console markup or wrapping inside a shell command
     sys.exit(1 if bad else 0)
 
 
-def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    return dict(parse_override(p) for p in pairs)
-
-
-if __name__ == "__main__":
-    main()
+COMMANDS = (inspect, report, verify)

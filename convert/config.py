@@ -132,7 +132,10 @@ class OutputConfig(_Model):
 
 class ImageConfig(_Model):
     size: tuple[int, int] | None = (64, 64)  # (H, W); None keeps the source size
-    resize: Literal["center_crop", "pad", "stretch", "none"] = "center_crop"
+    # keep_ratio: shorter side -> size, keep_ratio_largest: longer side -> size (aspect kept, no crop;
+    # variable shapes); both take one length (image.size: 256). See convert/geometry.py.
+    resize: Literal["center_crop", "pad", "stretch", "keep_ratio", "keep_ratio_largest", "none"] = "center_crop"
+    upscale: bool = True  # false: never enlarge (images smaller than the target keep their size)
     mode: Literal["RGB", "L"] = "RGB"
     pad_color: tuple[int, int, int] = (0, 0, 0)
     encode: Literal["raw", "original", "jpeg", "png", "webp"] = "raw"
@@ -142,6 +145,10 @@ class ImageConfig(_Model):
     # Pillow; "simplejpeg" insists on it; "pillow" always uses Pillow. Other formats always use Pillow.
     decoder: Literal["auto", "simplejpeg", "pillow"] = "auto"
     max_pixels: int = Field(89_478_485, gt=0)  # Pillow's default bomb threshold
+    # Filters, decided from the header before decoding; a refused image is status `filtered`.
+    min_size: int = Field(0, ge=0)  # shorter side below this (px) is refused
+    max_aspect_ratio: float | None = Field(None, ge=1)  # max(w, h) / min(w, h) above this is refused
+    max_area: int | None = Field(None, gt=0)  # w * h above this is refused
 
     @field_validator("size", mode="before")
     @classmethod
@@ -163,6 +170,11 @@ class ImageConfig(_Model):
     def _consistent(self) -> "ImageConfig":
         if self.resize != "none" and self.size is None:
             raise ValueError(f"resize={self.resize!r} needs image.size (e.g. 64 or [64, 48])")
+        keep_ratio = self.resize in ("keep_ratio", "keep_ratio_largest")
+        if keep_ratio and self.size is not None and self.size[0] != self.size[1]:
+            side = "shorter" if self.resize == "keep_ratio" else "longer"
+            fix = f"image.size: {self.size[0]}, not {list(self.size)}"
+            raise ValueError(f"resize={self.resize!r} takes one length, the {side} side's ({fix})")
         if self.decoder == "simplejpeg" and importlib.util.find_spec("simplejpeg") is None:
             raise ValueError("decoder='simplejpeg' needs simplejpeg: pip install 'convert[fast-jpeg]' (or use 'auto')")
         return self

@@ -19,7 +19,6 @@ ${VAR}. `__getitems__` lets a torch DataLoader fetch a whole batch with one `get
 from __future__ import annotations
 
 import bisect
-import io
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -28,9 +27,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from .decoders import decode_stored
 from .fetch import prefetch
 from .formats.base import ShardReader, get_format, open_reader
-from .manifest import ManifestError, check_opened, read_ledger, read_manifest
+from .ledger import read_ledger
+from .manifest import ManifestError, check_opened, read_manifest
 from .shardcache import ShardCache
 from .specs import Column
 from .store import Store, open_store
@@ -302,33 +303,8 @@ def read_ahead(reads: Iterable[T], read: Callable[[T], list[Any]], depth: int = 
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded bytes -> HxWxC uint8 (C=1 for grayscale). JPEG through libjpeg-turbo when installed."""
-    if data[:3] == b"\xff\xd8\xff":
-        try:
-            import simplejpeg
-        except ImportError:
-            pass
-        else:
-            with _suppress_decode_errors():
-                gray = simplejpeg.decode_jpeg_header(data)[2] == "Gray"
-                return simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB")
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        if img.mode not in ("RGB", "L"):
-            img = img.convert("RGB")
-        arr = np.asarray(img)
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
-class _suppress_decode_errors:
-    """simplejpeg refuses some valid JPEGs (e.g. CMYK, or grayscale asked for RGB): fall back to Pillow."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, *_: Any) -> bool:
-        return exc_type is not None and issubclass(exc_type, ValueError)
+    """Encoded bytes -> HxWxC uint8 (C=1 for grayscale), upright per EXIF orientation like the write side."""
+    return decode_stored(data)
 
 
 def open_dataset(

@@ -20,6 +20,7 @@ on a 10^6-item run (`ImportError: from-import-* object has no __dict__`).
 
 from __future__ import annotations
 
+import io
 import logging
 import struct
 from dataclasses import dataclass
@@ -40,6 +41,17 @@ _SOF_FAST = (0xC0, 0xC1, 0xC2)  # baseline, extended, progressive (Huffman)
 _SOF_ALL = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG, DAC are not frames
 _XMP = b"http://ns.adobe.com/xap/1.0/\x00"
 _log = logging.getLogger("convert.decoders")
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
+TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _warned = False
 
 
@@ -121,7 +133,7 @@ def exif_orientation(head: JpegHeader) -> int | None:
     try:
         exif = Image.Exif()
         exif.load(head.exif)
-        value = exif.get(0x0112)
+        value = exif.get(ORIENTATION_TAG)
     except Exception:  # unreadable EXIF is not worth losing the image for (Pillow's path agrees)
         return 1
     if value is None and head.xmp:
@@ -145,3 +157,51 @@ def decode_scaled(data: bytes, need: tuple[int, int] | None, gray: bool) -> Imag
     if gray:
         return Image.fromarray(np.ascontiguousarray(arr[:, :, 0]), "L")
     return Image.fromarray(arr, "RGB")
+
+
+def pil_orientation(img: Image.Image) -> int:
+    """EXIF (or XMP) orientation of an opened image, 1 when absent or unreadable."""
+    try:
+        value = img.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # unreadable EXIF is not worth losing the image for
+        return 1
+    return value if value in TRANSPOSE else 1
+
+
+def upright(img: Image.Image, orientation: int) -> Image.Image:
+    """The image turned as EXIF `orientation` says it should be displayed."""
+    return img.transpose(TRANSPOSE[orientation]) if orientation in TRANSPOSE else img
+
+
+def decode_stored(data: bytes) -> np.ndarray:
+    """A shard's encoded image -> HxWxC uint8 (C=1 for grayscale), upright: the read side.
+
+    `encode: original` stores the source bytes, EXIF orientation included; the write side makes
+    pixels upright, so the reader does too (our own jpeg/png/webp encodings carry no orientation).
+    JPEG through libjpeg-turbo when installed, anything it refuses through Pillow.
+    """
+    if data[:3] == b"\xff\xd8\xff" and simplejpeg is not None:
+        arr = _stored_jpeg(data)
+        if arr is not None:
+            return arr
+    with Image.open(io.BytesIO(data)) as opened:
+        orientation = pil_orientation(opened)
+        img = opened if opened.mode in ("RGB", "L") else opened.convert("RGB")
+        arr = np.asarray(upright(img, orientation))
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _stored_jpeg(data: bytes) -> np.ndarray | None:
+    """simplejpeg decode, turned upright; None to let Pillow decide (CMYK, XMP orientation, ...)."""
+    try:
+        orientation = exif_orientation(scan_jpeg(data))
+        if orientation is None:
+            return None
+        gray = simplejpeg.decode_jpeg_header(data)[2] == "Gray"
+        arr = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB")
+    except (ItemError, ValueError):  # simplejpeg refuses e.g. CMYK with ValueError
+        return None
+    if orientation not in TRANSPOSE:
+        return arr
+    turned = np.asarray(upright(Image.fromarray(arr[:, :, 0] if gray else arr), orientation))
+    return turned[:, :, None] if gray else turned

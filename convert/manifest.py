@@ -1,4 +1,4 @@
-"""The manifest, its compact shard index, the streamed dataset ledger, and verification.
+"""The manifest and its compact shard index: written last by a run, read (and validated) by everyone.
 
 Layout under the dataset root:
     shards/shard-00000.h5            the shard (or .lmdb, or a directory for directory formats)
@@ -10,9 +10,10 @@ Layout under the dataset root:
 
 The manifest holds aggregates only; the per-shard table is the columnar index (about 150 B per
 shard compressed, loaded as arrays: cheap in every DataLoader worker at 10^6 shards). Ledgers are
-never concatenated: `iter_ledger` streams them from the records, shard by shard. Everything read
-back is validated (paths inside shards/, non-negative consistent counts): anything else is a
-one-line ManifestError.
+never concatenated: `convert.ledger` streams them from the records; verification, repair and
+cleanup of shard files are `convert.shards`. Everything read back is validated (names safe, paths
+inside shards/ and their own shard's, non-negative consistent counts, local files regular):
+anything else is a one-line ManifestError.
 """
 
 from __future__ import annotations
@@ -22,17 +23,14 @@ import io
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from . import persist
-from .records import (RECORD_SUFFIX, ManifestError, check_rel_paths, check_summary, committed_records, dump_bytes,
-                      iter_record_ledgers, ledger_columns, ledger_rows, ordered_map, read_record, record_rel_path,
-                      shard_rel_path, write_record)  # fmt: skip
+from .records import ManifestError, check_names, check_rel_paths, check_summary, dump_bytes, ledger_columns, read_meta
 from .specs import ItemResult, ShardRecord, Status
-from .store import SHARDS_DIR, Leftover, Store
+from .store import Store
 
 MANIFEST = "manifest.json"
 INDEX = "index.gz"
@@ -42,10 +40,8 @@ PLAN = "plan.gz"
 VERSION = 2
 _INT_FIELDS = ("count", "ok", "failed", "bytes")
 
-__all__ = ["FAILED", "INDEX", "LEDGER", "MANIFEST", "PLAN", "RECORD_SUFFIX", "LedgerRow", "ManifestError",
-           "ShardCheck", "ShardIndex", "check_opened", "committed_records", "iter_ledger", "leftovers",
-           "read_ledger", "read_manifest", "read_record", "record_rel_path", "repair", "shard_rel_path", "verify",
-           "write_manifest", "write_record"]  # fmt: skip
+__all__ = ["FAILED", "INDEX", "LEDGER", "MANIFEST", "PLAN", "ManifestError", "ShardIndex", "check_opened",
+           "read_manifest", "write_manifest"]  # fmt: skip
 
 
 class ShardIndex(Sequence[dict[str, Any]]):
@@ -111,15 +107,11 @@ class ShardIndex(Sequence[dict[str, Any]]):
         if n and not np.array_equal(c["ok"] + c["failed"], c["count"]):
             raise ManifestError(f"{where}: a shard's ok + failed != count; rerun the conversion")
         check_rel_paths(c["path"], where)
+        check_names(c["name"], c["path"], where)
         names = c["name"]
         if n > 1 and not (names[1:] > names[:-1]).all() and np.unique(names).size != n:  # sorted: O(n)
             raise ManifestError(f"{where}: duplicate shard names; rerun the conversion")
         return self
-
-
-class LedgerRow(NamedTuple):
-    shard: str  # "" for items of failed shards
-    item: ItemResult
 
 
 def write_manifest(store: Store, records: list[ShardRecord], config: dict[str, Any], label_names: list[str] | None,
@@ -166,7 +158,7 @@ def write_manifest(store: Store, records: list[ShardRecord], config: dict[str, A
 
 def _load_json(store: Store) -> dict[str, Any]:
     try:
-        data = store.read_bytes(MANIFEST)
+        data = read_meta(store, MANIFEST)
     except FileNotFoundError:
         raise ManifestError(
             f"{store.url(MANIFEST)} not found: not a converted dataset, or the run has not finished "
@@ -185,12 +177,12 @@ def _load_json(store: Store) -> dict[str, Any]:
 def _load_index(store: Store, manifest: dict[str, Any]) -> ShardIndex:
     where = store.url(MANIFEST)
     if manifest["version"] == 1:  # wave 1: summaries inline
-        return ShardIndex.from_summaries([check_summary(s, where) for s in manifest.get("shards", [])])
+        return ShardIndex.from_summaries([check_summary(s, where) for s in manifest.get("shards", [])]).validate(where)
     ref = manifest.get("index") or {}
     if ref.get("path") != INDEX:
         raise ManifestError(f"{where}: index path {str(ref.get('path'))[:80]!r} is not {INDEX!r}; rerun the conversion")
     try:
-        blob = store.read_bytes(INDEX)
+        blob = read_meta(store, INDEX)
     except FileNotFoundError:
         raise ManifestError(f"{store.url(INDEX)} missing; rerun `convert-dataset run` with the same config") from None
     if hashlib.sha256(blob).hexdigest() != ref.get("sha256"):
@@ -205,7 +197,7 @@ def _load_index(store: Store, manifest: dict[str, Any]) -> ShardIndex:
 
 
 def _check_totals(manifest: dict[str, Any], index: ShardIndex, where: str) -> None:
-    totals = manifest.get("totals")
+    totals: Any = manifest.get("totals")
     try:
         by_status = {str(k): int(v) for k, v in totals["by_status"].items()}
         numbers = {k: totals[k] for k in ("items", "ok", "failed", "shards", "bytes")}
@@ -233,77 +225,6 @@ def read_manifest(store: Store) -> dict[str, Any]:
     return {**manifest, "shards": index}
 
 
-def iter_ledger(store: Store, status: str | Sequence[str] | None = None) -> Iterator[LedgerRow]:
-    """Every input item once, streamed shard by shard from the records (then failed shards' rows),
-    optionally only those with `status` (a name or several)."""
-    manifest = read_manifest(store)
-    wanted = {status} if isinstance(status, str) else set(status) if status else None
-    for name, rows in iter_record_ledgers(store, manifest["shards"].cols["name"].tolist()):
-        yield from (LedgerRow(name, r) for r in rows if wanted is None or r.status.value in wanted)
-    if manifest.get("failed_ledger") == FAILED:
-        rows = ledger_rows(persist.load(io.BytesIO(store.read_bytes(FAILED))))
-        yield from (LedgerRow("", r) for r in rows if wanted is None or r.status.value in wanted)
-    elif manifest["version"] == 1 and manifest.get("ledger") == LEDGER:  # wave 1: failed rows were only there
-        cols = persist.load(io.BytesIO(store.read_bytes(LEDGER)))
-        failed = [r for r, s in zip(ledger_rows(cols), cols["shard"]) if int(s) < 0]
-        yield from (LedgerRow("", r) for r in failed if wanted is None or r.status.value in wanted)
-
-
-def read_ledger(store: Store) -> dict[str, Any]:
-    """The whole ledger as columns (key, uri, label, status, error, ..., shard name). Materializes
-    every row: for large datasets stream `iter_ledger` instead."""
-    rows = list(iter_ledger(store))
-    cols = ledger_columns(r.item for r in rows)
-    cols["shard"] = [r.shard for r in rows]
-    return cols
-
-
-@dataclass(frozen=True)
-class ShardCheck:
-    name: str
-    ok: bool
-    problem: str = ""
-
-
-def _check_shard(store: Store, shard: dict[str, Any]) -> ShardCheck:
-    try:
-        size, digest = store.sha256(shard["path"])
-    except FileNotFoundError:
-        return ShardCheck(shard["name"], False, "missing")
-    if size != shard["bytes"]:
-        return ShardCheck(shard["name"], False, f"size {size} != {shard['bytes']}")
-    if digest != shard["sha256"]:
-        return ShardCheck(shard["name"], False, "sha256 mismatch")
-    found = read_record(store, shard["name"])
-    if found is not None and (found[0].ok, found[0].count, found[0].sha256) != (shard["ok"], shard["count"], digest):
-        return ShardCheck(shard["name"], False, "counts differ from the shard's record")
-    return ShardCheck(shard["name"], True)
-
-
-def verify(store: Store, threads: int = 8) -> list[ShardCheck]:
-    """Re-hash every shard in the index (in parallel) and compare size, sha256 and record counts."""
-    return list(ordered_map(lambda s: _check_shard(store, s), read_manifest(store)["shards"], threads, 4 * threads))
-
-
-def repair(store: Store, checks: Sequence[ShardCheck]) -> str:
-    """Make the next `run` rebuild exactly the failing shards: delete their files and records and
-    retract the manifest (readers must not trust the dataset meanwhile). Returns the command that
-    rebuilds them (the settings that shape shard bytes, from the manifest's config)."""
-    manifest = read_manifest(store)
-    index, config = manifest["shards"], manifest["config"]
-    paths = dict(zip(index.cols["name"].tolist(), index.cols["path"].tolist()))
-    store.delete(MANIFEST)
-    for check in checks:
-        if not check.ok:
-            store.delete(record_rel_path(check.name))
-            store.delete_tree(paths[check.name])
-    sets = [f"image.{k}={json.dumps(v)}" for k, v in config["image"].items()]
-    sets += [f"output.{k}={json.dumps(v)}" for k, v in config["output"].items() if k.startswith("compression")]
-    return (f"convert-dataset run --source {config['source']['uri']} --output {config['output']['uri']} "
-            f"--format {config['output']['format']} --shard-size {config['shard']['size']} "
-            + " ".join(f"--set '{s}'" for s in sets))  # fmt: skip
-
-
 def check_opened(store: Store, shard: dict[str, Any], reader: Any) -> None:
     """A reader's first open of a shard: it must hold the shard's own items (not a swapped-in
     neighbour's) and as many as the index says. ManifestError naming the file otherwise."""
@@ -319,24 +240,3 @@ def check_opened(store: Store, shard: dict[str, Any], reader: Any) -> None:
         raise ManifestError(f"{store.url(shard['path'])} holds {len(reader)} images of shard "
                             f"{attrs.get('shard')!r}, the index expects {shard['ok']} of {shard['name']!r}; "
                             "run `convert-dataset verify --repair` or rerun the conversion")  # fmt: skip
-
-
-def leftovers(store: Store) -> list[Leftover]:
-    """Debris a reader never trusts but that costs storage: staged temps and incomplete uploads
-    of failed/killed attempts, and (when a manifest exists) objects under shards/ it does not
-    list. The next run holding the lease removes the first two kinds; rerunning also replaces
-    unlisted shards of the current plan."""
-    found = store.leftovers()
-    try:
-        index = read_manifest(store)["shards"]
-    except ManifestError:
-        return found
-    names = index.cols["name"].tolist()
-    listed = set(index.cols["path"].tolist()) | {record_rel_path(n) for n in names}
-    partial = {item.url for item in found}
-    for entry in store.walk(SHARDS_DIR):
-        url = store.url(entry.rel)
-        top = "/".join(entry.rel.split("/")[:2])  # a file inside a directory-shaped shard belongs to it
-        if entry.rel not in listed and top not in listed and url not in partial:
-            found.append(Leftover("unlisted", url))
-    return found

@@ -23,7 +23,8 @@ from .fetch import PrivateNetworkRefused
 from .executor import Executor
 from .executor.early import StartingExecutor
 from .lease import hold_lease
-from .manifest import LEDGER, MANIFEST, PLAN, committed_records, write_manifest
+from .manifest import LEDGER, MANIFEST, PLAN, write_manifest
+from .records import RECORD_SUFFIX, committed_records
 from .redact import redact_text
 from .plan import dump_plan
 from .secrets import resolve_config, seal_config
@@ -184,9 +185,20 @@ def _run_leased(config: Config, local: Config, out: Store, starting: StartingExe
             _convert_pending(config, tasks, len(pending), sum(len(s) for s in pending), secrets, starting, _folder(tallies, records), summary,
                              on_progress, log)  # fmt: skip
     except KeyboardInterrupt as exc:
-        raise Interrupted(len(records), len(specs), getattr(exc, "signal_name", "SIGINT")) from None
+        committed = _committed_count(out, specs, len(records))
+        raise Interrupted(committed, len(specs), getattr(exc, "signal_name", "SIGINT")) from None
     _finish(out, local, specs, records, tallies, summary, config_data, source_plan, pending, log)
     return summary
+
+
+def _committed_count(out: Store, specs: list[ShardSpec], known: int) -> int:
+    """Shards of this plan with a record on storage: the records the client received are not all
+    (workers commit shards whose results never reached it before Ctrl-C). One listing."""
+    try:
+        names = {entry.name for entry in out.list(SHARDS_DIR)}
+    except (OSError, StorageError):
+        return known
+    return max(known, sum(f"{spec.name}{RECORD_SUFFIX}" in names for spec in specs))
 
 
 def _folder(tallies: dict[str, LedgerTally], records: dict[str, ShardRecord] | None = None

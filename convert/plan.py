@@ -16,6 +16,7 @@ from dataclasses import asdict
 from typing import Any
 
 from . import persist
+from .config import ImageConfig
 from .redact import redact_url
 from .specs import InputSlice, ShardSpec, SourceRef, shard_name
 
@@ -46,6 +47,9 @@ def cut_rows(files: Sequence[tuple[str, int, str, int]], kind: str, step: int) -
     return groups
 
 
+_IMAGE_DEFAULTS = ImageConfig().model_dump(mode="json")
+
+
 def output_settings(config_data: dict[str, Any]) -> dict[str, Any]:
     """The parts of a (redacted, JSON-mode) config that change shard bytes: the image settings, the
     format and every one of its options, the kept columns and the digest computed per item.
@@ -53,19 +57,22 @@ def output_settings(config_data: dict[str, Any]) -> dict[str, Any]:
     Missing keys (a manifest written before they existed) read as their defaults then.
     """
     out, src = config_data["output"], config_data["source"]
-    return {
-        "image": config_data["image"],
-        "format": out["format"],
+    fmt = out["format"]
+    own = {k: v for k, v in ((out.get("options") or {}).get(fmt) or {}).items()
+           if k not in ("compression", "compression_level")}  # fmt: skip
+    return {  # keys flatten to the config's own dotted names (summary.explain_changes shows them)
+        "image": {**_IMAGE_DEFAULTS, **config_data["image"]},  # a key added later reads as its default
+        "format": fmt,
         "compression": out["compression"],
         "compression_level": out["compression_level"],
-        "format_options": (out.get("options") or {}).get(out["format"], {}),
-        "columns": {
+        f"output.{fmt}": own,
+        "source": {
             "caption_column": src.get("caption_column", "auto"),
             "columns": src.get("columns", []),
             "max_text_bytes": src.get("max_text_bytes", 65536),
             "hash_column": src.get("hash_column"),
         },
-        "compute_hash": config_data.get("fetch", {}).get("compute_hash", "sha256"),
+        "fetch.compute_hash": config_data.get("fetch", {}).get("compute_hash", "sha256"),
     }
 
 

@@ -9,14 +9,19 @@ so resume and ledger streaming cost O(shards) requests in parallel and O(window)
 
 Resume trusts a record only if its shard is provably the file that was committed: the store's
 identity check (S3: the ETag recorded at upload, from the listing, no download; local: size,
-inode, mtime_ns and a hash of both ends), falling back to a full sha256 when the cheap check
-fails (a copied dataset), or always under `verify=True` (`--verify-resume`).
+inode, mtime_ns, ctime_ns and a hash of both ends), falling back to a full sha256 when the cheap
+check fails (a copied dataset), when the identity cannot prove the commit (`proves_commit`: no
+inode, whole-second timestamps, no ETag), or always under `verify=True` (`--verify-resume`).
+Names and paths read back are validated, and local metadata and shards must be regular files
+(`read_meta`, `check_regular`): a FIFO planted in the output is refused, never opened blocking.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -32,7 +37,9 @@ CODEC = ("gzip", 6)
 READ_THREADS = 16  # concurrent record reads / shard hashes
 WINDOW = 64  # records read ahead of the consumer
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+_NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}"
+_NAME = re.compile(f"^{_NAME_RE}$")
+_NAMES = re.compile(f"(?:{_NAME_RE}\n)*")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 T = TypeVar("T")
 R = TypeVar("R")
@@ -40,6 +47,10 @@ R = TypeVar("R")
 
 class ManifestError(ValueError):
     """The output's manifest, index or a record is missing, unreadable or not to be trusted."""
+
+
+class NotRegularFile(ManifestError):
+    """A local object named by metadata is a FIFO, device, socket (or holds one): never opened."""
 
 
 def shard_rel_path(name: str, extension: str) -> str:
@@ -75,6 +86,62 @@ def check_rel_paths(paths: np.ndarray, where: str) -> None:
         for path in p[~ok][:1].tolist():
             check_rel_path(path, where)
         raise ManifestError(f"{where}: a shard path is not a relative path under {SHARDS_DIR}/; rerun the conversion")
+
+
+def is_shard_name(name: Any) -> bool:
+    """A shard name is one path segment of letters, digits, '.', '_' and '-' (never '..' alone,
+    '/', NUL or a leading dot): safe to join under shards/."""
+    return isinstance(name, str) and bool(_NAME.match(name))
+
+
+def check_names(names: np.ndarray, paths: np.ndarray, where: str) -> None:
+    """Every shard name of the index is a safe name (`is_shard_name`) and its path is
+    shards/<name>.<ext>: one regex over the joined column, so 10^6 names cost milliseconds."""
+    listed = np.asarray(names, dtype=str).tolist()
+    if not _NAMES.fullmatch("".join(f"{n}\n" for n in listed)):
+        bad = next(n for n in listed if not is_shard_name(n))
+        raise ManifestError(f"{where}: bad shard name {bad[:80]!r}; the metadata was tampered with or corrupted - "
+                            "rerun the conversion")  # fmt: skip
+    own = np.strings.startswith(np.asarray(paths, dtype=str), np.strings.add(f"{SHARDS_DIR}/", np.strings.add(
+        np.asarray(names, dtype=str), ".")))  # fmt: skip
+    if not own.all():
+        i = int(np.flatnonzero(~own)[0])
+        raise ManifestError(f"{where}: shard {listed[i]!r} has path {str(paths[i])[:120]!r}, not its own file; "
+                            "rerun the conversion")  # fmt: skip
+
+
+def read_meta(store: Store, rel: str) -> bytes:
+    """The bytes of a metadata object (manifest, index, record, plan). A local one must be a
+    regular file: it is opened non-blocking and checked before reading, so a FIFO or a device
+    put in its place is refused (ManifestError) instead of hanging the reader."""
+    local = store.local_path(rel)
+    if local is None:
+        return store.read_bytes(rel)
+    fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"{local} is not a regular file; the output was tampered with - rerun the conversion")
+        os.set_blocking(fd, True)
+        return f.read()
+
+
+def check_regular(store: Store, rel: str) -> None:
+    """A local shard named by metadata must be a regular file, or a directory (directory-shaped
+    formats) holding only regular files and directories; ManifestError otherwise (a FIFO would
+    hang whoever opens it). Object stores hold only objects: nothing to check."""
+    local = store.local_path(rel)
+    if local is None:
+        return
+    try:
+        mode = os.stat(local).st_mode
+    except FileNotFoundError:
+        return  # the caller reports it missing
+    bad = not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+    if stat.S_ISDIR(mode):
+        bad = any(not stat.S_ISREG(os.stat(os.path.join(top, n)).st_mode) for top, _, files in os.walk(local) for n in files)
+    if bad:
+        raise NotRegularFile(f"{local} is not a regular file; the output was tampered with - "
+                            "run `convert-dataset verify --repair` or rerun the conversion")  # fmt: skip
 
 
 def check_summary(s: dict[str, Any], where: str) -> dict[str, Any]:
@@ -148,6 +215,9 @@ def write_record(store: Store, record: ShardRecord, fingerprint: str) -> None:
     of the published file so a later resume can prove the file is still that one."""
     try:
         identity = store.identity(record.path)
+        local = store.local_path(record.path)
+        if local is not None:  # the change time: every write, utime or chmod advances it, none sets it back
+            identity["ctime_ns"] = os.stat(local).st_ctime_ns
     except OSError:  # a directory-shaped shard: resume checks its tree digest instead
         identity = {}
     obj = {"version": VERSION, "fingerprint": fingerprint, **record.summary(),
@@ -156,11 +226,14 @@ def write_record(store: Store, record: ShardRecord, fingerprint: str) -> None:
 
 
 def read_record_full(store: Store, name: str) -> tuple[ShardRecord, str, dict[str, Any]] | None:
-    """(record, fingerprint, identity) of a committed shard; None if absent or unreadable.
-    A record whose paths or counts are unsafe raises ManifestError."""
+    """(record, fingerprint, identity) of a committed shard; None if absent, unreadable or not a
+    regular file (resume then rebuilds it; a reader reports it missing).
+    A record whose paths or counts are unsafe, or an unsafe name, raises ManifestError."""
+    if not is_shard_name(name):
+        raise ManifestError(f"bad shard name {str(name)[:80]!r}; the metadata was tampered with - rerun the conversion")
     try:
-        obj = persist.load(io.BytesIO(store.read_bytes(record_rel_path(name))))
-    except (FileNotFoundError, persist.PersistError):
+        obj = persist.load(io.BytesIO(read_meta(store, record_rel_path(name))))
+    except (FileNotFoundError, NotRegularFile, persist.PersistError):  # a FIFO in its place: not a record
         return None
     if not isinstance(obj, dict) or obj.get("version") != VERSION:
         return None
@@ -197,9 +270,36 @@ def _trusted(store: Store, name: str, expected: str, listing: dict[str, Entry], 
     entry = listing.get(record.path.rsplit("/", 1)[-1])
     if entry is None or (entry.size != record.bytes and not entry.is_dir):
         return None
-    if not verify and identity and store.same_object(record.path, identity, entry):
+    try:
+        check_regular(store, record.path)
+    except NotRegularFile:  # a FIFO or device in the shard's place: rebuild it
+        return None
+    if not verify and proves_commit(store, record.path, identity) and store.same_object(record.path, identity, entry):
         return record
     return record if store.sha256(record.path) == (record.bytes, record.sha256) else None
+
+
+def proves_commit(store: Store, rel: str, identity: dict[str, Any]) -> bool:
+    """True if the recorded identity can prove, without reading the file whole, that `rel` is still
+    the file committed: it must carry a stamp no user call sets back. Locally: an inode number and
+    the change time (ctime_ns) at sub-second resolution, both unchanged now (an edit in place,
+    even with its mtime restored by `touch -d`/utime, advances ctime). On an object store: an ETag
+    (any overwrite makes a new one). Anything else cannot prove it - a filesystem without inode
+    numbers or with whole-second timestamps, a store without ETags, a record written before
+    ctime was recorded - and resume re-hashes that shard, as `--verify-resume` does for all."""
+    if not identity:
+        return False
+    local = store.local_path(rel)
+    if local is None:
+        return bool(identity.get("etag"))
+    inode, ctime = identity.get("inode"), identity.get("ctime_ns")
+    if not isinstance(inode, int) or inode <= 0 or not isinstance(ctime, int) or ctime % 1_000_000_000 == 0:
+        return False
+    try:
+        st = os.stat(local)
+    except OSError:
+        return False
+    return (st.st_ino, st.st_ctime_ns) == (inode, ctime)
 
 
 def committed_records(store: Store, fingerprints: dict[str, str], verify: bool = False,

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .redact import is_secret_key, redact_text, redact_url
-from .report_data import BYTES_BINS_PER_OCTAVE, MAX_LABELS, RunView, SampleView, Scan, SourceStats, load_run, read_samples, scan_ledger
+from .redact import redact_options, redact_text, redact_url
+from .ledger import LedgerRow, RunView, load_run
+from .report_data import BYTES_BINS_PER_OCTAVE, MAX_LABELS, SampleView, Scan, SourceStats, read_samples, scan_ledger
 from .store import open_store
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -53,10 +54,9 @@ def _render(uri: str, storage_options: dict[str, Any] | None, samples_per_label:
         samples_per_label=samples_per_label,
         labels_total=len(run.label_names) if run.label_names else None,
         labels_capped=len(samples) >= MAX_LABELS,
-        command=_command_text(run.manifest),
-        failures=[_failure(run, row) for row in scan.failures],
+        failures=[_failure(row) for row in scan.failures],
         failed_total=scan.failed_total,
-        failure_statuses=sorted({row.status for row in scan.failures}),
+        failure_statuses=sorted({row.item.status.value for row in scan.failures}),
         failed_shards=run.failed_shards,
         shards=[_shard_row(s) for s in run.shards],
         charts=_charts(run, scan),
@@ -138,34 +138,11 @@ def _summary(run: RunView, scan: Scan, names: dict[int, str]) -> dict[str, Any]:
 
 
 def _config_text(config: dict[str, Any] | None) -> str | None:
-    """The recorded config as YAML; secret-looking keys and URL credentials are redacted (again:
-    the manifest's copy is already redacted, this guards older or hand-edited manifests)."""
+    """The recorded config as YAML, redacted again by the one rule (convert.redact): the manifest's
+    copy already is, this guards older or hand-edited manifests."""
     import yaml
 
-    def clean(value: Any, key: str = "") -> Any:
-        if isinstance(value, dict):
-            return {k: ("***" if is_secret_key(k) and v not in (None, {}, []) else clean(v, k)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return redact_url(value) if isinstance(value, str) and "://" in value else value
-
-    return None if config is None else yaml.safe_dump(clean(config), sort_keys=False, default_flow_style=None)
-
-
-def _command_text(manifest: dict[str, Any] | None) -> str | None:
-    """The recorded command line, if the manifest carries one (`command`: argv), credentials redacted."""
-    import shlex
-
-    argv = (manifest or {}).get("command")
-    if not isinstance(argv, list):
-        return None
-    shown = []
-    for arg in map(str, argv):
-        key, sep, _ = arg.partition("=")
-        if sep and is_secret_key(key) and "://" not in key:
-            arg = f"{key}=***"
-        shown.append(redact_url(arg) if "://" in arg else arg)
-    return shlex.join(shown)
+    return None if config is None else yaml.safe_dump(redact_options(config), sort_keys=False, default_flow_style=None)
 
 
 def _label_names(run: RunView, scan: Scan) -> dict[int, str]:
@@ -205,9 +182,10 @@ def png_data_uri(image: np.ndarray, max_side: int = MAX_SIDE) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _failure(run: RunView, row: Any) -> dict[str, Any]:
-    shard = run.shards[row.shard]["name"] if 0 <= row.shard < len(run.shards) else "-"
-    return {"key": row.key, "uri": redact_url(row.uri), "status": row.status, "error": redact_text(row.error), "shard": shard}
+def _failure(row: LedgerRow) -> dict[str, Any]:
+    item = row.item
+    return {"key": item.key, "uri": redact_url(item.uri), "status": item.status.value, "error": redact_text(item.error),
+            "shard": row.shard or "-"}  # fmt: skip
 
 
 def _shard_row(s: dict[str, Any]) -> dict[str, Any]:

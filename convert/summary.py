@@ -1,13 +1,12 @@
 """What a run says about itself at the end: top failure reasons, why shards are rebuilt, stale shards.
 
-Small pure functions (plus one listing/deleting helper) that the run orchestration calls at a few
-clearly marked call sites, so the run output stays readable without growing the orchestration:
+Small pure functions that the run orchestration calls at a few clearly marked call sites, so the
+run output stays readable without growing the orchestration (this module deletes nothing: stale
+shard files are removed by convert.shards, which owns the files under shards/):
 
     top_failures(rows)                       -> [(status, count, [example keys])], most frequent first
     explain_changes(old_config, new_config)  -> ["image.size changed: [64, 64] → [32, 32]", ...]
     rebuild_message(old, new, pending)       -> one line for the run log, or None
-    stale_shard_files(names, listed, plan, ext) -> files under shards/ of an old format or plan
-    remove_stale_shards(out, manifest, plan_names) -> what was removed (after the new manifest is written)
 
 The orchestration calls two hooks, one line each:
     announce_rebuild(out, config_data, pending, log)            before the old manifest is retracted
@@ -22,17 +21,16 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from .formats.base import get_format
 from .manifest import MANIFEST, ManifestError, read_manifest
 from .plan import output_settings
+from .shards import remove_stale_shards
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
-from .store import SHARDS_DIR, Store
+from .store import Store
 
 # The config keys each output setting comes from (output_settings() flattens output.* away).
 _SETTING_KEYS = {"format": "output.format", "compression": "output.compression",
                  "compression_level": "output.compression_level"}  # fmt: skip
 _TRANSIENT_HTTP = re.compile(r"HTTP (429|5\d\d)\b")  # the http_error rows `--retry-failed` redoes
-_SHARD_FILE = re.compile(r"^(shard-\d+)(\..+)$")
 
 
 @dataclass(frozen=True)
@@ -134,39 +132,6 @@ def rebuild_message(old_config: dict[str, Any] | None, new_config: dict[str, Any
     return "; ".join(changes) + f"; {pending} shard{'s' if pending != 1 else ''} will be rebuilt"
 
 
-def stale_shard_files(names: Iterable[str], listed: Iterable[str], plan_names: Iterable[str], extension: str) -> list[str]:
-    """File names under shards/ that belong to an older run and that no reader will ever use.
-
-    Stale: a shard file or record (`shard-NNNNN.<suffix>`) that the new manifest does not list and
-    that is either of another format (`.lmdb` beside `.h5` shards) or outside the current plan (a
-    smaller plan after shard.size grew). In-plan names of the current format are left alone: the
-    next run replaces them. Temp files (`.partial`) are the leftovers cleaner's business.
-    """
-    listed_set, plan = set(listed), set(plan_names)
-    stale = []
-    for name in names:
-        match = _SHARD_FILE.match(name)
-        if match is None or name in listed_set or ".partial" in name:
-            continue
-        shard, suffix = match.groups()
-        own_file = suffix in (extension, ".record.gz") or suffix.startswith(extension + "-")
-        if shard not in plan or not own_file:
-            stale.append(name)
-    return sorted(stale)
-
-
-def remove_stale_shards(out: Store, manifest: dict[str, Any], plan_names: Sequence[str]) -> list[str]:
-    """Delete `stale_shard_files` under shards/; call only after the new manifest is written."""
-    listed = [s["path"].rsplit("/", 1)[-1] for s in manifest["shards"]]
-    listed += [f"{s['name']}.record.gz" for s in manifest["shards"]]
-    extension = get_format(manifest["format"]).extension
-    entries = {entry.rel.rsplit("/", 1)[-1]: entry for entry in out.list(SHARDS_DIR)}
-    stale = stale_shard_files(entries, listed, plan_names, extension)
-    for name in stale:
-        (out.delete_tree if entries[name].is_dir else out.delete)(f"{SHARDS_DIR}/{name}")
-    return stale
-
-
 def announce_rebuild(out: Store, config_data: dict[str, Any], pending: Sequence[ShardSpec],
                      log: Callable[[str], None]) -> None:  # fmt: skip
     """Log why committed shards are rebuilt, if the output settings changed since the last manifest."""
@@ -179,7 +144,8 @@ def after_manifest(out: Store, manifest: dict[str, Any], specs: Sequence[ShardSp
                    records: dict[str, ShardRecord], tallies: dict[str, LedgerTally], failed_rows: Sequence[ItemResult],
                    summary: Any, log: Callable[[str], None]) -> None:  # fmt: skip
     """Once the new manifest is written: this run's own item count and top failures go into the
-    summary (`items_converted`, `top_failures`), and shard files of an old format or plan are removed."""
+    summary (`items_converted`, `top_failures`), and `convert.shards` removes the shard files of an
+    old format or plan (logged here)."""
     summary.items_converted = sum(records[s.name].ok for s in pending if s.name in records)
     ordered = [tallies[s.name] for s in specs if s.name in tallies]
     summary.top_failures = top_failures([*ordered, LedgerTally.of(failed_rows)])

@@ -1,7 +1,8 @@
 """Decode one image from memory and turn it into what a shard stores.
 
 `transform(data, cfg)` -> uint8 pixels (H, W, C) or encoded bytes; per-item failures raise
-`ItemError` (DECODE_ERROR / DECOMPRESSION_BOMB). Everything is thread-safe: no Pillow globals are
+`ItemError` (DECODE_ERROR / DECOMPRESSION_BOMB, and FILTERED by image.min_size / max_aspect_ratio /
+max_area, decided from the header before decoding). Everything is thread-safe: no Pillow globals are
 read or mutated (MAX_IMAGE_PIXELS, LOAD_TRUNCATED_IMAGES) and no warnings filters are touched.
 
 Choices:
@@ -9,8 +10,11 @@ Choices:
   anti-aliasing), so BICUBIC is nearly as sharp as LANCZOS with less ringing and a smaller kernel.
 - `reducing_gap=3.0`: only kicks in for reductions >= 6x (non-JPEG or draft off); Pillow documents
   3.0 as indistinguishable from full resampling in most cases.
-- JPEG draft (DCT-domain scaling by 1/2, 1/4, 1/8) asks for exactly the size the resize mode needs;
-  libjpeg's scaled IDCT is an area-style reduction, and draft never goes below the requested size.
+- JPEG draft (DCT-domain scaling by 1/2, 1/4, 1/8) asks for exactly the size the resize mode needs
+  (every mode, keep_ratio ones included: convert.geometry.needed_size); libjpeg's scaled IDCT is an
+  area-style reduction, and draft never goes below the requested size.
+- Geometry per resize mode (and upscale: false) is decided in convert.geometry; img2dataset
+  resamples with OpenCV (INTER_AREA down, LANCZOS up), so its pixels differ slightly from ours.
 - Transparent pixels are composited over `pad_color` (the same fill used for letterbox borders).
 - 16-bit inputs are scaled to 8 bits (x / 257, rounded); Pillow's own I;16 -> L conversion clips.
 """
@@ -28,23 +32,13 @@ import numpy as np
 from PIL import Image, JpegImagePlugin
 
 from .config import ImageConfig
-from .decoders import decode_scaled, exif_orientation, fast_eligible, scan_jpeg
+from .decoders import decode_scaled, exif_orientation, fast_eligible, pil_orientation, scan_jpeg, upright
+from .geometry import Box, check_header, fixed_shape, needed_size, plan
 from .specs import ItemError, Status
 from .timing import NULL_CLOCK, StageClock
 
 RESAMPLE = Image.Resampling.BICUBIC
 REDUCING_GAP = 3.0
-ORIENTATION_TAG = 0x0112
-# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 # Raster formats decoded in-process. Excludes e.g. EPS (Pillow would run Ghostscript on untrusted input).
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO", "QOI", "AVIF")
 _ENCODERS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -53,8 +47,10 @@ Image.init()  # register every plugin once at import (idempotent), so _open neve
 
 
 def output_shape(cfg: ImageConfig) -> tuple[int, int, int] | None:
-    """Fixed (H, W, C) of transform() output for raw pixels with a resize; None if variable or encoded."""
-    if cfg.encode != "raw" or cfg.resize == "none" or cfg.size is None:
+    """Fixed (H, W, C) of transform() output for raw pixels with a resize; None if variable or encoded
+    (resize none, keep_ratio modes, stretch/center_crop with upscale false): writers then store each
+    image's own shape."""
+    if cfg.encode != "raw" or cfg.size is None or not fixed_shape(cfg):
         return None
     return (cfg.size[0], cfg.size[1], 3 if cfg.mode == "RGB" else 1)
 
@@ -79,6 +75,7 @@ def transform(
     t = clock.now()
     if isinstance(data, np.ndarray):
         img = _from_array(data, cfg)
+        src = img.size
         _note(facts, img.size, "array")
         if cfg.encode == "original":
             t = clock.lap("decode", t)
@@ -89,8 +86,8 @@ def transform(
         data = bytes(data)
         fast = _fast_jpeg(data, cfg, facts) if _wants_fast(data, cfg) else None
         if fast is not None:
-            return _finish(fast, cfg, clock, clock.lap("decode", t))
-        img = _open(data, cfg)
+            return _finish(*fast, cfg, clock, clock.lap("decode", t))
+        img = _open(data, cfg, facts)
         _note(facts, img.size, img.format, "pillow")
         if cfg.encode == "original":
             if cfg.draft and isinstance(img, JpegImagePlugin.JpegImageFile):
@@ -98,14 +95,17 @@ def transform(
             _load(img)
             clock.lap("decode", t)
             return data
-        img = _decode(img, cfg)
-    return _finish(img, cfg, clock, clock.lap("decode", t))
+        img, src = _decode(img, cfg)
+    return _finish(img, src, cfg, clock, clock.lap("decode", t))
 
 
-def _finish(img: Image.Image, cfg: ImageConfig, clock: StageClock, t: int) -> np.ndarray | bytes:
-    """Decoded, upright image -> working mode -> geometry -> pixels or encoded bytes."""
+def _finish(
+    img: Image.Image, src: tuple[int, int], cfg: ImageConfig, clock: StageClock, t: int
+) -> np.ndarray | bytes:
+    """Decoded, upright image (`src`: the source's upright size, before any draft) -> working mode ->
+    geometry -> pixels or encoded bytes."""
     img = _to_working_mode(img, cfg)
-    img = _resize(img, cfg)
+    img = _resize(img, src, cfg)
     t = clock.lap("resize", t)
     if cfg.encode == "raw":
         arr = np.array(img, dtype=np.uint8)
@@ -127,37 +127,40 @@ def _wants_fast(data: bytes, cfg: ImageConfig) -> bool:
     return cfg.draft and cfg.decoder != "pillow" and cfg.encode != "original" and data[:3] == b"\xff\xd8\xff"
 
 
-def _fast_jpeg(data: bytes, cfg: ImageConfig, facts: SourceFacts | None) -> Image.Image | None:
-    """Upright pixels of a common JPEG via the DCT-scaled fast decoder, or None to use Pillow."""
+Decoded = tuple[Image.Image, tuple[int, int]]  # upright pixels (maybe drafted), the source's upright (w, h)
+
+
+def _fast_jpeg(data: bytes, cfg: ImageConfig, facts: SourceFacts | None) -> Decoded | None:
+    """Upright pixels of a common JPEG via the DCT-scaled fast decoder and the source's upright
+    size, or None to use Pillow."""
     head = scan_jpeg(data)  # a broken header is DECODE_ERROR on either path
     if not fast_eligible(head):
         return None
-    _check_pixels(head.width, head.height, cfg)
+    _note(facts, (head.width, head.height), "jpeg")
+    check_header(head.width, head.height, cfg)
     orientation = exif_orientation(head)
     if orientation is None:
         return None
-    need = _needed_size((head.width, head.height), orientation, cfg)
+    need = needed_size((head.width, head.height), orientation, cfg)
     img = decode_scaled(data, need, gray=cfg.mode == "L" or head.components == 1)
     if img is None:
         return None
     _note(facts, (head.width, head.height), "jpeg", "simplejpeg")
-    return img.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else img
+    src = (head.height, head.width) if orientation >= 5 else (head.width, head.height)
+    return upright(img, orientation), src
 
 
-def _open(data: bytes, cfg: ImageConfig) -> Image.Image:
-    """Parse the header only; reject non-images and images over the pixel cap before any decoding."""
+def _open(data: bytes, cfg: ImageConfig, facts: SourceFacts | None) -> Image.Image:
+    """Parse the header only; reject non-images, images over the pixel cap and filtered images
+    before any decoding."""
     if not data:
         raise ItemError(Status.DECODE_ERROR, "empty input (0 bytes)")
     img = _identify(data)
-    _check_pixels(*img.size, cfg)
     if isinstance(img, JpegImagePlugin.JpegImageFile):
         scan_jpeg(data)
+    _note(facts, img.size, img.format)
+    check_header(*img.size, cfg)
     return img
-
-
-def _check_pixels(w: int, h: int, cfg: ImageConfig) -> None:
-    if w * h > cfg.max_pixels:
-        raise ItemError(Status.DECOMPRESSION_BOMB, f"{w}x{h} = {w * h} pixels exceeds max_pixels={cfg.max_pixels}")
 
 
 def _identify(data: bytes) -> Image.Image:
@@ -196,47 +199,17 @@ def _load(img: Image.Image) -> None:
         raise ItemError(Status.DECODE_ERROR, f"{img.format} decode: {type(exc).__name__}: {exc}") from None
 
 
-def _orientation(img: Image.Image) -> int:
-    try:
-        value = img.getexif().get(ORIENTATION_TAG, 1)
-    except Exception:  # unreadable EXIF is not worth losing the image for
-        return 1
-    return value if value in _TRANSPOSE else 1
-
-
-def _decode(img: Image.Image, cfg: ImageConfig) -> Image.Image:
-    """Draft (JPEG), decode, and make the image upright."""
-    orientation = _orientation(img)
+def _decode(img: Image.Image, cfg: ImageConfig) -> Decoded:
+    """Draft (JPEG), decode, and make the image upright; also the source's upright size."""
+    orientation = pil_orientation(img)
+    src = (img.size[1], img.size[0]) if orientation >= 5 else img.size
     if cfg.draft and isinstance(img, JpegImagePlugin.JpegImageFile):
-        need = _needed_size(img.size, orientation, cfg)
+        need = needed_size(img.size, orientation, cfg)
         mode = "L" if cfg.mode == "L" and img.mode == "RGB" else None
         if need is not None or mode is not None:
             img.draft(mode, need)
     _load(img)
-    if orientation in _TRANSPOSE:
-        img = img.transpose(_TRANSPOSE[orientation])
-    return img
-
-
-def _needed_size(stored: tuple[int, int], orientation: int, cfg: ImageConfig) -> tuple[int, int] | None:
-    """Smallest (w, h) in STORED orientation that the resize mode needs, or None if not shrinking."""
-    if cfg.resize == "none" or cfg.size is None:
-        return None
-    swap = orientation >= 5  # 5-8 store the image rotated by 90 degrees
-    sw, sh = (stored[1], stored[0]) if swap else stored
-    th, tw = cfg.size
-    if cfg.resize == "pad":
-        tw, th = _fit((sw, sh), (tw, th))
-    # stretch and center_crop: draft keeps both sides >= (tw, th), which also covers the crop
-    if tw >= sw and th >= sh:
-        return None
-    return (th, tw) if swap else (tw, th)
-
-
-def _fit(src: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
-    """Largest (w, h) with the aspect ratio of `src` that fits in `box` (letterbox content size)."""
-    scale = min(box[0] / src[0], box[1] / src[1])
-    return (min(box[0], max(1, round(src[0] * scale))), min(box[1], max(1, round(src[1] * scale))))
+    return upright(img, orientation), src
 
 
 def _from_array(arr: np.ndarray, cfg: ImageConfig) -> Image.Image:
@@ -246,8 +219,7 @@ def _from_array(arr: np.ndarray, cfg: ImageConfig) -> Image.Image:
         arr = arr[:, :, 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or 0 in arr.shape:
         raise ItemError(Status.DECODE_ERROR, f"pixel array must be HxW or HxWx{{1,3,4}}, got shape {arr.shape}")
-    if arr.shape[0] * arr.shape[1] > cfg.max_pixels:
-        raise ItemError(Status.DECOMPRESSION_BOMB, f"{arr.shape[1]}x{arr.shape[0]} pixels exceeds max_pixels")
+    check_header(arr.shape[1], arr.shape[0], cfg)
     mode = "L" if arr.ndim == 2 else ("RGB" if arr.shape[2] == 3 else "RGBA")
     return Image.fromarray(np.ascontiguousarray(arr), mode)
 
@@ -289,34 +261,34 @@ def _flatten_alpha(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     return canvas
 
 
-def _resize(img: Image.Image, cfg: ImageConfig) -> Image.Image:
-    """Geometry per resize mode; size is (H, W). Converts to cfg.mode at the end."""
-    if cfg.resize == "none" or cfg.size is None:
+def _resize(img: Image.Image, src: tuple[int, int], cfg: ImageConfig) -> Image.Image:
+    """Geometry per resize mode (convert.geometry.plan), decided on the source's size `src` so a
+    drafted decode gives the same output size. Converts to cfg.mode at the end."""
+    p = plan(src, cfg)
+    if p is None:
         return img.convert(cfg.mode) if img.mode != cfg.mode else img
-    th, tw = cfg.size
-    sw, sh = img.size
-    if cfg.resize == "stretch":
-        out = _resample(img, (tw, th), None)
-    elif cfg.resize == "center_crop":
-        # scale-to-cover then centre crop == resample the centred source box with the target aspect;
-        # passing the box to resize avoids an intermediate image and its rounding
-        if sw * th > sh * tw:  # source wider than target
-            bw, bh = sh * tw / th, float(sh)
-        else:
-            bw, bh = float(sw), sw * th / tw
-        box = ((sw - bw) / 2, (sh - bh) / 2, (sw + bw) / 2, (sh + bh) / 2)
-        out = _resample(img, (tw, th), box)
-    else:  # pad: fit inside, centre on a pad_color canvas
-        fw, fh = _fit((sw, sh), (tw, th))
-        content = _resample(img, (fw, fh), None).convert(cfg.mode)
+    box = p.box if p.box is None or img.size == src else _scale_box(p.box, src, img.size)
+    if p.canvas is None:
+        out = _resample(img, p.size, box)
+    else:  # pad: the fitted content centred on a pad_color canvas
+        (fw, fh), (tw, th) = p.size, p.canvas
+        content = _resample(img, p.size, box).convert(cfg.mode)
         out = Image.new(cfg.mode, (tw, th), _fill_value(cfg.pad_color, cfg.mode))
         out.paste(content, ((tw - fw) // 2, (th - fh) // 2))
     return out.convert(cfg.mode) if out.mode != cfg.mode else out
 
 
-def _resample(img: Image.Image, size: tuple[int, int], box: Any) -> Image.Image:
-    if box is None and img.size == size:
-        return img
+def _scale_box(box: Box, src: tuple[int, int], got: tuple[int, int]) -> Box:
+    """A source-coordinate box in the coordinates of the decoded (drafted) image."""
+    kx, ky = got[0] / src[0], got[1] / src[1]
+    return (box[0] * kx, box[1] * ky, box[2] * kx, box[3] * ky)
+
+
+def _resample(img: Image.Image, size: tuple[int, int], box: Box | None) -> Image.Image:
+    if box is None:
+        return img if img.size == size else img.resize(size, RESAMPLE, reducing_gap=REDUCING_GAP)
+    if (box[2] - box[0], box[3] - box[1]) == size and all(float(v).is_integer() for v in box):
+        return img.crop(box)  # a crop at the source's scale (integer box): no resampling
     return img.resize(size, RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
 
 

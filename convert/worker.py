@@ -31,7 +31,7 @@ from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
 from .itemcols import ItemColumns
 from .lease import publish, staging
-from .manifest import shard_rel_path, write_record
+from .records import shard_rel_path, write_record
 from .redact import redact_url
 from .secrets import resolve_options
 from .sources import SourceError, read_member, shard_refs

@@ -21,7 +21,9 @@ from convert.store import open_store
 from convert.config import load_config
 from convert.dataset import open_dataset
 from convert import run
-from convert.manifest import read_ledger, read_manifest, verify
+from convert.ledger import read_ledger
+from convert.manifest import read_manifest
+from convert.shards import verify
 from convert.testing import images as gen
 from convert.testing.dask import DaskProcesses
 from convert.testing.http import StaticServer

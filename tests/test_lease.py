@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from convert.lease import LEASE, Lease, LeaseError, acquire, hold_lease, publish, read_lease, release, staging
-from convert.manifest import read_manifest, verify
+from convert.manifest import read_manifest
+from convert.shards import verify
 from convert.store import open_store
 from convert.testing import images as gen
 from convert.testing.http import StaticServer

@@ -12,13 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from convert import persist
 from convert.config import load_config
 from convert.dataset import open_dataset
 from convert.orchestrate import run
-from convert.manifest import INDEX, MANIFEST, ManifestError, iter_ledger, read_ledger, read_manifest, verify
+from convert.ledger import iter_ledger, read_ledger
+from convert.manifest import INDEX, MANIFEST, ManifestError, read_manifest
+from convert.shards import verify
 from convert.records import dump_bytes, record_rel_path
 from convert.store import open_store
 from convert.testing import images as gen
@@ -202,3 +205,53 @@ def test_wave1_manifest_with_inline_shards_still_reads(out):
     legacy["shards"][2]["path"] = "/etc/passwd"
     (out / MANIFEST).write_text(json.dumps(legacy))
     one_line_error(cli("inspect", str(out)), "'/etc/passwd' is not a relative path under shards/")
+
+
+# -- hostile metadata (issue 20): names like paths, FIFOs, the rebuild command, edits in place ------
+def rename_shard(cols, i: int, name: str) -> None:
+    names = cols["name"].tolist()
+    names[i] = name
+    cols["name"] = np.array(names, dtype=str)
+
+
+def test_repair_never_deletes_outside_the_output_for_a_name_that_is_a_path(out, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "evil.record.gz").write_bytes(b"precious")  # shards/../../victim/evil.record.gz from the output
+    rewrite_index(out, lambda c: rename_shard(c, 1, "../../victim/evil"))
+    shard = out / "shards" / "shard-00001.h5"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")  # fails verification: repair would remove its "record"
+    done = cli("verify", "--repair", str(out))
+    one_line_error(done, "bad shard name '../../victim/evil'")
+    assert (victim / "evil.record.gz").read_bytes() == b"precious" and (out / MANIFEST).exists()
+    def swap_path(c):
+        rename_shard(c, 1, "shard-00001")
+        c["path"][2] = "shards/shard-00003.h5"  # another shard's file under this shard's name
+
+    rewrite_index(out, swap_path)
+    one_line_error(cli("inspect", str(out)), "not its own file")
+
+
+def _ledger_of(out: Path) -> subprocess.CompletedProcess[str]:
+    code = f"import convert\nprint(len(convert.open_dataset({str(out)!r}).ledger()['key']))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_a_fifo_in_place_of_a_record_or_shard_never_hangs_a_reader(out):
+    record = out / record_rel_path("shard-00002")
+    record.unlink()
+    os.mkfifo(record)  # nobody ever writes to it: a blocking open() would wait forever
+    for args in (("inspect", "--failures", str(out)), ("report", "--html", str(out / "r.html"), str(out))):
+        one_line_error(cli(*args), "shard-00002.record.gz: record missing or unreadable")
+    done = _ledger_of(out)
+    assert done.returncode == 1 and "record missing or unreadable" in done.stderr, done.stderr
+    done = cli("verify", str(out))  # the shards themselves are fine
+    assert done.returncode == 0 and f"{SHARDS}/{SHARDS} shards match" in done.stdout, done.stdout + done.stderr
+    shard = out / "shards" / "shard-00003.h5"
+    shard.unlink()
+    os.mkfifo(shard)
+    done = cli("verify", str(out))
+    assert done.returncode == 1 and "FAIL shard-00003: not a regular file" in done.stdout, done.stdout + done.stderr
+    (out / INDEX).unlink()
+    os.mkfifo(out / INDEX)
+    one_line_error(cli("inspect", str(out)), "index.gz is not a regular file")

@@ -18,7 +18,9 @@ from PIL import Image, ImageOps
 from convert.config import load_config
 from convert.dataset import open_dataset
 from convert import run
-from convert.manifest import read_ledger, read_manifest, verify
+from convert.ledger import read_ledger
+from convert.manifest import read_manifest
+from convert.shards import verify
 from convert.store import open_store
 from convert.testing import images as gen
 from convert.testing.cifar import write_cifar10

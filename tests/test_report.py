@@ -232,7 +232,7 @@ def test_source_statistics_and_throughput_from_records(demo, tmp_path):
     import dataclasses
 
     from convert.store import open_store
-    from convert.manifest import read_record, write_record
+    from convert.records import read_record, write_record
     from convert.report import render_report
     from convert.report_data import load_run, scan_ledger
 
@@ -375,17 +375,6 @@ def test_embedded_images_are_exact_up_to_the_cap_and_downscaled_above():
     np.testing.assert_array_equal(decode_data_uri(png_data_uri(grey)), grey)
     big = np.zeros((MAX_SIDE * 3, MAX_SIDE * 2, 3), dtype=np.uint8)
     assert decode_data_uri(png_data_uri(big)).shape == (MAX_SIDE, MAX_SIDE * 2 // 3, 3)
-
-
-def test_recorded_command_is_shown_without_credentials():
-    from convert.report import _command_text
-
-    argv = ["convert-dataset", "run", "--source", "https://alice:hunter2@example.com/list.csv?token=abc",
-            "--set", "output.storage_options.secret=s3cr3t", "--set", "image.size=64"]  # fmt: skip
-    shown = _command_text({"command": argv})
-    assert "hunter2" not in shown and "s3cr3t" not in shown and "abc" not in shown
-    assert "output.storage_options.secret=***" in shown and "image.size=64" in shown
-    assert _command_text({}) is None and _command_text(None) is None
 
 
 def test_errors_and_uris_never_show_credentials_and_non_datasets_are_one_line_errors(tmp_path):

@@ -29,7 +29,8 @@ from convert.store import s3 as s3_store
 from convert.config import load_config
 from convert.dataset import open_dataset
 from convert import run
-from convert.manifest import ManifestError, leftovers, read_manifest, verify
+from convert.manifest import ManifestError, read_manifest
+from convert.shards import leftovers, verify
 from convert.testing import images as gen
 from convert.testing.proxy import FaultProxy
 from convert.testing.s3 import REGION, MotoServer

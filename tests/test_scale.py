@@ -16,7 +16,8 @@ from convert.store import open_store
 from convert.config import ConfigError, SourceConfig, load_config
 from convert.executor import open_executor
 from convert.executor.threads import ThreadExecutor
-from convert.manifest import read_ledger, read_manifest
+from convert.ledger import read_ledger
+from convert.manifest import read_manifest
 from convert.orchestrate import execute
 from convert.redact import redact_options, redact_text, redact_url
 from convert.sources import SourceError, Workdir, plan_source, shard_refs

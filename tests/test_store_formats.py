@@ -19,7 +19,7 @@ from convert.config import ConfigError, load_config
 from convert.dataset import open_dataset
 from convert.formats.base import FORMATS, FormatOptions, FormatSpec, LazyShardReader, Sample, ShardInfo
 from convert.orchestrate import run
-from convert.manifest import leftovers, verify
+from convert.shards import leftovers, verify
 from convert.store import open_store
 from convert.testing import images as gen
 

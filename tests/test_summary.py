@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from convert.config import load_config
 from convert.specs import ItemResult, Status
-from convert.summary import LedgerTally, explain_changes, rebuild_message, stale_shard_files, top_failures
+from convert.shards import stale_shard_files
+from convert.summary import LedgerTally, explain_changes, rebuild_message, top_failures
 
 
 def rows(*statuses: str) -> list[LedgerTally]:

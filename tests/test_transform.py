@@ -20,7 +20,8 @@ from PIL import Image, ImageOps
 from convert.config import ImageConfig
 from convert.specs import ItemError, Status
 from convert.testing import images
-from convert.transform import _needed_size, output_shape, transform
+from convert.geometry import needed_size
+from convert.transform import output_shape, transform
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -185,12 +186,15 @@ def test_draft_is_used_and_stays_close() -> None:
     tw=st.integers(1, 100),
     th=st.integers(1, 100),
     orientation=st.integers(1, 8),
-    resize=st.sampled_from(["stretch", "center_crop", "pad"]),
+    resize=st.sampled_from(["stretch", "center_crop", "pad", "keep_ratio", "keep_ratio_largest"]),
+    upscale=st.booleans(),
 )
-@settings(max_examples=60, deadline=None)
-def test_draft_request_keeps_enough_pixels(w, h, tw, th, orientation, resize) -> None:
+@settings(max_examples=100, deadline=None)
+def test_draft_request_keeps_enough_pixels(w, h, tw, th, orientation, resize, upscale) -> None:
     """A real JPEG drafted with the requested size still covers what the resize mode needs."""
-    need = _needed_size((w, h), orientation, cfg(size=(th, tw), resize=resize))
+    if resize.startswith("keep_ratio"):
+        th = tw  # one length
+    need = needed_size((w, h), orientation, cfg(size=(th, tw), resize=resize, upscale=upscale))
     img = pil(images.encode(Image.new("RGB", (w, h)), "JPEG"))
     if need is not None:
         img.draft("RGB", need)
@@ -203,6 +207,9 @@ def test_draft_request_keeps_enough_pixels(w, h, tw, th, orientation, resize) ->
     elif resize == "center_crop":
         k = max(tw / w, th / h)
         want = (math.ceil(w * k - 1e-9), math.ceil(h * k - 1e-9))
+    elif resize.startswith("keep_ratio"):
+        k = tw / (min(w, h) if resize == "keep_ratio" else max(w, h))
+        want = (round(w * k), round(h * k))
     else:
         want = (tw, th)
     assert dw >= min(w, want[0]) and dh >= min(h, want[1])

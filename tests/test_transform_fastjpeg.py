@@ -16,6 +16,8 @@ from PIL import Image, ImageOps
 from convert.config import ImageConfig
 from convert.specs import ItemError, Status
 from convert.testing import images
+from convert.decoders import decode_scaled
+from convert.geometry import needed_size
 from convert.transform import SourceFacts, transform
 
 pytest.importorskip("simplejpeg")
@@ -74,6 +76,21 @@ def test_fast_path_matches_pillow(name, data, resize, mode):
     assert decoder == "simplejpeg"
     assert out.dtype == np.uint8 and out.shape == (48, 64, 3 if mode == "RGB" else 1)
     assert mae(out, reference(data, (48, 64), resize, mode, (10, 200, 30))) <= TOLERANCE
+
+
+@pytest.mark.parametrize("resize", ["keep_ratio", "keep_ratio_largest"])
+@pytest.mark.parametrize("upscale", [True, False])
+def test_keep_ratio_modes_take_the_fast_path(resize, upscale):
+    """The DCT-scaled decode serves keep_ratio modes too, at a scale that still covers the output."""
+    data = jpeg(PHOTO)
+    out, decoder = run(data, size=64, resize=resize, upscale=upscale)
+    want = (64, 87) if resize == "keep_ratio" else (47, 64)  # 410x300: 410*64/300 = 87.47, 300*64/410 = 46.83
+    assert decoder == "simplejpeg" and out.shape == (*want, 3)
+    need = needed_size((410, 300), 1, ImageConfig(size=64, resize=resize))
+    scaled = decode_scaled(data, need, gray=False)
+    assert scaled is not None and scaled.width < 410 and scaled.width >= want[1] and scaled.height >= want[0]
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((want[1], want[0]), BICUBIC))
+    assert mae(out, ref) <= TOLERANCE
 
 
 def test_resize_none_keeps_source_size():

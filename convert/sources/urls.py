@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..redact import redact_url
 from ..specs import InputSlice, ItemRef
 from .base import SourceError, has_scheme, safe_key
 from .lists import ListFile, find_lists, open_list, parquet_columns, parquet_file, read_rows, scan_text, text_slices
@@ -183,7 +184,7 @@ def item_key(i: int, url: str, key: Any, uri: str) -> str:
             return safe_key(str(key))
         except SourceError:
             raise SourceError(f"URL list {uri!r} row {i + 1}: key {key!r} has no usable characters; fix it") from None
-    stem = posixpath.splitext(posixpath.basename(url.split("?", 1)[0].split("#", 1)[0].rstrip("/")))[0]
+    stem = posixpath.splitext(posixpath.basename(redact_url(url).split("?", 1)[0].split("#", 1)[0].rstrip("/")))[0]
     return safe_key(f"{i:06d}-{stem}") if stem.strip() else f"{i:06d}"
 
 

@@ -49,6 +49,21 @@ def exif_rotated_jpeg(width: int, height: int, orientation: int = 6, seed: int =
     return encode(img, "JPEG", quality=95, exif=exif.tobytes())
 
 
+def exif_rotated(img: Image.Image, fmt: str, orientation: int = 6) -> bytes:
+    """`img` encoded as `fmt` (JPEG, PNG, WEBP) carrying EXIF `orientation`, losslessly where the format allows."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    kw: dict[str, object] = {"quality": 95} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}
+    return encode(img, fmt, exif=exif.tobytes(), **kw)
+
+
+def cut_after_header(data: bytes, keep: int = 40) -> bytes:
+    """A JPEG or PNG whose header is intact and whose pixel data stops `keep` bytes into the first
+    scan (JPEG SOS) or IDAT chunk: its size is readable, but decoding it fails."""
+    marker = b"\xff\xda" if data[:2] == b"\xff\xd8" else b"IDAT"
+    return data[: data.index(marker) + keep]
+
+
 def variants(seed: int = 0) -> dict[str, bytes]:
     """One encoded image per mode/container the decoder must handle."""
     rgb = photo_like(120, 90, seed)
