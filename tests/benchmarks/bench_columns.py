@@ -1,7 +1,9 @@
 """Reading columns: a whole caption column vs the same rows as full items, and what captions add
 to a StreamingDataLoader epoch. Ratios measured in one run (the machine may be shared).
 
-    flock /tmp/bench.lock python tests/benchmarks/bench_columns.py [--count 20000] [--repeats 3]
+    flock /tmp/bench.lock python tests/benchmarks/bench_columns.py [--count 20000] [--repeats 5]
+
+Each figure is the best of `--repeats` (a shared machine adds noise, never speed).
 
 Per format (HDF5, LMDB), JPEG 64x64 images and LAION-like columns (caption with Unicode, emoji,
 newlines, empty and null values; a float similarity; the sha256), written by the real writers:
@@ -69,17 +71,18 @@ def epoch(uri: str, cache: str, columns: list[str] | None) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--count", type=int, default=20000)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in ("hdf5", "lmdb"):
             uri = make_dataset(Path(tmp) / fmt, fmt, a.count)
             cache = str(Path(tmp) / f"cache-{fmt}")
             col, rows, with_cols, images_only = [], [], [], []
-            epoch(uri, cache, None)  # warm-up: page cache, imports
-            for k in range(a.repeats):  # interleaved (alternating which epoch goes first); best of the repeats (a shared machine adds noise, never speed)
+            for _ in range(a.repeats):  # in-process reads first: no DataLoader worker still winding down
                 col.append(timed(partial(column, uri)))
                 rows.append(timed(partial(full_rows, uri)))
+            epoch(uri, cache, None)  # warm-up: page cache, imports
+            for k in range(a.repeats):  # interleaved, alternating which goes first
                 pair = [(with_cols, None), (images_only, [])]
                 for out, cols in pair if k % 2 == 0 else pair[::-1]:
                     out.append(timed(partial(epoch, uri, cache, cols)))
