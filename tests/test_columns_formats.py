@@ -59,6 +59,17 @@ def _image_ranges(path: Path, name: str) -> list[tuple[int, int]]:
         return out
 
 
+def test_a_short_column_is_a_corrupt_shard_not_a_wrong_row(tmp_path: Path) -> None:
+    path = tmp_path / "s.h5"
+    write_shard("hdf5", path, make_samples(20), image_shape=(6, 5, 3))
+    with h5py.File(path, "r+") as f:
+        f["columns/2"].resize(15, axis=0)  # "width" loses its last 5 values
+    with open_reader("hdf5", str(path)) as reader:
+        assert reader.column("caption")[19] == make_samples(20)[19].columns[0]
+        with pytest.raises(ValueError, match="column 'width' does not hold 20 int64 values"):
+            reader.column("width")
+
+
 @pytest.mark.parametrize("kind", ["fixed", "encoded"])
 def test_hdf5_column_reads_touch_no_image_byte(kind: str, tmp_path: Path) -> None:
     path = tmp_path / "s.h5"

@@ -199,7 +199,7 @@ class LazyShardReader(ABC, Generic[H]):
         with self._open_lock:
             if name not in self._loaded:
                 for col in self._read_columns(handle, name):
-                    self._loaded[col.column.name] = col
+                    self._loaded[col.column.name] = col.check(self._count, repr(self._source))
                     self.reads[f"column:{col.column.name}"] += 1
         return self._loaded[name]
 

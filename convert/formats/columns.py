@@ -75,6 +75,22 @@ class StoredColumn:
     values: Any  # list[str] for strings, else a NumPy array of the column's dtype
     nulls: np.ndarray | None
 
+    def check(self, count: int, where: str) -> StoredColumn:
+        """Itself, if it holds `count` values of its type (and as many null flags); else
+        ValueError naming the shard (a corrupt or edited file, never a conversion's own)."""
+        col, values, nulls = self.column, self.values, self.nulls
+        if col.type == "string":
+            ok = isinstance(values, list) and all(isinstance(v, str) for v in values)
+        else:
+            ok = isinstance(values, np.ndarray) and values.dtype == np.dtype(col.type) and values.ndim == 1
+        ok = ok and len(values) == count
+        if nulls is not None:
+            ok = ok and isinstance(nulls, np.ndarray) and nulls.dtype == np.bool_ and nulls.shape == (count,)
+        if not ok:
+            raise ValueError(f"{where}: column {col.name!r} does not hold {count} {col.type} values (corrupt shard); "
+                             "run `convert-dataset verify --repair` or rerun the conversion")  # fmt: skip
+        return self
+
     def cells(self) -> tuple[list[Any], list[bool] | None]:
         """(values as a list of Python values, null flags or None): what rows are built from."""
         values = self.values if isinstance(self.values, list) else self.values.tolist()
