@@ -33,7 +33,7 @@ from .formats.base import ShardReader, get_format, open_reader
 from .ledger import read_ledger
 from .manifest import ManifestError, check_opened, read_manifest
 from .shardcache import ShardCache
-from .specs import Column
+from .specs import COLUMN_TYPES, Column
 from .store import Store, open_store
 
 NO_LABEL = -1  # the label of an unlabelled item
@@ -83,7 +83,9 @@ class Dataset:
         self.schema = self._schema(columns)
         if columns is not None:
             self._selection = tuple(c.name for c in self.schema)
-            self._init_process()  # a shard opened to find the schema read every column: reopen
+            for reader in self._readers.values():  # a shard opened to find the schema returns every column
+                reader.close()
+            self._init_process()
 
     def _init_process(self) -> None:
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
@@ -268,7 +270,13 @@ class Dataset:
         if listed is None and len(self.shards):  # a manifest written before columns were recorded
             stored = self._reader(0).columns
         else:
-            stored = tuple(Column(str(n), str(t)) for n, t in listed or [])
+            ok = isinstance(listed, list | None) and all(
+                isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and c[1] in COLUMN_TYPES
+                for c in listed or []
+            )
+            if not ok:
+                raise ManifestError(f"{self.uri}: manifest.json's columns are malformed; rerun the conversion")
+            stored = tuple(Column(n, t) for n, t in listed or [])
         if columns is None:
             return stored
         by_name = {c.name: c for c in stored}

@@ -227,3 +227,19 @@ def test_torch_collates_columns(column_dataset, workers: int, batched_in: str, t
             assert isinstance(batch[col.name], kind) and isinstance(batch[f"{col.name}_null"], torch.Tensor)
         _check_batch_columns(batch, by_key, as_tensor=lambda t: t.numpy())
     assert sorted(k for b in batches for k in b["key"]) == sorted(by_key)
+
+
+def test_a_malformed_schema_in_the_manifest_is_one_line(column_dataset, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    uri, _ = column_dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(uri, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["columns"] = [["caption", "text"]]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    from convert.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match="columns are malformed"):
+        open_dataset(str(copy))
