@@ -260,6 +260,9 @@ class HDF5Reader(LazyShardReader[_Handle]):
     source only. File objects cannot be re-opened, so pass a path when the reader crosses processes.
     """
 
+    _offsets: np.ndarray | None  # flat layout: item byte offsets (N+1), read with the first item
+    _shapes: np.ndarray | None  # variable raw pixels: (N, 3)
+
     def _open(self) -> _Handle:
         # locking=False: shards are immutable, and HDF5 file locks fail on many network filesystems
         f = h5py.File(self._source, "r", locking=False)
