@@ -177,9 +177,8 @@ class Dataset:
         shapes = {"x".join(map(str, s["image_shape"])) if s["image_shape"] else s["encoding"] for s in self.shards}
         names = self.label_names or []
         labels = ", ".join(names[:8]) + (f", ... ({len(names)} labels)" if len(names) > 8 else "")
-        columns = ", ".join(f"{c.name}:{c.type}" for c in self.schema)
         return (f"Dataset({self.uri!r}, items={len(self)}, shards={len(self.shards)}, format={self._format.name}, "
-                f"shape={'/'.join(sorted(shapes)) or '-'}, labels=[{labels}], columns=[{columns}])")  # fmt: skip
+                f"shape={'/'.join(sorted(shapes)) or '-'}, labels=[{labels}])")  # fmt: skip
 
     def ledger(self) -> dict[str, Any]:
         """Every input item with its status and error message (columns)."""

@@ -145,7 +145,7 @@ def _assert_row(row: dict, sample) -> None:
 def test_dataset_rows_and_batches_carry_every_column(column_dataset) -> None:
     uri, samples = column_dataset
     ds = open_dataset(uri)
-    assert ds.schema == SCHEMA and "caption:string" in repr(ds)
+    assert ds.schema == SCHEMA
     for i in (0, 5, 12, N - 1):
         _assert_row(ds[i], samples[i])
     order = [40, 3, 3, 17, 52, 0]
