@@ -17,6 +17,7 @@ newlines, empty and null values; a float similarity; the sha256), written by the
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from functools import partial
@@ -76,6 +77,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in ("hdf5", "lmdb"):
             uri = make_dataset(Path(tmp) / fmt, fmt, a.count)
+            os.sync()  # no write-back of the new shards during the reads
+            column(uri)  # warm-up
             cache = str(Path(tmp) / f"cache-{fmt}")
             with_cols: list[float] = []
             images_only: list[float] = []
