@@ -18,6 +18,7 @@ from rich.table import Table
 from . import __version__
 from .cli_common import EXIT_CODES, console, friendly, out_console, quiet_workers
 from .cli_dataset import COMMANDS as DATASET_COMMANDS
+from .cli_export import export as export_command
 from .config import Config, ConfigError, load_config, parse_override
 from .redact import redact_url
 
@@ -289,3 +290,4 @@ def print_summary(summary: Any) -> None:
 
 for _command in DATASET_COMMANDS:  # inspect, report, verify: the commands that read a converted dataset
     main.add_command(_command)
+main.add_command(export_command)  # export: convert.cli_export

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator, model_validator
 
+from .fetch.policy import DEFAULT_DIRECTIVES, DEFAULT_USER_AGENT
 from .redact import is_secret_key, redact_options, redact_url
 
 __all__ = ["Config", "ConfigError", "is_secret_key", "load_config", "parse_override", "validate"]
@@ -50,7 +51,9 @@ class SourceConfig(_Model):
     @field_validator("columns", mode="before")
     @classmethod
     def _columns(cls, v: Any) -> Any:
-        if isinstance(v, str) and v != "*":
+        if isinstance(v, str) and v.strip().startswith("["):  # "[a, b]" as a Python override
+            v = yaml.safe_load(v)
+        if isinstance(v, str) and v != "*":  # "a,b" or one name
             return tuple(c.strip() for c in v.split(",") if c.strip())
         return v
 
@@ -207,6 +210,35 @@ class FetchConfig(_Model):
     backend: Literal["auto", "curl", "urllib3"] = "auto"
     # digest of each item's source bytes, stored as a column named after the algorithm and in the ledger
     compute_hash: Literal["sha256", "md5", "none"] = "sha256"
+    # crawl etiquette (fetch/robots.py): the User-Agent both HTTP backends send, the bot name appended to
+    # it (and matched in X-Robots-Tag / robots.txt; default: the User-Agent's product token, "convert"),
+    # the X-Robots-Tag directives that opt an item out, and whether robots.txt is fetched and obeyed
+    user_agent: str = DEFAULT_USER_AGENT
+    user_agent_token: str | None = None
+    disallowed_header_directives: tuple[str, ...] = DEFAULT_DIRECTIVES
+    robots_txt: Literal["ignore", "respect"] = "ignore"
+
+    @field_validator("user_agent")
+    @classmethod
+    def _header_safe(cls, v: str) -> str:
+        if not v.strip() or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in v):
+            raise ValueError("must be non-empty printable text on one line (it is sent as the User-Agent header)")
+        return v.strip()
+
+    @field_validator("user_agent_token")
+    @classmethod
+    def _product_token(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_-]+", v):
+            raise ValueError(f"{v!r} is not a product token: letters, '_' and '-' only (RFC 9309), e.g. mybot")
+        return v or None
+
+    @field_validator("disallowed_header_directives")
+    @classmethod
+    def _directives(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for d in v:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", d):
+                raise ValueError(f"{d!r} is not an X-Robots-Tag directive; use names like noai or noindex")
+        return tuple(d.lower() for d in v)
 
     @field_validator("backend")
     @classmethod

@@ -30,8 +30,9 @@ from .plan import dump_plan
 from .secrets import resolve_config, seal_config
 from .sources import SourcePlan, Workdir, plan_source, shard_refs
 from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .layout import SHARDS_DIR
 from .task import ShardTask, TaskMaker
-from .store import SHARDS_DIR, StorageError, Store, preflight
+from .store import StorageError, Store, preflight
 from .summary import LedgerTally, after_manifest, announce_rebuild, fold_record
 from .worker import process_shard
 

@@ -24,7 +24,7 @@ import numpy as np
 from .redact import redact_options, redact_text, redact_url
 from .ledger import LedgerRow, RunView, load_run
 from .report_data import BYTES_BINS_PER_OCTAVE, MAX_LABELS, SampleView, Scan, SourceStats, read_samples, scan_ledger
-from .store import open_store
+from .store import is_local, open_object, open_store
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 FAILURE_CAP = 1000
@@ -74,9 +74,10 @@ def default_target(uri: str) -> tuple[str, bool]:
     directory as `<dataset name>-report.html` (pass --html s3://... to store it beside the data).
     """
     out = open_store(uri)
-    if out.is_local:
-        return out.path(REPORT_NAME), True
-    name = out.root.rstrip("/").rsplit("/", 1)[-1] or "dataset"
+    local = out.local_path(REPORT_NAME)
+    if local is not None:
+        return local, True
+    name = out.url().rstrip("/").rsplit("/", 1)[-1] or "dataset"
     return f"{name}-report.html", False
 
 
@@ -84,13 +85,11 @@ def write_report(uri: str, html_target: str | None = None, storage_options: dict
                  samples_per_label: int = 8) -> tuple[str, str]:  # fmt: skip
     """Render and write the report; returns (its path or URL, the run's state line). An fsspec URL
     target gets the dataset's storage options (so `--html s3://bucket/ds/report.html` works like the data)."""
-    import fsspec
-
     html, state = _render(uri, storage_options, samples_per_label, FAILURE_CAP)
     target = html_target or default_target(uri)[0]
-    if "://" in target:
-        with fsspec.open(target, "wb", **dict(storage_options or {})) as f:
-            f.write(html.encode())
+    if not is_local(target):
+        store, rel = open_object(target, storage_options, "report")
+        store.write_bytes(rel, html.encode())
         return target, state
     with open(target, "w", encoding="utf-8") as f:
         f.write(html)

@@ -23,7 +23,9 @@ from .config import validate
 from .formats.base import get_format
 from .manifest import MANIFEST, read_manifest
 from .records import ManifestError, NotRegularFile, check_regular, ordered_map, read_record, record_rel_path
-from .store import SHARDS_DIR, Leftover, Store
+from .layout import SHARDS_DIR
+from .lease import Leftover, debris
+from .store import Store
 
 __all__ = ["ShardCheck", "leftovers", "rebuild_command", "remove_stale_shards", "repair", "stale_shard_files",
            "verify"]  # fmt: skip
@@ -118,7 +120,7 @@ def leftovers(store: Store) -> list[Leftover]:
     of failed/killed attempts, and (when a manifest exists) objects under shards/ it does not
     list. The next run holding the lease removes the first two kinds; rerunning also replaces
     unlisted shards of the current plan."""
-    found: list[Leftover] = [*store.leftovers()]
+    found: list[Leftover] = [*debris(store)]
     try:
         index = read_manifest(store)["shards"]
     except ManifestError:

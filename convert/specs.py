@@ -76,8 +76,10 @@ class Column:
 class InputSlice:
     """A contiguous run of rows of one input file: what a shard task reads for itself.
 
-    `kind` says how to read `uri`: "txt" / "csv" / "folder" (a listing file the planner wrote) are
-    byte ranges [start, stop) that begin at a row; "parquet" / "cifar" are row ranges within the file.
+    `kind` says how to read `uri`: "txt" / "csv" / "tsv" / "jsonl" / "folder" (a listing file the
+    planner wrote) are byte ranges [start, stop) that begin at a row (of the decompressed bytes for a
+    compressed list, whose kind carries the codec: "csv.gz", "jsonl.zst"); "parquet" / "cifar" are
+    row ranges within the file.
     `first_row` is the global index of the slice's first item (derived keys), `count` its items.
     `version` identifies the file as planned (size and etag/mtime, or a content hash) and is part of
     the shard's fingerprint; `size` lets the worker refuse a file that changed since planning.
@@ -109,6 +111,16 @@ class SourceRef:
     labels: str = ""
     labels_sha: str = ""
     keys: str = "derived"
+    # A list's kept columns as the worker reads them (ItemRef.columns, in this order): the list's own
+    # column names (the caption under its name in the list) and their types (COLUMN_TYPES); text
+    # values over `text_limit` bytes are cut by the reader to text_limit + 1 characters (0: no cut).
+    columns: tuple[str, ...] = ()
+    column_types: tuple[str, ...] = ()
+    text_limit: int = 0
+
+    def __post_init__(self) -> None:  # plan.gz stores them as JSON lists
+        object.__setattr__(self, "columns", tuple(self.columns))
+        object.__setattr__(self, "column_types", tuple(self.column_types))
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from .config import Config, ImageConfig
 from .fetch.policy import FetchPolicy
 from .plan import fingerprint, output_settings
 from .specs import Column, InputSlice, ShardSpec
+from .store import is_local
 
 #: how a shard's items are fetched: "curl" (one libcurl multi handle driven from the converting
 #: thread), "threads" (one item per prefetch thread: GETs that take milliseconds and may hang),
@@ -77,10 +78,6 @@ class ShardTask:
         return len(self.spec)
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.lower().startswith("file://")
-
-
 def _local_path(uri: str) -> str:
     return os.path.abspath(uri.split("://", 1)[1] if "://" in uri else uri)
 
@@ -118,7 +115,7 @@ class TaskMaker:
         under that list's own directory or source.allowed_roots; a folder is listed by us."""
         if self.kind != "urls":
             return self._base
-        if not _is_local(sl.uri):
+        if not is_local(sl.uri):
             key = ""
         else:
             key = os.path.dirname(_local_path(sl.uri))
@@ -156,7 +153,7 @@ def _item_plan(config: Config, kind: str, columns: tuple[Column, ...]) -> ItemPl
         slot, stored = len(columns), columns + (Column(algo, "string"),)
     if kind == "urls" and policy_uses_curl(config):
         mode = "curl"
-    elif kind == "urls" or not _is_local(config.source.uri):
+    elif kind == "urls" or not is_local(config.source.uri):
         mode = "threads"
     else:
         mode = "grouped"

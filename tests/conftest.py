@@ -92,11 +92,11 @@ HTTP_BACKENDS = ["curl", "urllib3"]
 def http_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test once per HTTP fetch backend (the fetch contract suite): `fetch.backend: auto`
     resolves to this one, as it would with pycurl installed (curl) or not (urllib3)."""
-    from convert.fetch import curl
+    from convert.fetch import curl, policy
 
     if request.param == "curl" and not curl.AVAILABLE:
         if os.environ.get("CONVERT_REQUIRE_PYCURL"):
             pytest.fail("pycurl is not installed: pip install -e '.[test]' installs it (the fast-http extra)")
         pytest.skip("pycurl not installed")
-    monkeypatch.setattr(curl, "AVAILABLE", request.param == "curl")
+    monkeypatch.setattr(policy, "CURL_INSTALLED", request.param == "curl")  # policies made from now on
     return request.param

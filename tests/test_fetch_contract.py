@@ -6,6 +6,7 @@ Odd HTTP comes from small raw-socket servers (`raw_server`), which record each r
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import gzip
 import os
@@ -23,87 +24,33 @@ from convert.sources import Workdir, plan_source
 from convert.specs import ItemError, Status
 from convert.testing.images import jpeg_bytes
 from convert.testing.proxy import Rule
+from convert.testing.rawhttp import RawServer, ok, raw_servers, reply
 from convert.testing.tasks import run_shard
 
 pytestmark = pytest.mark.usefixtures("http_backend")
 
 OPEN = FetchPolicy(allow_private_networks=True, timeout=1.0, retries=2, backoff=0.01, item_timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def _policy_for_backend(http_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OPEN was made at import; remade here, it takes the backend under test (chosen once per policy)."""
+    monkeypatch.setattr(sys.modules[__name__], "OPEN", dataclasses.replace(OPEN))
+
+
 JPEG = jpeg_bytes(40, 30, seed=5)
 
 
-def status(url: str, policy: FetchPolicy = OPEN) -> ItemError:
+def status(url: str, policy: FetchPolicy | None = None) -> ItemError:
     with pytest.raises(ItemError) as info:
-        fetch_bytes(url, policy)
+        fetch_bytes(url, policy or OPEN)
     return info.value
-
-
-class RawServer:
-    """A listener on `host` answering each request with `respond(conn, head)`; heads are kept."""
-
-    def __init__(self, respond: Callable[[socket.socket, bytes], None], host: str = "127.0.0.1") -> None:
-        self.respond, self.heads, self.conns = respond, [], 0
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.bind((host, 0))
-        self.sock.listen(128)
-        self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            while True:
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    head += data
-                self.heads.append(head)
-                if self.respond(conn, head) is not True:  # True: keep the connection for another request
-                    return
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def lines(self) -> list[str]:
-        return [h.split(b"\r\n", 1)[0].decode("latin-1") for h in self.heads]
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
 def raw_server() -> Iterator[Callable[..., RawServer]]:
-    servers: list[RawServer] = []
-
-    def make(respond: Callable[[socket.socket, bytes], object], host: str = "127.0.0.1") -> RawServer:
-        servers.append(RawServer(respond, host))
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.close()
-
-
-def reply(raw: bytes, keep: bool = False) -> Callable[[socket.socket, bytes], bool]:
-    def respond(conn: socket.socket, head: bytes) -> bool:
-        conn.sendall(raw)
-        return keep
-
-    return respond
-
-
-def ok(body: bytes, extra: bytes = b"") -> bytes:
-    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+    with raw_servers() as make:
+        yield make
 
 
 # ---------------------------------------------------------------- bodies
@@ -205,6 +152,40 @@ def test_reads_slower_than_timeout_time_out_but_slow_ones_within_it_pass(raw_ser
     one = FetchPolicy(allow_private_networks=True, timeout=1.0, retries=0, item_timeout=10)
     assert fetch_bytes(raw_server(trickle(0.4)).url + "/a", one) == b"abc"
     assert status(raw_server(trickle(1.6)).url + "/a", one).status is Status.TIMEOUT
+
+
+def _one_byte_a_second(size: int) -> Callable[[socket.socket, bytes], None]:
+    def respond(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size):
+            time.sleep(1.0)
+            conn.sendall(b"x")
+
+    return respond
+
+
+@pytest.mark.parametrize("size", [3000, 3172])  # 3,172: the size whose drain overran the deadline by 2-5 s
+def test_a_body_sent_one_byte_a_second_ends_by_the_item_deadline(raw_server, size):
+    """Issue 20: fetch.timeout 2 is never tripped (a byte arrives every second), so only a deadline
+    over every byte - reads and the drain of what is left - ends the item (urllib3 hung > 11 min)."""
+    srv = raw_server(_one_byte_a_second(size))
+    slow = FetchPolicy(allow_private_networks=True, timeout=2.0, retries=0, item_timeout=4)
+    start = time.monotonic()
+    assert status(srv.url + "/a.jpg", slow).status is Status.TIMEOUT
+    assert time.monotonic() - start < 4 + 1.0
+
+
+def test_a_shard_with_a_body_sent_one_byte_a_second_ends_by_the_item_deadline(tmp_path, raw_server):
+    srv = raw_server(_one_byte_a_second(3000))
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"{srv.url}/a.jpg\n")
+    cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8,
+                             "fetch.allow_private_networks": True, "fetch.item_timeout": 4, "fetch.timeout": 2,
+                             "fetch.retries": 0, "cluster.kind": "threads"})  # fmt: skip
+    (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
+    start = time.monotonic()
+    assert [r.status for r in run_shard(spec, cfg).ledger] == [Status.TIMEOUT]
+    assert time.monotonic() - start < 4 + 2.0
 
 
 def test_server_closing_idle_keepalive_connections_is_transparent(raw_server):

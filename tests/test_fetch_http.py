@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +14,7 @@ import fsspec
 import pytest
 
 from convert.fetch import FetchPolicy, fetch_bytes, pool_manager, redact_url
-from convert.fetch.http import RETRY_AFTER_CAP, parse_retry_after, retry_delay
+from convert.fetch.retry import RETRY_AFTER_CAP, parse_retry_after, retry_delay
 from convert.specs import ItemError, Status
 from convert.testing.images import jpeg_bytes
 from convert.testing.proxy import Rule
@@ -20,12 +22,20 @@ from convert.testing.proxy import Rule
 pytestmark = pytest.mark.usefixtures("http_backend")  # the contract suite: every case on every backend
 
 FAST = FetchPolicy(allow_private_networks=True, timeout=2.0, retries=3, backoff=0.01)
+
+
+@pytest.fixture(autouse=True)
+def _policy_for_backend(http_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FAST was made at import; remade here, it takes the backend under test (chosen once per policy)."""
+    monkeypatch.setattr(sys.modules[__name__], "FAST", dataclasses.replace(FAST))
+
+
 IMG = jpeg_bytes(64, 48, seed=3)
 
 
-def _status(uri: str, policy: FetchPolicy = FAST) -> ItemError:
+def _status(uri: str, policy: FetchPolicy | None = None) -> ItemError:
     with pytest.raises(ItemError) as info:
-        fetch_bytes(uri, policy)
+        fetch_bytes(uri, policy or FAST)
     return info.value
 
 

@@ -181,3 +181,17 @@ def test_estimate_allows_a_parallel_start_within_the_bound():
 
     results = list(prefetch(range(6), fetch, depth=8, max_bytes=300, estimate=100))
     assert [r.item for r in results] == list(range(6)) and all(r.ok for r in results)
+
+
+def test_importing_the_fetch_layer_loads_no_http_stack():
+    """A DataLoader worker imports convert.fetch (prefetch) for shard reads: neither HTTP backend
+    (urllib3's pool module, libcurl) may come with it; fetch_bytes loads them on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, convert.dataset, convert.fetch\n"
+            "loaded = {m for m in ('pycurl', 'convert.fetch.http', 'convert.fetch.curl') if m in sys.modules}\n"
+            "assert not loaded, loaded\n"
+            "from convert.fetch import fetch_bytes, CurlStream\n"
+            "assert 'convert.fetch.http' in sys.modules and 'convert.fetch.curl' in sys.modules\n")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -4,7 +4,9 @@ leases, takeover, fenced publishes, and leftovers only removed when provably dea
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from convert.lease import LEASE, Lease, LeaseError, acquire, hold_lease, publish, read_lease, release, staging
+from convert.lease import (LEASE, Lease, LeaseError, acquire, clean_debris, debris, hold_lease, publish, read_lease,
+                           release, renew, staging)  # fmt: skip
 from convert.manifest import read_manifest
 from convert.shards import verify
 from convert.store import open_store
@@ -123,16 +126,97 @@ def test_heartbeat_renews_and_release_keeps_a_taken_over_lease(tmp_path):
     assert read_lease(store).run_id == "thief0000001"  # not released by the loser
 
 
-def test_publish_is_fenced_by_the_lease(tmp_path):
+def _taken_over(store, ttl: float = 0.3):
+    """Run A takes the lease, goes silent past its ttl, and run B takes over with --force-unlock."""
+    lease_a = acquire(store, "runA00000001", ttl=ttl)
+    time.sleep(ttl + 0.1)
+    lease_b = acquire(store, "runB00000001", force=True)
+    return lease_a, lease_b
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def real_store(request, tmp_path):
+    if request.param == "local":
+        return open_store(str(tmp_path / "out"))
+    s3 = request.getfixturevalue("s3")
+    return open_store(f"s3://test-bucket/fence-{time.time_ns()}", s3.storage_options())
+
+
+def test_a_task_of_run_a_cannot_publish_after_run_b_took_over(real_store, tmp_path):
+    store = real_store
+    data = b"from run A" * 100
+    with staging(store, "shard-00000", ".bin", run_id="runA00000001") as tmp:
+        assert ".r-runA00000001." in tmp
+        Path(tmp).write_bytes(data)
+        lease_a, lease_b = _taken_over(store)
+        with pytest.raises(LeaseError, match="not published, the output's lease moved from run runA00000001"):
+            publish(store, tmp, "shards/shard-00000.bin", len(data), hashlib.sha256(data).hexdigest(), "runA00000001")
+        assert not store.exists("shards/shard-00000.bin")
+        assert renew(store, lease_a) is None  # A's heartbeat cannot write over B's lease either
+        assert read_lease(store).run_id == "runB00000001"
+        publish(store, tmp, "shards/shard-00000.bin", len(data), hashlib.sha256(data).hexdigest(), "runB00000001")
+    assert store.read_bytes("shards/shard-00000.bin") == data
+    assert renew(store, lease_b) is not None and read_lease(store).run_id == "runB00000001"
+
+
+def test_renew_is_a_compare_and_swap(real_store):
+    store = real_store
+    lease = acquire(store, "runC00000001")
+    renewed = renew(store, lease)
+    assert renewed is not None and renewed.heartbeat >= lease.heartbeat and renewed.token != lease.token
+    assert renew(store, renewed) is not None
+    # a writer that replaced the lease between our read and our write: the renewal loses, nothing is overwritten
+    store.write_bytes(LEASE, _foreign_lease("intruder0001", age=0))
+    assert renew(store, renewed) is None and read_lease(store).run_id == "intruder0001"
+
+
+@pytest.mark.parametrize("fields", [
+    {"heartbeat": float("nan")},
+    {"heartbeat": time.time() + 86400},  # a day in the future
+    {"ttl": 1e12},
+    {"ttl": float("inf")},
+    {"ttl": -5.0},
+])  # fmt: skip
+def test_untrustworthy_heartbeats_count_as_stale(tmp_path, fields):
     store = open_store(str(tmp_path / "out"))
-    with hold_lease(store, "runA00000001"):
-        with staging(store, "shard-00000", ".bin") as tmp:
-            assert ".r-runA00000001." in tmp
-            Path(tmp).write_bytes(b"from run A")
-            store.write_bytes(LEASE, _foreign_lease("runB00000001", age=0))  # taken over meanwhile
-            with pytest.raises(LeaseError, match="moved from run runA00000001"):
-                publish(store, tmp, "shards/shard-00000.bin", 10)
-    assert not store.exists("shards/shard-00000.bin")
+    now = time.time()
+    raw = {"run_id": "odd000000001", "owner": "x", "host": "elsewhere", "pid": 1, "started": now,
+           "heartbeat": now, "ttl": 60.0, **fields}  # fmt: skip
+    store.write_bytes(LEASE, json.dumps(raw).encode())
+    assert read_lease(store).stale(time.time())
+    with pytest.raises(LeaseError, match="looks dead"):
+        acquire(store, "mine00000001")
+    assert acquire(store, "mine00000001", force=True).run_id == "mine00000001"
+
+
+def test_a_fresh_lease_is_not_stale():
+    now = time.time()
+    assert not Lease("r", "o", "h", 1, now, now + 5, 60.0).stale(now)  # small clock skew is fine
+    assert Lease("r", "o", "h", 1, now, now - 61, 60.0).stale(now)
+
+
+def test_staging_is_named_by_run_and_leaves_nothing(real_store):
+    store = real_store
+    with hold_lease(store, "abc123"), staging(store, "shard-00000", ".bin", ("-lock",), run_id="abc123") as tmp:
+        assert os.path.basename(tmp).startswith(".shard-00000.r-abc123.") and ".partial" in tmp
+        Path(tmp).write_bytes(b"data")
+        Path(tmp + "-lock").write_bytes(b"sidecar")  # e.g. LMDB's lock file
+        publish(store, tmp, "shards/shard-00000.bin", 4)  # the fence comes from the staged name here
+    assert not os.path.exists(tmp) and not os.path.exists(tmp + "-lock")
+    assert [e.name for e in store.list("shards")] == ["shard-00000.bin"]  # nothing staged remains
+    assert debris(store) == []
+
+
+def test_only_provably_dead_debris_is_cleaned(real_store):
+    store = real_store
+    store.write_bytes("shards/.shard-00002.r-oldrun.0123abcd.partial.h5", b"killed")
+    store.write_bytes("shards/.shard-00003.r-ours.4567abcd.partial.h5", b"running")
+    found = {x.run_id: x for x in debris(store) if x.kind == "partial"}
+    assert sorted(found) == ["oldrun", "ours"]
+    assert [x.run_id for x in clean_debris(store, keep_run="ours", since=time.time() - 3600)] == ["oldrun"]
+    assert [x.run_id for x in debris(store)] == ["ours"]
+    assert [x.run_id for x in clean_debris(store, keep_run="ours", since=time.time() + 60)] == ["ours"]
+    assert debris(store) == []
 
 
 def test_leftovers_of_killed_workers_go_with_the_next_lease_only(tmp_path):
@@ -157,7 +241,7 @@ def test_leftovers_of_killed_workers_go_with_the_next_lease_only(tmp_path):
 
 def test_generic_store_without_conditional_create_refuses(tmp_path):
     store = open_store("memory://lease-test-refusal")
-    with pytest.raises(Exception, match="cannot create objects conditionally"):
+    with pytest.raises(Exception, match="cannot write objects conditionally"):
         acquire(store, "run")
 
 
@@ -175,7 +259,7 @@ def test_s3_lease_conditional_create_and_takeover(s3):
         acquire(store, "s3run0000003")
     assert acquire(store, "s3run0000003", force=True).run_id == "s3run0000003"
     bucket, key = store.root.split("/", 1)
-    store.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=f"{key}/shards/shard-00000.h5")
+    s3.filesystem().call_s3("create_multipart_upload", Bucket=bucket, Key=f"{key}/shards/shard-00000.h5")
     store.delete(LEASE)
     with hold_lease(store, "s3run0000004"):
-        assert store.leftovers() == []  # the dead attempt's upload was aborted by the new holder
+        assert debris(store) == []  # the dead attempt's upload was aborted by the new holder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import pickle
 from pathlib import Path
 
@@ -74,3 +75,25 @@ def test_plan_file_is_per_slice_and_round_trips(tmp_path: Path) -> None:
     data = dump_plan(found.specs, fps)
     assert read_plan(data) == found.specs
     assert len(data) < 100 * len(found.specs)  # O(shards): a few bytes per slice, no per-item rows
+
+
+def test_kept_columns_travel_in_the_plan_and_the_fingerprint(tmp_path: Path) -> None:
+    from convert.config import load_config
+    from convert.plan import output_settings
+
+    lst = tmp_path / "l.csv.gz"
+    lst.write_bytes(gzip.compress(b"url,text,sim\n" + b"".join(b"a%d.jpg,t%d,0.%d\n" % (i, i, i) for i in range(50))))
+    found = _plan(tmp_path, lst, 10, columns=["sim"])
+    source = found.specs[0].source
+    assert (source.columns, source.column_types, source.text_limit) == (("text", "sim"), ("string", "string"), 65536)
+    assert read_plan(dump_plan(found.specs, {s.name: "" for s in found.specs})) == found.specs  # tuples again
+    assert max(len(pickle.dumps(s)) for s in found.specs) < 1024
+
+    def settings(**kw: object) -> dict:  # type: ignore[type-arg]
+        over = {"source.uri": str(lst), "output.uri": str(tmp_path / "o"), **kw}
+        return output_settings(load_config(None, over).redacted())
+
+    base = settings()
+    for change in ({"source.columns": "sim"}, {"source.caption_column": "none"}, {"source.max_text_bytes": 10},
+                   {"source.hash_column": "sim"}, {"fetch.compute_hash": "md5"}):  # fmt: skip
+        assert settings(**change) != base, change

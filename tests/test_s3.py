@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
+from convert.lease import clean_debris
 from convert.store import open_store
 from convert.store import s3 as s3_store
 from convert.config import load_config
@@ -382,7 +383,7 @@ def test_multipart_upload_is_whole_or_aborted(s3, tmp_path, monkeypatch):
         with pytest.raises(Exception, match="again.bin"):
             open_store(out.uri, s3.storage_options(proxy.url)).publish(str(path), "shards/again.bin", size, digest)
     assert proxy.cuts >= 1 and not fs.exists("test-bucket/mp/shards/again.bin")
-    assert out.leftovers() == []  # the failed upload was aborted, nothing billed or listed
+    assert out.incomplete_uploads() == []  # the failed upload was aborted, nothing billed or listed
 
 
 def test_local_partial_files_are_reported_then_cleaned(local_hdf5):
@@ -390,4 +391,4 @@ def test_local_partial_files_are_reported_then_cleaned(local_hdf5):
     stale = Path(out.path("shards")) / ".shard-00009.0123abcd.partial.h5"
     stale.write_bytes(b"killed writer")
     assert [(x.kind, x.url) for x in leftovers(out)] == [("partial", str(stale))]
-    assert [x.url for x in out.clean_leftovers()] == [str(stale)] and not stale.exists()
+    assert [x.url for x in clean_debris(out)] == [str(stale)] and not stale.exists()

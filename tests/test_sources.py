@@ -350,3 +350,11 @@ def test_safe_key_invariants(text: str) -> None:
     assert key and len(key.encode("utf-8")) <= MAX_KEY_BYTES and not key.startswith("/")
     assert all(s.strip() and s not in (".", "..") for s in segments)
     assert all(ord(c) >= 32 and c not in "\x7f\u2028\u2029" for c in key)
+
+
+def test_derived_keys_never_carry_credentials_from_the_url(tmp_path: Path) -> None:
+    lst = tmp_path / "urls.txt"
+    lst.write_text("https://user:hunter2@example.com\nhttps://h/p/cat.jpg?X-Amz-Signature=s3cr3t\n")
+    keys = [it.key for it in listing(lst).items]
+    assert keys == ["000000-example", "000001-cat"]
+    assert not any("hunter2" in k or "s3cr3t" in k for k in keys)

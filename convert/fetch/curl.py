@@ -30,107 +30,43 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import os
-import re
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
-from urllib.parse import urlsplit
-
-import urllib3
 
 from ..specs import ItemError, Status
-from .errors import TransientError, http_status_error, is_transient, redact_url, to_item_error
-from .http import RETRY_AFTER_CAP, give_up, retry_delay, timeout_error
-from .netguard import DNS_TTL, PrivateAddressError, exempt, is_public
+from . import robots
+from .curl_transfer import (
+    AVAILABLE,
+    BUFFER_SIZE,
+    MAX_REDIRECTS,
+    MISSING_MESSAGE,
+    STALL_CHECK,
+    VERIFY,
+    Transfer,
+    curl_error,
+    pycurl,
+    share,
+)
+from .errors import http_status_error, is_transient, redact_url, to_item_error
+from .netguard import DNS_TTL, exempt, is_public
 from .policy import FetchPolicy
+from .retry import RETRY_AFTER_CAP, give_up, http_url, retry_delay, timeout_error
 
-try:
-    import pycurl
-except ImportError:  # pragma: no cover - exercised only without the fast-http extra
-    pycurl = None
+__all__ = ["AVAILABLE", "MAX_REDIRECTS", "MISSING_MESSAGE", "CurlEngine", "curl_fetch", "http_url"]
 
-AVAILABLE = pycurl is not None
-MISSING_MESSAGE = "fetch.backend='curl' needs pycurl: pip install 'convert[fast-http]' (or use 'auto')"
-MAX_REDIRECTS = 5
-BUFFER_SIZE = 256 * 1024  # libcurl's receive buffer
-STALL_CHECK = 0.25  # seconds between checks for transfers that stopped receiving
-USER_AGENT = "convert (+https://github.com/convert)"
-_VERIFY = ssl.get_default_verify_paths()
-
-_share_lock = threading.Lock()
-_shares: dict[int, Any] = {}  # pid -> CurlShare
 _local = threading.local()  # this thread's engines for single fetches, by guard setting
 
 
 def _after_fork() -> None:
-    global _share_lock, _local
-    _share_lock, _local = threading.Lock(), threading.local()
+    global _local
+    _local = threading.local()
 
 
 os.register_at_fork(after_in_child=_after_fork)
 
-
-def _share() -> Any:
-    """This process's CurlShare: the DNS cache only. Connections stay with their engine (bounded by
-    M_MAXCONNECTS and closed with it), so a crawl of millions of hosts keeps a bounded number of
-    descriptors, and a connection opened under allow_private_networks never serves a guarded fetch."""
-    pid = os.getpid()
-    share = _shares.get(pid)
-    if share is None:
-        with _share_lock:
-            share = _shares.get(pid)
-            if share is None:
-                _shares.clear()  # a forked child never touches its parent's share
-                share = pycurl.CurlShare()
-                share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_DNS)
-                _shares[pid] = share
-    return share
-
-
-class _Transfer:
-    """One item's HTTP fetch across its attempts; `done` once value or error is set."""
-
-    __slots__ = ("item", "url", "deadline", "attempts", "chunks", "got", "cap", "refused", "value", "error",
-                 "done", "started", "future", "key", "handle", "too_large", "last_data")  # fmt: skip
-
-    def __init__(self, item: Any, url: str | None, deadline: float, cap: int, key: int = 0) -> None:
-        self.item, self.url, self.deadline, self.cap, self.key = item, url, deadline, cap, key
-        self.attempts, self.chunks, self.got = 0, [], 0
-        self.refused: str | None = None  # an address the guard refused during this attempt
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.done = False
-        self.started = time.perf_counter_ns()
-        self.future: Future | None = None  # set for items fetched off the curl path
-        self.handle: Any = None
-        self.too_large = False
-        self.last_data = 0.0  # monotonic time of the attempt's start or its latest body bytes
-
-    def begin(self, handle: Any) -> None:
-        """Reset for a new attempt on `handle`."""
-        self.attempts += 1
-        self.chunks, self.got, self.refused, self.handle = [], 0, None, handle
-        self.too_large, self.last_data = False, time.monotonic()
-
-    def write(self, chunk: bytes) -> int | None:
-        """libcurl's write callback: keep the chunk (no copy); abort one byte past the cap. The only
-        Python call per chunk (no header callback: the status is read once the transfer ends, and
-        an error response's body, capped like any other, is dropped then)."""
-        self.got += len(chunk)
-        self.last_data = time.monotonic()
-        if self.got > self.cap:
-            self.too_large = True
-            return 0  # any count but len(chunk) aborts the transfer (CURLE_WRITE_ERROR)
-        self.chunks.append(chunk)
-        return None
-
-    def body(self) -> bytes:
-        chunks = self.chunks
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class CurlEngine:
@@ -142,20 +78,27 @@ class CurlEngine:
         self.policy = policy
         self.guarded = not policy.allow_private_networks
         self.allowed = tuple(ipaddress.ip_network(n, strict=False) for n in policy.allowed_networks)
-        self.share = _share()
+        self.share = share()
         self.multi = pycurl.CurlMulti()
         self.multi.setopt(pycurl.M_MAXCONNECTS, max(8, 2 * concurrency))  # idle keep-alive connections kept
         self._stall_check = 0.0
         self.free: list[Any] = []
-        self.active: dict[Any, _Transfer] = {}
-        self.retries: list[tuple[float, int, _Transfer]] = []  # heap of (monotonic due, seq, transfer)
+        self.active: dict[Any, Transfer] = {}
+        self.retries: list[tuple[float, int, Transfer]] = []  # heap of (monotonic due, seq, transfer)
         self._seq = 0
-        self.on_settle: Callable[[_Transfer], None] | None = None
+        self.on_settle: Callable[[Transfer], None] | None = None
+        self.screen = self._screen if policy.disallowed_header_directives else None
+        self.robots = policy.robots_txt == "respect"
+        self.waiting: dict[str, list[Transfer]] = {}  # origin -> transfers waiting for its robots.txt
+        self.handed: list[socket.socket] = []  # sockets given to libcurl (it keeps a dup of each)
 
     # -- handles ---------------------------------------------------------------------------------
     def _handle(self) -> Any:
         if self.free:
             return self.free.pop()
+        return self._new_handle()
+
+    def _new_handle(self) -> Any:
         c = pycurl.Curl()
         p = self.policy
         c.setopt(pycurl.SHARE, self.share)
@@ -166,15 +109,15 @@ class CurlEngine:
         c.setopt(pycurl.MAXREDIRS, MAX_REDIRECTS)
         c.setopt(pycurl.PROXY, "")  # never a proxy from the environment
         c.setopt(pycurl.HTTPHEADER, ["Accept-Encoding: identity"])
-        c.setopt(pycurl.USERAGENT, USER_AGENT)
+        c.setopt(pycurl.USERAGENT, p.user_agent_header)
         c.setopt(pycurl.BUFFERSIZE, BUFFER_SIZE)
         c.setopt(pycurl.DNS_CACHE_TIMEOUT, int(DNS_TTL))
         c.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(p.timeout * 1000)))
         c.setopt(pycurl.MAXFILESIZE_LARGE, p.max_bytes)  # a declared length over the cap ends it at once
-        if _VERIFY.cafile:
-            c.setopt(pycurl.CAINFO, _VERIFY.cafile)
-        if _VERIFY.capath:
-            c.setopt(pycurl.CAPATH, _VERIFY.capath)
+        if VERIFY.cafile:
+            c.setopt(pycurl.CAINFO, VERIFY.cafile)
+        if VERIFY.capath:
+            c.setopt(pycurl.CAPATH, VERIFY.capath)
         if self.guarded:
             c.setopt(pycurl.OPENSOCKETFUNCTION, lambda purpose, address, c=c: self._open_socket(c, address))
         return c
@@ -188,33 +131,107 @@ class CurlEngine:
             if transfer is not None:
                 transfer.refused = ip
             return pycurl.SOCKET_BAD
-        return socket.socket(address.family, address.socktype, address.protocol)
+        sock = socket.socket(address.family, address.socktype, address.protocol)
+        self.handed.append(sock)  # closed once libcurl holds its dup: a socket collected open costs
+        return sock  # ~40 us (CPython formats an "unclosed <socket ...>" ResourceWarning with its repr)
 
     # -- transfers -------------------------------------------------------------------------------
-    def start(self, t: _Transfer) -> None:
-        """Begin (another) attempt of `t`, or finish it with TIMEOUT if its deadline has passed."""
+    def start(self, t: Transfer) -> None:
+        """Begin (another) attempt of `t`, or finish it with TIMEOUT if its deadline has passed.
+        With robots_txt: respect, first its host's robots.txt (cached per process, else fetched
+        here as one more transfer while `t` waits)."""
         left = t.deadline - time.monotonic()
         if left <= 0:
-            self._settle(t, error=timeout_error(t.url or "", self.policy))
+            self._settle(t, error=timeout_error(t.shown, self.policy))
             return
-        c = self._handle()
+        if self.robots and not t.cleared and not self._robots_clear(t):
+            return
+        c = self._new_handle() if t.robots is not None else self._handle()
+        if t.robots is None:
+            t.screen = self.screen
         t.begin(c)
         try:
             c.setopt(pycurl.URL, t.url)
         except (UnicodeEncodeError, pycurl.error):
-            self.free.append(c)
-            self._settle(t, error=ItemError(Status.BAD_URL, f"{redact_url(t.url or '')[:200]}: not a valid URL"))
+            self._release(c, t)
+            self._settle(t, error=ItemError(Status.BAD_URL, f"{redact_url(t.shown)[:200]}: not a valid URL"))
             return
         c.setopt(pycurl.WRITEFUNCTION, t.write)
         c.setopt(pycurl.TIMEOUT_MS, max(1, int(left * 1000)))
+        if t.screen is not None:
+            c.setopt(pycurl.HEADERFUNCTION, t.headers.append)
+        if t.robots is not None:
+            c.setopt(pycurl.MAXFILESIZE_LARGE, 0)  # a large robots.txt is read up to ROBOTS_CAP, not refused
         self.active[c] = t
         self.multi.add_handle(c)
+
+    def _release(self, c: Any, t: Transfer) -> None:
+        """Back to the free list; a robots.txt fetch's handle (other size cap) is closed instead."""
+        if t.robots is None:
+            self.free.append(c)
+        else:
+            c.close()
+
+    def _screen_waiting(self) -> None:
+        """Transfers whose headers are complete but whose body has not started: the headers decide
+        now (the write callback decides at the first body chunk; this catches a body that is slow to
+        come), so an opted-out item waits at most STALL_CHECK for a body it would not read."""
+        for c, t in list(self.active.items()):
+            if not t.got and t.screen is not None and t.headers and t.headers[-1] == b"\r\n":
+                t.opted = t.screen(t.headers)
+                if t.opted is not None:
+                    del self.active[c]
+                    self.multi.remove_handle(c)
+                    self._release(c, t)
+                    self._settle(t, error=robots.header_error(t.opted))
+
+    def _screen(self, lines: list[bytes]) -> str | None:
+        p = self.policy
+        return robots.header_lines_opt_out(lines, p.bot, p.disallowed_header_directives)
+
+    def _robots_clear(self, t: Transfer) -> bool:
+        """True if robots.txt allows `t`'s URL; else `t` is settled (disallowed) or waits for it."""
+        p = self.policy
+        try:
+            site, path = robots.locate(t.url or "")
+        except ValueError:
+            return True  # not a URL: the fetch itself reports it
+        key = robots.cache_key(site, p.bot, p.allow_private_networks, p.allowed_networks)
+        rules = robots.cache.get(key)
+        if rules is None:
+            waiting = self.waiting.get(site)
+            if waiting is not None:
+                waiting.append(t)
+                return False
+            self.waiting[site] = [t]
+            fetch = Transfer(None, robots.robots_url(site), time.monotonic() + p.item_timeout, robots.ROBOTS_CAP)
+            fetch.robots, fetch.cleared = key, True
+            self.start(fetch)
+            return False
+        if not rules.allows(path):
+            self._settle(t, error=robots.refusal(rules, p.bot))
+            return False
+        t.cleared = True
+        return True
+
+    def _robots_done(self, t: Transfer, status: int | None, reason: str = "") -> None:
+        """A robots.txt fetch ended: cache its verdict and start (or refuse) the URLs waiting for it."""
+        assert t.robots is not None
+        rules = robots.rules_for(status, t.body(), self.policy.bot, reason)
+        robots.cache.put(t.robots, rules)
+        t.done, t.chunks = True, []
+        for waiter in self.waiting.pop(t.robots[0], []):
+            self.start(waiter)
 
     def drive(self, timeout: float) -> None:
         """Move every transfer along; wait up to `timeout` s for socket activity if none is ready."""
         multi = self.multi
         while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
             pass
+        if self.handed:
+            for sock in self.handed:
+                sock.close()
+            self.handed.clear()
         progressed = self._collect()
         now = time.monotonic()
         if now >= self._stall_check:
@@ -236,11 +253,16 @@ class CurlEngine:
         Checked here rather than with libcurl's LOW_SPEED_* options, which average over a ~5 s
         window and so noticed a stall after a burst only 6-7 s late."""
         self._stall_check = now + STALL_CHECK
+        if self.screen is not None:
+            self._screen_waiting()
         stalled = [c for c, t in self.active.items() if now - t.last_data > self.policy.timeout]
         for c in stalled:
             t = self.active.pop(c)
             self.multi.remove_handle(c)
-            self.free.append(c)
+            self._release(c, t)
+            if t.robots is not None:
+                self._robots_done(t, None, f"sent nothing for fetch.timeout={self.policy.timeout:g}s")
+                continue
             self._failed(t, TimeoutError(f"no data for fetch.timeout={self.policy.timeout:g}s"))
         return bool(stalled)
 
@@ -262,52 +284,34 @@ class CurlEngine:
         self.multi.remove_handle(c)
         status = c.getinfo(pycurl.RESPONSE_CODE)
         retry_after = c.getinfo(pycurl.RETRY_AFTER) if status in (429, 503) else 0
+        if t.robots is not None:
+            self._robots_finished(c, t, code, status, message)
+            return
         self.free.append(c)
         if code == 0 and 200 <= status < 300:
-            self._settle(t, value=t.body())
+            if t.screen is not None and not t.got:  # an empty body: no write callback saw the headers
+                t.opted = t.screen(t.headers)
+            if t.opted is None:
+                self._settle(t, value=t.body())
+                return
+        if t.opted is not None and 200 <= status < 300:
+            self._settle(t, error=robots.header_error(t.opted))
             return
-        url = t.url or ""
         if status and not 200 <= status < 300 and code in (0, pycurl.E_WRITE_ERROR, pycurl.E_FILESIZE_EXCEEDED):
             # an error response, whole or cut at the size cap: its status is the answer, not its size
-            error: BaseException = http_status_error(status, redact_url(url), None,
+            error: BaseException = http_status_error(status, redact_url(t.shown), None,
                                                      min(retry_after, RETRY_AFTER_CAP) or None)  # fmt: skip
         else:
-            error = self._curl_error(t, code, message)
+            error = curl_error(t, code, message, self.policy)
         self._failed(t, error)
 
-    def _curl_error(self, t: _Transfer, code: int, message: str) -> BaseException:
-        """libcurl's error as the exception the urllib3 backend raises for the same condition."""
-        url = t.url or ""
-        safe = redact_url(url)
-        text = f"{safe}: {message.replace(url, safe)}"
-        if code == pycurl.E_COULDNT_CONNECT and t.refused is not None:
-            hop = t.handle.getinfo(pycurl.EFFECTIVE_URL) if t.handle is not None else url  # the redirect hop's
-            return PrivateAddressError(urlsplit(hop).hostname or "?", t.refused)
-        if code == pycurl.E_OPERATION_TIMEDOUT:
-            late = time.monotonic() >= t.deadline - 0.05
-            return timeout_error(url, self.policy) if late else TimeoutError(message.replace(url, safe))
-        if code == pycurl.E_FILESIZE_EXCEEDED or (code == pycurl.E_WRITE_ERROR and t.too_large):
-            return ItemError(Status.TOO_LARGE, f"{safe}: more than the cap of {t.cap} bytes")
-        if code == pycurl.E_UNSUPPORTED_PROTOCOL and "HTTP/0.9" in message:
-            return TransientError(f"{text} (the server did not answer in HTTP)", safe)  # e.g. the wrong port
-        if code in (pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT):
-            return ItemError(Status.BAD_URL, f"{text} (only http and https are fetched)")
-        if code == pycurl.E_TOO_MANY_REDIRECTS:
-            return ItemError(Status.HTTP_ERROR, f"{safe}: more than {MAX_REDIRECTS} redirects")
-        if code in (pycurl.E_SSL_CONNECT_ERROR, pycurl.E_PEER_FAILED_VERIFICATION):
-            return ItemError(Status.CONNECTION_ERROR, text)
-        if code == pycurl.E_PARTIAL_FILE:
-            return TransientError(text, safe)
-        return TransientError(text if message else f"{safe}: libcurl error {code}", safe)  # resets, refused,
-        # name resolution, nothing received: retried, then CONNECTION_ERROR
-
-    def _failed(self, t: _Transfer, error: BaseException) -> None:
+    def _failed(self, t: Transfer, error: BaseException) -> None:
         """Retry a transient failure after backoff if its deadline allows, else settle the item."""
         if isinstance(error, ItemError):
             self._settle(t, error=error)
             return
         if not is_transient(error):
-            self._settle(t, error=to_item_error(error, t.url or ""))
+            self._settle(t, error=to_item_error(error, t.shown))
             return
         if t.attempts <= self.policy.retries:
             due = time.monotonic() + retry_delay(t.attempts, self.policy.backoff, getattr(error, "retry_after", None))
@@ -315,9 +319,24 @@ class CurlEngine:
                 self._seq += 1
                 heapq.heappush(self.retries, (due, self._seq, t))
                 return
-        self._settle(t, error=give_up(error, t.url or "", t.attempts, self.policy))
+        self._settle(t, error=give_up(error, t.shown, t.attempts, self.policy))
 
-    def _settle(self, t: _Transfer, value: Any = None, error: BaseException | None = None) -> None:
+    def _robots_finished(self, c: Any, t: Transfer, code: int, status: int, message: str) -> None:
+        """RFC 9309's reading of a robots.txt transfer's outcome (a cut at ROBOTS_CAP is a success)."""
+        answer: int | None = status
+        reason = ""
+        if code == pycurl.E_TOO_MANY_REDIRECTS:
+            answer = 404  # not reached within the redirect limit: "unavailable"
+        elif not (code == 0 or (code == pycurl.E_WRITE_ERROR and t.too_large)):
+            error = curl_error(t, code, message, self.policy)  # reads the handle: before it is released
+            answer, reason = None, str(error.message if isinstance(error, ItemError) else error)
+        self._release(c, t)
+        self._robots_done(t, answer, reason)
+
+    def _settle(self, t: Transfer, value: Any = None, error: BaseException | None = None) -> None:
+        if t.robots is not None:  # a robots.txt fetch that could not start
+            self._robots_done(t, None, str(getattr(error, "message", error)))
+            return
         t.value, t.error, t.done, t.chunks = value, error, True, []
         if self.on_settle is not None:
             self.on_settle(t)
@@ -330,6 +349,9 @@ class CurlEngine:
             self.multi.remove_handle(c)
         for c in [*self.active, *self.free]:
             c.close()
+        for sock in self.handed:
+            sock.close()
+        self.handed.clear()
         self.active.clear()
         self.free.clear()
         self.multi.close()
@@ -341,14 +363,15 @@ def curl_fetch(url: str, policy: FetchPolicy, deadline: float | None = None) -> 
     on failure. Each thread keeps one engine per policy, so its connections stay alive between calls."""
     engines = _local.__dict__.setdefault("engines", {})
     key = (policy.timeout, policy.retries, policy.backoff, policy.max_bytes, policy.item_timeout,
-           policy.allow_private_networks, policy.allowed_networks)  # what an engine's behaviour depends on
+           policy.allow_private_networks, policy.allowed_networks, policy.user_agent_header, policy.bot,
+           policy.disallowed_header_directives, policy.robots_txt)  # what an engine's behaviour depends on
     engine = engines.get(key)
     if engine is None or engine.multi is None:
         engine = engines[key] = CurlEngine(policy, 4)
         while len(engines) > 8:  # a few policies per thread at most; drop the oldest
             engines.pop(next(iter(engines))).close()
-    t = _Transfer(url, http_url(url), deadline if deadline is not None else time.monotonic() + policy.item_timeout,
-                  policy.max_bytes)  # fmt: skip
+    t = Transfer(url, http_url(url), deadline if deadline is not None else time.monotonic() + policy.item_timeout,
+                 policy.max_bytes, shown=url)  # fmt: skip
     try:
         engine.start(t)
         while not t.done:
@@ -360,17 +383,3 @@ def curl_fetch(url: str, policy: FetchPolicy, deadline: float | None = None) -> 
     if t.error is not None:
         raise t.error
     return t.value
-
-
-_PLAIN_URL = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
-
-
-def http_url(url: str) -> str:
-    """`url` as sent on the wire: spaces, non-ASCII and other characters URLs may not hold are
-    percent-encoded exactly as the urllib3 backend does (urllib3.util.parse_url)."""
-    if _PLAIN_URL.fullmatch(url):
-        return url
-    try:
-        return urllib3.util.parse_url(url).url
-    except urllib3.exceptions.LocationParseError:
-        return url  # libcurl reports it as a malformed URL (bad_url)

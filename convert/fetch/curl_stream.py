@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Generic, TypeVar
 
-from .curl import CurlEngine, _Transfer, http_url
+from .curl import CurlEngine
+from .curl_transfer import Transfer
 from .policy import FetchPolicy
 from .prefetch import THREAD_PREFIX, Budget, Fetched
+from .retry import http_url
 
 T = TypeVar("T")
 
@@ -42,7 +44,7 @@ class CurlStream(Generic[T]):
         self._engine = CurlEngine(policy, depth)
         self._engine.on_settle = self._settled
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: deque[_Transfer] = deque()  # in input order; each knows its budget key
+        self._pending: deque[Transfer] = deque()  # in input order; each knows its budget key
         self._budget = Budget(size_of, None)
         self._exhausted = False
         self._index = 0
@@ -78,10 +80,10 @@ class CurlStream(Generic[T]):
             except StopIteration:
                 self._exhausted = True
                 return
-            url = self._url_of(item)
-            url = None if url is None else http_url(url)
+            listed = self._url_of(item)
+            url = None if listed is None else http_url(listed)  # as sent; errors name it as listed
             key = self._index
-            t = _Transfer(item, url, time.monotonic() + self._policy.item_timeout, self._policy.max_bytes, key)
+            t = Transfer(item, url, time.monotonic() + self._policy.item_timeout, self._policy.max_bytes, key, listed)
             self._pending.append(t)
             self._index += 1
             if url is None:
@@ -90,14 +92,14 @@ class CurlStream(Generic[T]):
             else:
                 self._engine.start(t)
 
-    def _settled(self, t: _Transfer) -> None:
+    def _settled(self, t: Transfer) -> None:
         """A curl item finished: its bytes count against the budget, its wall time is reported."""
         if t.error is None:
             self._budget.record(t.key, t.value)
         if self._on_done is not None:
             self._on_done(time.perf_counter_ns() - t.started)
 
-    def _ready(self, t: _Transfer) -> bool:
+    def _ready(self, t: Transfer) -> bool:
         """True once `t` is settled; settles a fallback item whose future has finished."""
         if t.future is not None and not t.done and t.future.done():
             error = t.future.exception()

@@ -2,10 +2,10 @@
 down when the item that is using it runs out of time.
 
 Socket timeouts bound each recv(), not a response: a server sending its status line and headers
-one byte a second keeps urllib3's `getresponse()` busy for minutes. The body is read in a loop that
-checks the deadline itself (convert.fetch.http), but the header phase happens inside urllib3, so
-the pool's `_make_request` registers the connection here while it runs (see netguard), under the
-deadline the fetching thread set with `deadline_scope`. Hand-written: neither urllib3 nor the
+(or its body) one byte a second keeps urllib3 busy for minutes. The header phase happens inside
+urllib3, so the pool's `_make_request` registers the connection here while it runs (see netguard),
+under the deadline the fetching thread set with `deadline_scope`; convert.fetch.http registers it
+again for the body and any drain of it, so every byte of an item is bounded by its deadline. Hand-written: neither urllib3 nor the
 standard library bounds a whole blocking request.
 
 Cost: one lock round trip and a heap push per request; cancelled entries are dropped lazily and

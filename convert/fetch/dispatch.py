@@ -15,10 +15,12 @@ import time
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 from ..specs import ItemError, Status
+from .curl import curl_fetch
 from .errors import redact_url, to_item_error
-from .http import check_deadline, fetch_http
+from .http import fetch_http
 from .policy import FetchPolicy
 from .resilient import open_resilient
+from .retry import check_deadline
 from .sources import scheme_of
 
 
@@ -129,7 +131,8 @@ def _fetch_fsspec(uri: str, policy: FetchPolicy, deadline: float) -> bytes:
 def fetch_bytes(uri: str, policy: FetchPolicy) -> bytes:
     """The bytes of one item, or ItemError(Status.X, message naming the redacted URL).
 
-    Local paths and file:// are read directly; http(s) goes through the pooled urllib3 client
+    Local paths and file:// are read directly; http(s) goes through the HTTP backend the policy
+    chose once (`policy.uses_curl`: libcurl, curl.py, else the pooled urllib3 client, http.py),
     with retries; other fsspec schemes (s3://, memory://, gs://...) through the resilient reader
     with `policy.storage_options`. Schemes outside `policy.allowed_schemes` are BAD_URL.
     """
@@ -141,7 +144,7 @@ def fetch_bytes(uri: str, policy: FetchPolicy) -> bytes:
     if scheme == "file":
         return _fetch_local(uri, policy)
     if scheme in ("http", "https"):
-        return fetch_http(uri, policy, deadline)
+        return (curl_fetch if policy.uses_curl else fetch_http)(uri, policy, deadline)
     if scheme == "data":
         return _fetch_data(uri, policy)
     return _fetch_fsspec(uri, policy, deadline)

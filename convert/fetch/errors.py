@@ -16,6 +16,23 @@ import urllib3.exceptions as u3
 from ..redact import redact_url
 from ..specs import ItemError, Status
 
+SETTING = "fetch.allow_private_networks"
+
+
+class PrivateAddressError(ItemError):
+    """An HTTP connection refused because its target address is not public."""
+
+    def __init__(self, host: str, address: str) -> None:
+        super().__init__(
+            Status.BAD_URL, f"{host} resolves to non-public address {address}; refused (set {SETTING}: true to allow)"
+        )
+
+
+class PrivateNetworkRefused(RuntimeError):
+    """Shard-level: the first items of a shard all resolved to non-public addresses. The run should
+    stop (not retry) and show this one line, which names the setting that allows them."""
+
+
 class FetchError(OSError):
     """A failed read; `url` is redacted, `offset` is the byte position reached (if known)."""
 

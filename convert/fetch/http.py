@@ -11,25 +11,39 @@ raised while streaming the body and does not cap a server's Retry-After.
 
 from __future__ import annotations
 
-import email.utils
 import os
-import random
 import threading
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import urllib3
 import urllib3.exceptions as u3
 
 from ..specs import ItemError, Status
-from .errors import HTTPStatusError, TransientError, http_status_error, is_transient, redact_url, to_item_error
-from .deadline import deadline_scope
+from . import robots
+from .deadline import deadline_scope, watched
+from .errors import (
+    HTTPStatusError,
+    TransientError,
+    http_status_error,
+    is_transient,
+    redact_url,
+    to_item_error,
+)
 from .netguard import pool_classes
 from .policy import FetchPolicy
+from .retry import (
+    RETRY_AFTER_CAP,
+    check_deadline,
+    give_up,
+    http_url,
+    parse_retry_after,
+    retry_delay,
+)
+
+__all__ = ["RETRY_AFTER_CAP", "discard", "fetch_http", "pool_manager", "request", "retry_delay", "status_error"]
 
 POOL_MAXSIZE = 128  # connections kept per host; created lazily, so a large size costs nothing idle
-RETRY_AFTER_CAP = 30.0  # seconds: the most a server's Retry-After may make us wait
-BACKOFF_CAP = 10.0  # seconds: ceiling of the exponential backoff
 ERROR_BODY_DRAIN = 64 * 1024  # error bodies up to this size are read so the connection is reused
 
 # urllib3 must not retry by itself (our loop does), but it follows a bounded number of redirects.
@@ -70,33 +84,6 @@ def pool_manager(guarded: bool = False, allowed: tuple[str, ...] = ()) -> urllib
         return _pools[key]
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date), capped; None if absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        seconds = when.timestamp() - time.time()
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
-
-
-def retry_delay(attempt: int, backoff: float, retry_after: float | None = None, cap: float = BACKOFF_CAP) -> float:
-    """Sleep before retry `attempt` (1-based): exponential backoff with jitter, at least Retry-After."""
-    base = min(cap, backoff * 2 ** (attempt - 1))
-    delay = base * random.uniform(0.5, 1.0)  # jitter keeps many workers from retrying in lock-step
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, RETRY_AFTER_CAP))
-    return delay
-
-
 def request(
     url: str,
     timeout: float,
@@ -134,10 +121,11 @@ def request(
 
 
 def discard(resp: urllib3.BaseHTTPResponse) -> None:
-    """Give the connection back: drained if the rest is small, else closed (never reused dirty)."""
+    """Give the connection back: drained if the rest is small, else closed (never reused dirty).
+    Called inside the item's `watched` scope, so a drain of a trickling body ends at the deadline."""
     try:
         remaining = resp.length_remaining
-        if remaining is not None and remaining <= ERROR_BODY_DRAIN:
+        if remaining is not None and remaining <= ERROR_BODY_DRAIN and not resp.closed:
             resp.drain_conn()
         else:
             resp.close()
@@ -150,26 +138,6 @@ def status_error(resp: urllib3.BaseHTTPResponse, url: str, offset: int | None = 
     """The HTTPStatusError for a non-success response (Retry-After parsed for 429/503)."""
     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
     return http_status_error(resp.status, redact_url(url), offset, retry_after)
-
-
-def timeout_error(url: str, policy: FetchPolicy) -> ItemError:
-    """The item ran out of its fetch.item_timeout."""
-    return ItemError(Status.TIMEOUT, f"{redact_url(url)}: exceeded fetch.item_timeout={policy.item_timeout:g}s")
-
-
-def check_deadline(url: str, deadline: float, policy: FetchPolicy) -> float:
-    """Seconds left before the item's deadline; ItemError(TIMEOUT) once it has passed."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise timeout_error(url, policy)
-    return left
-
-
-def give_up(last: BaseException, url: str, made: int, policy: FetchPolicy) -> ItemError:
-    """The item's final error after `made` attempts that all failed transiently (`last` the latest)."""
-    err = to_item_error(last, url)
-    note = f"; fetch.item_timeout={policy.item_timeout:g}s leaves no time for more" if made <= policy.retries else ""
-    return ItemError(err.status, f"{err.message} (after {made} attempt{'s' if made > 1 else ''}{note})")
 
 
 def _read_body(resp: urllib3.BaseHTTPResponse, url: str, limit: int, deadline: float, policy: FetchPolicy) -> bytes:
@@ -192,40 +160,100 @@ def _read_body(resp: urllib3.BaseHTTPResponse, url: str, limit: int, deadline: f
 
 def _get_once(url: str, policy: FetchPolicy, deadline: float) -> bytes:
     left = check_deadline(url, deadline, policy)
-    resp = request(url, min(policy.timeout, left), None, "GET", policy.allow_private_networks, policy.allowed_networks)
+    headers = {"User-Agent": policy.user_agent_header}
+    resp = request(url, min(policy.timeout, left), headers, "GET", policy.allow_private_networks, policy.allowed_networks)
     done = False
-    try:
-        if not 200 <= resp.status < 300:
-            raise status_error(resp, url)
-        length = resp.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > policy.max_bytes:
-            raise ItemError(Status.TOO_LARGE, f"{redact_url(url)}: {length} bytes > cap {policy.max_bytes}")
-        data = _read_body(resp, url, policy.max_bytes + 1, deadline, policy)  # stops one byte past the cap
-        if len(data) > policy.max_bytes:
-            raise ItemError(Status.TOO_LARGE, f"{redact_url(url)}: more than {policy.max_bytes} bytes")
-        if length is not None and length.isdigit() and len(data) != int(length):
-            # urllib3 only notices a short body on the *next* read; a truncated image must not pass
-            raise TransientError(f"{redact_url(url)}: body ended at {len(data)} of {length} bytes")
-        done = True
-        return data
-    finally:
-        if done:
-            resp.release_conn()
+    # the reaper covers every byte: the body and any drain of it end at the deadline too (socket
+    # timeouts bound one recv, and a server sending a byte a second never trips them)
+    with watched(resp.connection):
+        try:
+            if not 200 <= resp.status < 300:
+                raise status_error(resp, url)
+            directive = robots.header_opt_out(resp.headers.getlist("X-Robots-Tag"), policy.bot,
+                                              policy.disallowed_header_directives)  # fmt: skip
+            if directive is not None:
+                resp.close()  # the headers decided: the body is not read
+                raise robots.header_error(directive)
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > policy.max_bytes:
+                raise ItemError(Status.TOO_LARGE, f"{redact_url(url)}: {length} bytes > cap {policy.max_bytes}")
+            data = _read_body(resp, url, policy.max_bytes + 1, deadline, policy)  # stops one byte past the cap
+            if len(data) > policy.max_bytes:
+                raise ItemError(Status.TOO_LARGE, f"{redact_url(url)}: more than {policy.max_bytes} bytes")
+            if length is not None and length.isdigit() and len(data) != int(length):
+                # urllib3 only notices a short body on the *next* read; a truncated image must not pass
+                raise TransientError(f"{redact_url(url)}: body ended at {len(data)} of {length} bytes")
+            done = True
+            return data
+        finally:
+            if done:
+                resp.release_conn()
+            else:
+                discard(resp)
+
+
+def _robots_rules(site: str, policy: FetchPolicy, deadline: float) -> robots.Rules:
+    """The robots.txt rules of `site` (an origin) for our bot: from the process cache, else fetched
+    once (other threads wanting the same host wait for that fetch, until their own deadline)
+    through the guarded pool."""
+    key = robots.cache_key(site, policy.bot, policy.allow_private_networks, policy.allowed_networks)
+    rules = robots.cache.get(key)
+    while rules is None:
+        mine, done = robots.inflight.claim(key)
+        if mine:
+            try:
+                rules = _fetch_robots(robots.robots_url(site), policy, deadline)
+                robots.cache.put(key, rules)
+            finally:
+                robots.inflight.release(key)
         else:
-            discard(resp)
+            done.wait(check_deadline(site, deadline, policy))
+            rules = robots.cache.get(key)
+    return rules
+
+
+def _fetch_robots(url: str, policy: FetchPolicy, deadline: float) -> robots.Rules:
+    """One GET of robots.txt (redirects followed and address-checked like any fetch; the first
+    ROBOTS_CAP bytes read, the rest never); its status and bytes mapped by RFC 9309."""
+    status: int | None = None
+    body, reason = b"", ""
+    try:
+        with deadline_scope(deadline):
+            left = check_deadline(url, deadline, policy)
+            headers = {"User-Agent": policy.user_agent_header}
+            resp = request(url, min(policy.timeout, left), headers, "GET", policy.allow_private_networks,
+                           policy.allowed_networks)  # fmt: skip
+            with watched(resp.connection):
+                try:
+                    status = resp.status
+                    if 200 <= status < 300:
+                        body = _read_body(resp, url, robots.ROBOTS_CAP, deadline, policy)
+                finally:
+                    resp.close()
+                    resp.release_conn()
+    except (u3.MaxRetryError, u3.ResponseError):  # more redirects than allowed: "unavailable" (RFC 9309)
+        status = 404
+    except Exception as exc:  # noqa: BLE001 - refused, unreachable, timed out: the host is off limits for now
+        status, reason = None, to_item_error(exc, url).message
+    return robots.rules_for(status, body, policy.bot, reason)
 
 
 def fetch_http(url: str, policy: FetchPolicy, deadline: float | None = None) -> bytes:
-    """GET `url` with retries on transient errors; permanent errors raise ItemError at once.
+    """GET `url` with urllib3, retrying transient errors; permanent errors raise ItemError at once.
 
     Everything - connects, reads, retries and their backoff - ends by `deadline` (monotonic
-    seconds; default now + policy.item_timeout), as a TIMEOUT if nothing else failed first."""
+    seconds; default now + policy.item_timeout), as a TIMEOUT if nothing else failed first. With
+    `robots_txt: respect` a URL its host's robots.txt disallows is not fetched (opted_out)."""
     if deadline is None:
         deadline = time.monotonic() + policy.item_timeout
-    if policy.uses_curl:
-        from .curl import curl_fetch  # imported at module load by fetch/__init__ (no import race)
-
-        return curl_fetch(url, policy, deadline)
+    if policy.robots_txt == "respect":
+        try:
+            site, path = robots.locate(http_url(url))  # the host actually contacted (urlsplit may differ)
+        except ValueError:
+            raise ItemError(Status.BAD_URL, f"{redact_url(url)[:200]}: not a valid URL") from None
+        rules = _robots_rules(site, policy, deadline)
+        if not rules.allows(path):
+            raise robots.refusal(rules, policy.bot)
     last: BaseException | None = None
     made = 0
     for attempt in range(policy.retries + 1):

@@ -22,30 +22,17 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError
 
-from ..specs import ItemError, Status
 from .deadline import watched
+from .errors import PrivateAddressError, PrivateNetworkRefused
 
 DNS_TTL = 300.0  # seconds a resolved address list is reused
 DNS_CACHE_MAX = 65_536  # hosts; the cache is cleared when full (bounded memory on huge crawls)
-SETTING = "fetch.allow_private_networks"
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 _cache: dict[tuple[str, int], tuple[float, list[tuple[int, str]]]] = {}
 _cache_lock = threading.Lock()
 
-
-class PrivateAddressError(ItemError):
-    """An HTTP connection refused because its target address is not public."""
-
-    def __init__(self, host: str, address: str) -> None:
-        super().__init__(
-            Status.BAD_URL, f"{host} resolves to non-public address {address}; refused (set {SETTING}: true to allow)"
-        )
-
-
-class PrivateNetworkRefused(RuntimeError):
-    """Shard-level: the first items of a shard all resolved to non-public addresses. The run should
-    stop (not retry) and show this one line, which names the setting that allows them."""
+__all__ = ["DNS_TTL", "PrivateAddressError", "PrivateNetworkRefused", "exempt", "is_public", "pool_classes", "resolve"]
 
 
 def resolve(host: str, port: int) -> list[tuple[int, str]]:

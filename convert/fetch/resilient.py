@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .errors import ResumeExhausted, TransientError, is_transient
-from .http import retry_delay
+from .retry import retry_delay
 from .prefetch import prefetch
 from .sources import Source, Stream, make_source
 

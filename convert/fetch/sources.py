@@ -1,25 +1,24 @@
-"""Byte-range sources behind the resilient reader: HTTP (urllib3), S3 (s3fs) and any fsspec filesystem.
+"""Byte-range sources behind the resilient reader: HTTP (urllib3), and every other URL through its Store.
 
 A source opens a *stream* of one object's bytes from an offset, pins the object's identity
 (ETag, version id or modification stamp) from the first response and checks it on every
-re-open, and turns a server that ignored the Range request into the right bytes.
+re-open, and turns a server that ignored the Range request into the right bytes. S3 and
+fsspec objects are read through `convert.store` (no S3 client here); `scheme_of` is the
+store's one URL-scheme rule, re-exported for the fetch layer.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections import deque
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
-import fsspec
 import urllib3
-from fsspec.asyn import sync
 
+from ..store import PreconditionFailed, RangeStream, Store, open_object, scheme_of
 from . import http
-from .errors import ObjectChanged, TransientError, boto_code, redact_url
+from .errors import ObjectChanged, TransientError, is_transient, redact_url
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _SKIP_CHUNK = 1 << 20
@@ -68,6 +67,9 @@ class Source(ABC):
                 )
             self.identity = self.identity or identity
             self.size = self.size if self.size is not None else size
+
+
+__all__ = ["HTTPSource", "Source", "StoreSource", "Stream", "make_source", "scheme_of"]
 
 
 class _Empty:
@@ -183,203 +185,72 @@ def _skip(resp: urllib3.BaseHTTPResponse, count: int, url: str) -> None:
         count -= len(data)
 
 
-async def _read_upto(body: Any, n: int, timeout: float) -> tuple[list[bytes], Exception | None]:
-    """Chunks totalling up to n bytes from an aiobotocore body, each read bounded by `timeout`.
+class StoreSource(Source):
+    """An object behind a Store (S3, a local file, any fsspec filesystem): one streamed ranged read
+    per (re)open, conditional on the first identity seen (If-Match on S3's ETag; elsewhere the
+    Store compares the version token)."""
 
-    A failure is returned with the chunks read before it, so bytes that arrived are not lost.
-    """
-    chunks: list[bytes] = []
-    got = 0
-    try:
-        while got < n:
-            chunk = await asyncio.wait_for(body.read(n - got), timeout)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-    except Exception as exc:  # noqa: BLE001 - handed back to the caller, raised after the chunks
-        return chunks, exc
-    return chunks, None
-
-
-async def _close_body(body: Any) -> None:
-    body.close()  # in the event loop's thread: aiohttp transports are not thread-safe
-
-
-class _S3Stream:
-    def __init__(self, fs: Any, body: Any, remaining: int, timeout: float, url: str, offset: int) -> None:
-        self._fs, self._body, self._remaining, self._timeout = fs, body, remaining, timeout
-        self._url, self._offset = url, offset
-        self._ready: deque[bytes] = deque()
-        self._error: Exception | None = None
-
-    def read(self, n: int) -> bytes:
-        if self._remaining <= 0:
-            return b""
-        if not self._ready:
-            if self._error is not None:
-                raise self._error
-            want = min(max(n, 1 << 20), self._remaining)  # one loop hop per MiB, not per socket chunk
-            chunks, self._error = sync(self._fs.loop, _read_upto, self._body, want, self._timeout)
-            self._ready.extend(chunks)
-            if not self._ready:
-                if self._error is not None:
-                    raise self._error
-                raise TransientError(f"{self._url}: body ended {self._remaining} bytes short", self._url, self._offset)
-        data = self._ready.popleft()
-        if len(data) > n:
-            data, rest = data[:n], data[n:]
-            self._ready.appendleft(rest)
-        self._remaining -= len(data)
-        return data
-
-    def close(self) -> None:
-        try:
-            sync(self._fs.loop, _close_body, self._body, timeout=self._timeout)
-        except Exception:  # noqa: BLE001 - closing a broken body may fail; nothing to recover
-            pass
-
-
-class S3Source(Source):
-    """S3 via s3fs's client: one streaming GetObject per (re)open, IfMatch-pinned to the first ETag."""
-
-    def __init__(self, url: str, fs: Any, timeout: float) -> None:
+    def __init__(self, url: str, store: Store, rel: str, timeout: float) -> None:
         super().__init__(url)
-        self._fs, self._timeout = fs, timeout
-        self._bucket, self._key, self._version = fs.split_path(url)
-
-    def _kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key}
-        if self._version:
-            kw["VersionId"] = self._version
-        if self.identity and self.identity.startswith("etag:"):
-            kw["IfMatch"] = self.identity[5:]
-        return kw
-
-    async def _call(self, method: str, **kw: Any) -> dict[str, Any]:
-        return await asyncio.wait_for(self._fs._call_s3(method, **kw), self._timeout)
-
-    def _s3(self, method: str, offset: int, **kw: Any) -> dict[str, Any]:
-        try:
-            return sync(self._fs.loop, self._call, method, **kw)
-        except OSError as exc:
-            code = boto_code(exc)
-            if code in ("PreconditionFailed", "412"):
-                raise ObjectChanged(
-                    f"{self.url} changed while being read (ETag no longer {self.identity}) at byte {offset}",
-                    self.url,
-                    offset,
-                ) from exc
-            if code in ("InvalidRange", "416") and self.size is not None and offset >= self.size:
-                return {}
-            raise
+        self._store, self._rel, self._timeout = store, rel, timeout
 
     def stat(self) -> None:
-        head = self._s3("head_object", 0, **self._kwargs())
-        self.pin(f"etag:{head['ETag']}" if head.get("ETag") else None, head.get("ContentLength"), 0)
+        entry = self._store.info(self._rel)
+        self.pin(entry.token, entry.size, 0)
 
     def open(self, start: int, end: int | None) -> Stream:
-        kw = self._kwargs()
-        if start > 0 or end is not None:
-            kw["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        resp = self._s3("get_object", start, **kw)
-        if not resp:
-            return _Empty()
-        body = resp["Body"]
         try:
-            total, first = _s3_extent(resp)
-            self.pin(f"etag:{resp['ETag']}" if resp.get("ETag") else None, total, start)
-            if first != start:  # a full body for a ranged request: skip to the offset
+            stream = self._store.open_range(self._rel, start, end, match=self.identity, timeout=self._timeout)
+        except PreconditionFailed as exc:
+            raise ObjectChanged(f"{self.url} changed while being read (no longer {self.identity}) at byte "
+                                f"{start}; refusing to splice two versions", self.url, start) from exc  # fmt: skip
+        try:
+            self.pin(stream.entry.token, stream.entry.size, start)
+            if stream.first != start:  # a full body for a ranged request: skip to the offset
                 self.range_ignored = True
-                sync_skip = _S3Stream(self._fs, body, start, self._timeout, self.url, 0)
-                while sync_skip.read(_SKIP_CHUNK):
-                    pass
-            stop = min(end, total) if end is not None else total
-            return _S3Stream(self._fs, body, stop - start, self._timeout, self.url, start)
+                _skip_stream(stream, start - stream.first, self.url)
         except BaseException:
-            _S3Stream(self._fs, body, 0, self._timeout, self.url, start).close()
+            stream.close()
             raise
+        # without ETags a version can change under an open file: check it again at the range's end
+        return _Checked(stream, self.url, start, None if self._store.supports_etags else self.stat)
 
 
-def _s3_extent(resp: dict[str, Any]) -> tuple[int, int]:
-    """(object size, first byte returned) from a GetObject response."""
-    m = _CONTENT_RANGE.match(resp.get("ContentRange") or "")
-    if m and m.group(3) != "*":
-        return int(m.group(3)), int(m.group(1))
-    return int(resp["ContentLength"]), 0
+def _skip_stream(stream: RangeStream, count: int, url: str) -> None:
+    while count > 0:
+        data = stream.read(min(count, _SKIP_CHUNK))
+        if not data:
+            raise TransientError(f"{url}: body ended while skipping to the requested range", url)
+        count -= len(data)
 
 
-def _info_identity(info: dict[str, Any]) -> str | None:
-    for key in ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash", "content_md5"):
-        if info.get(key):
-            return f"{key}:{info[key]}"
-    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        if info.get(key) is not None:
-            return f"{key}:{info[key]}"
-    return None
+class _Checked:
+    """A store's range stream with its short-body failures as TransientError (so the reader resumes),
+    and, for stores without ETags, the object's identity checked again at the end of the range."""
 
-
-class _FileStream:
-    def __init__(self, source: "FsspecSource", f: Any, remaining: int) -> None:
-        self._source, self._f, self._remaining = source, f, remaining
+    def __init__(self, stream: RangeStream, url: str, offset: int, at_end: Callable[[], None] | None) -> None:
+        self._stream, self._url, self._offset, self._at_end = stream, url, offset, at_end
 
     def read(self, n: int) -> bytes:
-        if self._remaining <= 0:
-            self._source.stat()  # generic filesystems: re-check identity at the end of the range
-            return b""
-        data = self._f.read(min(n, self._remaining))
-        if not data:
-            raise TransientError(f"{self._source.url}: ended {self._remaining} bytes short", self._source.url)
-        self._remaining -= len(data)
+        try:
+            data = self._stream.read(n)
+        except OSError as exc:
+            if is_transient(exc) or "short" in str(exc):
+                raise TransientError(f"{self._url}: {exc}", self._url, self._offset) from exc
+            raise
+        if not data and self._at_end is not None:
+            self._at_end()
+        self._offset += len(data)
         return data
 
     def close(self) -> None:
-        self._f.close()
-
-
-class FsspecSource(Source):
-    """Any other fsspec filesystem: identity from info(), checked on every (re)open and at range end."""
-
-    def __init__(self, url: str, fs: Any, path: str) -> None:
-        super().__init__(url)
-        self._fs, self._path = fs, path
-
-    def stat(self) -> None:
-        info = self._fs.info(self._path)
-        self.pin(_info_identity(info), info.get("size"), 0)
-
-    def open(self, start: int, end: int | None) -> Stream:
-        self.stat()
-        assert self.size is not None
-        stop = self.size if end is None else min(end, self.size)
-        f = self._fs.open(self._path, "rb", cache_type="none")
-        try:
-            f.seek(start)
-        except BaseException:
-            f.close()
-            raise
-        return _FileStream(self, f, stop - start)
-
-
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # 2+ chars, so "C:\\x" stays a path
-
-
-def scheme_of(uri: str) -> str:
-    """'file' for plain paths, else the lower-cased scheme ('https', 's3', 'data', 'file', ...).
-
-    'data:...' and 'file:/x' have no '//' but are schemes all the same: they must meet the
-    allow-list rather than pass as relative local paths."""
-    m = _SCHEME.match(uri)
-    return m.group(1).lower() if m else "file"
+        self._stream.close()
 
 
 def make_source(url: str, storage_options: dict[str, Any] | None, timeout: float) -> Source:
-    """The Source for a URL: urllib3 for http(s), s3fs streaming for s3, fsspec for the rest."""
+    """The Source for a URL: urllib3 for http(s), the Store of its bucket/filesystem for the rest."""
     options = dict(storage_options or {})
-    scheme = scheme_of(url)
-    if scheme in ("http", "https"):
+    if scheme_of(url) in ("http", "https"):
         return HTTPSource(url, timeout, options.get("headers"))
-    if scheme in ("s3", "s3a"):
-        return S3Source(url, fsspec.filesystem("s3", **options), timeout)
-    fs, path = fsspec.core.url_to_fs(url, **options)
-    return FsspecSource(url, fs, path)
+    store, rel = open_object(url, options)
+    return StoreSource(url, store, rel, timeout)

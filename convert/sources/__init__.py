@@ -24,8 +24,9 @@ from ..specs import Column, InputSlice, ItemRef, ShardSpec, SourceRef
 from .base import IMAGE_EXTENSIONS, SourceError, SourceListing, Workdir, open_fs, safe_key
 from .cifar import cifar_refs, is_cifar_uri, plan_cifar, read_member
 from .folder import folder_refs, plan_folder
-from .lists import LIST_SUFFIXES, open_list, read_text_rows
-from .urls import plan_urls, url_refs
+from .lists import LIST_SUFFIXES, open_list
+from .rows import read_rows
+from .urls import ColumnChoice, plan_urls, url_refs
 
 LABELS = "partitions/labels.json"
 PASS_THREADS = 8
@@ -44,7 +45,8 @@ class SourcePlan:
 
 
 def detect_kind(uri: str) -> str:
-    """'urls' for .txt/.csv/.parquet, 'cifar' for CIFAR batch files/folders, else 'folder' (no I/O)."""
+    """'urls' for list files (.txt/.csv/.tsv/.jsonl/.json/.parquet, optionally .gz/.zst/.bz2), 'cifar'
+    for CIFAR batch files/folders, else 'folder' (no I/O)."""
     name = posixpath.basename(uri.split("?", 1)[0].rstrip("/"))
     if name.lower().endswith(LIST_SUFFIXES):
         return "urls"
@@ -86,10 +88,14 @@ def plan_source(cfg: SourceConfig, shard_size: int, work: Workdir, map_fn: Calla
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     kind = resolve_kind(cfg)
+    columns: tuple[Column, ...] = ()
     if kind == "urls":
-        up = plan_urls(cfg.uri, cfg.storage_options, shard_size, map_fn)
-        groups, names, parts = [(s,) for s in up.slices], up.label_names, up.files
-        source = SourceRef("urls", keys="explicit" if up.explicit_keys else "derived")
+        want = ColumnChoice(cfg.caption_column, cfg.columns, cfg.hash_column)
+        up = plan_urls(cfg.uri, cfg.storage_options, shard_size, map_fn, want)
+        groups: list[tuple[InputSlice, ...]]
+        groups, names, parts, columns = [(s,) for s in up.slices], up.label_names, up.files, up.choice.stored
+        source = SourceRef("urls", keys="explicit" if up.explicit_keys else "derived", columns=up.choice.read,
+                           column_types=tuple(c.type for c in columns), text_limit=cfg.max_text_bytes)  # fmt: skip
     elif kind == "cifar":
         batches, names = plan_cifar(cfg.uri, cfg.storage_options)
         groups, parts, source = cut_rows(batches, "cifar", shard_size), len(batches), SourceRef("cifar")
@@ -100,9 +106,9 @@ def plan_source(cfg: SourceConfig, shard_size: int, work: Workdir, map_fn: Calla
         data = json.dumps(names).encode()
         with work.create(LABELS) as f:
             f.write(data)
-        source = SourceRef(source.kind, source.root, work.url(LABELS), hashlib.sha256(data).hexdigest()[:16], source.keys)
+        source = replace(source, labels=work.url(LABELS), labels_sha=hashlib.sha256(data).hexdigest()[:16])
     specs = make_specs(groups, source)
-    return SourcePlan(kind, specs, names, sum(len(s) for s in specs), parts)
+    return SourcePlan(kind, specs, names, sum(len(s) for s in specs), parts, columns)
 
 
 _LABEL_CACHE: dict[tuple[str, str], dict[str, int]] = {}
@@ -142,9 +148,9 @@ def _slice_refs(sl: InputSlice, source: SourceRef, names: dict[str, int] | None,
     if sl.kind == "cifar":
         yield from cifar_refs(sl.uri, sl.start, sl.stop, source_options)
     elif sl.kind == "folder":
-        yield from folder_refs(read_text_rows(sl, work_options), source.root, names)
+        yield from folder_refs(read_rows(sl, work_options), source.root, names)
     else:
-        yield from url_refs([sl], source_options, names)
+        yield from url_refs([sl], source_options, names, source)
 
 
 def list_source(cfg: SourceConfig) -> SourceListing:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import posixpath
-import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -16,11 +15,10 @@ from fsspec import AbstractFileSystem
 from fsspec.core import has_magic
 
 from ..specs import ItemRef
-from ..store import StorageError, Store, fs_url, open_store
+from ..store import StorageError, Store, fs_url, has_scheme, open_store
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MAX_KEY_BYTES = 255  # UTF-8 bytes; LMDB's default key limit is 511 and the shard key may add a prefix
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # 2+ chars so "C:\..." is not a scheme
 
 
 class SourceError(ValueError):
@@ -126,11 +124,6 @@ class Workdir:
         """A file whose content appears under `rel` only once written completely."""
         with self.store.writer(rel) as f:
             yield f
-
-
-def has_scheme(entry: str) -> bool:
-    """True for 'https://...', 's3://...', 'file:...', 'data:...'; False for paths (incl. 'C:\\x')."""
-    return bool(_URL_SCHEME.match(entry))
 
 
 __all__ = [

@@ -190,10 +190,10 @@ def _is_image(rel: str) -> bool:
     return posixpath.splitext(rel)[1].lower() in IMAGE_EXTENSIONS
 
 
-def folder_refs(rows: Iterator[tuple[int, str, Any, Any]], root: str, names: dict[str, int] | None) -> Iterator[ItemRef]:
+def folder_refs(rows: Iterator[tuple[Any, ...]], root: str, names: dict[str, int] | None) -> Iterator[ItemRef]:
     """ItemRefs of a folder slice's rows (JSON-encoded relative paths)."""
     base = root.rstrip("/")
-    for _, line, _, _ in rows:
+    for _, line, *_ in rows:
         rel = json.loads(line)
         label = names[rel.split("/", 1)[0]] if names is not None else None
         yield ItemRef(key=safe_key(rel), uri=f"{base}/{rel}", label=label)

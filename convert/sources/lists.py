@@ -1,39 +1,73 @@
-"""URL-list files as partitions: row offsets of .txt/.csv lists, row groups of .parquet lists.
+"""URL-list files as partitions: byte offsets of text lists, row groups of parquet lists.
 
-The planner never holds a list's rows: a text list is scanned once in 8 MiB blocks with numpy,
-recording the byte offset of every `step`-th row; a parquet list's row counts come from its footer.
-A shard task later reads exactly its slice (`read_rows`) through the resilient reader.
+Formats (by suffix): `.txt` (one URL a line), `.csv`, `.tsv`, `.jsonl` / `.json` (one object a line),
+`.parquet`; each optionally compressed: `.gz`, `.zst`, `.bz2` (`urls.csv.gz`). The planner never
+holds a list's rows: a text list is scanned once in 8 MiB blocks with numpy, recording the byte
+offset of every `step`-th row; a parquet list's row counts come from its footer. A shard task
+later reads exactly its slice (convert.sources.rows) through the resilient reader.
+
+Compressed lists are read as streams (never decompressed to disk). A compressed text list is cut
+like a plain one, at offsets into its decompressed bytes; a shard task decompresses the file from
+its start and drops the bytes before its slice (gzip, bzip2 and zstd streams cannot be entered in
+the middle), or, for a .zst file in the seekable format, from the frame holding its first byte
+(convert.sources.seekable). A compressed parquet list is inflated into memory (up to MAX_INFLATED bytes) by the
+planner and by each of its shard tasks: parquet compresses its own pages, prefer that.
 
 Row rules (the planner and the worker use the same code, so their counts always agree):
 - rows end at "\\n" ("\\r\\n" works: ASCII whitespace is stripped); a UTF-8 BOM at the start is skipped;
-- .txt: a row is an item unless it is blank or starts with "#" (after ASCII whitespace);
+- .txt / .jsonl: a row is an item unless it is blank or starts with "#" (after ASCII whitespace);
 - .csv: the first row is the header; a newline inside a double-quoted field belongs to the row
   (quote parity, RFC 4180 - a stray quote inside an unquoted field is not supported); a row holding
-  only whitespace, commas and quote characters is blank and skipped.
+  only whitespace, commas and quote characters is blank and skipped;
+- .tsv: the first row is the header; fields are split at tabs with no quoting (IANA
+  text/tab-separated-values: a value holds no tab or newline); a blank row is skipped.
+Invalid UTF-8 is not refused: the reader replaces it (U+FFFD) and the worker counts such values.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
-import csv
-import hashlib
+import contextlib
+import gzip
 import io
 import os
 import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..specs import InputSlice
+from ..store import is_local
 from .base import SourceError, full_uri, has_magic, open_fs
 
-LIST_SUFFIXES = (".txt", ".csv", ".parquet")
+FORMATS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+CODECS = {".gz": "gz", ".zst": "zst", ".bz2": "bz2"}
+LIST_SUFFIXES = tuple(f + c for f in FORMATS for c in ("", *CODECS))
+ROW_MODES = {"txt": "lines", "jsonl": "lines", "folder": "lines", "csv": "csv", "tsv": "tsv"}
 BLOCK = 8 << 20
+MAX_INFLATED = 1 << 30  # a compressed parquet list is inflated into memory up to this size
+SAMPLE_BYTES = 8 << 20  # JSON Lines schema sample: rows within the first 8 MiB (at least one row)
 WS = b" \t\r\n\x0b\x0c"
 _BOM = codecs.BOM_UTF8
-Row = tuple[int, str, Any, Any]  # (global row index, url, label cell, key cell)
+
+
+def list_kind(name: str) -> str | None:
+    """'csv', 'jsonl.gz', 'parquet.zst', ... for a list file's name; None when it is no list."""
+    low = name.lower()
+    codec = next((c for suffix, c in CODECS.items() if low.endswith(suffix)), "")
+    if codec:
+        low = low[: low.rfind(".")]
+    fmt = FORMATS.get(posixpath.splitext(low)[1])
+    return None if fmt is None else f"{fmt}.{codec}" if codec else fmt
+
+
+def split_kind(kind: str) -> tuple[str, str]:
+    """('csv', 'gz') for 'csv.gz', ('txt', '') for 'txt'."""
+    fmt, _, codec = kind.partition(".")
+    return fmt, codec
 
 
 def _table(chars: bytes) -> np.ndarray:
@@ -42,7 +76,7 @@ def _table(chars: bytes) -> np.ndarray:
     return table
 
 
-_SPECIAL = {False: _table(WS + b"#"), True: _table(WS + b',"')}  # first bytes that need a closer look
+_SPECIAL = {"lines": _table(WS + b"#"), "csv": _table(WS + b',"'), "tsv": _table(WS)}  # first bytes to look at
 
 
 @dataclass(frozen=True)
@@ -50,7 +84,7 @@ class ListFile:
     """One list file as planned: where it is and what it was (size, version)."""
 
     uri: str  # full URI the fetch layer can open
-    suffix: str
+    kind: str  # list_kind: format and compression
     size: int
     version: str
     base: str  # the list's directory: relative entries resolve against it
@@ -72,52 +106,122 @@ def find_lists(uri: str, storage_options: dict[str, Any] | None) -> list[ListFil
     files = []
     for p in sorted(infos):
         info = infos[p]
-        suffix = posixpath.splitext(p)[1].lower()
-        if info.get("type") != "file" or suffix not in LIST_SUFFIXES:
+        kind = list_kind(posixpath.basename(p))
+        if info.get("type") != "file" or kind is None:
             continue
         version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-        files.append(ListFile(full_uri(fs, p), suffix, int(info.get("size") or 0), f"{info.get('size')}-{version}",
+        files.append(ListFile(full_uri(fs, p), kind, int(info.get("size") or 0), f"{info.get('size')}-{version}",
                               full_uri(fs, posixpath.dirname(p))))  # fmt: skip
     if not files:
-        raise SourceError(f"no URL lists (.txt, .csv, .parquet) in {uri!r}; check the path or pattern")
+        raise SourceError(f"no URL lists (.txt, .csv, .tsv, .jsonl, .json, .parquet; optionally .gz/.zst/.bz2) "
+                          f"in {uri!r}; check the path or pattern")  # fmt: skip
     return files
 
 
 def open_list(uri: str, storage_options: dict[str, Any] | None) -> Any:
     """A seekable binary file: plain open for local lists, the resilient reader for remote ones."""
-    if "://" not in uri or uri.startswith("file://"):
+    if is_local(uri):
         return open(uri.removeprefix("file://"), "rb")
     from ..fetch.resilient import open_resilient
 
     return open_resilient(uri, storage_options)
 
 
-def _row_ends(buf: bytes, csv_rows: bool) -> np.ndarray:
-    """Positions of the newlines that end rows (for CSV: outside double quotes; `buf` starts a row)."""
+def inflating(raw: Any, codec: str, uri: str) -> Any:
+    """A readable stream of the decompressed bytes of `raw` (multi-member/-frame files included)."""
+    if codec == "gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if codec == "bz2":
+        return bz2.BZ2File(raw, "rb")
+    try:
+        import zstandard  # lazy: only .zst lists need it
+    except ImportError:
+        raise SourceError(f"reading {uri!r} needs zstandard; install it with: pip install zstandard") from None
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+
+
+def _codec_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import zstandard
+    except ImportError:
+        return (OSError, EOFError)
+    return (OSError, EOFError, zstandard.ZstdError)
+
+
+@contextlib.contextmanager
+def open_stream(uri: str, kind: str, storage_options: dict[str, Any] | None, size: int | None = None) -> Iterator[Any]:
+    """The list's bytes as a stream, decompressed when its kind says so; a read or decompression
+    failure is one SourceError line. `size`: refuse a file whose size changed since planning."""
+    codec = split_kind(kind)[1]
+    with open_raw(uri, kind, storage_options, size) as raw:
+        yield inflating(raw, codec, uri) if codec else raw
+
+
+@contextlib.contextmanager
+def open_raw(uri: str, kind: str, storage_options: dict[str, Any] | None, size: int | None = None) -> Iterator[Any]:
+    """The list file's own bytes (seekable); failures inside the block, decompression included,
+    are one SourceError line. `size`: refuse a file whose size changed since planning."""
+    codec = split_kind(kind)[1]
+    try:
+        with open_list(uri, storage_options) as raw:
+            if size is not None:
+                check_size(raw, uri, size)
+            yield raw
+    except _codec_errors() as exc:
+        what = f"a valid .{codec} file" if codec else "readable"
+        raise SourceError(f"cannot read URL list {uri!r} ({type(exc).__name__}: {exc}); check that it is {what} "
+                          "and its permissions / storage_options") from None  # fmt: skip
+
+
+def inflate_all(f: Any, uri: str) -> io.BytesIO:
+    """A compressed (parquet) list wholly in memory, refused over MAX_INFLATED bytes (read in
+    blocks: a decompressor may allocate the whole of what one read asks for)."""
+    out = io.BytesIO()
+    while block := f.read(BLOCK):
+        out.write(block)
+        if out.tell() > MAX_INFLATED:
+            raise SourceError(f"{uri!r} inflates to over {MAX_INFLATED >> 20} MiB; store it uncompressed (parquet "
+                              "compresses its own pages: write it with compression='zstd')")  # fmt: skip
+    out.seek(0)
+    return out
+
+
+def check_size(f: Any, uri: str, planned: int) -> None:
+    """Refuse a list that changed size since planning (its slices would name other rows)."""
+    size = getattr(f, "size", None)
+    if size is None:
+        size = os.fstat(f.fileno()).st_size
+    if size != planned:
+        raise SourceError(f"{uri} changed since planning ({size} bytes, planned {planned}); "
+                          "rerun the same command to plan again")  # fmt: skip
+
+
+def row_ends(buf: bytes, mode: str) -> np.ndarray:
+    """Positions of the newlines that end rows (CSV: outside double quotes; `buf` starts a row)."""
     arr = np.frombuffer(buf, dtype=np.uint8)
     nl = np.flatnonzero(arr == 10)
-    if csv_rows and b'"' in buf:
+    if mode == "csv" and b'"' in buf:
         nl = nl[np.searchsorted(np.flatnonzero(arr == 34), nl) % 2 == 0]
     return nl
 
 
-def item_spans(buf: bytes, csv_rows: bool) -> tuple[np.ndarray, np.ndarray, int]:
+def item_spans(buf: bytes, mode: str) -> tuple[np.ndarray, np.ndarray, int]:
     """(starts, ends) of the item rows completed in `buf`, and the bytes consumed.
 
     `buf` starts at a row boundary; bytes after the last row end are not consumed (the caller
-    carries them into the next block).
+    carries them into the next block). `mode` is a ROW_MODES value.
     """
-    nl = _row_ends(buf, csv_rows)
+    nl = row_ends(buf, mode)
     if not len(nl):
         return nl, nl, 0
     arr = np.frombuffer(buf, dtype=np.uint8)
     starts = np.concatenate(([0], nl[:-1] + 1))
     first = np.where(starts < nl, arr[np.minimum(starts, len(arr) - 1)], 10)
-    keep = ~_SPECIAL[csv_rows][first]
+    keep = ~_SPECIAL[mode][first]
     for i in np.flatnonzero(~keep):  # blank, comment or indented rows: the rare, slow path
         line = buf[starts[i] : nl[i]]
-        stripped = line.strip(WS + b',"') if csv_rows else line.strip(WS)
-        keep[i] = bool(stripped) and (csv_rows or not stripped.startswith(b"#"))
+        stripped = line.strip(WS + b',"') if mode == "csv" else line.strip(WS)
+        keep[i] = bool(stripped) and (mode != "lines" or not stripped.startswith(b"#"))
     return starts[keep], nl[keep], int(nl[-1]) + 1
 
 
@@ -125,119 +229,56 @@ def item_spans(buf: bytes, csv_rows: bool) -> tuple[np.ndarray, np.ndarray, int]
 class TextScan:
     offsets: list[int]  # byte offset of items 0, step, 2*step, ...
     count: int
-    header: bytes  # CSV header row (b"" for .txt)
+    header: bytes  # CSV/TSV header row (b"" otherwise)
+    length: int  # bytes in the (decompressed) stream
+    sample: list[bytes] = field(default_factory=list)  # the first rows (up to `sample_rows`), for a schema
 
 
-def scan_text(f: Any, step: int, csv_rows: bool, uri: str) -> TextScan:
-    """One streaming pass over a text list: item count and the offset of every step-th item."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
+def scan_text(f: Any, step: int, mode: str, sample_rows: int = 0) -> TextScan:
+    """One streaming pass over a text list: item count, the offset of every step-th item, and
+    the first `sample_rows` rows (within SAMPLE_BYTES, at least one)."""
     offsets: list[int] = []
-    count, pos, carry, header = 0, 0, b"", None if csv_rows else b""
+    sample: list[bytes] = []
+    count, pos, carry, header, sampled = 0, 0, b"", None if mode in ("csv", "tsv") else b"", 0
     while True:
-        block = f.read(BLOCK)
-        try:
-            decoder.decode(block, final=not block)
-        except UnicodeDecodeError as exc:
-            raise SourceError(f"URL list {uri!r} is not UTF-8 text (near byte {pos + len(carry) + exc.start}); "
-                              "re-save it as UTF-8") from None  # fmt: skip
+        block = f.read(max(BLOCK, len(carry)))  # a row longer than a block: read geometrically more
         if pos == 0 and not carry and block.startswith(_BOM):
             block, pos = block[len(_BOM) :], len(_BOM)
         buf = carry + block
         if not block and buf and not buf.endswith(b"\n"):
             buf += b"\n"  # the last row needs no newline
-        if header is None:  # CSV: the first row is the header
-            ends = _row_ends(buf, True)
+        if header is None:  # CSV/TSV: the first row is the header
+            ends = row_ends(buf, mode)
             if not len(ends) and block:
                 carry = buf
                 continue
             end = int(ends[0]) if len(ends) else len(buf)
             header, buf, pos = buf[:end], buf[end + 1 :], pos + end + 1
-        starts, _, used = item_spans(buf, csv_rows)
+        starts, stops, used = item_spans(buf, mode)
         index = count + np.arange(len(starts))
         offsets.extend((starts[index % step == 0] + pos).tolist())
+        for a, b in zip(starts[: max(0, sample_rows - len(sample))].tolist(), stops.tolist()):
+            if sample and sampled + b - a > SAMPLE_BYTES:
+                sample_rows = len(sample)
+                break
+            sample.append(buf[a:b])
+            sampled += b - a
         count += len(starts)
         pos += used
         carry = buf[used:]
         if not block:
             break
-    return TextScan(offsets, count, header)
-
-
-def header_columns(header: bytes, uri: str) -> dict[str, int]:
-    """{lower-case column name: index} of a CSV header row; needs a 'url' column."""
-    cells = next(csv.reader(io.StringIO(header.decode("utf-8"), newline="")), [])
-    cols = {name.strip().lower(): i for i, name in enumerate(cells)}
-    require_url(cols, uri)
-    return cols
-
-
-def require_url(cols: dict[str, Any], uri: str) -> None:
-    if "url" not in cols:
-        found = ", ".join(repr(c) for c in cols) or "none"
-        raise SourceError(f"URL list {uri!r} has no 'url' column (found: {found}); rename the URL column to 'url'")
+    return TextScan(offsets, count, header, pos + len(carry), sample)
 
 
 def text_slices(lf: ListFile, scan: TextScan, step: int, first_row: int) -> list[InputSlice]:
-    """One slice per `step` items of a scanned text list (the last may be shorter)."""
-    ends = scan.offsets[1:] + [lf.size]
-    kind = lf.suffix.lstrip(".")
+    """One slice per `step` items of a scanned text list (the last may be shorter); offsets are
+    into the decompressed bytes of a compressed list, `size` is the file's own."""
+    ends = scan.offsets[1:] + [scan.length]
     return [
-        InputSlice(kind, lf.uri, lf.version, lf.size, start, stop, first_row + j * step, min(step, scan.count - j * step))
-        for j, (start, stop) in enumerate(zip(scan.offsets, ends))
+        InputSlice(lf.kind, lf.uri, lf.version, lf.size, a, b, first_row + j * step, min(step, scan.count - j * step))
+        for j, (a, b) in enumerate(zip(scan.offsets, ends))
     ]
-
-
-def read_text_rows(sl: InputSlice, storage_options: dict[str, Any] | None) -> Iterator[Row]:
-    """The rows of a .txt / .csv slice (or a folder listing slice) as (index, url, label, key)."""
-    csv_rows = sl.kind == "csv"
-    with open_list(sl.uri, storage_options) as f:
-        _check_size(f, sl)
-        cols = header_columns(_first_row(f), sl.uri) if csv_rows else {}
-        f.seek(sl.start)
-        buf = f.read(sl.stop - sl.start)
-    if sl.version.startswith("sha256:") and hashlib.sha256(buf).hexdigest() != sl.version[7:]:
-        raise SourceError(f"{sl.uri} bytes {sl.start}-{sl.stop} changed since planning; rerun to plan again")
-    if not buf.endswith(b"\n"):
-        buf += b"\n"
-    starts, ends, _ = item_spans(buf, csv_rows)
-    texts = (buf[s:e].decode("utf-8") for s, e in zip(starts.tolist(), ends.tolist()))
-    if not csv_rows:
-        for j, text in enumerate(texts):
-            yield sl.first_row + j, text.strip(WS.decode()), None, None
-        return
-    url, label, key = cols.get("url"), cols.get("label"), cols.get("key")
-    # one reader over the spans: each span is one whole record (quoted newlines included), so it
-    # yields exactly one row per span ([] for an empty one) - a reader per row cost ~5 us/item
-    for j, cells in enumerate(csv.reader(texts)):
-        yield sl.first_row + j, _cell(cells, url) or "", _cell(cells, label), _cell(cells, key)
-
-
-def _check_size(f: Any, sl: InputSlice) -> None:
-    """Refuse a list that changed size since planning (its slices would name other rows)."""
-    size = getattr(f, "size", None)
-    if size is None:
-        size = os.fstat(f.fileno()).st_size
-    if size != sl.size:
-        raise SourceError(f"{sl.uri} changed since planning ({size} bytes, planned {sl.size}); "
-                          "rerun the same command to plan again")  # fmt: skip
-
-
-def _first_row(f: Any) -> bytes:
-    """A CSV's header row (read in 64 KiB steps until its end)."""
-    head = b""
-    while True:
-        more = f.read(1 << 16)
-        head += more
-        body = head[len(_BOM) :] if head.startswith(_BOM) else head
-        ends = _row_ends(body, True)
-        if len(ends) or not more:
-            return body[: int(ends[0])] if len(ends) else body
-
-
-def _cell(cells: list[str], index: int | None) -> str | None:
-    if index is None or index >= len(cells):
-        return None
-    return cells[index].strip() or None
 
 
 def parquet_file(f: Any, uri: str) -> Any:
@@ -253,39 +294,4 @@ def parquet_file(f: Any, uri: str) -> Any:
         raise SourceError(f"{uri!r} is not a readable parquet file ({exc}); check the file") from None
 
 
-def parquet_columns(pf: Any, uri: str) -> dict[str, str]:
-    cols = {name.strip().lower(): name for name in pf.schema_arrow.names}
-    require_url(cols, uri)
-    return cols
-
-
-def read_parquet_rows(sl: InputSlice, storage_options: dict[str, Any] | None, columns: tuple[str, ...] = ("url", "label", "key")) -> Iterator[Row]:
-    """The rows [start, stop) of a parquet list: only the row groups and columns they need."""
-    with open_list(sl.uri, storage_options) as f:
-        _check_size(f, sl)
-        pf = parquet_file(f, sl.uri)
-        cols = parquet_columns(pf, sl.uri)
-        meta = pf.metadata
-        groups, first, at = [], None, 0
-        for g in range(meta.num_row_groups):
-            n = meta.row_group(g).num_rows
-            if at < sl.stop and at + n > sl.start:
-                groups.append(g)
-                first = at if first is None else first
-            at += n
-        wanted = [cols[c] for c in columns if c in cols]
-        table = pf.read_row_groups(groups, columns=wanted) if groups else None
-    if table is None:
-        return
-    table = table.slice(sl.start - (first or 0), sl.stop - sl.start)
-    n = table.num_rows
-    data = {c: table.column(cols[c]).to_pylist() if c in cols and c in columns else [None] * n for c in ("url", "label", "key")}
-    for j, (u, lab, k) in enumerate(zip(data["url"], data["label"], data["key"])):
-        yield sl.first_row + j, str(u or "").strip(), lab, k
-
-
-def read_rows(sl: InputSlice, storage_options: dict[str, Any] | None) -> Iterator[Row]:
-    return read_parquet_rows(sl, storage_options) if sl.kind == "parquet" else read_text_rows(sl, storage_options)
-
-
-__all__ = ["LIST_SUFFIXES", "ListFile", "Row", "find_lists", "read_rows", "scan_text"]
+__all__ = ["LIST_SUFFIXES", "ListFile", "find_lists", "list_kind", "open_stream", "scan_text", "text_slices"]

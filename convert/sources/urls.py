@@ -1,4 +1,5 @@
-"""URL-list sources: .txt (one URL a line), .csv and .parquet (columns url, optional label, key).
+"""URL-list sources: .txt (one URL a line), .csv, .tsv, .jsonl and .parquet (url, optional label, key,
+and the kept columns: convert.sources.columns), each optionally compressed (convert.sources.lists).
 
 `plan_urls` turns one list, a glob or a folder of lists (sorted by path) into shard specs whose slices
 the workers read themselves (`url_refs`). Relative entries resolve against each list's directory.
@@ -24,12 +25,32 @@ from typing import Any
 import numpy as np
 
 from ..redact import redact_url
-from ..specs import InputSlice, ItemRef
+from ..specs import InputSlice, ItemRef, SourceRef
 from .base import SourceError, has_scheme, safe_key
-from .lists import ListFile, find_lists, open_list, parquet_columns, parquet_file, read_rows, scan_text, text_slices
-from .lists import header_columns
+from .columns import SAMPLE_ROWS, Choice, FileSchema, arrow_schema, choose, roles, sample_schema, text_schema, unify
+from .lists import (
+    ROW_MODES,
+    ListFile,
+    find_lists,
+    inflate_all,
+    open_stream,
+    parquet_file,
+    scan_text,
+    split_kind,
+    text_slices,
+)
+from .rows import header_names, read_rows
 
 MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]  # ordered, like map()
+
+
+@dataclass(frozen=True)
+class ColumnChoice:
+    """source.caption_column / columns / hash_column, as the planner applies them to each file."""
+
+    caption: str = "none"
+    columns: tuple[str, ...] | str = ()
+    hash_column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -38,31 +59,53 @@ class _Scanned:
     count: int
     columns: frozenset[str]  # of url / label / key present
     int_labels: bool  # parquet: the label column is an integer type (no pass needed)
+    schema: FileSchema
+    choice: Choice
 
 
-def _scan(lf: ListFile, step: int, storage_options: dict[str, Any] | None) -> _Scanned:
-    try:
-        with open_list(lf.uri, storage_options) as f:
-            if lf.suffix == ".parquet":
-                return _scan_parquet(lf, f, step)
-            scan = scan_text(f, step, lf.suffix == ".csv", lf.uri)
-    except OSError as exc:
-        raise SourceError(f"cannot read URL list {lf.uri!r} ({exc}); check permissions / storage_options") from None
-    cols = set(header_columns(scan.header, lf.uri)) if lf.suffix == ".csv" else {"url"}
-    return _Scanned(text_slices(lf, scan, step, 0), scan.count, frozenset(cols & {"url", "label", "key"}), False)
+def _scan(lf: ListFile, step: int, storage_options: dict[str, Any] | None, want: ColumnChoice) -> _Scanned:
+    fmt, codec = split_kind(lf.kind)
+    with open_stream(lf.uri, lf.kind, storage_options) as f:
+        if fmt == "parquet":
+            return _scan_parquet(lf, inflate_all(f, lf.uri) if codec else f, step, want)
+        mode = ROW_MODES[fmt]
+        scan = scan_text(f, step, mode, SAMPLE_ROWS if fmt == "jsonl" else 0)
+    if fmt == "jsonl":
+        schema = sample_schema(lf.uri, scan.sample)
+        present = set(roles(schema.types))
+        if scan.count:
+            _require_url(present, schema)
+    elif fmt == "txt":
+        schema, present = FileSchema(lf.uri, {}), {"url"}
+    else:
+        schema = text_schema(lf.uri, header_names(scan.header, mode))
+        present = set(roles(schema.types))
+        _require_url(present, schema)
+    return _Scanned(text_slices(lf, scan, step, 0), scan.count, frozenset(present), False, schema,
+                    choose(schema, want.caption, want.columns, want.hash_column))  # fmt: skip
 
 
-def _scan_parquet(lf: ListFile, f: Any, step: int) -> _Scanned:
+def _require_url(present: set[str], schema: FileSchema) -> None:
+    if "url" not in present:
+        found = ", ".join(repr(c) for c in schema.types) or "none"
+        raise SourceError(f"URL list {schema.uri!r} has no 'url' column (found: {found}); "
+                          "rename the URL column to 'url'")
+
+
+def _scan_parquet(lf: ListFile, f: Any, step: int, want: ColumnChoice) -> _Scanned:
     import pyarrow as pa
 
     pf = parquet_file(f, lf.uri)  # the footer only: no row data is read here
-    cols = parquet_columns(pf, lf.uri)
+    schema = arrow_schema(lf.uri, pf.schema_arrow)
+    cols = roles(schema.types)
+    _require_url(set(cols), schema)
     n = pf.metadata.num_rows
-    slices = [InputSlice("parquet", lf.uri, lf.version, lf.size, a, min(a + step, n), a, min(step, n - a))
+    slices = [InputSlice(lf.kind, lf.uri, lf.version, lf.size, a, min(a + step, n), a, min(step, n - a))
               for a in range(0, n, step)]  # fmt: skip
     label_type = pf.schema_arrow.field(cols["label"]).type if "label" in cols else None
     int_labels = label_type is not None and pa.types.is_integer(label_type) and _min_label(pf, cols["label"]) >= 0
-    return _Scanned(slices, n, frozenset(set(cols) & {"url", "label", "key"}), int_labels)
+    return _Scanned(slices, n, frozenset(cols), int_labels, schema,
+                    choose(schema, want.caption, want.columns, want.hash_column))  # fmt: skip
 
 
 def _min_label(pf: Any, name: str) -> float:
@@ -86,13 +129,18 @@ class UrlPlan:
     files: int
     label_names: list[str] | None
     explicit_keys: bool
+    choice: Choice  # the kept columns: names to read, stored names and types
 
 
-def plan_urls(uri: str, storage_options: dict[str, Any] | None, step: int, map_fn: MapFn = map) -> UrlPlan:
-    """Slices of `step` rows over every list the source names, plus the label table; no rows kept."""
+def plan_urls(uri: str, storage_options: dict[str, Any] | None, step: int, map_fn: MapFn = map,
+              want: ColumnChoice = ColumnChoice()) -> UrlPlan:  # fmt: skip
+    """Slices of `step` rows over every list the source names, the label table and the kept
+    columns (the same in every file); no rows kept."""
     files = find_lists(uri, storage_options)
-    scanned = list(map_fn(lambda lf: _scan(lf, step, storage_options), files))
-    slices, at = [], 0
+    scanned = list(map_fn(lambda lf: _scan(lf, step, storage_options, want), files))
+    choice = unify([(s.schema, s.choice) for s in scanned])
+    slices: list[InputSlice] = []
+    at = 0
     for s in scanned:
         slices.extend(replace(sl, first_row=sl.first_row + at) for sl in s.slices)
         at += s.count
@@ -103,7 +151,7 @@ def plan_urls(uri: str, storage_options: dict[str, Any] | None, step: int, map_f
     needs_labels = "label" in has and not all(s.int_labels or "label" not in s.columns for s in scanned)
     if needs_labels or "key" in has:
         names = _column_pass(slices, storage_options, "key" in has, uri, map_fn)
-    return UrlPlan(slices, at, len(files), names, "key" in has)
+    return UrlPlan(slices, at, len(files), names, "key" in has, choice)
 
 
 @dataclass(frozen=True)
@@ -117,7 +165,7 @@ class _Facts:
 def _slice_facts(sl: InputSlice, storage_options: dict[str, Any] | None, keys: bool, uri: str) -> _Facts:
     names: set[str] = set()
     all_int, lowest, hashes = True, 0, []
-    for i, url, label, key in read_rows(sl, storage_options):
+    for i, url, label, key, _ in read_rows(sl, storage_options):
         if not url:
             raise SourceError(f"URL list {uri!r} row {i + 1} has an empty url; fill it in or delete the row")
         if not _blank(label):
@@ -162,7 +210,7 @@ def _check_keys(parts: list[Any], slices: list[InputSlice], storage_options: dic
     wanted = set(same.tolist())  # a second pass names the keys (and ignores true hash collisions)
 
     def matching(sl: InputSlice) -> list[str]:
-        keys = (item_key(i, url, key, uri) for i, url, _, key in read_rows(sl, storage_options))
+        keys = (item_key(i, url, key, uri) for i, url, _, key, _ in read_rows(sl, storage_options))
         return [k for k in keys if key_hash(k) in wanted]
 
     counts = Counter(k for found in map_fn(matching, slices) for k in found)
@@ -184,18 +232,22 @@ def item_key(i: int, url: str, key: Any, uri: str) -> str:
             return safe_key(str(key))
         except SourceError:
             raise SourceError(f"URL list {uri!r} row {i + 1}: key {key!r} has no usable characters; fix it") from None
-    stem = posixpath.splitext(posixpath.basename(redact_url(url).split("?", 1)[0].split("#", 1)[0].rstrip("/")))[0]
+    safe = redact_url(url)  # a key never carries credentials given in the URL
+    stem = posixpath.splitext(posixpath.basename(safe.split("?", 1)[0].split("#", 1)[0].rstrip("/")))[0]
     return safe_key(f"{i:06d}-{stem}") if stem.strip() else f"{i:06d}"
 
 
-def url_refs(slices: Iterable[InputSlice], storage_options: dict[str, Any] | None,
-             names: dict[str, int] | None) -> Iterator[ItemRef]:  # fmt: skip
-    """The ItemRefs of a shard's slices, read from the list files (worker side)."""
+def url_refs(slices: Iterable[InputSlice], storage_options: dict[str, Any] | None, names: dict[str, int] | None,
+             source: SourceRef | None = None) -> Iterator[ItemRef]:  # fmt: skip
+    """The ItemRefs of a shard's slices, read from the list files, with the values of the plan's
+    kept columns (worker side)."""
+    src = source or SourceRef("urls")
     for sl in slices:
         base = posixpath.dirname(sl.uri)
-        for i, url, label, key in read_rows(sl, storage_options):
+        for i, url, label, key, values in read_rows(sl, storage_options, src.columns, src.column_types,
+                                                    src.text_limit):  # fmt: skip
             yield ItemRef(key=item_key(i, url, key, sl.uri), uri=_resolve(url, base) if url else "",
-                          label=_label(label, names))  # fmt: skip
+                          label=_label(label, names), columns=values)  # fmt: skip
 
 
 def _label(cell: Any, names: dict[str, int] | None) -> int | None:

@@ -2,48 +2,42 @@
 
     store = open_store("s3://bucket/out", {"profile": "x"})
     store.write_bytes("manifest.json", data)          # atomic
-    with store.staging("shard-00000", ".h5", run_id) as tmp: ...; store.publish(tmp, rel, size, sha256)
+    store.publish(tmp, "shards/shard-00000.h5", size, sha256, guard=...)
 
-Stores are cached per (process id, uri, options): a forked child (a DataLoader worker, a Dask
-nanny's process) never reuses its parent's instance or connection pool (s3fs is not fork-safe).
-`${VAR}` / `${secret:id}` references in the options are resolved once, when the store is built.
+`open_store` is the one factory and the one `url_to_fs` call of the package; `open_object`
+splits an object URL into (store of its bucket / filesystem, relative path) for readers of
+single objects (the resilient reader). `is_local(uri)` is the one local-vs-remote rule and
+`scheme_of(uri)` the one URL-scheme rule. Stores are cached per (process id, uri, options): a
+forked child (a DataLoader worker, a Dask nanny's process) never reuses its parent's instance or
+connection pool (s3fs is not fork-safe). `${VAR}` / `${secret:id}` references in the options
+are resolved once, when the store is built.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ..secrets import resolve_options
-from .base import PARTIAL, SHARDS_DIR, Entry, FsspecStore, Leftover, StorageError, Store, file_digest, first_line, fs_url
+from . import base
+from .base import (PARTIAL, Entry, Guard, PreconditionFailed, RangeStream, StorageError, Store, entry_of, file_digest,
+                   first_line, has_scheme, is_local, reopen, scheme_of, tree_digest)  # fmt: skip
+from .generic import FsspecStore, fs_url
 from .local import LocalStore, atomic_write
+from .s3 import S3Store
 
-_CACHE: dict[tuple[int, str, str], Store] = {}
-_LOCK = threading.Lock()
-
-__all__ = ["PARTIAL", "SHARDS_DIR", "Entry", "FsspecStore", "Leftover", "LocalStore", "StorageError", "Store",
-           "atomic_write", "file_digest", "fs_url", "open_store", "preflight"]  # fmt: skip
-
-
-def _key(options: dict[str, Any] | None) -> str:
-    return json.dumps(options or {}, sort_keys=True, default=repr)
+__all__ = ["PARTIAL", "Entry", "FsspecStore", "Guard", "LocalStore", "PreconditionFailed", "RangeStream",
+           "S3Store", "StorageError", "Store", "atomic_write", "entry_of", "file_digest", "first_line", "fs_url",
+           "has_scheme", "is_local",
+           "open_object", "open_store", "preflight", "scheme_of", "tree_digest"]  # fmt: skip
 
 
 def open_store(uri: str, options: dict[str, Any] | None = None, role: str = "output") -> Store:
     """The store rooted at `uri`, built once per process; local paths become absolute."""
-    key = (os.getpid(), uri, _key(options))
-    store = _CACHE.get(key)
-    if store is None:
-        with _LOCK:
-            store = _CACHE.get(key)
-            if store is None:
-                store = _CACHE[key] = _build(uri, dict(options or {}), role)
-    return store
+    return reopen(uri, options, role)
 
 
 def _build(uri: str, options: dict[str, Any], role: str) -> Store:
@@ -57,10 +51,25 @@ def _build(uri: str, options: dict[str, Any], role: str) -> Store:
         return LocalStore(uri, options, fs, os.path.abspath(root))
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     if "s3" in protocols or "s3a" in protocols:
-        from .s3 import S3Store
-
         return S3Store(uri, options, fs, root)
     return FsspecStore(uri, options, fs, root)
+
+
+base._BUILDERS[:] = [_build]
+
+
+def open_object(url: str, options: dict[str, Any] | None = None, role: str = "source") -> tuple[Store, str]:
+    """(store, relative path) for one object URL. The store is rooted at the URL's bucket or
+    host ("s3://bucket"), or at "/" for local paths, so reading many objects opens few stores."""
+    if is_local(url):
+        path = url.split("://", 1)[1] if "://" in url else url.removeprefix("file:")
+        path = os.path.abspath(path)
+        return open_store("/", options, role), path.lstrip("/")
+    if "://" not in url:
+        raise StorageError(f"{url[:80]}: not an object URL; write it as scheme://bucket/key")
+    scheme, rest = url.split("://", 1)
+    container, _, rel = rest.partition("/")
+    return open_store(f"{scheme}://{container}", options, role), rel
 
 
 def preflight(uri: str, options: dict[str, Any] | None, role: str) -> Store:

@@ -1,37 +1,58 @@
-"""The `Store` protocol: everything the pipeline does to an output (or input) location.
+"""The `Store` contract: the storage operations a dataset root offers, and nothing else.
 
 A store is rooted at one URI and addresses objects by '/'-separated paths relative to that root.
-The base class implements every operation on top of an fsspec filesystem; `LocalStore` and
-`S3Store` override what their backend does better (atomic rename, O_EXCL, checksummed multipart
-upload, conditional create, incomplete-upload listing) and say so in their capability flags.
-Nothing outside `convert.store` asks which backend it is talking to.
+The abstract methods below are the whole surface (read, ranged read, streamed range, atomic
+write, publish, conditional create and replace, listing with identity, delete, identity);
+capability flags say what a backend guarantees. Shard names, staging names and run debris are
+policy of the modules that own them (`convert.records`, `convert.lease`), not of the store.
+`convert.testing.StoreTests` is the contract suite any implementation must pass.
 """
 
 from __future__ import annotations
 
-import contextlib
+import builtins
 import hashlib
+import json
+import math
 import os
 import re
-import shutil
-import tempfile
-import uuid
-from abc import ABC
+import threading
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable, Iterator
-
-import fsspec
+from typing import Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Protocol
 
 from ..config import ConfigError
 
-SHARDS_DIR = "shards"
-PARTIAL = ".partial"
+PARTIAL = ".partial"  # suffix of every temporary object a store (or a writer staging into it) creates
 EDGE_BLOCK = 64 * 2**10  # bytes hashed at each end of a file for the cheap identity check
-_STAGED = re.compile(r"^\.(?P<name>.+?)\.(?:r-(?P<run>[0-9A-Za-z]+)\.)?(?P<attempt>[0-9a-f]{8,32})" + re.escape(PARTIAL))
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # 2+ chars, so "C:\\x" stays a path
 
 
 class StorageError(ConfigError):
     """The output/source store cannot be used as configured (missing bucket, refused credentials)."""
+
+
+class PreconditionFailed(OSError):
+    """A conditional request found the object changed (S3 412, a local compare that failed)."""
+
+
+def scheme_of(uri: str) -> str:
+    """'file' for plain paths, else the lower-cased scheme ('https', 's3', 'data', 'file', ...).
+
+    'data:...' and 'file:/x' have no '//' but are schemes all the same: they must meet the
+    allow-list rather than pass as relative local paths."""
+    m = _SCHEME.match(uri)
+    return m.group(1).lower() if m else "file"
+
+
+def has_scheme(uri: str) -> bool:
+    """True for 'https://...', 's3://...', 'file:...', 'data:...'; False for paths (incl. 'C:\\x')."""
+    return bool(_SCHEME.match(uri))
+
+
+def is_local(uri: str) -> bool:
+    """The one local-vs-remote rule: plain paths and file:// / local:// URLs are local."""
+    return scheme_of(uri) in ("file", "local")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,22 +71,59 @@ class Entry:
     def name(self) -> str:
         return self.rel.rstrip("/").rsplit("/", 1)[-1]
 
+    @property
+    def token(self) -> str | None:
+        """The strongest identity the backend gave (ETag, version, else modification stamp)."""
+        if self.etag:
+            return f"etag:{self.etag}"
+        if self.version:
+            return f"version:{self.version}"
+        if self.mtime_ns >= 0:
+            return f"mtime:{self.mtime_ns}:{self.inode}"
+        return None
+
+
+def _stamp_ns(value: Any) -> int:
+    if hasattr(value, "timestamp"):
+        return int(value.timestamp() * 1e9)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return -1
+    return int(seconds * 1e9) if math.isfinite(seconds) and seconds >= 0 else -1
+
+
+def entry_of(rel: str, d: dict[str, Any]) -> Entry:
+    """The one identity parser: an Entry from an fsspec `info`/`ls` dict or a boto3 response
+    (HeadObject, GetObject, a ListObjectsV2 item). ETags lose their quotes."""
+    size = d.get("size", d.get("Size", d.get("ContentLength")))
+    etag = d.get("ETag") or d.get("etag") or ""
+    version = d.get("VersionId") or d.get("version_id") or d.get("generation") or ""
+    stamp = next((d[k] for k in ("mtime", "LastModified", "last_modified", "updated", "created") if d.get(k)), None)
+    directory = d.get("type") == "directory" or d.get("StorageClass") == "DIRECTORY"
+    return Entry(rel, int(size or 0), str(etag).strip('"'), str(version or ""), _stamp_ns(stamp),
+                 int(d.get("ino") or -1), directory)  # fmt: skip
+
+
+class RangeStream(Protocol):
+    """Bytes [start, end) of one object, as returned by `Store.open_range`."""
+
+    entry: Entry  # the object as the response described it (size = whole object)
+    first: int  # first byte actually returned (0 if the backend ignored the range)
+
+    def read(self, n: int) -> bytes:
+        """Up to n (> 0) bytes; b"" only at the end of the requested range."""
+
+    def close(self) -> None: ...
+
 
 @dataclass(frozen=True)
-class Leftover:
-    """Debris of a failed or killed attempt: a local temp file, an incomplete upload, an unlisted object."""
+class Guard:
+    """A publish precondition: `holds(content of rel)` must be true when the publish commits,
+    atomically with respect to conditional writes of `rel` (the lease fence)."""
 
-    kind: str  # "partial" | "multipart" | "unlisted"
-    url: str
-    detail: str = ""
-    run_id: str = ""  # the run that staged it, when its name says so
-    started: float = 0.0  # unix seconds the attempt began (mtime / upload initiation); 0 = unknown
-
-
-def staged_run_id(filename: str) -> str:
-    """The run id encoded in a staging file name ('' for names of older versions)."""
-    m = _STAGED.match(filename)
-    return (m.group("run") or "") if m else ""
+    rel: str
+    holds: Callable[[bytes], bool]
 
 
 def _digest(f: Any, chunk: int) -> tuple[int, str]:
@@ -102,108 +160,95 @@ def first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def fs_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """URL of a backend path: the plain path for local files, else protocol://path."""
-    from fsspec.implementations.local import LocalFileSystem
+_CACHE: dict[tuple[int, str, str], "Store"] = {}
+_LOCK = threading.Lock()
+_BUILDERS: list[Callable[[str, dict[str, Any], str], "Store"]] = []  # set once by convert.store
 
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+def reopen(uri: str, options: dict[str, Any] | None = None, role: str = "output") -> "Store":
+    """The store rooted at `uri`, built once per (process, uri, options): a forked child (a
+    DataLoader worker, a Dask nanny's process) never reuses its parent's instance or connection
+    pool (s3fs is not fork-safe). What `open_store` and unpickling call."""
+    key = (os.getpid(), uri, json.dumps(options or {}, sort_keys=True, default=repr))
+    store = _CACHE.get(key)
+    if store is None:
+        with _LOCK:
+            store = _CACHE.get(key)
+            if store is None:
+                store = _CACHE[key] = _BUILDERS[0](uri, dict(options or {}), role)
+    return store
 
 
 class Store(ABC):
     """One dataset root. Picklable as (uri, storage options); re-opened per process via open_store."""
 
-    is_local = False
+    is_local = False  # objects are files on this machine (`local_path` answers)
     supports_rename = False  # publish is an atomic rename on the same filesystem
-    supports_conditional_create = False  # create_exclusive is atomic (leases)
+    supports_conditional_writes = False  # create_exclusive / replace_if are atomic (leases, fences)
+    supports_etags = False  # Entry.etag is a content version the backend checks (If-Match)
     supports_multipart = False  # large objects go up in checksummed parts, aborted on failure
 
-    def __init__(self, uri: str, options: dict[str, Any], fs: fsspec.AbstractFileSystem, root: str) -> None:
+    def __init__(self, uri: str, options: dict[str, Any]) -> None:
         self.uri = uri
         self.storage_options = options  # as given (may hold ${VAR} references); never logged
-        self._fs, self._pid = fs, os.getpid()
-        self.root = root.rstrip("/") or root
-
-    @property
-    def fs(self) -> fsspec.AbstractFileSystem:
-        """The fsspec filesystem; rebuilt in a forked child (s3fs's session must not cross a fork)."""
-        if self._pid != os.getpid():
-            from . import open_store
-
-            self._fs, self._pid = open_store(self.uri, self.storage_options).fs, os.getpid()
-        return self._fs
 
     def __reduce__(self) -> tuple[Any, ...]:
-        from . import open_store
-
-        return (open_store, (self.uri, self.storage_options))
+        return (reopen, (self.uri, self.storage_options))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
 
     # -- naming ---------------------------------------------------------------------------
-    def path(self, rel: str = "") -> str:
-        """Backend path (no protocol) of `rel` under the root."""
-        return f"{self.root}/{rel}" if rel else self.root
-
+    @abstractmethod
     def url(self, rel: str = "") -> str:
-        """Full URL of `rel`, for messages and for fsspec.open elsewhere."""
-        return self.fs.unstrip_protocol(self.path(rel))
+        """Full URL of `rel`, for messages."""
 
     def local_path(self, rel: str) -> str | None:
         """A local filesystem path for `rel` (h5py/lmdb open it directly), or None if remote."""
         return None
 
     # -- reading --------------------------------------------------------------------------
+    @abstractmethod
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        """The whole object; FileNotFoundError if absent."""
 
+    @abstractmethod
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of `rel`; negative offsets count from the end, as in fsspec."""
-        return self.fs.cat_file(self.path(rel), start=start, end=end)
 
+    @abstractmethod
+    def open_range(self, rel: str, start: int = 0, end: int | None = None, match: str | None = None,
+                   timeout: float | None = None) -> RangeStream:  # fmt: skip
+        """A stream of bytes [start, end) (end None: to the end), for the resilient reader.
+        `match` (an Entry.token seen before) makes it conditional: PreconditionFailed if the object
+        changed. A start at or past the end gives an empty stream."""
+
+    @abstractmethod
     def open(self, rel: str, mode: str = "rb", **kwargs: Any) -> BinaryIO:
-        """An fsspec file object; for reading, its size comes from the store, not a stale listing."""
-        self.fs.invalidate_cache(self.path(rel))
-        return self.fs.open(self.path(rel), mode, **kwargs)
+        """A seekable file object for reading (kwargs: backend caching hints)."""
 
+    @abstractmethod
     def get_file(self, rel: str, local_path: str) -> None:
         """Download `rel` whole to a local path."""
-        self.fs.get_file(self.path(rel), local_path)
+
+    @abstractmethod
+    def info(self, rel: str) -> Entry:
+        """The object's Entry, asked afresh (never a cached listing); FileNotFoundError if absent."""
+
+    @abstractmethod
+    def list(self, rel_dir: str) -> Iterator[Entry]:
+        """Entries directly under `rel_dir` with their identity (empty if it does not exist)."""
+
+    @abstractmethod
+    def walk(self, rel_dir: str) -> Iterator[Entry]:
+        """Every file below `rel_dir`, recursively, sorted by path."""
 
     def exists(self, rel: str) -> bool:
-        self.fs.invalidate_cache(self.path(rel))  # object stores: never answer from a stale listing
-        return self.fs.exists(self.path(rel))
-
-    def info(self, rel: str) -> Entry:
-        self.fs.invalidate_cache(self.path(rel))
-        return self._entry(rel, self.fs.info(self.path(rel)))
-
-    def list(self, rel_dir: str) -> Iterator[Entry]:
-        """Entries directly under `rel_dir` (empty if it does not exist), listed afresh."""
-        self.fs.invalidate_cache(self.path(rel_dir))
         try:
-            found = self.fs.ls(self.path(rel_dir), detail=True)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        for d in found:
-            yield self._entry(f"{rel_dir.rstrip('/')}/{d['name'].rstrip('/').rsplit('/', 1)[-1]}", d)
-
-    def walk(self, rel_dir: str) -> Iterator[Entry]:
-        """Every file below `rel_dir`, recursively."""
-        self.fs.invalidate_cache(self.path(rel_dir))
-        base = self.path(rel_dir)
-        try:
-            found = self.fs.find(base, detail=True)
+            self.info(rel)
         except FileNotFoundError:
-            return
-        for path, d in sorted(found.items()):
-            yield self._entry(f"{rel_dir.rstrip('/')}/{path[len(base):].lstrip('/')}", d)
-
-    def _entry(self, rel: str, d: dict[str, Any]) -> Entry:
-        mtime = d.get("mtime") or d.get("LastModified") or d.get("created")
-        stamp = int(mtime.timestamp() * 1e9) if hasattr(mtime, "timestamp") else int(float(mtime or -1e-9) * 1e9)
-        return Entry(rel, int(d.get("size") or 0), str(d.get("ETag", "") or "").strip('"'),
-                     str(d.get("VersionId", "") or ""), stamp, is_dir=d.get("type") == "directory")  # fmt: skip
+            return False
+        return True
 
     def sha256(self, rel: str, chunk: int = 4 * 2**20) -> tuple[int, str]:
         """(size, sha256 hex) of an object, streamed; a directory by tree_digest."""
@@ -212,24 +257,24 @@ class Store(ABC):
         except FileNotFoundError:  # object stores: a directory is only a prefix
             directory = True
         if not directory:
-            with self.fs.open(self.path(rel), "rb", block_size=chunk, cache_type="none") as f:
-                return _digest(f, chunk)
+            stream = self.open_range(rel)
+            try:
+                return _digest(stream, chunk)
+            finally:
+                stream.close()
         files = [e.rel for e in self.walk(rel)]
         if not files:
             raise FileNotFoundError(self.url(rel))
         return tree_digest((f[len(rel) + 1 :], *self.sha256(f, chunk)) for f in files)
 
     # -- identity (content-checked resume) -----------------------------------------------
+    @abstractmethod
     def identity(self, rel: str) -> dict[str, Any]:
         """What resume later compares to prove `rel` is still the object committed now."""
-        entry = self.info(rel)
-        return {"size": entry.size, "etag": entry.etag, "edges": self._edges(rel, entry.size)}
 
+    @abstractmethod
     def same_object(self, rel: str, recorded: dict[str, Any], entry: Entry) -> bool:
         """True if the listed `entry` is provably the object whose identity() was recorded."""
-        if entry.size != recorded.get("size") or (recorded.get("etag") and entry.etag != recorded["etag"]):
-            return False
-        return self._edges(rel, entry.size) == recorded.get("edges")
 
     def _edges(self, rel: str, size: int) -> str:
         """sha256 of the first and last EDGE_BLOCK bytes (what a same-size swap cannot keep)."""
@@ -239,99 +284,57 @@ class Store(ABC):
         return h.hexdigest()
 
     # -- writing --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def writer(self, rel: str) -> Iterator[BinaryIO]:
-        """A file object whose content appears under `rel` only when the block exits cleanly.
+    @abstractmethod
+    def writer(self, rel: str) -> ContextManager[BinaryIO]:
+        """A file object whose content appears under `rel` only when the block exits cleanly."""
 
-        Generic backends do not all honour fsspec's autocommit=False (memory:// writes through),
-        so the bytes are spooled locally and sent in one put when complete."""
-        with tempfile.SpooledTemporaryFile(max_size=8 * 2**20) as spool:
-            yield spool  # type: ignore[misc]
-            spool.seek(0)
-            with self.fs.open(self.path(rel), "wb") as f:
-                shutil.copyfileobj(spool, f, 2**20)
-
+    @abstractmethod
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a small object atomically (temp + rename locally; one PUT remotely)."""
-        self.fs.pipe_file(self.path(rel), data)
 
+    @abstractmethod
+    def publish(self, tmp: str, rel: str, size: int, sha256: str | None = None, guard: Guard | None = None) -> None:
+        """Move a verified local temp file (or directory) to `rel` atomically; checks the stored size.
+        With a `guard`, the publish commits only while the guard holds (else PreconditionFailed)."""
+
+    @abstractmethod
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create `rel` only if absent (True), atomically; False if it already exists."""
-        raise StorageError(f"{self.url(rel)}: this store cannot create objects conditionally, so two runs "
-                           "could write one output at once; use a local path or S3 for the output")  # fmt: skip
 
+    @abstractmethod
+    def read_versioned(self, rel: str) -> tuple[bytes, str]:
+        """(content, version token) of `rel`, read in one request; the token feeds replace_if."""
+
+    @abstractmethod
+    def replace_if(self, rel: str, data: bytes, token: str) -> str | None:
+        """Replace `rel` with `data` only if its version is still `token` (a compare-and-swap);
+        the new token, or None if the object changed or vanished meanwhile."""
+
+    @abstractmethod
+    def delete_if(self, rel: str, token: str) -> bool:
+        """Delete `rel` only if its version is still `token`; False if it changed or is gone."""
+
+    @abstractmethod
     def delete(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self.path(rel))
-        self.fs.invalidate_cache(self.path(rel))
+        """Remove one object; absent is not an error."""
 
+    @abstractmethod
     def delete_tree(self, rel: str) -> None:
-        if self.exists(rel):
-            self.fs.rm(self.path(rel), recursive=True)
-        self.fs.invalidate_cache(self.path(rel))
+        """Remove an object or everything below a prefix; absent is not an error."""
 
-    # -- staging and publishing shards ----------------------------------------------------
-    def _staging_dir(self) -> tuple[str, str | None]:
-        """(folder for temp files, folder to remove afterwards or None)."""
-        tmpdir = tempfile.mkdtemp(prefix="convert-")
-        return tmpdir, tmpdir
+    # -- incomplete uploads and preflight ------------------------------------------------
+    def incomplete_uploads(self) -> builtins.list[tuple[str, str, float]]:
+        """(rel, upload id, unix start) of uploads begun under the root and never completed."""
+        return []
 
-    @contextlib.contextmanager
-    def staging(self, name: str, ext: str, run_id: str = "", sidecars: Iterable[str] = ()) -> Iterator[str]:
-        """A local temp path unique to this attempt (and named with `run_id`); removed afterwards,
-        with the format's `sidecars` (suffixes such as LMDB's "-lock") and whatever the writer left."""
-        folder, cleanup = self._staging_dir()
-        tag = f"r-{run_id}." if run_id else ""
-        tmp = os.path.join(folder, f".{name}.{tag}{uuid.uuid4().hex[:12]}{PARTIAL}{ext}")
-        try:
-            yield tmp
-        finally:
-            for path in [tmp, *(tmp + suffix for suffix in sidecars)]:
-                with contextlib.suppress(FileNotFoundError):
-                    shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
-            if cleanup:
-                shutil.rmtree(cleanup, ignore_errors=True)
-
-    def publish(self, tmp: str, rel: str, size: int, sha256: str | None = None) -> None:
-        """Move a verified local temp file (or directory) to its final name; checks the stored size."""
-        self.fs.put(tmp, self.path(rel), recursive=os.path.isdir(tmp))
-        self._check_size(rel, size)
-
-    def _check_size(self, rel: str, size: int) -> None:
-        self.fs.invalidate_cache(self.path(rel))
-        stored = self.fs.du(self.path(rel)) if self.fs.isdir(self.path(rel)) else self.fs.info(self.path(rel))["size"]
-        if stored != size:
-            raise OSError(f"upload of {self.url(rel)} incomplete: {stored} of {size} bytes")
-
-    # -- leftovers and preflight -----------------------------------------------------------
-    def leftovers(self) -> list[Leftover]:
-        """Debris of killed attempts: staged temps under shards/ (and, on S3, incomplete uploads)."""
-        found = []
-        for entry in self.list(SHARDS_DIR):
-            if PARTIAL in entry.name:
-                found.append(Leftover("partial", self.url(entry.rel), "", staged_run_id(entry.name),
-                                      max(entry.mtime_ns, 0) / 1e9))  # fmt: skip
-        return found
-
-    def remove_leftover(self, item: Leftover) -> None:
-        rel = item.url[len(self.url()) + 1 :]
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(self.path(rel), recursive=True)
-
-    def clean_leftovers(self, keep_run: str = "", since: float = float("inf")) -> list[Leftover]:
-        """Remove debris that is provably dead: staged by another run than `keep_run`, or started
-        before `since` (the lease's start). Returns what was removed."""
-        removed = []
-        for item in self.leftovers():
-            if not keep_run or item.run_id != keep_run or item.started < since:
-                self.remove_leftover(item)
-                removed.append(item)
-        return removed
+    def abort_upload(self, rel: str, upload_id: str) -> None:
+        """Abort one incomplete upload (what incomplete_uploads listed)."""
 
     def preflight(self, role: str) -> None:
         """Raise StorageError (one line naming the uri and the fix) if the store is unusable.
         Generic stores are left to their first real use."""
 
 
-class FsspecStore(Store):
-    """Any other fsspec filesystem (memory://, gs://, az://, ...): the base behaviour, no extras."""
+def guard_refused(store: Store, rel: str, guard: Guard) -> PreconditionFailed:
+    """The error of a publish whose guard no longer holds."""
+    return PreconditionFailed(f"{store.url(rel)}: not published, {store.url(guard.rel)} no longer allows it")

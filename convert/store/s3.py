@@ -2,24 +2,36 @@
 
 s3fs gives reads, listings and plain writes. Added here: a checksummed single PUT or multipart
 upload that is aborted if any part fails (S3 itself rejects a body whose SHA-256 does not match),
-conditional create (`If-None-Match: *`, for leases), a paged listing that keeps ETags, incomplete
-multipart uploads as leftovers, and a preflight that turns a missing bucket or refused
-credentials into one line naming the URI and the fix.
+conditional create (`If-None-Match: *`) and compare-and-swap (`If-Match` on the ETag) for leases,
+a publish guarded by an `If-Match` rewrite of the guard object just before the commit (the last
+part of a multipart upload, or the single PUT), a paged listing that keeps ETags, streamed
+ranged GETs pinned by `If-Match`, incomplete multipart uploads, and a preflight that turns a
+missing bucket or refused credentials into one line naming the URI and the fix.
+
+This module and `s3_stream` are the only code in the package that calls S3.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import contextlib
 import datetime as dt
 import hashlib
+import os
+import re
 from typing import Any, BinaryIO, Iterator
 
-from .base import Entry, Leftover, StorageError, Store, first_line
+from fsspec.asyn import sync
+
+from .base import Entry, Guard, PreconditionFailed, RangeStream, StorageError, entry_of, first_line, guard_refused
+from .generic import FsspecStore
+from .s3_stream import EmptyRange, S3Range
 
 PART_SIZE = 16 * 2**20  # multipart part size (S3 needs >= 5 MiB); objects up to 2 parts use one PUT
 UPLOAD_CONCURRENCY = 4  # parts in flight per upload (bounds memory to ~64 MiB)
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
 def _b64(digest: bytes) -> str:
@@ -38,38 +50,89 @@ def _stamp(value: Any) -> int:
     return int(value.timestamp() * 1e9) if isinstance(value, dt.datetime) else -1
 
 
-class S3Store(Store):
-    supports_conditional_create = True
+def error_code(exc: BaseException) -> str:
+    """The S3 error code of a botocore ClientError, or of one s3fs translated into an OSError."""
+    for e in (exc, exc.__cause__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            return str(response["Error"].get("Code", ""))
+    return ""
+
+
+def _changed(exc: BaseException) -> bool:
+    return error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+def _extent(resp: dict[str, Any]) -> tuple[int, int]:
+    """(object size, first byte returned) from a GetObject response."""
+    m = _CONTENT_RANGE.match(resp.get("ContentRange") or "")
+    if m and m.group(3) != "*":
+        return int(m.group(3)), int(m.group(1))
+    return int(resp["ContentLength"]), 0
+
+
+class S3Store(FsspecStore):
+    supports_conditional_writes = True
+    supports_etags = True
     supports_multipart = True
     part_size: int | None = None  # None: the module's PART_SIZE (tests shrink either)
 
-    def _split(self, rel: str) -> tuple[str, str]:
-        bucket, key, _ = self.fs.split_path(self.path(rel))
-        return bucket, key
+    def __init__(self, uri: str, options: dict[str, Any], fs: Any, root: str) -> None:
+        super().__init__(uri, options, fs, root)
+        self._fences: dict[str, tuple[bytes, str]] = {}  # guard rel -> last (content, ETag) it allowed
+
+    def _split(self, rel: str) -> tuple[str, str, str | None]:
+        """(bucket, key, version id or None)."""
+        bucket, key, version = self.fs.split_path(self.path(rel))
+        return bucket, key, version or None
 
     def _call(self, method: str, **kwargs: Any) -> Any:
         return self.fs.call_s3(method, **kwargs)
 
+    def _object(self, rel: str) -> dict[str, Any]:
+        bucket, key, version = self._split(rel)
+        return {"Bucket": bucket, "Key": key, **({"VersionId": version} if version else {})}
+
     # -- reading --------------------------------------------------------------------------
     def info(self, rel: str) -> Entry:
-        bucket, key = self._split(rel)
-        head = self._call("head_object", Bucket=bucket, Key=key)
-        return Entry(rel, int(head["ContentLength"]), head.get("ETag", "").strip('"'), head.get("VersionId", "") or "",
-                     _stamp(head.get("LastModified")))  # fmt: skip
+        return entry_of(rel, self._call("head_object", **self._object(rel)))
+
+    def open_range(self, rel: str, start: int = 0, end: int | None = None, match: str | None = None,
+                   timeout: float | None = None) -> RangeStream:  # fmt: skip
+        """One streaming GetObject; `match` (an etag: token) becomes If-Match."""
+        kw = self._object(rel)
+        if match is not None and match.startswith("etag:"):
+            kw["IfMatch"] = f'"{match[5:]}"'
+        if start > 0 or end is not None:
+            kw["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            resp = sync(self.fs.loop, self._get_object, kw, timeout)
+        except OSError as exc:
+            if _changed(exc):
+                raise PreconditionFailed(f"{self.url(rel)} changed (ETag no longer {match})") from exc
+            if error_code(exc) in ("InvalidRange", "416"):
+                return EmptyRange(self.info(rel), start)
+            raise
+        total, first = _extent(resp)
+        entry = entry_of(rel, {**resp, "ContentLength": total})
+        stop = total if end is None else min(end, total)
+        return S3Range(self.fs.loop, resp["Body"], entry, first, stop - first, timeout)
+
+    async def _get_object(self, kw: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        return await asyncio.wait_for(self.fs._call_s3("get_object", **kw), timeout)
 
     def list(self, rel_dir: str) -> Iterator[Entry]:
         """list_objects_v2 page by page (1000 keys each), streamed; keeps each object's ETag."""
-        bucket, prefix = self._split(rel_dir)
+        bucket, prefix, _ = self._split(rel_dir)
         prefix = f"{prefix.rstrip('/')}/" if prefix else ""
-        base = rel_dir.rstrip("/")
+        base = f"{rel_dir.rstrip('/')}/" if rel_dir.strip("/") else ""
         kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
         while True:
             page = self._call("list_objects_v2", **kw)
             for obj in page.get("Contents", []):
-                yield Entry(f"{base}/{obj['Key'][len(prefix):]}", int(obj["Size"]), obj.get("ETag", "").strip('"'),
-                            mtime_ns=_stamp(obj.get("LastModified")))  # fmt: skip
+                yield entry_of(f"{base}{obj['Key'][len(prefix):]}", obj)
             for sub in page.get("CommonPrefixes", []):
-                yield Entry(f"{base}/{sub['Prefix'][len(prefix):].rstrip('/')}", 0, is_dir=True)
+                yield Entry(f"{base}{sub['Prefix'][len(prefix):].rstrip('/')}", 0, is_dir=True)
             if not page.get("IsTruncated"):
                 return
             kw["ContinuationToken"] = page["NextContinuationToken"]
@@ -99,39 +162,97 @@ class S3Store(Store):
         fh.commit()
         self.fs.invalidate_cache(self.path(rel))
 
-    def create_exclusive(self, rel: str, data: bytes) -> bool:
-        bucket, key = self._split(rel)
+    async def _put_if(self, rel: str, data: bytes, **condition: str) -> str | None:
+        """PUT with If-None-Match / If-Match: the new ETag, or None if the precondition failed."""
+        bucket, key, _ = self._split(rel)
         try:
-            self._call("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
-            return False
-        except Exception as exc:  # noqa: BLE001 - botocore ClientError: only PreconditionFailed means "exists"
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or "Precondition" in str(exc):
-                return False
-            if code in ("NotImplemented", "InvalidArgument"):
+            resp = await self.fs._call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+        except (FileExistsError, FileNotFoundError):  # s3fs's translation of 412 (If-None-Match) / 404
+            return None
+        except Exception as exc:  # botocore ClientError: only a failed precondition means "changed"
+            if _changed(exc) or "Precondition" in str(exc):
+                return None
+            if error_code(exc) in ("NotImplemented", "InvalidArgument"):
                 raise StorageError(f"{self.url(rel)}: this object store does not support conditional writes "
-                                   "(If-None-Match), so a run cannot lock the output; use AWS S3 or a local output") from None
+                                   "(If-Match/If-None-Match), so a run cannot lock the output; use AWS S3 or a "
+                                   "local output") from None  # fmt: skip
+            raise
+        finally:
+            self.fs.invalidate_cache(self.path(rel))
+        return str(resp.get("ETag", "")).strip('"')
+
+    async def _read_versioned(self, rel: str) -> tuple[bytes, str]:
+        resp = await self.fs._call_s3("get_object", **self._object(rel))
+        body = resp["Body"]
+        try:
+            data = await body.read()
+        finally:
+            body.close()
+        return data, str(resp.get("ETag", "")).strip('"')
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        return sync(self.fs.loop, self._put_if, rel, data, IfNoneMatch="*") is not None
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str]:
+        return sync(self.fs.loop, self._read_versioned, rel)
+
+    def replace_if(self, rel: str, data: bytes, token: str) -> str | None:
+        return sync(self.fs.loop, self._put_if, rel, data, IfMatch=f'"{token}"')
+
+    def delete_if(self, rel: str, token: str) -> bool:
+        try:
+            self._call("delete_object", **self._object(rel), IfMatch=f'"{token}"')
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if _changed(exc):
+                return False
             raise
         finally:
             self.fs.invalidate_cache(self.path(rel))
         return True
 
-    def publish(self, tmp: str, rel: str, size: int, sha256: str | None = None) -> None:
-        """One checksummed PUT, or a checksummed multipart upload aborted on any failure; then
-        the stored size is checked."""
-        if sha256 is None:
-            return super().publish(tmp, rel, size)
-        from fsspec.asyn import sync
+    async def _fence(self, guard: Guard, rel: str) -> None:
+        """Rewrite the guard object with its own bytes under If-Match on its ETag: the server
+        confirms that the version the guard allowed is still current. Identical bytes keep the
+        ETag, so the holder's next compare-and-swap is unaffected (under SSE-KMS the ETag is not a
+        content hash and moves: the holder's renewal then re-reads, see lease.renew). The last
+        allowed version is remembered, so a fence is one request until the guard object changes."""
+        cached = self._fences.get(guard.rel)
+        if cached is not None:
+            fresh = await self._put_if(guard.rel, cached[0], IfMatch=f'"{cached[1]}"')
+            if fresh is not None:
+                self._fences[guard.rel] = (cached[0], fresh)
+                return
+        for _ in range(5):  # a concurrent renewal (or fence) moved the ETag: read again
+            try:
+                data, etag = await self._read_versioned(guard.rel)
+            except FileNotFoundError:
+                raise guard_refused(self, rel, guard) from None
+            if not guard.holds(data):
+                raise guard_refused(self, rel, guard)
+            fresh = await self._put_if(guard.rel, data, IfMatch=f'"{etag}"')
+            if fresh is not None:
+                self._fences[guard.rel] = (data, fresh)
+                return
+        raise guard_refused(self, rel, guard)
 
-        bucket, key = self._split(rel)
-        sync(self.fs.loop, self._upload, tmp, bucket, key, size, sha256)
+    def publish(self, tmp: str, rel: str, size: int, sha256: str | None = None, guard: Guard | None = None) -> None:
+        """One checksummed PUT, or a checksummed multipart upload aborted on any failure; then
+        the stored size is checked. A guard is confirmed by `_fence` right before the commit."""
+        if sha256 is None or os.path.isdir(tmp):
+            return super().publish(tmp, rel, size, guard=guard)
+        bucket, key, _ = self._split(rel)
+        sync(self.fs.loop, self._upload, tmp, bucket, key, size, sha256, None if guard is None else (guard, rel))
         self._check_size(rel, size)
 
-    async def _upload(self, path: str, bucket: str, key: str, size: int, sha256: str) -> None:
+    async def _upload(self, path: str, bucket: str, key: str, size: int, sha256: str,
+                      fence: tuple[Guard, str] | None) -> None:  # fmt: skip
         part = self.part_size or PART_SIZE
         if size <= 2 * part:
             body, _ = await asyncio.to_thread(_read_part, path, 0, size)
+            if fence is not None:
+                await self._fence(*fence)
             await self.fs._call_s3("put_object", Bucket=bucket, Key=key, Body=body,
                                    ChecksumSHA256=_b64(bytes.fromhex(sha256)))  # fmt: skip
             return
@@ -139,6 +260,8 @@ class S3Store(Store):
         upload_id = mpu["UploadId"]
         try:
             parts = await self._parts(path, bucket, key, upload_id, size, part)
+            if fence is not None:
+                await self._fence(*fence)
             await self.fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
                                    MultipartUpload={"Parts": parts})  # fmt: skip
         except BaseException:
@@ -147,7 +270,7 @@ class S3Store(Store):
             raise
 
     async def _parts(self, path: str, bucket: str, key: str, upload_id: str, size: int,
-                     part_size: int) -> list[dict[str, Any]]:  # fmt: skip
+                     part_size: int) -> builtins.list[dict[str, Any]]:  # fmt: skip
         """Upload the parts, at most UPLOAD_CONCURRENCY at once, each with its SHA-256.
 
         If one part fails the others are cancelled and awaited, so no part lands after the abort.
@@ -170,26 +293,24 @@ class S3Store(Store):
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    # -- leftovers and preflight -----------------------------------------------------------
-    def leftovers(self) -> list[Leftover]:
-        """Incomplete multipart uploads under the root (staged temps live on the workers' disks)."""
-        bucket, prefix = self._split("")
+    # -- incomplete uploads and preflight -------------------------------------------------
+    def incomplete_uploads(self) -> builtins.list[tuple[str, str, float]]:
+        """Multipart uploads begun under the root and never completed or aborted."""
+        bucket, prefix, _ = self._split("")
         prefix = f"{prefix.rstrip('/')}/" if prefix else ""
         found, kw = [], {"Bucket": bucket, "Prefix": prefix}
         while True:
             page = self._call("list_multipart_uploads", **kw)
-            found += [Leftover("multipart", f"s3://{bucket}/{u['Key']}", u["UploadId"],
-                               started=_stamp(u.get("Initiated")) / 1e9) for u in page.get("Uploads", [])]  # fmt: skip
+            found += [(u["Key"][len(prefix):], u["UploadId"], _stamp(u.get("Initiated")) / 1e9)
+                      for u in page.get("Uploads", [])]  # fmt: skip
             if not page.get("IsTruncated"):
-                return found + super().leftovers()
+                return found
             kw.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
 
-    def remove_leftover(self, item: Leftover) -> None:
-        if item.kind != "multipart":
-            return super().remove_leftover(item)
-        bucket, key = item.url[5:].split("/", 1)
+    def abort_upload(self, rel: str, upload_id: str) -> None:
+        bucket, key, _ = self._split(rel)
         with contextlib.suppress(FileNotFoundError):
-            self._call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=item.detail)
+            self._call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
 
     def preflight(self, role: str) -> None:
         bucket = self.root.split("/", 1)[0]

@@ -17,6 +17,7 @@ import hashlib
 import mmap
 import os
 import re
+import selectors
 import socket
 import sys
 import threading
@@ -193,8 +194,10 @@ class _Server(ThreadingHTTPServer):
 class StaticServer:
     """Serves files under `root` and objects added with `put`, on 127.0.0.1 at a free port."""
 
-    def __init__(self, root: str | Path | None = None, files: dict[str, bytes] | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, files: dict[str, bytes] | None = None,
+                 hosts: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.root = Path(root) if root is not None else None
+        self.hosts = hosts  # more loopback addresses served on the same port (e.g. 127.0.3.7), see urls()
         self._lock = threading.Lock()
         self._objects: dict[str, _Object] = {}
         self._faults: dict[str, Fault] = {}
@@ -203,6 +206,7 @@ class StaticServer:
         self._stopping = threading.Event()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._extra: list[socket.socket] = []
         for path, data in (files or {}).items():
             self.put(path, data)
 
@@ -274,6 +278,11 @@ class StaticServer:
     def url_for(self, path: str) -> str:
         return self.url + "/" + path.lstrip("/")
 
+    def urls(self) -> list[str]:
+        """The base URL on 127.0.0.1 and on each of `hosts`, same port (one "site" per address)."""
+        port = self.url.rsplit(":", 1)[1]
+        return [self.url] + [f"http://{host}:{port}" for host in self.hosts]
+
     def start(self) -> "StaticServer":
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
@@ -281,7 +290,34 @@ class StaticServer:
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="static-http", daemon=True
         )
         self._thread.start()
+        if self.hosts:
+            self._listen_on_hosts()
         return self
+
+    def _listen_on_hosts(self) -> None:
+        """Accept on each extra address with one selector thread; requests run as on the main one."""
+        assert self._httpd is not None
+        port = self._httpd.server_address[1]
+        selector = selectors.DefaultSelector()
+        for host in self.hosts:
+            sock = socket.create_server((host, port), backlog=128)
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+            self._extra.append(sock)
+
+        def accept() -> None:
+            while not self._stopping.is_set():
+                for key, _ in selector.select(timeout=0.05):
+                    try:
+                        conn, addr = key.fileobj.accept()  # type: ignore[union-attr]
+                    except OSError:
+                        continue
+                    conn.setblocking(True)
+                    if self._httpd is not None:
+                        self._httpd.process_request(conn, addr)
+            selector.close()
+
+        threading.Thread(target=accept, name="static-http-hosts", daemon=True).start()
 
     def stop(self) -> None:
         """Stop serving, release hung responses and close kept-alive connections."""
@@ -289,6 +325,8 @@ class StaticServer:
             return
         self._stopping.set()
         self._httpd.shutdown()
+        for sock in self._extra:
+            sock.close()
         with self._lock:
             socks = list(self._sockets)
         for s in socks:
@@ -308,10 +346,17 @@ class StaticServer:
         self.stop()
 
 
+def loopback_hosts(count: int) -> tuple[str, ...]:
+    """`count` distinct loopback addresses other than 127.0.0.1: 127.0.1.1, 127.0.1.2, ..."""
+    return tuple(f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(count))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Serve a directory from a separate process until stdin closes."""
+    """Serve a directory from a separate process until stdin closes (`DIR [HOSTS]`: HOSTS more
+    loopback addresses on the same port, see loopback_hosts)."""
     args = sys.argv[1:] if argv is None else argv
-    with StaticServer(root=args[0] if args else ".") as srv:
+    hosts = loopback_hosts(int(args[1])) if len(args) > 1 else ()
+    with StaticServer(root=args[0] if args else ".", hosts=hosts) as srv:
         print(srv.url, flush=True)
         sys.stdin.read()
 

@@ -178,12 +178,15 @@ def bench_cpu(root: Path, n: int) -> None:
         guarded = FetchPolicy(allowed_networks=("127.0.0.0/8",), backend="urllib3")  # same, through the guard
         curl = FetchPolicy(allow_private_networks=True, backend="curl")
         curl_guarded = FetchPolicy(allowed_networks=("127.0.0.0/8",), backend="curl")
+        curl_unscreened = FetchPolicy(allow_private_networks=True, backend="curl", disallowed_header_directives=())
+        unscreened = FetchPolicy(allow_private_networks=True, backend="urllib3", disallowed_header_directives=())
         keepalive = _HTTPClientPerThread(url)
         calls = {
             "requests.Session (baseline)": lambda: session.get(url).content,
             "urllib3 PoolManager": lambda: pool.request("GET", url).data,
             "http.client keep-alive per thread": keepalive.get,
             "fetch_bytes (urllib3 hot path)": lambda: fetch_bytes(url, policy),
+            "fetch_bytes, no X-Robots-Tag check": lambda: fetch_bytes(url, unscreened),
             "fetch_bytes, address guard on": lambda: fetch_bytes(url, guarded),
         }
         serial: dict[str, Batch] = {name: (lambda k, f=f: [f() for _ in range(k)]) for name, f in calls.items()}
@@ -195,6 +198,8 @@ def bench_cpu(root: Path, n: int) -> None:
         serial["CurlStream x16 (pycurl multi)"] = lambda k: list(CurlStream([url] * k, str, None, curl, depth=16))
         serial["CurlStream x16, address guard on"] = lambda k: list(
             CurlStream([url] * k, str, None, curl_guarded, depth=16))
+        serial["CurlStream x16, no X-Robots-Tag check"] = lambda k: list(
+            CurlStream([url] * k, str, None, curl_unscreened, depth=16))
         serial["(PIL decode of the same image)"] = lambda k: [decode() for _ in range(k)]
         print("  one caller:")
         _report(compare_cpu(serial, n), "requests.Session (baseline)")
@@ -280,12 +285,15 @@ def _aiohttp_clients() -> Iterator[_Aio]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes and counts")
+    parser.add_argument("--cpu-only", action="store_true", help="only [3], client CPU per GET")
     args = parser.parse_args()
     q = args.quick
     print(f"bench_fetch: python {sys.version.split()[0]}, {os.cpu_count()} cpus")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bench_cpu(root, n=300 if q else 2000)
+        if args.cpu_only:
+            return
         (root / "large").mkdir()
         bench_large(root / "large", count=2 if q else 4, size=(16 if q else 32) * MB, repeat=2 if q else 3)
         bench_prefetch(root, count=200 if q else 1000, latency=0.020, depths=(1, 16, 64))

@@ -29,7 +29,8 @@ from convert.orchestrate import run
 from convert.manifest import read_manifest, write_manifest
 from convert.records import RECORD_SUFFIX, committed_records, record_rel_path
 from convert.specs import ShardRecord
-from convert.store import SHARDS_DIR, Store, open_store
+from convert.layout import SHARDS_DIR
+from convert.store import Store, open_store
 from convert.testing import images as gen
 from convert.testing.s3 import MotoServer
 
