@@ -146,8 +146,11 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
 
     def _column_names(self) -> frozenset[str]:
         """The stored columns' names and their `_null` masks."""
-        names = [c.name for c in self.stream.dataset.schema]
-        return frozenset(names + [f"{n}_null" for n in names])
+        found = self.__dict__.get("_names")
+        if found is None:
+            names = [c.name for c in self.stream.dataset.schema]
+            found = self.__dict__["_names"] = frozenset(names + [f"{n}_null" for n in names])
+        return found
 
     def state_dict(self) -> dict[str, Any]:
         """Progress of in-process iteration (num_workers=0); with workers use StreamingDataLoader's."""
