@@ -243,3 +243,46 @@ def test_a_malformed_schema_in_the_manifest_is_one_line(column_dataset, tmp_path
 
     with pytest.raises(ManifestError, match="columns are malformed"):
         open_dataset(str(copy))
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("fmt", ["hdf5", "lmdb"])
+def test_a_captioned_list_converts_and_reads_back(fmt: str, tmp_path: Path) -> None:
+    """End to end: a CSV list with a caption and a float column -> shards -> every item's values."""
+    import csv
+    import hashlib
+
+    from convert import run
+    from convert.config import load_config
+    from convert.testing import images as gen
+
+    captions = ["a cat 🐱", "two\nlines", "", 'quote "x", comma', "ñandú"]
+    rows = []
+    for i in range(9):
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(gen.jpeg_bytes(20, 16, seed=i))
+        rows.append({"url": str(path), "caption": captions[i % 5], "similarity": str(i / 8)})
+    with open(tmp_path / "list.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["url", "caption", "similarity"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    cfg = load_config(None, {"source.uri": str(tmp_path / "list.csv"), "output.uri": str(out), "output.format": fmt,
+                             "image.size": 8, "source.columns": "similarity", "shard.size": 4,
+                             "cluster.workers": 1})  # fmt: skip
+    assert run(cfg, log=lambda m: None).exit_code() == 0
+    ds = open_dataset(str(out))
+    names = [c.name for c in ds.schema]
+    assert names[0] == "caption" and "similarity" in names and names[-1] == "sha256"
+    assert ds.manifest["columns"] == [[c.name, c.type] for c in ds.schema]
+    by_key = {ds[i]["key"]: ds[i] for i in range(len(ds))}
+    assert len(by_key) == 9
+    # CSV: an empty field is null; the column's type is the source's (text here, or float64)
+    got = sorted((r["caption"] or "", float(r["similarity"])) for r in by_key.values())
+    assert got == sorted((r["caption"], float(r["similarity"])) for r in rows)
+    assert [r["caption"] for r in by_key.values()].count(None) == 2
+    item = ds[0]
+    assert list(item)[:4] == ["image", "label", "key", "caption"]
+    source = next(r for r in rows if float(r["similarity"]) == float(item["similarity"]))
+    assert item["sha256"] == hashlib.sha256(Path(source["url"]).read_bytes()).hexdigest()
+    assert ds.column("caption") == [ds[i]["caption"] for i in range(len(ds))]
