@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 _LOCK = threading.Lock()
-_MUTED: set[int] = set()  # thread idents
+_MUTED: Counter[int] = Counter()  # thread ident -> nesting depth
 _SAVED: list[Any] = []  # (stderr, unraisablehook) while installed
 
 
@@ -50,12 +51,14 @@ def muted() -> Iterator[None]:
         if not _SAVED:
             _SAVED[:] = [sys.stderr, sys.unraisablehook]
             sys.stderr, sys.unraisablehook = _ThreadFilteredStream(sys.stderr), _hook
-        _MUTED.add(me)
+        _MUTED[me] += 1
     try:
         yield
     finally:
         with _LOCK:
-            _MUTED.discard(me)
+            _MUTED[me] -= 1
+            if _MUTED[me] <= 0:
+                del _MUTED[me]
             if not _MUTED and _SAVED:
                 sys.stderr, sys.unraisablehook = _SAVED
                 _SAVED.clear()
