@@ -216,9 +216,13 @@ def test_torch_collates_columns(column_dataset, workers: int, batched_in: str, t
     uri, samples = column_dataset
     by_key = {s.key: s for s in samples}
     if batched_in == "loader":
-        loader = StreamingDataLoader(StreamingDataset(uri, seed=2, cache_dir=tmp_path), batch_size=8, num_workers=workers)
+        loader = StreamingDataLoader(
+            StreamingDataset(uri, seed=2, cache_dir=tmp_path), batch_size=8, num_workers=workers
+        )
     else:
-        loader = StreamingDataLoader(StreamingDataset(uri, seed=2, batch_size=8, cache_dir=tmp_path), num_workers=workers)
+        loader = StreamingDataLoader(
+            StreamingDataset(uri, seed=2, batch_size=8, cache_dir=tmp_path), num_workers=workers
+        )
     batches = list(loader)
     assert len(batches) == len(loader) == 7 and [len(b["key"]) for b in batches] == [8] * 6 + [5]
     for batch in batches:

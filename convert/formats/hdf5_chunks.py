@@ -50,8 +50,11 @@ class Chunks:
     @staticmethod
     def usable(ds: h5py.Dataset, tail: h5py.Dataset | None = None) -> bool:
         plain = tail is None or not tail.size or tail.id.get_offset() is not None
-        return plain and ds.chunks is not None and ds.id.get_create_plist().get_nfilters() == 0 and hasattr(
-            ds.id, "chunk_iter"
+        return (
+            plain
+            and ds.chunks is not None
+            and ds.id.get_create_plist().get_nfilters() == 0
+            and hasattr(ds.id, "chunk_iter")
         )
 
     def read(self, lo: int, hi: int) -> bytes | memoryview:
@@ -78,7 +81,9 @@ class Chunks:
             k = int(chunk[group[0]])
             n = min(rows, (int(self.starts.size) - k) * rows)
             if self._map is not None:
-                block = np.frombuffer(self._map, np.uint8, count=n * nbytes, offset=int(self.starts[k])).reshape(n, nbytes)
+                block = np.frombuffer(self._map, np.uint8, count=n * nbytes, offset=int(self.starts[k])).reshape(
+                    n, nbytes
+                )
             else:
                 lo, hi = int(idx[group].min() % rows), int(idx[group].max() % rows) + 1
                 data = np.frombuffer(self._range(int(self.starts[k]) + lo * nbytes, (hi - lo) * nbytes), np.uint8)

@@ -73,7 +73,9 @@ class ColumnWriter:
         for i, col in enumerate(self.columns):
             if col.type == "string":
                 data = self.group.create_dataset(str(i), (0,), np.uint8, maxshape=(None,), chunks=(TEXT_CHUNK,))
-                offsets = self.group.create_dataset(f"{i}.offsets", (1,), np.int64, maxshape=(None,), chunks=(ROW_CHUNK,))
+                offsets = self.group.create_dataset(
+                    f"{i}.offsets", (1,), np.int64, maxshape=(None,), chunks=(ROW_CHUNK,)
+                )
                 self._text[i] = (Appender(data, TEXT_CHUNK), offsets)
                 self._ds.append(data)
             else:
