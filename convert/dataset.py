@@ -32,6 +32,7 @@ from .fetch import prefetch
 from .formats.base import ShardReader, get_format, open_reader
 from .ledger import read_ledger
 from .manifest import ManifestError, check_opened, read_manifest
+from .records import check_regular
 from .views import view
 from .shardcache import ShardCache
 from .specs import COLUMN_TYPES, Column
@@ -250,6 +251,7 @@ class Dataset:
         store = self._store()
         local = store.local_path(shard["path"])
         if local is not None:
+            check_regular(store, shard["path"])  # a FIFO named by the index would hang the open
             return local
         if self._format.needs_local_file or self.download:
             return str(self.cache.get(shard))
