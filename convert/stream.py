@@ -15,6 +15,14 @@ The epoch's order is a pure function of (seed, epoch, shard counts, partition):
    py1b idea: a block spans a few shards, so reads stay local and memory stays bounded).
 Because position -> item is a function, a worker resumes exactly by skipping its first n positions.
 
+Mixing: `Stream([Source(uri, proportion=0.7), Source(uri2, repeat=2)], epoch_size=N)`. Each source
+takes n_s samples per epoch (proportion: that share of epoch_size; repeat: passes over it; choose:
+an absolute count; none: one pass), read as passes over its shards in a per-(seed, epoch, source,
+pass) shard order; the sources are interleaved evenly (sample k of source s sits at fraction
+(k + u_s) / n_s of the epoch, u_s a per-epoch random offset), so every rank's and worker's span has
+the asked proportions. That mixed sequence (held as one int64 array per epoch) replaces step 2;
+steps 3 and 4 and resume by position are unchanged.
+
 `Stream(uri).batches(256)` is the NumPy/JAX entry; `convert.torch.StreamingDataset` wraps it.
 Batches hold the stored columns too (`collate`): strings as lists, numbers as arrays, and for each
 column `c` a bool mask `c_null` (a null's value is "", NaN, 0 or False).
@@ -33,6 +41,7 @@ from .formats.columns import FILL, NUMPY
 from .specs import Column
 
 PARTITIONS = ("exact", "drop", "pad")
+Uri = str | Dataset
 READ_BATCH = 64  # items per read while streaming (one get_batch)
 DEFAULT_BLOCK_SHARDS = 4  # shuffle block: this many shards' worth of items
 
@@ -53,6 +62,73 @@ class Part:
         return self.rank * self.workers + self.worker
 
 
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One dataset of a mix (as Mosaic's Stream): `proportion` = its share of the epoch's samples,
+    `repeat` = passes over it per epoch (may be fractional), `choose` = an absolute sample count;
+    at most one of them (none: one pass)."""
+
+    uri: Uri
+    proportion: float | None = None
+    repeat: float | None = None
+    choose: int | None = None
+    storage_options: dict[str, Any] | None = None
+
+    def describe(self, k: int) -> str:
+        return f"source {k} ({self.uri if isinstance(self.uri, str) else self.uri.uri})"
+
+
+def mix_sizes(sources: Sequence[Source], lengths: Sequence[int], epoch_size: int | None) -> list[int]:
+    """Samples per epoch of each source; a spec that does not sum sensibly is a one-line ValueError."""
+    fixed: dict[int, float] = {}
+    props: dict[int, float] = {}
+    for k, (src, n) in enumerate(zip(sources, lengths)):
+        given = {a: v for a in ("proportion", "repeat", "choose") if (v := getattr(src, a)) is not None}
+        if len(given) > 1:
+            raise ValueError(f"{src.describe(k)}: give one of proportion, repeat, choose (got {', '.join(given)})")
+        if any(v < 0 for v in given.values()):
+            raise ValueError(f"{src.describe(k)}: {', '.join(f'{a}={v}' for a, v in given.items())} is negative")
+        if src.proportion is not None:
+            props[k] = float(src.proportion)
+        else:
+            fixed[k] = float(src.choose) if src.choose is not None else (src.repeat if src.repeat is not None else 1.0) * n
+    if epoch_size is not None and epoch_size < 0:
+        raise ValueError(f"epoch_size={epoch_size} is negative")
+    total_p, total_fixed = sum(props.values()), sum(fixed.values())
+    if props and total_p == 0:
+        raise ValueError(f"{sources[min(props)].describe(min(props))}: the proportions sum to 0")
+    if epoch_size is None:
+        if total_p > 1 + 1e-9:
+            raise ValueError(f"{sources[min(props)].describe(min(props))}: the proportions sum to {total_p:g} > 1; "
+                             "lower them or set epoch_size")  # fmt: skip
+        if props and total_fixed == 0:  # proportions only: an epoch as long as the sources together
+            epoch_size = int(sum(lengths))
+        elif props and total_p >= 1 - 1e-9:
+            raise ValueError(f"{sources[min(props)].describe(min(props))}: the proportions sum to 1 and other "
+                             "sources have fixed sizes; set epoch_size")  # fmt: skip
+        else:
+            epoch_size = round(total_fixed / (1 - total_p)) if props else round(total_fixed)
+    want = dict(fixed)
+    if props:
+        rest = epoch_size - total_fixed
+        if rest < 0:
+            raise ValueError(f"epoch_size={epoch_size} is less than the fixed sources' {total_fixed:g} samples")
+        want.update({k: p / total_p * rest for k, p in props.items()})
+    elif total_fixed > 0:  # fixed sizes only: scaled to epoch_size
+        want = {k: v * epoch_size / total_fixed for k, v in fixed.items()}
+    return _round_to(np.array([want[k] for k in range(len(sources))]), epoch_size)
+
+
+def _round_to(values: np.ndarray, total: int) -> list[int]:
+    """Integers summing to round(sum) (or `total`), each within one of its value (largest remainder)."""
+    target = int(round(values.sum())) if abs(values.sum() - total) > 0.5 else int(total)
+    base = np.floor(values).astype(np.int64)
+    extra = target - int(base.sum())
+    if extra > 0:
+        base[np.argsort(-(values - base), kind="stable")[:extra]] += 1
+    return base.tolist()
+
+
 def _span(total: int, parts: int, part: int) -> tuple[int, int]:
     return total * part // parts, total * (part + 1) // parts
 
@@ -62,7 +138,7 @@ class Stream:
 
     def __init__(
         self,
-        uri: str | Dataset,
+        uri: Uri | Sequence[Source],
         storage_options: dict[str, Any] | None = None,
         *,
         shuffle: bool = True,
@@ -75,26 +151,46 @@ class Stream:
         decode: bool = True,
         transform: Callable[[dict[str, Any]], Any] | None = None,
         columns: Sequence[str] | None = None,
+        epoch_size: int | None = None,
     ) -> None:
         if partition not in PARTITIONS:
             raise ValueError(f"partition {partition!r}: expected one of {PARTITIONS}")
-        if isinstance(uri, Dataset):
-            self.dataset = uri
-        else:  # remote shards are streamed whole into the bounded cache
-            self.dataset = Dataset(uri, storage_options, cache_dir=cache_dir, decode=decode,
-                                   download=True, cache_limit=cache_limit, columns=columns)  # fmt: skip
-        self.dataset.cache.prefetch_depth = prefetch_shards
+        mixing = not isinstance(uri, (str, Dataset))
+        sources = list(uri) if mixing else [Source(uri, storage_options=storage_options)]  # type: ignore[arg-type]
+        if not sources or not all(isinstance(src, Source) for src in sources):
+            raise ValueError("Stream: give a URI, a Dataset or a non-empty list of convert.stream.Source")
+
+        def open_one(src: Source, cols: Sequence[str] | None) -> Dataset:
+            if isinstance(src.uri, Dataset):
+                return src.uri
+            return Dataset(src.uri, src.storage_options or storage_options, cache_dir=cache_dir, decode=decode,
+                           download=True, cache_limit=cache_limit, columns=cols)  # fmt: skip
+
+        self.datasets = [open_one(src, columns) for src in sources]
+        if mixing:  # the columns every source has (same name and type), so batches collate
+            common = set.intersection(*({(c.name, c.type) for c in d.schema} for d in self.datasets))
+            names = [c.name for c in self.datasets[0].schema if (c.name, c.type) in common]
+            if any(len(d.schema) != len(names) for d in self.datasets):
+                self.datasets = [open_one(src, names) for src in sources]
+        self.dataset = self.datasets[0]
+        for d in self.datasets:
+            d.cache.prefetch_depth = prefetch_shards
         self.shuffle, self.seed, self.partition, self.transform = shuffle, seed, partition, transform
         self.counts = np.asarray(self.dataset.shards.cols["ok"], np.int64)
+        lengths = [len(d) for d in self.datasets]
+        self.sizes = mix_sizes(sources, lengths, epoch_size) if mixing else None
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # global id = offset + index
         mean = int(self.counts.mean()) if self.counts.size else 1
         self.shuffle_block = max(1, shuffle_block or DEFAULT_BLOCK_SHARDS * mean)
         self.epoch = 0
+        self._mixed: tuple[int, np.ndarray] | None = None  # (epoch, mixed sequence of global ids)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        """Samples in an epoch before the rank split (a mix: the sum of its sources' sizes)."""
+        return sum(self.sizes) if self.sizes is not None else len(self.dataset)
 
     # -- the order ------------------------------------------------------------------------
     def _shard_order(self) -> np.ndarray:
@@ -103,8 +199,31 @@ class Stream:
             return np.arange(n)
         return np.random.default_rng([self.seed, self.epoch, 0]).permutation(n)
 
+    def _mixed_sequence(self) -> np.ndarray:
+        """The epoch's mixed sequence of global ids: each source's passes, interleaved evenly."""
+        if self._mixed is not None and self._mixed[0] == self.epoch:
+            return self._mixed[1]
+        assert self.sizes is not None
+        ids, keys = [], []
+        for s, (d, n) in enumerate(zip(self.datasets, self.sizes)):
+            counts = np.asarray(d.shards.cols["ok"], np.int64)
+            starts = np.array([d.shard_start(k) for k in range(counts.size)], np.int64)
+            seq, p = [], 0
+            while sum(x.size for x in seq) < n and len(d):
+                order = np.arange(counts.size)
+                if self.shuffle:
+                    order = np.random.default_rng([self.seed, self.epoch, 4, s, p]).permutation(counts.size)
+                seq.extend(np.arange(starts[k], starts[k] + counts[k], dtype=np.int64) for k in order)
+                p += 1
+            ids.append(self.offsets[s] + np.concatenate(seq or [np.zeros(0, np.int64)])[:n])
+            u = np.random.default_rng([self.seed, self.epoch, 5, s]).random() if self.shuffle else 0.5
+            keys.append((np.arange(n) + u) / max(n, 1))
+        mixed = np.concatenate(ids)[np.argsort(np.concatenate(keys), kind="stable")]
+        self._mixed = (self.epoch, mixed)
+        return mixed
+
     def epoch_total(self, world: int) -> int:
-        n = int(self.counts.sum())
+        n = len(self)
         if self.partition == "drop":
             return n - n % world
         if self.partition == "pad":
@@ -139,18 +258,22 @@ class Stream:
 
     def indices(self, part: Part, start: int = 0) -> Iterator[np.ndarray]:
         """Dataset indices this consumer reads, from its `start`-th on, one shuffle block at a time."""
+        mixed = self._mixed_sequence() if self.sizes is not None else None
         order = self._shard_order()
         seq_starts = np.concatenate([[0], np.cumsum(self.counts[order])])
         ds_starts = np.array([self.dataset.shard_start(int(s)) for s in order], np.int64)
-        n = int(seq_starts[-1])
+        n = len(self)
         count, block = self.count(part), self.shuffle_block
         for k, lo in enumerate(range(0, count, block)):
             hi = min(lo + block, count)
             if hi <= start:
                 continue
             pos = self.positions(part, lo, hi) % max(n, 1)  # "pad": positions past the end wrap to the start
-            j = np.searchsorted(seq_starts, pos, side="right") - 1
-            idx = ds_starts[j] + (pos - seq_starts[j])
+            if mixed is not None:
+                idx = mixed[pos]
+            else:
+                j = np.searchsorted(seq_starts, pos, side="right") - 1
+                idx = ds_starts[j] + (pos - seq_starts[j])
             if self.shuffle:
                 idx = idx[np.random.default_rng([self.seed, self.epoch, 1, part.rank, part.worker, k]).permutation(idx.size)]
             yield idx[max(0, start - lo) :]
@@ -175,7 +298,15 @@ class Stream:
             yield collate(batch, schema)
 
     def _read(self, idx: np.ndarray) -> list[Any]:
-        items = self.dataset.get_batch(idx.tolist())
+        if self.sizes is None:
+            items = self.dataset.get_batch(idx.tolist())
+        else:  # global ids: one read per source, back in the mixed order
+            src = np.searchsorted(self.offsets, idx, side="right") - 1
+            items = [None] * idx.size
+            for s in np.unique(src).tolist():
+                where = np.flatnonzero(src == s)
+                for i, item in zip(where.tolist(), self.datasets[s].get_batch((idx[where] - self.offsets[s]).tolist())):
+                    items[i] = item
         return [self.transform(item) for item in items] if self.transform else items
 
     def _reads(self, part: Part, start: int) -> Iterator[np.ndarray]:
@@ -183,7 +314,7 @@ class Stream:
         blocks = self.indices(part, start)
         current, upcoming = next(blocks, None), next(blocks, None)
         while current is not None:
-            if not self.dataset.is_local:
+            if self.sizes is None and not self.dataset.is_local:  # (a mix's sources fetch on demand)
                 self.dataset.cache.prefetch(self._shards_of(current, upcoming))
             yield from _chunks(current, READ_BATCH)
             current, upcoming = upcoming, next(blocks, None)

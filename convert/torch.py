@@ -35,7 +35,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from .stream import Part, Stream, fill_nulls
+from .stream import Part, Source, Stream, fill_nulls
+
+__all__ = ["Source", "StreamingDataLoader", "StreamingDataset"]
 
 _TAG = "_stream"  # (worker, position) carried from a worker to StreamingDataLoader, then removed
 
@@ -53,11 +55,13 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
     or with `batch_size` whole batches collated in the worker (use DataLoader(batch_size=None)).
     `transform(sample) -> sample` runs in the worker on the NumPy sample before tensor conversion.
     `columns`: the stored columns to read (None = all, [] = images, labels and keys only).
+    A list of `Source(uri, proportion=|repeat=|choose=)` mixes datasets (`epoch_size`: samples per
+    epoch; see `convert.stream`); labels stay each source's own, the columns are those all share.
     """
 
     def __init__(
         self,
-        uri: str,
+        uri: str | Sequence[Source],
         shuffle: bool = True,
         seed: int = 0,
         batch_size: int | None = None,
@@ -72,11 +76,13 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
         drop_last: bool = False,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         columns: Sequence[str] | None = None,
+        epoch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.stream = Stream(uri, storage_options, shuffle=shuffle, seed=seed, shuffle_block=shuffle_block,
                              partition=partition, cache_dir=cache_dir, cache_limit=cache_limit,
-                             prefetch_shards=prefetch_shards, transform=transform, columns=columns)  # fmt: skip
+                             prefetch_shards=prefetch_shards, transform=transform, columns=columns,
+                             epoch_size=epoch_size)  # fmt: skip
         self.batch_size, self.chw, self.drop_last = batch_size, chw, drop_last
         self.tag = False  # StreamingDataLoader turns position tags on
         self.loader_batch = 0  # the batch size of the DataLoader batching these samples (StreamingDataLoader)
