@@ -7,6 +7,7 @@ the rest exactly; a spec that does not sum sensibly is a one-line ValueError nam
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -103,3 +104,35 @@ def test_proportions_without_epoch_size(uris):
     # a fixed source of 100 samples and 0.75 for the other: an epoch of 400
     stream = Stream([Source(uris["c"]), Source(uris["a"], proportion=0.75)])
     assert stream.sizes == [100, 300] and len(stream) == 400
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torch_loader_mix_proportions_ranks_and_resume(uris, workers, monkeypatch):
+    pytest.importorskip("torch")
+    from convert.torch import StreamingDataLoader, StreamingDataset
+
+    def loader(rank: int) -> StreamingDataLoader:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        sources = [Source(uris["a"], proportion=0.6), Source(uris["b"], proportion=0.25), Source(uris["c"], proportion=0.15)]
+        return StreamingDataLoader(StreamingDataset(sources, epoch_size=400, seed=7, shuffle_block=50),
+                                   batch_size=10, num_workers=workers)  # fmt: skip
+
+    ranks = []
+    for rank in range(2):
+        batches = [b["key"] for b in loader(rank)]
+        assert len(batches) == len(loader(rank)) and all(len(b) == 10 for b in batches)
+        ranks.append([k for b in batches for k in b])
+        shares = _shares(ranks[-1])
+        assert all(abs(shares[n] - want) <= 0.01 for n, want in zip(SIZES, (0.6, 0.25, 0.15))), shares
+        head_loader = loader(rank)
+        it, head = iter(head_loader), []
+        for _ in range(7):
+            head += next(it)["key"]
+        state = json.loads(json.dumps(head_loader.state_dict()))
+        del it
+        resumed = loader(rank)
+        resumed.load_state_dict(state)
+        assert head + [k for b in resumed for k in b["key"]] == ranks[-1]
+    assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) + len(ranks[1]) == 400
