@@ -18,9 +18,10 @@ Because position -> item is a function, a worker resumes exactly by skipping its
 Mixing: `Stream([Source(uri, proportion=0.7), Source(uri2, repeat=2)], epoch_size=N)`. Each source
 takes n_s samples per epoch (proportion: that share of epoch_size; repeat: passes over it; choose:
 an absolute count; none: one pass), read as passes over its shards in a per-(seed, epoch, source,
-pass) shard order; the sources are interleaved evenly (sample k of source s sits at fraction
-(k + u_s) / n_s of the epoch, u_s a per-epoch random offset), so every rank's and worker's span has
-the asked proportions. That mixed sequence (held as one int64 array per epoch) replaces step 2;
+pass) shard order and shuffled inside blocks; the sources are interleaved evenly (sample k of source
+s sits at fraction (k + u) / n_s of the epoch, u uniform in [0, 1) per sample: jittered, so batches
+taken in turn by ranks do not alias a periodic pattern): any contiguous span holds each source's
+share within 2 samples, a rank's interleaved batches within a few. That mixed sequence (held as one int64 array per epoch) replaces step 2;
 steps 3 and 4 and resume by position are unchanged.
 
 `Stream(uri).batches(256)` is the NumPy/JAX entry; `convert.torch.StreamingDataset` wraps it.
@@ -49,13 +50,15 @@ DEFAULT_BLOCK_SHARDS = 4  # shuffle block: this many shards' worth of items
 @dataclass(frozen=True, slots=True)
 class Part:
     """Which consumer this is: rank of world, worker of workers (a DataLoader worker); `batch`:
-    the batch size its samples are grouped in (> 1: workers take whole batches in turn)."""
+    the batch size its samples are grouped in (workers take whole batches in turn); `offset`: the
+    epoch's positions consumed before (an elastic resume's: any world and worker count follow it)."""
 
     rank: int = 0
     world: int = 1
     worker: int = 0
     workers: int = 1
     batch: int = 0
+    offset: int = 0
 
     @property
     def id(self) -> int:
@@ -213,70 +216,102 @@ class Stream:
                 order = np.arange(counts.size)
                 if self.shuffle:
                     order = np.random.default_rng([self.seed, self.epoch, 4, s, p]).permutation(counts.size)
-                seq.extend(np.arange(starts[k], starts[k] + counts[k], dtype=np.int64) for k in order)
+                one = np.concatenate([np.arange(starts[k], starts[k] + counts[k], dtype=np.int64) for k in order])
+                seq.append(self._block_shuffle(one, [s, p]))
                 p += 1
             ids.append(self.offsets[s] + np.concatenate(seq or [np.zeros(0, np.int64)])[:n])
-            u = np.random.default_rng([self.seed, self.epoch, 5, s]).random() if self.shuffle else 0.5
+            u = np.random.default_rng([self.seed, self.epoch, 5, s]).random(n) if self.shuffle else 0.5
             keys.append((np.arange(n) + u) / max(n, 1))
         mixed = np.concatenate(ids)[np.argsort(np.concatenate(keys), kind="stable")]
         self._mixed = (self.epoch, mixed)
         return mixed
 
-    def epoch_total(self, world: int) -> int:
-        n = len(self)
+    def _block_shuffle(self, seq: np.ndarray, key: list[int]) -> np.ndarray:
+        """`seq` shuffled inside blocks of `shuffle_block` (a source of a mix: the mix then keeps
+        its proportions in every span of the epoch)."""
+        if not self.shuffle:
+            return seq
+        out, block = seq.copy(), self.shuffle_block
+        for b, lo in enumerate(range(0, seq.size, block)):
+            part = out[lo : lo + block]
+            out[lo : lo + block] = part[np.random.default_rng([self.seed, self.epoch, 6, *key, b]).permutation(part.size)]
+        return out
+
+    def epoch_total(self, world: int, offset: int = 0) -> int:
+        """Positions read after the first `offset` (an elastic resume's), by the partition rule."""
+        n = len(self) - offset
         if self.partition == "drop":
             return n - n % world
         if self.partition == "pad":
             return -(-n // world) * world
         return n
 
-    def span(self, part: Part) -> tuple[int, int]:
-        """This consumer's rank's [start, end) positions in the epoch's sequence."""
-        return _span(self.epoch_total(part.world), part.world, part.rank)
+    def _layout(self, part: Part) -> tuple[int, int, int, int]:
+        """(batch B, full rounds F of world x B positions, this rank's [lo, hi) of the last round's rest)."""
+        size = max(1, part.batch)
+        total = self.epoch_total(part.world, part.offset)
+        rounds = total // (part.world * size)
+        lo, hi = _span(total - rounds * part.world * size, part.world, part.rank)
+        return size, rounds, lo, hi
+
+    def rank_count(self, part: Part) -> int:
+        """How many samples this consumer's rank reads per epoch (the same for every batch size)."""
+        size, rounds, lo, hi = self._layout(part)
+        return rounds * size + hi - lo
 
     def count(self, part: Part) -> int:
         """How many samples this consumer reads per epoch."""
-        lo, hi = self.span(part)
-        n, size, workers = hi - lo, part.batch, part.workers
-        if size > 1 and workers > 1:
-            full, rem = divmod(n, size)
-            batches = full + (rem > 0)
-            mine = len(range(part.worker, batches, workers))
-            short = rem > 0 and (batches - 1) % workers == part.worker
-            return mine * size - (size - rem if short else 0)
-        a, b = _span(n, workers, part.worker)
-        return b - a
+        size, rounds, lo, hi = self._layout(part)
+        batches = rounds + (hi > lo)
+        mine = len(range(part.worker, batches, part.workers))
+        short = hi > lo and (batches - 1) % part.workers == part.worker
+        return mine * size - (size - (hi - lo) if short else 0)
+
+    def consumed(self, part: Part, batches: int) -> int:
+        """Global positions consumed (offset included) when every rank has taken `batches` batches."""
+        size, rounds, _, _ = self._layout(part)
+        total = self.epoch_total(part.world, part.offset)
+        return part.offset + (batches * part.world * size if batches <= rounds else total)
 
     def positions(self, part: Part, lo: int, hi: int) -> np.ndarray:
-        """Positions in the epoch's sequence of this consumer's samples lo..hi-1."""
-        start, end = self.span(part)
-        p = np.arange(lo, hi, dtype=np.int64)
-        if part.batch > 1 and part.workers > 1:
-            blk, off = np.divmod(p, part.batch)
-            return start + (blk * part.workers + part.worker) * part.batch + off
-        return start + _span(end - start, part.workers, part.worker)[0] + p
+        """Global positions of this consumer's samples lo..hi-1: rank batch j is the epoch's batch
+        j * world + rank (the last round's rest split by rank), taken by worker j % workers."""
+        size, rounds, rest_lo, _ = self._layout(part)
+        wb, off = np.divmod(np.arange(lo, hi, dtype=np.int64), size)
+        j = wb * part.workers + part.worker
+        pos = np.where(j < rounds, (j * part.world + part.rank) * size + off, rounds * part.world * size + rest_lo + off)
+        return part.offset + pos
 
-    def indices(self, part: Part, start: int = 0) -> Iterator[np.ndarray]:
-        """Dataset indices this consumer reads, from its `start`-th on, one shuffle block at a time."""
-        mixed = self._mixed_sequence() if self.sizes is not None else None
+    def items(self, pos: np.ndarray, perms: dict[int, np.ndarray] | None = None) -> np.ndarray:
+        """Dataset (a mix: global) ids at global positions `pos`: the sequence of shards (or the mix)
+        shuffled inside blocks of `shuffle_block` positions; "pad" positions past the end wrap."""
+        n = len(self)
+        pos = pos % max(n, 1)
+        if self.shuffle and pos.size and self.sizes is None:  # (a mix shuffles each source before mixing)
+            perms = {} if perms is None else perms
+            block = self.shuffle_block
+            k = pos // block
+            for b in np.unique(k).tolist():
+                if b not in perms:
+                    if len(perms) > 8:
+                        perms.clear()
+                    size = min(block, n - b * block)
+                    perms[b] = np.random.default_rng([self.seed, self.epoch, 1, b]).permutation(size)
+                sel = k == b
+                pos = np.where(sel, b * block + perms[b][np.where(sel, pos - b * block, 0)], pos)
+        if self.sizes is not None:
+            return self._mixed_sequence()[pos]
         order = self._shard_order()
         seq_starts = np.concatenate([[0], np.cumsum(self.counts[order])])
         ds_starts = np.array([self.dataset.shard_start(int(s)) for s in order], np.int64)
-        n = len(self)
-        count, block = self.count(part), self.shuffle_block
-        for k, lo in enumerate(range(0, count, block)):
-            hi = min(lo + block, count)
-            if hi <= start:
-                continue
-            pos = self.positions(part, lo, hi) % max(n, 1)  # "pad": positions past the end wrap to the start
-            if mixed is not None:
-                idx = mixed[pos]
-            else:
-                j = np.searchsorted(seq_starts, pos, side="right") - 1
-                idx = ds_starts[j] + (pos - seq_starts[j])
-            if self.shuffle:
-                idx = idx[np.random.default_rng([self.seed, self.epoch, 1, part.rank, part.worker, k]).permutation(idx.size)]
-            yield idx[max(0, start - lo) :]
+        j = np.searchsorted(seq_starts, pos, side="right") - 1
+        return ds_starts[j] + (pos - seq_starts[j])
+
+    def indices(self, part: Part, start: int = 0) -> Iterator[np.ndarray]:
+        """Dataset indices this consumer reads, from its `start`-th on, a shuffle block's worth at a time."""
+        count, block, perms = self.count(part), self.shuffle_block, {}
+        for lo in range(start, count, block):
+            yield self.items(self.positions(part, lo, min(lo + block, count)), perms)
 
     # -- reading --------------------------------------------------------------------------
     def samples(self, part: Part = Part(), start: int = 0) -> Iterator[dict[str, Any]]:
