@@ -191,6 +191,11 @@ class Stream:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def identity(self) -> str:
+        """Which dataset generation(s) this reads (a checkpoint of another cannot resume here)."""
+        return " + ".join(f"index {str((d.manifest.get('index') or {}).get('sha256', 'inline'))[:12]} "
+                          f"generation {d.manifest.get('generation', 0)}" for d in self.datasets)  # fmt: skip
+
     def __len__(self) -> int:
         """Samples in an epoch before the rank split (a mix: the sum of its sources' sizes)."""
         return sum(self.sizes) if self.sizes is not None else len(self.dataset)

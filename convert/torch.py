@@ -13,7 +13,13 @@ The order and the split over `torch.distributed` ranks and DataLoader workers ar
 `convert.stream` (a pure function of seed, epoch, world size and worker count; see its docstring
 for the "exact" / "drop" / "pad" rules for uneven splits). Encoded shards are decoded in the
 workers; remote shards stream into the bounded local cache (`cache_dir`, `cache_limit`).
-Resuming needs the same world size and worker count (checked). `persistent_workers` is not
+Elastic resume: a StreamingDataLoader state taken with world size W and K workers resumes with any
+W' and K'. The epoch's order is one global sequence that ranks take in interleaved whole batches, so
+a state records the batches its rank took; every rank having taken as many (a synchronized step,
+as DDP training steps are), the first `batches * W * batch_size` positions are consumed and the new
+ranks split the rest (`Part.offset`; each remaining item once under "exact"; "drop"/"pad" apply
+their rule to the rest). Same W and K: each worker continues exactly where it was. A state of
+another dataset or generation, or another seed, is refused. `persistent_workers` is not
 supported by StreamingDataLoader (a worker's position is set when it starts).
 
 Workers take whole batches in turn (the loader's or the dataset's batch size), so every batch but
@@ -90,6 +96,7 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
         self._resume: dict[int, int] = {}  # worker -> positions to skip, for the next iteration
         self._consumed: dict[int, int] = {}  # in-process iteration (num_workers=0) progress
         self._rank_world = _rank_world()
+        self.offset = 0  # global positions of the epoch consumed before an elastic resume
 
     @property
     def epoch(self) -> int:
@@ -98,7 +105,7 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's order (call on every rank before iterating); clears a resume position."""
         if epoch != self.stream.epoch:
-            self._resume, self._consumed = {}, {}
+            self._resume, self._consumed, self.offset = {}, {}, 0
         self.stream.set_epoch(epoch)
         self._rank_world = _rank_world()
 
@@ -109,12 +116,12 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
         rank, world = _rank_world() if info is None else self._rank_world
         workers = info.num_workers if info else 1
         batch = self.batch_size or self.loader_batch
-        return Part(rank, world, ((info.id if info else 0) + self.rotate) % workers, workers, batch)
+        return Part(rank, world, ((info.id if info else 0) + self.rotate) % workers, workers, batch, self.offset)
 
     def __len__(self) -> int:
         """Samples (or batches, with batch_size) of this rank per epoch."""
         rank, world = _rank_world()
-        n = self.stream.count(Part(rank, world))
+        n = self.stream.rank_count(Part(rank, world, offset=self.offset))
         return n if self.batch_size is None else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
@@ -162,10 +169,20 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
         """Progress of in-process iteration (num_workers=0); with workers use StreamingDataLoader's."""
         rank, world = _rank_world()
         return {"epoch": self.epoch, "seed": self.stream.seed, "rank": rank, "world": world,
-                "workers": 1, "consumed": dict(self._consumed)}  # fmt: skip
+                "workers": 1, "consumed": dict(self._consumed), "offset": self.offset,
+                "dataset": self.stream.identity()}  # fmt: skip
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """A state of another dataset (generation) or seed cannot resume here: one-line ValueError."""
+        mine = self.stream.identity()
+        if state.get("dataset", mine) != mine:
+            raise ValueError(f"cannot resume: the checkpoint is of {state['dataset']}, this dataset is {mine}")
+        if state["seed"] != self.stream.seed:
+            raise ValueError(f"cannot resume: the checkpoint has seed {state['seed']}, this run {self.stream.seed}")
 
     def load_state_dict(self, state: dict[str, Any], workers: int = 1) -> None:
         """Continue from `state` at the next iteration: each worker skips what it already yielded."""
+        self.check_state(state)
         rank, world = _rank_world()
         if (state["world"], state["workers"], state["seed"]) != (world, workers, self.stream.seed):
             raise ValueError(f"cannot resume: state is for world size {state['world']}, {state['workers']} workers, "
@@ -173,6 +190,7 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
         if state["rank"] != rank:
             raise ValueError(f"cannot resume: state was saved by rank {state['rank']}, this is rank {rank}")
         self.stream.set_epoch(state["epoch"])
+        self.offset = int(state.get("offset", 0))
         self._consumed = {int(w): int(n) for w, n in state["consumed"].items()}
         self._resume = dict(self._consumed)
 
@@ -216,7 +234,7 @@ class StreamingDataLoader(DataLoader):  # type: ignore[type-arg]
     def __iter__(self) -> Iterator[Any]:
         ds: StreamingDataset = self.dataset  # type: ignore[assignment]
         if ds.epoch != self._epoch or self._complete:
-            self._consumed, self._epoch, self._batches = {}, ds.epoch, 0
+            self._consumed, self._epoch, self._batches, ds.offset = {}, ds.epoch, 0, 0
         self._complete = False
         # copied into the workers as they start. A DataLoader takes batches from its workers round
         # robin starting at worker 0: rotating the logical workers by the batches already taken
@@ -243,10 +261,22 @@ class StreamingDataLoader(DataLoader):  # type: ignore[type-arg]
         rank, world = _rank_world()
         return {"epoch": self._epoch, "seed": ds.stream.seed, "rank": rank, "world": world,
                 "workers": max(1, self.num_workers), "consumed": dict(self._consumed),
-                "batches": self._batches, "batch_size": ds.batch_size or self.batch_size or 0}  # fmt: skip
+                "batches": self._batches, "batch_size": ds.batch_size or self.batch_size or 0,
+                "offset": ds.offset, "dataset": ds.stream.identity()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`: exactly where each worker was (same world size and workers), else
+        from the global position every rank had reached (elastic resume; see the module docstring)."""
         ds: StreamingDataset = self.dataset  # type: ignore[assignment]
+        ds.check_state(state)
+        if (state["world"], state["workers"]) != (_rank_world()[1], max(1, self.num_workers)):
+            old = Part(0, int(state["world"]), 0, int(state["workers"]), max(1, int(state.get("batch_size") or 1)),
+                       int(state.get("offset", 0)))  # fmt: skip
+            ds.set_epoch(state["epoch"])
+            ds.offset = ds.stream.consumed(old, int(state.get("batches", 0)))
+            ds._resume, ds._consumed = {}, {}
+            self._consumed, self._epoch, self._batches, self._complete = {}, ds.epoch, 0, False
+            return
         size, saved = ds.batch_size or self.batch_size or 0, state.get("batch_size")
         if self.num_workers > 1 and saved is not None and saved != size:  # workers own batches of that size
             raise ValueError(f"cannot resume: state is for batch size {saved}, this loader has {size}")
