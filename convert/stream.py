@@ -1,19 +1,22 @@
 """Streaming engine (no torch): a deterministic per-epoch order split across ranks and workers.
 
-The epoch's order is a pure function of (seed, epoch, shard counts, partition):
+The epoch's order is a pure function of (seed, epoch, shard counts, partition), over the GLOBAL
+sequence (not per rank), so any world size and worker count can continue it:
 1. shard order: the shards, permuted by `seed` and `epoch` when shuffling;
-2. the items of the shards in that order form one sequence of T positions; T = N for the
-   "exact" rule (every item once; ranks differ by at most one item), T = N - N % world for "drop"
-   (the last N % world positions of the epoch's order are skipped; every rank the same count), and
-   T = N rounded up to a multiple of world for "pad" (the first positions are repeated);
-3. rank r takes the contiguous span [T*r//world, T*(r+1)//world). Its workers split it in whole
-   batches when the batch size is known (`Part.batch`: StreamingDataLoader sets it): batch j of
-   the rank goes to worker j % workers, so a DataLoader taking batches round robin yields whole
-   batches and one short last batch (len(loader) is true); else worker w takes the contiguous
-   sub-span of its own (same floor split), so each reads few shards;
-4. within a worker's span, items are shuffled inside blocks of `shuffle_block` positions (Mosaic's
-   py1b idea: a block spans a few shards, so reads stay local and memory stays bounded).
-Because position -> item is a function, a worker resumes exactly by skipping its first n positions.
+2. the items of the shards in that order, shuffled inside global blocks of `shuffle_block`
+   positions (Mosaic's py1b idea: a block spans a few shards, so reads stay local and memory
+   bounded), form one sequence of N positions;
+3. after `Part.offset` positions (consumed before an elastic resume; 0 otherwise) T positions are
+   read: T = the rest for "exact" (every item once; ranks differ by at most one item), the rest
+   minus rest % world for "drop" (every rank the same count), the rest rounded up to a multiple of
+   world for "pad" (positions past the end wrap to the start);
+4. in batches of B = `Part.batch` (1 when unknown): the epoch's batch j*world + r is rank r's
+   batch j, for the F = T // (world*B) full rounds; the last round's rest is split by rank (floor
+   split); rank batch j goes to worker j % workers, so a DataLoader taking batches round robin
+   yields whole batches and one short last batch (len(loader) is true).
+Because position -> item is a function, a worker resumes exactly by skipping its first n
+positions, and a checkpoint at a synchronized step (every rank took b batches) has consumed the
+first b*world*B positions: `consumed()` gives that offset for a resume with other W', K', B'.
 
 Mixing: `Stream([Source(uri, proportion=0.7), Source(uri2, repeat=2)], epoch_size=N)`. Each source
 takes n_s samples per epoch (proportion: that share of epoch_size; repeat: passes over it; choose:
@@ -21,8 +24,8 @@ an absolute count; none: one pass), read as passes over its shards in a per-(see
 pass) shard order and shuffled inside blocks; the sources are interleaved evenly (sample k of source
 s sits at fraction (k + u) / n_s of the epoch, u uniform in [0, 1) per sample: jittered, so batches
 taken in turn by ranks do not alias a periodic pattern): any contiguous span holds each source's
-share within 2 samples, a rank's interleaved batches within a few. That mixed sequence (held as one int64 array per epoch) replaces step 2;
-steps 3 and 4 and resume by position are unchanged.
+share within 2 samples, a rank's interleaved batches within a few. That mixed sequence (held as
+one int64 array per epoch, 8 bytes a sample) replaces steps 1-2; steps 3-4 are unchanged.
 
 `Stream(uri).batches(256)` is the NumPy/JAX entry; `convert.torch.StreamingDataset` wraps it.
 Batches hold the stored columns too (`collate`): strings as lists, numbers as arrays, and for each
@@ -159,9 +162,10 @@ class Stream:
         if partition not in PARTITIONS:
             raise ValueError(f"partition {partition!r}: expected one of {PARTITIONS}")
         mixing = not isinstance(uri, (str, Dataset))
-        sources = list(uri) if mixing else [Source(uri, storage_options=storage_options)]  # type: ignore[arg-type]
-        if not sources or not all(isinstance(src, Source) for src in sources):
+        given: list[Any] = list(uri) if mixing else [Source(uri, storage_options=storage_options)]  # type: ignore[arg-type]
+        if not given or not all(isinstance(src, Source) for src in given):
             raise ValueError("Stream: give a URI, a Dataset or a non-empty list of convert.stream.Source")
+        sources: list[Source] = given
 
         def open_one(src: Source, cols: Sequence[str] | None) -> Dataset:
             if isinstance(src.uri, Dataset):
@@ -216,7 +220,8 @@ class Stream:
         for s, (d, n) in enumerate(zip(self.datasets, self.sizes)):
             counts = np.asarray(d.shards.cols["ok"], np.int64)
             starts = np.array([d.shard_start(k) for k in range(counts.size)], np.int64)
-            seq, p = [], 0
+            seq: list[np.ndarray] = []
+            p = 0
             while sum(x.size for x in seq) < n and len(d):
                 order = np.arange(counts.size)
                 if self.shuffle:
@@ -314,7 +319,8 @@ class Stream:
 
     def indices(self, part: Part, start: int = 0) -> Iterator[np.ndarray]:
         """Dataset indices this consumer reads, from its `start`-th on, a shuffle block's worth at a time."""
-        count, block, perms = self.count(part), self.shuffle_block, {}
+        count, block = self.count(part), self.shuffle_block
+        perms: dict[int, np.ndarray] = {}
         for lo in range(start, count, block):
             yield self.items(self.positions(part, lo, min(lo + block, count)), perms)
 
@@ -338,6 +344,7 @@ class Stream:
             yield collate(batch, schema)
 
     def _read(self, idx: np.ndarray) -> list[Any]:
+        items: list[Any]
         if self.sizes is None:
             items = self.dataset.get_batch(idx.tolist())
         else:  # global ids: one read per source, back in the mixed order

@@ -33,8 +33,8 @@ def uris(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def _keys(stream: Stream, part: Part = Part(), start: int = 0) -> list[str]:
-    return [s["key"] for s in stream.samples(part, start)]
+def _keys(stream: Stream, part: Part | None = None, start: int = 0) -> list[str]:
+    return [s["key"] for s in stream.samples(part or Part(), start)]
 
 
 def _shares(keys: list[str]) -> dict[str, float]:
