@@ -191,6 +191,7 @@ class Stream:
         self.shuffle_block = max(1, shuffle_block or DEFAULT_BLOCK_SHARDS * mean)
         self.epoch = 0
         self._mixed: tuple[int, np.ndarray] | None = None  # (epoch, mixed sequence of global ids)
+        self._starts: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, sequence starts, dataset starts)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -235,6 +236,15 @@ class Stream:
         mixed = np.concatenate(ids)[np.argsort(np.concatenate(keys), kind="stable")]
         self._mixed = (self.epoch, mixed)
         return mixed
+
+    def _shard_starts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's shards in order: where each starts in the sequence and in the dataset (cached)."""
+        if self._starts is None or self._starts[0] != self.epoch:
+            order = self._shard_order()
+            seq_starts = np.concatenate([[0], np.cumsum(self.counts[order])])
+            ds_starts = np.array([self.dataset.shard_start(int(k)) for k in order], np.int64)
+            self._starts = (self.epoch, seq_starts, ds_starts)
+        return self._starts[1], self._starts[2]
 
     def _block_shuffle(self, seq: np.ndarray, key: list[int]) -> np.ndarray:
         """`seq` shuffled inside blocks of `shuffle_block` (a source of a mix: the mix then keeps
@@ -311,9 +321,7 @@ class Stream:
                 pos = np.where(sel, b * block + perms[b][np.where(sel, pos - b * block, 0)], pos)
         if self.sizes is not None:
             return self._mixed_sequence()[pos]
-        order = self._shard_order()
-        seq_starts = np.concatenate([[0], np.cumsum(self.counts[order])])
-        ds_starts = np.array([self.dataset.shard_start(int(s)) for s in order], np.int64)
+        seq_starts, ds_starts = self._shard_starts()
         j = np.searchsorted(seq_starts, pos, side="right") - 1
         return ds_starts[j] + (pos - seq_starts[j])
 
