@@ -29,6 +29,7 @@ from .redact import redact_options, redact_text, redact_url
 def inspect(uri: str, as_json: bool, failures: bool, statuses: tuple[str, ...], options: tuple[str, ...]) -> None:
     """Show shards, counts, failures and the config used (a partial run: its committed shards)."""
     from .ledger import load_run
+    from .report_data import stored_columns
     from .shards import leftovers
     from .store import open_store
 
@@ -38,16 +39,18 @@ def inspect(uri: str, as_json: bool, failures: bool, statuses: tuple[str, ...], 
         _print_failures(run, statuses)
         return
     debris = leftovers(out)
+    columns = [{"name": c.name, "type": c.type} for c in stored_columns(run)]
     if as_json:
         data = {**run.manifest, "shards": list(run.shards), "config": redact_options(run.manifest["config"])} if run.manifest else {"partial": True, "state": run.state(), "format": run.format,
                                 "planned_shards": run.planned, "totals": run.totals, "shards": run.shards}  # fmt: skip
-        report = {**data, "leftovers": [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]}
+        report = {**data, "columns": columns,
+                  "leftovers": [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]}  # fmt: skip
         out_console.print_json(json.dumps(report))
         return
-    _print_inspect(uri, run, debris)
+    _print_inspect(uri, run, debris, columns)
 
 
-def _print_inspect(uri: str, run: Any, debris: list[Any]) -> None:
+def _print_inspect(uri: str, run: Any, debris: list[Any], columns: list[dict[str, str]]) -> None:
     manifest, totals = run.manifest, run.totals
     if manifest is None:
         out_console.print(f"[bold]{uri}[/]  format={run.format}  [yellow]{run.state()}[/]")
@@ -68,6 +71,8 @@ def _print_inspect(uri: str, run: Any, debris: list[Any]) -> None:
     _print_stages(run.shards)
     if run.label_names:
         out_console.print(f"labels: {run.label_names}")
+    shown = ", ".join(f"{c['name']} ({c['type']})" for c in columns) or "none (only image, label and key)"
+    out_console.print(f"columns: {shown}", highlight=False, soft_wrap=True)
     if manifest is not None:
         out_console.print("config: " + json.dumps(redact_options(manifest["config"])), highlight=False)
 
