@@ -9,8 +9,10 @@
     stats = column_stats(run, columns)  # per column: nulls, numeric / text-length histograms; None when
                                       # this version cannot read column values back
 
-Memory is bounded by the shard count plus the caps: statistics are kept as counters of distinct
-values, never as per-item lists.
+Memory is bounded by the shard count plus the caps: ledger statistics are kept as counters of
+distinct values, never as per-item lists. Column statistics read one column at a time (a complete
+run: `ds.column(name)`, that one column in memory; a partial run: shard by shard) and keep counts,
+text lengths and at most SAMPLE_CAP numbers per column.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from .sources.columns import CAPTION
 from .specs import Column, ItemResult, Status
 from .store import Store
 
-__all__ = ["BYTES_BINS_PER_OCTAVE", "CAPTION", "CAPTION_FULL", "CAPTION_PREVIEW", "MAX_LABELS", "ColumnStats", "LedgerRow", "Pick", "RunView",
-           "SampleView", "Scan", "SourceStats", "caption_preview", "column_stats", "load_run", "read_samples",
+__all__ = ["BYTES_BINS_PER_OCTAVE", "CAPTION", "CAPTION_FULL", "CAPTION_PREVIEW", "MAX_LABELS", "ColumnStats",
+           "LedgerRow", "Pick", "RunView", "SampleView", "Scan", "SourceStats", "caption_preview", "column_stats", "load_run", "read_samples",
            "scan_ledger", "stored_columns"]  # fmt: skip
 
 BYTES_BINS_PER_OCTAVE = 4  # source-size histogram resolution (log2 bins)
