@@ -69,7 +69,7 @@ def _render(uri: str, storage_options: dict[str, Any] | None, samples_per_label:
         summary=_summary(run, scan, names),
         config=_config_text(run.config),
         groups=[_group(names, label, views) for label, views in samples.items()],
-        captions=any(c.name == CAPTION for c in columns),
+        captions=stats is not None and any(c.name == CAPTION for c in columns),  # values readable
         samples_per_label=samples_per_label,
         labels_total=len(run.label_names) if run.label_names else None,
         labels_capped=len(samples) >= MAX_LABELS,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -52,8 +53,9 @@ pytestmark = pytest.mark.cluster  # `convert run` subprocesses
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}  # the summary table unwrapped, whatever the temp path's length
     return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=REPO, check=False,
-                          timeout=timeout)  # fmt: skip
+                          timeout=timeout, env=env)  # fmt: skip
 
 
 def needs_column_reads() -> None:
@@ -75,7 +77,7 @@ def _serve(files: dict[str, tuple[bytes, bytes]]):
     return respond
 
 
-def build_image_text(tmp: Path, srv_factory) -> tuple[Path, subprocess.CompletedProcess[str], list[str]]:
+def build_image_text(tmp: Path, srv_factory, fmt: str = "hdf5") -> tuple[Path, subprocess.CompletedProcess[str], list[str]]:
     """Serve the ROWS' images, write their parquet list and convert it; (the output, the run, its flags)."""
     files: dict[str, tuple[bytes, bytes]] = {}
     urls, digests = [], []
@@ -90,7 +92,7 @@ def build_image_text(tmp: Path, srv_factory) -> tuple[Path, subprocess.Completed
     pq.write_table(table, tmp / "list.parquet")
     out = tmp / "out"
     settings = {"source.uri": str(tmp / "list.parquet"), "source.columns": '["similarity"]',
-                "source.hash_column": "sha256", "output.uri": str(out), "output.format": "hdf5",
+                "source.hash_column": "sha256", "output.uri": str(out), "output.format": fmt,
                 "image.size": "[16, 16]", "image.resize": "stretch", "image.min_size": "16", "shard.size": "4",
                 "cluster.kind": "threads", "fetch.allow_private_networks": "true", "fetch.retries": "0"}  # fmt: skip
     sets = [arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")]
@@ -156,10 +158,14 @@ def test_inspect_lists_the_columns_and_their_types(image_text):
 
 
 def test_report_lists_the_columns_and_the_permanent_failures(image_text):
+    from convert.dataset import Dataset
     from convert.report import render_report
 
     out, _, _ = image_text
     html = render_report(str(out), samples_per_label=20)
+    unreadable = "The column values are not readable by this version of the readers: names and types only."
+    assert (unreadable in html) is not hasattr(Dataset, "column")  # without read-back: names and types only
+    assert ('<p class="caption' in html) is hasattr(Dataset, "column")  # and no "no caption" under every image
     for status in PERMANENT:
         assert f'<tr class="failure" data-status="{status}">' in html
     for name, kind in (("caption", "string"), ("similarity", "float64"), ("sha256", "string")):
@@ -208,3 +214,42 @@ def test_column_statistics_stay_bounded_and_exact_where_promised():
     flags = ColumnStats("b", "bool")
     flags.add(np.ma.masked_array([True, False, True], mask=[False, False, True]))
     assert (flags.values, flags.true, flags.nulls) == (2, 1, 1)
+
+
+def test_a_partial_lmdb_run_gets_its_column_statistics_and_captions_from_the_shards(tmp_path):
+    """No manifest yet (a run still going or killed): columns come from the records, values from
+    the committed shards' own readers; LMDB here, HDF5 above."""
+    needs_column_reads()
+    from convert.report import render_report
+
+    with raw_servers() as make:
+        out, done, _ = build_image_text(tmp_path, make, fmt="lmdb")
+    assert done.returncode == 0, done.stderr
+    (out / "manifest.json").unlink()
+    inspected = json.loads(cli("inspect", str(out), "--json").stdout)
+    assert inspected["partial"] is True and [c["name"] for c in inspected["columns"]] == ["caption", "similarity",
+                                                                                          "sha256"]  # fmt: skip
+    html = render_report(str(out), samples_per_label=20)
+    assert "partial: 3 of 3 shards committed" in html
+    sim = html.split('<tr class="column" data-name="similarity">', 1)[1].split("</tr>", 1)[0]
+    assert '<td class="num">9</td><td class="num">1</td>' in sim and "min 0.1, max 1" in sim
+    assert '<p class="caption">&lt;script&gt;alert(1)&lt;/script&gt;</p>' in html
+    assert '<p class="caption null">empty caption</p>' in html
+
+
+def test_a_dataset_without_columns_says_so(tmp_path):
+    """An image folder stores only the source digest (no caption: no caption line under the
+    thumbnails); with fetch.compute_hash: none it stores no column, and inspect and the report say so."""
+    from convert.report import render_report
+
+    digest, bare = tmp_path / "digest", tmp_path / "bare"
+    for out, extra in ((digest, ()), (bare, ("--set", "fetch.compute_hash=none"))):
+        done = cli("run", "configs/demo.yaml", "--output", str(out), "--set", "cluster.kind=threads", *extra)
+        assert done.returncode == 0, done.stderr
+    assert "columns: sha256 (string)" in cli("inspect", str(digest)).stdout
+    html = render_report(str(digest), samples_per_label=2)
+    assert '<tr class="column" data-name="sha256">' in html and 'class="caption' not in html
+    assert "columns: none (only image, label and key)" in cli("inspect", str(bare)).stdout
+    assert json.loads(cli("inspect", str(bare), "--json").stdout)["columns"] == []
+    html = render_report(str(bare), samples_per_label=2)
+    assert "This dataset stores no columns beside the images" in html and 'class="caption' not in html

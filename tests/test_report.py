@@ -138,7 +138,7 @@ def decode_data_uri(uri: str) -> np.ndarray:
 @pytest.mark.browser
 def test_report_in_chromium_shows_samples_failures_and_no_external_resources(demo, tmp_path):
     needs_chromium()
-    _, out, rows = demo
+    _, out, _ = demo
     result = cli("report", str(out), "--samples-per-label", "5")
     assert result.returncode == 0, result.stderr
     page = Path(result.stdout.strip().splitlines()[-1])
@@ -231,10 +231,10 @@ def test_source_statistics_and_throughput_from_records(demo, tmp_path):
     source histograms, the items/s chart and the shard seconds; unknown values (-1/"") are skipped."""
     import dataclasses
 
-    from convert.store import open_store
     from convert.records import read_record, write_record
     from convert.report import render_report
     from convert.report_data import load_run, scan_ledger
+    from convert.store import open_store
 
     _, src, _ = demo
     out = tmp_path / "copy"
@@ -403,8 +403,9 @@ def test_a_run_with_a_plan_but_no_committed_shard_yet_is_partial_zero(demo, tmp_
 @pytest.fixture(scope="module")
 def image_text(tmp_path_factory):
     """The parquet image-text run of tests/test_inspect_columns.py (captions incl. a <script>)."""
-    from convert.testing.rawhttp import raw_servers
     from test_inspect_columns import build_image_text
+
+    from convert.testing.rawhttp import raw_servers
 
     with raw_servers() as make:
         out, done, _ = build_image_text(tmp_path_factory.mktemp("image-text"), make)
