@@ -48,7 +48,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        install_signal_handlers()
+        previous = install_signal_handlers()
         try:
             return fn(*args, **kwargs)
         except click.exceptions.Exit:
@@ -69,6 +69,10 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             if not user:
                 console.print("set CONVERT_DEBUG=1 for the full traceback", style="dim")
             sys.exit(2)
+        finally:
+            if not _SIGNALS:  # a command run in-process (click's CliRunner): leave the caller's handlers
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     return wrapper
 
@@ -82,14 +86,15 @@ def storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 _SIGNALS: list[str] = []  # names received, in order
 
 
-def install_signal_handlers() -> None:
-    """Ctrl-C and SIGTERM as described in the module doc (main thread only: a no-op elsewhere)."""
+def install_signal_handlers() -> dict[int, Any]:
+    """Ctrl-C and SIGTERM as described in the module doc; returns the handlers they replace.
+    Main thread only (elsewhere nothing is installed). Once a signal came, the handlers and the
+    watchdog stay until the process ends: its shutdown is what they guard."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
     _SIGNALS.clear()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
     quietlog.install()
+    return {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _on_signal(signum: int, frame: Any) -> None:

@@ -154,6 +154,8 @@ def read_samples(run: RunView, scan: Scan) -> dict[Any, list[SampleView]]:
 def _dataset_items(run: RunView, picks: list[Pick]) -> list[tuple[np.ndarray, str | None]]:
     from .dataset import open_dataset
 
+    for shard in sorted({p.row.shard_index for p in picks}):  # a FIFO in a shard's place would block its open
+        check_regular(run.out, run.shards[shard]["path"])
     with open_dataset(run.out.uri, run.out.storage_options) as ds:
         return [(item["image"], _text(item.get(CAPTION))) for item in ds.get_batch([p.index for p in picks])]
 
@@ -304,11 +306,12 @@ def _column_chunks(run: RunView, columns: tuple[Column, ...]) -> Iterator[list[A
         from .dataset import open_dataset
 
         with open_dataset(run.out.uri, run.out.storage_options) as ds:
-            if not callable(getattr(ds, "column", None)):
+            column = getattr(ds, "column", None)  # Dataset.column: the formats' side of columns
+            if not callable(column):
                 yield None
                 return
             for i, name in enumerate(names):
-                yield [ds.column(name) if j == i else None for j in range(len(names))]
+                yield [column(name) if j == i else None for j in range(len(names))]
         return
     from .formats.base import open_reader
 
@@ -317,11 +320,12 @@ def _column_chunks(run: RunView, columns: tuple[Column, ...]) -> Iterator[list[A
             source = _local_copy(run.out, summary["path"], Path(tmp))
             reader = open_reader(summary["format"], source)
             try:
-                if not callable(getattr(reader, "column", None)):
+                column = getattr(reader, "column", None)
+                if not callable(column):
                     yield None
                     return
                 have = {c.name for c in getattr(reader, "columns", columns)}
-                yield [reader.column(name) if name in have else None for name in names]
+                yield [column(name) if name in have else None for name in names]
             finally:
                 reader.close()
                 if source.startswith(tmp):  # a downloaded copy: one shard on disk at a time

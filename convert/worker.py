@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
 import re
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -31,6 +29,7 @@ from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
 from .itemcols import ItemColumns
 from .lease import publish, staging
+from .mute import muted
 from .records import shard_rel_path, write_record
 from .redact import redact_url
 from .secrets import resolve_options
@@ -308,21 +307,9 @@ def process_shard(task: ShardTask) -> ShardRecord:
         raise failure from None
 
 
-@contextlib.contextmanager
-def _quiet_finalizers() -> Iterator[None]:
-    """h5py handles that fail to flush (a full disk) print "Exception ignored" tracebacks from their
-    finalizers; the error itself is raised (and reported in one line), so silence the echoes."""
-    previous, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # h5py's finalizers print_exc() as well
-            yield
-    finally:
-        sys.unraisablehook = previous
-
-
 def _abort(writer: ShardWriter) -> None:
     """Drop a failed writer; its own errors must not hide the first one."""
-    with _quiet_finalizers(), contextlib.suppress(Exception):
+    with muted(), contextlib.suppress(Exception):
         writer.abort()
 
 
@@ -334,7 +321,7 @@ def _commit_shard(task: ShardTask, out: Any, fmt: Any, info: ShardInfo, started:
         writer = open_writer(fmt.name, tmp, info)
         try:
             ledger = _fill(writer, task, clock, cols)
-            with _quiet_finalizers():
+            with muted():
                 clock.timed("write", writer.close)
         except SourceError as exc:  # the slice cannot be read as planned: fail (and retry) the shard
             _abort(writer)
