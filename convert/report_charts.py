@@ -133,7 +133,7 @@ def column_chart(stats: ColumnStats) -> str | None:
     true/false counts (bool); None when it holds no value to draw."""
     if not stats.values:
         return None
-    fig, ax = _figure(size=(4.2, 2.4))
+    fig, ax = _figure(size=(3.9, 2.4))
     if stats.type == "string":
         _hist(ax, stats.lengths, f"{stats.name}: length (characters)")
     elif stats.type == "bool":
@@ -150,5 +150,6 @@ def column_chart(stats: ColumnStats) -> str | None:
             bins = np.arange(lo - 0.5, hi + 1.5)
         ax.hist(data, bins=bins, weights=np.full(data.size, float(stats.stride)), color="#16a085")
         ax.set_title(f"{stats.name}: values" + (" (sampled)" if stats.stride > 1 else ""), fontsize=10)
+        _integer_counts(ax)
     ax.set_ylabel("items")
     return _svg(fig)
