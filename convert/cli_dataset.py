@@ -55,7 +55,8 @@ def _inspect_data(run: Any, debris: list[Any], columns: list[dict[str, str]]) ->
     else:
         data = {"partial": True, "state": run.state(), "format": run.format, "planned_shards": run.planned,
                 "totals": run.totals, "shards": list(run.shards)}  # fmt: skip
-    return {**data, "columns": columns, "leftovers": [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]}
+    leftover = [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]
+    return {**data, "columns": columns, "leftovers": leftover}
 
 
 def _print_inspect(uri: str, run: Any, debris: list[Any], columns: list[dict[str, str]]) -> None:

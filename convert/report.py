@@ -35,7 +35,7 @@ from .report_data import (
     Scan,
     caption_preview,
     column_stats,
-    read_samples,  # fmt: skip
+    read_samples,
     scan_ledger,
     stored_columns,
 )
@@ -189,7 +189,8 @@ def _sample(names: dict[int, str], view: SampleView) -> dict[str, Any]:
     return {"key": view.key, "label": view.label, "name": _label_name(names, view.label), "uri": redact_url(view.uri),
             "shard": view.shard, "index": view.index, "shape": shape, "src": png_data_uri(view.image),
             "caption": None if view.caption is None else caption_preview(view.caption),
-            "caption_full": None if view.caption is None else view.caption[:CAPTION_FULL]}  # fmt: skip
+            "caption_full": None if view.caption is None else
+            caption_preview(view.caption, CAPTION_FULL, flat=False)}  # fmt: skip
 
 
 def _column_row(stats: ColumnStats, chart: bool) -> dict[str, Any]:

@@ -34,8 +34,8 @@ from .specs import Column, ItemResult, Status
 from .store import Store
 
 __all__ = ["BYTES_BINS_PER_OCTAVE", "CAPTION", "CAPTION_FULL", "CAPTION_PREVIEW", "MAX_LABELS", "ColumnStats",
-           "LedgerRow", "Pick", "RunView", "SampleView", "Scan", "SourceStats", "caption_preview", "column_stats", "load_run", "read_samples",
-           "scan_ledger", "stored_columns"]  # fmt: skip
+           "LedgerRow", "Pick", "RunView", "SampleView", "Scan", "SourceStats", "caption_preview", "column_stats",
+           "load_run", "read_samples", "scan_ledger", "stored_columns"]  # fmt: skip
 
 BYTES_BINS_PER_OCTAVE = 4  # source-size histogram resolution (log2 bins)
 MAX_LABELS = 64  # labels shown in the sample grid (the first ones met in input order)
@@ -200,10 +200,11 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def caption_preview(text: str | None, limit: int = CAPTION_PREVIEW) -> str:
-    """A caption on one line (line breaks shown as spaces), cut to `limit` characters with an ellipsis."""
-    flat = " ".join(text.splitlines()) if text else ""
-    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "\u2026"
+def caption_preview(text: str | None, limit: int = CAPTION_PREVIEW, flat: bool = True) -> str:
+    """A caption cut to `limit` characters with an ellipsis; `flat`: on one line (line breaks shown as
+    spaces), as under a thumbnail (the full-size viewer keeps them)."""
+    shown = (" ".join(text.splitlines()) if flat else text) if text else ""
+    return shown if len(shown) <= limit else shown[: limit - 1].rstrip() + "\u2026"
 
 
 # -- columns ----------------------------------------------------------------------------------------

@@ -54,8 +54,8 @@ pytestmark = pytest.mark.cluster  # `convert run` subprocesses
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}  # the summary table unwrapped, whatever the temp path's length
-    return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=REPO, check=False,
-                          timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=REPO,
+                          check=False, timeout=timeout, env=env)  # fmt: skip
 
 
 def needs_column_reads() -> None:
@@ -77,7 +77,8 @@ def _serve(files: dict[str, tuple[bytes, bytes]]):
     return respond
 
 
-def build_image_text(tmp: Path, srv_factory, fmt: str = "hdf5") -> tuple[Path, subprocess.CompletedProcess[str], list[str]]:
+def build_image_text(tmp: Path, srv_factory, fmt: str = "hdf5") -> tuple[Path, subprocess.CompletedProcess[str],
+                                                                          list[str]]:  # fmt: skip
     """Serve the ROWS' images, write their parquet list and convert it; (the output, the run, its flags)."""
     files: dict[str, tuple[bytes, bytes]] = {}
     urls, digests = [], []
