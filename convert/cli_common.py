@@ -25,6 +25,7 @@ from rich.console import Console
 
 from . import quietlog
 from .config import ConfigError, parse_override
+from .redact import redact_text
 
 console = Console(stderr=True, soft_wrap=True)
 out_console = Console(soft_wrap=True)
@@ -62,7 +63,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             user = isinstance(exc, _user_errors())
             label = "error" if user else f"error ({type(exc).__name__})"
-            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            lines = redact_text(str(exc)).strip().splitlines() or [type(exc).__name__]  # a URL's credentials
             console.print(f"[bold red]{label}:[/] {lines[0]}", highlight=False)
             if type(exc).__name__ == "ClusterError" and len(lines) > 1:  # job script, sbatch/squeue output
                 console.print("\n".join(lines[1:]), highlight=False, markup=False)

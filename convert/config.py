@@ -84,7 +84,11 @@ class OutputConfig(_Model):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        options = {k: dict(v) for k, v in (data.pop("options", None) or {}).items()}
+        given = data.pop("options", None) or {}
+        if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+            raise ValueError("output.options maps a format name to its section, e.g. {hdf5: {compression: gzip}}; "
+                             "or set output.<format>.<key>")  # fmt: skip
+        options = {k: dict(v) for k, v in given.items()}
         for name in FORMATS:
             if isinstance(data.get(name), dict):
                 options[name] = {**options.get(name, {}), **data.pop(name)}
@@ -413,4 +417,5 @@ def _describe(err: Any) -> str:
         return f"{loc}: required (e.g. --{loc.split('.')[0]} PATH or '{loc}: ...' in the YAML)"
     if kind == "literal_error":
         return f"{loc}: {err['input']!r} is not allowed; expected {err['ctx']['expected']}"
-    return f"{loc}: {err['msg']} (got {err.get('input')!r})"
+    given = "***" if "storage_options" in loc else redact_options(err.get("input"))  # never echo a secret
+    return f"{loc}: {err['msg']} (got {given!r})"
