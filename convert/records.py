@@ -263,21 +263,36 @@ def read_record(store: Store, name: str) -> tuple[ShardRecord, str] | None:
     return None if found is None else found[:2]
 
 
-def _trusted(store: Store, name: str, expected: str, listing: dict[str, Entry], verify: bool) -> ShardRecord | None:
+def trusted_record(store: Store, name: str, expected: str, listing: dict[str, Entry],
+                   verify: bool) -> tuple[ShardRecord, dict[str, Any]] | None:  # fmt: skip
+    """(record, recorded identity) of a committed shard resume may keep, else None (module doc)."""
     found = read_record_full(store, name)
     if found is None or found[1] != expected:
         return None
     record, _, identity = found
-    entry = listing.get(record.path.rsplit("/", 1)[-1])
-    if entry is None or (entry.size != record.bytes and not entry.is_dir):
+    if not listed_file(store, record.path, record.bytes, listing):
         return None
+    if not verify and proves_identity(store, record.path, identity, listing):
+        return record, identity
+    return (record, identity) if store.sha256(record.path) == (record.bytes, record.sha256) else None
+
+
+def listed_file(store: Store, rel: str, size: int, listing: dict[str, Entry]) -> bool:
+    """`rel` is in the listing of shards/ with the committed size, and (locally) a regular file or directory."""
+    entry = listing.get(rel.rsplit("/", 1)[-1])
+    if entry is None or (entry.size != size and not entry.is_dir):
+        return False
     try:
-        check_regular(store, record.path)
+        check_regular(store, rel)
     except NotRegularFile:  # a FIFO or device in the shard's place: rebuild it
-        return None
-    if not verify and proves_commit(store, record.path, identity) and store.same_object(record.path, identity, entry):
-        return record
-    return record if store.sha256(record.path) == (record.bytes, record.sha256) else None
+        return False
+    return True
+
+
+def proves_identity(store: Store, rel: str, identity: dict[str, Any], listing: dict[str, Entry]) -> bool:
+    """The recorded identity proves (`proves_commit`) and matches (`same_object`) the listed file."""
+    entry = listing.get(rel.rsplit("/", 1)[-1])
+    return entry is not None and proves_commit(store, rel, identity) and store.same_object(rel, identity, entry)
 
 
 def proves_commit(store: Store, rel: str, identity: dict[str, Any]) -> bool:
@@ -311,8 +326,8 @@ def committed_records(store: Store, fingerprints: dict[str, str], verify: bool =
     full records is in memory at once."""
     listing = {entry.name: entry for entry in store.list(SHARDS_DIR)}
     names = [n for n in fingerprints if f"{n}{RECORD_SUFFIX}" in listing]
-    found = ordered_map(lambda n: _trusted(store, n, fingerprints[n], listing, verify), names)
-    return {name: (fold(record) if fold else record) for name, record in zip(names, found) if record is not None}
+    found = ordered_map(lambda n: trusted_record(store, n, fingerprints[n], listing, verify), names)
+    return {name: (fold(kept[0]) if fold else kept[0]) for name, kept in zip(names, found) if kept is not None}
 
 
 def iter_record_ledgers(store: Store, names: Iterable[str]) -> Iterator[tuple[str, tuple[ItemResult, ...]]]:
