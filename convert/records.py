@@ -214,16 +214,23 @@ def dump_bytes(obj: Any) -> bytes:
 def write_record(store: Store, record: ShardRecord, fingerprint: str) -> None:
     """Commit a shard's record beside it (after the shard): its done-marker, with the identity
     of the published file so a later resume can prove the file is still that one."""
-    try:
-        identity = store.identity(record.path)
-        local = store.local_path(record.path)
-        if local is not None:  # the change time: every write, utime or chmod advances it, none sets it back
-            identity["ctime_ns"] = os.stat(local).st_ctime_ns
-    except OSError:  # a directory-shaped shard: resume checks its tree digest instead
-        identity = {}
+    identity = current_identity(store, record.path)
     obj = {"version": VERSION, "fingerprint": fingerprint, **record.summary(),
            "identity": identity, "ledger": ledger_columns(record.ledger)}  # fmt: skip
     store.write_bytes(record_rel_path(record.name), dump_bytes(obj))
+
+
+def current_identity(store: Store, rel: str) -> dict[str, Any]:
+    """The identity resume later compares (store.identity, plus locally the change time: every
+    write, utime or chmod advances it, none sets it back); {} for a directory-shaped shard."""
+    try:
+        identity = store.identity(rel)
+        local = store.local_path(rel)
+        if local is not None:
+            identity["ctime_ns"] = os.stat(local).st_ctime_ns
+    except OSError:  # a directory-shaped shard: resume checks its tree digest instead
+        return {}
+    return identity
 
 
 def read_record_full(store: Store, name: str) -> tuple[ShardRecord, str, dict[str, Any]] | None:
@@ -265,7 +272,9 @@ def read_record(store: Store, name: str) -> tuple[ShardRecord, str] | None:
 
 def trusted_record(store: Store, name: str, expected: str, listing: dict[str, Entry],
                    verify: bool) -> tuple[ShardRecord, dict[str, Any]] | None:  # fmt: skip
-    """(record, recorded identity) of a committed shard resume may keep, else None (module doc)."""
+    """(record, identity) of a committed shard resume may keep, else None (module doc). The identity
+    is the recorded one, or the file's current one when its full sha256 was checked just now (a
+    copied dataset: the index then vouches for the copy, and the next resume hashes nothing)."""
     found = read_record_full(store, name)
     if found is None or found[1] != expected:
         return None
@@ -274,7 +283,8 @@ def trusted_record(store: Store, name: str, expected: str, listing: dict[str, En
         return None
     if not verify and proves_identity(store, record.path, identity, listing):
         return record, identity
-    return (record, identity) if store.sha256(record.path) == (record.bytes, record.sha256) else None
+    now = current_identity(store, record.path)  # taken BEFORE hashing: a later change cannot match it
+    return (record, now) if store.sha256(record.path) == (record.bytes, record.sha256) else None
 
 
 def listed_file(store: Store, rel: str, size: int, listing: dict[str, Entry]) -> bool:

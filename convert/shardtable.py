@@ -132,6 +132,10 @@ class ShardTable:
     def drop(self, mask: np.ndarray) -> None:
         """Forget the rows in `mask` (e.g. shards `--retry-failed` rebuilds)."""
         self.filled &= ~mask
+        for col in (*self.by_status.values(), *self.transient.values()):
+            col[mask] = 0
+        for col in self.stages.values():
+            col[mask] = np.nan
         for status, kept in self.examples.items():
             self.examples[status] = [e for e in kept if not mask[e[0]]]
 
