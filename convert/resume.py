@@ -51,14 +51,16 @@ def previous_index(store: Store) -> dict[str, Any] | None:
     return cols
 
 
-def _vouched_rows(table: ShardTable, cols: dict[str, Any], listing: dict[str, Entry]) -> list[tuple[int, int]]:
-    """(plan position, index row) for rows with the plan's fingerprint whose record is listed."""
-    found = []
-    for row, (name, fp) in enumerate(zip(cols["name"].tolist(), cols["fingerprint"].tolist())):
-        i = table.position.get(name)
-        if i is not None and fp.decode() == table.fingerprints[i] and f"{name}{RECORD_SUFFIX}" in listing:
-            found.append((i, row))
-    return found
+def _vouched_rows(table: ShardTable, cols: dict[str, Any], listing: dict[str, Entry]) -> tuple[np.ndarray, np.ndarray]:
+    """(plan positions, index rows) of rows with the plan's fingerprint whose record is listed."""
+    names = cols["name"].tolist()
+    at = np.array([table.position.get(n, -1) for n in names], np.int64)
+    listed = np.array([f"{n}{RECORD_SUFFIX}" in listing for n in names], bool)
+    plan_fps = np.array(table.fingerprints, dtype="S64")
+    ok = (at >= 0) & listed
+    ok[ok] = plan_fps[at[ok]] == cols["fingerprint"][ok]
+    rows = np.flatnonzero(ok)
+    return at[rows], rows
 
 
 def resume(store: Store, table: ShardTable, verify: bool = False) -> None:
@@ -67,17 +69,15 @@ def resume(store: Store, table: ShardTable, verify: bool = False) -> None:
     listing = {entry.name: entry for entry in store.list(SHARDS_DIR)}
     cols = None if verify else previous_index(store)
     if cols is not None:
-        rows = _vouched_rows(table, cols, listing)
+        at, rows = _vouched_rows(table, cols, listing)
+        paths, sizes = cols["path"][rows].tolist(), cols["bytes"][rows].tolist()
 
-        def proven(pair: tuple[int, int]) -> bool:
-            row = pair[1]
-            path = str(cols["path"][row])
-            return listed_file(store, path, int(cols["bytes"][row]), listing) and proves_identity(
-                store, path, index_identity(cols, row), listing)  # fmt: skip
+        def proven(k: int) -> bool:
+            ident = index_identity(cols, int(rows[k]))
+            return listed_file(store, paths[k], sizes[k], listing) and proves_identity(store, paths[k], ident, listing)
 
-        for (i, row), ok in zip(rows, ordered_map(proven, rows)):
-            if ok:
-                table.fill_from_index(i, cols, row)
+        ok = np.fromiter(ordered_map(proven, range(len(rows)), window=1024), bool, len(rows))
+        table.fill_from_index(at[ok], cols, rows[ok])
     names = [n for i, n in enumerate(table.names) if not table.filled[i] and f"{n}{RECORD_SUFFIX}" in listing]
     found = ordered_map(lambda n: trusted_record(store, n, table.fingerprints[table.position[n]], listing, verify),
                         names)  # fmt: skip

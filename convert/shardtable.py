@@ -185,27 +185,50 @@ class ShardTable:
         return {**{k: v[rows] for k, v in self.id_ints.items()}, **{k: v[rows] for k, v in self.id_text.items()},
                 "edges": np.where(self.has_edges[rows], edges, b"")}  # fmt: skip
 
-    def fill_from_index(self, i: int, cols: dict[str, Any], row: int) -> None:
-        """File plan row i from row `row` of a previous index (a shard resume trusted by its listing)."""
-        self.filled[i] = True
+    def fill_from_index(self, at: np.ndarray, cols: dict[str, Any], rows: np.ndarray) -> None:
+        """File plan rows `at` from rows `rows` of a previous index (shards resume trusted by their
+        listing), column by column: no per-shard Python objects at 10^5 shards."""
+        if not len(at):
+            return
+        self.filled[at] = True
         for key, col in self.ints.items():
-            col[i] = cols[key][row]
-        self.sha[i] = np.frombuffer(binascii.unhexlify(cols["sha256"][row]), np.uint8)
+            col[at] = cols[key][rows]
+        self.sha[at] = np.frombuffer(binascii.unhexlify(cols["sha256"][rows].tobytes()), np.uint8).reshape(-1, 32)
         for key, col in self.times.items():
-            col[i] = cols[key][row]
+            col[at] = cols[key][rows]
         for stage, values in cols["stages"].items():
-            if not np.isnan(values[row]):
-                self._col(self.stages, stage, np.float32, np.nan)[i] = values[row]
-        shape = [int(v) for v in cols["image_shape"][row]]
-        self._set_ids(i, str(cols["format"][row]), str(cols["encoding"][row]), None if shape[0] < 0 else shape,
-                      str(cols["path"][row]))  # fmt: skip
-        for status, values in cols["by_status"].items():
-            if values[row]:
-                self._col(self.by_status, status, np.int32, 0)[i] = values[row]
-        for status, values in cols.get("transient", {}).items():
-            if values[row]:
-                self._col(self.transient, status, np.int32, 0)[i] = values[row]
-        self.set_identity(i, index_identity(cols, row))
+            self._col(self.stages, stage, np.float32, np.nan)[at] = values[rows]
+        for key, source in (("format", cols["format"]), ("encoding", cols["encoding"]),
+                            ("ext", _extensions(cols["path"], cols["name"]))):  # fmt: skip
+            values, inverse = np.unique(source[rows], return_inverse=True)
+            self.ids[key][at] = np.array([self.interned[key].id(str(v)) for v in values], np.int16)[inverse]
+        shapes, inverse = np.unique(cols["image_shape"][rows], axis=0, return_inverse=True)
+        ids = [self.interned["shape"].id(None if s[0] < 0 else tuple(int(v) for v in s)) for s in shapes]
+        self.ids["shape"][at] = np.array(ids, np.int16)[inverse.reshape(-1)]
+        for target, source in ((self.by_status, cols["by_status"]), (self.transient, cols.get("transient", {}))):
+            for status, values in source.items():
+                self._col(target, status, np.int32, 0)[at] = values[rows]
+        ident = cols["identity"]
+        for key in ID_INTS:
+            self.id_ints[key][at] = ident[key][rows] if key in ident else _NO
+        for key in ID_TEXT:
+            if key in ident:
+                width = max(ident[key].dtype.itemsize, self.id_text[key].dtype.itemsize if key in self.id_text else 1)
+                col = self.id_text.get(key)
+                col = self.id_text[key] = np.zeros(len(self.names), f"S{width}") if col is None else col.astype(f"S{width}")
+                col[at] = ident[key][rows]
+        edges = ident.get("edges")
+        if edges is not None:
+            has = np.strings.str_len(edges[rows]) == 64
+            self.has_edges[at] = has
+            hexed = np.where(has, edges[rows], b"0" * 64).astype("S64")
+            self.edges[at] = np.frombuffer(binascii.unhexlify(hexed.tobytes()), np.uint8).reshape(-1, 32)
+
+
+def _extensions(paths: np.ndarray, names: np.ndarray) -> np.ndarray:
+    """Each path's part after shards/<name> (".h5", ".lmdb", ...)."""
+    start = len(f"{SHARDS_DIR}/") + np.strings.str_len(names)
+    return np.array([p[k:] for p, k in zip(paths.tolist(), start.tolist())], dtype=str)
 
 
 def index_identity(cols: dict[str, Any], row: int) -> dict[str, Any]:
