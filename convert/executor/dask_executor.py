@@ -30,8 +30,12 @@ from .cluster import ClusterHandle, check_reachable_paths, open_client
 #: task prefix, ~50 kB a second here) and keeps 1000 of them: a worker grew ~13 MiB per 100k images
 #: until ~1000 s had passed (bench_rss.py: peak RSS 1.13x at 150k vs 10k images; off: 1.01x). Shard
 #: records carry our own per-stage CPU account (convert.timing), so the workers we start do not profile.
+#: low-level-log-length also bounds the scheduler's event topics and every BatchedSend's recent-message
+#: log, which holds each compute-task message WITH its pickled ShardTask: at 1000 that is ~10 MB in the
+#: client process of a default LocalCluster before it stops growing (issue 22, tracemalloc); 20 is enough
+#: for a post-mortem of the last few messages.
 QUIET_LOGS = {
-    "distributed.admin.low-level-log-length": 1000,
+    "distributed.admin.low-level-log-length": 20,
     "distributed.diagnostics.computations.max-history": 10,
     "distributed.worker.profile.enabled": False,
 }
