@@ -20,31 +20,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_pipeline import serve  # noqa: E402
-from bench_scale import timed, write_txt  # noqa: E402
+from bench_pipeline import serve
+from bench_scale import timed, write_txt
 
-from convert import persist  # noqa: E402
-from convert.config import load_config  # noqa: E402
-from convert.dataset import open_dataset  # noqa: E402
-from convert.manifest import ShardIndex, write_manifest  # noqa: E402
-from convert.orchestrate import run  # noqa: E402
-from convert.records import ordered_map, read_record_full, record_rel_path, shard_rel_path, write_record  # noqa: E402
-from convert.resume import fill_identities, resume  # noqa: E402
-from convert.shards import verify  # noqa: E402
-from convert.shardtable import ShardTable  # noqa: E402
-from convert.store import Store, open_store  # noqa: E402
-from convert.summary import LedgerTally  # noqa: E402
-from convert.testing import images as gen  # noqa: E402
-from convert.testing.s3 import MotoServer  # noqa: E402
+from convert.config import load_config
+from convert.dataset import open_dataset
+from convert.manifest import ShardIndex, write_manifest
+from convert.orchestrate import run
+from convert.records import (
+    ordered_map,
+    read_record_full,
+    shard_rel_path,
+    write_record,
+)
+from convert.resume import fill_identities, resume
+from convert.shards import verify
+from convert.shardtable import ShardTable
+from convert.store import Store, open_store
+from convert.summary import LedgerTally
+from convert.testing import images as gen
+from convert.testing.s3 import MotoServer
 
 PER_SHARD = 10
 
@@ -140,7 +143,7 @@ def synth_costs(ns: list[int], tmp: Path, label: str, make: Callable[[int], tupl
     (n0, r0), (n1, r1) = rows[0], rows[-1]
     if n1 > n0:
         print("  slope per shard: " + ", ".join(f"{k} {1e3 * (r1[k] - r0[k]) / (n1 - n0):.3f} ms" for k in r1)
-              + f"; projected to 10^5 shards: " + ", ".join(
+              + "; projected to 10^5 shards: " + ", ".join(
                   f"{k} {r1[k] + (100_000 - n1) * (r1[k] - r0[k]) / (n1 - n0):.1f} s" for k in r1), flush=True)  # fmt: skip
 
 
@@ -150,20 +153,20 @@ def main() -> None:
     ap.add_argument("--synth", default="1000,10000,100000")
     ap.add_argument("--moto", default="1000,5000")
     args = ap.parse_args()
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",") if x]
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as name:
         tmp = Path(name)
         if ints(args.runs):
             real_runs(ints(args.runs), tmp)
         blob, seed, config = seed_shard(tmp)
         if ints(args.synth):
-            local = lambda n: (open_store(str(tmp / f"synth-{n}")), str(tmp / f"synth-{n}"))  # noqa: E731
+            local = lambda n: (open_store(str(tmp / f"synth-{n}")), str(tmp / f"synth-{n}"))
             synth_costs(ints(args.synth), tmp, "local", local, blob, seed, config, cli=True)
         if ints(args.moto):
             with MotoServer() as moto:
                 moto.make_bucket("bench")
                 opts = moto.storage_options()
-                s3 = lambda n: (open_store(f"s3://bench/synth-{n}", opts), f"s3://bench/synth-{n}")  # noqa: E731
+                s3 = lambda n: (open_store(f"s3://bench/synth-{n}", opts), f"s3://bench/synth-{n}")
                 small = blob[:4096]  # resume on S3 compares the listing's size + ETag only: no need to upload 1 MB each
                 synth_costs(ints(args.moto), tmp, "moto S3", s3, small, dataclasses.replace(seed, bytes=len(small)),
                             config, cli=False)  # fmt: skip
