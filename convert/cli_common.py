@@ -25,6 +25,7 @@ from rich.console import Console
 
 from . import quietlog
 from .config import ConfigError, parse_override
+from .redact import redact_text
 
 console = Console(stderr=True, soft_wrap=True)
 out_console = Console(soft_wrap=True)
@@ -48,7 +49,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        install_signal_handlers()
+        previous = install_signal_handlers()
         try:
             return fn(*args, **kwargs)
         except click.exceptions.Exit:
@@ -62,13 +63,17 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             user = isinstance(exc, _user_errors())
             label = "error" if user else f"error ({type(exc).__name__})"
-            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            lines = redact_text(str(exc)).strip().splitlines() or [type(exc).__name__]  # a URL's credentials
             console.print(f"[bold red]{label}:[/] {lines[0]}", highlight=False)
             if type(exc).__name__ == "ClusterError" and len(lines) > 1:  # job script, sbatch/squeue output
                 console.print("\n".join(lines[1:]), highlight=False, markup=False)
             if not user:
                 console.print("set CONVERT_DEBUG=1 for the full traceback", style="dim")
             sys.exit(2)
+        finally:
+            if not _SIGNALS:  # a command run in-process (click's CliRunner): leave the caller's handlers
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     return wrapper
 
@@ -82,14 +87,15 @@ def storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 _SIGNALS: list[str] = []  # names received, in order
 
 
-def install_signal_handlers() -> None:
-    """Ctrl-C and SIGTERM as described in the module doc (main thread only: a no-op elsewhere)."""
+def install_signal_handlers() -> dict[int, Any]:
+    """Ctrl-C and SIGTERM as described in the module doc; returns the handlers they replace.
+    Main thread only (elsewhere nothing is installed). Once a signal came, the handlers and the
+    watchdog stay until the process ends: its shutdown is what they guard."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
     _SIGNALS.clear()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
     quietlog.install()
+    return {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _on_signal(signum: int, frame: Any) -> None:

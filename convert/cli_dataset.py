@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from .cli_common import console, friendly, out_console, storage_options
@@ -39,20 +40,28 @@ def inspect(uri: str, as_json: bool, failures: bool, statuses: tuple[str, ...], 
         return
     debris = leftovers(out)
     if as_json:
-        data = {**run.manifest, "shards": list(run.shards), "config": redact_options(run.manifest["config"])} if run.manifest else {"partial": True, "state": run.state(), "format": run.format,
-                                "planned_shards": run.planned, "totals": run.totals, "shards": run.shards}  # fmt: skip
-        report = {**data, "leftovers": [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]}
-        out_console.print_json(json.dumps(report))
+        out_console.print_json(json.dumps(_inspect_data(run, debris)))
         return
-    _print_inspect(uri, run, debris)
+    _print_inspect(redact_url(uri), run, debris)
+
+
+def _inspect_data(run: Any, debris: list[Any]) -> dict[str, Any]:
+    """`inspect --json`: the manifest (its config redacted again, for older or edited manifests),
+    or a partial run's state; the shard summaries; the leftovers."""
+    if run.manifest is not None:
+        data = {**run.manifest, "shards": list(run.shards), "config": redact_options(run.manifest["config"])}
+    else:
+        data = {"partial": True, "state": run.state(), "format": run.format, "planned_shards": run.planned,
+                "totals": run.totals, "shards": list(run.shards)}  # fmt: skip
+    return {**data, "leftovers": [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]}
 
 
 def _print_inspect(uri: str, run: Any, debris: list[Any]) -> None:
     manifest, totals = run.manifest, run.totals
     if manifest is None:
-        out_console.print(f"[bold]{uri}[/]  format={run.format}  [yellow]{run.state()}[/]")
+        out_console.print(f"[bold]{escape(uri)}[/]  format={run.format}  [yellow]{run.state()}[/]")
     else:
-        out_console.print(f"[bold]{uri}[/]  format={manifest['format']}  source={manifest['source_kind']}  "
+        out_console.print(f"[bold]{escape(uri)}[/]  format={manifest['format']}  source={manifest['source_kind']}  "
                           f"complete={manifest['complete']}")  # fmt: skip
     out_console.print(f"items {totals['items']}  ok {totals['ok']}  failed {totals['failed']}  "
                       f"by status {totals['by_status']}  bytes {totals['bytes']}")  # fmt: skip

@@ -84,7 +84,11 @@ class OutputConfig(_Model):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        options = {k: dict(v) for k, v in (data.pop("options", None) or {}).items()}
+        given = data.pop("options", None) or {}
+        if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+            raise ValueError("output.options maps a format name to its section, e.g. {hdf5: {compression: gzip}}; "
+                             "or set output.<format>.<key>")  # fmt: skip
+        options = {k: dict(v) for k, v in given.items()}
         for name in FORMATS:
             if isinstance(data.get(name), dict):
                 options[name] = {**options.get(name, {}), **data.pop(name)}
@@ -187,9 +191,6 @@ class ShardConfig(_Model):
     size: int = Field(1000, gt=0, description="items per shard")
 
 
-ALLOW_PRIVATE_ENV = "CONVERT_ALLOW_PRIVATE_NETWORKS"
-
-
 class FetchConfig(_Model):
     threads: int = Field(16, gt=0, le=512)
     timeout: float = Field(10.0, gt=0)
@@ -200,10 +201,9 @@ class FetchConfig(_Model):
     allowed_schemes: tuple[str, ...] = ("file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "memory")
     item_timeout: float = Field(60.0, gt=0)  # total seconds per item: connect + all reads + retries
     # HTTP(S) to loopback/private/link-local/multicast/reserved addresses (checked on the resolved IP
-    # of every connection, redirects included) is refused unless this is true. Its default may be
-    # set for a whole environment with CONVERT_ALLOW_PRIVATE_NETWORKS=1 (e.g. a test suite whose
-    # servers are on 127.0.0.1); a value in the config or --set always wins.
-    allow_private_networks: bool = Field(default_factory=lambda: os.environ.get(ALLOW_PRIVATE_ENV, "") == "1")
+    # of every connection, redirects included) is refused unless this is true (config or --set only:
+    # no environment variable turns the guard off)
+    allow_private_networks: bool = False
     allowed_networks: tuple[str, ...] = ()  # CIDRs allowed even so, e.g. ["10.1.2.0/24"] for a mirror
     # HTTP(S) client: "curl" = libcurl multi via pycurl (the `fast-http` extra; ~1/5 of the CPU per
     # GET), "urllib3" = the pure-Python pool, "auto" = curl when pycurl is installed.
@@ -259,7 +259,9 @@ class FetchConfig(_Model):
 
 
 class ClusterConfig(_Model):
-    kind: Literal["local", "slurm", "pbs", "threads"] = "local"  # threads: in-process (tests, tiny jobs)
+    # auto: threads in this process for a small plan, a LocalCluster beyond (executor/auto.py says the rule);
+    # local: always a LocalCluster; threads: always in process; slurm/pbs: batch jobs (dask-jobqueue)
+    kind: Literal["auto", "local", "slurm", "pbs", "threads"] = "auto"
     workers: int | None = Field(None, gt=0)  # LocalCluster processes; None = sized to this machine
     threads_per_worker: int = Field(1, gt=0)
     memory_limit: str = "auto"
@@ -415,4 +417,5 @@ def _describe(err: Any) -> str:
         return f"{loc}: required (e.g. --{loc.split('.')[0]} PATH or '{loc}: ...' in the YAML)"
     if kind == "literal_error":
         return f"{loc}: {err['input']!r} is not allowed; expected {err['ctx']['expected']}"
-    return f"{loc}: {err['msg']} (got {err.get('input')!r})"
+    given = "***" if "storage_options" in loc else redact_options(err.get("input"))  # never echo a secret
+    return f"{loc}: {err['msg']} (got {given!r})"

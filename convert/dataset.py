@@ -1,8 +1,11 @@
 """Training reader over a converted dataset: `open_dataset(uri)` -> random access and iteration.
 
 Index i is the i-th successfully converted item in input order. Only the manifest is trusted.
-Items are {"image": HxWxC uint8, "label": int, "key": str}; `label` is -1 (NO_LABEL) for an
-unlabelled item, so batches collate (a DataLoader's default collate refuses None).
+Items are {"image": HxWxC uint8, "label": int, "key": str, <column>: value, ...}; `label` is -1
+(NO_LABEL) for an unlabelled item, so batches collate (a DataLoader's default collate refuses
+None). The stored columns (caption, list columns, the source digest `sha256`; schema in
+`ds.schema`) come as str / int / float / bool, a null as None; `columns=[...]` reads only those.
+`ds.column(name)` / `ds.columns()` return whole columns, one read per shard, without image bytes.
 Shard handles open lazily and per process (a fork or spawn in a DataLoader worker re-opens them),
 so a `Dataset` pickles as just its URI, options and manifest. At most `max_open_shards` shard
 readers are open per process (least recently used ones are closed).
@@ -18,7 +21,7 @@ from __future__ import annotations
 import bisect
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -30,6 +33,7 @@ from .formats.base import ShardReader, get_format, open_reader
 from .ledger import read_ledger
 from .manifest import ManifestError, check_opened, read_manifest
 from .shardcache import ShardCache
+from .specs import COLUMN_TYPES, Column
 from .store import Store, open_store
 
 NO_LABEL = -1  # the label of an unlabelled item
@@ -56,6 +60,7 @@ class Dataset:
         download: bool = False,
         cache_limit: int | str | None = None,
         max_open_shards: int = MAX_OPEN_SHARDS,
+        columns: Sequence[str] | None = None,
     ) -> None:
         self.uri = uri
         self.storage_options = dict(storage_options or {})
@@ -74,6 +79,13 @@ class Dataset:
         self.cache = ShardCache(self.cache_dir, self._fetch_file, self._format.extension, cache_limit,
                                 url_of=store.url)  # fmt: skip
         self._init_process()
+        self._selection: tuple[str, ...] | None = None
+        self.schema = self._schema(columns)
+        if columns is not None:
+            self._selection = tuple(c.name for c in self.schema)
+            for reader in self._readers.values():  # a shard opened to find the schema returns every column
+                reader.close()
+            self._init_process()
 
     def _init_process(self) -> None:
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
@@ -98,6 +110,38 @@ class Dataset:
     @property
     def label_names(self) -> list[str] | None:
         return self.manifest.get("label_names")
+
+    def column(self, name: str) -> Any:
+        """Column `name` of every item, in index order, without reading image bytes (one read per
+        shard): list[str | None] for strings; a NumPy array for numbers, masked where null."""
+        col = next((c for c in self.schema if c.name == name), None)
+        if col is None:
+            raise KeyError(f"{self.uri}: no column {name!r}; columns: {[c.name for c in self.schema]}")
+        parts = [self._shard_column(s, col) for s in range(len(self.shards))]
+        if col.type == "string":
+            return [v for part in parts for v in part]
+        if not parts:
+            return np.zeros(0, col.type)
+        if any(isinstance(p, np.ma.MaskedArray) for p in parts):
+            return np.ma.concatenate(parts)
+        return np.concatenate(parts)
+
+    def columns(self) -> dict[str, Any]:
+        """Every column this dataset reads ({name: ds.column(name)}), without image bytes."""
+        return {c.name: self.column(c.name) for c in self.schema}
+
+    def read_counts(self) -> Counter[str]:
+        """What this process's open shard readers read ("image" items, "column:<name>" whole
+        columns): a diagnostic that shows a column read touched no image."""
+        with self._lock:
+            return sum((r.reads for r in self._readers.values()), Counter())
+
+    def _shard_column(self, shard: int, col: Column) -> Any:
+        reader = self._reader(shard)
+        if any(c.name == col.name for c in reader.columns):
+            return reader.column(col.name)
+        n = len(reader)  # a shard written without this column: nulls
+        return [None] * n if col.type == "string" else np.ma.masked_all(n, col.type)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         shard, local = self.locate(index)
@@ -185,7 +229,7 @@ class Dataset:
         """Open now (not lazily): a cached copy evicted by another process between the cache's answer
         and the open is fetched again; once open, the file stays readable even if evicted."""
         for attempt in range(3):
-            reader = open_reader(self._format.name, self._source(shard))
+            reader = open_reader(self._format.name, self._source(shard), self._selection)
             try:
                 check_opened(self._store(), shard, reader)  # size, count and the shard's own name
                 return reader
@@ -219,12 +263,36 @@ class Dataset:
                     dst.write(block)
                 dst.truncate()
 
+    def _schema(self, columns: Sequence[str] | None) -> tuple[Column, ...]:
+        """The stored columns (the manifest's, else the first shard's), narrowed to `columns`."""
+        listed = self.manifest.get("columns")
+        if listed is None and len(self.shards):  # a manifest written before columns were recorded
+            stored = self._reader(0).columns
+        else:
+            ok = isinstance(listed, list | None) and all(
+                isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and c[1] in COLUMN_TYPES
+                for c in listed or []
+            )
+            if not ok:
+                raise ManifestError(f"{self.uri}: manifest.json's columns are malformed; rerun the conversion")
+            stored = tuple(Column(n, t) for n, t in listed or [])
+        if columns is None:
+            return stored
+        by_name = {c.name: c for c in stored}
+        unknown = [n for n in columns if n not in by_name]
+        if unknown:
+            raise ValueError(f"{self.uri}: no column {unknown[0]!r}; its columns are {list(by_name)}")
+        return tuple(by_name[n] for n in columns)
+
     def _finish(self, item: dict[str, Any]) -> dict[str, Any]:
-        """Decode (when asked) and give unlabelled items NO_LABEL, in place (readers return fresh dicts)."""
+        """Decode (when asked), give unlabelled items NO_LABEL and absent columns None, in place
+        (readers return fresh dicts)."""
         if self.decode and isinstance(item["image"], (bytes, bytearray, memoryview)):
             item["image"] = decode_image(bytes(item["image"]))
         if item["label"] is None:
             item["label"] = NO_LABEL
+        for col in self.schema:
+            item.setdefault(col.name, None)
         return item
 
 
@@ -253,11 +321,13 @@ def open_dataset(
     decode: bool = True,
     download: bool = False,
     cache_limit: int | str | None = None,
+    columns: Sequence[str] | None = None,
 ) -> Dataset:
     """Open a converted dataset (local path or any fsspec URL, e.g. s3://bucket/out/) for training.
 
     download=True copies remote HDF5 shards whole into `cache_dir` (LMDB shards always are),
-    keeping at most `cache_limit` bytes there ('10GB'; None = no limit).
+    keeping at most `cache_limit` bytes there ('10GB'; None = no limit). `columns`: the stored
+    columns to read (None = all, [] = none); the others are never read.
     """
     return Dataset(uri, storage_options=storage_options, cache_dir=cache_dir, decode=decode,
-                   download=download, cache_limit=cache_limit)  # fmt: skip
+                   download=download, cache_limit=cache_limit, columns=columns)  # fmt: skip

@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - exercised only without the fast-jpeg e
     simplejpeg = None
 
 FAST_JPEG = simplejpeg is not None
-MISSING_MESSAGE = "simplejpeg is not installed: JPEGs decode with Pillow; pip install 'convert[fast-jpeg]' for ~1.2x"
+MISSING_MESSAGE = "convert: simplejpeg not installed, JPEGs decode with Pillow (pip install simplejpeg)"
 _SOF_FAST = (0xC0, 0xC1, 0xC2)  # baseline, extended, progressive (Huffman)
 _SOF_ALL = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG, DAC are not frames
 _XMP = b"http://ns.adobe.com/xap/1.0/\x00"

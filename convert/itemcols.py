@@ -3,7 +3,8 @@
 Worker side, one `ItemColumns` per shard, built from the task's `ItemPlan`. Per item it computes
 the digest of the fetched bytes (`fetch.compute_hash`), checks it against the list's digest column
 (`source.hash_column`) and caps text values at `source.max_text_bytes`, counting what it cut.
-A mismatch or a malformed expected digest is the item's `hash_mismatch` status, never a shard error.
+A mismatch or a malformed expected digest is the item's `hash_mismatch` status, never a shard error;
+a list value its column's type cannot hold (`sources.columns.Unfit`) is the item's `error` status.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import re
 from typing import Any
 
+from .sources.columns import Unfit
 from .specs import ItemError, ItemRef, Status
 from .task import ItemPlan
 
@@ -29,6 +31,11 @@ def cap_text(text: str, limit: int) -> tuple[str, bool]:
     return raw[:limit].decode("utf-8", "ignore"), True
 
 
+def unfit_value(ref: ItemRef) -> Unfit | None:
+    """The first of an item's list values that does not fit its column, if any."""
+    return next((v for v in ref.columns if isinstance(v, Unfit)), None) if ref.columns else None
+
+
 class ItemColumns:
     """Per-shard column work and its counters (`truncated`, `replaced`: text values cut or holding
     U+FFFD, the replacement of invalid UTF-8 in the list)."""
@@ -39,10 +46,20 @@ class ItemColumns:
         self.replaced = 0
         self._text = [i for i, c in enumerate(plan.columns[: plan.list_columns]) if c.type == "string"]
 
+    @staticmethod
+    def check(ref: ItemRef) -> None:
+        """ItemError(error) when the item's list row or one of its values is unusable (`Unfit`):
+        this item fails, not the shard."""
+        unfit = unfit_value(ref)
+        if unfit is not None:
+            raise ItemError(Status.ERROR, unfit.message)
+
     def digest(self, ref: ItemRef, data: Any) -> str:
         """The digest of the source bytes ("" when none is computed or the value is not bytes);
-        ItemError(hash_mismatch) when the list's expected digest differs or is malformed."""
+        ItemError(hash_mismatch) when the list's expected digest differs or is malformed,
+        ItemError(error) when one of the item's list values does not fit its column."""
         plan = self.plan
+        self.check(ref)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             return ""
         expected = ref.columns[plan.hash_column] if 0 <= plan.hash_column < len(ref.columns) else None

@@ -4,9 +4,10 @@
     for row in iter_ledger(run, {"timeout"}):   # LedgerRow(shard, item, shard_index)
         ...
     cols = read_ledger(store)             # the whole ledger as columns (small datasets: ds.ledger())
+    for name, cols in iter_ledger_columns(store, names):   # each shard's stored columns, no row objects
 
-This is the single ledger adapter: `inspect --failures`, the report, `Dataset.ledger()` and the
-library's `iter_ledger(store)` all read ledgers here. Ledgers are never concatenated: they stay in
+This is the single ledger adapter: `inspect --failures`, the report, `Dataset.ledger()`, the
+library's `iter_ledger(store)` and column reads for views (`iter_ledger_columns`) all read ledgers here. Ledgers are never concatenated: they stay in
 the shard records (convert.records) and are read concurrently, in order, a window at a time.
 
 A run that is still going or was killed has no manifest yet; it is described by the records
@@ -18,19 +19,19 @@ from __future__ import annotations
 
 import io
 from collections import Counter
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from . import persist
 from .manifest import FAILED, LEDGER, MANIFEST, PLAN, ShardIndex, read_manifest
 from .records import (RECORD_SUFFIX, ManifestError, is_shard_name, iter_record_ledgers, ledger_columns, ledger_rows,
-                      read_meta, read_record)  # fmt: skip
+                      ordered_map, read_ledger_columns, read_meta, read_record)  # fmt: skip
 from .specs import ItemResult, Status
 from .layout import SHARDS_DIR
 from .store import Store
 
-__all__ = ["LedgerRow", "RunView", "iter_ledger", "load_run", "read_ledger"]
+__all__ = ["LedgerRow", "RunView", "iter_ledger", "iter_ledger_columns", "load_run", "read_ledger"]
 
 
 class LedgerRow(NamedTuple):
@@ -163,3 +164,11 @@ def read_ledger(target: Store | RunView) -> dict[str, Any]:
     cols = ledger_columns(r.item for r in rows)
     cols["shard"] = [r.shard for r in rows]
     return cols
+
+
+def iter_ledger_columns(store: Store, names: Iterable[str]) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """(shard name, its ledger columns as stored, or None if its record is missing or unreadable)
+    for each named shard, in order, read concurrently: the columnar path for callers that want
+    whole columns (views: labels, numeric columns) without building an ItemResult per row."""
+    names = list(names)
+    yield from zip(names, ordered_map(lambda n: read_ledger_columns(store, n), names))

@@ -144,6 +144,7 @@ def write_manifest(store: Store, records: "list[ShardRecord] | ShardIndex", conf
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_kind": source_kind,
         "label_names": label_names,
+        "columns": [[c.name, c.type] for c in records[0].columns] if records else [],  # the stored columns' schema
         "totals": {"items": items, "ok": by_status.get(Status.OK.value, 0),
                    "failed": items - by_status.get(Status.OK.value, 0), "by_status": by_status,
                    "shards": len(index), "bytes": int(index.cols["bytes"].sum())},  # fmt: skip

@@ -149,7 +149,7 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     with hold_lease(out, force=config.output.force_unlock, ttl=config.output.lease_ttl, log=log) as lease:
         # the cluster starts while the source is planned, unless the output looks finished already
         early = config.run.overwrite or not out.exists(MANIFEST)
-        with StartingExecutor(config.cluster, job_name="convert", early=early) as starting:
+        with StartingExecutor(config.cluster, job_name="convert", early=early, source=config.source) as starting:
             summary = _run_leased(config, local, out, starting, lease.run_id, on_progress, log)
     summary.seconds = time.perf_counter() - start
     return summary
@@ -245,7 +245,7 @@ def _convert_pending(config: Config, tasks: Iterator[ShardTask], count: int, ite
                      starting: StartingExecutor, keep: Callable[[ShardRecord], Any], summary: RunSummary,
                      on_progress: ProgressHook | None, log: Callable[[str], None]) -> None:  # fmt: skip
     """Run the pending shard tasks on the configured executor; `keep` files each new record; fills the summary."""
-    with starting.executor() as ex:
+    with starting.executor(shards=count, items=items) as ex:
         ex.check_paths([config.source.uri, config.output.uri])
         check_memory(config, ex)
         summary.cluster, summary.dashboard = ex.description, ex.dashboard

@@ -87,6 +87,8 @@ def fingerprint(spec: ShardSpec, settings: dict[str, Any]) -> str:
     h.update(json.dumps(settings, sort_keys=True).encode())
     source = spec.source
     h.update(json.dumps([source.kind, source.root, source.labels_sha, source.keys]).encode())
+    if source.columns:  # the list columns read, as resolved by the planner (not the raw setting)
+        h.update(json.dumps([source.columns, source.column_types]).encode())
     for sl in spec.slices:
         h.update(json.dumps(_identity(sl)).encode())
         h.update(b"\n")

@@ -140,6 +140,8 @@ def read_samples(run: RunView, scan: Scan) -> dict[Any, list[SampleView]]:
 def _dataset_images(run: RunView, picks: list[Pick]) -> list[np.ndarray]:
     from .dataset import open_dataset
 
+    for shard in sorted({p.row.shard_index for p in picks}):  # a FIFO in a shard's place would block its open
+        check_regular(run.out, run.shards[shard]["path"])
     with open_dataset(run.out.uri, run.out.storage_options) as ds:
         return [item["image"] for item in ds.get_batch([p.index for p in picks])]
 

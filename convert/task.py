@@ -91,6 +91,11 @@ class TaskMaker:
     def __init__(self, config: Config, kind: str, columns: Sequence[Column] = (), run_id: str = "") -> None:
         self.config, self.kind, self.run_id = config, kind, run_id
         self._settings = output_settings(config.redacted())
+        # The kept columns as resolved (names, types, from which list columns: SourceRef.columns in
+        # the fingerprint), not the raw settings: caption_column "auto" and "caption" that pick the
+        # same column make the same shards.
+        self._settings["source"] = {"columns": [[c.name, c.type] for c in columns],
+                                    "max_text_bytes": config.source.max_text_bytes}  # fmt: skip
         self._base = _base_policy(config)
         self._policies: dict[str, FetchPolicy] = {}  # by list directory: a few per run, not per shard
         out = config.output

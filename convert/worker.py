@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
+import functools
 import os
 import re
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -26,11 +25,13 @@ from typing import Any
 import numpy as np
 
 from .fetch import CurlStream, Fetched, fetch_bytes, prefetch, scheme_of
+from .fetch.dispatch import has_control
 from .fetch.netguard import PrivateAddressError, PrivateNetworkRefused
 from .fetch.policy import FetchPolicy
 from .formats.base import Sample, ShardInfo, ShardWriter, get_format, open_reader, open_writer
-from .itemcols import ItemColumns
+from .itemcols import ItemColumns, unfit_value
 from .lease import publish, staging
+from .mute import muted
 from .records import shard_rel_path, write_record
 from .redact import redact_url
 from .secrets import resolve_options
@@ -96,15 +97,17 @@ def _size_of(value: Any) -> int:
     return value.nbytes if isinstance(value, np.ndarray) else len(value)
 
 
-def _convert(
+def _examine(
     ref: ItemRef, value: Any, error: BaseException | None, task: ShardTask, cols: ItemColumns, clock: StageClock
-) -> tuple[ItemResult, Sample | None]:
-    """One item: fetched value (or fetch error) -> ledger row (with the source's size, format,
-    byte count and digest as far as they are known) and, if ok, the sample to store."""
+) -> tuple[ItemResult, Any, str]:
+    """One item: fetched value (or fetch error) -> ledger row (with the source's size, format, byte
+    count and digest as far as they are known), the data to store if ok (else None) and the digest.
+    Thread-safe (no shared counters), so grouped local reads run it on the prefetch pool."""
     facts = SourceFacts()
     nbytes = -1 if error is not None or value is None else _size_of(value)
     digest = ""
     try:
+        cols.check(ref)  # an unusable list row says so, not the fetch of its missing URL
         if error is not None:
             raise error
         digest = cols.digest(ref, value)
@@ -117,9 +120,7 @@ def _convert(
         status, message = Status.OK, ""
     row = ItemResult(ref.key, ref.uri, ref.label, status, message, facts.width, facts.height, facts.format, nbytes,
                      digest)  # fmt: skip
-    if data is None:
-        return row, None
-    return row, Sample(ref.key, ref.label, data, cols.values(ref, digest) if task.items.columns else ())
+    return row, data, digest
 
 
 def _check_refused(spec: ShardSpec, index: int, refused: int, error: BaseException | None) -> int:
@@ -147,11 +148,11 @@ def _unexpected(spec: ShardSpec, ref: ItemRef, error: BaseException | None, row:
 
     Fetchers and transforms report bad input as ItemError (transforms never with status `error`);
     anything else (a bug, an import race, a full disk) must fail and retry the shard rather than be
-    committed as a final item status.
+    committed as a final item status. A list value its column cannot hold is a fact about the input.
     """
     if error is not None and not isinstance(error, ItemError):
         return ShardError(f"{spec.name}: {ref.key}: {type(error).__name__}: {error}")
-    if error is None and row.status is Status.ERROR:
+    if error is None and row.status is Status.ERROR and unfit_value(ref) is None:
         return ShardError(f"{spec.name}: {ref.key}: {row.error}")
     return None
 
@@ -159,30 +160,36 @@ def _unexpected(spec: ShardSpec, ref: ItemRef, error: BaseException | None, row:
 def _http_url(ref: ItemRef, policy: FetchPolicy) -> str | None:
     """The URL libcurl should fetch for `ref`, or None for items read another way."""
     uri = ref.uri
-    if ref.member is not None or uri[:4].lower() != "http":
-        return None
+    if ref.member is not None or uri[:4].lower() != "http" or has_control(uri):
+        return None  # (a control character: fetch_bytes refuses it as bad_url)
     scheme = scheme_of(uri)
     return uri if scheme in ("http", "https") and scheme in policy.allowed_schemes else None
 
 
 FETCH_GROUP = 8  # cached local items per prefetch task: one thread hand-off per group, not per item
+DECODE_THREADS = 2  # grouped local reads: threads per shard that read + decode + resize (the GIL is released)
 
 
-def _fetch_stream(refs: Iterator[ItemRef], task: ShardTask, clock: StageClock) -> Any:
-    """The shard's items fetched ahead, in order, the way the task says (ItemPlan.fetch): "curl" =
-    HTTP(S) on libcurl driven from this thread (no per-item thread hand-off), other items on a small
-    pool; "threads" = one item per prefetch thread (GETs take milliseconds and may hang until
-    item_timeout, so keep `depth` in flight); "grouped" = FETCH_GROUP cached local files per task."""
+def _fetch_stream(refs: Iterator[ItemRef], task: ShardTask, cols: ItemColumns, clock: StageClock) -> tuple[Any, bool]:
+    """The shard's items fetched ahead, in order, the way the task says (ItemPlan.fetch), and whether
+    they arrive examined. "curl" = HTTP(S) on libcurl driven from this thread (no per-item thread
+    hand-off), other items on a small pool; "threads" = one item per prefetch thread (GETs take
+    milliseconds and may hang until item_timeout, so keep `depth` in flight); both yield fetched
+    bytes. "grouped" = FETCH_GROUP cached local files per task, read *and examined* (decode, resize)
+    on DECODE_THREADS threads, so this thread only writes: local reads are CPU-bound, and one
+    converting thread per process left a core idle while it decoded."""
     policies, items = task.policies, task.items
     fetch_one = timed_fetch(clock, lambda ref: load_item(ref, policies))
     depth, budget = items.depth, items.prefetch_bytes
     if items.fetch == "curl":
         return CurlStream(refs, lambda ref: _http_url(ref, policies[ref.slice]), fetch_one, policies[0], depth=depth,
-                          max_bytes=budget, size_of=_size_of, on_done=lambda ns: clock.add("fetch", ns))  # fmt: skip
+                          max_bytes=budget, size_of=_size_of, on_done=lambda ns: clock.add("fetch", ns)), False  # fmt: skip
     if items.fetch == "threads":
-        return prefetch(refs, fetch_one, depth=depth, max_bytes=budget, size_of=_size_of)
-    return _Ungrouped(prefetch(_groups(refs), lambda group: [_attempt(fetch_one, ref) for ref in group],
-                               depth=max(2, depth // 2), max_bytes=budget, size_of=_group_size))  # fmt: skip
+        return prefetch(refs, fetch_one, depth=depth, max_bytes=budget, size_of=_size_of), False
+    examine = functools.partial(_examine_group, fetch=fetch_one, task=task, cols=cols, clock=clock)
+    groups = prefetch(_groups(refs), examine, depth=max(2, depth // 2), max_bytes=budget, size_of=_group_size,
+                      threads=DECODE_THREADS)  # fmt: skip
+    return _Ungrouped(groups), True
 
 
 def _groups(refs: Iterator[ItemRef]) -> Iterator[list[ItemRef]]:
@@ -196,16 +203,27 @@ def _groups(refs: Iterator[ItemRef]) -> Iterator[list[ItemRef]]:
         yield group
 
 
-def _attempt(fetch: Any, ref: ItemRef) -> Fetched:
-    """One item of a group: its value, or the exception as a value (per-item failures are values)."""
-    try:
-        return Fetched(ref, fetch(ref))
-    except Exception as exc:  # noqa: BLE001 - KeyboardInterrupt/SystemExit still propagate
-        return Fetched(ref, None, exc)
+def _examine_group(
+    group: list[ItemRef], fetch: Any, task: ShardTask, cols: ItemColumns, clock: StageClock
+) -> list[Fetched]:
+    """Read and examine each item of a group in turn (one source's bytes held at a time): Fetched(ref,
+    (row, data, digest), fetch error), per-item failures as values; the CPU of examining goes to
+    `convert_cpu`, the reads' to `fetch`/`fetch_cpu` (timed_fetch)."""
+    out = []
+    for ref in group:
+        try:
+            value, error = fetch(ref), None
+        except Exception as exc:  # noqa: BLE001 - KeyboardInterrupt/SystemExit still propagate
+            value, error = None, exc
+        cpu = time.thread_time_ns()
+        out.append(Fetched(ref, _examine(ref, value, error, task, cols, clock), error))
+        clock.add("convert_cpu", time.thread_time_ns() - cpu)
+    return out
 
 
 def _group_size(group: list[Fetched]) -> int:
-    return sum(_size_of(f.value) for f in group if f.value is not None)
+    """Bytes a finished group holds: its stored data (the source bytes are dropped once examined)."""
+    return sum(_size_of(f.value[1]) for f in group if f.value[1] is not None)
 
 
 class _Ungrouped:
@@ -225,26 +243,27 @@ class _Ungrouped:
 
 
 def _fill(writer: ShardWriter, task: ShardTask, clock: StageClock, cols: ItemColumns) -> list[ItemResult]:
-    """Stream every item of the shard through fetch -> transform -> writer; returns the ledger rows."""
-    spec = task.spec
+    """Stream every item of the shard through fetch -> examine -> writer; returns the ledger rows."""
+    spec, columns = task.spec, task.items.columns
     ledger: list[ItemResult] = []
     batch: list[Sample] = []
-    refs = shard_refs(spec, task.source_options, task.work_options)
-    fetched_items = _fetch_stream(_unique_keys(refs, spec), task, clock)
+    refs = shard_refs(spec, task.source_options, task.work_options, on_unfit="keep")  # such an item fails alone
+    fetched_items, examined = _fetch_stream(_unique_keys(refs, spec), task, cols, clock)
     cpu, refused = time.thread_time_ns(), 0
     try:
         t = clock.now()
         for i, fetched in enumerate(fetched_items):
             t = clock.lap("wait", t)
-            refused = _check_refused(spec, i, refused, fetched.error)
-            row, sample = _convert(fetched.item, fetched.value, fetched.error, task, cols, clock)
-            unexpected = _unexpected(spec, fetched.item, fetched.error, row)
+            ref, error = fetched.item, fetched.error
+            refused = _check_refused(spec, i, refused, error)
+            row, data, digest = fetched.value if examined else _examine(ref, fetched.value, error, task, cols, clock)
+            unexpected = _unexpected(spec, ref, error, row)
             if unexpected is not None:
-                raise unexpected from fetched.error
+                raise unexpected from error
             safe_uri = redact_url(row.uri)  # never store credentials given in a URL
             ledger.append(row if safe_uri == row.uri else replace(row, uri=safe_uri))
-            if sample is not None:
-                batch.append(sample)
+            if data is not None:
+                batch.append(Sample(ref.key, ref.label, data, cols.values(ref, digest) if columns else ()))
             if len(batch) >= WRITE_BATCH:
                 clock.timed("write", writer.write_batch, batch)
                 batch = []
@@ -308,21 +327,9 @@ def process_shard(task: ShardTask) -> ShardRecord:
         raise failure from None
 
 
-@contextlib.contextmanager
-def _quiet_finalizers() -> Iterator[None]:
-    """h5py handles that fail to flush (a full disk) print "Exception ignored" tracebacks from their
-    finalizers; the error itself is raised (and reported in one line), so silence the echoes."""
-    previous, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # h5py's finalizers print_exc() as well
-            yield
-    finally:
-        sys.unraisablehook = previous
-
-
 def _abort(writer: ShardWriter) -> None:
     """Drop a failed writer; its own errors must not hide the first one."""
-    with _quiet_finalizers(), contextlib.suppress(Exception):
+    with muted(), contextlib.suppress(Exception):
         writer.abort()
 
 
@@ -334,7 +341,7 @@ def _commit_shard(task: ShardTask, out: Any, fmt: Any, info: ShardInfo, started:
         writer = open_writer(fmt.name, tmp, info)
         try:
             ledger = _fill(writer, task, clock, cols)
-            with _quiet_finalizers():
+            with muted():
                 clock.timed("write", writer.close)
         except SourceError as exc:  # the slice cannot be read as planned: fail (and retry) the shard
             _abort(writer)

@@ -6,7 +6,9 @@
     @pytest.mark.s3
     def test_s3(s3):                         # MotoServer, reset for this test; s3.storage_options()
 
-All servers bind 127.0.0.1 on a free port and are stopped at teardown.
+All servers bind 127.0.0.1 on a free port and are stopped at teardown. The private-network guard
+stays on: a test that fetches from them says so itself (`fetch.allow_private_networks: true` in its
+config or `--set`, `FetchPolicy(allow_private_networks=True)`); no environment variable turns it off.
 """
 
 from __future__ import annotations
@@ -17,14 +19,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from convert.config import ALLOW_PRIVATE_ENV
 from convert.testing.http import StaticServer
 from convert.testing.proxy import FaultProxy
-
-# Every test server is on 127.0.0.1: the suite opts in to private addresses (in-process configs and
-# the CLI subprocesses it starts). tests/test_fetch_safety.py sets fetch.allow_private_networks=false
-# explicitly where it checks the refusal.
-os.environ[ALLOW_PRIVATE_ENV] = "1"
 
 
 @pytest.fixture
@@ -96,7 +92,7 @@ def http_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 
     if request.param == "curl" and not curl.AVAILABLE:
         if os.environ.get("CONVERT_REQUIRE_PYCURL"):
-            pytest.fail("pycurl is not installed: pip install -e '.[test]' installs it (the fast-http extra)")
+            pytest.fail("pycurl is not installed: pip install -e . installs it (a default dependency)")
         pytest.skip("pycurl not installed")
     monkeypatch.setattr(policy, "CURL_INSTALLED", request.param == "curl")  # policies made from now on
     return request.param

@@ -29,6 +29,7 @@ from convert.executor.cluster import (
 )
 from convert.config import ClusterConfig, validate
 from convert.executor.dask_executor import open_dask_executor
+from convert.executor.worker_settings import worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "cluster"
@@ -88,8 +89,11 @@ def test_local_cluster_without_dashboard_and_with_threads() -> None:
 def _worker_sigint_and_env() -> tuple[bool, str | None, bool]:
     import signal as signal_
 
-    return signal_.getsignal(signal_.SIGINT) is signal_.SIG_IGN, os.environ.get("CONVERT_TEST_MARK"), \
-        "convert.worker" in sys.modules  # fmt: skip
+    return (
+        signal_.getsignal(signal_.SIGINT) is signal_.SIG_IGN,
+        os.environ.get("CONVERT_TEST_MARK"),
+        "convert.worker" in sys.modules,
+    )
 
 
 @pytest.mark.cluster
@@ -150,8 +154,16 @@ def dask_scheduler(tmp_path: Path) -> Iterator[tuple[str, Path, list[subprocess.
     port = _free_port()
     procs = [
         _spawn(
-            ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
-             "--scheduler-file", str(sched_file)],
+            [
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+                "--scheduler-file",
+                str(sched_file),
+            ],
             log,
         )
     ]
@@ -167,8 +179,18 @@ def dask_cluster(dask_scheduler, tmp_path: Path) -> Iterator[tuple[str, Path, in
     """dask_scheduler plus one `dask worker` process: (address, scheduler file, worker pid)."""
     address, sched_file, procs = dask_scheduler
     worker = _spawn(
-        ["distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-         "--host", "127.0.0.1", "--local-directory", str(tmp_path)],
+        [
+            "distributed.cli.dask_worker",
+            address,
+            "--nthreads",
+            "1",
+            "--no-nanny",
+            "--no-dashboard",
+            "--host",
+            "127.0.0.1",
+            "--local-directory",
+            str(tmp_path),
+        ],
         tmp_path / "worker.log",
     )
     procs.append(worker)
@@ -234,8 +256,16 @@ FULL = dict(cores=4, memory="16GiB", walltime="02:00:00", queue="gpu", account="
 def test_slurm_job_script_carries_every_setting() -> None:
     cfg = ClusterConfig(kind="slurm", job_extra=("--gres=gpu:1", "#SBATCH --exclusive"), **FULL)
     lines = job_script(cfg, job_name="conv").splitlines()
-    for directive in ("-J conv", "-p gpu", "-A proj42", "--cpus-per-task=4", "--mem=16G", "-t 02:00:00",
-                      "--gres=gpu:1", "--exclusive"):
+    for directive in (
+        "-J conv",
+        "-p gpu",
+        "-A proj42",
+        "--cpus-per-task=4",
+        "--mem=16G",
+        "-t 02:00:00",
+        "--gres=gpu:1",
+        "--exclusive",
+    ):
         assert f"#SBATCH {directive}" in lines, (directive, lines)
     command = lines[-1]
     assert command.startswith(f"{sys.executable} -m distributed.cli.dask_worker {SCHEDULER_PLACEHOLDER}")
@@ -245,15 +275,25 @@ def test_slurm_job_script_carries_every_setting() -> None:
 def test_pbs_job_script_carries_every_setting() -> None:
     cfg = ClusterConfig(kind="pbs", job_extra=("-l place=scatter",), **FULL)
     lines = job_script(cfg).splitlines()
-    for directive in ("-N convert", "-q gpu", "-A proj42", "-l select=1:ncpus=4:mem=16GB",
-                      "-l walltime=02:00:00", "-l place=scatter"):
+    for directive in (
+        "-N convert",
+        "-q gpu",
+        "-A proj42",
+        "-l select=1:ncpus=4:mem=16GB",
+        "-l walltime=02:00:00",
+        "-l place=scatter",
+    ):
         assert f"#PBS {directive}" in lines, (directive, lines)
     assert "-m distributed.cli.dask_worker" in lines[-1] and "--nthreads 2" in lines[-1]
 
 
 def test_unset_batch_values_fall_back_to_dask_jobqueue_config() -> None:
-    conf = {"jobqueue.slurm.cores": 3, "jobqueue.slurm.memory": "6GB", "jobqueue.slurm.queue": "from-yaml",
-            "jobqueue.slurm.walltime": "00:07:00"}
+    conf = {
+        "jobqueue.slurm.cores": 3,
+        "jobqueue.slurm.memory": "6GB",
+        "jobqueue.slurm.queue": "from-yaml",
+        "jobqueue.slurm.walltime": "00:07:00",
+    }
     with dask.config.set(conf):
         script = job_script(ClusterConfig(kind="slurm"))
         assert "#SBATCH --cpus-per-task=3" in script and "#SBATCH -p from-yaml" in script
@@ -277,8 +317,14 @@ def test_batch_cluster_without_submit_command_points_at_setup(monkeypatch, tmp_p
 
 
 def _remote_handle(address: str = "tcp://10.1.2.3:8786") -> ClusterHandle:
-    return ClusterHandle(client=None, description=f"scheduler {address}", dashboard_link=None,  # type: ignore[arg-type]
-                         scheduler_address=address, shared_filesystem_required=True, config=ClusterConfig())
+    return ClusterHandle(
+        client=None,
+        description=f"scheduler {address}",
+        dashboard_link=None,  # type: ignore[arg-type]
+        scheduler_address=address,
+        shared_filesystem_required=True,
+        config=ClusterConfig(),
+    )
 
 
 def test_local_paths_with_a_remote_scheduler_are_refused_with_the_fix(monkeypatch) -> None:
@@ -341,7 +387,7 @@ def test_kubernetes_daskjob_runs_convert_on_the_configmap_config() -> None:
     kinds = {d["kind"] for d in docs}
     assert {"DaskCluster", "DaskJob", "ConfigMap"} <= kinds
     configmap = next(d for d in docs if d["kind"] == "ConfigMap")
-    (key, text), = configmap["data"].items()
+    ((key, text),) = configmap["data"].items()
     config = yaml.safe_load(text)
     assert {"source", "output", "cluster"} <= set(config)
     job = next(d for d in docs if d["kind"] == "DaskJob")
@@ -404,3 +450,64 @@ def test_workers_we_start_keep_no_profile_history() -> None:
     with open_dask_executor(ClusterConfig(workers=1, dashboard=False)) as ex:
         profiling = ex.client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
         assert list(profiling.values()) == [False]
+
+
+def _profiling(client) -> list[bool]:
+    return list(client.run(lambda dask_worker: dask_worker.periodic_callbacks["profile"].is_running()).values())
+
+
+@pytest.mark.cluster
+def test_external_workers_run_without_the_profiler_during_a_run_and_get_it_back(dask_cluster) -> None:
+    address, _, _ = dask_cluster
+    with open_client(ClusterConfig(scheduler=address), worker_timeout=30) as handle:
+        assert _profiling(handle.client) == [True]  # the user's worker, as they started it
+    with open_dask_executor(ClusterConfig(scheduler=address)) as ex:
+        assert _profiling(ex.client) == [False]
+    with open_client(ClusterConfig(scheduler=address)) as handle:
+        assert _profiling(handle.client) == [True]  # the run is over: their setting is back
+
+
+@pytest.mark.parametrize("kind", ["slurm", "pbs"])
+def test_batch_job_script_turns_the_profiler_off_after_the_users_own_prologue(kind: str, tmp_path: Path) -> None:
+    with dask.config.set({f"jobqueue.{kind}.job-script-prologue": ["module load python"]}):
+        lines = job_script(ClusterConfig(kind=kind, cores=1, memory="1GB")).splitlines()
+    exports = [ln for ln in lines if ln.startswith("export DASK_")]
+    assert lines.index("module load python") < lines.index(exports[0]) < len(lines) - 1  # before the worker
+    assert "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in exports
+    # what a worker started after these lines reads from dask's config
+    probe = "import dask.config, distributed; print(dask.config.get('distributed.worker.profile.enabled'))"
+    shell = "; ".join([*exports, f'{sys.executable} -c "{probe}"'])
+    out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_deployment_scripts_and_manifests_start_workers_without_the_profiler() -> None:
+    name = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"
+    assert worker_env()[name] == "False"
+    for script in ("slurm/convert.sbatch", "pbs/convert.pbs"):  # exported before any worker starts
+        text = (DEPLOY / script).read_text()
+        assert text.index(f"{name}=False") < text.index("distributed.cli.dask_worker"), script
+    assert 'WORKER_CMD="export $DASK_SETTINGS && ' in (DEPLOY / "pbs" / "convert.pbs").read_text()  # pbsdsh: no env
+    for doc in _k8s_docs():
+        specs = [doc["spec"].get("worker", {}).get("spec")] if doc["kind"] == "DaskCluster" else []
+        if doc["kind"] == "DaskJob":
+            specs = [doc["spec"]["cluster"]["spec"]["worker"]["spec"]]
+        for spec in filter(None, specs):
+            env = {e["name"]: e["value"] for e in _containers(spec)["worker"].get("env", [])}
+            assert env.get(name) == "False", doc["kind"]
+
+
+def test_pbs_worker_command_carries_the_settings_through_pbsdsh_which_passes_no_environment(tmp_path: Path) -> None:
+    text = (DEPLOY / "pbs" / "convert.pbs").read_text()
+    settings = text[text.index("DASK_SETTINGS=") : text.index("# shellcheck disable=SC2086  # a word list")]
+    cmd_at = text.index("WORKER_CMD=")
+    worker_cmd = text[cmd_at : text.index("\n", text.index("--death-timeout", cmd_at))]  # the real two lines
+    probe = "import dask.config, distributed; print(dask.config.get('distributed.worker.profile.enabled'))"
+    fake_python = tmp_path / "python"  # stands in for $PY: prints what a worker would read, starts nothing
+    fake_python.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{probe}"\n')
+    fake_python.chmod(0o755)
+    node = f"WORKDIR={tmp_path}; PY={fake_python}; SCHED_FILE=x; THREADS=1; IFACE=()\n{settings}{worker_cmd}\n"
+    # what pbsdsh runs on a node: `bash -c "$WORKER_CMD"`, in an environment without the job's variables
+    script = node + 'env -i PATH="$PATH" PYTHONPATH="$PYTHONPATH" bash -c "$WORKER_CMD"'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr

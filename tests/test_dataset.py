@@ -126,3 +126,33 @@ def test_open_shard_readers_are_bounded(dataset_dir):
     ds = Dataset(dataset_dir, max_open_shards=2)
     keys = [ds[i]["key"] for i in range(len(ds))]  # 4 shards of 5 items
     assert len(ds._readers) == 2 and keys == [ds[i]["key"] for i in range(len(ds))]
+
+
+def test_every_item_carries_its_source_digest(dataset_dir):
+    """fetch.compute_hash (sha256 by default) is stored as a column: read by row and whole."""
+    import hashlib
+
+    ds = open_dataset(dataset_dir)
+    assert [(c.name, c.type) for c in ds.schema] == [("sha256", "string")]
+    assert ds.manifest["columns"] == [["sha256", "string"]]
+    root = ds.manifest["config"]["source"]["uri"]
+    item = ds[3]
+    with open(f"{root}/{item['key']}", "rb") as fh:
+        assert item["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+    column = ds.column("sha256")
+    assert len(column) == len(ds) and column[3] == item["sha256"] and ds.read_counts()["image"] == 1
+
+
+def test_one_size_without_resize_is_stored_fixed(tmp_path):
+    """`image.resize: none` over images of one size: the fixed (N, H, W, C) layout, not variable."""
+    root = tmp_path / "src"
+    for i in range(11):
+        (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        (root / "ab"[i % 2] / f"{i}.jpg").write_bytes(gen.jpeg_bytes(20, 12, seed=i))
+    out = tmp_path / "out"
+    cfg = load_config(None, {"source.uri": str(root), "output.uri": str(out), "image.resize": "none",
+                             "shard.size": 4, "cluster.workers": 1})  # fmt: skip
+    assert run(cfg, log=lambda m: None).exit_code() == 0
+    ds = open_dataset(str(out))
+    shapes = {ds._reader(s).image_shape for s in range(len(ds.shards))}
+    assert shapes == {(12, 20, 3)} and ds[10]["image"].shape == (12, 20, 3)

@@ -277,13 +277,11 @@ def test_errors_never_quote_file_contents(tmp_path):
     assert row.status is Status.DECODE_ERROR and "root" not in row.error and "19000" not in row.error
 
 
-def test_private_networks_default_comes_from_the_environment_and_config_wins(monkeypatch):
+def test_private_networks_are_refused_by_default_and_no_environment_variable_turns_the_guard_off(monkeypatch):
     base = {"source.uri": "x.txt", "output.uri": "/tmp/unused"}
-    monkeypatch.delenv("CONVERT_ALLOW_PRIVATE_NETWORKS", raising=False)
-    assert load_config(None, base).fetch.allow_private_networks is False  # refused unless asked for
-    monkeypatch.setenv("CONVERT_ALLOW_PRIVATE_NETWORKS", "1")
-    assert load_config(None, base).fetch.allow_private_networks is True
-    assert load_config(None, {**base, "fetch.allow_private_networks": False}).fetch.allow_private_networks is False
+    monkeypatch.setenv("CONVERT_ALLOW_PRIVATE_NETWORKS", "1")  # read by older versions: no longer
+    assert load_config(None, base).fetch.allow_private_networks is False  # refused unless the config asks
+    assert load_config(None, {**base, "fetch.allow_private_networks": True}).fetch.allow_private_networks is True
 
 
 def test_run_on_a_list_of_private_hosts_stops_early_with_one_line(tmp_path, http_server):
@@ -295,7 +293,7 @@ def test_run_on_a_list_of_private_hosts_stops_early_with_one_line(tmp_path, http
     http_server.put("a.jpg", JPEG)
     listing = tmp_path / "urls.txt"
     listing.write_text("\n".join([http_server.url_for("a.jpg")] * 40) + "\n")
-    env = {k: v for k, v in os.environ.items() if k != "CONVERT_ALLOW_PRIVATE_NETWORKS"}  # not opted in
+    env = dict(os.environ)  # not opted in: the guard is on unless the config says otherwise
     done = subprocess.run([sys.executable, "-m", "convert", "run", "--source", str(listing), "--output",
                            str(tmp_path / "out"), "--shard-size", "10", "--workers", "1", "--size", "8"],
                           capture_output=True, text=True, timeout=240, env=env)  # fmt: skip

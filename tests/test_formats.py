@@ -237,7 +237,7 @@ def test_reader_reduces_to_its_source(fmt: str, shard) -> None:
     reader = open_reader(fmt, str(path))
     reader.get(0)  # opened: the copy must not carry the handle
     cls, args = reader.__reduce__()[:2]
-    assert cls is type(reader) and args == (str(path),)
+    assert cls is type(reader) and args == (str(path), None)
     clone = copy.deepcopy(reader)  # goes through __reduce__, like pickling for a Dask worker
     assert_same(clone.get(7), samples[7])
     clone.close()

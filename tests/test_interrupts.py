@@ -35,7 +35,8 @@ def slow_list(tmp_path_factory):
 
 def _start(lst: Path, out: Path) -> subprocess.Popen[str]:
     args = [sys.executable, "-m", "convert", "run", "--source", str(lst), "--output", str(out), "--shard-size", "2",
-            "--threads", "1", "--workers", "1", "--size", "16", "--set", "fetch.allowed_schemes=[http]"]  # fmt: skip
+            "--threads", "1", "--workers", "1", "--size", "16", "--set", "fetch.allowed_schemes=[http]",
+            "--set", "fetch.allow_private_networks=true"]  # fmt: skip
     # a session of its own: the signal goes to the whole process group, as a terminal's Ctrl-C does
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -68,7 +69,8 @@ def test_interrupt_exits_cleanly_and_rerun_resumes(slow_list: Path, tmp_path: Pa
     assert 3 <= committed <= on_disk and not (out / "manifest.json").exists()  # a task may commit as we stop
     rerun = subprocess.run([sys.executable, "-m", "convert", "run", "--source", str(slow_list),
                             "--output", str(out), "--shard-size", "2", "--threads", "1", "--workers", "1", "--size", "16",
-                            "--set", "fetch.allowed_schemes=[http]"], capture_output=True, text=True, timeout=300)  # fmt: skip
+                            "--set", "fetch.allowed_schemes=[http]", "--set", "fetch.allow_private_networks=true"],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr
     assert f"({on_disk} already committed" in rerun.stderr, rerun.stderr
     manifest = read_manifest(open_store(str(out)))

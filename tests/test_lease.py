@@ -55,8 +55,8 @@ def slow_list(tmp_path):
 @pytest.mark.slow
 def test_second_run_on_a_leased_output_exits_2_naming_the_owner(slow_list, tmp_path):
     out = tmp_path / "out"
-    args = ["--source", str(slow_list), "--output", str(out), "--shard-size", "4", "--threads", "1",
-            "--workers", "1", "--size", "16"]  # fmt: skip
+    args = ["--source", str(slow_list), "--output", str(out), "--set", "fetch.allow_private_networks=true",
+            "--shard-size", "4", "--threads", "1", "--workers", "1", "--size", "16"]  # fmt: skip
     first = subprocess.Popen([sys.executable, "-m", "convert", "run", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:

@@ -240,7 +240,7 @@ def _ledger_of(out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
 
-def test_a_fifo_in_place_of_a_record_or_shard_never_hangs_a_reader(out):
+def test_a_fifo_in_place_of_a_record_or_shard_never_hangs_a_reader(out, built):
     record = out / record_rel_path("shard-00002")
     record.unlink()
     os.mkfifo(record)  # nobody ever writes to it: a blocking open() would wait forever
@@ -250,11 +250,14 @@ def test_a_fifo_in_place_of_a_record_or_shard_never_hangs_a_reader(out):
     assert done.returncode == 1 and "record missing or unreadable" in done.stderr, done.stderr
     done = cli("verify", str(out))  # the shards themselves are fine
     assert done.returncode == 0 and f"{SHARDS}/{SHARDS} shards match" in done.stdout, done.stdout + done.stderr
-    shard = out / "shards" / "shard-00003.h5"
+    record.unlink()
+    shutil.copy(built / record_rel_path("shard-00002"), record)
+    shard = out / "shards" / "shard-00000.h5"  # the report reads its samples from the first shards
     shard.unlink()
     os.mkfifo(shard)
     done = cli("verify", str(out))
-    assert done.returncode == 1 and "FAIL shard-00003: not a regular file" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 1 and "FAIL shard-00000: not a regular file" in done.stdout, done.stdout + done.stderr
+    one_line_error(cli("report", "--html", str(out / "r.html"), str(out)), "shard-00000.h5 is not a regular file")
     (out / INDEX).unlink()
     os.mkfifo(out / INDEX)
     one_line_error(cli("inspect", str(out)), "index.gz is not a regular file")
@@ -279,3 +282,16 @@ def test_shard_table_builds_the_same_index_as_the_records_and_round_trips_it():
     cols = persist.load(io.BytesIO(dump_bytes(table.index_cols())))
     again.fill_from_index(np.array([1, 2, 3]), cols, np.array([0, 1, 2]))
     assert list(ShardIndex(again.index_cols())) == list(built) and again.identity(2) == table.identity(2)
+
+
+def test_ledger_columns_stream_as_stored_and_a_fifo_reads_as_missing(out):
+    from convert.ledger import iter_ledger_columns
+
+    store = open_store(str(out))
+    names = [f"shard-{i:05d}" for i in range(SHARDS)]
+    record = out / record_rel_path("shard-00001")
+    record.unlink()
+    os.mkfifo(record)
+    found = dict(iter_ledger_columns(store, names))
+    assert list(found) == names and found["shard-00001"] is None
+    assert found["shard-00005"]["status"].count("decode_error") == 2 and len(found["shard-00000"]["key"]) == PER_SHARD

@@ -192,7 +192,7 @@ def test_failed_shard_is_reported_and_others_complete(folder, scheduler, tmp_pat
 
 def test_default_local_cluster(folder, tmp_path):
     root, paths = folder
-    cfg = make_config(root, tmp_path / "out", **{"cluster.workers": 1, "output.format": "lmdb"})
+    cfg = make_config(root, tmp_path / "out", **{"cluster.kind": "local", "cluster.workers": 1, "output.format": "lmdb"})
     summary = run(cfg, log=lambda m: None)
     assert summary.exit_code() == 0 and summary.items_ok == len(paths)
     assert "LocalCluster" in summary.cluster

@@ -75,7 +75,7 @@ def demo(tmp_path_factory):
         rows = write_url_list(srv, tmp / "demo.csv", EXTRA_FAILURES)
         out = tmp / "demo"
         result = cli("run", "configs/demo.yaml", "--source", str(tmp / "demo.csv"), "--output", str(out),
-                     "--set", "fetch.retries=0")  # fmt: skip
+                     "--set", "fetch.retries=0", "--set", "fetch.allow_private_networks=true")  # fmt: skip
     assert result.returncode == 0, result.stderr
     return tmp, out, rows
 
@@ -291,7 +291,8 @@ def killed(tmp_path_factory):
         out = tmp / "partial"
         proc = subprocess.Popen([sys.executable, "-m", "convert", "run", "configs/demo.yaml", "--source", str(reordered),
                                  "--output", str(out), "--shard-size", "8", "--workers", "1", "--threads", "2",
-                                 "--set", "fetch.timeout=60", "--set", "fetch.retries=0"],
+                                 "--set", "fetch.timeout=60", "--set", "fetch.retries=0",
+                                 "--set", "fetch.allow_private_networks=true"],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
             deadline = time.monotonic() + 120

@@ -258,7 +258,8 @@ def test_200k_items_kill_client_and_rerun_every_item_once(tmp_path: Path) -> Non
         lst.write_text("".join(f"{server.url}/i/{i % 50}.jpg?n={i}\n" for i in range(n)))
         out = tmp_path / "out"
         args = [sys.executable, "-m", "convert", "run", "--source", str(lst), "--output", str(out), "--size", "8",
-                "--shard-size", "2000", "--threads", "16", "--set", "fetch.allowed_schemes=[http]"]  # fmt: skip
+                "--shard-size", "2000", "--threads", "16", "--set", "fetch.allowed_schemes=[http]",
+                "--set", "fetch.allow_private_networks=true"]  # fmt: skip
         first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         deadline = time.monotonic() + 900
         while len(list((out / "shards").glob("*.record.gz"))) < 10:

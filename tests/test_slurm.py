@@ -55,8 +55,9 @@ pytestmark = [pytest.mark.slurm, requires_slurm]
 
 def _squeue(job_ids: list[str]) -> dict[str, str]:
     """{job id: state} for those of job_ids still known to squeue."""
-    out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True,
-                         text=True, timeout=15).stdout
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=15
+    ).stdout
     return dict(line.split() for line in out.splitlines() if line.strip())
 
 
@@ -83,6 +84,9 @@ def test_open_client_runs_two_slurm_jobs_and_cancels_them_on_exit(jobqueue_confi
         assert set(_squeue(ids).values()) == {"RUNNING"}
         # every worker runs inside one of our SLURM jobs
         assert sorted(handle.client.run(os.getenv, "SLURM_JOB_ID").values()) == sorted(ids)
+        # ... without Dask's statistical profiler (the job script's prologue turns it off)
+        profiling = handle.client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+        assert list(profiling.values()) == [False, False]
         assert handle.client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
         assert handle.scheduler_address.startswith("tcp://127.0.0.1:")
         check_reachable_paths([str(jobqueue_config)], handle)  # one node: loopback scheduler
@@ -123,9 +127,14 @@ def _sbatch_wait(tmp_path: Path, command: str | None, *args: str, timeout: float
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # convert-dataset
     if command is not None:
         env["CONVERT_COMMAND"] = command
-    submit = subprocess.run(["sbatch", "--parsable", "--ntasks=2", f"--output={tmp_path}/job-%j.out",
-                             str(SBATCH_SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=30)
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks=2", f"--output={tmp_path}/job-%j.out", str(SBATCH_SCRIPT), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert submit.returncode == 0, submit.stderr
     job_id = submit.stdout.strip().split(";")[0]
     deadline = time.monotonic() + timeout
@@ -148,11 +157,13 @@ def test_sbatch_script_runs_scheduler_workers_and_client_in_one_allocation(tmp_p
         "c.wait_for_workers(2, timeout=60)\n"
         "jobs = set(c.run(lambda: os.environ['SLURM_JOB_ID']).values())\n"
         "print('WORKERS', len(c.scheduler_info()['workers']), 'JOBS', len(jobs), 'SUM', sum(c.gather(c.map(abs, range(-4, 0)))))\n"
+        "print('PROFILING', any(c.run(lambda dask_worker: 'profile' in dask_worker.periodic_callbacks).values()))\n"
     )
     state, code = _sbatch_wait(tmp_path, f"{sys.executable} {client}")
     logs = "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert (state, code) == ("COMPLETED", 0), logs
     assert "WORKERS 2 JOBS 1 SUM 10" in logs
+    assert "PROFILING False" in logs  # convert.sbatch starts its workers without the profiler
     assert not list(tmp_path.glob("dask-scheduler-*.json")), "scheduler file left behind"
 
 
@@ -164,8 +175,15 @@ def test_sbatch_script_propagates_the_conversion_exit_code(tmp_path: Path) -> No
 @pytest.mark.timeout(240)
 def test_sbatch_script_converts_the_demo_dataset(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    state, code = _sbatch_wait(tmp_path, None, str(ROOT / "configs" / "demo.yaml"),
-                                "--source", str(ROOT / "configs" / "sample-images"), "--output", str(out))
+    state, code = _sbatch_wait(
+        tmp_path,
+        None,
+        str(ROOT / "configs" / "demo.yaml"),
+        "--source",
+        str(ROOT / "configs" / "sample-images"),
+        "--output",
+        str(out),
+    )
     logs = "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert (state, code) == ("COMPLETED", 0), logs
     assert "scheduler tcp://127.0.0.1:" in logs  # ran on the job's scheduler, not a LocalCluster
@@ -179,12 +197,33 @@ def test_submit_converts_the_demo_through_sbatch_jobs(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     env = {**os.environ, "DASK_JOBQUEUE__SLURM__INTERFACE": "lo", "DASK_JOBQUEUE__SLURM__LOG_DIRECTORY": str(logs)}
     result = subprocess.run(
-        [sys.executable, "-m", "convert", "submit", "configs/demo.yaml", "--output", str(tmp_path / "out"),
-         "--cluster", "slurm", "--jobs", "2", "--cores", "1", "--memory", "1GB", "--walltime", "00:10:00"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=280,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "convert",
+            "submit",
+            "configs/demo.yaml",
+            "--output",
+            str(tmp_path / "out"),
+            "--cluster",
+            "slurm",
+            "--jobs",
+            "2",
+            "--cores",
+            "1",
+            "--memory",
+            "1GB",
+            "--walltime",
+            "00:10:00",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=280,
+    )
     assert result.returncode == 0, result.stderr
-    line = next(l for l in result.stderr.splitlines() if l.startswith("batch jobs:"))
+    line = next(ln for ln in result.stderr.splitlines() if ln.startswith("batch jobs:"))
     job_ids = line.split(":", 1)[1].split()
     assert len(job_ids) == 2 and "SLURMCluster" in result.stderr
     # each job wrote its worker log through sbatch's --output, and none is left in the queue

@@ -82,3 +82,17 @@ def test_numpy_batches(dataset_dir):
             np.testing.assert_array_equal(image, by_key[key]["image"])
             assert label == by_key[key]["label"]
     assert [len(b["key"]) for b in stream.batches(16, drop_last=True)] == [16, 16, 16]
+
+
+@pytest.mark.parametrize("size", [4, 5, 64])
+def test_workers_take_whole_batches_in_turn(dataset_dir, size):
+    """Part.batch: taken round robin (as a DataLoader does), every batch but the last is whole."""
+    stream = Stream(dataset_dir, seed=5, shuffle_block=9)
+    parts = [Part(0, 1, w, 3, size) for w in range(3)]
+    keys = [_keys(stream, p) for p in parts]
+    assert [len(k) for k in keys] == [stream.count(p) for p in parts]
+    batches = [[k[i : i + size] for i in range(0, len(k), size)] for k in keys]
+    merged = [b for turn in range(max(map(len, batches))) for bs in batches if turn < len(bs) for b in [bs[turn]]]
+    assert all(len(b) == size for b in merged[:-1]) and len(merged) == -(-len(stream) // size)
+    assert sorted(k for b in merged for k in b) == sorted(open_dataset(dataset_dir)[i]["key"] for i in range(len(stream)))
+    assert _keys(stream, parts[1], start=3) == keys[1][3:]  # resume by position

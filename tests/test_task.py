@@ -163,3 +163,15 @@ def test_digest_of_the_source_bytes_is_in_the_ledger_and_a_change_of_algorithm_r
     assert any("fetch.compute_hash changed: sha256 → md5; 2 shards will be rebuilt" in line for line in lines), lines
     rows = [row for _, row, _ in iter_ledger(open_store(str(out)))]
     assert all(row.digest == hashlib.md5(Path(row.uri).read_bytes()).hexdigest() for row in rows)
+
+
+def test_caption_column_auto_and_its_resolved_name_make_the_same_shards(tmp_path: Path) -> None:
+    """The fingerprint covers the columns as the planner resolved them, not the raw setting."""
+    (tmp_path / "a.jpg").write_bytes(JPEG)
+    (tmp_path / "list.csv").write_text("url,caption\na.jpg,a cat\n")
+    out = tmp_path / "out"
+    assert _run(str(tmp_path / "list.csv"), out).converted == 1
+    again = _run(str(tmp_path / "list.csv"), out, **{"source.caption_column": "caption"})
+    assert again.skipped == 1 and again.converted == 0
+    other = _run(str(tmp_path / "list.csv"), out, **{"source.caption_column": "none"})
+    assert other.converted == 1  # the caption is no longer kept: the shard changes

@@ -84,6 +84,25 @@ def test_batches_in_workers_and_chw(dataset_dir, tmp_path):
     assert sorted(k for b in batches for k in b["key"]) == sorted(_by_key(dataset_dir))
 
 
+@pytest.mark.parametrize("partition", ["exact", "drop", "pad"])
+def test_len_is_true_and_only_the_last_batch_is_short(dataset_dir, partition, tmp_path, monkeypatch):
+    """2 workers used to end with a short batch each (len(loader) 79, 80 batches yielded)."""
+    expected = {"exact": 63, "drop": 62, "pad": 64}[partition]
+    for batched_in in ("loader", "dataset"):
+        keys = []
+        for rank in range(2):
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            ds = StreamingDataset(dataset_dir, seed=3, partition=partition, cache_dir=tmp_path / "cache",
+                                  batch_size=8 if batched_in == "dataset" else None)  # fmt: skip
+            loader = StreamingDataLoader(ds, num_workers=2, **({"batch_size": 8} if batched_in == "loader" else {}))
+            sizes = [len(b["key"]) for b in loader]
+            assert len(sizes) == len(loader), (batched_in, rank, sizes)
+            assert all(n == 8 for n in sizes[:-1]) and 0 < sizes[-1] <= 8, sizes
+            keys += [k for b in loader for k in b["key"]]
+        assert len(keys) == expected and len(set(keys)) == min(expected, 63) and set(keys) <= set(_by_key(dataset_dir))
+
+
 def _free_port() -> int:
     """A port free on every address: gloo's TCPStore listens on all of them, and a port free on
     127.0.0.1 may still be held on 127.0.0.x by another test's client socket (EADDRINUSE)."""

@@ -7,9 +7,10 @@
                 ...
 
 Implementations: `DaskExecutor` (executor/dask_executor.py - LocalCluster, a running scheduler,
-SLURM/PBS; the only code that imports `distributed`) and `ThreadExecutor` (executor/threads.py, an
-in-process thread pool for unit tests and `cluster.kind: threads`). A new engine (Ray, ...) is one
-more module implementing `Executor` plus one branch in `open_executor`.
+SLURM/PBS; with cluster.py and worker_settings.py the only code that imports `distributed`) and
+`ThreadExecutor` (executor/threads.py, an in-process thread pool for `cluster.kind: threads` and for
+small plans under `auto`, see executor/auto.py). A new engine (Ray, ...) is one more module
+implementing `Executor` plus one branch in `open_executor`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, ContextManager
 
 from ..config import ClusterConfig
+from .auto import choose_cluster
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,9 @@ def check_stop() -> None:
 
 @contextlib.contextmanager
 def open_executor(cfg: ClusterConfig, job_name: str = "convert") -> Iterator[Executor]:
-    """The executor a ClusterConfig describes (threads in this process, or a Dask cluster)."""
+    """The executor a ClusterConfig describes (threads in this process, or a Dask cluster); `kind: auto`
+    with no plan size known is a LocalCluster (StartingExecutor.executor decides with the size)."""
+    cfg = choose_cluster(cfg).config
     if cfg.kind == "threads":
         from .threads import ThreadExecutor
 

@@ -2,7 +2,7 @@
 
 `open_client(cfg)` is the single entry point the pipeline uses:
 
-* ``kind: local`` (no scheduler) -> a `distributed.LocalCluster` of worker processes on 127.0.0.1;
+* ``kind: local`` or ``auto`` (no scheduler) -> a `distributed.LocalCluster` of worker processes on 127.0.0.1;
 * ``scheduler: tcp://host:8786`` / ``scheduler_file: path`` -> a `Client` to a running scheduler;
 * ``kind: slurm|pbs`` -> a dask-jobqueue cluster that submits ``cluster.jobs`` batch jobs.
   Only values set in the config are passed; dask's ``jobqueue.yaml`` config fills in the rest.
@@ -35,6 +35,8 @@ from distributed.core import Status
 
 from ..config import ClusterConfig
 from .warm import claim_preload, ensure_forkserver, start_method
+from .auto import usable_cpus
+from .worker_settings import prologue
 from .reach import SHARED_PATHS_ENV, check_reachable_paths, is_loopback  # noqa: F401  (part of this API)
 
 
@@ -56,6 +58,7 @@ def _jobqueue() -> Any:
         with open(path) as f:
             dask.config.update(dask.config.config, yaml.safe_load(f), priority="old")
     return dask_jobqueue
+
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ def open_client(
     if cfg.scheduler or cfg.scheduler_file:
         with _open_existing(cfg, connect_timeout, worker_timeout or 60.0) as handle:
             yield handle
-    elif cfg.kind == "local":
+    elif cfg.kind in ("local", "auto"):
         with _open_local(cfg) as handle:
             yield handle
     else:
@@ -120,11 +123,7 @@ def open_client(
 
 def local_worker_count(threads_per_worker: int = 1) -> int:
     """Worker processes that fit this machine: usable CPUs (affinity-aware) / threads per worker."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(1, threads_per_worker))
+    return max(1, usable_cpus() // max(1, threads_per_worker))
 
 
 @contextmanager
@@ -180,9 +179,11 @@ def _attach_dashboard(cluster: LocalCluster) -> None:
         import distributed.dashboard.scheduler as dashboard
     except ImportError:
         return
-    scheduler = cluster.scheduler
+    scheduler, loop = cluster.scheduler, cluster.loop
+    if loop is None:  # closed meanwhile
+        return
     with contextlib.suppress(Exception):  # a cluster closing meanwhile: no dashboard needed
-        cluster.loop.add_callback(dashboard.connect, scheduler.http_application, scheduler.http_server, scheduler)
+        loop.add_callback(dashboard.connect, scheduler.http_application, scheduler.http_server, scheduler)
 
 
 def _make_handle(
@@ -279,6 +280,8 @@ def jobqueue_kwargs(cfg: ClusterConfig, job_name: str = "convert") -> dict[str, 
     cores = cfg.cores or conf("cores")
     if cores and conf("processes") is None:
         kw["processes"] = max(1, int(cores) // cfg.threads_per_worker)
+    # the workers' Dask settings (profiler off, short logs) as exports, after the user's own prologue
+    kw["job_script_prologue"] = prologue(list(conf("job-script-prologue") or conf("env-extra") or []))
     options = dict(conf("scheduler-options") or {})
     options.setdefault("dashboard_address", ":0")
     options.setdefault("dashboard", cfg.dashboard)

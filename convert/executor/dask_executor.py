@@ -23,22 +23,14 @@ from ..config import ClusterConfig
 from ..secrets import register, unregister
 from . import Completion, Executor, check_stop, stoppable
 from .cluster import ClusterHandle, check_reachable_paths, open_client
+from .worker_settings import WORKER_CONFIG, ProfilerOff
 
-#: Dask keeps bounded logs per worker/scheduler; at 10^5 tasks the defaults still hold every task's
-#: transitions for a long time. These bounds keep long runs flat (issue 9 item 7).
-#: Dask's statistical profiler adds two call trees per worker per second of run time (all tasks and per
-#: task prefix, ~50 kB a second here) and keeps 1000 of them: a worker grew ~13 MiB per 100k images
-#: until ~1000 s had passed (bench_rss.py: peak RSS 1.13x at 150k vs 10k images; off: 1.01x). Shard
-#: records carry our own per-stage CPU account (convert.timing), so the workers we start do not profile.
-#: low-level-log-length also bounds the scheduler's event topics and every BatchedSend's recent-message
-#: log, which holds each compute-task message WITH its pickled ShardTask: at 1000 that is ~10 MB in the
-#: client process of a default LocalCluster before it stops growing (issue 22, tracemalloc); 20 is enough
-#: for a post-mortem of the last few messages.
-QUIET_LOGS = {
-    "distributed.admin.low-level-log-length": 20,
-    "distributed.diagnostics.computations.max-history": 10,
-    "distributed.worker.profile.enabled": False,
-}
+#: what every worker we start runs with (no profiler, short logs): see worker_settings.py; here, in the
+#: client process (and a LocalCluster's scheduler, which lives in it), low-level-log-length also bounds
+#: the scheduler's event topics and every BatchedSend's recent-message log, which holds each compute-task
+#: message WITH its pickled ShardTask: at 1000 that was ~10 MB in the client of a default LocalCluster
+#: before it stopped growing (issue 22, tracemalloc); 20 is enough for a post-mortem of the last messages.
+QUIET_LOGS = {**WORKER_CONFIG, "distributed.admin.low-level-log-length": 20}
 
 
 POLL = 0.05  # seconds between checks for a finished task or a stop request
@@ -91,6 +83,9 @@ class DaskExecutor(Executor):
         self._slots: tuple[float, int] = (0.0, 0)
         if handle.cluster is not None and not handle.job_ids and type(handle.cluster).__name__ == "LocalCluster":
             self.client.register_plugin(QuietTaskErrors(), name="convert-quiet-task-errors")
+        self._profiler_off = handle.cluster is None  # workers we did not start: their profiler, off for the run
+        if self._profiler_off:
+            self.client.register_plugin(ProfilerOff(), name=ProfilerOff.name)
 
     @property
     def job_ids(self) -> list[str]:
@@ -150,6 +145,12 @@ class DaskExecutor(Executor):
     def check_paths(self, uris: Sequence[str]) -> None:
         check_reachable_paths(list(uris), self.handle)
 
+    def restore_workers(self) -> None:
+        """Give workers we did not start their profiler back (ProfilerOff's teardown)."""
+        if self._profiler_off:
+            with contextlib.suppress(Exception):  # a lost scheduler forgets its plugins anyway
+                self.client.unregister_worker_plugin(ProfilerOff.name)
+
     def cancel(self) -> None:
         """Cancel what is still queued or running (an interrupted run) on a scheduler we do not own;
         a cluster we started is closed right after, which stops its tasks anyway (and quietly)."""
@@ -168,3 +169,5 @@ def open_dask_executor(cfg: ClusterConfig, job_name: str = "convert") -> Iterato
         except BaseException:
             ex.cancel()
             raise
+        finally:
+            ex.restore_workers()

@@ -49,9 +49,7 @@ def _declared_shared(handle: Any, shared_paths: Sequence[str] | None) -> tuple[b
     return False, [os.path.realpath(os.path.expanduser(p)) for p in shared_paths]
 
 
-def check_reachable_paths(
-    uris: Sequence[str], handle: Any, *, shared_paths: Sequence[str] | None = None
-) -> None:
+def check_reachable_paths(uris: Sequence[str], handle: Any, *, shared_paths: Sequence[str] | None = None) -> None:
     """Raise ValueError for local paths that workers on other hosts may not see.
 
     Local paths are fine for a LocalCluster or a scheduler on loopback (every worker runs here),

@@ -55,7 +55,7 @@ def ensure_forkserver() -> None:
 
     with _LOCK:
         _apply_pre_spawn_environ()
-        server = forkserver._forkserver  # the process-wide server multiprocessing uses
+        server: Any = forkserver._forkserver  # the process-wide server multiprocessing uses (private API)
         alive = server._forkserver_pid is not None and os.waitpid(server._forkserver_pid, os.WNOHANG)[0] == 0
         if alive and _STARTED_WITH == dict(os.environ):
             return

@@ -6,6 +6,7 @@ statuses the urllib3 backend gives for the same condition.
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import threading
@@ -22,11 +23,12 @@ from .retry import timeout_error
 
 try:
     import pycurl
-except ImportError:  # pragma: no cover - exercised only without the fast-http extra
+except ImportError:  # pragma: no cover - a platform without a pycurl wheel (a default dependency)
     pycurl = None
+    logging.getLogger("convert").warning("convert: pycurl not installed, HTTP via urllib3 (pip install pycurl)")
 
 AVAILABLE = pycurl is not None
-MISSING_MESSAGE = "fetch.backend='curl' needs pycurl: pip install 'convert[fast-http]' (or use 'auto')"
+MISSING_MESSAGE = "fetch.backend='curl' needs pycurl: pip install pycurl (or use 'auto')"
 MAX_REDIRECTS = 5
 BUFFER_SIZE = 256 * 1024  # libcurl's receive buffer
 STALL_CHECK = 0.25  # seconds between checks for transfers that stopped receiving

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import stat
 import time
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
@@ -128,6 +129,15 @@ def _fetch_fsspec(uri: str, policy: FetchPolicy, deadline: float) -> bytes:
     return data
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def has_control(uri: str) -> bool:
+    """A URL or path holding a control character (NUL, CR/LF, tab...): no backend can take it (NUL
+    ends a C string, CR/LF would inject a header line), so it is the item's bad_url."""
+    return _CONTROL.search(uri) is not None
+
+
 def fetch_bytes(uri: str, policy: FetchPolicy) -> bytes:
     """The bytes of one item, or ItemError(Status.X, message naming the redacted URL).
 
@@ -136,6 +146,11 @@ def fetch_bytes(uri: str, policy: FetchPolicy) -> bytes:
     with retries; other fsspec schemes (s3://, memory://, gs://...) through the resilient reader
     with `policy.storage_options`. Schemes outside `policy.allowed_schemes` are BAD_URL.
     """
+    if not uri.strip():
+        raise ItemError(Status.BAD_URL, "empty URL: the list's url cell is empty; fill it in or delete the row")
+    if has_control(uri):
+        raise ItemError(Status.BAD_URL, f"{redact_url(uri)[:80]!r} holds a control character (NUL, CR/LF, tab); "
+                                        "fix the URL in the list")  # fmt: skip
     deadline = time.monotonic() + policy.item_timeout
     scheme = scheme_of(uri)
     if scheme not in policy.allowed_schemes:

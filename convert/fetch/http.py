@@ -11,6 +11,7 @@ raised while streaming the body and does not cap a server's Retry-After.
 
 from __future__ import annotations
 
+import http.client
 import os
 import threading
 import time
@@ -43,6 +44,12 @@ from .retry import (
 
 __all__ = ["RETRY_AFTER_CAP", "discard", "fetch_http", "pool_manager", "request", "retry_delay", "status_error"]
 
+# http.client refuses a response of more than 100 header lines (a connection error, retried);
+# libcurl bounds header bytes, not lines. The same response should get the same outcome on both
+# backends (e.g. 150 X-Robots-Tag lines: opted_out); 256 lines of at most 64 KiB (http.client's
+# line cap) still bound a hostile response's headers to 16 MiB.
+MAX_HEADER_LINES = 256
+http.client._MAXHEADERS = max(getattr(http.client, "_MAXHEADERS", 100), MAX_HEADER_LINES)  # type: ignore[attr-defined]
 POOL_MAXSIZE = 128  # connections kept per host; created lazily, so a large size costs nothing idle
 ERROR_BODY_DRAIN = 64 * 1024  # error bodies up to this size are read so the connection is reused
 

@@ -86,6 +86,7 @@ def prefetch(
     max_bytes: int | None = None,
     size_of: Callable[[R], int] = len,  # type: ignore[assignment]
     estimate: int | None = None,
+    threads: int | None = None,
 ) -> Iterator[Fetched[T, R]]:
     """Yield Fetched(item, value, error) in input order with up to `depth` fetches in flight.
 
@@ -93,15 +94,17 @@ def prefetch(
     in-flight ones (costed at the mean result size) fit in max_bytes; one fetch always runs.
     `estimate` (bytes per result) lets the first fetches run in parallel before any size is
     known; without it the first result is awaited before a second fetch starts.
+    `threads` (default `depth`) caps the pool: fewer threads than `depth` queue the rest, for
+    CPU-bound fetches that should run on few threads yet always have the next one ready.
     Closing the generator early (or the consumer raising) cancels queued fetches and joins
     the pool's threads before returning, so none are left running.
     """
-    if depth < 1:
-        raise ValueError("depth must be >= 1")
+    if depth < 1 or (threads is not None and threads < 1):
+        raise ValueError("depth and threads must be >= 1")
     budget = Budget(size_of, estimate)
     source = iter(items)
     pending: deque[tuple[int, T, Future]] = deque()
-    pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix=THREAD_PREFIX)
+    pool = ThreadPoolExecutor(max_workers=min(depth, threads or depth), thread_name_prefix=THREAD_PREFIX)
     exhausted = False
     index = 0
     try:

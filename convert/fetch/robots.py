@@ -176,12 +176,15 @@ def parse(text: str, bot: str) -> Rules:
 def rules_for(status: int | None, body: bytes, bot: str, reason: str = "") -> Rules:
     """RFC 9309 2.3.1: a 2xx robots.txt is parsed; 4xx (and a redirect chain too long) means none
     (allowed); 5xx or no answer (`status` None, `reason` saying why) means the host is off limits
-    for now."""
+    for now. A body read up to ROBOTS_CAP loses the line the cap cut (never a shorter rule)."""
     if status is None or status >= 500:
         what = f"HTTP {status}" if status is not None else f"unreachable ({reason[:200]})" if reason else "unreachable"
         return Rules(default=False, why=f"robots.txt {what}: not fetched (RFC 9309 treats the host as disallowed)")
     if 200 <= status < 300:
-        return parse(body[:ROBOTS_CAP].decode("utf-8", "replace"), bot)
+        if len(body) >= ROBOTS_CAP:  # read up to the cap: its last line may be cut ("Disallow: /priv" -> "/")
+            body = body[:ROBOTS_CAP]
+            body = body[: body.rfind(b"\n") + 1] if not body.endswith(b"\n") else body
+        return parse(body.decode("utf-8", "replace"), bot)
     return ALLOW_ALL
 
 

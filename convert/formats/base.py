@@ -17,6 +17,7 @@ import importlib
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Generic, Literal, Protocol, Sequence, TypeVar
 
@@ -24,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..specs import Column
+from .columns import StoredColumn
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +83,18 @@ class ShardWriter(Protocol):
 class ShardReader(Protocol):
     encoding: str
     image_shape: tuple[int, int, int] | None
+    columns: tuple[Column, ...]  # the stored columns this reader returns (its selection)
+    reads: Counter[str]  # what it read: "image" items, "column:<name>" whole columns
 
     def __len__(self) -> int: ...
-    def get(self, i: int) -> dict[str, Any]: ...  # {"image": ndarray|bytes, "label": int|None, "key": str}
+    # {"image": ndarray|bytes, "label": int|None, "key": str, <column>: value or None, ...}
+    def get(self, i: int) -> dict[str, Any]: ...
+    def column(self, name: str) -> Any: ...  # list[str | None] | np.ndarray, without image bytes
     def get_batch(self, indices: Sequence[int]) -> list[dict[str, Any]]: ...
     def attrs(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
+    def __enter__(self) -> Any: ...
+    def __exit__(self, *exc: Any) -> None: ...
 
 
 H = TypeVar("H")  # a reader's open handle (h5py.File, LMDB environment, ...)
@@ -100,7 +108,11 @@ class LazyShardReader(ABC, Generic[H]):
     fork: the process id is checked on each access, and the child never uses the parent's handle.
     Threads sharing a reader open it once. The reader pickles as its source only.
 
-    `_open()` sets the metadata below; `get_batch` and `_close()` are the backend's.
+    `columns` selects the stored columns this reader returns (None = all, () = none): the
+    others are never read. A column is read whole, once, on first use (`_read_columns`), and
+    never touches image bytes; `reads` counts what was read ("image" items, "column:<name>").
+
+    `_open()` sets the metadata below; `get_batch`, `_read_columns` and `_close()` are the backend's.
     """
 
     _encoding: str
@@ -110,15 +122,20 @@ class LazyShardReader(ABC, Generic[H]):
     _attrs: dict[str, Any]
     _labels: list[int | None]
     _keys: list[str]
+    _schema: tuple[Column, ...] = ()  # every column the shard stores, in order (set by _open)
 
-    def __init__(self, source: str | os.PathLike[str] | BinaryIO) -> None:
+    def __init__(self, source: str | os.PathLike[str] | BinaryIO, columns: Sequence[str] | None = None) -> None:
         self._source = os.fspath(source) if isinstance(source, os.PathLike) else source
+        self._select = None if columns is None else tuple(columns)
         self._handle: H | None = None
         self._pid = -1
         self._open_lock, self._lock_pid = threading.Lock(), os.getpid()
+        self._loaded: dict[str, StoredColumn] = {}
+        self._cells: list[tuple[str, list[Any], list[bool] | None]] | None = None
+        self.reads: Counter[str] = Counter()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self._source,))
+        return (type(self), (self._source, self._select))
 
     @abstractmethod
     def _open(self) -> H:
@@ -159,6 +176,41 @@ class LazyShardReader(ABC, Generic[H]):
         self._opened()
         return dict(self._attrs)
 
+    @property
+    def columns(self) -> tuple[Column, ...]:
+        """The stored columns this reader returns: the shard's, in the selection's order if any."""
+        self._opened()
+        if self._select is None:
+            return self._schema
+        by_name = {c.name: c for c in self._schema}
+        return tuple(by_name[n] for n in self._select if n in by_name)
+
+    def column(self, name: str) -> Any:
+        """The whole column: list[str | None] for strings, a NumPy array for numbers (a masked
+        array when the shard holds nulls). Reads no image bytes; KeyError for another name."""
+        return self._stored(name).whole()
+
+    def _stored(self, name: str) -> StoredColumn:
+        found = self._loaded.get(name)
+        if found is not None:
+            return found
+        wanted = {c.name for c in self.columns}
+        if name not in wanted:
+            raise KeyError(f"{self._source!r} has no column {name!r} (columns: {sorted(wanted)})")
+        handle = self._opened()
+        with self._open_lock:
+            if name not in self._loaded:
+                for col in self._read_columns(handle, name):
+                    self._loaded[col.column.name] = col.check(self._count, repr(self._source))
+                    self.reads[f"column:{col.column.name}"] += 1
+        return self._loaded[name]
+
+    def _read_columns(self, handle: H, name: str) -> list[StoredColumn]:
+        """Read column `name` whole (a backend that stores columns in one block returns every
+        selected column it had to read); called once per column, under `_open_lock`. A format
+        that stores no columns keeps `_schema` empty and never gets here."""
+        raise KeyError(name)
+
     def get(self, i: int) -> dict[str, Any]:
         return self.get_batch([i])[0]
 
@@ -166,7 +218,13 @@ class LazyShardReader(ABC, Generic[H]):
     def get_batch(self, indices: Sequence[int]) -> list[dict[str, Any]]: ...
 
     def _row(self, i: int, image: np.ndarray | bytes) -> dict[str, Any]:
-        return {"image": image, "label": self._labels[i], "key": self._keys[i]}
+        row = {"image": image, "label": self._labels[i], "key": self._keys[i]}
+        cells = self._cells
+        if cells is None:  # the selected columns as Python lists, once per reader
+            cells = self._cells = [(c.name, *self._stored(c.name).cells()) for c in self.columns]
+        for name, values, nulls in cells:
+            row[name] = None if nulls is not None and nulls[i] else values[i]
+        return row
 
     def _check_version(self, version: Any, supported: int) -> None:
         if int(version) > supported:
@@ -267,7 +325,8 @@ def open_writer(format_name: str, path: str, info: ShardInfo) -> ShardWriter:
     return _attr(spec, spec.writer)(path, info)
 
 
-def open_reader(format_name: str, source: str | BinaryIO) -> ShardReader:
-    """Open one committed shard for reading (local path, or a seekable file object for HDF5)."""
+def open_reader(format_name: str, source: str | BinaryIO, columns: Sequence[str] | None = None) -> ShardReader:
+    """Open one committed shard for reading (local path, or a seekable file object for HDF5);
+    `columns`: the stored columns to return (None = all, () = none; others are never read)."""
     spec = get_format(format_name)
-    return _attr(spec, spec.reader)(source)
+    return _attr(spec, spec.reader)(source, columns)

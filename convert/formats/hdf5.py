@@ -1,43 +1,52 @@
 """One HDF5 file per shard.
 
-Layout (format_version 2):
+Layout (format_version 3):
 - fixed raw pixels: "images" (N, H, W, C) uint8 in chunks of several images (`images_per_chunk`:
   ~1 MiB chunks when uncompressed, so a sequential read moves whole chunks and a random read is a
   small slice of one; one image per chunk when compressed, so a random read decompresses one image);
-  optional gzip/lzf.
-- encoded images and variable-size raw pixels: "data", every item's bytes concatenated (1-D uint8 in
-  1 MiB chunks), "offsets" (N+1,) int64 (item i is data[offsets[i]:offsets[i+1]]); variable raw
-  pixels add "shapes" (N, 3) int32.
+  optional gzip/lzf. A shard written without a fixed size (`image.resize: none`) whose images all
+  have one shape uses this layout too: the writer decides at the first batch and falls back to the
+  variable layout (copying what it wrote) at the first image of another shape.
+- encoded images and variable-size raw pixels: every item's bytes concatenated, the whole 1 MiB
+  chunks in "data" (1-D uint8) and the rest in "data_tail" (contiguous, exactly as long as it is:
+  a last chunk stored whole cost up to 1 MiB per shard, 22 % of a JPEG shard); "offsets" (N+1,)
+  int64 (item i is bytes offsets[i]:offsets[i+1] of data + data_tail); variable raw pixels add
+  "shapes" (N, 3) int32.
 - "labels" (N,) int64 with -1 for "no label"; "keys" (N,) variable-length UTF-8 strings.
+- "columns": the stored columns (ShardInfo.columns), one dataset per column with a null mask where
+  there are nulls (layout in `hdf5_columns`).
 - file attrs: format_version, name, encoding, layout, image_shape (empty when variable), count
-  (written by close(): a file without it is incomplete), attrs_json (ShardInfo.attrs as JSON).
-Version 1 shards (vlen "images") are refused with the fix (re-run the conversion).
+  (written by close(): a file without it is incomplete), attrs_json (ShardInfo.attrs as JSON),
+  columns_json ([[name, type], ...]).
+Version 1 shards (vlen "images") are refused with the fix (re-run the conversion); version 2 is read.
 
-Reads of uncompressed data skip HDF5's selection machinery: the byte offset of every chunk is read
-once at open (`chunk_iter`, the same map kerchunk builds), and items are copied straight out of a
-memory map of the file (or ranged reads of a file object). h5py costs ~60 µs per selection, and a
-point selection of 256 images from one-image chunks took 450 ms; a slice of a map costs ~1 µs.
+Reads of uncompressed data skip HDF5's selection machinery (`hdf5_chunks.Chunks`: the chunks' file
+offsets are read once at open, items are copied out of a memory map or ranged reads).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import mmap
 import os
-import threading
-from typing import Any, BinaryIO, Sequence
+from typing import Any, Sequence
 
 import h5py
 import numpy as np
 
+from ..specs import Column
 from .base import LazyShardReader, Sample, ShardInfo, describe_data, normalize_indices, shard_layout
+from .columns import StoredColumn, check_schema
+from .hdf5_chunks import Chunks
+from .hdf5_columns import Appender, ColumnWriter, read_column
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 NO_LABEL = -1
-_ROW_CHUNK = 256  # rows per chunk of the 1-D datasets (keys, labels, offsets)
+_ROW_CHUNK = 256  # rows per chunk of the 1-D datasets (keys, labels, offsets, columns)
 _DATA_CHUNK = 2**20  # bytes per chunk of "data" and target bytes per chunk of fixed "images"
 _WRITE_CACHE = 8 * 2**20  # writer chunk cache: partly filled chunks stay in memory between batches
 _STR = h5py.string_dtype("utf-8")
+_COPY_ROWS = 256  # rows per copy when a uniform shard turns variable
 
 
 def images_per_chunk(shape: tuple[int, ...], compressed: bool) -> int:
@@ -48,15 +57,32 @@ def images_per_chunk(shape: tuple[int, ...], compressed: bool) -> int:
     return int(min(256, 1 << (per.bit_length() - 1)))
 
 
+def uniform_shape(samples: Sequence[Sample]) -> tuple[int, int, int] | None:
+    """The one (H, W, C) of uint8 pixel samples, or None when they differ or are not pixels."""
+    first = samples[0].data
+    if not isinstance(first, np.ndarray) or first.ndim != 3 or first.dtype != np.uint8:
+        return None
+    shape = first.shape
+    for s in samples:
+        if not isinstance(s.data, np.ndarray) or s.data.shape != shape or s.data.dtype != np.uint8:
+            return None
+    return shape  # type: ignore[return-value]
+
+
 class HDF5Writer:
     """Writes one shard; each write_batch extends every dataset once and assigns the batch in one slice."""
 
     def __init__(self, path: str, info: ShardInfo) -> None:
+        check_schema(info.columns)
         self.path = path
         self.info = info
         self.layout = shard_layout(info)
+        self._shape = tuple(info.image_shape) if info.image_shape else None
+        self._decided = self.layout != "variable"  # variable: decided by the first batch (uniform -> fixed)
+        self._adaptive = False  # fixed because the first batch was uniform: may still turn variable
         self._count = 0
-        self._nbytes = 0
+        self._data: Appender | None = None  # the flat layout's bytes, in whole chunks (+ "data_tail")
+        self._ds: dict[str, h5py.Dataset] = {}
         self._file: h5py.File | None = h5py.File(path, "w", rdcc_nbytes=_WRITE_CACHE)
         try:
             self._create(self._file)
@@ -66,32 +92,41 @@ class HDF5Writer:
 
     def _create(self, f: h5py.File) -> None:
         info = self.info
-        if self.layout == "fixed":
-            shape = tuple(int(s) for s in info.image_shape or ())
-            comp: dict[str, Any] = {}
-            if info.compression == "gzip":
-                comp = {"compression": "gzip", "compression_opts": info.compression_level}
-            elif info.compression == "lzf":
-                comp = {"compression": "lzf"}
-            rows = images_per_chunk(shape, bool(comp))
-            f.create_dataset("images", (0, *shape), np.uint8, maxshape=(None, *shape), chunks=(rows, *shape), **comp)
-        else:
-            f.create_dataset("data", (0,), np.uint8, maxshape=(None,), chunks=(_DATA_CHUNK,))
-            f.create_dataset("offsets", (1,), np.int64, maxshape=(None,), chunks=(_ROW_CHUNK,))
-            if self.layout == "variable":
-                f.create_dataset("shapes", (0, 3), np.int32, maxshape=(None, 3), chunks=(_ROW_CHUNK, 3))
+        if self._decided:
+            self._create_images(f)
         f.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(_ROW_CHUNK,))
         f.create_dataset("keys", (0,), _STR, maxshape=(None,), chunks=(_ROW_CHUNK,))
+        self._cols = ColumnWriter(f, info.columns)
         # Hold every dataset open for the writer's lifetime and flush explicitly at close: HDF5
         # allocates chunks when a dataset's cache is flushed, so handles whose lifetime depended on
         # Python's garbage collector made the file layout (and the shard's sha256) vary run to run.
-        self._ds = {name: f[name] for name in f}
+        self._ds.update({"labels": f["labels"], "keys": f["keys"]})
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["name"] = info.name
         f.attrs["encoding"] = info.encoding
-        f.attrs["layout"] = self.layout
-        f.attrs["image_shape"] = np.asarray(info.image_shape or (), dtype=np.int64)
         f.attrs["attrs_json"] = json.dumps(info.attrs)
+        f.attrs["columns_json"] = json.dumps([[c.name, c.type] for c in info.columns])
+
+    def _create_images(self, f: h5py.File) -> None:
+        if self.layout == "fixed":
+            shape = tuple(int(s) for s in self._shape or ())
+            comp: dict[str, Any] = {}
+            if self.info.compression == "gzip":
+                comp = {"compression": "gzip", "compression_opts": self.info.compression_level}
+            elif self.info.compression == "lzf":
+                comp = {"compression": "lzf"}
+            rows = images_per_chunk(shape, bool(comp))
+            f.create_dataset("images", (0, *shape), np.uint8, maxshape=(None, *shape), chunks=(rows, *shape), **comp)
+            names = ["images"]
+        else:
+            f.create_dataset("data", (0,), np.uint8, maxshape=(None,), chunks=(_DATA_CHUNK,))
+            f.create_dataset("offsets", (1,), np.int64, maxshape=(None,), chunks=(_ROW_CHUNK,))
+            names = ["data", "offsets"]
+            self._data = Appender(f["data"], _DATA_CHUNK)
+            if self.layout == "variable":
+                f.create_dataset("shapes", (0, 3), np.int32, maxshape=(None, 3), chunks=(_ROW_CHUNK, 3))
+                names.append("shapes")
+        self._ds.update({name: f[name] for name in names})
 
     def write_batch(self, samples: Sequence[Sample]) -> None:
         """Append samples in order (one resize + one slice assignment per dataset)."""
@@ -99,6 +134,7 @@ class HDF5Writer:
             raise ValueError(f"{self.path}: writer is closed")
         if not samples:
             return
+        self._choose_layout(samples)
         lo, n = self._count, len(samples)
         hi = lo + n
         ds = self._ds
@@ -107,24 +143,54 @@ class HDF5Writer:
             ds["images"].resize(hi, axis=0)
             ds["images"][lo:hi] = images
         else:
-            blob, sizes, shapes = self._flat(samples)
-            start, self._nbytes = self._nbytes, self._nbytes + blob.size
-            ds["data"].resize(self._nbytes, axis=0)
-            if blob.size:
-                ds["data"][start : self._nbytes] = blob
-            ds["offsets"].resize(hi + 1, axis=0)
-            ds["offsets"][lo + 1 : hi + 1] = start + np.cumsum(sizes)
-            if shapes is not None:
-                ds["shapes"].resize(hi, axis=0)
-                ds["shapes"][lo:hi] = shapes
+            self._append_flat(lo, *self._flat(samples))
         ds["labels"].resize(hi, axis=0)
         ds["labels"][lo:hi] = np.array([NO_LABEL if s.label is None else s.label for s in samples], np.int64)
         ds["keys"].resize(hi, axis=0)
         ds["keys"][lo:hi] = np.array([s.key for s in samples], dtype=_STR)
+        self._cols.write(lo, samples)
         self._count = hi
 
+    def _choose_layout(self, samples: Sequence[Sample]) -> None:
+        """Variable raw pixels: the first batch decides (one shape -> fixed); a later image of
+        another shape turns an adaptive fixed shard variable (what was written is copied)."""
+        if not self._decided:
+            shape = uniform_shape(samples)
+            self._decided = True
+            if shape is not None:
+                self.layout, self._shape, self._adaptive = "fixed", shape, True
+            assert self._file is not None
+            self._create_images(self._file)
+        elif self._adaptive and uniform_shape(samples) != self._shape:
+            self._to_variable()
+
+    def _to_variable(self) -> None:
+        f = self._file
+        assert f is not None
+        old, n, shape = self._ds.pop("images"), self._count, self._shape
+        self.layout, self._shape, self._adaptive = "variable", None, False
+        self._create_images(f)
+        for lo in range(0, n, _COPY_ROWS):
+            block = old[lo : min(n, lo + _COPY_ROWS)]
+            k = block.shape[0]
+            sizes = np.full(k, block[0].size, np.int64)
+            self._append_flat(lo, block.reshape(-1), sizes, np.tile(np.asarray(shape, np.int32), (k, 1)))
+        del old
+        del f["images"]
+
+    def _append_flat(self, lo: int, blob: np.ndarray, sizes: np.ndarray, shapes: np.ndarray | None) -> None:
+        """Rows lo.. of the flat layout: their bytes, offsets and (variable raw pixels) shapes."""
+        ds, hi = self._ds, lo + sizes.size
+        assert self._data is not None
+        start = self._data.add(np.ascontiguousarray(blob))
+        ds["offsets"].resize(hi + 1, axis=0)
+        ds["offsets"][lo + 1 : hi + 1] = start + np.cumsum(sizes)
+        if shapes is not None:
+            ds["shapes"].resize(hi, axis=0)
+            ds["shapes"][lo:hi] = shapes
+
     def _fixed(self, samples: Sequence[Sample]) -> np.ndarray:
-        shape = tuple(self.info.image_shape or ())
+        shape = tuple(self._shape or ())
         for s in samples:
             if not isinstance(s.data, np.ndarray) or s.data.shape != shape or s.data.dtype != np.uint8:
                 raise ValueError(f"{s.key!r}: expected uint8 pixels of shape {shape}, got {describe_data(s.data)}")
@@ -149,12 +215,21 @@ class HDF5Writer:
 
     def close(self) -> None:
         """Record the count and close; the file is a complete shard afterwards. Idempotent."""
-        if self._file is None:
+        f = self._file
+        if f is None:
             return
-        self._file.attrs["count"] = self._count
-        self._file.flush()  # allocate everything now, in one deterministic order
+        if not self._decided:  # no samples at all
+            self._decided = True
+            self._create_images(f)
+        if self._data is not None:
+            self._data.finish(f, "data_tail")
+        self._cols.finish()
+        f.attrs["layout"] = self.layout
+        f.attrs["image_shape"] = np.asarray(self._shape or (), dtype=np.int64)
+        f.attrs["count"] = self._count
+        f.flush()  # allocate everything now, in one deterministic order
         self._ds = {}
-        self._file.close()
+        f.close()
         self._file = None
 
     def abort(self) -> None:
@@ -175,101 +250,33 @@ class HDF5Writer:
         self.abort() if exc_type is not None else self.close()
 
 
-class _Chunks:
-    """Byte ranges of one uncompressed chunked dataset, read from the file without HDF5.
-
-    `starts[k]` is the file offset of chunk k (each chunk is `size` contiguous bytes of the dataset
-    flattened in C order). Reads come from a memory map of a local file, or seek+read of a file
-    object (one lock: file objects are not thread-safe).
-    """
-
-    def __init__(self, ds: h5py.Dataset, source: str | BinaryIO) -> None:
-        self.size = int(np.prod(ds.chunks)) * ds.dtype.itemsize
-        self.starts = np.zeros(-(-ds.size * ds.dtype.itemsize // self.size) if ds.size else 0, np.int64)
-        rows = ds.chunks[0]
-
-        def visit(info: Any) -> None:
-            self.starts[info.chunk_offset[0] // rows] = info.byte_offset
-
-        ds.id.chunk_iter(visit)
-        self._map: mmap.mmap | None = None
-        self._file: BinaryIO | None = None
-        self._lock = threading.Lock()
-        if isinstance(source, str):
-            with open(source, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else None
-        else:
-            self._file = source
-
-    @staticmethod
-    def usable(ds: h5py.Dataset) -> bool:
-        return ds.chunks is not None and ds.id.get_create_plist().get_nfilters() == 0 and hasattr(ds.id, "chunk_iter")
-
-    def read(self, lo: int, hi: int) -> bytes | memoryview:
-        """Bytes [lo, hi) of the flattened dataset (a view into the map when local)."""
-        pieces = []
-        while lo < hi:
-            k, inner = divmod(lo, self.size)
-            n = min(hi - lo, self.size - inner)
-            pieces.append(self._range(int(self.starts[k]) + inner, n))
-            lo += n
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    def gather_rows(self, idx: np.ndarray, nbytes: int, out: np.ndarray) -> None:
-        """out[j] = row idx[j] of a fixed-row dataset (rows of `nbytes`, whole rows per chunk):
-        one copy per touched chunk (sequential batches move whole chunks, random ones a few rows)."""
-        rows = self.size // nbytes
-        chunk = idx // rows
-        order = np.argsort(chunk, kind="stable")
-        bounds = np.flatnonzero(np.diff(chunk[order])) + 1
-        for group in np.split(order, bounds):
-            k = int(chunk[group[0]])
-            n = min(rows, (int(self.starts.size) - k) * rows)
-            if self._map is not None:
-                block = np.frombuffer(self._map, np.uint8, count=n * nbytes, offset=int(self.starts[k])).reshape(n, nbytes)
-            else:
-                lo, hi = int(idx[group].min() % rows), int(idx[group].max() % rows) + 1
-                data = np.frombuffer(self._range(int(self.starts[k]) + lo * nbytes, (hi - lo) * nbytes), np.uint8)
-                block = np.empty((hi, nbytes), np.uint8)
-                block[lo:] = data.reshape(hi - lo, nbytes)
-            out[group] = block[idx[group] % rows]
-
-    def _range(self, start: int, n: int) -> bytes | memoryview:
-        if self._map is not None:
-            return memoryview(self._map)[start : start + n]
-        with self._lock:
-            self._file.seek(start)  # type: ignore[union-attr]
-            return self._file.read(n)  # type: ignore[union-attr]
-
-    def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a caller still holds a view: the map closes when it is collected
-                pass
-            self._map = None
+_Handle = tuple[h5py.File, "Chunks | None"]
 
 
-class HDF5Reader(LazyShardReader[tuple[h5py.File, "_Chunks | None"]]):
+class HDF5Reader(LazyShardReader[_Handle]):
     """Reads one shard from a path or a seekable binary file object (e.g. an fsspec file).
 
     Opens lazily and re-opens after fork (the process id is checked on each access); pickles as its
     source only. File objects cannot be re-opened, so pass a path when the reader crosses processes.
     """
 
-    def _open(self) -> tuple[h5py.File, _Chunks | None]:
+    _offsets: np.ndarray | None  # flat layout: item byte offsets (N+1), read with the first item
+    _shapes: np.ndarray | None  # variable raw pixels: (N, 3)
+
+    def _open(self) -> _Handle:
         # locking=False: shards are immutable, and HDF5 file locks fail on many network filesystems
         f = h5py.File(self._source, "r", locking=False)
         try:
             self._load_meta(f)
             ds = f["images" if self._layout == "fixed" else "data"]
-            chunks = _Chunks(ds, self._source) if _Chunks.usable(ds) else None
+            tail = f.get("data_tail") if self._layout != "fixed" else None
+            chunks = Chunks(ds, self._source, tail) if Chunks.usable(ds, tail) else None
         except BaseException:
             f.close()
             raise
         return f, chunks
 
-    def _close(self, handle: tuple[h5py.File, _Chunks | None]) -> None:
+    def _close(self, handle: _Handle) -> None:
         if handle[1] is not None:
             handle[1].close()
         handle[0].close()
@@ -279,7 +286,7 @@ class HDF5Reader(LazyShardReader[tuple[h5py.File, "_Chunks | None"]]):
         if "count" not in a:
             raise ValueError(f"{self._source!r}: incomplete HDF5 shard (writer did not close)")
         self._check_version(a["format_version"], FORMAT_VERSION)
-        if int(a["format_version"]) < FORMAT_VERSION:
+        if int(a["format_version"]) < 2:
             raise ValueError(f"{self._source!r}: format_version {a['format_version']} shards are no longer read; "
                              "re-run the conversion into a new output to rewrite them")  # fmt: skip
         shape = tuple(int(s) for s in a["image_shape"])
@@ -288,11 +295,24 @@ class HDF5Reader(LazyShardReader[tuple[h5py.File, "_Chunks | None"]]):
         self._image_shape = shape if shape else None  # type: ignore[assignment]
         self._count = int(a["count"])
         self._attrs = json.loads(a["attrs_json"])
-        labels = f["labels"][: self._count]
-        self._labels = [None if v == NO_LABEL else int(v) for v in labels]
-        self._keys = f["keys"].asstr()[: self._count].tolist()
-        self._shapes = f["shapes"][: self._count] if self._layout == "variable" else None
-        self._offsets = f["offsets"][: self._count + 1] if "offsets" in f else None
+        self._labels, self._keys = None, None  # type: ignore[assignment]
+        self._schema = tuple(Column(str(n), str(t)) for n, t in json.loads(a.get("columns_json", "[]")))
+
+    def _read_columns(self, handle: _Handle, name: str) -> list[StoredColumn]:
+        f, chunks = handle
+        # a file object is shared with the chunk reads: h5py reads on it under the same lock
+        with chunks.lock if chunks is not None else contextlib.nullcontext():
+            return [read_column(f, self._schema, name, self._count)]
+
+    def _rows(self, f: h5py.File) -> None:
+        """Labels, keys, item offsets and shapes, read on the first item read (a column read
+        needs none of them)."""
+        if self._keys is None:
+            self._shapes = f["shapes"][: self._count] if self._layout == "variable" else None
+            self._offsets = f["offsets"][: self._count + 1] if self._layout != "fixed" else None
+            labels = f["labels"][: self._count]
+            self._labels = [None if v == NO_LABEL else int(v) for v in labels.tolist()]
+            self._keys = f["keys"].asstr()[: self._count].tolist()
 
     def get_batch(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Samples at `indices` (any order, duplicates allowed); each distinct item is read once."""
@@ -300,15 +320,18 @@ class HDF5Reader(LazyShardReader[tuple[h5py.File, "_Chunks | None"]]):
         idx = normalize_indices(indices, self._count)
         if idx.size == 0:
             return []
+        self.reads["image"] += idx.size
+        with chunks.lock if chunks is not None else contextlib.nullcontext():
+            self._rows(f)
         if self._layout == "fixed":  # (h5py is used only when `chunks` is None: it shares a file object)
             images = self._fixed_rows(f, chunks, idx)
             return [self._row(int(i), images[j]) for j, i in enumerate(idx.tolist())]
         off = self._offsets
         assert off is not None
-        read = chunks.read if chunks is not None else (lambda lo, hi: f["data"][lo:hi])
+        read = chunks.read if chunks is not None else _h5py_reader(f)
         return [self._row(i, self._image(read(int(off[i]), int(off[i + 1])), i)) for i in idx.tolist()]
 
-    def _fixed_rows(self, f: h5py.File, chunks: _Chunks | None, idx: np.ndarray) -> np.ndarray:
+    def _fixed_rows(self, f: h5py.File, chunks: Chunks | None, idx: np.ndarray) -> np.ndarray:
         """(len(idx), H, W, C) pixels; distinct rows for duplicate indices."""
         shape = self._image_shape
         assert shape is not None
@@ -332,3 +355,16 @@ class HDF5Reader(LazyShardReader[tuple[h5py.File, "_Chunks | None"]]):
         if self._layout == "variable":
             return np.frombuffer(data, np.uint8).reshape(tuple(self._shapes[i])).copy()  # type: ignore[index]
         return bytes(data)
+
+
+def _h5py_reader(f: h5py.File) -> Any:
+    """read(lo, hi) of the flat layout through h5py (data, then data_tail), for filtered files."""
+    data, tail = f["data"], f.get("data_tail")
+    limit = data.shape[0]
+
+    def read(lo: int, hi: int) -> bytes:
+        head = data[lo : min(hi, limit)].tobytes() if lo < limit else b""
+        rest = tail[max(lo, limit) - limit : hi - limit].tobytes() if hi > limit and tail is not None else b""
+        return head + rest
+
+    return read

@@ -1,16 +1,20 @@
 """One single-file LMDB environment per shard.
 
-Layout (format_version 2):
+Layout (format_version 3):
 - b"%08d" % b -> block b: the values of consecutive items concatenated, in input order. An item's
-  value is its fixed raw pixels (the uint8 buffer; shape in the metadata), variable raw pixels (a
-  12-byte little-endian uint32 (H, W, C) header + buffer), or its encoded image bytes. A block is
-  closed once it holds >= 1 MiB, so blocks depend only on the items (deterministic bytes).
+  value is its raw pixels (the uint8 buffer; shapes in the metadata) or its encoded image bytes. A
+  block is closed once it holds >= 1 MiB, so blocks depend only on the items (deterministic bytes).
   Plain bytes only, never pickles.
+- b"__columns__" -> the shard's stored columns as one columnar block (convert.persist, which never
+  unpickles): {"values": [list[str] | array per column], "nulls": [bool array or None per column]}.
 - b"__meta__" -> JSON: format_version, name, encoding, layout, image_shape, count, attrs, labels,
-  keys, block_starts (first item of each block), offsets (count+1 byte offsets of the items in
-  the concatenation of all blocks; null for fixed raw pixels, whose offsets are i * item bytes).
-  Written by close(); a file without it is incomplete. It sorts after every block key.
-Version 1 shards (one key per item) are refused with the fix (re-run the conversion).
+  keys, columns ([[name, type], ...]), block_starts (first item of each block), offsets (count+1
+  byte offsets of the items in the concatenation of all blocks; null for fixed raw pixels, whose
+  offsets are i * item bytes), shapes ((H, W, C) per item, variable raw pixels only). A shard
+  written without a fixed size whose images all have one shape is stored as fixed. Written by
+  close(); a file without it is incomplete. It sorts after every block key.
+Version 1 shards (one key per item) are refused with the fix (re-run the conversion); version 2
+(variable pixels behind a 12-byte (H, W, C) header) is read.
 
 Why blocks: LMDB stores a value larger than a page in whole 4 KiB overflow pages, and small values
 in half-empty leaf pages; one value per item cost 34 % (64x64x3 raw: 12 KiB in 16 KiB) to 58 %
@@ -24,6 +28,7 @@ writemap the file grows with the pages actually used.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -33,19 +38,23 @@ from typing import Any, Sequence
 import lmdb
 import numpy as np
 
+from .. import persist
+from ..specs import Column
 from .base import LazyShardReader, Sample, ShardInfo, describe_data, normalize_indices, shard_layout
+from .columns import StoredColumn, batch_values, check_schema
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 BLOCK_BYTES = 2**20  # a block is closed once it holds at least this many bytes
 META_KEY = b"__meta__"
-_HEADER = struct.Struct("<3I")  # (H, W, C) before variable-size raw pixels
+COLUMNS_KEY = b"__columns__"
+_HEADER = struct.Struct("<3I")  # (H, W, C) before variable-size raw pixels (format_version 2)
 _PAGE = 4096
 _UNKNOWN_ITEM_BYTES = 64 * 1024  # per-item guess before the first batch shows real sizes
 _MAX_MAP = 1 << 40
 
 
 def _check_not_v1(source: Any, version: Any) -> None:
-    if int(version) < FORMAT_VERSION:
+    if int(version) < 2:
         raise ValueError(f"{source!r}: format_version {version} shards are no longer read; "
                          "re-run the conversion into a new output to rewrite them")  # fmt: skip
 
@@ -66,12 +75,16 @@ class LMDBWriter:
     sidecars = ("-lock",)  # LMDB's lock file, should an environment ever be opened with locking
 
     def __init__(self, path: str, info: ShardInfo) -> None:
+        check_schema(info.columns)
         self.path = path
         self.info = info
         self.layout = shard_layout(info)
         self.grow_count = 0  # how often MapFullError made the map grow
         self._labels: list[int | None] = []
         self._keys: list[str] = []
+        self._shapes: list[tuple[int, ...]] = []  # variable raw pixels: each item's (H, W, C)
+        self._values: list[list[Any]] = [[] for _ in info.columns]  # per column: the batches' values
+        self._nulls: list[list[np.ndarray]] = [[] for _ in info.columns]
         self._offsets: list[int] = [0]  # byte offset of every item in the concatenated blocks
         self._block_starts: list[int] = []
         self._pending: list[bytes | memoryview] = []  # values of the block being filled
@@ -115,6 +128,11 @@ class LMDBWriter:
                 self._flush_block()
         self._labels.extend(s.label for s in samples)
         self._keys.extend(s.key for s in samples)
+        if self.layout == "variable":
+            self._shapes.extend(tuple(s.data.shape) for s in samples)  # type: ignore[union-attr]
+        for j, (values, nulls) in enumerate(batch_values(self.info.columns, samples)):
+            self._values[j].append(values)
+            self._nulls[j].append(nulls)
 
     def _flush_block(self) -> None:
         if not self._pending:
@@ -136,8 +154,7 @@ class LMDBWriter:
         if self.layout == "fixed":
             if data.shape != tuple(self.info.image_shape or ()):
                 raise ValueError(f"{s.key!r}: expected shape {self.info.image_shape}, got {data.shape}")
-            return memoryview(np.ascontiguousarray(data).reshape(-1))
-        return _HEADER.pack(*data.shape) + np.ascontiguousarray(data).tobytes()
+        return memoryview(np.ascontiguousarray(data).reshape(-1))
 
     def _commit(self, items: list[tuple[bytes, Any]], append: bool) -> None:
         env = self._env
@@ -160,24 +177,47 @@ class LMDBWriter:
         if self._env is None:
             return
         self._flush_block()
+        layout, shape = self.layout, list(self.info.image_shape) if self.info.image_shape else None
+        if layout == "variable" and self._shapes and len(set(self._shapes)) == 1:
+            layout, shape = "fixed", list(self._shapes[0])  # one shape: the fixed layout, no per-item table
         meta = {
             "format_version": FORMAT_VERSION,
             "name": self.info.name,
             "encoding": self.info.encoding,
-            "layout": self.layout,
-            "image_shape": list(self.info.image_shape) if self.info.image_shape else None,
+            "layout": layout,
+            "image_shape": shape,
             "count": len(self._keys),
             "attrs": self.info.attrs,
             "labels": self._labels,
             "keys": self._keys,
+            "columns": [[c.name, c.type] for c in self.info.columns],
             "block_starts": self._block_starts,
-            "offsets": None if self.layout == "fixed" else self._offsets,
+            "offsets": None if layout == "fixed" else self._offsets,
+            "shapes": [list(s) for s in self._shapes] if layout == "variable" else None,
         }
-        self._commit([(META_KEY, json.dumps(meta, ensure_ascii=False).encode())], append=False)
+        items = [(META_KEY, json.dumps(meta, ensure_ascii=False).encode())]
+        if self.info.columns:
+            items.insert(0, (COLUMNS_KEY, self._column_block()))
+        self._commit(items, append=False)
         self._env.sync(True)
         self._env.close()
         self._env = None
         _remove(self.path + "-lock")
+
+    def _column_block(self) -> bytes:
+        """Every column of the shard as one persist blob: values (nulls filled) and null masks."""
+        values: list[Any] = []
+        nulls: list[Any] = []
+        for col, parts, masks in zip(self.info.columns, self._values, self._nulls):
+            if col.type == "string":
+                values.append([v for part in parts for v in part])
+            else:
+                values.append(np.concatenate(parts) if parts else np.zeros(0, dtype=col.type))
+            mask = np.concatenate(masks) if masks else np.zeros(0, np.bool_)
+            nulls.append(mask if mask.any() else None)
+        buf = io.BytesIO()
+        persist.dump({"values": values, "nulls": nulls}, buf, compress=False)
+        return buf.getvalue()
 
     def abort(self) -> None:
         """Close without completing and delete the file."""
@@ -252,10 +292,10 @@ _Handle = tuple[tuple[int, int], lmdb.Environment]  # (_envs key, shared environ
 class LMDBReader(LazyShardReader[_Handle]):
     """Reads one shard from a local path. Opens lazily, re-opens after fork; pickles as its path."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], columns: Sequence[str] | None = None) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError("LMDB shards are read from a local path (copy remote shards first)")
-        super().__init__(os.fspath(path))
+        super().__init__(os.fspath(path), columns)
 
     def _open(self) -> _Handle:
         key, env = _acquire(self._source)
@@ -283,6 +323,9 @@ class LMDBReader(LazyShardReader[_Handle]):
         self._attrs = meta["attrs"]
         self._labels = meta["labels"]
         self._keys = meta["keys"]
+        self._version = int(meta["format_version"])
+        self._schema = tuple(Column(str(n), str(t)) for n, t in meta.get("columns") or [])
+        self._shapes = meta.get("shapes")
         self._block_starts = np.asarray(meta["block_starts"], np.int64)
         if meta["offsets"] is None:  # fixed raw pixels
             self._offsets = np.arange(self._count + 1, dtype=np.int64) * int(np.prod(self._image_shape))
@@ -293,6 +336,7 @@ class LMDBReader(LazyShardReader[_Handle]):
         """Samples at `indices` (any order, duplicates allowed) in one read transaction."""
         env = self._opened()[1]
         idx = normalize_indices(indices, self._count)
+        self.reads["image"] += idx.size
         out = []
         with env.begin(buffers=True) as txn:  # values are views into the map: copy before the txn ends
             blocks = np.searchsorted(self._block_starts, idx, side="right") - 1
@@ -302,8 +346,23 @@ class LMDBReader(LazyShardReader[_Handle]):
                 if view is None:
                     view = views[b] = self._get(txn, _key(b), i)
                 base = int(self._offsets[self._block_starts[b]])
-                out.append(self._row(i, self._image(view[int(self._offsets[i]) - base : int(self._offsets[i + 1]) - base])))
+                out.append(self._row(i, self._image(view[int(self._offsets[i]) - base : int(self._offsets[i + 1]) - base], i)))
         return out
+
+    def _read_columns(self, handle: _Handle, name: str) -> list[StoredColumn]:
+        """Every selected column, from the shard's one columnar block (one read)."""
+        with handle[1].begin() as txn:
+            raw = txn.get(COLUMNS_KEY)
+        if raw is None:
+            raise KeyError(f"{self._source!r}: no {COLUMNS_KEY!r} block (corrupt shard)")
+        try:
+            block = persist.load(io.BytesIO(raw))
+            pairs = list(zip(block["values"], block["nulls"], strict=True))
+        except (persist.PersistError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{self._source!r}: unreadable column block ({exc}); rerun the conversion") from None
+        wanted = {c.name for c in self.columns}
+        return [StoredColumn(c, values, nulls) for c, (values, nulls) in zip(self._schema, pairs)
+                if c.name in wanted and c.name not in self._loaded]  # fmt: skip
 
     def _get(self, txn: lmdb.Transaction, key: bytes, i: int) -> memoryview:
         buf = txn.get(key)
@@ -311,10 +370,12 @@ class LMDBReader(LazyShardReader[_Handle]):
             raise KeyError(f"{self._source!r}: item {i} missing (corrupt shard)")
         return buf
 
-    def _image(self, buf: memoryview) -> np.ndarray | bytes:
+    def _image(self, buf: memoryview, i: int) -> np.ndarray | bytes:
         if self._layout == "encoded":
             return bytes(buf)
         if self._layout == "fixed":
             return np.frombuffer(buf, np.uint8).reshape(self._image_shape).copy()  # type: ignore[arg-type]
+        if self._version >= 3:
+            return np.frombuffer(buf, np.uint8).reshape(self._shapes[i]).copy()  # type: ignore[index]
         shape = _HEADER.unpack_from(buf)
         return np.frombuffer(buf, np.uint8, offset=_HEADER.size).reshape(shape).copy()

@@ -23,6 +23,7 @@ from ..plan import cut_rows, make_specs
 from ..specs import Column, InputSlice, ItemRef, ShardSpec, SourceRef
 from .base import IMAGE_EXTENSIONS, SourceError, SourceListing, Workdir, open_fs, safe_key
 from .cifar import cifar_refs, is_cifar_uri, plan_cifar, read_member
+from .columns import Unfit
 from .folder import folder_refs, plan_folder
 from .lists import LIST_SUFFIXES, open_list
 from .rows import read_rows
@@ -132,15 +133,28 @@ def _label_index(source: SourceRef, options: dict[str, Any] | None) -> dict[str,
         return found
 
 
-def shard_refs(spec: ShardSpec, source_options: dict[str, Any] | None, work_options: dict[str, Any] | None = None) -> Iterator[ItemRef]:
+def shard_refs(spec: ShardSpec, source_options: dict[str, Any] | None, work_options: dict[str, Any] | None = None,
+               on_unfit: str = "raise") -> Iterator[ItemRef]:  # fmt: skip
     """The ItemRefs of one shard, in order, read from its slices (worker side).
 
     `source_options` open the input files; `work_options` the planner's files (output root).
+    A JSON Lines row that is not an object, or a value its column's sampled type cannot hold:
+    `on_unfit="raise"` (SourceError)
+    or `"keep"` (a `columns.Unfit` in its place, for the worker to fail that item alone).
     """
     names = _label_index(spec.source, work_options)
     for i, sl in enumerate(spec.slices):
         refs = _slice_refs(sl, spec.source, names, source_options, work_options)
-        yield from (refs if i == 0 else (replace(ref, slice=i) for ref in refs))  # its fetch policy: policies[i]
+        refs = refs if i == 0 else (replace(ref, slice=i) for ref in refs)  # its fetch policy: policies[i]
+        yield from (refs if on_unfit == "keep" else _raise_unfit(refs))
+
+
+def _raise_unfit(refs: Iterator[ItemRef]) -> Iterator[ItemRef]:
+    for ref in refs:
+        unfit = next((v for v in ref.columns if isinstance(v, Unfit)), None)
+        if unfit is not None:
+            raise SourceError(unfit.message)
+        yield ref
 
 
 def _slice_refs(sl: InputSlice, source: SourceRef, names: dict[str, int] | None, source_options: Any,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ AUTO_CAPTIONS = ("caption", "text", "TEXT", "txt")
 ROLES = ("url", "label", "key")  # matched case-insensitively, never kept by "*"
 RESERVED = frozenset({"image", "key", "label"})  # names of the stored item's own fields
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+MAX_NAME_BYTES = 255  # a stored column's name becomes an HDF5 dataset name / an LMDB key part
+_UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")  # a path separator or a control character (NUL included)
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ def _caption(schema: FileSchema, caption: str) -> str | None:
 def _check_names(names: list[str], uri: str) -> None:
     seen: set[str] = set()
     for name in names:
+        _check_safe(name, uri)
         if name.strip().lower() in RESERVED:
             raise SourceError(f"URL list {uri!r}: column {name!r} is named like the stored item's own {name.lower()!r} "
                               "field; rename it in the list or leave it out of source.columns")  # fmt: skip
@@ -181,6 +185,20 @@ def _check_names(names: list[str], uri: str) -> None:
             raise SourceError(f"URL list {uri!r}: column {name!r} would be stored twice ({why}); leave it out of "
                               "source.columns or set source.caption_column")  # fmt: skip
         seen.add(name)
+
+
+def _check_safe(name: str, uri: str) -> None:
+    """A stored column's name is one safe segment: it names a dataset inside each shard file."""
+    why = ""
+    if _UNSAFE_NAME.search(name):
+        why = "holds a '/', a '\\' or a control character"
+    elif name.strip() in (".", ".."):
+        why = "is '.' or '..'"
+    elif len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        why = f"is longer than {MAX_NAME_BYTES} bytes"
+    if why:
+        raise SourceError(f"URL list {uri!r}: column {name[:60]!r} {why}, which a shard cannot store as a column "
+                          "name; rename it in the list or leave it out of source.columns")  # fmt: skip
 
 
 def unify(found: Sequence[tuple[FileSchema, Choice]]) -> Choice:
@@ -224,6 +242,22 @@ def _difference(first: tuple[FileSchema, Choice], other: tuple[FileSchema, Choic
         what = "; ".join(p for p in parts if p) or f"{ca.read} vs {cb.read}"
     return (f"URL lists {a.uri!r} and {b.uri!r} have different columns ({what}); give every list file the "
             "same columns, name the ones to keep in source.columns, or select the lists with a glob (lists/*.parquet)")
+
+
+@dataclass(frozen=True)
+class Unfit:
+    """A JSON value its column's (sampled) type cannot hold: the item fails with `message`, the
+    shard's other items are kept (a row past the sample may differ from it)."""
+
+    message: str
+
+
+def fit(value: Any, kind: str, where: str, name: str) -> Any:
+    """`coerce`, with a value that does not fit as an `Unfit` in its place instead of an error."""
+    try:
+        return coerce(value, kind, where, name)
+    except SourceError as exc:
+        return Unfit(str(exc))
 
 
 def coerce(value: Any, kind: str, where: str, name: str) -> Any:

@@ -3,7 +3,8 @@
 Worker side (and the planner's label/key passes). A text slice is the byte range the planner cut
 (of the decompressed stream for a compressed list); a parquet slice reads only its row groups and
 only the columns it needs. Values come in the order of the columns asked for: str, int, float,
-bool or None (null). Text values longer than the plan's `text_limit` bytes are cut here to
+bool or None (null), or `columns.Unfit` for a JSON value its column's sampled type cannot hold
+or a JSON Lines row that is not an object (that item fails, not the shard). Text values longer than the plan's `text_limit` bytes are cut here to
 `text_limit + 1` characters, so a giant cell is held once, briefly, and the worker's cap
 (convert.itemcols) still sees it over the limit and counts it as truncated.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 from ..specs import InputSlice
 from .base import SourceError
-from .columns import ROLES, arrow_type, coerce, parse_object, roles
+from .columns import ROLES, Unfit, arrow_type, fit, parse_object, roles
 from .lists import (
     _BOM,
     BLOCK,
@@ -151,10 +152,14 @@ def _cell(cells: list[str], index: int | None) -> str | None:
 def _json_rows(sl: InputSlice, texts: Iterator[str], columns: tuple[str, ...], types: tuple[str, ...],
                limit: int) -> Iterator[Row]:  # fmt: skip
     for j, text in enumerate(texts):
-        obj = parse_object(text, sl.uri, sl.first_row + j)
+        try:
+            obj = parse_object(text, sl.uri, sl.first_row + j)
+        except SourceError as exc:  # one bad row past the planner's sample: that item fails, not the shard
+            yield sl.first_row + j, "", None, None, (Unfit(str(exc)),) + (None,) * max(0, len(columns) - 1)
+            continue
         url, label, key = (_role(obj, r) for r in ROLES)
         where = f"URL list {sl.uri!r} item row {sl.first_row + j + 1}"
-        values = tuple(clip(coerce(obj.get(c), t, where, c), limit) for c, t in zip(columns, types))
+        values = tuple(clip(fit(obj.get(c), t, where, c), limit) for c, t in zip(columns, types))
         yield sl.first_row + j, str(url if url is not None else "").strip(), label, key, values
 
 

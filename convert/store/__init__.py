@@ -21,6 +21,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from ..backends import missing_backend
 from ..secrets import resolve_options
 from . import base
 from .base import (PARTIAL, Entry, Guard, PreconditionFailed, RangeStream, StorageError, Store, entry_of, file_digest,
@@ -45,6 +46,8 @@ def _build(uri: str, options: dict[str, Any], role: str) -> Store:
     try:
         fs, root = fsspec.core.url_to_fs(uri, **resolved)
     except (ImportError, ValueError) as exc:
+        if missing := missing_backend(uri):
+            raise StorageError(f"{role}.uri {uri}: {missing}") from None
         raise StorageError(f"{role}.uri {uri}: cannot open ({first_line(exc)}); check the URL scheme "
                            f"(pip install the fsspec backend it needs) and {role}.storage_options") from None  # fmt: skip
     if isinstance(fs, LocalFileSystem):
