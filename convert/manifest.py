@@ -29,7 +29,7 @@ import numpy as np
 
 from . import persist
 from .records import ManifestError, check_names, check_rel_paths, check_summary, dump_bytes, ledger_columns, read_meta
-from .specs import ItemResult, ShardRecord, Status
+from .specs import Column, ItemResult, ShardRecord, Status
 from .store import Store
 
 MANIFEST = "manifest.json"
@@ -116,13 +116,14 @@ class ShardIndex(Sequence[dict[str, Any]]):
 
 def write_manifest(store: Store, records: "list[ShardRecord] | ShardIndex", config: dict[str, Any], label_names: list[str] | None,
                    source_kind: str, failed: dict[str, str] | None = None, failed_rows: list[ItemResult] | None = None,
-                   counts: dict[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
+                   counts: dict[str, int] | None = None, columns: Sequence[Column] | None = None) -> dict[str, Any]:  # fmt: skip
     """Write the shard index (and failed shards' rows), then manifest.json last. Records in shard order,
     or the index itself (a run builds it from its `convert.shardtable.ShardTable`, with the fingerprint,
     per-status counts and file identity columns resume trusts instead of reading each record).
 
     `counts`: items by status over everything (committed + failed shards); computed from the
-    records' ledgers when not given. Ledgers are not concatenated: they stay in the records.
+    records' ledgers when not given. `columns`: the stored columns' schema (the first record's when
+    not given). Ledgers are not concatenated: they stay in the records.
     """
     failed_rows = failed_rows or []
     if failed_rows:
@@ -144,7 +145,7 @@ def write_manifest(store: Store, records: "list[ShardRecord] | ShardIndex", conf
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_kind": source_kind,
         "label_names": label_names,
-        "columns": [[c.name, c.type] for c in records[0].columns] if records else [],  # the stored columns' schema
+        "columns": [[c.name, c.type] for c in _schema(records, columns)],  # the stored columns' schema
         "totals": {"items": items, "ok": by_status.get(Status.OK.value, 0),
                    "failed": items - by_status.get(Status.OK.value, 0), "by_status": by_status,
                    "shards": len(index), "bytes": int(index.cols["bytes"].sum())},  # fmt: skip
@@ -156,6 +157,12 @@ def write_manifest(store: Store, records: "list[ShardRecord] | ShardIndex", conf
     }
     store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     return {**manifest, "shards": index}
+
+
+def _schema(records: "list[ShardRecord] | ShardIndex", columns: Sequence[Column] | None) -> Sequence[Column]:
+    if columns is not None:
+        return columns
+    return records[0].columns if records and not isinstance(records, ShardIndex) else ()
 
 
 def _load_json(store: Store) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from .resume import fill_identities, resume, retry_mask
 from .secrets import resolve_config, seal_config
 from .shardtable import ShardTable
 from .sources import SourcePlan, Workdir, plan_source, shard_refs
-from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .specs import Column, ItemResult, ShardRecord, ShardSpec, Status
 from .store import StorageError, Store, preflight
 from .summary import LedgerTally, after_manifest, announce_rebuild
 from .task import ShardTask, TaskMaker
@@ -188,7 +188,8 @@ def _run_leased(config: Config, local: Config, out: Store, starting: StartingExe
     except KeyboardInterrupt as exc:
         committed = _committed_count(out, specs, len(table))
         raise Interrupted(committed, len(specs), getattr(exc, "signal_name", "SIGINT")) from None
-    _finish(out, local, specs, table, summary, config_data, source_plan, log)
+    columns = maker.task(specs[0], fps[specs[0].name]).items.columns if specs else ()  # what every shard stores
+    _finish(out, local, specs, table, summary, config_data, source_plan, columns, log)
     return summary
 
 
@@ -211,7 +212,8 @@ def _keeper(table: ShardTable) -> Callable[[ShardRecord], None]:
 
 
 def _finish(out: Store, local: Config, specs: list[ShardSpec], table: ShardTable, summary: RunSummary,
-            config_data: dict, source_plan: SourcePlan, log: Callable[[str], None]) -> None:  # fmt: skip
+            config_data: dict, source_plan: SourcePlan, columns: tuple[Column, ...],
+            log: Callable[[str], None]) -> None:  # fmt: skip
     failed_rows = [row for s in specs if s.name in summary.failed_shards
                    for row in _failed_rows(s, summary.failed_shards[s.name], local)]  # fmt: skip
     fill_identities(out, table)  # so the next resume reads no record (convert.resume)
@@ -221,7 +223,7 @@ def _finish(out: Store, local: Config, specs: list[ShardSpec], table: ShardTable
     summary.by_status = dict(counts)
     manifest = write_manifest(out, ShardIndex(table.index_cols()), config_data, source_plan.label_names,
                               source_plan.kind, failed=summary.failed_shards, failed_rows=failed_rows,
-                              counts=summary.by_status)  # fmt: skip
+                              counts=summary.by_status, columns=columns)  # fmt: skip
     summary.items_converted = table.new_ok()
     after_manifest(out, manifest, specs, tally, failed_rows, summary, log)  # report helper (issue 13)
 
