@@ -32,6 +32,8 @@ from .fetch import prefetch
 from .formats.base import ShardReader, get_format, open_reader
 from .ledger import read_ledger
 from .manifest import ManifestError, check_opened, read_manifest
+from .records import check_regular
+from .views import view
 from .shardcache import ShardCache
 from .specs import COLUMN_TYPES, Column
 from .store import Store, open_store
@@ -249,6 +251,7 @@ class Dataset:
         store = self._store()
         local = store.local_path(shard["path"])
         if local is not None:
+            check_regular(store, shard["path"])  # a FIFO named by the index would hang the open
             return local
         if self._format.needs_local_file or self.download:
             return str(self.cache.get(shard))
@@ -322,12 +325,20 @@ def open_dataset(
     download: bool = False,
     cache_limit: int | str | None = None,
     columns: Sequence[str] | None = None,
-) -> Dataset:
+    split: str | None = None,
+    filter: str | None = None,  # noqa: A002 - the documented keyword
+    seed: int | None = 0,
+    stratify: bool = False,
+) -> Any:
     """Open a converted dataset (local path or any fsspec URL, e.g. s3://bucket/out/) for training.
 
     download=True copies remote HDF5 shards whole into `cache_dir` (LMDB shards always are),
     keeping at most `cache_limit` bytes there ('10GB'; None = no limit). `columns`: the stored
-    columns to read (None = all, [] = none); the others are never read.
+    columns to read (None = all, [] = none); the others are never read. `split`
+    ("train[:90%]", "[10%:20%]", "[:1000]"; shuffled by `seed` first, None = in order, `stratify`
+    by label) and `filter` ("similarity > 0.3 and width >= 256", on columns only) return a
+    `convert.views.View` of the dataset instead, without rewriting anything.
     """
-    return Dataset(uri, storage_options=storage_options, cache_dir=cache_dir, decode=decode,
-                   download=download, cache_limit=cache_limit, columns=columns)  # fmt: skip
+    ds = Dataset(uri, storage_options=storage_options, cache_dir=cache_dir, decode=decode,
+                 download=download, cache_limit=cache_limit, columns=columns)  # fmt: skip
+    return view(ds, split=split, filter=filter, seed=seed, stratify=stratify)

@@ -11,7 +11,6 @@ the index digest changes whenever any shard does, so a cached column is never on
 
 from __future__ import annotations
 
-import io
 import re
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import persist
-from .records import VERSION as RECORD_VERSION
-from .records import record_rel_path
+from .records import read_ledger_columns
 from .store import atomic_write, open_store
 
 RECORD_THREADS = 4  # concurrent shard-record reads for ledger columns
@@ -79,12 +76,8 @@ def _record_columns(ds: Any, name: str) -> dict[str, np.ndarray] | None:
     entries = list(shards)
 
     def load(shard: dict[str, Any]) -> dict[str, np.ndarray] | None:
-        try:
-            obj = persist.load(io.BytesIO(store.read_bytes(record_rel_path(shard["name"]))))
-        except (FileNotFoundError, persist.PersistError):
-            return None
-        ledger = obj.get("ledger") if isinstance(obj, dict) and obj.get("version") == RECORD_VERSION else None
-        if not isinstance(ledger, dict) or obj.get("name") != shard["name"] or "status" not in ledger:
+        ledger = read_ledger_columns(store, shard["name"])  # validated name, regular files only, never unpickled
+        if ledger is None:
             return None
         ok = np.asarray(ledger["status"]) == "ok"
         if int(ok.sum()) != int(shard["ok"]) or any(len(v) != ok.size for v in ledger.values()):

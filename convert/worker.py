@@ -350,14 +350,14 @@ def _commit_shard(task: ShardTask, out: Any, fmt: Any, info: ShardInfo, started:
             _abort(writer)
             raise
         ok = sum(row.ok for row in ledger)
-        stored = clock.timed("verify", _stored_count, fmt.name, tmp)
+        stored, shape = clock.timed("verify", _stored, fmt.name, tmp)
         if stored != ok:
             raise ShardError(f"{spec.name}: wrote {ok} images but the re-opened shard holds {stored}")
         size, digest = clock.timed("hash", file_digest, tmp)
         clock.timed("commit", publish, out, tmp, rel, size, digest, task.run_id)
     record = ShardRecord(
         name=spec.name, path=rel, format=fmt.name, count=len(spec), ok=ok, failed=len(spec) - ok,
-        bytes=size, sha256=digest, image_shape=info.image_shape, encoding=info.encoding, ledger=tuple(ledger),
+        bytes=size, sha256=digest, image_shape=shape, encoding=info.encoding, ledger=tuple(ledger),
         stages=clock.seconds(), started=started, finished=time.time(), counters=cols.counters(),
         columns=info.columns,
     )  # fmt: skip
@@ -365,9 +365,11 @@ def _commit_shard(task: ShardTask, out: Any, fmt: Any, info: ShardInfo, started:
     return record
 
 
-def _stored_count(fmt: str, path: str) -> int:
+def _stored(fmt: str, path: str) -> tuple[int, tuple[int, ...] | None]:
+    """(images, fixed image shape or None) of the shard as re-opened: a `resize: none` shard whose
+    images all have one size is stored in the fixed layout, which the record must say."""
     reader = open_reader(fmt, path)
     try:
-        return len(reader)
+        return len(reader), reader.image_shape
     finally:
         reader.close()

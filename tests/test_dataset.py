@@ -156,3 +156,24 @@ def test_one_size_without_resize_is_stored_fixed(tmp_path):
     ds = open_dataset(str(out))
     shapes = {ds._reader(s).image_shape for s in range(len(ds.shards))}
     assert shapes == {(12, 20, 3)} and ds[10]["image"].shape == (12, 20, 3)
+
+
+def test_a_fifo_in_a_shards_place_is_one_error_not_a_hang(tmp_path) -> None:
+    """A shard path from the index that is a FIFO is refused before open (it would block forever)."""
+    import os
+
+    from convert import open_dataset, run
+    from convert.config import load_config
+    from convert.manifest import ManifestError
+    from convert.testing import images as gen
+
+    gen.write_image_folder(tmp_path / "src", {"a": 3}, size=(16, 16))
+    out = tmp_path / "out"
+    cfg = load_config(None, {"source.uri": str(tmp_path / "src"), "output.uri": str(out), "cluster.kind": "threads"})
+    assert run(cfg, log=lambda m: None).exit_code() == 0
+    ds = open_dataset(str(out))
+    shard = out / ds.manifest["shards"][0]["path"]
+    shard.unlink()
+    os.mkfifo(shard)
+    with pytest.raises(ManifestError, match="regular"):
+        open_dataset(str(out))[0]

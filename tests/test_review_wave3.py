@@ -86,8 +86,6 @@ def test_a_jsonl_value_past_the_sample_of_another_type_fails_that_item_not_the_s
     assert "item row 1001: column 'n' holds \"str\", not int64" in bad[0].error
 
 
-@pytest.mark.xfail(strict=True, reason="captions and list columns reach the records but no shard format stores them "
-                   "and ds[i] / ds.column() do not return them (formats/, dataset.py)")  # fmt: skip
 def test_captions_are_read_back_from_the_dataset(tmp_path: Path) -> None:
     from convert.dataset import open_dataset
 

@@ -175,3 +175,16 @@ def test_caption_column_auto_and_its_resolved_name_make_the_same_shards(tmp_path
     assert again.skipped == 1 and again.converted == 0
     other = _run(str(tmp_path / "list.csv"), out, **{"source.caption_column": "none"})
     assert other.converted == 1  # the caption is no longer kept: the shard changes
+
+
+def test_a_uniform_resize_none_shard_is_recorded_with_its_fixed_shape(tmp_path: Path) -> None:
+    from convert.manifest import read_manifest
+
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(gen.jpeg_bytes(20, 12, seed=i))
+    out = tmp_path / "out"
+    assert _run(str(folder.parent), out, **{"image.resize": "none", "image.size": None}).exit_code() == 0
+    shards = read_manifest(open_store(str(out)))["shards"]
+    assert [s["image_shape"] for s in shards] == [[12, 20, 3]]

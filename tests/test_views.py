@@ -208,3 +208,19 @@ def test_a_view_in_torch_dataloader_workers(dataset_dir):
         assert isinstance(batch["image"], torch.Tensor)
         keys += batch["key"]
     assert keys == _keys(v)
+
+
+def test_open_dataset_takes_split_and_filter(dataset_dir) -> None:
+    """The documented entry point: open_dataset(uri, split=..., filter=...) is a view of the dataset."""
+    from convert import open_dataset
+
+    whole = open_dataset(dataset_dir)
+    train = open_dataset(dataset_dir, split="train[:80%]", seed=0)
+    test = open_dataset(dataset_dir, split="test[80%:]", seed=0)
+
+    def keys(v):
+        return {v[i]["key"] for i in range(len(v))}
+
+    assert len(train) + len(test) == len(whole) and not keys(train) & keys(test)
+    assert keys(train) | keys(test) == keys(whole)
+    assert type(whole).__name__ == "Dataset" and type(train).__name__ == "View"
