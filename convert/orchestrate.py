@@ -206,7 +206,7 @@ def _committed_count(out: Store, specs: list[ShardSpec], known: int) -> int:
 def _keeper(table: ShardTable) -> Callable[[ShardRecord], None]:
     """A function that files a new record in `table`: its ledger folded to counts, the rest dropped."""
     def keep(record: ShardRecord) -> None:
-        table.add(record, LedgerTally.of(record.ledger), new=True)
+        table.add(record, LedgerTally.of(record.ledger), record.identity or None, new=True)
 
     return keep
 

@@ -246,13 +246,14 @@ def dump_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def write_record(store: Store, record: ShardRecord, fingerprint: str) -> None:
+def write_record(store: Store, record: ShardRecord, fingerprint: str) -> dict[str, Any]:
     """Commit a shard's record beside it (after the shard): its done-marker, with the identity
-    of the published file so a later resume can prove the file is still that one."""
+    of the published file so a later resume can prove the file is still that one; returns it."""
     identity = current_identity(store, record.path)
     obj = {"version": VERSION, "fingerprint": fingerprint, **record.summary(),
            "identity": identity, "ledger": ledger_columns(record.ledger)}  # fmt: skip
     store.write_bytes(record_rel_path(record.name), dump_bytes(obj))
+    return identity
 
 
 def current_identity(store: Store, rel: str) -> dict[str, Any]:

@@ -101,7 +101,7 @@ def fill_identities(store: Store, table: ShardTable) -> None:
     """The file identity of each shard this run converted, from its record (the worker took it
     right after publishing), into the index: so the next resume needs no record reads.
     A record that cannot be read leaves the row without identity (resume then reads the record)."""
-    rows = np.flatnonzero(table.filled & table.new).tolist()
+    rows = [i for i in np.flatnonzero(table.filled & table.new).tolist() if not table.identity(i)]  # not returned
 
     def identity(i: int) -> dict[str, Any]:
         kept = trusted_record_identity(store, table.names[i], table.fingerprints[i])
