@@ -16,6 +16,6 @@ def _early_stop(signum: int, frame: object) -> None:
 signal.signal(signal.SIGINT, _early_stop)
 signal.signal(signal.SIGTERM, _early_stop)
 
-from .cli import main  # noqa: E402 - after the handlers: importing click, rich and pydantic takes a while
+from .cli import entry  # noqa: E402 - after the handlers: importing click, rich and pydantic takes a while
 
-main(prog_name="convert-dataset")
+entry()

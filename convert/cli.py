@@ -7,7 +7,6 @@ User errors print one line naming the problem and the fix and exit 2; they never
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any, Callable
 
 import click
@@ -16,7 +15,7 @@ from rich.progress import Progress as Progress_
 from rich.table import Table
 
 from . import __version__
-from .cli_common import EXIT_CODES, console, friendly, out_console, quiet_workers
+from .cli_common import EXIT_CODES, WHOLE_PROCESS, console, exit_now, friendly, out_console, quiet_workers
 from .cli_dataset import COMMANDS as DATASET_COMMANDS
 from .cli_export import export as export_command
 from .config import Config, ConfigError, load_config, parse_override
@@ -110,6 +109,12 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def entry() -> None:
+    """The `convert-dataset` / `python -m convert` entry point: this process ends with the command."""
+    WHOLE_PROCESS.append(True)
+    main(prog_name="convert-dataset")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -266,7 +271,7 @@ def _leave(code: int) -> None:
     import gc
 
     gc.freeze()
-    sys.exit(code)
+    exit_now(code)
 
 
 def print_summary(summary: Any) -> None:

@@ -30,6 +30,7 @@ from .redact import redact_options, redact_text, redact_url
 def inspect(uri: str, as_json: bool, failures: bool, statuses: tuple[str, ...], options: tuple[str, ...]) -> None:
     """Show shards, counts, failures and the config used (a partial run: its committed shards)."""
     from .ledger import load_run
+    from .report_data import stored_columns
     from .shards import leftovers
     from .store import open_store
 
@@ -39,24 +40,26 @@ def inspect(uri: str, as_json: bool, failures: bool, statuses: tuple[str, ...], 
         _print_failures(run, statuses)
         return
     debris = leftovers(out)
+    columns = [{"name": c.name, "type": c.type} for c in stored_columns(run)]
     if as_json:
-        out_console.print_json(json.dumps(_inspect_data(run, debris)))
+        out_console.print_json(json.dumps(_inspect_data(run, debris, columns)))
         return
-    _print_inspect(redact_url(uri), run, debris)
+    _print_inspect(redact_url(uri), run, debris, columns)
 
 
-def _inspect_data(run: Any, debris: list[Any]) -> dict[str, Any]:
+def _inspect_data(run: Any, debris: list[Any], columns: list[dict[str, str]]) -> dict[str, Any]:
     """`inspect --json`: the manifest (its config redacted again, for older or edited manifests),
-    or a partial run's state; the shard summaries; the leftovers."""
+    or a partial run's state; the shard summaries; the stored columns ({name, type}); the leftovers."""
     if run.manifest is not None:
         data = {**run.manifest, "shards": list(run.shards), "config": redact_options(run.manifest["config"])}
     else:
         data = {"partial": True, "state": run.state(), "format": run.format, "planned_shards": run.planned,
                 "totals": run.totals, "shards": list(run.shards)}  # fmt: skip
-    return {**data, "leftovers": [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]}
+    leftover = [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]
+    return {**data, "columns": columns, "leftovers": leftover}
 
 
-def _print_inspect(uri: str, run: Any, debris: list[Any]) -> None:
+def _print_inspect(uri: str, run: Any, debris: list[Any], columns: list[dict[str, str]]) -> None:
     manifest, totals = run.manifest, run.totals
     if manifest is None:
         out_console.print(f"[bold]{escape(uri)}[/]  format={run.format}  [yellow]{run.state()}[/]")
@@ -77,6 +80,8 @@ def _print_inspect(uri: str, run: Any, debris: list[Any]) -> None:
     _print_stages(run.shards)
     if run.label_names:
         out_console.print(f"labels: {run.label_names}")
+    shown = ", ".join(f"{c['name']} ({c['type']})" for c in columns) or "none (only image, label and key)"
+    out_console.print(f"columns: {escape(shown)}", highlight=False, soft_wrap=True)  # names come from the list
     if manifest is not None:
         out_console.print("config: " + json.dumps(redact_options(manifest["config"])), highlight=False)
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import persist
 from .records import ManifestError, check_names, check_rel_paths, check_summary, dump_bytes, ledger_columns, read_meta
-from .specs import ItemResult, ShardRecord, Status
+from .specs import Column, ItemResult, ShardRecord, Status
 from .store import Store
 
 MANIFEST = "manifest.json"
@@ -114,13 +114,16 @@ class ShardIndex(Sequence[dict[str, Any]]):
         return self
 
 
-def write_manifest(store: Store, records: list[ShardRecord], config: dict[str, Any], label_names: list[str] | None,
+def write_manifest(store: Store, records: "list[ShardRecord] | ShardIndex", config: dict[str, Any], label_names: list[str] | None,
                    source_kind: str, failed: dict[str, str] | None = None, failed_rows: list[ItemResult] | None = None,
-                   counts: dict[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Write the shard index (and failed shards' rows), then manifest.json last. Records in shard order.
+                   counts: dict[str, int] | None = None, columns: Sequence[Column] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Write the shard index (and failed shards' rows), then manifest.json last. Records in shard order,
+    or the index itself (a run builds it from its `convert.shardtable.ShardTable`, with the fingerprint,
+    per-status counts and file identity columns resume trusts instead of reading each record).
 
     `counts`: items by status over everything (committed + failed shards); computed from the
-    records' summaries when not given. Ledgers are not concatenated: they stay in the records.
+    records' ledgers when not given. `columns`: the stored columns' schema (the first record's when
+    not given). Ledgers are not concatenated: they stay in the records.
     """
     failed_rows = failed_rows or []
     if failed_rows:
@@ -128,11 +131,11 @@ def write_manifest(store: Store, records: list[ShardRecord], config: dict[str, A
     else:
         store.delete(FAILED)
     store.delete(LEDGER)  # a wave-1 concatenated ledger would be stale now
-    index = ShardIndex.from_summaries([r.summary() for r in records])
+    index = records if isinstance(records, ShardIndex) else ShardIndex.from_summaries([r.summary() for r in records])
     blob = dump_bytes(index.cols)
     store.write_bytes(INDEX, blob)
     if counts is None:
-        counts = Counter(row.status.value for r in records for row in r.ledger)
+        counts = Counter(row.status.value for r in records for row in r.ledger)  # type: ignore[union-attr]
         counts.update(row.status.value for row in failed_rows)
     by_status = {k: int(v) for k, v in sorted(counts.items()) if v}
     items = sum(by_status.values())
@@ -142,10 +145,10 @@ def write_manifest(store: Store, records: list[ShardRecord], config: dict[str, A
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_kind": source_kind,
         "label_names": label_names,
-        "columns": [[c.name, c.type] for c in records[0].columns] if records else [],  # the stored columns' schema
+        "columns": [[c.name, c.type] for c in _schema(records, columns)],  # the stored columns' schema
         "totals": {"items": items, "ok": by_status.get(Status.OK.value, 0),
                    "failed": items - by_status.get(Status.OK.value, 0), "by_status": by_status,
-                   "shards": len(records), "bytes": sum(r.bytes for r in records)},  # fmt: skip
+                   "shards": len(index), "bytes": int(index.cols["bytes"].sum())},  # fmt: skip
         "complete": not failed,
         "failed_shards": dict(failed or {}),
         "index": {"path": INDEX, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
@@ -154,6 +157,12 @@ def write_manifest(store: Store, records: list[ShardRecord], config: dict[str, A
     }
     store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     return {**manifest, "shards": index}
+
+
+def _schema(records: "list[ShardRecord] | ShardIndex", columns: Sequence[Column] | None) -> Sequence[Column]:
+    if columns is not None:
+        return columns
+    return records[0].columns if records and not isinstance(records, ShardIndex) else ()
 
 
 def _load_json(store: Store) -> dict[str, Any]:

@@ -11,29 +11,30 @@ records, so an interrupted or killed client just reruns the same config.
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import Config, ConfigError
-from .fetch import PrivateNetworkRefused
 from .executor import Executor
 from .executor.early import StartingExecutor
-from .lease import hold_lease
-from .manifest import LEDGER, MANIFEST, PLAN, write_manifest
-from .records import RECORD_SUFFIX, committed_records
-from .redact import redact_text
-from .plan import dump_plan
-from .secrets import resolve_config, seal_config
-from .sources import SourcePlan, Workdir, plan_source, shard_refs
-from .specs import ItemResult, ShardRecord, ShardSpec, Status
+from .fetch import PrivateNetworkRefused
 from .layout import SHARDS_DIR
-from .task import ShardTask, TaskMaker
+from .lease import hold_lease
+from .manifest import LEDGER, MANIFEST, PLAN, ShardIndex, write_manifest
+from .plan import dump_plan
+from .records import RECORD_SUFFIX
+from .redact import redact_text
+from .resume import fill_identities, resume, retry_mask
+from .secrets import resolve_config, seal_config
+from .shardtable import ShardTable
+from .sources import SourcePlan, Workdir, plan_source, shard_refs
+from .specs import Column, ItemResult, ShardRecord, ShardSpec, Status
 from .store import StorageError, Store, preflight
-from .summary import LedgerTally, after_manifest, announce_rebuild, fold_record
+from .summary import LedgerTally, after_manifest, announce_rebuild
+from .task import ShardTask, TaskMaker
 from .worker import process_shard
 
 #: `run --retry-failed` with no statuses: the failures a later attempt may well not repeat
@@ -168,27 +169,27 @@ def _run_leased(config: Config, local: Config, out: Store, starting: StartingExe
     shipped, secrets = seal_config(config)  # what workers get: secrets only as references
     maker = TaskMaker(shipped, source_plan.kind, source_plan.columns, run_id)
     fps = {s.name: maker.fingerprint(s) for s in specs}
-    # The client keeps each record without its ledger rows, plus their tally: O(shards), never O(items).
-    tallies: dict[str, LedgerTally] = {}
-    records = committed_records(out, fps, verify=config.output.verify_resume, fold=_folder(tallies))
+    # The client keeps each shard as a row of columns (convert.shardtable, ~300 B), never records.
+    table = ShardTable([s.name for s in specs], list(fps.values()))
+    resume(out, table, verify=config.output.verify_resume)
     if config.run.retry_failed:
-        wanted = config.run.retry_failed
-        records = {n: r for n, r in records.items() if not any(tallies[n].transient.get(s) for s in wanted)}
-    pending = [s for s in specs if s.name not in records]
-    summary = RunSummary(output=out.url(""), shards=len(specs), skipped=len(records), items=source_plan.items)
+        table.drop(retry_mask(table, tuple(config.run.retry_failed)))
+    pending = [s for i, s in enumerate(specs) if not table.filled[i]]
+    summary = RunSummary(output=out.url(""), shards=len(specs), skipped=len(table), items=source_plan.items)
     log(f"{source_plan.items} items from {source_plan.kind} source -> {len(specs)} shards "
-        f"({len(records)} already committed, {len(pending)} to convert)")  # fmt: skip
+        f"({len(table)} already committed, {len(pending)} to convert)")  # fmt: skip
     announce_rebuild(out, config_data, pending, log)  # report helper (issue 13): why shards are rebuilt
     try:
         if pending:
             _prepare_output(out, specs, fps, log)
             tasks = (maker.task(s, fps[s.name]) for s in pending)
-            _convert_pending(config, tasks, len(pending), sum(len(s) for s in pending), secrets, starting, _folder(tallies, records), summary,
+            _convert_pending(config, tasks, len(pending), sum(len(s) for s in pending), secrets, starting, _keeper(table), summary,
                              on_progress, log)  # fmt: skip
     except KeyboardInterrupt as exc:
-        committed = _committed_count(out, specs, len(records))
+        committed = _committed_count(out, specs, len(table))
         raise Interrupted(committed, len(specs), getattr(exc, "signal_name", "SIGINT")) from None
-    _finish(out, local, specs, records, tallies, summary, config_data, source_plan, pending, log)
+    columns = maker.task(specs[0], fps[specs[0].name]).items.columns if specs else ()  # what every shard stores
+    _finish(out, local, specs, table, summary, config_data, source_plan, columns, log)
     return summary
 
 
@@ -202,32 +203,29 @@ def _committed_count(out: Store, specs: list[ShardSpec], known: int) -> int:
     return max(known, sum(f"{spec.name}{RECORD_SUFFIX}" in names for spec in specs))
 
 
-def _folder(tallies: dict[str, LedgerTally], records: dict[str, ShardRecord] | None = None
-            ) -> Callable[[ShardRecord], ShardRecord]:  # fmt: skip
-    """A function that folds a record's ledger into `tallies` (and files the slim record in `records`)."""
-    def fold(record: ShardRecord) -> ShardRecord:
-        slim, tallies[record.name] = fold_record(record)
-        if records is not None:
-            records[record.name] = slim
-        return slim
+def _keeper(table: ShardTable) -> Callable[[ShardRecord], None]:
+    """A function that files a new record in `table`: its ledger folded to counts, the rest dropped."""
+    def keep(record: ShardRecord) -> None:
+        table.add(record, LedgerTally.of(record.ledger), record.identity or None, new=True)
 
-    return fold
+    return keep
 
 
-def _finish(out: Store, local: Config, specs: list[ShardSpec], records: dict[str, ShardRecord],
-            tallies: dict[str, LedgerTally], summary: RunSummary, config_data: dict, source_plan: SourcePlan,
-            pending: list[ShardSpec], log: Callable[[str], None]) -> None:  # fmt: skip
-    ordered = [records[s.name] for s in specs if s.name in records]
+def _finish(out: Store, local: Config, specs: list[ShardSpec], table: ShardTable, summary: RunSummary,
+            config_data: dict, source_plan: SourcePlan, columns: tuple[Column, ...],
+            log: Callable[[str], None]) -> None:  # fmt: skip
     failed_rows = [row for s in specs if s.name in summary.failed_shards
                    for row in _failed_rows(s, summary.failed_shards[s.name], local)]  # fmt: skip
-    counts: Counter[str] = Counter()
-    for record in ordered:
-        counts.update(tallies[record.name].counts)
+    fill_identities(out, table)  # so the next resume reads no record (convert.resume)
+    tally = table.tally()
+    counts: Counter[str] = Counter(tally.counts)
     counts.update(row.status.value for row in failed_rows)
     summary.by_status = dict(counts)
-    manifest = write_manifest(out, ordered, config_data, source_plan.label_names, source_plan.kind,
-                              failed=summary.failed_shards, failed_rows=failed_rows, counts=summary.by_status)  # fmt: skip
-    after_manifest(out, manifest, specs, pending, records, tallies, failed_rows, summary, log)  # report helper (issue 13)
+    manifest = write_manifest(out, ShardIndex(table.index_cols()), config_data, source_plan.label_names,
+                              source_plan.kind, failed=summary.failed_shards, failed_rows=failed_rows,
+                              counts=summary.by_status, columns=columns)  # fmt: skip
+    summary.items_converted = table.new_ok()
+    after_manifest(out, manifest, specs, tally, failed_rows, summary, log)  # report helper (issue 13)
 
 
 def _failed_rows(spec: ShardSpec, error: str, local: Config) -> list[ItemResult]:

@@ -246,19 +246,27 @@ def dump_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def write_record(store: Store, record: ShardRecord, fingerprint: str) -> None:
+def write_record(store: Store, record: ShardRecord, fingerprint: str) -> dict[str, Any]:
     """Commit a shard's record beside it (after the shard): its done-marker, with the identity
-    of the published file so a later resume can prove the file is still that one."""
-    try:
-        identity = store.identity(record.path)
-        local = store.local_path(record.path)
-        if local is not None:  # the change time: every write, utime or chmod advances it, none sets it back
-            identity["ctime_ns"] = os.stat(local).st_ctime_ns
-    except OSError:  # a directory-shaped shard: resume checks its tree digest instead
-        identity = {}
+    of the published file so a later resume can prove the file is still that one; returns it."""
+    identity = current_identity(store, record.path)
     obj = {"version": VERSION, "fingerprint": fingerprint, **record.summary(),
            "identity": identity, "ledger": ledger_columns(record.ledger)}  # fmt: skip
     store.write_bytes(record_rel_path(record.name), dump_bytes(obj))
+    return identity
+
+
+def current_identity(store: Store, rel: str) -> dict[str, Any]:
+    """The identity resume later compares (store.identity, plus locally the change time: every
+    write, utime or chmod advances it, none sets it back); {} for a directory-shaped shard."""
+    try:
+        identity = store.identity(rel)
+        local = store.local_path(rel)
+        if local is not None:
+            identity["ctime_ns"] = os.stat(local).st_ctime_ns
+    except OSError:  # a directory-shaped shard: resume checks its tree digest instead
+        return {}
+    return identity
 
 
 def read_record_full(store: Store, name: str) -> tuple[ShardRecord, str, dict[str, Any]] | None:
@@ -314,21 +322,39 @@ def read_record(store: Store, name: str) -> tuple[ShardRecord, str] | None:
     return None if found is None else found[:2]
 
 
-def _trusted(store: Store, name: str, expected: str, listing: dict[str, Entry], verify: bool) -> ShardRecord | None:
+def trusted_record(store: Store, name: str, expected: str, listing: dict[str, Entry],
+                   verify: bool) -> tuple[ShardRecord, dict[str, Any]] | None:  # fmt: skip
+    """(record, identity) of a committed shard resume may keep, else None (module doc). The identity
+    is the recorded one, or the file's current one when its full sha256 was checked just now (a
+    copied dataset: the index then vouches for the copy, and the next resume hashes nothing)."""
     found = read_record_full(store, name)
     if found is None or found[1] != expected:
         return None
     record, _, identity = found
-    entry = listing.get(record.path.rsplit("/", 1)[-1])
-    if entry is None or (entry.size != record.bytes and not entry.is_dir):
+    if not listed_file(store, record.path, record.bytes, listing):
         return None
+    if not verify and proves_identity(store, record.path, identity, listing):
+        return record, identity
+    now = current_identity(store, record.path)  # taken BEFORE hashing: a later change cannot match it
+    return (record, now) if store.sha256(record.path) == (record.bytes, record.sha256) else None
+
+
+def listed_file(store: Store, rel: str, size: int, listing: dict[str, Entry]) -> bool:
+    """`rel` is in the listing of shards/ with the committed size, and (locally) a regular file or directory."""
+    entry = listing.get(rel.rsplit("/", 1)[-1])
+    if entry is None or (entry.size != size and not entry.is_dir):
+        return False
     try:
-        check_regular(store, record.path)
+        check_regular(store, rel)
     except NotRegularFile:  # a FIFO or device in the shard's place: rebuild it
-        return None
-    if not verify and proves_commit(store, record.path, identity) and store.same_object(record.path, identity, entry):
-        return record
-    return record if store.sha256(record.path) == (record.bytes, record.sha256) else None
+        return False
+    return True
+
+
+def proves_identity(store: Store, rel: str, identity: dict[str, Any], listing: dict[str, Entry]) -> bool:
+    """The recorded identity proves (`proves_commit`) and matches (`same_object`) the listed file."""
+    entry = listing.get(rel.rsplit("/", 1)[-1])
+    return entry is not None and proves_commit(store, rel, identity) and store.same_object(rel, identity, entry)
 
 
 def proves_commit(store: Store, rel: str, identity: dict[str, Any]) -> bool:
@@ -362,8 +388,8 @@ def committed_records(store: Store, fingerprints: dict[str, str], verify: bool =
     full records is in memory at once."""
     listing = {entry.name: entry for entry in store.list(SHARDS_DIR)}
     names = [n for n in fingerprints if f"{n}{RECORD_SUFFIX}" in listing]
-    found = ordered_map(lambda n: _trusted(store, n, fingerprints[n], listing, verify), names)
-    return {name: (fold(record) if fold else record) for name, record in zip(names, found) if record is not None}
+    found = ordered_map(lambda n: trusted_record(store, n, fingerprints[n], listing, verify), names)
+    return {name: (fold(kept[0]) if fold else kept[0]) for name, kept in zip(names, found) if kept is not None}
 
 
 def iter_record_ledgers(store: Store, names: Iterable[str]) -> Iterator[tuple[str, tuple[ItemResult, ...]]]:

@@ -5,8 +5,10 @@
 
 The page needs no network: CSS and JS are inline, thumbnails are PNG data: URIs of the pixels read
 back from the shards (lossless, so what you see is what training gets), charts are matplotlib SVGs
-(Agg, no display) as data: URIs, and a Content-Security-Policy meta tag forbids every other source.
-Gathering lives in `convert.report_data`; this module only renders.
+(Agg, no display; `convert.report_charts`) as data: URIs, and a Content-Security-Policy meta tag
+forbids every other source. Captions and every other stored text go through Jinja2's autoescape
+(and `textContent` in the viewer): a caption is shown, never parsed. Gathering lives in
+`convert.report_data`; this module only renders.
 """
 
 from __future__ import annotations
@@ -21,11 +23,25 @@ from typing import Any
 
 import numpy as np
 
-from .redact import redact_options, redact_text, redact_url
 from .ledger import LedgerRow, RunView, load_run
-from .report_data import BYTES_BINS_PER_OCTAVE, MAX_LABELS, SampleView, Scan, SourceStats, read_samples, scan_ledger
+from .redact import redact_options, redact_text, redact_url
+from .report_charts import column_chart, run_charts
+from .report_data import (
+    CAPTION,
+    CAPTION_FULL,
+    MAX_LABELS,
+    ColumnStats,
+    SampleView,
+    Scan,
+    caption_preview,
+    column_stats,
+    read_samples,
+    scan_ledger,
+    stored_columns,
+)
 from .store import is_local, open_object, open_store
 
+MAX_COLUMN_CHARTS = 32  # columns drawn (every column is listed in the table)
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 FAILURE_CAP = 1000
 MAX_SIDE = 512  # embedded sample images larger than this (unresized sources) are downscaled
@@ -45,12 +61,15 @@ def _render(uri: str, storage_options: dict[str, Any] | None, samples_per_label:
     scan = scan_ledger(run, samples_per_label, failure_cap)
     samples = read_samples(run, scan)
     names = _label_names(run, scan)
+    columns = stored_columns(run)
+    stats = column_stats(run, columns)
     html = _template().render(
         csp=CSP,
         title=f"convert report: {redact_url(out.url(''))}",
         summary=_summary(run, scan, names),
         config=_config_text(run.config),
         groups=[_group(names, label, views) for label, views in samples.items()],
+        captions=stats is not None and any(c.name == CAPTION for c in columns),  # values readable
         samples_per_label=samples_per_label,
         labels_total=len(run.label_names) if run.label_names else None,
         labels_capped=len(samples) >= MAX_LABELS,
@@ -59,7 +78,10 @@ def _render(uri: str, storage_options: dict[str, Any] | None, samples_per_label:
         failure_statuses=sorted({row.item.status.value for row in scan.failures}),
         failed_shards=run.failed_shards,
         shards=[_shard_row(s) for s in run.shards],
-        charts=_charts(run, scan),
+        charts=run_charts(run, scan),
+        columns=[{"name": c.name, "type": c.type} for c in columns],
+        column_stats=None if stats is None else [_column_row(s, i < MAX_COLUMN_CHARTS) for i, s in enumerate(stats)],
+        column_charts_capped=len(columns) > MAX_COLUMN_CHARTS,
         source_unknown=scan.sources.unknown,
         source_known=scan.sources.known,
         generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -165,7 +187,27 @@ def _sample(names: dict[int, str], view: SampleView) -> dict[str, Any]:
     h, w, c = view.image.shape
     shape = f"{h}x{w}x{c}" + (f" (shown at most {MAX_SIDE} px a side)" if max(h, w) > MAX_SIDE else "")
     return {"key": view.key, "label": view.label, "name": _label_name(names, view.label), "uri": redact_url(view.uri),
-            "shard": view.shard, "index": view.index, "shape": shape, "src": png_data_uri(view.image)}  # fmt: skip
+            "shard": view.shard, "index": view.index, "shape": shape, "src": png_data_uri(view.image),
+            "caption": None if view.caption is None else caption_preview(view.caption),
+            "caption_full": None if view.caption is None else
+            caption_preview(view.caption, CAPTION_FULL, flat=False)}  # fmt: skip
+
+
+def _column_row(stats: ColumnStats, chart: bool) -> dict[str, Any]:
+    """One line of the column table: counts, nulls, a type-specific summary, and its chart."""
+    if stats.type == "string":
+        lengths = sorted(stats.lengths)
+        detail = (f"length {lengths[0]:,}..{lengths[-1]:,} characters" if lengths else "no non-empty value") + \
+            (f", {stats.empty:,} empty" if stats.empty else "")  # fmt: skip
+    elif stats.type == "bool":
+        detail = f"{stats.true:,} true, {stats.values - stats.true:,} false"
+    elif stats.finite:
+        detail = f"min {stats.low:.6g}, max {stats.high:.6g}, mean {stats.mean:.6g}"
+        detail += f" ({stats.values - stats.finite:,} NaN/inf)" if stats.values > stats.finite else ""
+    else:
+        detail = "no finite value"
+    return {"name": stats.name, "type": stats.type, "count": stats.count, "nulls": stats.nulls, "detail": detail,
+            "chart": column_chart(stats) if chart else None}  # fmt: skip
 
 
 def png_data_uri(image: np.ndarray, max_side: int = MAX_SIDE) -> str:
@@ -215,115 +257,6 @@ def _created(manifest: dict[str, Any] | None) -> str:
         return _when(calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))) + " (manifest written)"
     except ValueError:
         return str(created)
-
-
-# -- charts (matplotlib, Agg, SVG data: URIs) -------------------------------------------------------
-def _charts(run: RunView, scan: Scan) -> dict[str, str | None]:
-    charts: dict[str, str | None] = dict.fromkeys(("reasons", "throughput", "sources"))
-    reasons = [(k, v) for k, v in scan.by_status.most_common() if k != "ok"]
-    if reasons:
-        charts["reasons"] = _bar_chart(reasons, "failed items by reason")
-    timing = [(s["started"], s["finished"], s["count"]) for s in run.shards if s.get("started") and s.get("finished")]
-    if timing:
-        charts["throughput"] = _throughput_chart(timing)
-    if scan.sources.known or scan.sources.formats or scan.sources.bytes_bin:
-        charts["sources"] = _source_charts(scan.sources)
-    return charts
-
-
-def _figure(*shape: int, size: tuple[float, float]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; must precede pyplot
-    from matplotlib.figure import Figure
-
-    matplotlib.rcParams["svg.hashsalt"] = "convert-report"  # stable ids: same data, same bytes
-    fig = Figure(figsize=size, layout="constrained")
-    return fig, fig.subplots(*shape) if shape else fig.subplots()
-
-
-def _svg(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="svg", metadata={"Date": None})
-    return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _bar_chart(pairs: list[tuple[str, int]], title: str) -> str:
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = _figure(size=(6.4, 1.1 + 0.3 * len(pairs)))
-    names, counts = [p[0] for p in pairs][::-1], [p[1] for p in pairs][::-1]
-    ax.barh(names, counts, color="#c0392b")
-    for y, count in enumerate(counts):
-        ax.annotate(f" {count:,}", (count, y), va="center", fontsize=8)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("items")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.margins(x=0.15)
-    return _svg(fig)
-
-
-def _throughput_chart(timing: list[tuple[float, float, int]]) -> str:
-    """Items/s over the run (items of each shard spread over its own start..finish) and each
-    shard's duration at its finish time, so stragglers and slow phases stand out."""
-    t0 = min(t[0] for t in timing)
-    end = max(t[1] for t in timing) - t0
-    edges = np.linspace(0.0, max(end, 1e-3), min(60, max(8, len(timing))) + 1)
-    rate = np.zeros(len(edges) - 1)
-    for start, finish, count in timing:
-        a, b = start - t0, max(finish - t0, start - t0 + 1e-6)
-        overlap = np.clip(np.minimum(edges[1:], b) - np.maximum(edges[:-1], a), 0, None)
-        rate += count * overlap / (b - a)
-    rate /= np.diff(edges)
-    fig, (ax1, ax2) = _figure(1, 2, size=(9.6, 3.0))
-    ax1.stairs(rate, edges, fill=True, color="#2e86c1")
-    ax1.set(title="items/s over the run", xlabel="seconds since the first shard started", ylabel="items/s")
-    ax2.scatter([t[1] - t0 for t in timing], [t[1] - t[0] for t in timing], s=12, color="#884ea0")
-    ax2.set(title="shard duration at its finish", xlabel="finished at (s)", ylabel="seconds")
-    for ax in (ax1, ax2):
-        ax.title.set_fontsize(10)
-    return _svg(fig)
-
-
-def _source_charts(stats: SourceStats) -> str:
-    fig, axes = _figure(1, 5, size=(12.8, 2.8))
-    for ax, counter, title in ((axes[0], stats.width, "width (px)"), (axes[1], stats.height, "height (px)"),
-                               (axes[2], stats.aspect, "aspect ratio (w/h)")):  # fmt: skip
-        _hist(ax, counter, title)
-    sizes = Counter({2 ** (b / BYTES_BINS_PER_OCTAVE) / 1024: n for b, n in stats.bytes_bin.items()})
-    _hist(axes[3], sizes, "source size (KiB, log)", log=True)
-    formats = stats.formats.most_common(8)
-    axes[4].bar([f for f, _ in formats], [n for _, n in formats], color="#16a085")
-    axes[4].set_title("source format", fontsize=10)
-    _integer_counts(axes[4])
-    return _svg(fig)
-
-
-def _hist(ax: Any, counter: Counter[Any], title: str, log: bool = False) -> None:
-    ax.set_title(title, fontsize=10)
-    if not counter:
-        ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="#888")
-        return
-    values, weights = list(counter.keys()), list(counter.values())
-    lo, hi = min(values), max(values)
-    if log and lo > 0:
-        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-
-        bins: Any = np.geomspace(lo / 1.2, hi * 1.2, 24)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    else:
-        bins = np.linspace(lo - 0.5, hi + 0.5, 24) if hi > lo else [lo - 0.5, lo + 0.5]
-    ax.hist(values, bins=bins, weights=weights, color="#16a085")
-    _integer_counts(ax)
-
-
-def _integer_counts(ax: Any) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _template() -> Any:

@@ -182,6 +182,9 @@ class ShardRecord:
     # (invalid UTF-8 in the list, replaced), by name; the stored columns' names and types.
     counters: dict[str, int] = field(default_factory=dict, repr=False)
     columns: tuple[Column, ...] = ()
+    # The published file's identity as its record holds it (size, ETag / inode, times): what resume
+    # compares; the worker returns it so the client files it without reading the record back.
+    identity: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly summary without the ledger (for manifest.json)."""

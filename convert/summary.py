@@ -10,7 +10,7 @@ shard files are removed by convert.shards, which owns the files under shards/):
 
 The orchestration calls two hooks, one line each:
     announce_rebuild(out, config_data, pending, log)            before the old manifest is retracted
-    after_manifest(out, manifest, specs, pending, records, failed_rows, summary, log)   after the new one
+    after_manifest(out, manifest, specs, tally, failed_rows, summary, log)   after the new one
 """
 
 from __future__ import annotations
@@ -140,15 +140,12 @@ def announce_rebuild(out: Store, config_data: dict[str, Any], pending: Sequence[
         log(message)
 
 
-def after_manifest(out: Store, manifest: dict[str, Any], specs: Sequence[ShardSpec], pending: Sequence[ShardSpec],
-                   records: dict[str, ShardRecord], tallies: dict[str, LedgerTally], failed_rows: Sequence[ItemResult],
-                   summary: Any, log: Callable[[str], None]) -> None:  # fmt: skip
-    """Once the new manifest is written: this run's own item count and top failures go into the
-    summary (`items_converted`, `top_failures`), and `convert.shards` removes the shard files of an
-    old format or plan (logged here)."""
-    summary.items_converted = sum(records[s.name].ok for s in pending if s.name in records)
-    ordered = [tallies[s.name] for s in specs if s.name in tallies]
-    summary.top_failures = top_failures([*ordered, LedgerTally.of(failed_rows)])
+def after_manifest(out: Store, manifest: dict[str, Any], specs: Sequence[ShardSpec], tally: LedgerTally,
+                   failed_rows: Sequence[ItemResult], summary: Any, log: Callable[[str], None]) -> None:  # fmt: skip
+    """Once the new manifest is written: the top failures go into the summary (`top_failures`,
+    from the run's aggregate `tally` then the failed shards' rows), and `convert.shards` removes
+    the shard files of an old format or plan (logged here)."""
+    summary.top_failures = top_failures([tally, LedgerTally.of(failed_rows)])
     stale = remove_stale_shards(out, manifest, [s.name for s in specs])
     if stale:
         log(f"removed {len(stale)} files of earlier settings no manifest lists: {', '.join(stale[:4])}"

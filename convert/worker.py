@@ -361,8 +361,8 @@ def _commit_shard(task: ShardTask, out: Any, fmt: Any, info: ShardInfo, started:
         stages=clock.seconds(), started=started, finished=time.time(), counters=cols.counters(),
         columns=info.columns,
     )  # fmt: skip
-    write_record(out, record, task.fingerprint)
-    return record
+    identity = write_record(out, record, task.fingerprint)
+    return replace(record, identity=identity)
 
 
 def _stored(fmt: str, path: str) -> tuple[int, tuple[int, ...] | None]:

@@ -20,7 +20,10 @@ from convert.config import load_config
 from convert.dataset import open_dataset
 from convert.orchestrate import run
 from convert.ledger import iter_ledger, read_ledger
-from convert.manifest import INDEX, MANIFEST, ManifestError, read_manifest
+from convert.manifest import INDEX, MANIFEST, ManifestError, ShardIndex, read_manifest
+from convert.shardtable import ShardTable
+from convert.specs import ItemResult, ShardRecord, Status
+from convert.summary import LedgerTally
 from convert.shards import verify
 from convert.records import dump_bytes, record_rel_path
 from convert.store import open_store
@@ -258,6 +261,27 @@ def test_a_fifo_in_place_of_a_record_or_shard_never_hangs_a_reader(out, built):
     (out / INDEX).unlink()
     os.mkfifo(out / INDEX)
     one_line_error(cli("inspect", str(out)), "index.gz is not a regular file")
+
+
+def test_shard_table_builds_the_same_index_as_the_records_and_round_trips_it():
+    """The client's columns (convert.shardtable) give the index the records would, in plan order
+    whatever order shards finish in; an index row read back fills the same columns (resume)."""
+    names = [f"shard-{i:05d}" for i in range(4)]
+    records = [ShardRecord(n, f"shards/{n}.h5", "hdf5", 2, 2 - (i % 2), i % 2, 100 + i, f"{i:064x}",
+                           (8, 8, 3) if i else None, "raw", stages={"fetch": 0.5 * i}, started=1.0, finished=2.0 + i,
+                           ledger=(ItemResult(f"k{i}", "u", None, Status.OK),
+                                   ItemResult(f"x{i}", "u", None, Status.TIMEOUT if i % 2 else Status.OK)))
+               for i, n in enumerate(names)]  # fmt: skip
+    table = ShardTable(names, [f"{i:064x}" for i in range(4)])
+    for r in reversed(records[1:]):  # out of order, shard 0 never arrives
+        table.add(r, LedgerTally.of(r.ledger), {"size": r.bytes, "inode": 7, "ctime_ns": 5, "edges": "ab" * 32}, new=True)
+    built = ShardIndex(table.index_cols()).validate("test")
+    assert list(built) == list(ShardIndex.from_summaries([r.summary() for r in records[1:]]))
+    assert table.tally().examples == {"timeout": ("x1", "x3")} and table.new_ok() == 4
+    again = ShardTable(names, table.fingerprints)
+    cols = persist.load(io.BytesIO(dump_bytes(table.index_cols())))
+    again.fill_from_index(np.array([1, 2, 3]), cols, np.array([0, 1, 2]))
+    assert list(ShardIndex(again.index_cols())) == list(built) and again.identity(2) == table.identity(2)
 
 
 def test_ledger_columns_stream_as_stored_and_a_fifo_reads_as_missing(out):

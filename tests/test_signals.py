@@ -56,7 +56,8 @@ def test_sigterm_ends_a_run_whose_fetch_hangs(tmp_path: Path) -> None:
             lst = root / "urls.txt"
             lst.write_text("".join(f"{proxy.url}/x/{p.name}\n" for p in paths))
             proc = _run(lst, tmp_path / "out", "--set", "cluster.kind=threads", "--set", "fetch.backend=urllib3",
-                        "--set", "fetch.timeout=300", "--set", "fetch.item_timeout=600", "--set", "fetch.retries=0")  # fmt: skip
+                        "--set", "fetch.timeout=300", "--set", "fetch.item_timeout=600", "--set", "fetch.retries=0",
+                        "--set", "fetch.allow_private_networks=true")  # fmt: skip
             deadline = time.monotonic() + 60
             while proxy.connections == 0 and time.monotonic() < deadline:  # the fetch has begun
                 time.sleep(0.05)

@@ -134,3 +134,31 @@ def test_a_crafted_setting_cannot_break_out_of_the_repair_command(out, tmp_path)
     assert not (tmp_path / "PWNED").exists()
     assert shown.stdout.splitlines() == shlex.split(command)[1:]
     assert "image.mode=\"RGB' ; touch PWNED ; echo '\"" in shown.stdout.splitlines()
+
+
+def _garble_records(out: Path) -> None:
+    for record in (out / "shards").glob("*.record.gz"):
+        record.write_bytes(b"not a record")
+
+
+def test_rerun_of_a_finished_output_trusts_the_index_without_reading_records(built, out):
+    """The index carries each shard's fingerprint, file identity and counts: a rerun of a finished
+    output decides from one listing (records unreadable here, so any record read would rebuild)."""
+    _garble_records(out)
+    summary = rerun(built[0], out)
+    assert (summary.skipped, summary.converted, summary.items_ok) == (3, 0, 3 * PER_SHARD)
+
+
+def test_shards_the_index_does_not_vouch_for_are_checked_from_their_records(built, out):
+    """After an interrupted run (manifest retracted, one shard rebuilt since the index was written)
+    the stale row costs a record read, never a wrong skip; the next index vouches for it again."""
+    (out / "manifest.json").unlink()
+    shard = out / "shards" / "shard-00001.h5"
+    shard.write_bytes(shard.read_bytes())  # a new file: new inode and ctime, same bytes
+    summary = rerun(built[0], out)
+    assert (summary.skipped, summary.converted) == (3, 0)  # its record proves it by the full sha256
+    edit_middle(out / "shards" / "shard-00002.h5")
+    summary = rerun(built[0], out)
+    assert (summary.skipped, summary.converted) == (2, 1)
+    _garble_records(out)
+    assert rerun(built[0], out).skipped == 3

@@ -25,8 +25,12 @@ from . import Completion, Executor, check_stop, stoppable
 from .cluster import ClusterHandle, check_reachable_paths, open_client
 from .worker_settings import WORKER_CONFIG, ProfilerOff
 
-#: what every worker we start runs with (no profiler, short logs): see worker_settings.py
-QUIET_LOGS = WORKER_CONFIG
+#: what every worker we start runs with (no profiler, short logs): see worker_settings.py; here, in the
+#: client process (and a LocalCluster's scheduler, which lives in it), low-level-log-length also bounds
+#: the scheduler's event topics and every BatchedSend's recent-message log, which holds each compute-task
+#: message WITH its pickled ShardTask: at 1000 that was ~10 MB in the client of a default LocalCluster
+#: before it stopped growing (issue 22, tracemalloc); 20 is enough for a post-mortem of the last messages.
+QUIET_LOGS = {**WORKER_CONFIG, "distributed.admin.low-level-log-length": 20}
 
 
 POLL = 0.05  # seconds between checks for a finished task or a stop request

@@ -42,7 +42,7 @@ CAPTIONS = [
     "x" * 10_000, "中文标题 日本語のキャプション 한국어", None, "back\\slash and nul-free",
 ]  # fmt: skip
 
-NGINX = """daemon off; worker_processes 1; error_log {tmp}/nginx-error.log; pid {tmp}/nginx.pid;
+NGINX = """daemon off; user root; worker_processes 1; error_log {tmp}/nginx-error.log; pid {tmp}/nginx.pid;
 events {{ worker_connections 4096; }}
 http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;
   server {{ listen 127.0.0.1:{port}; root {root};

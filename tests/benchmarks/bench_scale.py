@@ -38,8 +38,8 @@ URL_TEMPLATE = "{base}/img/{j:03d}.jpg?n={i:012d}&s=bench-scale-xx"  # ~63 chara
 class PeakRSS:
     """Peak resident memory (MB) of process trees, sampled in a thread."""
 
-    def __init__(self, **roots: int) -> None:
-        self.roots = roots
+    def __init__(self, tree: bool = True, **roots: int) -> None:
+        self.roots, self.tree = roots, tree  # tree=False: each root process alone (not its LocalCluster workers)
         self.peak = {name: 0.0 for name in roots}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -47,7 +47,7 @@ class PeakRSS:
     def _tree_mb(self, pid: int) -> float:
         try:
             proc = psutil.Process(pid)
-            procs = [proc, *proc.children(recursive=True)]
+            procs = [proc, *proc.children(recursive=True)] if self.tree else [proc]
         except psutil.NoSuchProcess:
             return 0.0
         total = 0
@@ -90,10 +90,10 @@ def write_parquet(path: Path, n: int, base: str) -> None:
                                     "label": [i % 1000 for i in rows]}), row_group_size=100_000)  # fmt: skip
 
 
-def timed(args: list[str], **roots: int) -> tuple[float, subprocess.CompletedProcess[str], dict[str, float]]:
+def timed(args: list[str], tree: bool = True, **roots: int) -> tuple[float, subprocess.CompletedProcess[str], dict[str, float]]:
     start = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with PeakRSS(client=proc.pid, **roots) as rss:
+    with PeakRSS(tree, client=proc.pid, **roots) as rss:
         out, err = proc.communicate()
     seconds = time.perf_counter() - start
     return seconds, subprocess.CompletedProcess(args, proc.returncode, out, err), rss.peak
