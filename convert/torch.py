@@ -264,10 +264,13 @@ class StreamingDataLoader(DataLoader):  # type: ignore[type-arg]
                 "batches": self._batches, "batch_size": ds.batch_size or self.batch_size or 0,
                 "offset": ds.offset, "dataset": ds.stream.identity()}  # fmt: skip
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
         """Continue from `state`: exactly where each worker was (same world size and workers), else
-        from the global position every rank had reached (elastic resume; see the module docstring)."""
+        from the global position every rank had reached (elastic resume; see the module docstring).
+        A list of every rank's states (gathered) is checked to be of one synchronized step."""
         ds: StreamingDataset = self.dataset  # type: ignore[assignment]
+        if not isinstance(state, dict):
+            state = _one_step(list(state), *_rank_world())
         ds.check_state(state)
         if (state["world"], state["workers"]) != (_rank_world()[1], max(1, self.num_workers)):
             old = Part(0, int(state["world"]), 0, int(state["workers"]), max(1, int(state.get("batch_size") or 1)),
@@ -283,3 +286,16 @@ class StreamingDataLoader(DataLoader):  # type: ignore[type-arg]
         ds.load_state_dict(state, workers=max(1, self.num_workers))
         self._consumed, self._epoch = dict(ds._resume), ds.epoch
         self._batches, self._complete = int(state.get("batches", 0)), False
+
+
+def _one_step(states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+    """This rank's state of a list of every old rank's (its own when the world size is the same),
+    after checking they are of one epoch and one synchronized step."""
+    if not states:
+        raise ValueError("cannot resume: an empty list of states")
+    steps = sorted({(int(s["epoch"]), int(s.get("batches", 0))) for s in states})
+    if len(steps) > 1:
+        raise ValueError(f"cannot resume: the ranks' states are at different (epoch, batches) {steps}; "
+                         "take the checkpoint at a synchronized step")  # fmt: skip
+    by_rank = {int(s["rank"]): s for s in states}
+    return by_rank.get(rank, states[0]) if world == int(states[0]["world"]) else states[0]

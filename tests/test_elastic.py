@@ -116,3 +116,24 @@ def test_elastic_in_process_num_workers_0_to_2(datasets, monkeypatch):
         resumed.load_state_dict(state)
         rest += [k for b in resumed for k in b["key"]]
     assert sorted(head + rest) == sorted(open_dataset(uri)[i]["key"] for i in range(63))
+
+
+def test_states_of_unsynchronized_ranks_are_refused(datasets, monkeypatch):
+    """A list of every rank's states must be of one step: else a one-line error, not a silent gap."""
+    uri, _ = datasets
+    states = []
+    for rank, steps in ((0, 2), (1, 3)):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        loader = StreamingDataLoader(StreamingDataset(uri, seed=3), batch_size=4)
+        it = iter(loader)
+        for _ in range(steps):
+            next(it)
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=r"different \(epoch, batches\) \[\(0, 2\), \(0, 3\)\]"):
+        StreamingDataLoader(StreamingDataset(uri, seed=3), batch_size=4).load_state_dict(states)
+    states[1] = states[0] | {"rank": 1}  # one step: the list resumes like one state
+    resumed = StreamingDataLoader(StreamingDataset(uri, seed=3), batch_size=4)
+    resumed.load_state_dict(states)
+    assert resumed.dataset.offset == 2 * 2 * 4
