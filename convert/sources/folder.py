@@ -14,7 +14,7 @@ import hashlib
 import json
 import posixpath
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
