@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -179,7 +179,7 @@ def _fetch_stream(refs: Iterator[ItemRef], task: ShardTask, cols: ItemColumns, c
     on DECODE_THREADS threads, so this thread only writes: local reads are CPU-bound, and one
     converting thread per process left a core idle while it decoded."""
     policies, items = task.policies, task.items
-    fetch_one = timed_fetch(clock, lambda ref: load_item(ref, policies))
+    fetch_one = timed_fetch(clock, lambda ref: load_item(cast(ItemRef, ref), policies))
     depth, budget = items.depth, items.prefetch_bytes
     if items.fetch == "curl":
         return CurlStream(refs, lambda ref: _http_url(ref, policies[ref.slice]), fetch_one, policies[0], depth=depth,
@@ -223,7 +223,7 @@ def _examine_group(
 
 def _group_size(group: list[Fetched]) -> int:
     """Bytes a finished group holds: its stored data (the source bytes are dropped once examined)."""
-    return sum(_size_of(f.value[1]) for f in group if f.value[1] is not None)
+    return sum(_size_of(f.value[1]) for f in group if f.value is not None and f.value[1] is not None)
 
 
 class _Ungrouped:

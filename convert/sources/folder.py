@@ -14,7 +14,7 @@ import hashlib
 import json
 import posixpath
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -198,5 +198,3 @@ def folder_refs(rows: Iterator[tuple[Any, ...]], root: str, names: dict[str, int
         label = names[rel.split("/", 1)[0]] if names is not None else None
         yield ItemRef(key=safe_key(rel), uri=f"{base}/{rel}", label=label)
 
-
-GroupLister = Callable[[_Group], list[str]]
