@@ -1,6 +1,6 @@
 """convert: turn image collections into training-ready HDF5/LMDB shards with Dask.
 
-    from convert import run, open_dataset, load_config
+from convert import run, open_dataset, load_config
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from .cli_export import export as export_command
 from .config import Config, ConfigError, load_config, parse_override
 from .redact import redact_url
 
+
 class _SizeCommand(click.Command):
     """Lets `--size 64 48` (H W) through click, which cannot take a variable number of values."""
 
@@ -125,9 +126,16 @@ def main() -> None:
 
 @main.command(cls=_SizeCommand)
 @config_options
-@click.option("--retry-failed", "retry_failed", is_flag=False, flag_value="transient", default=None,
-              metavar="[STATUS,...]", help="rebuild committed shards whose ledgers hold these statuses "
-              "(default: timeout,connection_error,http_error (429/5xx),error)")  # fmt: skip
+@click.option(
+    "--retry-failed",
+    "retry_failed",
+    is_flag=False,
+    flag_value="transient",
+    default=None,
+    metavar="[STATUS,...]",
+    help="rebuild committed shards whose ledgers hold these statuses "
+    "(default: timeout,connection_error,http_error (429/5xx),error)",
+)
 @friendly
 def run(config_path: str | None, sets: tuple[str, ...], retry_failed: str | None, **flags: Any) -> None:
     """Convert CONFIG_PATH (YAML) and/or the given flags; resumes unless --overwrite."""
@@ -180,15 +188,25 @@ def plan_command(config_path: str | None, sets: tuple[str, ...], samples: int, a
                 break
             for ref, _ in zip(shard_refs(spec, config.source.storage_options), range(samples - len(rows))):
                 rows.append({"key": ref.key, "uri": redact_url(ref.uri), "label": ref.label})
-    report = {"source": redact_url(config.source.uri), "kind": found.kind, "partitions": found.partitions,
-              "items": found.items, "shards": len(found.specs), "shard_size": config.shard.size,
-              "labels": len(found.label_names) if found.label_names else 0, "seconds": round(seconds, 3),
-              "samples": rows}  # fmt: skip
+    report = {
+        "source": redact_url(config.source.uri),
+        "kind": found.kind,
+        "partitions": found.partitions,
+        "items": found.items,
+        "shards": len(found.specs),
+        "shard_size": config.shard.size,
+        "labels": len(found.label_names) if found.label_names else 0,
+        "seconds": round(seconds, 3),
+        "samples": rows,
+    }
     if as_json:
         out_console.print_json(json.dumps(report))
         return
-    out_console.print(f"{report['source']}: {found.kind} source, {found.partitions} partitions, {found.items} items "
-                      f"-> {len(found.specs)} shards of {config.shard.size} (planned in {seconds:.2f} s)", highlight=False)
+    out_console.print(
+        f"{report['source']}: {found.kind} source, {found.partitions} partitions, {found.items} items "
+        f"-> {len(found.specs)} shards of {config.shard.size} (planned in {seconds:.2f} s)",
+        highlight=False,
+    )
     if found.label_names:
         shown = ", ".join(found.label_names[:10]) + (" ..." if len(found.label_names) > 10 else "")
         out_console.print(f"labels ({len(found.label_names)}): {shown}", highlight=False, markup=False)
@@ -212,8 +230,15 @@ def submit(config_path: str | None, sets: tuple[str, ...], dry_run: bool, **flag
 
     Unset job settings fall back to the config's `cluster:` section, then dask's jobqueue.yaml.
     """
-    batch = {"cluster_kind": "kind", "jobs": "jobs", "cores": "cores", "memory": "memory",
-             "walltime": "walltime", "queue": "queue", "account": "account"}  # fmt: skip
+    batch = {
+        "cluster_kind": "kind",
+        "jobs": "jobs",
+        "cores": "cores",
+        "memory": "memory",
+        "walltime": "walltime",
+        "queue": "queue",
+        "account": "account",
+    }
     extra = tuple(f"cluster.{key}={flags.pop(name)}" for name, key in batch.items() if flags.get(name) is not None)
     for name in batch:
         flags.pop(name, None)
@@ -241,8 +266,13 @@ def _execute(config: Config) -> None:
     if config.cluster.kind != "threads":
         quiet_workers()  # no CancelledError lines from the workers when a run is stopped
 
-    columns = (TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[items]}"),
-               TimeElapsedColumn())  # fmt: skip
+    columns = (
+        TextColumn("[bold]shards"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[items]}"),
+        TimeElapsedColumn(),
+    )
     progress = Progress_(*columns, console=console, transient=False)
     task = progress.add_task("convert", total=None, items="")
 
@@ -277,8 +307,11 @@ def _leave(code: int) -> None:
 def print_summary(summary: Any) -> None:
     table = Table(title="convert: summary", show_header=False)
     table.add_row("output", summary.output)
-    table.add_row("shards", f"{summary.shards} ({summary.skipped} resumed, {summary.converted} converted, "
-                  f"{len(summary.failed_shards)} failed)")  # fmt: skip
+    table.add_row(
+        "shards",
+        f"{summary.shards} ({summary.skipped} resumed, {summary.converted} converted, "
+        f"{len(summary.failed_shards)} failed)",
+    )
     table.add_row("items ok", str(summary.items_ok))
     failures = {k: v for k, v in summary.by_status.items() if k != "ok"}
     table.add_row("items failed", f"{summary.items_failed} " + (json.dumps(failures) if failures else ""))

@@ -41,8 +41,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .persist import PersistError
     from .sources import SourceError
 
-    return (ConfigError, ManifestError, SourceError, PersistError, ClusterError, FileNotFoundError, PermissionError,
-            ImportError)  # fmt: skip
+    return (
+        ConfigError,
+        ManifestError,
+        SourceError,
+        PersistError,
+        ClusterError,
+        FileNotFoundError,
+        PermissionError,
+        ImportError,
+    )
 
 
 WHOLE_PROCESS: list[bool] = []  # set by the command-line entry points: this process is ours to end

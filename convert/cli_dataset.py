@@ -23,8 +23,12 @@ from .redact import redact_options, redact_text, redact_url
 @click.command()
 @click.argument("uri")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--failures", is_flag=True, help="list failed items instead: key, uri, status, error (one per line, tab-separated)")
-@click.option("--status", "statuses", multiple=True, metavar="STATUS", help="with --failures: only this status (repeatable)")
+@click.option(
+    "--failures", is_flag=True, help="list failed items instead: key, uri, status, error (one per line, tab-separated)"
+)
+@click.option(
+    "--status", "statuses", multiple=True, metavar="STATUS", help="with --failures: only this status (repeatable)"
+)
 @click.option("--storage-option", "options", multiple=True, metavar="KEY=VALUE")
 @friendly
 def inspect(uri: str, as_json: bool, failures: bool, statuses: tuple[str, ...], options: tuple[str, ...]) -> None:
@@ -53,8 +57,14 @@ def _inspect_data(run: Any, debris: list[Any], columns: list[dict[str, str]]) ->
     if run.manifest is not None:
         data = {**run.manifest, "shards": list(run.shards), "config": redact_options(run.manifest["config"])}
     else:
-        data = {"partial": True, "state": run.state(), "format": run.format, "planned_shards": run.planned,
-                "totals": run.totals, "shards": list(run.shards)}  # fmt: skip
+        data = {
+            "partial": True,
+            "state": run.state(),
+            "format": run.format,
+            "planned_shards": run.planned,
+            "totals": run.totals,
+            "shards": list(run.shards),
+        }
     leftover = [{"kind": d.kind, "url": d.url, "detail": d.detail} for d in debris]
     return {**data, "columns": columns, "leftovers": leftover}
 
@@ -64,14 +74,20 @@ def _print_inspect(uri: str, run: Any, debris: list[Any], columns: list[dict[str
     if manifest is None:
         out_console.print(f"[bold]{escape(uri)}[/]  format={run.format}  [yellow]{run.state()}[/]")
     else:
-        out_console.print(f"[bold]{escape(uri)}[/]  format={manifest['format']}  source={manifest['source_kind']}  "
-                          f"complete={manifest['complete']}")  # fmt: skip
-    out_console.print(f"items {totals['items']}  ok {totals['ok']}  failed {totals['failed']}  "
-                      f"by status {totals['by_status']}  bytes {totals['bytes']}")  # fmt: skip
+        out_console.print(
+            f"[bold]{escape(uri)}[/]  format={manifest['format']}  source={manifest['source_kind']}  "
+            f"complete={manifest['complete']}"
+        )
+    out_console.print(
+        f"items {totals['items']}  ok {totals['ok']}  failed {totals['failed']}  "
+        f"by status {totals['by_status']}  bytes {totals['bytes']}"
+    )
     table = Table("shard", "items", "ok", "failed", "bytes", "shape", "sha256")
     for s in run.shards:
         shape = "x".join(map(str, s["image_shape"])) if s["image_shape"] else s["encoding"]
-        table.add_row(s["name"], str(s["count"]), str(s["ok"]), str(s["failed"]), str(s["bytes"]), shape, s["sha256"][:12])
+        table.add_row(
+            s["name"], str(s["count"]), str(s["ok"]), str(s["failed"]), str(s["bytes"]), shape, s["sha256"][:12]
+        )
     out_console.print(table)
     for name, error in run.failed_shards.items():
         out_console.print(f"[red]failed shard {name}[/]: {error}")
@@ -122,11 +138,21 @@ def _print_failures(run: Any, statuses: tuple[str, ...]) -> None:
 
 @click.command()
 @click.argument("uri")
-@click.option("--html", "html_target", metavar="FILE",
-              help="where to write the page [default: <root>/report.html; a remote dataset: ./<name>-report.html]; "
-                   "an fsspec URL (s3://...) is written there with the dataset's storage options")
-@click.option("--samples-per-label", "k", type=click.IntRange(0, 256), default=8, show_default=True,
-              help="thumbnails per label, read back from the shards")
+@click.option(
+    "--html",
+    "html_target",
+    metavar="FILE",
+    help="where to write the page [default: <root>/report.html; a remote dataset: ./<name>-report.html]; "
+    "an fsspec URL (s3://...) is written there with the dataset's storage options",
+)
+@click.option(
+    "--samples-per-label",
+    "k",
+    type=click.IntRange(0, 256),
+    default=8,
+    show_default=True,
+    help="thumbnails per label, read back from the shards",
+)
 @click.option("--storage-option", "options", multiple=True, metavar="KEY=VALUE")
 @friendly
 def report(uri: str, html_target: str | None, k: int, options: tuple[str, ...]) -> None:
@@ -135,8 +161,11 @@ def report(uri: str, html_target: str | None, k: int, options: tuple[str, ...]) 
 
     path, state = write_report(uri, html_target, storage_options(options), k)
     if html_target is None and not default_target(uri)[1]:
-        console.print(f"the dataset is remote: wrote the report locally (pass --html {uri.rstrip('/')}/report.html "
-                      "to store it beside the data)", highlight=False)  # fmt: skip
+        console.print(
+            f"the dataset is remote: wrote the report locally (pass --html {uri.rstrip('/')}/report.html "
+            "to store it beside the data)",
+            highlight=False,
+        )
     console.print(f"report of {uri}: {state}", highlight=False)
     click.echo(os.path.abspath(path) if "://" not in path else path)
 
@@ -160,8 +189,11 @@ def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
     out_console.print(f"{len(checks) - len(bad)}/{len(checks)} shards match the manifest")
     if repair and bad:
         command = repair_output(store, checks)
-        out_console.print(f"removed {len(bad)} failing shards and the manifest; rebuild exactly those with the "
-                          "run that made the dataset (plus its storage/cluster options):", highlight=False)
+        out_console.print(
+            f"removed {len(bad)} failing shards and the manifest; rebuild exactly those with the "
+            "run that made the dataset (plus its storage/cluster options):",
+            highlight=False,
+        )
         click.echo(command)  # plain: no console markup or wrapping inside a shell command
     sys.exit(1 if bad else 0)
 

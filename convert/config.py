@@ -86,8 +86,10 @@ class OutputConfig(_Model):
         data = dict(data)
         given = data.pop("options", None) or {}
         if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
-            raise ValueError("output.options maps a format name to its section, e.g. {hdf5: {compression: gzip}}; "
-                             "or set output.<format>.<key>")  # fmt: skip
+            raise ValueError(
+                "output.options maps a format name to its section, e.g. {hdf5: {compression: gzip}}; "
+                "or set output.<format>.<key>"
+            )
         options = {k: dict(v) for k, v in given.items()}
         for name in FORMATS:
             if isinstance(data.get(name), dict):
@@ -386,7 +388,9 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+            raise ConfigError(
+                f"{path}: not valid YAML ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
+            ) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections (source:, output:, ...)")
         data = loaded or {}

@@ -78,8 +78,7 @@ class Dataset:
         self._starts_arr = np.asarray(self._starts[:-1], np.int64)
         self._format = get_format(self.manifest["format"])
         self.is_local = store.is_local
-        self.cache = ShardCache(self.cache_dir, self._fetch_file, self._format.extension, cache_limit,
-                                url_of=store.url)  # fmt: skip
+        self.cache = ShardCache(self.cache_dir, self._fetch_file, self._format.extension, cache_limit, url_of=store.url)
         self._init_process()
         self._selection: tuple[str, ...] | None = None
         self.schema = self._schema(columns)
@@ -179,8 +178,10 @@ class Dataset:
         shapes = {"x".join(map(str, s["image_shape"])) if s["image_shape"] else s["encoding"] for s in self.shards}
         names = self.label_names or []
         labels = ", ".join(names[:8]) + (f", ... ({len(names)} labels)" if len(names) > 8 else "")
-        return (f"Dataset({self.uri!r}, items={len(self)}, shards={len(self.shards)}, format={self._format.name}, "
-                f"shape={'/'.join(sorted(shapes)) or '-'}, labels=[{labels}])")  # fmt: skip
+        return (
+            f"Dataset({self.uri!r}, items={len(self)}, shards={len(self.shards)}, format={self._format.name}, "
+            f"shape={'/'.join(sorted(shapes)) or '-'}, labels=[{labels}])"
+        )
 
     def ledger(self) -> dict[str, Any]:
         """Every input item with its status and error message (columns)."""
@@ -255,8 +256,13 @@ class Dataset:
             return local
         if self._format.needs_local_file or self.download:
             return str(self.cache.get(shard))
-        return store.open(shard["path"], "rb", block_size=REMOTE_BLOCK, cache_type="blockcache",
-                          cache_options={"maxblocks": REMOTE_BLOCKS})  # fmt: skip
+        return store.open(
+            shard["path"],
+            "rb",
+            block_size=REMOTE_BLOCK,
+            cache_type="blockcache",
+            cache_options={"maxblocks": REMOTE_BLOCKS},
+        )
 
     def _fetch_file(self, rel: str, target: str) -> None:
         """ShardCache's download: the whole object into an existing (reserved) local file."""
@@ -339,6 +345,13 @@ def open_dataset(
     by label) and `filter` ("similarity > 0.3 and width >= 256", on columns only) return a
     `convert.views.View` of the dataset instead, without rewriting anything.
     """
-    ds = Dataset(uri, storage_options=storage_options, cache_dir=cache_dir, decode=decode,
-                 download=download, cache_limit=cache_limit, columns=columns)  # fmt: skip
+    ds = Dataset(
+        uri,
+        storage_options=storage_options,
+        cache_dir=cache_dir,
+        decode=decode,
+        download=download,
+        cache_limit=cache_limit,
+        columns=columns,
+    )
     return view(ds, split=split, filter=filter, seed=seed, stratify=stratify)

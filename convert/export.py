@@ -49,8 +49,14 @@ MARKER_THREADS = 16  # concurrent done-marker reads when resuming
 MARKERS = "_export"
 INDEX = "index.wids.json"
 IMAGE_FORMATS = ("auto", "npy", "png", "jpg")
-_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"), (b"BM", "bmp"),
-          (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))  # fmt: skip
+_MAGIC = (
+    (b"\xff\xd8\xff", "jpg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF8", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
 
 
 class ExportError(ConfigError):
@@ -86,10 +92,18 @@ class ExportSummary:
     seconds: float
 
 
-def export_webdataset(uri: str, output: str, *, maxcount: int | None = None, shard_size: int | None = None,
-                      image_format: str = "auto", storage_options: dict[str, Any] | None = None,
-                      output_options: dict[str, Any] | None = None, overwrite: bool = False,
-                      log: Callable[[str], None] | None = None) -> ExportSummary:  # fmt: skip
+def export_webdataset(
+    uri: str,
+    output: str,
+    *,
+    maxcount: int | None = None,
+    shard_size: int | None = None,
+    image_format: str = "auto",
+    storage_options: dict[str, Any] | None = None,
+    output_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> ExportSummary:
     """Write `uri`'s items as WebDataset tars under `output` (local path or fsspec URL), resuming
     a previous export of the same dataset and settings; `overwrite` rewrites every tar."""
     settings = ExportSettings(image_format, maxcount, shard_size)
@@ -101,7 +115,9 @@ def export_webdataset(uri: str, output: str, *, maxcount: int | None = None, sha
     done = {} if overwrite else _completed(out, settings, fp)
     if len(done) < len(ranges):
         out.delete(INDEX)  # an old export's index must not describe tars being rewritten
-    _remove_debris(out, settings.prefix, {tar_name(settings.prefix, j) for j in range(len(ranges))} if overwrite else None)
+    _remove_debris(
+        out, settings.prefix, {tar_name(settings.prefix, j) for j in range(len(ranges))} if overwrite else None
+    )
     written = nbytes = 0
     entries = []
     for j, (start, stop) in enumerate(ranges):
@@ -112,9 +128,16 @@ def export_webdataset(uri: str, output: str, *, maxcount: int | None = None, sha
             written, nbytes = written + 1, nbytes + marker["bytes"]
             if log:
                 log(f"{name}: {marker['count']} items, {marker['bytes']} bytes")
-        entries.append({"url": name, "nsamples": marker["count"], "filesize": marker["bytes"], "sha256": marker["sha256"]})
-    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": redact_url(uri), "shardlist": entries,
-             "convert": {"fingerprint": fp, "settings": asdict(settings), "items": len(ds)}}  # fmt: skip
+        entries.append(
+            {"url": name, "nsamples": marker["count"], "filesize": marker["bytes"], "sha256": marker["sha256"]}
+        )
+    index = {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": redact_url(uri),
+        "shardlist": entries,
+        "convert": {"fingerprint": fp, "settings": asdict(settings), "items": len(ds)},
+    }
     out.write_bytes(INDEX, json.dumps(index, indent=1).encode())
     return ExportSummary(len(ranges), written, len(ranges) - written, len(ds), nbytes, time.perf_counter() - started)
 
@@ -156,8 +179,10 @@ def _completed(out: Store, settings: ExportSettings, fp: str) -> dict[str, dict[
         except (ValueError, KeyError, TypeError):
             continue  # unreadable marker: its tar is rewritten
         if theirs != fp:
-            raise ExportError(f"{out.url(rel)}: this output holds an export of another dataset or with other "
-                              "settings; choose another output or pass --overwrite")  # fmt: skip
+            raise ExportError(
+                f"{out.url(rel)}: this output holds an export of another dataset or with other "
+                "settings; choose another output or pass --overwrite"
+            )
         if sizes.get(tar) == marker.get("bytes"):
             found[tar] = marker
     return found
@@ -179,8 +204,9 @@ def _remove_debris(out: Store, prefix: str, planned: set[str] | None) -> None:
             out.delete(entry.rel)
 
 
-def write_tar(ds: Dataset, out: Store, name: str, start: int, stop: int, settings: ExportSettings,
-              fp: str) -> dict[str, Any]:  # fmt: skip
+def write_tar(
+    ds: Dataset, out: Store, name: str, start: int, stop: int, settings: ExportSettings, fp: str
+) -> dict[str, Any]:
     """Write one tar (visible only when complete), then its done-marker; returns the marker."""
     chunks = _chunks(ds, start, stop)
     count = 0
@@ -193,8 +219,15 @@ def write_tar(ds: Dataset, out: Store, name: str, start: int, stop: int, setting
                     info.size, info.mode, info.mtime = len(data), 0o444, 0
                     tar.addfile(info, io.BytesIO(data))
                 count += 1
-    marker = {"tar": name, "start": start, "stop": stop, "count": count, "bytes": sink.size,
-              "sha256": sink.sha.hexdigest(), "fingerprint": fp}  # fmt: skip
+    marker = {
+        "tar": name,
+        "start": start,
+        "stop": stop,
+        "count": count,
+        "bytes": sink.size,
+        "sha256": sink.sha.hexdigest(),
+        "fingerprint": fp,
+    }
     out.write_bytes(f"{MARKERS}/{name[: -len('.tar')]}.json", json.dumps(marker).encode())
     return marker
 

@@ -22,9 +22,15 @@ RANGE_ITEMS = 4096  # at most this many items per generator range (the unit data
 BATCH = 256
 
 
-def to_iterable_dataset(uri: str, storage_options: dict[str, Any] | None = None, split: str | None = None,
-                        filter: str | None = None, seed: int | None = 0, stratify: bool = False,
-                        decode: bool = True) -> Any:  # fmt: skip
+def to_iterable_dataset(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    split: str | None = None,
+    filter: str | None = None,
+    seed: int | None = 0,
+    stratify: bool = False,
+    decode: bool = True,
+) -> Any:
     """A `datasets.IterableDataset` of the items of `uri` (or of its view: split/filter/seed as in
     convert.views); its `n_shards` is the number of index ranges."""
     try:
@@ -34,8 +40,15 @@ def to_iterable_dataset(uri: str, storage_options: dict[str, Any] | None = None,
     ds = view(Dataset(uri, storage_options=storage_options, decode=decode), split, filter, seed, stratify)
     n = len(ds)
     ranges = [(a, min(a + RANGE_ITEMS, n)) for a in range(0, n, RANGE_ITEMS)]
-    spec = {"uri": uri, "storage_options": storage_options or {}, "decode": decode, "split": split,
-            "filter": filter, "seed": seed, "stratify": stratify}  # fmt: skip
+    spec = {
+        "uri": uri,
+        "storage_options": storage_options or {},
+        "decode": decode,
+        "split": split,
+        "filter": filter,
+        "seed": seed,
+        "stratify": stratify,
+    }
     return datasets.IterableDataset.from_generator(_generate, gen_kwargs={"ranges": ranges, "spec": spec})
 
 

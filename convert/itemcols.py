@@ -69,8 +69,11 @@ class ItemColumns:
         want = str(expected).strip().lower()
         algo = _ALGO_BY_LENGTH.get(len(want))
         if algo is None or not _HEX.fullmatch(want):
-            raise ItemError(Status.HASH_MISMATCH, f"the list's digest {str(expected)[:40]!r} is not a sha256/md5 hex "
-                                                  "digest; fix the hash column or unset source.hash_column")  # fmt: skip
+            raise ItemError(
+                Status.HASH_MISMATCH,
+                f"the list's digest {str(expected)[:40]!r} is not a sha256/md5 hex "
+                "digest; fix the hash column or unset source.hash_column",
+            )
         got = computed if algo == plan.hash else hashlib.new(algo, data).hexdigest()
         if got != want:
             raise ItemError(Status.HASH_MISMATCH, f"{algo} of the fetched bytes {got[:12]} != list {want[:12]}")

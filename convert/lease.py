@@ -45,8 +45,9 @@ LEASE = "_lease.json"
 TTL = 60.0  # seconds without a heartbeat after which a lease is stale
 MAX_TTL = 7 * 86400.0  # a longer ttl is absurd: the lease is treated as stale
 MAX_SKEW = 60.0  # seconds a heartbeat may lie in the future (clock skew between hosts)
-_STAGED = re.compile(r"^\.(?P<name>.+?)\.(?:r-(?P<run>[0-9A-Za-z]+)\.)?(?P<attempt>[0-9a-f]{8,32})"
-                     + re.escape(PARTIAL))  # fmt: skip
+_STAGED = re.compile(
+    r"^\.(?P<name>.+?)\.(?:r-(?P<run>[0-9A-Za-z]+)\.)?(?P<attempt>[0-9a-f]{8,32})" + re.escape(PARTIAL)
+)
 
 
 class LeaseError(StorageError):
@@ -73,8 +74,16 @@ class Lease:
         raw = json.loads(data)
         if not isinstance(raw, dict):
             raise ValueError("lease is not a JSON object")
-        return cls(str(raw["run_id"]), str(raw["owner"]), str(raw["host"]), int(raw["pid"]),
-                   float(raw["started"]), float(raw["heartbeat"]), float(raw["ttl"]), token)  # fmt: skip
+        return cls(
+            str(raw["run_id"]),
+            str(raw["owner"]),
+            str(raw["host"]),
+            int(raw["pid"]),
+            float(raw["started"]),
+            float(raw["heartbeat"]),
+            float(raw["ttl"]),
+            token,
+        )
 
     def stale(self, now: float) -> bool:
         """No heartbeat within the ttl, or a heartbeat/ttl that cannot be trusted (NaN, infinite,
@@ -85,8 +94,10 @@ class Lease:
 
     def describe(self, now: float) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(self.started)) if math.isfinite(self.started) else "?"
-        return (f"run {self.run_id} ({self.owner} on {self.host}, pid {self.pid}, started {started}, "
-                f"last heartbeat {now - self.heartbeat:.0f} s ago)")  # fmt: skip
+        return (
+            f"run {self.run_id} ({self.owner} on {self.host}, pid {self.pid}, started {started}, "
+            f"last heartbeat {now - self.heartbeat:.0f} s ago)"
+        )
 
 
 @dataclass(frozen=True)
@@ -155,14 +166,20 @@ def acquire(store: Store, run_id: str, force: bool = False, ttl: float = TTL) ->
             continue
         where = store.url(LEASE)
         if stale:
-            raise LeaseError(f"output {store.url()} is locked by {held.describe(now)}, which looks dead "
-                             f"(no valid heartbeat within {held.ttl:.0f} s); if it is, rerun with --force-unlock "
-                             f"to take over (or delete {where})")  # fmt: skip
-        raise LeaseError(f"output {store.url()} is being written by {held.describe(now)}; wait for it to "
-                         f"finish, or if it was killed rerun with --force-unlock once its lease is stale "
-                         f"(no heartbeat for {held.ttl:.0f} s)")  # fmt: skip
-    raise LeaseError(f"output {store.url()}: could not take the lease {store.url(LEASE)} (another run keeps "
-                     "taking it); rerun when the other run has finished")  # fmt: skip
+            raise LeaseError(
+                f"output {store.url()} is locked by {held.describe(now)}, which looks dead "
+                f"(no valid heartbeat within {held.ttl:.0f} s); if it is, rerun with --force-unlock "
+                f"to take over (or delete {where})"
+            )
+        raise LeaseError(
+            f"output {store.url()} is being written by {held.describe(now)}; wait for it to "
+            f"finish, or if it was killed rerun with --force-unlock once its lease is stale "
+            f"(no heartbeat for {held.ttl:.0f} s)"
+        )
+    raise LeaseError(
+        f"output {store.url()}: could not take the lease {store.url(LEASE)} (another run keeps "
+        "taking it); rerun when the other run has finished"
+    )
 
 
 def renew(store: Store, lease: Lease) -> Lease | None:
@@ -173,7 +190,11 @@ def renew(store: Store, lease: Lease) -> Lease | None:
     if token is None:  # our previous renewal may have landed with its answer lost: still ours?
         held = read_lease(store)
         if held is None or (held.run_id, held.started, held.pid, held.host) != (
-                lease.run_id, lease.started, lease.pid, lease.host):  # fmt: skip
+            lease.run_id,
+            lease.started,
+            lease.pid,
+            lease.host,
+        ):
             return None
         token = store.replace_if(LEASE, fresh.encode(), held.token)
     return None if token is None else replace(fresh, token=token)
@@ -213,8 +234,13 @@ class _Heartbeat:
 
 
 @contextlib.contextmanager
-def hold_lease(store: Store, run_id: str | None = None, force: bool = False, ttl: float = TTL,
-               log: Callable[[str], None] | None = None) -> Iterator[Lease]:  # fmt: skip
+def hold_lease(
+    store: Store,
+    run_id: str | None = None,
+    force: bool = False,
+    ttl: float = TTL,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[Lease]:
     """Hold the output's lease for the block: acquire, clean dead attempts' debris, renew, release."""
     lease = acquire(store, run_id or new_run_id(), force, ttl)
     beat = _Heartbeat(store, lease)
@@ -224,8 +250,10 @@ def hold_lease(store: Store, run_id: str | None = None, force: bool = False, ttl
             log(f"removed {len(removed)} leftovers of earlier attempts (incomplete uploads, temp files)")
         yield lease
         if beat.lost:
-            raise LeaseError(f"output {store.url()}: this run's lease was taken over by another run "
-                             "(--force-unlock); its results were not published as complete")  # fmt: skip
+            raise LeaseError(
+                f"output {store.url()}: this run's lease was taken over by another run "
+                "(--force-unlock); its results were not published as complete"
+            )
     finally:
         beat.stop()
         if not beat.lost:
@@ -287,19 +315,31 @@ def publish(store: Store, tmp: str, rel: str, size: int, sha256: str | None = No
     try:
         store.publish(tmp, rel, size, sha256, guard=Guard(LEASE, _carries(token)))
     except PreconditionFailed:
-        raise LeaseError(f"{store.url(rel)}: not published, the output's lease moved from run {token} "
-                         "to another run (--force-unlock); this attempt is discarded") from None
+        raise LeaseError(
+            f"{store.url(rel)}: not published, the output's lease moved from run {token} "
+            "to another run (--force-unlock); this attempt is discarded"
+        ) from None
 
 
 # -- debris of dead attempts: staged temps under shards/ and incomplete uploads ----------------
 def debris(store: Store) -> list[Leftover]:
     """Staged temps under shards/ (with the run id their name carries) and incomplete uploads."""
-    found = [Leftover("multipart", store.url(rel), upload, started=started, rel=rel)
-             for rel, upload, started in store.incomplete_uploads()]  # fmt: skip
+    found = [
+        Leftover("multipart", store.url(rel), upload, started=started, rel=rel)
+        for rel, upload, started in store.incomplete_uploads()
+    ]
     for entry in store.list(SHARDS_DIR):
         if PARTIAL in entry.name:
-            found.append(Leftover("partial", store.url(entry.rel), "", staged_run_id(entry.name),
-                                  max(entry.mtime_ns, 0) / 1e9, entry.rel))  # fmt: skip
+            found.append(
+                Leftover(
+                    "partial",
+                    store.url(entry.rel),
+                    "",
+                    staged_run_id(entry.name),
+                    max(entry.mtime_ns, 0) / 1e9,
+                    entry.rel,
+                )
+            )
     return found
 
 

@@ -25,8 +25,18 @@ from typing import Any, NamedTuple
 
 from . import persist
 from .manifest import FAILED, LEDGER, MANIFEST, PLAN, ShardIndex, read_manifest
-from .records import (RECORD_SUFFIX, ManifestError, is_shard_name, iter_record_ledgers, ledger_columns, ledger_rows,
-                      ordered_map, read_ledger_columns, read_meta, read_record)  # fmt: skip
+from .records import (
+    RECORD_SUFFIX,
+    ManifestError,
+    is_shard_name,
+    iter_record_ledgers,
+    ledger_columns,
+    ledger_rows,
+    ordered_map,
+    read_ledger_columns,
+    read_meta,
+    read_record,
+)
 from .specs import ItemResult, Status
 from .layout import SHARDS_DIR
 from .store import Store
@@ -78,7 +88,7 @@ class RunView:
         return [s["name"] for s in self.shards]
 
     def state(self) -> str:
-        """"complete", "incomplete (N shards failed)" or "partial: N of M shards committed"."""
+        """ "complete", "incomplete (N shards failed)" or "partial: N of M shards committed"."""
         if self.manifest is None:
             of = f" of {self.planned}" if self.planned else ""
             return f"partial: {len(self.shards)}{of} shards committed (no manifest yet: running or interrupted)"
@@ -102,12 +112,19 @@ def load_run(out: Store) -> RunView:
         shards.append(found[0].summary())
         by_status.update(row.status.value for row in found[0].ledger)
     if not shards and plan is None:  # with a plan, "0 of N committed" is the answer, not an error
-        raise ManifestError(f"{out.url(MANIFEST)} not found and no committed shard records under "
-                            f"{out.url(SHARDS_DIR)}: not a converted dataset, or no shard has finished yet")  # fmt: skip
+        raise ManifestError(
+            f"{out.url(MANIFEST)} not found and no committed shard records under "
+            f"{out.url(SHARDS_DIR)}: not a converted dataset, or no shard has finished yet"
+        )
     ok = by_status.get(Status.OK.value, 0)
-    totals = {"items": sum(by_status.values()), "ok": ok, "failed": sum(by_status.values()) - ok,
-              "by_status": dict(sorted(by_status.items())), "shards": len(shards),
-              "bytes": sum(s["bytes"] for s in shards)}  # fmt: skip
+    totals = {
+        "items": sum(by_status.values()),
+        "ok": ok,
+        "failed": sum(by_status.values()) - ok,
+        "by_status": dict(sorted(by_status.items())),
+        "shards": len(shards),
+        "bytes": sum(s["bytes"] for s in shards),
+    }
     return RunView(out, None, shards, totals, len(plan) if plan is not None else None)
 
 

@@ -40,8 +40,18 @@ PLAN = "plan.gz"
 VERSION = 2
 _INT_FIELDS = ("count", "ok", "failed", "bytes")
 
-__all__ = ["FAILED", "INDEX", "LEDGER", "MANIFEST", "PLAN", "ManifestError", "ShardIndex", "check_opened",
-           "read_manifest", "write_manifest"]  # fmt: skip
+__all__ = [
+    "FAILED",
+    "INDEX",
+    "LEDGER",
+    "MANIFEST",
+    "PLAN",
+    "ManifestError",
+    "ShardIndex",
+    "check_opened",
+    "read_manifest",
+    "write_manifest",
+]
 
 
 class ShardIndex(Sequence[dict[str, Any]]):
@@ -60,7 +70,9 @@ class ShardIndex(Sequence[dict[str, Any]]):
             "format": np.array([s["format"] for s in summaries], dtype=str).reshape(n),
             "encoding": np.array([s["encoding"] for s in summaries], dtype=str).reshape(n),
             "sha256": np.array([s["sha256"] for s in summaries], dtype="S64").reshape(n),
-            "image_shape": np.array([s["image_shape"] or [-1, -1, -1] for s in summaries], dtype=np.int32).reshape(n, 3),
+            "image_shape": np.array([s["image_shape"] or [-1, -1, -1] for s in summaries], dtype=np.int32).reshape(
+                n, 3
+            ),
             "started": np.array([s.get("started", 0.0) for s in summaries], dtype=np.float64),
             "finished": np.array([s.get("finished", 0.0) for s in summaries], dtype=np.float64),
             "stages": {k: np.array([s.get("stages", {}).get(k, np.nan) for s in summaries]) for k in stage_keys},
@@ -76,16 +88,25 @@ class ShardIndex(Sequence[dict[str, Any]]):
         c = self.cols
         shape = [int(v) for v in c["image_shape"][i]]
         stages = {k: float(v[i]) for k, v in c["stages"].items() if not np.isnan(v[i])}
-        return {"name": str(c["name"][i]), "path": str(c["path"][i]), "format": str(c["format"][i]),
-                **{k: int(c[k][i]) for k in _INT_FIELDS}, "sha256": c["sha256"][i].decode(),
-                "image_shape": None if shape[0] < 0 else shape, "encoding": str(c["encoding"][i]),
-                "stages": stages, "started": float(c["started"][i]), "finished": float(c["finished"][i])}  # fmt: skip
+        return {
+            "name": str(c["name"][i]),
+            "path": str(c["path"][i]),
+            "format": str(c["format"][i]),
+            **{k: int(c[k][i]) for k in _INT_FIELDS},
+            "sha256": c["sha256"][i].decode(),
+            "image_shape": None if shape[0] < 0 else shape,
+            "encoding": str(c["encoding"][i]),
+            "stages": stages,
+            "started": float(c["started"][i]),
+            "finished": float(c["finished"][i]),
+        }
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (self[i] for i in range(len(self)))
 
     def select(self, mask: np.ndarray) -> "ShardIndex":
         """The shards where `mask` is true (e.g. `index.select(index.cols["ok"] > 0)`)."""
+
         def pick(v: Any) -> Any:
             return {k: a[mask] for k, a in v.items()} if isinstance(v, dict) else v[mask]
 
@@ -114,9 +135,17 @@ class ShardIndex(Sequence[dict[str, Any]]):
         return self
 
 
-def write_manifest(store: Store, records: "list[ShardRecord] | ShardIndex", config: dict[str, Any], label_names: list[str] | None,
-                   source_kind: str, failed: dict[str, str] | None = None, failed_rows: list[ItemResult] | None = None,
-                   counts: dict[str, int] | None = None, columns: Sequence[Column] | None = None) -> dict[str, Any]:  # fmt: skip
+def write_manifest(
+    store: Store,
+    records: "list[ShardRecord] | ShardIndex",
+    config: dict[str, Any],
+    label_names: list[str] | None,
+    source_kind: str,
+    failed: dict[str, str] | None = None,
+    failed_rows: list[ItemResult] | None = None,
+    counts: dict[str, int] | None = None,
+    columns: Sequence[Column] | None = None,
+) -> dict[str, Any]:
     """Write the shard index (and failed shards' rows), then manifest.json last. Records in shard order,
     or the index itself (a run builds it from its `convert.shardtable.ShardTable`, with the fingerprint,
     per-status counts and file identity columns resume trusts instead of reading each record).
@@ -146,9 +175,14 @@ def write_manifest(store: Store, records: "list[ShardRecord] | ShardIndex", conf
         "source_kind": source_kind,
         "label_names": label_names,
         "columns": [[c.name, c.type] for c in _schema(records, columns)],  # the stored columns' schema
-        "totals": {"items": items, "ok": by_status.get(Status.OK.value, 0),
-                   "failed": items - by_status.get(Status.OK.value, 0), "by_status": by_status,
-                   "shards": len(index), "bytes": int(index.cols["bytes"].sum())},  # fmt: skip
+        "totals": {
+            "items": items,
+            "ok": by_status.get(Status.OK.value, 0),
+            "failed": items - by_status.get(Status.OK.value, 0),
+            "by_status": by_status,
+            "shards": len(index),
+            "bytes": int(index.cols["bytes"].sum()),
+        },
         "complete": not failed,
         "failed_shards": dict(failed or {}),
         "index": {"path": INDEX, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
@@ -222,8 +256,10 @@ def _check_totals(manifest: dict[str, Any], index: ShardIndex, where: str) -> No
     if numbers["items"] < int(c["count"].sum()):
         bad.append("count")
     if bad:
-        raise ManifestError(f"{where}: totals disagree with the shard index ({', '.join(bad)}); "
-                            "the manifest was edited or corrupted - rerun the conversion")  # fmt: skip
+        raise ManifestError(
+            f"{where}: totals disagree with the shard index ({', '.join(bad)}); "
+            "the manifest was edited or corrupted - rerun the conversion"
+        )
 
 
 def read_manifest(store: Store) -> dict[str, Any]:
@@ -242,10 +278,14 @@ def check_opened(store: Store, shard: dict[str, Any], reader: Any) -> None:
     except FileNotFoundError:  # a directory-shaped shard on an object store is a prefix, not an object
         entry = None
     if entry is not None and not entry.is_dir and entry.size != shard["bytes"]:
-        raise ManifestError(f"{store.url(shard['path'])} is {entry.size} bytes, the index says {shard['bytes']}; "
-                            "run `convert-dataset verify --repair` or rerun the conversion")  # fmt: skip
+        raise ManifestError(
+            f"{store.url(shard['path'])} is {entry.size} bytes, the index says {shard['bytes']}; "
+            "run `convert-dataset verify --repair` or rerun the conversion"
+        )
     attrs = reader.attrs()
     if attrs.get("shard", shard["name"]) != shard["name"] or len(reader) != shard["ok"]:
-        raise ManifestError(f"{store.url(shard['path'])} holds {len(reader)} images of shard "
-                            f"{attrs.get('shard')!r}, the index expects {shard['ok']} of {shard['name']!r}; "
-                            "run `convert-dataset verify --repair` or rerun the conversion")  # fmt: skip
+        raise ManifestError(
+            f"{store.url(shard['path'])} holds {len(reader)} images of shard "
+            f"{attrs.get('shard')!r}, the index expects {shard['ok']} of {shard['name']!r}; "
+            "run `convert-dataset verify --repair` or rerun the conversion"
+        )

@@ -155,8 +155,15 @@ def run(config: Config, on_progress: ProgressHook | None = None, log: Callable[[
     return summary
 
 
-def _run_leased(config: Config, local: Config, out: Store, starting: StartingExecutor, run_id: str,
-                on_progress: ProgressHook | None, log: Callable[[str], None]) -> RunSummary:  # fmt: skip
+def _run_leased(
+    config: Config,
+    local: Config,
+    out: Store,
+    starting: StartingExecutor,
+    run_id: str,
+    on_progress: ProgressHook | None,
+    log: Callable[[str], None],
+) -> RunSummary:
     try:
         source_plan = plan(local, Workdir(out))
     except KeyboardInterrupt as exc:
@@ -176,15 +183,27 @@ def _run_leased(config: Config, local: Config, out: Store, starting: StartingExe
         table.drop(retry_mask(table, tuple(config.run.retry_failed)))
     pending = [s for i, s in enumerate(specs) if not table.filled[i]]
     summary = RunSummary(output=out.url(""), shards=len(specs), skipped=len(table), items=source_plan.items)
-    log(f"{source_plan.items} items from {source_plan.kind} source -> {len(specs)} shards "
-        f"({len(table)} already committed, {len(pending)} to convert)")  # fmt: skip
+    log(
+        f"{source_plan.items} items from {source_plan.kind} source -> {len(specs)} shards "
+        f"({len(table)} already committed, {len(pending)} to convert)"
+    )
     announce_rebuild(out, config_data, pending, log)  # report helper (issue 13): why shards are rebuilt
     try:
         if pending:
             _prepare_output(out, specs, fps, log)
             tasks = (maker.task(s, fps[s.name]) for s in pending)
-            _convert_pending(config, tasks, len(pending), sum(len(s) for s in pending), secrets, starting, _keeper(table), summary,
-                             on_progress, log)  # fmt: skip
+            _convert_pending(
+                config,
+                tasks,
+                len(pending),
+                sum(len(s) for s in pending),
+                secrets,
+                starting,
+                _keeper(table),
+                summary,
+                on_progress,
+                log,
+            )
     except KeyboardInterrupt as exc:
         committed = _committed_count(out, specs, len(table))
         raise Interrupted(committed, len(specs), getattr(exc, "signal_name", "SIGINT")) from None
@@ -205,25 +224,46 @@ def _committed_count(out: Store, specs: list[ShardSpec], known: int) -> int:
 
 def _keeper(table: ShardTable) -> Callable[[ShardRecord], None]:
     """A function that files a new record in `table`: its ledger folded to counts, the rest dropped."""
+
     def keep(record: ShardRecord) -> None:
         table.add(record, LedgerTally.of(record.ledger), record.identity or None, new=True)
 
     return keep
 
 
-def _finish(out: Store, local: Config, specs: list[ShardSpec], table: ShardTable, summary: RunSummary,
-            config_data: dict, source_plan: SourcePlan, columns: tuple[Column, ...],
-            log: Callable[[str], None]) -> None:  # fmt: skip
-    failed_rows = [row for s in specs if s.name in summary.failed_shards
-                   for row in _failed_rows(s, summary.failed_shards[s.name], local)]  # fmt: skip
+def _finish(
+    out: Store,
+    local: Config,
+    specs: list[ShardSpec],
+    table: ShardTable,
+    summary: RunSummary,
+    config_data: dict,
+    source_plan: SourcePlan,
+    columns: tuple[Column, ...],
+    log: Callable[[str], None],
+) -> None:
+    failed_rows = [
+        row
+        for s in specs
+        if s.name in summary.failed_shards
+        for row in _failed_rows(s, summary.failed_shards[s.name], local)
+    ]
     fill_identities(out, table)  # so the next resume reads no record (convert.resume)
     tally = table.tally()
     counts: Counter[str] = Counter(tally.counts)
     counts.update(row.status.value for row in failed_rows)
     summary.by_status = dict(counts)
-    manifest = write_manifest(out, ShardIndex(table.index_cols()), config_data, source_plan.label_names,
-                              source_plan.kind, failed=summary.failed_shards, failed_rows=failed_rows,
-                              counts=summary.by_status, columns=columns)  # fmt: skip
+    manifest = write_manifest(
+        out,
+        ShardIndex(table.index_cols()),
+        config_data,
+        source_plan.label_names,
+        source_plan.kind,
+        failed=summary.failed_shards,
+        failed_rows=failed_rows,
+        counts=summary.by_status,
+        columns=columns,
+    )
     summary.items_converted = table.new_ok()
     after_manifest(out, manifest, specs, tally, failed_rows, summary, log)  # report helper (issue 13)
 
@@ -243,9 +283,18 @@ def _prepare_output(out: Store, specs: list[ShardSpec], fps: dict[str, str], log
     out.write_bytes(PLAN, dump_plan(specs, fps))
 
 
-def _convert_pending(config: Config, tasks: Iterator[ShardTask], count: int, items: int, secrets: dict[str, str],
-                     starting: StartingExecutor, keep: Callable[[ShardRecord], Any], summary: RunSummary,
-                     on_progress: ProgressHook | None, log: Callable[[str], None]) -> None:  # fmt: skip
+def _convert_pending(
+    config: Config,
+    tasks: Iterator[ShardTask],
+    count: int,
+    items: int,
+    secrets: dict[str, str],
+    starting: StartingExecutor,
+    keep: Callable[[ShardRecord], Any],
+    summary: RunSummary,
+    on_progress: ProgressHook | None,
+    log: Callable[[str], None],
+) -> None:
     """Run the pending shard tasks on the configured executor; `keep` files each new record; fills the summary."""
     with starting.executor(shards=count, items=items) as ex:
         ex.check_paths([config.source.uri, config.output.uri])
@@ -264,13 +313,23 @@ def check_memory(config: Config, ex: Executor) -> None:
     limit = ex.memory_limit()
     per_worker = config.fetch.prefetch_bytes * config.cluster.threads_per_worker
     if limit and per_worker > limit:
-        raise ConfigError(f"fetch.prefetch_bytes={config.fetch.prefetch_bytes} x cluster.threads_per_worker="
-                          f"{config.cluster.threads_per_worker} is above the worker memory limit {limit} bytes; "
-                          "lower fetch.prefetch_bytes or raise cluster.memory_limit")  # fmt: skip
+        raise ConfigError(
+            f"fetch.prefetch_bytes={config.fetch.prefetch_bytes} x cluster.threads_per_worker="
+            f"{config.cluster.threads_per_worker} is above the worker memory limit {limit} bytes; "
+            "lower fetch.prefetch_bytes or raise cluster.memory_limit"
+        )
 
 
-def execute(ex: Executor, tasks: Iterator[ShardTask], count: int, total_items: int, retries: int, keep: Callable[[ShardRecord], Any],
-            failed: dict[str, str], on_progress: ProgressHook | None) -> None:  # fmt: skip
+def execute(
+    ex: Executor,
+    tasks: Iterator[ShardTask],
+    count: int,
+    total_items: int,
+    retries: int,
+    keep: Callable[[ShardRecord], Any],
+    failed: dict[str, str],
+    on_progress: ProgressHook | None,
+) -> None:
     """Bounded submission: keep ~4 x worker threads shard tasks in flight (tasks are built lazily,
     as they are submitted); hand each finished record to `keep` as it completes (nothing else is
     held per shard but the in-flight tasks' sizes), name failures in `failed`."""

@@ -58,8 +58,11 @@ def output_settings(config_data: dict[str, Any]) -> dict[str, Any]:
     """
     out, src = config_data["output"], config_data["source"]
     fmt = out["format"]
-    own = {k: v for k, v in ((out.get("options") or {}).get(fmt) or {}).items()
-           if k not in ("compression", "compression_level")}  # fmt: skip
+    own = {
+        k: v
+        for k, v in ((out.get("options") or {}).get(fmt) or {}).items()
+        if k not in ("compression", "compression_level")
+    }
     return {  # keys flatten to the config's own dotted names (summary.explain_changes shows them)
         "image": {**_IMAGE_DEFAULTS, **config_data["image"]},  # a key added later reads as its default
         "format": fmt,
@@ -109,9 +112,12 @@ _SLICE_FIELDS = tuple(InputSlice.__dataclass_fields__)
 def plan_columns(specs: Sequence[ShardSpec], fingerprints: dict[str, str]) -> dict[str, Any]:
     """The plan as columns, one row per slice (O(shards)); `read_plan` turns it back into specs."""
     rows = [(spec, sl) for spec in specs for sl in spec.slices]
-    cols: dict[str, Any] = {"shards": [s.name for s in specs], "fingerprints": [fingerprints[s.name] for s in specs],
-                            "source": json.dumps(asdict(specs[0].source)) if specs else "{}",
-                            "shard": [spec.index for spec, _ in rows]}  # fmt: skip
+    cols: dict[str, Any] = {
+        "shards": [s.name for s in specs],
+        "fingerprints": [fingerprints[s.name] for s in specs],
+        "source": json.dumps(asdict(specs[0].source)) if specs else "{}",
+        "shard": [spec.index for spec, _ in rows],
+    }
     for name in _SLICE_FIELDS:
         cols[f"slice_{name}"] = [getattr(sl, name) for _, sl in rows]
     cols["slice_uri"] = [redact_url(u) for u in cols["slice_uri"]]  # no credentials at rest

@@ -15,8 +15,17 @@ import logging
 from concurrent.futures import CancelledError as FutureCancelled
 from typing import Any
 
-LOGGERS = ("distributed", "distributed.client", "distributed.core", "distributed.nanny", "distributed.scheduler",
-           "distributed.worker", "distributed.worker.state_machine", "asyncio", "tornado.application")  # fmt: skip
+LOGGERS = (
+    "distributed",
+    "distributed.client",
+    "distributed.core",
+    "distributed.nanny",
+    "distributed.scheduler",
+    "distributed.worker",
+    "distributed.worker.state_machine",
+    "asyncio",
+    "tornado.application",
+)
 
 
 class CancelledFilter(logging.Filter):

@@ -70,8 +70,10 @@ def check_rel_path(path: Any, where: str) -> str:
         parts = path.split("/")
         ok = all(p not in ("", ".", "..") for p in parts) and not any(c in path for c in "\\:\0\n\r")
     if not ok:
-        raise ManifestError(f"{where}: path {str(path)[:120]!r} is not a relative path under {SHARDS_DIR}/; "
-                            "the metadata was tampered with or corrupted - rerun the conversion")  # fmt: skip
+        raise ManifestError(
+            f"{where}: path {str(path)[:120]!r} is not a relative path under {SHARDS_DIR}/; "
+            "the metadata was tampered with or corrupted - rerun the conversion"
+        )
     return path
 
 
@@ -137,10 +139,12 @@ def check_names(names: np.ndarray, paths: np.ndarray, where: str) -> None:
     i = int(np.flatnonzero(~ok)[0])
     name = str(names[i])
     if not is_shard_name(name):
-        raise ManifestError(f"{where}: bad shard name {name[:80]!r}; the metadata was tampered with or corrupted - "
-                            "rerun the conversion")  # fmt: skip
-    raise ManifestError(f"{where}: shard {name!r} has path {str(paths[i])[:120]!r}, not its own file; "
-                        "rerun the conversion")  # fmt: skip
+        raise ManifestError(
+            f"{where}: bad shard name {name[:80]!r}; the metadata was tampered with or corrupted - rerun the conversion"
+        )
+    raise ManifestError(
+        f"{where}: shard {name!r} has path {str(paths[i])[:120]!r}, not its own file; rerun the conversion"
+    )
 
 
 def read_meta(store: Store, rel: str) -> bytes:
@@ -174,10 +178,14 @@ def check_regular(store: Store, rel: str) -> None:
         return  # the caller reports it missing
     bad = not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
     if stat.S_ISDIR(mode):
-        bad = any(not stat.S_ISREG(os.stat(os.path.join(top, n)).st_mode) for top, _, files in os.walk(local) for n in files)
+        bad = any(
+            not stat.S_ISREG(os.stat(os.path.join(top, n)).st_mode) for top, _, files in os.walk(local) for n in files
+        )
     if bad:
-        raise NotRegularFile(f"{local} is not a regular file; the output was tampered with - "
-                            "run `convert-dataset verify --repair` or rerun the conversion")  # fmt: skip
+        raise NotRegularFile(
+            f"{local} is not a regular file; the output was tampered with - "
+            "run `convert-dataset verify --repair` or rerun the conversion"
+        )
 
 
 def check_summary(s: dict[str, Any], where: str) -> dict[str, Any]:
@@ -196,8 +204,9 @@ def check_summary(s: dict[str, Any], where: str) -> dict[str, Any]:
     return s
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = READ_THREADS,
-                window: int = WINDOW) -> Iterator[R]:  # fmt: skip
+def ordered_map(
+    fn: Callable[[T], R], items: Iterable[T], threads: int = READ_THREADS, window: int = WINDOW
+) -> Iterator[R]:
     """fn over items on a thread pool, results in input order, at most `window` in flight."""
     with ThreadPoolExecutor(threads, thread_name_prefix="convert-records") as pool:
         pending: list[Any] = []
@@ -231,10 +240,19 @@ def ledger_rows(cols: dict[str, Any]) -> tuple[ItemResult, ...]:
     fmt, nbytes = cols.get("src_format", [""] * n), cols.get("src_bytes", [-1] * n)
     digests = cols.get("digest", [""] * n)
     return tuple(
-        ItemResult(key, uri, None if int(label) < 0 else int(label), Status(status), error,
-                   int(w), int(h), f, int(b), str(d))  # fmt: skip
+        ItemResult(
+            key, uri, None if int(label) < 0 else int(label), Status(status), error, int(w), int(h), f, int(b), str(d)
+        )
         for key, uri, label, status, error, w, h, f, b, d in zip(
-            cols["key"], cols["uri"], cols["label"], cols["status"], cols["error"], width, height, fmt, nbytes,
+            cols["key"],
+            cols["uri"],
+            cols["label"],
+            cols["status"],
+            cols["error"],
+            width,
+            height,
+            fmt,
+            nbytes,
             digests,
         )
     )
@@ -250,8 +268,13 @@ def write_record(store: Store, record: ShardRecord, fingerprint: str) -> dict[st
     """Commit a shard's record beside it (after the shard): its done-marker, with the identity
     of the published file so a later resume can prove the file is still that one; returns it."""
     identity = current_identity(store, record.path)
-    obj = {"version": VERSION, "fingerprint": fingerprint, **record.summary(),
-           "identity": identity, "ledger": ledger_columns(record.ledger)}  # fmt: skip
+    obj = {
+        "version": VERSION,
+        "fingerprint": fingerprint,
+        **record.summary(),
+        "identity": identity,
+        "ledger": ledger_columns(record.ledger),
+    }
     store.write_bytes(record_rel_path(record.name), dump_bytes(obj))
     return identity
 
@@ -287,14 +310,23 @@ def read_record_full(store: Store, name: str) -> tuple[ShardRecord, str, dict[st
         raise ManifestError(f"{where}: record names shard {obj['name']!r}; rerun the conversion")
     shape = obj["image_shape"]
     record = ShardRecord(
-        name=obj["name"], path=obj["path"], format=obj["format"], count=obj["count"], ok=obj["ok"],
-        failed=obj["failed"], bytes=obj["bytes"], sha256=obj["sha256"],
-        image_shape=tuple(shape) if shape else None, encoding=obj["encoding"],
-        ledger=ledger_rows(obj["ledger"]), stages=dict(obj.get("stages", {})),
+        name=obj["name"],
+        path=obj["path"],
+        format=obj["format"],
+        count=obj["count"],
+        ok=obj["ok"],
+        failed=obj["failed"],
+        bytes=obj["bytes"],
+        sha256=obj["sha256"],
+        image_shape=tuple(shape) if shape else None,
+        encoding=obj["encoding"],
+        ledger=ledger_rows(obj["ledger"]),
+        stages=dict(obj.get("stages", {})),
         counters={str(k): int(v) for k, v in dict(obj.get("counters") or {}).items()},
         columns=tuple(Column(str(n), str(t)) for n, t in (obj.get("columns") or [])),
-        started=float(obj.get("started", 0.0)), finished=float(obj.get("finished", 0.0)),
-    )  # fmt: skip
+        started=float(obj.get("started", 0.0)),
+        finished=float(obj.get("finished", 0.0)),
+    )
     if len(record.ledger) != record.count:
         raise ManifestError(f"{where}: {len(record.ledger)} ledger rows for {record.count} items; rerun the conversion")
     return record, obj["fingerprint"], dict(obj.get("identity") or {})
@@ -322,8 +354,9 @@ def read_record(store: Store, name: str) -> tuple[ShardRecord, str] | None:
     return None if found is None else found[:2]
 
 
-def trusted_record(store: Store, name: str, expected: str, listing: dict[str, Entry],
-                   verify: bool) -> tuple[ShardRecord, dict[str, Any]] | None:  # fmt: skip
+def trusted_record(
+    store: Store, name: str, expected: str, listing: dict[str, Entry], verify: bool
+) -> tuple[ShardRecord, dict[str, Any]] | None:
     """(record, identity) of a committed shard resume may keep, else None (module doc). The identity
     is the recorded one, or the file's current one when its full sha256 was checked just now (a
     copied dataset: the index then vouches for the copy, and the next resume hashes nothing)."""
@@ -380,8 +413,12 @@ def proves_commit(store: Store, rel: str, identity: dict[str, Any]) -> bool:
     return (st.st_ino, st.st_ctime_ns) == (inode, ctime)
 
 
-def committed_records(store: Store, fingerprints: dict[str, str], verify: bool = False,
-                      fold: Callable[[ShardRecord], ShardRecord] | None = None) -> dict[str, ShardRecord]:  # fmt: skip
+def committed_records(
+    store: Store,
+    fingerprints: dict[str, str],
+    verify: bool = False,
+    fold: Callable[[ShardRecord], ShardRecord] | None = None,
+) -> dict[str, ShardRecord]:
     """Records from a previous run that resume may trust: same fingerprint, and the shard file
     provably the one committed (see the module doc). Reads records concurrently; `fold` (e.g. drop
     the ledger rows after counting them) is applied to each as it is read, so at most a window of
@@ -399,8 +436,10 @@ def iter_record_ledgers(store: Store, names: Iterable[str]) -> Iterator[tuple[st
     def rows(name: str) -> tuple[ItemResult, ...]:
         found = read_record(store, name)
         if found is None:
-            raise ManifestError(f"{store.url(record_rel_path(name))}: record missing or unreadable; "
-                                "rerun `convert-dataset run` with the same config to rebuild it")  # fmt: skip
+            raise ManifestError(
+                f"{store.url(record_rel_path(name))}: record missing or unreadable; "
+                "rerun `convert-dataset run` with the same config to rebuild it"
+            )
         return found[0].ledger
 
     yield from zip(names, ordered_map(rows, names))

@@ -91,8 +91,10 @@ def redact_options(opts: Any) -> Any:
     replaced by '***' at any depth (empty values are left: they show that no secret is set) and
     every string value redacted as text (URLs inside it lose their credentials)."""
     if isinstance(opts, dict):
-        return {k: (MASK if is_secret_key(k) and v not in (None, "", {}, []) else redact_options(v))
-                for k, v in opts.items()}  # fmt: skip
+        return {
+            k: (MASK if is_secret_key(k) and v not in (None, "", {}, []) else redact_options(v))
+            for k, v in opts.items()
+        }
     if isinstance(opts, (list, tuple)):
         return [redact_options(v) for v in opts]
     if isinstance(opts, str):

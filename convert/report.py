@@ -48,13 +48,16 @@ MAX_SIDE = 512  # embedded sample images larger than this (unresized sources) ar
 REPORT_NAME = "report.html"
 
 
-def render_report(uri: str, storage_options: dict[str, Any] | None = None, samples_per_label: int = 8,
-                  failure_cap: int = FAILURE_CAP) -> str:  # fmt: skip
+def render_report(
+    uri: str, storage_options: dict[str, Any] | None = None, samples_per_label: int = 8, failure_cap: int = FAILURE_CAP
+) -> str:
     """The report page of the dataset at `uri` (complete or partial) as an HTML string."""
     return _render(uri, storage_options, samples_per_label, failure_cap)[0]
 
 
-def _render(uri: str, storage_options: dict[str, Any] | None, samples_per_label: int, failure_cap: int) -> tuple[str, str]:
+def _render(
+    uri: str, storage_options: dict[str, Any] | None, samples_per_label: int, failure_cap: int
+) -> tuple[str, str]:
     _require_extras()
     out = open_store(uri, dict(storage_options or {}))
     run = load_run(out)
@@ -103,8 +106,9 @@ def default_target(uri: str) -> tuple[str, bool]:
     return f"{name}-report.html", False
 
 
-def write_report(uri: str, html_target: str | None = None, storage_options: dict[str, Any] | None = None,
-                 samples_per_label: int = 8) -> tuple[str, str]:  # fmt: skip
+def write_report(
+    uri: str, html_target: str | None = None, storage_options: dict[str, Any] | None = None, samples_per_label: int = 8
+) -> tuple[str, str]:
     """Render and write the report; returns (its path or URL, the run's state line). An fsspec URL
     target gets the dataset's storage options (so `--html s3://bucket/ds/report.html` works like the data)."""
     html, state = _render(uri, storage_options, samples_per_label, FAILURE_CAP)
@@ -153,9 +157,10 @@ def _summary(run: RunView, scan: Scan, names: dict[int, str]) -> dict[str, Any]:
         "labels_inferred": bool(names) and not run.label_names,
         "start": _when(min(started)) if started else "not recorded",
         "end": _when(max(finished)) if finished else _created(run.manifest),
-        "rate": f"{sum(s['ok'] for s in run.shards) / span:,.1f} images/s over {span:,.1f} s" if span > 0
+        "rate": f"{sum(s['ok'] for s in run.shards) / span:,.1f} images/s over {span:,.1f} s"
+        if span > 0
         else "not recorded (shards carry no start/end times)",
-    }  # fmt: skip
+    }
 
 
 def _config_text(config: dict[str, Any] | None) -> str | None:
@@ -186,19 +191,27 @@ def _group(names: dict[int, str], label: int | None, views: list[SampleView]) ->
 def _sample(names: dict[int, str], view: SampleView) -> dict[str, Any]:
     h, w, c = view.image.shape
     shape = f"{h}x{w}x{c}" + (f" (shown at most {MAX_SIDE} px a side)" if max(h, w) > MAX_SIDE else "")
-    return {"key": view.key, "label": view.label, "name": _label_name(names, view.label), "uri": redact_url(view.uri),
-            "shard": view.shard, "index": view.index, "shape": shape, "src": png_data_uri(view.image),
-            "caption": None if view.caption is None else caption_preview(view.caption),
-            "caption_full": None if view.caption is None else
-            caption_preview(view.caption, CAPTION_FULL, flat=False)}  # fmt: skip
+    return {
+        "key": view.key,
+        "label": view.label,
+        "name": _label_name(names, view.label),
+        "uri": redact_url(view.uri),
+        "shard": view.shard,
+        "index": view.index,
+        "shape": shape,
+        "src": png_data_uri(view.image),
+        "caption": None if view.caption is None else caption_preview(view.caption),
+        "caption_full": None if view.caption is None else caption_preview(view.caption, CAPTION_FULL, flat=False),
+    }
 
 
 def _column_row(stats: ColumnStats, chart: bool) -> dict[str, Any]:
     """One line of the column table: counts, nulls, a type-specific summary, and its chart."""
     if stats.type == "string":
         lengths = sorted(stats.lengths)
-        detail = (f"length {lengths[0]:,}..{lengths[-1]:,} characters" if lengths else "no non-empty value") + \
-            (f", {stats.empty:,} empty" if stats.empty else "")  # fmt: skip
+        detail = (f"length {lengths[0]:,}..{lengths[-1]:,} characters" if lengths else "no non-empty value") + (
+            f", {stats.empty:,} empty" if stats.empty else ""
+        )
     elif stats.type == "bool":
         detail = f"{stats.true:,} true, {stats.values - stats.true:,} false"
     elif stats.finite:
@@ -206,8 +219,14 @@ def _column_row(stats: ColumnStats, chart: bool) -> dict[str, Any]:
         detail += f" ({stats.values - stats.finite:,} NaN/inf)" if stats.values > stats.finite else ""
     else:
         detail = "no finite value"
-    return {"name": stats.name, "type": stats.type, "count": stats.count, "nulls": stats.nulls, "detail": detail,
-            "chart": column_chart(stats) if chart else None}  # fmt: skip
+    return {
+        "name": stats.name,
+        "type": stats.type,
+        "count": stats.count,
+        "nulls": stats.nulls,
+        "detail": detail,
+        "chart": column_chart(stats) if chart else None,
+    }
 
 
 def png_data_uri(image: np.ndarray, max_side: int = MAX_SIDE) -> str:
@@ -225,15 +244,26 @@ def png_data_uri(image: np.ndarray, max_side: int = MAX_SIDE) -> str:
 
 def _failure(row: LedgerRow) -> dict[str, Any]:
     item = row.item
-    return {"key": item.key, "uri": redact_url(item.uri), "status": item.status.value, "error": redact_text(item.error),
-            "shard": row.shard or "-"}  # fmt: skip
+    return {
+        "key": item.key,
+        "uri": redact_url(item.uri),
+        "status": item.status.value,
+        "error": redact_text(item.error),
+        "shard": row.shard or "-",
+    }
 
 
 def _shard_row(s: dict[str, Any]) -> dict[str, Any]:
     seconds = s["finished"] - s["started"] if s.get("started") and s.get("finished") else None
-    return {"name": s["name"], "count": s["count"], "ok": s["ok"], "bytes": _human_bytes(s["bytes"]),
-            "sha256": s["sha256"][:12], "seconds": f"{seconds:.2f}" if seconds is not None else "-",
-            "stages": json.dumps({k: round(v, 3) for k, v in s.get("stages", {}).items()}) if s.get("stages") else "-"}  # fmt: skip
+    return {
+        "name": s["name"],
+        "count": s["count"],
+        "ok": s["ok"],
+        "bytes": _human_bytes(s["bytes"]),
+        "sha256": s["sha256"][:12],
+        "seconds": f"{seconds:.2f}" if seconds is not None else "-",
+        "stages": json.dumps({k: round(v, 3) for k, v in s.get("stages", {}).items()}) if s.get("stages") else "-",
+    }
 
 
 def _human_bytes(n: float) -> str:
@@ -262,6 +292,11 @@ def _created(manifest: dict[str, Any] | None) -> str:
 def _template() -> Any:
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
-    env = Environment(loader=PackageLoader("convert", "templates"), autoescape=True,
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    env = Environment(
+        loader=PackageLoader("convert", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     return env.get_template("report.html.j2")

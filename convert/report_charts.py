@@ -89,8 +89,11 @@ def _throughput_chart(timing: list[tuple[float, float, int]]) -> str:
 
 def _source_charts(stats: SourceStats) -> str:
     fig, axes = _figure(1, 5, size=(12.8, 2.8))
-    for ax, counter, title in ((axes[0], stats.width, "width (px)"), (axes[1], stats.height, "height (px)"),
-                               (axes[2], stats.aspect, "aspect ratio (w/h)")):  # fmt: skip
+    for ax, counter, title in (
+        (axes[0], stats.width, "width (px)"),
+        (axes[1], stats.height, "height (px)"),
+        (axes[2], stats.aspect, "aspect ratio (w/h)"),
+    ):
         _hist(ax, counter, title)
     sizes = Counter({2 ** (b / BYTES_BINS_PER_OCTAVE) / 1024: n for b, n in stats.bytes_bin.items()})
     _hist(axes[3], sizes, "source size (KiB, log)", log=True)

@@ -33,9 +33,26 @@ from .sources.columns import CAPTION
 from .specs import Column, ItemResult, Status
 from .store import Store
 
-__all__ = ["BYTES_BINS_PER_OCTAVE", "CAPTION", "CAPTION_FULL", "CAPTION_PREVIEW", "MAX_LABELS", "ColumnStats",
-           "LedgerRow", "Pick", "RunView", "SampleView", "Scan", "SourceStats", "caption_preview", "column_stats",
-           "load_run", "read_samples", "scan_ledger", "stored_columns"]  # fmt: skip
+__all__ = [
+    "BYTES_BINS_PER_OCTAVE",
+    "CAPTION",
+    "CAPTION_FULL",
+    "CAPTION_PREVIEW",
+    "MAX_LABELS",
+    "ColumnStats",
+    "LedgerRow",
+    "Pick",
+    "RunView",
+    "SampleView",
+    "Scan",
+    "SourceStats",
+    "caption_preview",
+    "column_stats",
+    "load_run",
+    "read_samples",
+    "scan_ledger",
+    "stored_columns",
+]
 
 BYTES_BINS_PER_OCTAVE = 4  # source-size histogram resolution (log2 bins)
 MAX_LABELS = 64  # labels shown in the sample grid (the first ones met in input order)
@@ -179,8 +196,11 @@ def _shard_items(run: RunView, picks: list[Pick]) -> list[tuple[np.ndarray, str 
                 reader.close()
             for pos, item in zip(positions, items):
                 image = item["image"]
-                image = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 \
-                    else decode_image(bytes(image))  # fmt: skip
+                image = (
+                    image
+                    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+                    else decode_image(bytes(image))
+                )
                 images[pos] = (image, _text(item.get(CAPTION)))
     return [images[pos] for pos in range(len(picks))]
 

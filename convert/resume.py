@@ -29,7 +29,7 @@ from .records import (
     ordered_map,
     proves_identity,
     read_meta,
-    read_record_full,  # fmt: skip
+    read_record_full,
     trusted_record,
 )
 from .shardtable import ShardTable, index_identity
@@ -43,8 +43,7 @@ def previous_index(store: Store) -> dict[str, Any] | None:
     try:
         cols = persist.load(io.BytesIO(read_meta(store, INDEX)))
         ShardIndex(cols).validate(store.url(INDEX))
-    except (FileNotFoundError, persist.PersistError, ManifestError, KeyError, TypeError, ValueError,
-            StorageError):  # fmt: skip
+    except (FileNotFoundError, persist.PersistError, ManifestError, KeyError, TypeError, ValueError, StorageError):
         return None
     if not all(isinstance(cols.get(k), dict) for k in ("identity", "by_status")) or "fingerprint" not in cols:
         return None
@@ -79,8 +78,9 @@ def resume(store: Store, table: ShardTable, verify: bool = False) -> None:
         ok = np.fromiter(ordered_map(proven, range(len(rows)), window=1024), bool, len(rows))
         table.fill_from_index(at[ok], cols, rows[ok])
     names = [n for i, n in enumerate(table.names) if not table.filled[i] and f"{n}{RECORD_SUFFIX}" in listing]
-    found = ordered_map(lambda n: trusted_record(store, n, table.fingerprints[table.position[n]], listing, verify),
-                        names)  # fmt: skip
+    found = ordered_map(
+        lambda n: trusted_record(store, n, table.fingerprints[table.position[n]], listing, verify), names
+    )
     for kept in found:
         if kept is not None:
             record, identity = kept

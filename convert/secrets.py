@@ -46,12 +46,16 @@ def resolve_options(options: Any, where: str = "storage_options") -> Any:
             with _LOCK:
                 value = _REGISTRY.get(name[7:])
             if value is None:
-                raise ConfigError(f"{where}: a secret given in the config is not registered in this process "
-                                  f"(pid {os.getpid()}); run through convert.run, which shares it with the workers")  # fmt: skip
+                raise ConfigError(
+                    f"{where}: a secret given in the config is not registered in this process "
+                    f"(pid {os.getpid()}); run through convert.run, which shares it with the workers"
+                )
             return value
         if name not in os.environ:
-            raise ConfigError(f"{where}: environment variable ${{{name}}} is not set on this machine "
-                              f"(pid {os.getpid()}); export it here and for the Dask workers, or use an AWS profile")  # fmt: skip
+            raise ConfigError(
+                f"{where}: environment variable ${{{name}}} is not set on this machine "
+                f"(pid {os.getpid()}); export it here and for the Dask workers, or use an AWS profile"
+            )
         return os.environ[name]
 
     return _ANY_REF.sub(sub, options)

@@ -33,8 +33,18 @@ from .manifest import ManifestError
 
 PARTIAL = ".partial"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 _WAIT = 0.05  # seconds between checks while other processes' downloads hold the space
 _WAIT_LIMIT = 600.0
 
@@ -87,9 +97,15 @@ class ShardCache:
     fresh pin set and thread pool).
     """
 
-    def __init__(self, directory: str | os.PathLike[str], fetch: Fetch, extension: str,
-                 limit: int | str | None = None, prefetch_depth: int = 2,
-                 url_of: Callable[[str], str] = str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        fetch: Fetch,
+        extension: str,
+        limit: int | str | None = None,
+        prefetch_depth: int = 2,
+        url_of: Callable[[str], str] = str,
+    ) -> None:
         self.directory = Path(directory)
         self.fetch = fetch
         self.extension = extension
@@ -105,7 +121,11 @@ class ShardCache:
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k in ("directory", "fetch", "extension", "limit", "prefetch_depth", "url_of")}
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k in ("directory", "fetch", "extension", "limit", "prefetch_depth", "url_of")
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -175,8 +195,10 @@ class ShardCache:
                 digest.update(block)
                 size += len(block)
         if size != shard["bytes"] or digest.hexdigest() != shard["sha256"]:
-            raise CacheError(f"{self.url_of(shard['path'])}: checksum does not match the manifest; "
-                             "run `convert-dataset verify` on the dataset and re-run the conversion")  # fmt: skip
+            raise CacheError(
+                f"{self.url_of(shard['path'])}: checksum does not match the manifest; "
+                "run `convert-dataset verify` on the dataset and re-run the conversion"
+            )
 
     def _reserve(self, tmp: Path, size: int, keep: str) -> None:
         """Create `tmp` at `size` bytes once the cache has room, evicting LRU copies as needed."""
@@ -190,8 +212,10 @@ class ShardCache:
                         f.truncate(size)  # counts in every process's accounting from now on
                     return
             if time.monotonic() > deadline:
-                raise CacheError(f"{self.directory}: no room for {size} bytes within cache_limit after "
-                                 f"{_WAIT_LIMIT:.0f}s (other readers hold it); raise cache_limit")  # fmt: skip
+                raise CacheError(
+                    f"{self.directory}: no room for {size} bytes within cache_limit after "
+                    f"{_WAIT_LIMIT:.0f}s (other readers hold it); raise cache_limit"
+                )
             time.sleep(_WAIT)
 
     def _make_room(self, size: int, keep: str) -> bool:

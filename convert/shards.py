@@ -27,14 +27,23 @@ from .layout import SHARDS_DIR
 from .lease import Leftover, debris
 from .store import Store
 
-__all__ = ["ShardCheck", "leftovers", "rebuild_command", "remove_stale_shards", "repair", "stale_shard_files",
-           "verify"]  # fmt: skip
+__all__ = ["ShardCheck", "leftovers", "rebuild_command", "remove_stale_shards", "repair", "stale_shard_files", "verify"]
 
 _SHARD_FILE = re.compile(r"^(shard-\d+)(\..+)$")
 # Settings a rebuild command leaves out: given as flags, secrets (storage options), or run control.
-_NOT_SET = {"source.uri", "source.storage_options", "output.uri", "output.storage_options", "output.format",
-            "shard.size", "output.force_unlock", "output.verify_resume", "output.lease_ttl",
-            "output.compression", "output.compression_level"}  # fmt: skip
+_NOT_SET = {
+    "source.uri",
+    "source.storage_options",
+    "output.uri",
+    "output.storage_options",
+    "output.format",
+    "shard.size",
+    "output.force_unlock",
+    "output.verify_resume",
+    "output.lease_ttl",
+    "output.compression",
+    "output.compression_level",
+}
 _SECTIONS = ("source", "image", "shard", "output", "fetch")
 
 
@@ -105,9 +114,18 @@ def rebuild_command(config: dict[str, Any]) -> str:
     as `--set key=<json>`. Storage and cluster options are left to the user (secrets never print)."""
     defaults = validate({"source": {"uri": "-"}, "output": {"uri": "-"}}).model_dump(mode="json")
     base = dict(pair for section in _SECTIONS for pair in _leaves(defaults.get(section, {}), section))
-    argv = ["convert-dataset", "run", "--source", str(config["source"]["uri"]), "--output",
-            str(config["output"]["uri"]), "--format", str(config["output"]["format"]),
-            "--shard-size", str(config["shard"]["size"])]  # fmt: skip
+    argv = [
+        "convert-dataset",
+        "run",
+        "--source",
+        str(config["source"]["uri"]),
+        "--output",
+        str(config["output"]["uri"]),
+        "--format",
+        str(config["output"]["format"]),
+        "--shard-size",
+        str(config["shard"]["size"]),
+    ]
     for section in _SECTIONS:
         for key, value in _leaves(config.get(section) or {}, section):
             if key not in base or base[key] != value:
@@ -136,7 +154,9 @@ def leftovers(store: Store) -> list[Leftover]:
     return found
 
 
-def stale_shard_files(names: Iterable[str], listed: Iterable[str], plan_names: Iterable[str], extension: str) -> list[str]:
+def stale_shard_files(
+    names: Iterable[str], listed: Iterable[str], plan_names: Iterable[str], extension: str
+) -> list[str]:
     """File names under shards/ that belong to an older run and that no reader will ever use.
 
     Stale: a shard file or record (`shard-NNNNN.<suffix>`) that the new manifest does not list and

@@ -73,8 +73,9 @@ class ShardTable:
         return int(self.filled.sum())
 
     # -- filling ------------------------------------------------------------------------------
-    def add(self, record: ShardRecord, tally: LedgerTally, identity: dict[str, Any] | None = None,
-            new: bool = False) -> None:  # fmt: skip
+    def add(
+        self, record: ShardRecord, tally: LedgerTally, identity: dict[str, Any] | None = None, new: bool = False
+    ) -> None:
         """File one shard's record (ledger already folded into `tally`) and its file identity."""
         i = self.position[record.name]
         self.filled[i], self.new[i] = True, new
@@ -95,8 +96,12 @@ class ShardTable:
 
     def _set_ids(self, i: int, fmt: str, encoding: str, shape: Any, path: str) -> None:
         ext = path[len(f"{SHARDS_DIR}/{self.names[i]}") :]
-        for key, value in (("format", fmt), ("encoding", encoding), ("ext", ext),
-                           ("shape", tuple(int(v) for v in shape) if shape else None)):  # fmt: skip
+        for key, value in (
+            ("format", fmt),
+            ("encoding", encoding),
+            ("ext", ext),
+            ("shape", tuple(int(v) for v in shape) if shape else None),
+        ):
             self.ids[key][i] = self.interned[key].id(value)
 
     def set_identity(self, i: int, identity: dict[str, Any]) -> None:
@@ -108,8 +113,9 @@ class ShardTable:
             col = self.id_text.get(key)
             if col is None or col.dtype.itemsize < len(text):
                 width = max(len(text), 1 if col is None else col.dtype.itemsize)
-                self.id_text[key] = col = (np.zeros(len(self.names), f"S{width}") if col is None
-                                           else col.astype(f"S{width}"))  # fmt: skip
+                self.id_text[key] = col = (
+                    np.zeros(len(self.names), f"S{width}") if col is None else col.astype(f"S{width}")
+                )
             col[i] = text
         edges = identity.get("edges")
         self.has_edges[i] = isinstance(edges, str) and len(edges) == 64
@@ -182,8 +188,11 @@ class ShardTable:
 
     def _identity_cols(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         edges = np.frombuffer(binascii.hexlify(self.edges[rows].tobytes()), "S64")
-        return {**{k: v[rows] for k, v in self.id_ints.items()}, **{k: v[rows] for k, v in self.id_text.items()},
-                "edges": np.where(self.has_edges[rows], edges, b"")}  # fmt: skip
+        return {
+            **{k: v[rows] for k, v in self.id_ints.items()},
+            **{k: v[rows] for k, v in self.id_text.items()},
+            "edges": np.where(self.has_edges[rows], edges, b""),
+        }
 
     def fill_from_index(self, at: np.ndarray, cols: dict[str, Any], rows: np.ndarray) -> None:
         """File plan rows `at` from rows `rows` of a previous index (shards resume trusted by their
@@ -198,8 +207,11 @@ class ShardTable:
             col[at] = cols[key][rows]
         for stage, values in cols["stages"].items():
             self._col(self.stages, stage, np.float32, np.nan)[at] = values[rows]
-        for key, source in (("format", cols["format"]), ("encoding", cols["encoding"]),
-                            ("ext", _extensions(cols["path"], cols["name"]))):  # fmt: skip
+        for key, source in (
+            ("format", cols["format"]),
+            ("encoding", cols["encoding"]),
+            ("ext", _extensions(cols["path"], cols["name"])),
+        ):
             values, inverse = np.unique(source[rows], return_inverse=True)
             self.ids[key][at] = np.array([self.interned[key].id(str(v)) for v in values], np.int16)[inverse]
         shapes, inverse = np.unique(cols["image_shape"][rows], axis=0, return_inverse=True)
@@ -215,7 +227,9 @@ class ShardTable:
             if key in ident:
                 width = max(ident[key].dtype.itemsize, self.id_text[key].dtype.itemsize if key in self.id_text else 1)
                 col = self.id_text.get(key)
-                col = self.id_text[key] = np.zeros(len(self.names), f"S{width}") if col is None else col.astype(f"S{width}")
+                col = self.id_text[key] = (
+                    np.zeros(len(self.names), f"S{width}") if col is None else col.astype(f"S{width}")
+                )
                 col[at] = ident[key][rows]
         edges = ident.get("edges")
         if edges is not None:
@@ -239,4 +253,3 @@ def index_identity(cols: dict[str, Any], row: int) -> dict[str, Any]:
         if key in ident and ident[key][row]:
             found[key] = ident[key][row].decode()
     return found
-

@@ -97,7 +97,9 @@ def mix_sizes(sources: Sequence[Source], lengths: Sequence[int], epoch_size: int
         if src.proportion is not None:
             props[k] = float(src.proportion)
         else:
-            fixed[k] = float(src.choose) if src.choose is not None else (src.repeat if src.repeat is not None else 1.0) * n
+            fixed[k] = (
+                float(src.choose) if src.choose is not None else (src.repeat if src.repeat is not None else 1.0) * n
+            )
     if epoch_size is not None and epoch_size < 0:
         raise ValueError(f"epoch_size={epoch_size} is negative")
     total_p, total_fixed = sum(props.values()), sum(fixed.values())
@@ -105,13 +107,17 @@ def mix_sizes(sources: Sequence[Source], lengths: Sequence[int], epoch_size: int
         raise ValueError(f"{sources[min(props)].describe(min(props))}: the proportions sum to 0")
     if epoch_size is None:
         if total_p > 1 + 1e-9:
-            raise ValueError(f"{sources[min(props)].describe(min(props))}: the proportions sum to {total_p:g} > 1; "
-                             "lower them or set epoch_size")  # fmt: skip
+            raise ValueError(
+                f"{sources[min(props)].describe(min(props))}: the proportions sum to {total_p:g} > 1; "
+                "lower them or set epoch_size"
+            )
         if props and total_fixed == 0:  # proportions only: an epoch as long as the sources together
             epoch_size = int(sum(lengths))
         elif props and total_p >= 1 - 1e-9:
-            raise ValueError(f"{sources[min(props)].describe(min(props))}: the proportions sum to 1 and other "
-                             "sources have fixed sizes; set epoch_size")  # fmt: skip
+            raise ValueError(
+                f"{sources[min(props)].describe(min(props))}: the proportions sum to 1 and other "
+                "sources have fixed sizes; set epoch_size"
+            )
         else:
             epoch_size = round(total_fixed / (1 - total_p)) if props else round(total_fixed)
     want = dict(fixed)
@@ -170,8 +176,15 @@ class Stream:
         def open_one(src: Source, cols: Sequence[str] | None) -> Dataset:
             if isinstance(src.uri, Dataset):
                 return src.uri
-            return Dataset(src.uri, src.storage_options or storage_options, cache_dir=cache_dir, decode=decode,
-                           download=True, cache_limit=cache_limit, columns=cols)  # fmt: skip
+            return Dataset(
+                src.uri,
+                src.storage_options or storage_options,
+                cache_dir=cache_dir,
+                decode=decode,
+                download=True,
+                cache_limit=cache_limit,
+                columns=cols,
+            )
 
         self.datasets = [open_one(src, columns) for src in sources]
         if mixing:  # the columns every source has (same name and type), so batches collate
@@ -198,8 +211,11 @@ class Stream:
 
     def identity(self) -> str:
         """Which dataset generation(s) this reads (a checkpoint of another cannot resume here)."""
-        return " + ".join(f"index {str((d.manifest.get('index') or {}).get('sha256', 'inline'))[:12]} "
-                          f"generation {d.manifest.get('generation', 0)}" for d in self.datasets)  # fmt: skip
+        return " + ".join(
+            f"index {str((d.manifest.get('index') or {}).get('sha256', 'inline'))[:12]} "
+            f"generation {d.manifest.get('generation', 0)}"
+            for d in self.datasets
+        )
 
     def __len__(self) -> int:
         """Samples in an epoch before the rank split (a mix: the sum of its sources' sizes)."""
@@ -254,7 +270,9 @@ class Stream:
         out, block = seq.copy(), self.shuffle_block
         for b, lo in enumerate(range(0, seq.size, block)):
             part = out[lo : lo + block]
-            out[lo : lo + block] = part[np.random.default_rng([self.seed, self.epoch, 6, *key, b]).permutation(part.size)]
+            out[lo : lo + block] = part[
+                np.random.default_rng([self.seed, self.epoch, 6, *key, b]).permutation(part.size)
+            ]
         return out
 
     def epoch_total(self, world: int, offset: int = 0) -> int:
@@ -299,7 +317,9 @@ class Stream:
         size, rounds, rest_lo, _ = self._layout(part)
         wb, off = np.divmod(np.arange(lo, hi, dtype=np.int64), size)
         j = wb * part.workers + part.worker
-        pos = np.where(j < rounds, (j * part.world + part.rank) * size + off, rounds * part.world * size + rest_lo + off)
+        pos = np.where(
+            j < rounds, (j * part.world + part.rank) * size + off, rounds * part.world * size + rest_lo + off
+        )
         return part.offset + pos
 
     def items(self, pos: np.ndarray, perms: dict[int, np.ndarray] | None = None) -> np.ndarray:
@@ -337,8 +357,9 @@ class Stream:
         """The consumer's samples in epoch order from position `start`, read ahead in the background."""
         return read_ahead(self._reads(part, start), self._read)
 
-    def batches(self, batch_size: int, part: Part = Part(), start: int = 0,
-                drop_last: bool = False) -> Iterator[dict[str, Any]]:  # fmt: skip
+    def batches(
+        self, batch_size: int, part: Part = Part(), start: int = 0, drop_last: bool = False
+    ) -> Iterator[dict[str, Any]]:
         """NumPy batches {"image": (B, H, W, C) uint8, "label": (B,) int64, "key": list[str],
         <string column>: list[str], <number column>: (B,) array, "<column>_null": (B,) bool}."""
         batch: list[dict[str, Any]] = []

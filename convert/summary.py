@@ -28,8 +28,11 @@ from .specs import ItemResult, ShardRecord, ShardSpec, Status
 from .store import Store
 
 # The config keys each output setting comes from (output_settings() flattens output.* away).
-_SETTING_KEYS = {"format": "output.format", "compression": "output.compression",
-                 "compression_level": "output.compression_level"}  # fmt: skip
+_SETTING_KEYS = {
+    "format": "output.format",
+    "compression": "output.compression",
+    "compression_level": "output.compression_level",
+}
 _TRANSIENT_HTTP = re.compile(r"HTTP (429|5\d\d)\b")  # the http_error rows `--retry-failed` redoes
 
 
@@ -104,8 +107,11 @@ def explain_changes(old_config: dict[str, Any] | None, new_config: dict[str, Any
         old, new = _flatten(output_settings(old_config)), _flatten(output_settings(new_config))
     except KeyError:  # a manifest written by an older version without some section
         return []
-    return [f"{key} changed: {_show(old.get(key))} → {_show(new.get(key))}"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]  # fmt: skip
+    return [
+        f"{key} changed: {_show(old.get(key))} → {_show(new.get(key))}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
 
 
 def _show(value: Any) -> str:
@@ -125,28 +131,38 @@ def previous_config(out: Store) -> dict[str, Any] | None:
 
 
 def rebuild_message(old_config: dict[str, Any] | None, new_config: dict[str, Any], pending: int) -> str | None:
-    """"image.size changed: 64 → 32; 3 shards will be rebuilt", or None when the settings are unchanged."""
+    """ "image.size changed: 64 → 32; 3 shards will be rebuilt", or None when the settings are unchanged."""
     changes = explain_changes(old_config, new_config)
     if not changes or not pending:
         return None
     return "; ".join(changes) + f"; {pending} shard{'s' if pending != 1 else ''} will be rebuilt"
 
 
-def announce_rebuild(out: Store, config_data: dict[str, Any], pending: Sequence[ShardSpec],
-                     log: Callable[[str], None]) -> None:  # fmt: skip
+def announce_rebuild(
+    out: Store, config_data: dict[str, Any], pending: Sequence[ShardSpec], log: Callable[[str], None]
+) -> None:
     """Log why committed shards are rebuilt, if the output settings changed since the last manifest."""
     message = rebuild_message(previous_config(out), config_data, len(pending))
     if message:
         log(message)
 
 
-def after_manifest(out: Store, manifest: dict[str, Any], specs: Sequence[ShardSpec], tally: LedgerTally,
-                   failed_rows: Sequence[ItemResult], summary: Any, log: Callable[[str], None]) -> None:  # fmt: skip
+def after_manifest(
+    out: Store,
+    manifest: dict[str, Any],
+    specs: Sequence[ShardSpec],
+    tally: LedgerTally,
+    failed_rows: Sequence[ItemResult],
+    summary: Any,
+    log: Callable[[str], None],
+) -> None:
     """Once the new manifest is written: the top failures go into the summary (`top_failures`,
     from the run's aggregate `tally` then the failed shards' rows), and `convert.shards` removes
     the shard files of an old format or plan (logged here)."""
     summary.top_failures = top_failures([tally, LedgerTally.of(failed_rows)])
     stale = remove_stale_shards(out, manifest, [s.name for s in specs])
     if stale:
-        log(f"removed {len(stale)} files of earlier settings no manifest lists: {', '.join(stale[:4])}"
-            + (" ..." if len(stale) > 4 else ""))  # fmt: skip
+        log(
+            f"removed {len(stale)} files of earlier settings no manifest lists: {', '.join(stale[:4])}"
+            + (" ..." if len(stale) > 4 else "")
+        )

@@ -94,8 +94,10 @@ class TaskMaker:
         # The kept columns as resolved (names, types, from which list columns: SourceRef.columns in
         # the fingerprint), not the raw settings: caption_column "auto" and "caption" that pick the
         # same column make the same shards.
-        self._settings["source"] = {"columns": [[c.name, c.type] for c in columns],
-                                    "max_text_bytes": config.source.max_text_bytes}  # fmt: skip
+        self._settings["source"] = {
+            "columns": [[c.name, c.type] for c in columns],
+            "max_text_bytes": config.source.max_text_bytes,
+        }
         self._base = _base_policy(config)
         self._policies: dict[str, FetchPolicy] = {}  # by list directory: a few per run, not per shard
         out = config.output
@@ -111,9 +113,17 @@ class TaskMaker:
 
     def task(self, spec: ShardSpec, fp: str | None = None) -> ShardTask:
         policies = tuple(self._policy(sl) for sl in spec.slices)
-        return ShardTask(spec, self.kind, policies, dict(self.config.source.storage_options),
-                         dict(self.config.output.storage_options), self._output, self._items,
-                         fp if fp is not None else self.fingerprint(spec), self.run_id)  # fmt: skip
+        return ShardTask(
+            spec,
+            self.kind,
+            policies,
+            dict(self.config.source.storage_options),
+            dict(self.config.output.storage_options),
+            self._output,
+            self._items,
+            fp if fp is not None else self.fingerprint(spec),
+            self.run_id,
+        )
 
     def _policy(self, sl: InputSlice) -> FetchPolicy:
         """A URL list's items may be local files only when the list itself is local, and then only
@@ -162,7 +172,18 @@ def _item_plan(config: Config, kind: str, columns: tuple[Column, ...]) -> ItemPl
         mode = "threads"
     else:
         mode = "grouped"
-    return ItemPlan(config.image, stored, len(columns), algo, slot, hash_index, config.source.max_text_bytes, mode, config.fetch.threads, config.fetch.prefetch_bytes)  # fmt: skip
+    return ItemPlan(
+        config.image,
+        stored,
+        len(columns),
+        algo,
+        slot,
+        hash_index,
+        config.source.max_text_bytes,
+        mode,
+        config.fetch.threads,
+        config.fetch.prefetch_bytes,
+    )
 
 
 def policy_uses_curl(config: Config) -> bool:

@@ -25,7 +25,19 @@ from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
-STAGES = ("fetch", "fetch_cpu", "wait", "decode", "resize", "encode", "write", "convert_cpu", "verify", "hash", "commit")
+STAGES = (
+    "fetch",
+    "fetch_cpu",
+    "wait",
+    "decode",
+    "resize",
+    "encode",
+    "write",
+    "convert_cpu",
+    "verify",
+    "hash",
+    "commit",
+)
 
 now_ns = time.perf_counter_ns
 

@@ -85,10 +85,20 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
         epoch_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.stream = Stream(uri, storage_options, shuffle=shuffle, seed=seed, shuffle_block=shuffle_block,
-                             partition=partition, cache_dir=cache_dir, cache_limit=cache_limit,
-                             prefetch_shards=prefetch_shards, transform=transform, columns=columns,
-                             epoch_size=epoch_size)  # fmt: skip
+        self.stream = Stream(
+            uri,
+            storage_options,
+            shuffle=shuffle,
+            seed=seed,
+            shuffle_block=shuffle_block,
+            partition=partition,
+            cache_dir=cache_dir,
+            cache_limit=cache_limit,
+            prefetch_shards=prefetch_shards,
+            transform=transform,
+            columns=columns,
+            epoch_size=epoch_size,
+        )
         self.batch_size, self.chw, self.drop_last = batch_size, chw, drop_last
         self.tag = False  # StreamingDataLoader turns position tags on
         self.loader_batch = 0  # the batch size of the DataLoader batching these samples (StreamingDataLoader)
@@ -168,9 +178,16 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
     def state_dict(self) -> dict[str, Any]:
         """Progress of in-process iteration (num_workers=0); with workers use StreamingDataLoader's."""
         rank, world = _rank_world()
-        return {"epoch": self.epoch, "seed": self.stream.seed, "rank": rank, "world": world,
-                "workers": 1, "consumed": dict(self._consumed), "offset": self.offset,
-                "dataset": self.stream.identity()}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "seed": self.stream.seed,
+            "rank": rank,
+            "world": world,
+            "workers": 1,
+            "consumed": dict(self._consumed),
+            "offset": self.offset,
+            "dataset": self.stream.identity(),
+        }
 
     def check_state(self, state: dict[str, Any]) -> None:
         """A state of another dataset (generation) or seed cannot resume here: one-line ValueError."""
@@ -185,8 +202,10 @@ class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
         self.check_state(state)
         rank, world = _rank_world()
         if (state["world"], state["workers"], state["seed"]) != (world, workers, self.stream.seed):
-            raise ValueError(f"cannot resume: state is for world size {state['world']}, {state['workers']} workers, "
-                             f"seed {state['seed']}; this run has {world}, {workers}, {self.stream.seed}")  # fmt: skip
+            raise ValueError(
+                f"cannot resume: state is for world size {state['world']}, {state['workers']} workers, "
+                f"seed {state['seed']}; this run has {world}, {workers}, {self.stream.seed}"
+            )
         if state["rank"] != rank:
             raise ValueError(f"cannot resume: state was saved by rank {state['rank']}, this is rank {rank}")
         self.stream.set_epoch(state["epoch"])
@@ -247,7 +266,9 @@ class StreamingDataLoader(DataLoader):  # type: ignore[type-arg]
         for batch in iterator:
             tag = batch.pop(_TAG)
             workers, positions = (tag[0], tag[1]) if isinstance(tag, (list, tuple)) else (tag[:, 0], tag[:, 1])
-            for w, p in zip(torch.as_tensor(workers).reshape(-1).tolist(), torch.as_tensor(positions).reshape(-1).tolist()):
+            for w, p in zip(
+                torch.as_tensor(workers).reshape(-1).tolist(), torch.as_tensor(positions).reshape(-1).tolist()
+            ):
                 self._consumed[w] = max(self._consumed.get(w, 0), p)
             for name, value in batch.items():  # the columns' numbers, sent as NumPy (ColumnCollate)
                 if isinstance(value, np.ndarray) and value.dtype != object:
@@ -259,10 +280,18 @@ class StreamingDataLoader(DataLoader):  # type: ignore[type-arg]
     def state_dict(self) -> dict[str, Any]:
         ds: StreamingDataset = self.dataset  # type: ignore[assignment]
         rank, world = _rank_world()
-        return {"epoch": self._epoch, "seed": ds.stream.seed, "rank": rank, "world": world,
-                "workers": max(1, self.num_workers), "consumed": dict(self._consumed),
-                "batches": self._batches, "batch_size": ds.batch_size or self.batch_size or 0,
-                "offset": ds.offset, "dataset": ds.stream.identity()}  # fmt: skip
+        return {
+            "epoch": self._epoch,
+            "seed": ds.stream.seed,
+            "rank": rank,
+            "world": world,
+            "workers": max(1, self.num_workers),
+            "consumed": dict(self._consumed),
+            "batches": self._batches,
+            "batch_size": ds.batch_size or self.batch_size or 0,
+            "offset": ds.offset,
+            "dataset": ds.stream.identity(),
+        }
 
     def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
         """Continue from `state`: exactly where each worker was (same world size and workers), else
@@ -273,8 +302,14 @@ class StreamingDataLoader(DataLoader):  # type: ignore[type-arg]
             state = _one_step(list(state), *_rank_world())
         ds.check_state(state)
         if (state["world"], state["workers"]) != (_rank_world()[1], max(1, self.num_workers)):
-            old = Part(0, int(state["world"]), 0, int(state["workers"]), max(1, int(state.get("batch_size") or 1)),
-                       int(state.get("offset", 0)))  # fmt: skip
+            old = Part(
+                0,
+                int(state["world"]),
+                0,
+                int(state["workers"]),
+                max(1, int(state.get("batch_size") or 1)),
+                int(state.get("offset", 0)),
+            )
             ds.set_epoch(state["epoch"])
             ds.offset = ds.stream.consumed(old, int(state.get("batches", 0)))
             ds._resume, ds._consumed = {}, {}
@@ -295,7 +330,9 @@ def _one_step(states: list[dict[str, Any]], rank: int, world: int) -> dict[str, 
         raise ValueError("cannot resume: an empty list of states")
     steps = sorted({(int(s["epoch"]), int(s.get("batches", 0))) for s in states})
     if len(steps) > 1:
-        raise ValueError(f"cannot resume: the ranks' states are at different (epoch, batches) {steps}; "
-                         "take the checkpoint at a synchronized step")  # fmt: skip
+        raise ValueError(
+            f"cannot resume: the ranks' states are at different (epoch, batches) {steps}; "
+            "take the checkpoint at a synchronized step"
+        )
     by_rank = {int(s["rank"]): s for s in states}
     return by_rank.get(rank, states[0]) if world == int(states[0]["world"]) else states[0]

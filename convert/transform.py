@@ -99,9 +99,7 @@ def transform(
     return _finish(img, src, cfg, clock, clock.lap("decode", t))
 
 
-def _finish(
-    img: Image.Image, src: tuple[int, int], cfg: ImageConfig, clock: StageClock, t: int
-) -> np.ndarray | bytes:
+def _finish(img: Image.Image, src: tuple[int, int], cfg: ImageConfig, clock: StageClock, t: int) -> np.ndarray | bytes:
     """Decoded, upright image (`src`: the source's upright size, before any draft) -> working mode ->
     geometry -> pixels or encoded bytes."""
     img = _to_working_mode(img, cfg)

@@ -54,7 +54,9 @@ def _read_column(ds: Any, name: str) -> np.ndarray:
         ok = np.asarray(ledger["status"]) == "ok"
         cols = {k: np.asarray(v)[ok] for k, v in ledger.items() if k not in ("status", "error", "shard")}
     if len(cols.get("label", ())) != len(ds):
-        raise ValueError(f"{ds.uri}: the ledger lists {len(cols.get('label', ()))} converted items, the dataset {len(ds)}")
+        raise ValueError(
+            f"{ds.uri}: the ledger lists {len(cols.get('label', ()))} converted items, the dataset {len(ds)}"
+        )
     if name not in cols:
         raise ValueError(f"filter: no column {name!r}; columns: {', '.join(sorted(cols))}")
     memo = _MEMO.setdefault(ds, {})
@@ -82,8 +84,11 @@ def _record_columns(ds: Any, name: str) -> dict[str, np.ndarray] | None:
         ok = np.asarray(ledger["status"]) == "ok"
         if int(ok.sum()) != int(shard["ok"]) or any(len(v) != ok.size for v in ledger.values()):
             return None
-        return {k: np.asarray(v)[ok] for k, v in ledger.items()
-                if k not in ("status", "error") and (k == name or isinstance(v, np.ndarray))}  # fmt: skip
+        return {
+            k: np.asarray(v)[ok]
+            for k, v in ledger.items()
+            if k not in ("status", "error") and (k == name or isinstance(v, np.ndarray))
+        }
 
     with ThreadPoolExecutor(RECORD_THREADS) as pool:
         parts = list(pool.map(load, entries))

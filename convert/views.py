@@ -36,13 +36,25 @@ from .fetch import prefetch
 from .viewcols import dataset_column
 
 ITER_CHUNK = 256  # items per batched read during iteration
-SPLIT_SYNTAX = "use NAME[START:STOP] with counts or percents, e.g. 'train[:90%]', 'train[90%:]', 'train[:1000]', 'train[10%:20%]'"
-FILTER_SYNTAX = "use COLUMN OP VALUE joined by 'and', OP one of == != < <= > >=, e.g. \"width >= 256 and caption != ''\""
+SPLIT_SYNTAX = (
+    "use NAME[START:STOP] with counts or percents, e.g. 'train[:90%]', 'train[90%:]', 'train[:1000]', 'train[10%:20%]'"
+)
+FILTER_SYNTAX = (
+    "use COLUMN OP VALUE joined by 'and', OP one of == != < <= > >=, e.g. \"width >= 256 and caption != ''\""
+)
 _SPLIT = re.compile(r"^\s*(?P<name>[A-Za-z_][\w-]*)?\s*(?:\[\s*(?P<start>[^:\]]*?)\s*:\s*(?P<stop>[^:\]]*?)\s*\])?\s*$")
 _BOUND = re.compile(r"^(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+))(?P<pct>%?)$")
-_TOKEN = re.compile(r"""\s*(?:(?P<op>==|!=|<=|>=|<|>)|(?P<str>'[^']*'|"[^"]*")|(?P<num>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)|(?P<word>[A-Za-z_][\w.]*))""")
-_OPS: dict[str, Callable[[Any, Any], Any]] = {"==": operator.eq, "!=": operator.ne, "<": operator.lt,
-                                              "<=": operator.le, ">": operator.gt, ">=": operator.ge}  # fmt: skip
+_TOKEN = re.compile(
+    r"""\s*(?:(?P<op>==|!=|<=|>=|<|>)|(?P<str>'[^']*'|"[^"]*")|(?P<num>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)|(?P<word>[A-Za-z_][\w.]*))"""
+)
+_OPS: dict[str, Callable[[Any, Any], Any]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
 
 
 class Readable(Protocol):
@@ -165,8 +177,10 @@ def evaluate(base: Any, conditions: Sequence[Condition]) -> np.ndarray:
         col = column_of(base, c.column)
         if isinstance(c.value, str) != (col.dtype.kind in "USO"):
             kind = "text" if col.dtype.kind in "USO" else "numeric"
-            raise ValueError(f"filter: column {c.column!r} is {kind}; compare it with a "
-                             f"{'quoted string' if kind == 'text' else 'number'}")  # fmt: skip
+            raise ValueError(
+                f"filter: column {c.column!r} is {kind}; compare it with a "
+                f"{'quoted string' if kind == 'text' else 'number'}"
+            )
         null = np.ma.getmaskarray(col) if isinstance(col, np.ma.MaskedArray) else np.zeros(len(col), bool)
         if col.dtype.kind == "O":  # text with nulls: a null matches no condition
             null = np.fromiter((v is None for v in col), bool, len(col))
@@ -196,8 +210,14 @@ def split_members(base: Any, split: Split, seed: int | None, stratify: bool) -> 
 class View:
     """A subset of `base` (a Dataset or view): len, [i], get_batch, iteration, in base order."""
 
-    def __init__(self, base: Readable, split: str | None = None, filter: str | None = None,
-                 seed: int | None = 0, stratify: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base: Readable,
+        split: str | None = None,
+        filter: str | None = None,
+        seed: int | None = 0,
+        stratify: bool = False,
+    ) -> None:
         self.base = base
         self.spec = ViewSpec(split, filter, seed, stratify)
         self._indices: np.ndarray | None = None
@@ -263,8 +283,16 @@ class View:
         return str(getattr(self.base, "uri", ""))
 
     def __repr__(self) -> str:
-        parts = [f"{k}={v!r}" for k, v in (("split", self.spec.split), ("filter", self.spec.filter),
-                 ("seed", self.spec.seed), ("stratify", self.spec.stratify)) if v not in (None, False)]  # fmt: skip
+        parts = [
+            f"{k}={v!r}"
+            for k, v in (
+                ("split", self.spec.split),
+                ("filter", self.spec.filter),
+                ("seed", self.spec.seed),
+                ("stratify", self.spec.stratify),
+            )
+            if v not in (None, False)
+        ]
         return f"View({self.uri!r}, {', '.join(parts)}, items={len(self)})"
 
 
@@ -281,8 +309,9 @@ class _Subset:
         return column_of(self.base, name)[self.members]
 
 
-def view(base: Readable, split: str | None = None, filter: str | None = None, seed: int | None = 0,
-         stratify: bool = False) -> Readable:  # fmt: skip
+def view(
+    base: Readable, split: str | None = None, filter: str | None = None, seed: int | None = 0, stratify: bool = False
+) -> Readable:
     """`base` itself when nothing is asked, else a View (what `open_dataset(split=, filter=)` returns)."""
     if split is None and filter is None:
         if stratify:

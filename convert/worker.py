@@ -118,8 +118,9 @@ def _examine(
         status, message, data = Status.ERROR, f"{type(exc).__name__}: {exc}", None
     else:
         status, message = Status.OK, ""
-    row = ItemResult(ref.key, ref.uri, ref.label, status, message, facts.width, facts.height, facts.format, nbytes,
-                     digest)  # fmt: skip
+    row = ItemResult(
+        ref.key, ref.uri, ref.label, status, message, facts.width, facts.height, facts.format, nbytes, digest
+    )
     return row, data, digest
 
 
@@ -182,13 +183,22 @@ def _fetch_stream(refs: Iterator[ItemRef], task: ShardTask, cols: ItemColumns, c
     fetch_one = timed_fetch(clock, lambda ref: load_item(cast(ItemRef, ref), policies))
     depth, budget = items.depth, items.prefetch_bytes
     if items.fetch == "curl":
-        return CurlStream(refs, lambda ref: _http_url(ref, policies[ref.slice]), fetch_one, policies[0], depth=depth,
-                          max_bytes=budget, size_of=_size_of, on_done=lambda ns: clock.add("fetch", ns)), False  # fmt: skip
+        return CurlStream(
+            refs,
+            lambda ref: _http_url(ref, policies[ref.slice]),
+            fetch_one,
+            policies[0],
+            depth=depth,
+            max_bytes=budget,
+            size_of=_size_of,
+            on_done=lambda ns: clock.add("fetch", ns),
+        ), False
     if items.fetch == "threads":
         return prefetch(refs, fetch_one, depth=depth, max_bytes=budget, size_of=_size_of), False
     examine = functools.partial(_examine_group, fetch=fetch_one, task=task, cols=cols, clock=clock)
-    groups = prefetch(_groups(refs), examine, depth=max(2, depth // 2), max_bytes=budget, size_of=_group_size,
-                      threads=DECODE_THREADS)  # fmt: skip
+    groups = prefetch(
+        _groups(refs), examine, depth=max(2, depth // 2), max_bytes=budget, size_of=_group_size, threads=DECODE_THREADS
+    )
     return _Ungrouped(groups), True
 
 
@@ -276,8 +286,10 @@ def _fill(writer: ShardWriter, task: ShardTask, clock: StageClock, cols: ItemCol
     clock.add("fetch_cpu", inline)
     clock.add("convert_cpu", time.thread_time_ns() - cpu - inline)  # this thread's CPU over decode..write
     if len(ledger) != len(spec):
-        raise ShardError(f"{spec.name}: read {len(ledger)} items but the plan has {len(spec)}; "
-                         "the input changed since planning - rerun the same command to plan again")  # fmt: skip
+        raise ShardError(
+            f"{spec.name}: read {len(ledger)} items but the plan has {len(spec)}; "
+            "the input changed since planning - rerun the same command to plan again"
+        )
     return ledger
 
 
@@ -289,8 +301,12 @@ def shard_info(task: ShardTask) -> ShardInfo:
         encoding=image.encode,
         image_shape=output_shape(image),
         expected_count=len(task),
-        attrs={"shard": task.name, "fingerprint": task.fingerprint, "image": image.model_dump(mode="json"),
-               "format_options": dict(options)},  # fmt: skip
+        attrs={
+            "shard": task.name,
+            "fingerprint": task.fingerprint,
+            "image": image.model_dump(mode="json"),
+            "format_options": dict(options),
+        },
         compression=str(options.get("compression", "none")),
         compression_level=int(options.get("compression_level", 4)),
         columns=task.items.columns,
@@ -301,12 +317,17 @@ def shard_info(task: ShardTask) -> ShardInfo:
 def _resolved(task: ShardTask) -> ShardTask:
     """The task with its storage-option secrets resolved here, in the worker (convert.secrets):
     from this process's environment and the secrets the executor shared with it."""
-    policies = tuple(replace(p, storage_options=resolve_options(p.storage_options, "source.storage_options"))
-                     for p in task.policies)  # fmt: skip
+    policies = tuple(
+        replace(p, storage_options=resolve_options(p.storage_options, "source.storage_options")) for p in task.policies
+    )
     out = replace(task.output, storage_options=resolve_options(task.output.storage_options, "output.storage_options"))
-    return replace(task, policies=policies, output=out,
-                   source_options=resolve_options(task.source_options, "source.storage_options"),
-                   work_options=resolve_options(task.work_options, "output.storage_options"))  # fmt: skip
+    return replace(
+        task,
+        policies=policies,
+        output=out,
+        source_options=resolve_options(task.source_options, "source.storage_options"),
+        work_options=resolve_options(task.work_options, "output.storage_options"),
+    )
 
 
 def process_shard(task: ShardTask) -> ShardRecord:
@@ -356,11 +377,23 @@ def _commit_shard(task: ShardTask, out: Any, fmt: Any, info: ShardInfo, started:
         size, digest = clock.timed("hash", file_digest, tmp)
         clock.timed("commit", publish, out, tmp, rel, size, digest, task.run_id)
     record = ShardRecord(
-        name=spec.name, path=rel, format=fmt.name, count=len(spec), ok=ok, failed=len(spec) - ok,
-        bytes=size, sha256=digest, image_shape=shape, encoding=info.encoding, ledger=tuple(ledger),
-        stages=clock.seconds(), started=started, finished=time.time(), counters=cols.counters(),
+        name=spec.name,
+        path=rel,
+        format=fmt.name,
+        count=len(spec),
+        ok=ok,
+        failed=len(spec) - ok,
+        bytes=size,
+        sha256=digest,
+        image_shape=shape,
+        encoding=info.encoding,
+        ledger=tuple(ledger),
+        stages=clock.seconds(),
+        started=started,
+        finished=time.time(),
+        counters=cols.counters(),
         columns=info.columns,
-    )  # fmt: skip
+    )
     identity = write_record(out, record, task.fingerprint)
     return replace(record, identity=identity)
 

@@ -118,8 +118,6 @@ def has_scheme(entry: str) -> bool:
     return bool(_URL_SCHEME.match(entry))
 
 
-
-
 # ---- folder.py
 
 
@@ -378,8 +376,6 @@ def list_cifar(uri: str, storage_options: dict[str, Any] | None = None) -> Sourc
         )
         del batch, data
     return SourceListing(kind="cifar", items=items, label_names=_label_names(fs, posixpath.dirname(paths[0])))
-
-
 
 
 # ---- plan.plan_shards

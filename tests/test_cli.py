@@ -16,7 +16,9 @@ pytestmark = pytest.mark.cluster
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +27,26 @@ def converted(tmp_path_factory):
     gen.write_image_folder(root, {"a": 4, "b": 4}, size=(50, 40))
     (root / "b" / "zero.jpg").write_bytes(b"")
     out = tmp_path_factory.mktemp("out") / "ds"
-    result = cli("run", "--source", str(root), "--output", str(out), "--format", "lmdb", "--size", "24", "32",
-                 "--shard-size", "4", "--workers", "1", "--threads", "2", "--set", "image.quality=85")  # fmt: skip
+    result = cli(
+        "run",
+        "--source",
+        str(root),
+        "--output",
+        str(out),
+        "--format",
+        "lmdb",
+        "--size",
+        "24",
+        "32",
+        "--shard-size",
+        "4",
+        "--workers",
+        "1",
+        "--threads",
+        "2",
+        "--set",
+        "image.quality=85",
+    )
     return root, out, result
 
 
@@ -66,8 +86,25 @@ def test_verify_exit_codes(converted, tmp_path):
 
 def test_fail_on_item_errors_and_resume(converted):
     root, out, _ = converted
-    result = cli("run", "--source", str(root), "--output", str(out), "--format", "lmdb", "--size", "24", "32",
-                 "--shard-size", "4", "--workers", "1", "--set", "image.quality=85", "--fail-on-item-errors")  # fmt: skip
+    result = cli(
+        "run",
+        "--source",
+        str(root),
+        "--output",
+        str(out),
+        "--format",
+        "lmdb",
+        "--size",
+        "24",
+        "32",
+        "--shard-size",
+        "4",
+        "--workers",
+        "1",
+        "--set",
+        "image.quality=85",
+        "--fail-on-item-errors",
+    )
     assert result.returncode == 3, result.stderr
     assert "resumed" in result.stderr
 
@@ -116,8 +153,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def demo_run(out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}  # keep rich's summary table cells on one line
-    return subprocess.run([sys.executable, "-m", "convert", "run", "configs/demo.yaml", "--output", str(out), *flags],
-                          capture_output=True, text=True, cwd=REPO, timeout=300, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "convert", "run", "configs/demo.yaml", "--output", str(out), *flags],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_rerun_says_what_changed_counts_only_its_own_items_and_drops_old_format(tmp_path):
@@ -148,8 +191,10 @@ def test_version():
     assert result.returncode == 0 and result.stdout.strip() == f"convert-dataset {__version__}"
 
 
-@pytest.mark.parametrize("readme, marker", [("cluster/slurm/README.md", "#SBATCH --cpus-per-task=8"),
-                                            ("cluster/pbs/README.md", "#PBS -l select=1:ncpus=8")])  # fmt: skip
+@pytest.mark.parametrize(
+    "readme, marker",
+    [("cluster/slurm/README.md", "#SBATCH --cpus-per-task=8"), ("cluster/pbs/README.md", "#PBS -l select=1:ncpus=8")],
+)
 def test_cluster_readme_dry_run_lines_run_as_written(readme, marker):
     """Every `--dry-run` command in the SLURM/PBS READMEs, copied as a user would, prints a job script."""
     import re
@@ -162,8 +207,9 @@ def test_cluster_readme_dry_run_lines_run_as_written(readme, marker):
     assert commands, f"no dry-run line in {readme}"
     for command in commands:
         args = shlex.split(command)[1:]
-        result = subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=REPO,
-                                timeout=120)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+        )
         assert result.returncode == 0, f"{command}: {result.stderr}"
         assert marker in result.stdout
 

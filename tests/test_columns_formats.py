@@ -16,8 +16,15 @@ from convert.dataset import open_dataset
 from convert.formats.base import open_reader
 from convert.formats.hdf5_chunks import Chunks
 from convert.stream import Stream
-from convert.testing.formats import (SCHEMA, FormatTests, assert_column, expected_column, make_samples, write_dataset,
-                                     write_shard)  # fmt: skip
+from convert.testing.formats import (
+    SCHEMA,
+    FormatTests,
+    assert_column,
+    expected_column,
+    make_samples,
+    write_dataset,
+    write_shard,
+)
 
 
 class TestHDF5(FormatTests):
@@ -271,9 +278,18 @@ def test_a_captioned_list_converts_and_reads_back(fmt: str, tmp_path: Path) -> N
         writer.writeheader()
         writer.writerows(rows)
     out = tmp_path / "out"
-    cfg = load_config(None, {"source.uri": str(tmp_path / "list.csv"), "output.uri": str(out), "output.format": fmt,
-                             "image.size": 8, "source.columns": "similarity", "shard.size": 4,
-                             "cluster.workers": 1})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(tmp_path / "list.csv"),
+            "output.uri": str(out),
+            "output.format": fmt,
+            "image.size": 8,
+            "source.columns": "similarity",
+            "shard.size": 4,
+            "cluster.workers": 1,
+        },
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     ds = open_dataset(str(out))
     names = [c.name for c in ds.schema]

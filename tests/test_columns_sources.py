@@ -31,10 +31,20 @@ ROWS: list[dict[str, Any]] = [
     for i, (cap, n, f, b) in enumerate(zip(CAPTIONS, INTS, FLOATS, BOOLS))
 ]
 FORMATS = ["txt", "csv", "tsv", "parquet", "jsonl"]
-CODECS = {"": lambda b: b, ".gz": gzip.compress, ".zst": lambda b: zstandard.ZstdCompressor().compress(b),
-          ".bz2": bz2.compress}  # fmt: skip
-ARROW = {"url": pa.string(), "caption": pa.string(), "n": pa.int64(), "f": pa.float64(), "b": pa.bool_(),
-         "z": pa.string()}  # fmt: skip
+CODECS = {
+    "": lambda b: b,
+    ".gz": gzip.compress,
+    ".zst": lambda b: zstandard.ZstdCompressor().compress(b),
+    ".bz2": bz2.compress,
+}
+ARROW = {
+    "url": pa.string(),
+    "caption": pa.string(),
+    "n": pa.int64(),
+    "f": pa.float64(),
+    "b": pa.bool_(),
+    "z": pa.string(),
+}
 
 
 def _text(v: Any) -> str:
@@ -49,8 +59,9 @@ def list_bytes(fmt: str, rows: list[dict[str, Any]]) -> bytes:
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     if fmt == "parquet":
         buf = io.BytesIO()
-        pq.write_table(pa.table({k: [r[k] for r in rows] for k in rows[0]}, schema=pa.schema(ARROW)), buf,
-                       row_group_size=2)  # fmt: skip
+        pq.write_table(
+            pa.table({k: [r[k] for r in rows] for k in rows[0]}, schema=pa.schema(ARROW)), buf, row_group_size=2
+        )
         return buf.getvalue()
     out = io.StringIO()
     if fmt == "csv":
@@ -70,8 +81,7 @@ def expected(fmt: str) -> tuple[list[Column], list[tuple[Any, ...]]]:
         return [], [()] * len(ROWS)
     if fmt in ("csv", "tsv"):  # CSV has no types: strings, an empty cell is null
         fix = (lambda s: s.replace("\n", " ")) if fmt == "tsv" else (lambda s: s)
-        return ([Column(n, "string") for n in names],
-                [tuple(fix(_text(r[n])) or None for n in names) for r in ROWS])  # fmt: skip
+        return ([Column(n, "string") for n in names], [tuple(fix(_text(r[n])) or None for n in names) for r in ROWS])
     types = ["string", "int64", "float64", "bool", "string"]
     return [Column(n, t) for n, t in zip(names, types)], [tuple(r[n] for n in names) for r in ROWS]
 
@@ -101,8 +111,10 @@ def test_every_format_and_compression_round_trips(tmp_path: Path, fmt: str, code
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
 def test_caption_choice_named_columns_and_hash_column(tmp_path: Path, fmt: str) -> None:
-    rows = [{"URL": "a.jpg", "TEXT": "t", "text": "x", "sim": 0.25, "sha256": "ab" * 32},
-            {"URL": "b.jpg", "TEXT": "u", "text": "y", "sim": 0.5, "sha256": "cd" * 32}]  # fmt: skip
+    rows = [
+        {"URL": "a.jpg", "TEXT": "t", "text": "x", "sim": 0.25, "sha256": "ab" * 32},
+        {"URL": "b.jpg", "TEXT": "u", "text": "y", "sim": 0.5, "sha256": "cd" * 32},
+    ]
     if fmt == "parquet":
         buf = io.BytesIO()
         pq.write_table(pa.table({k: [r[k] for r in rows] for k in rows[0]}), buf)
@@ -134,16 +146,25 @@ def test_default_keeps_only_the_caption_and_plain_lists_have_none(tmp_path: Path
 
 
 def test_jsonl_types_from_a_sample_and_mixed_values(tmp_path: Path) -> None:
-    rows = [{"url": "a.jpg", "m": 1, "s": 1, "o": {"k": [1, 2]}, "late": None},
-            {"url": "b.jpg", "m": 2.5, "s": "two", "o": None, "late": None},
-            {"url": "c.jpg", "m": 3, "s": True, "o": [1], "late": 4}]  # fmt: skip
+    rows = [
+        {"url": "a.jpg", "m": 1, "s": 1, "o": {"k": [1, 2]}, "late": None},
+        {"url": "b.jpg", "m": 2.5, "s": "two", "o": None, "late": None},
+        {"url": "c.jpg", "m": 3, "s": True, "o": [1], "late": 4},
+    ]
     path = tmp_path / "l.json"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     found = plan(tmp_path, path, columns="*")
-    assert [(c.name, c.type) for c in found.columns] == [("m", "float64"), ("s", "string"), ("o", "string"),
-                                                         ("late", "int64")]  # fmt: skip
-    assert [r.columns for r in refs(found)] == [(1.0, "1", '{"k": [1, 2]}', None), (2.5, "two", None, None),
-                                                (3.0, "true", "[1]", 4)]  # fmt: skip
+    assert [(c.name, c.type) for c in found.columns] == [
+        ("m", "float64"),
+        ("s", "string"),
+        ("o", "string"),
+        ("late", "int64"),
+    ]
+    assert [r.columns for r in refs(found)] == [
+        (1.0, "1", '{"k": [1, 2]}', None),
+        (2.5, "two", None, None),
+        (3.0, "true", "[1]", 4),
+    ]
 
 
 def test_jsonl_value_that_does_not_fit_its_sampled_type_is_one_line(tmp_path: Path, monkeypatch: Any) -> None:
@@ -173,16 +194,33 @@ def test_invalid_utf8_is_replaced_and_giant_cells_are_cut_once(tmp_path: Path) -
 def test_parquet_other_types_and_only_needed_columns(tmp_path: Path) -> None:
     import datetime
 
-    table = pa.table({"url": ["a.jpg", "b.jpg"], "when": [datetime.date(2024, 1, 2), None],
-                      "tags": [["x", "y"], []], "raw": [b"\x00\xff", None], "u64": pa.array([1, 2], pa.uint64()),
-                      "i8": pa.array([-1, 2], pa.int8()), "f32": pa.array([0.5, None], pa.float32()),
-                      "cat": pa.array(["p", "q"]).dictionary_encode()})  # fmt: skip
+    table = pa.table(
+        {
+            "url": ["a.jpg", "b.jpg"],
+            "when": [datetime.date(2024, 1, 2), None],
+            "tags": [["x", "y"], []],
+            "raw": [b"\x00\xff", None],
+            "u64": pa.array([1, 2], pa.uint64()),
+            "i8": pa.array([-1, 2], pa.int8()),
+            "f32": pa.array([0.5, None], pa.float32()),
+            "cat": pa.array(["p", "q"]).dictionary_encode(),
+        }
+    )
     pq.write_table(table, tmp_path / "l.parquet")
     found = plan(tmp_path, tmp_path / "l.parquet", columns="*")
-    assert [(c.name, c.type) for c in found.columns] == [("when", "string"), ("tags", "string"), ("raw", "string"),
-        ("u64", "string"), ("i8", "int64"), ("f32", "float64"), ("cat", "string")]  # fmt: skip
-    assert [r.columns for r in refs(found)] == [("2024-01-02", '["x", "y"]', "00ff", "1", -1, 0.5, "p"),
-                                                (None, "[]", None, "2", 2, None, "q")]  # fmt: skip
+    assert [(c.name, c.type) for c in found.columns] == [
+        ("when", "string"),
+        ("tags", "string"),
+        ("raw", "string"),
+        ("u64", "string"),
+        ("i8", "int64"),
+        ("f32", "float64"),
+        ("cat", "string"),
+    ]
+    assert [r.columns for r in refs(found)] == [
+        ("2024-01-02", '["x", "y"]', "00ff", "1", -1, 0.5, "p"),
+        (None, "[]", None, "2", 2, None, "q"),
+    ]
 
 
 def test_folder_of_mixed_compressed_lists_is_one_source(tmp_path: Path) -> None:
@@ -220,8 +258,9 @@ def test_missing_column_names_the_columns_the_file_has(tmp_path: Path) -> None:
     _one_line(tmp_path, tmp_path / "l.csv", r"no column 'alt'", caption_column="alt")
     _one_line(tmp_path, tmp_path / "l.csv", r"no column 'md5'", hash_column="md5")
     (tmp_path / "l.jsonl").write_text('{"url": "a.jpg"}\n')
-    _one_line(tmp_path, tmp_path / "l.jsonl", r"no column 'x'; it has 'url' \(keys of its first 1000 rows\)",
-              columns=["x"])  # fmt: skip
+    _one_line(
+        tmp_path, tmp_path / "l.jsonl", r"no column 'x'; it has 'url' \(keys of its first 1000 rows\)", columns=["x"]
+    )
 
 
 @pytest.mark.parametrize("name", ["image", "key", "label", "Image"])
@@ -247,8 +286,11 @@ def test_schema_change_between_files_names_both(tmp_path: Path) -> None:
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "a.csv").write_text("url,caption,sim\na.jpg,x,1\n")
     (tmp_path / "lists" / "b.csv").write_text("url,caption,nsfw\nb.jpg,y,no\n")
-    with pytest.raises(SourceError, match=r"a\.csv' and .*b\.csv' have different columns \(only the first has "
-                                          r"'sim'; only the second has 'nsfw'\)") as err:  # fmt: skip
+    with pytest.raises(
+        SourceError,
+        match=r"a\.csv' and .*b\.csv' have different columns \(only the first has "
+        r"'sim'; only the second has 'nsfw'\)",
+    ) as err:
         plan(tmp_path, tmp_path / "lists", columns="*")
     assert "\n" not in str(err.value)
     pq.write_table(pa.table({"url": ["c.jpg"], "caption": ["z"], "sim": [0.5]}), tmp_path / "lists" / "b.parquet")
@@ -297,8 +339,11 @@ def test_remote_compressed_lists_on_s3(s3: Any, tmp_path: Path) -> None:
     fs = fsspec.filesystem("s3", **opts)
     for fmt, codec in (("csv", ".gz"), ("parquet", ""), ("jsonl", ".zst")):
         fs.pipe(f"lists/{fmt}/l.{fmt}{codec}", CODECS[codec](list_bytes(fmt, ROWS)))
-        found = plan_source(SourceConfig(uri=f"s3://lists/{fmt}/l.{fmt}{codec}", storage_options=opts, columns="*"),
-                            2, Workdir(str(tmp_path / "work")))  # fmt: skip
+        found = plan_source(
+            SourceConfig(uri=f"s3://lists/{fmt}/l.{fmt}{codec}", storage_options=opts, columns="*"),
+            2,
+            Workdir(str(tmp_path / "work")),
+        )
         got = refs(found, opts)
         assert [r.columns for r in got] == expected(fmt)[1]
         assert got[0].uri == f"s3://lists/{fmt}/img/0.jpg"
@@ -312,9 +357,19 @@ def test_end_to_end_run_records_the_columns(tmp_path: Path) -> None:
     for i in range(len(ROWS)):
         (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg_bytes(16, 12))
     (tmp_path / "list.jsonl.gz").write_bytes(gzip.compress(list_bytes("jsonl", ROWS)))
-    cfg = load_config(None, {"source.uri": str(tmp_path / "list.jsonl.gz"), "source.columns": "n,f,b",
-                             "output.uri": str(tmp_path / "out"), "output.format": "hdf5", "image.size": [8, 8],
-                             "image.resize": "stretch", "shard.size": 4, "cluster.kind": "threads"})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(tmp_path / "list.jsonl.gz"),
+            "source.columns": "n,f,b",
+            "output.uri": str(tmp_path / "out"),
+            "output.format": "hdf5",
+            "image.size": [8, 8],
+            "image.resize": "stretch",
+            "shard.size": 4,
+            "cluster.kind": "threads",
+        },
+    )
     summary = run(cfg, log=lambda m: None)
     assert summary.exit_code() == 0
     from convert.records import read_record
@@ -339,9 +394,18 @@ def test_end_to_end_counts_replaced_and_truncated_text(tmp_path: Path) -> None:
     long = "ü" * 5000  # 10,000 bytes: over max_text_bytes
     rows = b"img/0.jpg,caf\xe9\nimg/1.jpg," + long.encode() + b"\nimg/2.jpg,ok\n"
     (tmp_path / "l.csv").write_bytes(b"url,caption\n" + rows)
-    cfg = load_config(None, {"source.uri": str(tmp_path / "l.csv"), "source.max_text_bytes": 100,
-                             "output.uri": str(tmp_path / "out"), "image.size": [8, 8], "image.resize": "stretch",
-                             "shard.size": 10, "cluster.kind": "threads"})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(tmp_path / "l.csv"),
+            "source.max_text_bytes": 100,
+            "output.uri": str(tmp_path / "out"),
+            "image.size": [8, 8],
+            "image.resize": "stretch",
+            "shard.size": 10,
+            "cluster.kind": "threads",
+        },
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     found = read_record(open_store(str(tmp_path / "out")), "shard-00000")
     assert found is not None and found[0].counters == {"text_truncated": 1, "text_replaced": 1}
@@ -368,8 +432,12 @@ def test_named_caption_column_and_unnamed_header_cells(tmp_path: Path) -> None:
     found = plan(tmp_path, tmp_path / "l.csv", columns=["caption", "sim"])  # the caption is kept once
     assert [c.name for c in found.columns] == ["caption", "sim"]
     assert [c.name for c in plan(tmp_path, tmp_path / "l.csv", columns="*").columns] == ["caption", "sim"]
-    _one_line(tmp_path, tmp_path / "l.csv", r"'sim' would be stored twice \(source.columns names it twice\)",
-              columns=["sim", "sim"])  # fmt: skip
+    _one_line(
+        tmp_path,
+        tmp_path / "l.csv",
+        r"'sim' would be stored twice \(source.columns names it twice\)",
+        columns=["sim", "sim"],
+    )
 
 
 def test_end_to_end_parquet_hash_column_is_checked(tmp_path: Path) -> None:
@@ -387,18 +455,36 @@ def test_end_to_end_parquet_hash_column_is_checked(tmp_path: Path) -> None:
         (tmp_path / "img" / f"{i}.jpg").write_bytes(data)
         digests.append(hashlib.sha256(data).hexdigest())
     digests[1] = "0" * 64  # a wrong digest in the list
-    table = pa.table({"url": [f"img/{i}.jpg" for i in range(3)], "caption": ["a", None, "c"],
-                      "similarity": [0.25, 0.5, None], "sha256": digests})  # fmt: skip
+    table = pa.table(
+        {
+            "url": [f"img/{i}.jpg" for i in range(3)],
+            "caption": ["a", None, "c"],
+            "similarity": [0.25, 0.5, None],
+            "sha256": digests,
+        }
+    )
     pq.write_table(table, tmp_path / "l.parquet")
-    cfg = load_config(None, {"source.uri": str(tmp_path / "l.parquet"), "source.columns": ["similarity"],
-                             "source.hash_column": "sha256", "output.uri": str(tmp_path / "out"),
-                             "image.size": [8, 8], "image.resize": "stretch", "cluster.kind": "threads"})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(tmp_path / "l.parquet"),
+            "source.columns": ["similarity"],
+            "source.hash_column": "sha256",
+            "output.uri": str(tmp_path / "out"),
+            "image.size": [8, 8],
+            "image.resize": "stretch",
+            "cluster.kind": "threads",
+        },
+    )
     run(cfg, log=lambda m: None)
     found = read_record(open_store(str(tmp_path / "out")), "shard-00000")
     assert found is not None
     record = found[0]
-    assert [(c.name, c.type) for c in record.columns] == [("caption", "string"), ("similarity", "float64"),
-                                                          ("sha256", "string")]  # fmt: skip
+    assert [(c.name, c.type) for c in record.columns] == [
+        ("caption", "string"),
+        ("similarity", "float64"),
+        ("sha256", "string"),
+    ]
     from convert.ledger import iter_ledger
 
     ledger = [row.item for row in iter_ledger(open_store(str(tmp_path / "out")))]

@@ -66,8 +66,14 @@ def test_override_parsing():
 
 
 def test_redacted_hides_secrets():
-    cfg = load_config(None, {"source.uri": "a", "output.uri": "b",
-                             "output.storage_options": {"key": "AKIA", "secret": "s3cr3t", "client_kwargs": {"region_name": "x"}}})
+    cfg = load_config(
+        None,
+        {
+            "source.uri": "a",
+            "output.uri": "b",
+            "output.storage_options": {"key": "AKIA", "secret": "s3cr3t", "client_kwargs": {"region_name": "x"}},
+        },
+    )
     red = cfg.redacted()
     assert "s3cr3t" not in str(red) and "AKIA" not in str(red)
     assert red["output"]["storage_options"]["client_kwargs"] == {"region_name": "x"}

@@ -25,8 +25,17 @@ def dataset_dir(request, tmp_path_factory):
     gen.write_image_folder(root, {"a": 9, "b": 8}, size=(40, 30))
     (root / "a" / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path_factory.mktemp(f"out-{request.param}")
-    cfg = load_config(None, {"source.uri": str(root), "output.uri": str(out), "output.format": request.param,
-                             "image.size": 16, "shard.size": 5, "cluster.workers": 1})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(root),
+            "output.uri": str(out),
+            "output.format": request.param,
+            "image.size": 16,
+            "shard.size": 5,
+            "cluster.workers": 1,
+        },
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     return str(out)
 
@@ -89,8 +98,16 @@ def test_dataloader_style_workers(dataset_dir, method):
 def test_encoded_shards_decode_on_read(tmp_path):
     root = tmp_path / "src"
     gen.write_image_folder(root, {"x": 4}, size=(40, 30))
-    cfg = load_config(None, {"source.uri": str(root), "output.uri": str(tmp_path / "out"), "image.size": 16,
-                             "image.encode": "png", "cluster.workers": 1})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(root),
+            "output.uri": str(tmp_path / "out"),
+            "image.size": 16,
+            "image.encode": "png",
+            "cluster.workers": 1,
+        },
+    )
     run(cfg, log=lambda m: None)
     decoded = open_dataset(str(tmp_path / "out"))[0]["image"]
     raw = open_dataset(str(tmp_path / "out"), decode=False)[0]["image"]
@@ -115,8 +132,16 @@ def test_unlabelled_items_get_no_label(tmp_path):
     for i in range(3):
         (root / f"img_{i}.jpg").write_bytes(gen.jpeg_bytes(20, 20, seed=i))
     files = sorted(p.name for p in root.iterdir())
-    cfg = load_config(None, {"source.uri": str(root), "output.uri": str(tmp_path / "out"), "image.size": 8,
-                             "source.labels": "none", "cluster.workers": 1})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(root),
+            "output.uri": str(tmp_path / "out"),
+            "image.size": 8,
+            "source.labels": "none",
+            "cluster.workers": 1,
+        },
+    )
     run(cfg, log=lambda m: None)
     ds = open_dataset(str(tmp_path / "out"))
     assert len(ds) == len(files) and [ds[i]["label"] for i in range(len(ds))] == [NO_LABEL] * len(ds)
@@ -150,8 +175,16 @@ def test_one_size_without_resize_is_stored_fixed(tmp_path):
         (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
         (root / "ab"[i % 2] / f"{i}.jpg").write_bytes(gen.jpeg_bytes(20, 12, seed=i))
     out = tmp_path / "out"
-    cfg = load_config(None, {"source.uri": str(root), "output.uri": str(out), "image.resize": "none",
-                             "shard.size": 4, "cluster.workers": 1})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(root),
+            "output.uri": str(out),
+            "image.resize": "none",
+            "shard.size": 4,
+            "cluster.workers": 1,
+        },
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     ds = open_dataset(str(out))
     shapes = {ds._reader(s).image_shape for s in range(len(ds.shards))}

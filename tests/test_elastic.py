@@ -26,8 +26,17 @@ pytestmark = [pytest.mark.torch, pytest.mark.cluster]
 
 
 def _convert(root: Path, out: Path) -> str:
-    cfg = load_config(None, {"source.uri": str(root), "output.uri": str(out), "output.format": "hdf5",
-                             "image.size": 8, "shard.size": 7, "cluster.workers": 1})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(root),
+            "output.uri": str(out),
+            "output.format": "hdf5",
+            "image.size": 8,
+            "shard.size": 7,
+            "cluster.workers": 1,
+        },
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     return str(out)
 
@@ -47,15 +56,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp: Path, uri: str, tag: str, world: int, workers: int, stop_after: int | None = None,
-         states: list[Path] | None = None) -> list[dict]:  # fmt: skip
+def _run(
+    tmp: Path,
+    uri: str,
+    tag: str,
+    world: int,
+    workers: int,
+    stop_after: int | None = None,
+    states: list[Path] | None = None,
+) -> list[dict]:
     port = _free_port()
     outs = [tmp / f"{tag}-{r}.json" for r in range(world)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     procs = []
     for r in range(world):
-        cmd = [sys.executable, str(Path(__file__).with_name("elastic_ranks.py")), str(r), str(world), str(port), uri,
-               str(workers), str(outs[r])]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("elastic_ranks.py")),
+            str(r),
+            str(world),
+            str(port),
+            uri,
+            str(workers),
+            str(outs[r]),
+        ]
         cmd += ["--stop-after", str(stop_after)] if stop_after else []
         cmd += ["--state", str(states[r % len(states)])] if states else []
         procs.append(subprocess.Popen(cmd, env=env))

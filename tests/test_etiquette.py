@@ -142,7 +142,9 @@ def test_rfc9309_example(bot, path, allowed):
 
 
 def test_rfc9309_longest_match_and_allow_wins_a_tie():
-    rules = robots.parse("User-Agent: foobot\nAllow: /example/page/\nDisallow: /example/page/disallowed.gif\n", "foobot")
+    rules = robots.parse(
+        "User-Agent: foobot\nAllow: /example/page/\nDisallow: /example/page/disallowed.gif\n", "foobot"
+    )
     assert rules.allowed("http://h/example/page/") and not rules.allowed("http://h/example/page/disallowed.gif")
     tie = robots.parse("user-agent: *\ndisallow: /folder\nallow: /folder\n", "x")
     assert tie.allowed("http://h/folder/a")  # same length: allow wins
@@ -200,15 +202,21 @@ def test_robots_cache_is_a_bounded_lru_with_a_ttl(monkeypatch):
 
 
 def test_settings_and_their_one_line_errors():
-    cfg = load_config(None, {"source.uri": "x.txt", "output.uri": "out", "fetch.user_agent_token": "mybot",
-                             "fetch.robots_txt": "respect"})  # fmt: skip
+    cfg = load_config(
+        None,
+        {"source.uri": "x.txt", "output.uri": "out", "fetch.user_agent_token": "mybot", "fetch.robots_txt": "respect"},
+    )
     pol = fetch_policy(cfg)
     assert pol.user_agent_header == DEFAULT_USER_AGENT + " mybot" and pol.bot == "mybot"
     assert pol.robots_txt == "respect" and pol.disallowed_header_directives == DIRECTIVES
     assert DEFAULT_USER_AGENT.startswith("convert/") and "+https://" in DEFAULT_USER_AGENT
     assert FetchPolicy().bot == "convert"  # no token: the User-Agent's product token
-    for key, value in [("fetch.user_agent_token", "my bot"), ("fetch.user_agent", "x\r\nX-Evil: 1"),
-                       ("fetch.robots_txt", "maybe"), ("fetch.disallowed_header_directives", ["no ai"])]:  # fmt: skip
+    for key, value in [
+        ("fetch.user_agent_token", "my bot"),
+        ("fetch.user_agent", "x\r\nX-Evil: 1"),
+        ("fetch.robots_txt", "maybe"),
+        ("fetch.disallowed_header_directives", ["no ai"]),
+    ]:
         with pytest.raises(ConfigError) as info:
             load_config(None, {"source.uri": "x.txt", "output.uri": "out", key: value})
         assert key.split(".")[1] in str(info.value) and "\n" not in str(info.value).strip()
@@ -259,8 +267,13 @@ def test_opt_out_message_and_empty_body_and_error_statuses(raw_server):
 @pytestmark_backends
 def test_a_redirect_hops_tags_do_not_count_only_the_final_responses(raw_server):
     final = raw_server(reply(ok(JPEG), keep=True))
-    hop = raw_server(reply(b"HTTP/1.1 302 Found\r\nX-Robots-Tag: noai\r\nLocation: %s/b.jpg\r\n"
-                           b"Content-Length: 0\r\n\r\n" % final.url.encode(), keep=True))  # fmt: skip
+    hop = raw_server(
+        reply(
+            b"HTTP/1.1 302 Found\r\nX-Robots-Tag: noai\r\nLocation: %s/b.jpg\r\n"
+            b"Content-Length: 0\r\n\r\n" % final.url.encode(),
+            keep=True,
+        )
+    )
     assert fetch_bytes(hop.url + "/a.jpg", policy()) == JPEG
 
 
@@ -303,8 +316,15 @@ def test_opted_out_items_are_counted_and_not_stored(tmp_path, raw_server):
     noai = raw_server(reply(ok(JPEG, b"X-Robots-Tag: noai\r\n"), keep=True))
     listing = tmp_path / "urls.txt"
     listing.write_text(f"{keep.url}/a.jpg\n{noai.url}/b.jpg\n{keep.url}/c.jpg\n")
-    cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8,
-                             "fetch.allow_private_networks": True})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(listing),
+            "output.uri": str(tmp_path / "out"),
+            "image.size": 8,
+            "fetch.allow_private_networks": True,
+        },
+    )
     (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
     record = run_shard(spec, cfg)
     assert [r.status for r in record.ledger] == [Status.OK, Status.OPTED_OUT, Status.OK]
@@ -387,9 +407,13 @@ def test_a_100_mb_robots_txt_is_read_up_to_its_cap(raw_server):
 @pytestmark_backends
 def test_robots_txt_redirect_to_a_private_address_is_refused(raw_server):
     private = raw_server(reply(ok(b"User-agent: *\nAllow: /\n")), host="127.0.0.2")
-    site = raw_server(lambda conn, head: conn.sendall(
-        ok(JPEG) if b"robots" not in head.split(b"\r\n", 1)[0]
-        else b"HTTP/1.1 302 Found\r\nLocation: %s/robots.txt\r\nContent-Length: 0\r\n\r\n" % private.url.encode()))  # fmt: skip
+    site = raw_server(
+        lambda conn, head: conn.sendall(
+            ok(JPEG)
+            if b"robots" not in head.split(b"\r\n", 1)[0]
+            else b"HTTP/1.1 302 Found\r\nLocation: %s/robots.txt\r\nContent-Length: 0\r\n\r\n" % private.url.encode()
+        )
+    )
     guarded = policy(allow_private_networks=False, allowed_networks=("127.0.0.1/32",), robots_txt="respect")
     with pytest.raises(ItemError) as info:
         fetch_bytes(site.url + "/a.jpg", guarded)
@@ -406,8 +430,16 @@ def test_robots_txt_for_many_items_of_one_host_is_fetched_once_in_a_shard(tmp_pa
         http_server.put(name, JPEG)
     listing = tmp_path / "urls.txt"
     listing.write_text("".join(f"{http_server.url_for(n)}\n" for n in names))
-    cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8,
-                             "fetch.allow_private_networks": True, "fetch.robots_txt": "respect"})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(listing),
+            "output.uri": str(tmp_path / "out"),
+            "image.size": 8,
+            "fetch.allow_private_networks": True,
+            "fetch.robots_txt": "respect",
+        },
+    )
     (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
     statuses = [r.status for r in run_shard(spec, cfg).ledger]
     assert statuses == [Status.OPTED_OUT if n.startswith("no/") else Status.OK for n in names]
@@ -428,4 +460,3 @@ def test_errors_name_the_host_actually_contacted(raw_server):
     with pytest.raises(ItemError):
         fetch_bytes(f"http://127.0.0.1:{port}\\@example.com/img.png", policy(robots_txt="respect"))
     assert srv.lines()[1] == "GET /robots.txt HTTP/1.1"  # robots.txt of the host contacted, not example.com's
-

@@ -32,8 +32,18 @@ def _convert(tmp_path_factory, fmt: str, encode: str) -> str:
     root = tmp_path_factory.mktemp("src")
     gen.write_image_folder(root, CLASSES, size=(24, 20))
     out = tmp_path_factory.mktemp(f"out-{fmt}-{encode}")
-    cfg = load_config(None, {"source.uri": str(root), "output.uri": str(out), "output.format": fmt, "image.size": 12,
-                             "image.encode": encode, "shard.size": 5, "cluster.kind": "threads"})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(root),
+            "output.uri": str(out),
+            "output.format": fmt,
+            "image.size": 12,
+            "image.encode": encode,
+            "shard.size": 5,
+            "cluster.kind": "threads",
+        },
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     return str(out)
 
@@ -87,8 +97,15 @@ def test_raw_pixels_reencoded_as_png_are_lossless(raw_dir, tmp_path):
 
 
 def test_caption_goes_to_txt_and_other_columns_to_json(tmp_path):
-    item = {"image": gen.jpeg_bytes(8, 8), "label": 3, "key": "dir/photo.v2.jpg", "caption": "a cat, on a mat",
-            "similarity": np.float32(0.5), "width": np.int64(8), "tags": None}  # fmt: skip
+    item = {
+        "image": gen.jpeg_bytes(8, 8),
+        "label": 3,
+        "key": "dir/photo.v2.jpg",
+        "caption": "a cat, on a mat",
+        "similarity": np.float32(0.5),
+        "width": np.int64(8),
+        "tags": None,
+    }
     path = tmp_path / "one.tar"
     with tarfile.open(path, "w") as tar:
         for name, data in sample_members(item):
@@ -154,7 +171,8 @@ def test_cli_export_and_bad_input(jpeg_dir, tmp_path):
     assert "exported 19 items" in done.stderr and len(_read_wds(tmp_path / "wds")) == 19
     bad = subprocess.run(cmd + ["--shard-size", "lots"], capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: --shard-size 'lots': expected bytes or a size like '1GB' or '512MiB'"]  # fmt: skip
+        "error: --shard-size 'lots': expected bytes or a size like '1GB' or '512MiB'"
+    ]
 
 
 @pytest.mark.s3
@@ -183,7 +201,9 @@ def test_hugging_face_iterable_dataset_streams_the_items(raw_dir):
     ds = open_dataset(raw_dir)
     hf = to_iterable_dataset(raw_dir)
     items = list(hf)
-    assert [x["key"] for x in items] == [x["key"] for x in ds] and [x["label"] for x in items] == [x["label"] for x in ds]
+    assert [x["key"] for x in items] == [x["key"] for x in ds] and [x["label"] for x in items] == [
+        x["label"] for x in ds
+    ]
     assert all(np.array_equal(np.asarray(a["image"]), b["image"]) for a, b in zip(items, ds))
     val = list(to_iterable_dataset(raw_dir, split="[90%:]", seed=0))
     assert len(val) == len(ds) - round(0.9 * len(ds))

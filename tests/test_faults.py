@@ -58,9 +58,26 @@ def slow_urls(tmp_path_factory):
 
 
 def cli_args(source: Path, out: Path, scheduler: str) -> list[str]:
-    return [sys.executable, "-m", "convert", "run", "--source", str(source), "--output", str(out),
-            "--scheduler", scheduler, "--shard-size", str(PER_SHARD), "--threads", "1", "--size", "16",
-            "--set", "fetch.allow_private_networks=true"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "convert",
+        "run",
+        "--source",
+        str(source),
+        "--output",
+        str(out),
+        "--scheduler",
+        scheduler,
+        "--shard-size",
+        str(PER_SHARD),
+        "--threads",
+        "1",
+        "--size",
+        "16",
+        "--set",
+        "fetch.allow_private_networks=true",
+    ]
 
 
 def wait_for_records(out: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -80,8 +97,17 @@ def test_external_scheduler_equals_local_cluster_byte_for_byte(cluster, tmp_path
     gen.write_image_folder(root, {"a": 7, "b": 6}, size=(50, 40))
     results = {}
     for name, extra in (("remote", {"cluster.scheduler": cluster.address}), ("local", {"cluster.workers": 2})):
-        cfg = load_config(None, {"source.uri": str(root), "output.uri": str(tmp_path / name), "shard.size": 4,
-                                 "image.size": 16, "output.format": "lmdb", **extra})  # fmt: skip
+        cfg = load_config(
+            None,
+            {
+                "source.uri": str(root),
+                "output.uri": str(tmp_path / name),
+                "shard.size": 4,
+                "image.size": 16,
+                "output.format": "lmdb",
+                **extra,
+            },
+        )
         summary = run(cfg, log=lambda m: None)
         assert summary.exit_code() == 0
         results[name] = tmp_path / name
@@ -168,13 +194,25 @@ def poison_folder(tmp_path_factory):
 def test_poison_shard_fails_alone_as_killed_worker(poison_folder, tmp_path):
     # saturation 1.0: queued tasks wait on the scheduler, not on a worker the poison kills (a task
     # queued on a dying worker also counts a failure, and could reach KilledWorker innocently)
-    env = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1", "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"}
-    with DaskProcesses(tmp_path / "dask", workers=2, env=env,
-                       worker_args=("--nthreads", "1", "--memory-limit", "250MB")) as dp:  # fmt: skip
-        cfg = load_config(None, {"source.uri": str(poison_folder), "output.uri": str(tmp_path / "out"),
-                                 "shard.size": 3, "image.size": 16, "image.max_pixels": 300_000_000,
-                                 "fetch.prefetch_bytes": 64 * 2**20,  # must fit the 250 MB limit (config check)
-                                 "cluster.scheduler": dp.address})  # fmt: skip
+    env = {
+        "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1",
+        "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0",
+    }
+    with DaskProcesses(
+        tmp_path / "dask", workers=2, env=env, worker_args=("--nthreads", "1", "--memory-limit", "250MB")
+    ) as dp:
+        cfg = load_config(
+            None,
+            {
+                "source.uri": str(poison_folder),
+                "output.uri": str(tmp_path / "out"),
+                "shard.size": 3,
+                "image.size": 16,
+                "image.max_pixels": 300_000_000,
+                "fetch.prefetch_bytes": 64 * 2**20,  # must fit the 250 MB limit (config check)
+                "cluster.scheduler": dp.address,
+            },
+        )
         summary = run(cfg, log=lambda m: None)
     assert list(summary.failed_shards) == ["shard-00001"]
     assert "KilledWorker" in summary.failed_shards["shard-00001"]

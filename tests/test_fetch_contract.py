@@ -88,13 +88,19 @@ def test_a_reply_that_is_not_http_is_a_retried_connection_error(raw_server, requ
     assert len(srv.heads) == OPEN.retries + 1
 
 
-@pytest.mark.parametrize(("head", "expected", "attempts"), [
-    (b"HTTP/1.1 404 Not Found\r\nContent-Length: 20000\r\n\r\n", Status.NOT_FOUND, 1),
-    (b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n4e20\r\n", Status.HTTP_ERROR, 2),
-], ids=["404-declared", "503-chunked"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("head", "expected", "attempts"),
+    [
+        (b"HTTP/1.1 404 Not Found\r\nContent-Length: 20000\r\n\r\n", Status.NOT_FOUND, 1),
+        (b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n4e20\r\n", Status.HTTP_ERROR, 2),
+    ],
+    ids=["404-declared", "503-chunked"],
+)
 def test_an_error_page_larger_than_the_cap_keeps_its_http_status(raw_server, request, head, expected, attempts):
     srv = raw_server(reply(head + b"e" * 20000 + (b"\r\n0\r\n\r\n" if b"chunked" in head else b"")))
-    err = status(srv.url + "/a.jpg", FetchPolicy(allow_private_networks=True, retries=1, backoff=0.01, max_bytes=10_000))
+    err = status(
+        srv.url + "/a.jpg", FetchPolicy(allow_private_networks=True, retries=1, backoff=0.01, max_bytes=10_000)
+    )
     assert err.status is expected and len(srv.heads) == attempts  # a 503 is retried, whatever its page's size
 
 
@@ -179,9 +185,19 @@ def test_a_shard_with_a_body_sent_one_byte_a_second_ends_by_the_item_deadline(tm
     srv = raw_server(_one_byte_a_second(3000))
     listing = tmp_path / "urls.txt"
     listing.write_text(f"{srv.url}/a.jpg\n")
-    cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8,
-                             "fetch.allow_private_networks": True, "fetch.item_timeout": 4, "fetch.timeout": 2,
-                             "fetch.retries": 0, "cluster.kind": "threads"})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(listing),
+            "output.uri": str(tmp_path / "out"),
+            "image.size": 8,
+            "fetch.allow_private_networks": True,
+            "fetch.item_timeout": 4,
+            "fetch.timeout": 2,
+            "fetch.retries": 0,
+            "cluster.kind": "threads",
+        },
+    )
     (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
     start = time.monotonic()
     assert [r.status for r in run_shard(spec, cfg).ledger] == [Status.TIMEOUT]
@@ -216,15 +232,24 @@ def test_a_shard_with_a_non_ascii_url_fetches_it(tmp_path, http_server, request)
     http_server.put("/café.jpg", JPEG)
     listing = tmp_path / "urls.txt"
     listing.write_text(f"{http_server.url}/café.jpg\n{http_server.url}/ok.jpg\n", encoding="utf-8")
-    cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8,
-                             "fetch.allow_private_networks": True})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(listing),
+            "output.uri": str(tmp_path / "out"),
+            "image.size": 8,
+            "fetch.allow_private_networks": True,
+        },
+    )
     (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
     assert [r.status for r in run_shard(spec, cfg).ledger] == [Status.OK, Status.OK]
 
 
 def test_userinfo_is_basic_auth_and_not_forwarded_to_another_host(raw_server):
     other = raw_server(reply(ok(JPEG)), host="127.0.0.2")
-    first = raw_server(reply(b"HTTP/1.1 302 Found\r\nLocation: %s/b.jpg\r\nContent-Length: 0\r\n\r\n" % other.url.encode()))
+    first = raw_server(
+        reply(b"HTTP/1.1 302 Found\r\nLocation: %s/b.jpg\r\nContent-Length: 0\r\n\r\n" % other.url.encode())
+    )
     url = first.url.replace("http://", "http://alice:hunter2@") + "/a.jpg"
     assert fetch_bytes(url, OPEN) == JPEG
     assert b"authorization: basic ywxpy2u6ahvudgvymg==" in first.heads[0].lower()
@@ -299,8 +324,17 @@ def test_ctrl_c_during_a_shard_stops_it_promptly_and_cleanly(tmp_path, http_serv
     http_server.fault("/hang.jpg", hang=30)
     listing = tmp_path / "urls.txt"
     listing.write_text("".join(f"{http_server.url}/{n}.jpg\n" for n in ["ok"] + ["hang"] * 3))
-    cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8,
-                             "fetch.allow_private_networks": True, "fetch.timeout": 2, "fetch.item_timeout": 2.5})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(listing),
+            "output.uri": str(tmp_path / "out"),
+            "image.size": 8,
+            "fetch.allow_private_networks": True,
+            "fetch.timeout": 2,
+            "fetch.item_timeout": 2.5,
+        },
+    )
     (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
     timer = threading.Timer(0.8, os.kill, (os.getpid(), signal.SIGINT))
     # Python's own Ctrl-C handler, whatever an earlier import installed (dask_jobqueue's calls sys.exit)

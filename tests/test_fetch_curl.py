@@ -81,8 +81,7 @@ def test_byte_budget_limits_transfers_in_flight(http_server, fault_proxy):
 def test_early_close_leaves_no_threads_or_transfers(http_server, tmp_path):
     for i in range(30):
         (tmp_path / f"{i}.jpg").write_bytes(IMGS[0])
-    items = [str(tmp_path / f"{i}.jpg") if i % 2 else http_server.put(f"/e/{i}.jpg", IMGS[1])
-             for i in range(30)]  # fmt: skip
+    items = [str(tmp_path / f"{i}.jpg") if i % 2 else http_server.put(f"/e/{i}.jpg", IMGS[1]) for i in range(30)]
     stream = CurlStream(items, _url, _local, OPEN, depth=8)
     assert next(stream).ok and next(stream).ok
     stream.close()
@@ -124,9 +123,18 @@ def test_pipeline_output_is_the_same_on_both_backends(tmp_path, http_server):
     (tmp_path / "urls.txt").write_text("".join(u + "\n" for u in urls))
     arrays, ledgers = {}, {}
     for backend in ("curl", "urllib3"):
-        cfg = load_config(None, {"source.uri": str(tmp_path / "urls.txt"), "output.uri": str(tmp_path / backend),
-                                 "image.size": 32, "shard.size": 5, "cluster.kind": "threads", "fetch.backend": backend,
-                                 "fetch.allow_private_networks": True})  # fmt: skip
+        cfg = load_config(
+            None,
+            {
+                "source.uri": str(tmp_path / "urls.txt"),
+                "output.uri": str(tmp_path / backend),
+                "image.size": 32,
+                "shard.size": 5,
+                "cluster.kind": "threads",
+                "fetch.backend": backend,
+                "fetch.allow_private_networks": True,
+            },
+        )
         summary = run(cfg, log=lambda m: None)
         assert (summary.items_ok, summary.items_failed) == (len(IMGS), 1)
         ds = open_dataset(str(tmp_path / backend))

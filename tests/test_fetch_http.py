@@ -60,7 +60,9 @@ def test_404_is_not_found_without_retry(http_server):
     assert http_server.hits("/missing.jpg") == 1
 
 
-@pytest.mark.parametrize(("code", "status"), [(401, Status.FORBIDDEN), (403, Status.FORBIDDEN), (400, Status.HTTP_ERROR)])
+@pytest.mark.parametrize(
+    ("code", "status"), [(401, Status.FORBIDDEN), (403, Status.FORBIDDEN), (400, Status.HTTP_ERROR)]
+)
 def test_other_permanent_statuses_are_not_retried(http_server, code, status):
     http_server.put("/p.jpg", IMG)
     http_server.fault("/p.jpg", statuses=[code] * 5)
@@ -105,7 +107,9 @@ def test_cut_body_is_retried_then_reported(http_server, fault_proxy):
     proxy.push(Rule(cut_after=300))  # first connection dies mid-body, the retry is clean
     assert fetch_bytes(proxy.url + "/cut.jpg", FAST) == IMG
     always_cut = fault_proxy(http_server.url, default=Rule(cut_after=300))
-    err = _status(always_cut.url + "/cut.jpg", FetchPolicy(allow_private_networks=True, timeout=2, retries=1, backoff=0.01))
+    err = _status(
+        always_cut.url + "/cut.jpg", FetchPolicy(allow_private_networks=True, timeout=2, retries=1, backoff=0.01)
+    )
     assert err.status is Status.CONNECTION_ERROR
     assert always_cut.connections == 2
 
@@ -114,7 +118,9 @@ def test_refused_connection():
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    err = _status(f"http://127.0.0.1:{port}/x.jpg", FetchPolicy(allow_private_networks=True, timeout=1, retries=1, backoff=0.01))
+    err = _status(
+        f"http://127.0.0.1:{port}/x.jpg", FetchPolicy(allow_private_networks=True, timeout=1, retries=1, backoff=0.01)
+    )
     assert err.status is Status.CONNECTION_ERROR
 
 
@@ -126,7 +132,10 @@ def test_too_large_by_content_length_and_by_body(http_server, tmp_path):
     assert _status(str(tmp_path / "big.bin"), policy).status is Status.TOO_LARGE
     fsspec.filesystem("memory").pipe("/fetch-test/big.bin", b"x" * 5000)
     assert _status("memory://fetch-test/big.bin", policy).status is Status.TOO_LARGE
-    assert fetch_bytes(http_server.url_for("/big.bin"), FetchPolicy(allow_private_networks=True, max_bytes=5000)) == b"x" * 5000
+    assert (
+        fetch_bytes(http_server.url_for("/big.bin"), FetchPolicy(allow_private_networks=True, max_bytes=5000))
+        == b"x" * 5000
+    )
 
 
 def test_disallowed_scheme_is_bad_url(http_server):

@@ -189,9 +189,11 @@ def test_importing_the_fetch_layer_loads_no_http_stack():
     import subprocess
     import sys
 
-    code = ("import sys, convert.dataset, convert.fetch\n"
-            "loaded = {m for m in ('pycurl', 'convert.fetch.http', 'convert.fetch.curl') if m in sys.modules}\n"
-            "assert not loaded, loaded\n"
-            "from convert.fetch import fetch_bytes, CurlStream\n"
-            "assert 'convert.fetch.http' in sys.modules and 'convert.fetch.curl' in sys.modules\n")  # fmt: skip
+    code = (
+        "import sys, convert.dataset, convert.fetch\n"
+        "loaded = {m for m in ('pycurl', 'convert.fetch.http', 'convert.fetch.curl') if m in sys.modules}\n"
+        "assert not loaded, loaded\n"
+        "from convert.fetch import fetch_bytes, CurlStream\n"
+        "assert 'convert.fetch.http' in sys.modules and 'convert.fetch.curl' in sys.modules\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

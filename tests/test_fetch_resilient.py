@@ -54,7 +54,9 @@ def test_cut_every_mb_on_64mb_with_default_budget(http_server, fault_proxy, blob
 def test_resets_are_resumed(http_server, fault_proxy, blob8):
     http_server.put("/r.bin", blob8)
     proxy = fault_proxy(http_server.url)
-    proxy.push(Rule(reset=True), Rule(cut_after=2 * MB, reset=True), Rule(reset=True), Rule(cut_after=5 * MB, reset=True))
+    proxy.push(
+        Rule(reset=True), Rule(cut_after=2 * MB, reset=True), Rule(reset=True), Rule(cut_after=5 * MB, reset=True)
+    )
     with open_resilient(proxy.url + "/r.bin", backoff=0.01) as f:
         assert sha(f.read()) == sha(blob8)
         assert f.resumes == 4

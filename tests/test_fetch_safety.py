@@ -31,7 +31,9 @@ JPEG = gen.jpeg_bytes(40, 30, seed=2)
 def one_shard(listing: Path, entries: list[str], tmp_path: Path, **settings: object):
     """(spec, config) of a URL list holding `entries`, planned as one shard (the worker reads its rows)."""
     listing.write_text("".join(f"{e}\n" for e in entries))
-    cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8, **settings})
+    cfg = load_config(
+        None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8, **settings}
+    )
     (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
     return spec, cfg
 
@@ -157,12 +159,23 @@ def test_fifo_in_a_shard_becomes_a_ledger_status(tmp_path):
     assert [r.status for r in record.ledger] == [Status.OK, Status.BAD_URL]
 
 
-def test_url_list_items_each_end_with_a_status_within_their_deadline(tmp_path, http_server, trickle_server, silent_server):
+def test_url_list_items_each_end_with_a_status_within_their_deadline(
+    tmp_path, http_server, trickle_server, silent_server
+):
     http_server.put("ok.jpg", JPEG)
     os.mkfifo(tmp_path / "fifo.jpg")
-    entries = [f"{trickle_server}/headers.jpg", f"{silent_server}/n.jpg", str(tmp_path / "fifo.jpg"), f"{http_server.url}/ok.jpg"]
-    spec, cfg = one_shard(tmp_path / "urls.txt", entries, tmp_path, **{
-        "fetch.item_timeout": 2.0, "fetch.timeout": 5, "fetch.allow_private_networks": True})  # fmt: skip
+    entries = [
+        f"{trickle_server}/headers.jpg",
+        f"{silent_server}/n.jpg",
+        str(tmp_path / "fifo.jpg"),
+        f"{http_server.url}/ok.jpg",
+    ]
+    spec, cfg = one_shard(
+        tmp_path / "urls.txt",
+        entries,
+        tmp_path,
+        **{"fetch.item_timeout": 2.0, "fetch.timeout": 5, "fetch.allow_private_networks": True},
+    )
     start = time.monotonic()
     record = run_shard(spec, cfg)
     assert [r.status for r in record.ledger] == [Status.TIMEOUT, Status.TIMEOUT, Status.BAD_URL, Status.OK]
@@ -176,17 +189,37 @@ def test_url_list_items_each_end_with_a_status_within_their_deadline(tmp_path, h
 
 @pytest.mark.parametrize(
     "address,public",
-    [("127.0.0.1", False), ("10.1.2.3", False), ("192.168.0.1", False), ("172.16.5.4", False),
-     ("169.254.169.254", False), ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
-     ("240.0.0.1", False), ("::1", False), ("fe80::1", False), ("fc00::1", False), ("::ffff:127.0.0.1", False),
-     ("::ffff:10.0.0.1", False), ("64:ff9b::a9fe:a9fe", False), ("2002:7f00:1::", False), ("ff02::1", False),
-     ("8.8.8.8", True), ("1.1.1.1", True), ("2606:4700:4700::1111", True), ("::ffff:8.8.8.8", True)],
-)  # fmt: skip
+    [
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("192.168.0.1", False),
+        ("172.16.5.4", False),
+        ("169.254.169.254", False),
+        ("100.64.0.1", False),
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("240.0.0.1", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+        ("64:ff9b::a9fe:a9fe", False),
+        ("2002:7f00:1::", False),
+        ("ff02::1", False),
+        ("8.8.8.8", True),
+        ("1.1.1.1", True),
+        ("2606:4700:4700::1111", True),
+        ("::ffff:8.8.8.8", True),
+    ],
+)
 def test_address_classification(address, public):
     assert is_public(address) is public
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "2130706433", "0x7f000001", "0177.0.0.1", "127.1", "localhost", "[::ffff:127.0.0.1]"])
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "2130706433", "0x7f000001", "0177.0.0.1", "127.1", "localhost", "[::ffff:127.0.0.1]"]
+)
 def test_loopback_in_every_spelling_is_refused_by_default(http_server, host):
     http_server.put("a.jpg", JPEG)
     port = http_server.url.rsplit(":", 1)[1]
@@ -218,8 +251,9 @@ def test_redirect_to_a_private_address_is_refused(http_server, serve_dir):
 
 def test_shard_whose_first_items_are_refused_stops_with_one_line(tmp_path, http_server):
     http_server.put("a.jpg", JPEG)
-    spec, cfg = one_shard(tmp_path / "urls.txt", [http_server.url_for("a.jpg")] * 10, tmp_path,
-                          **{"fetch.allow_private_networks": False})  # the suite opts in (conftest); not here
+    spec, cfg = one_shard(
+        tmp_path / "urls.txt", [http_server.url_for("a.jpg")] * 10, tmp_path, **{"fetch.allow_private_networks": False}
+    )  # the suite opts in (conftest); not here
     with pytest.raises(PrivateNetworkRefused) as info:
         run_shard(spec, cfg)
     msg = str(info.value)
@@ -231,7 +265,9 @@ def test_shard_whose_first_items_are_refused_stops_with_one_line(tmp_path, http_
 
 
 def _policy_for(listing: str, **source) -> FetchPolicy:
-    cfg = load_config(None, {"source.uri": listing, "output.uri": "/tmp/unused", **{f"source.{k}": v for k, v in source.items()}})
+    cfg = load_config(
+        None, {"source.uri": listing, "output.uri": "/tmp/unused", **{f"source.{k}": v for k, v in source.items()}}
+    )
     return fetch_policy(cfg, "urls")
 
 
@@ -245,8 +281,13 @@ def test_local_list_reads_only_under_its_directory_or_allowed_roots(tmp_path):
     policy = _policy_for(str(lists / "urls.txt"))
     assert fetch_bytes(str(lists / "sub" / "in.jpg"), policy) == JPEG
     assert fetch_bytes("file://" + str(lists / "sub" / "in.jpg"), policy) == JPEG
-    for uri in (str(other / "out.jpg"), str(lists / "sub" / ".." / ".." / "other" / "out.jpg"),
-                str(lists / "link.jpg"), "/etc/passwd", "file:///etc/passwd"):  # fmt: skip
+    for uri in (
+        str(other / "out.jpg"),
+        str(lists / "sub" / ".." / ".." / "other" / "out.jpg"),
+        str(lists / "link.jpg"),
+        "/etc/passwd",
+        "file:///etc/passwd",
+    ):
         err = status(uri, policy)
         assert err.status is Status.BAD_URL and "source.allowed_roots" in err.message, uri
     widened = _policy_for(str(lists / "urls.txt"), allowed_roots=[str(other)])
@@ -294,9 +335,28 @@ def test_run_on_a_list_of_private_hosts_stops_early_with_one_line(tmp_path, http
     listing = tmp_path / "urls.txt"
     listing.write_text("\n".join([http_server.url_for("a.jpg")] * 40) + "\n")
     env = dict(os.environ)  # not opted in: the guard is on unless the config says otherwise
-    done = subprocess.run([sys.executable, "-m", "convert", "run", "--source", str(listing), "--output",
-                           str(tmp_path / "out"), "--shard-size", "10", "--workers", "1", "--size", "8"],
-                          capture_output=True, text=True, timeout=240, env=env)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convert",
+            "run",
+            "--source",
+            str(listing),
+            "--output",
+            str(tmp_path / "out"),
+            "--shard-size",
+            "10",
+            "--workers",
+            "1",
+            "--size",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "fetch.allow_private_networks" in errors[0], done.stderr

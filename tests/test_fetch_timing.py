@@ -18,7 +18,9 @@ from convert.testing.tasks import run_shard
 def one_shard(listing: Path, entries: list[str], tmp_path: Path, **settings: object):
     """(spec, config) of a URL list holding `entries`, planned as one shard (the worker reads its rows)."""
     listing.write_text("".join(f"{e}\n" for e in entries))
-    cfg = load_config(None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8, **settings})
+    cfg = load_config(
+        None, {"source.uri": str(listing), "output.uri": str(tmp_path / "out"), "image.size": 8, **settings}
+    )
     (spec,) = plan_source(cfg.source, 10_000, Workdir(str(tmp_path / "work"))).specs
     return spec, cfg
 

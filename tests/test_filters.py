@@ -126,15 +126,31 @@ def test_filter_settings_are_validated():
 MODES = ["stretch", "center_crop", "pad", "keep_ratio", "keep_ratio_largest", "none"]
 # output (H, W) for target 64, per source (w, h) and (mode, upscale)
 EXPECTED = {
-    (300, 200): {"stretch": ((64, 64),) * 2, "center_crop": ((64, 64),) * 2, "pad": ((64, 64),) * 2,
-                 "keep_ratio": ((64, 96),) * 2, "keep_ratio_largest": ((43, 64),) * 2, "none": ((200, 300),) * 2},
-    (50, 30): {"stretch": ((64, 64), (30, 50)), "center_crop": ((64, 64), (30, 50)), "pad": ((64, 64),) * 2,
-               "keep_ratio": ((64, 107), (30, 50)), "keep_ratio_largest": ((38, 64), (30, 50)),
-               "none": ((30, 50),) * 2},
-    (100, 40): {"stretch": ((64, 64), (40, 64)), "center_crop": ((64, 64), (40, 64)), "pad": ((64, 64),) * 2,
-                "keep_ratio": ((64, 160), (40, 100)), "keep_ratio_largest": ((26, 64),) * 2,
-                "none": ((40, 100),) * 2},
-}  # fmt: skip
+    (300, 200): {
+        "stretch": ((64, 64),) * 2,
+        "center_crop": ((64, 64),) * 2,
+        "pad": ((64, 64),) * 2,
+        "keep_ratio": ((64, 96),) * 2,
+        "keep_ratio_largest": ((43, 64),) * 2,
+        "none": ((200, 300),) * 2,
+    },
+    (50, 30): {
+        "stretch": ((64, 64), (30, 50)),
+        "center_crop": ((64, 64), (30, 50)),
+        "pad": ((64, 64),) * 2,
+        "keep_ratio": ((64, 107), (30, 50)),
+        "keep_ratio_largest": ((38, 64), (30, 50)),
+        "none": ((30, 50),) * 2,
+    },
+    (100, 40): {
+        "stretch": ((64, 64), (40, 64)),
+        "center_crop": ((64, 64), (40, 64)),
+        "pad": ((64, 64),) * 2,
+        "keep_ratio": ((64, 160), (40, 100)),
+        "keep_ratio_largest": ((26, 64),) * 2,
+        "none": ((40, 100),) * 2,
+    },
+}
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -206,7 +222,9 @@ def test_output_shape_is_variable_for_varying_modes():
 def test_keep_ratio_takes_one_length():
     assert ImageConfig(size=[256], resize="keep_ratio").size == ImageConfig(size=[256, 256], resize="keep_ratio").size
     with pytest.raises(ConfigError) as err:
-        load_config(None, {"source.uri": "in", "output.uri": "out", "image.resize": "keep_ratio", "image.size": [48, 6]})
+        load_config(
+            None, {"source.uri": "in", "output.uri": "out", "image.resize": "keep_ratio", "image.size": [48, 6]}
+        )
     assert "takes one length, the shorter side's (image.size: 48, not [48, 6])" in str(err.value)
     assert "\n" not in str(err.value)
 

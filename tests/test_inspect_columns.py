@@ -54,8 +54,15 @@ pytestmark = pytest.mark.cluster  # `convert run` subprocesses
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}  # the summary table unwrapped, whatever the temp path's length
-    return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=REPO,
-                          check=False, timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "convert", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def needs_column_reads() -> None:
@@ -77,8 +84,9 @@ def _serve(files: dict[str, tuple[bytes, bytes]]):
     return respond
 
 
-def build_image_text(tmp: Path, srv_factory, fmt: str = "hdf5") -> tuple[Path, subprocess.CompletedProcess[str],
-                                                                          list[str]]:  # fmt: skip
+def build_image_text(
+    tmp: Path, srv_factory, fmt: str = "hdf5"
+) -> tuple[Path, subprocess.CompletedProcess[str], list[str]]:
     """Serve the ROWS' images, write their parquet list and convert it; (the output, the run, its flags)."""
     files: dict[str, tuple[bytes, bytes]] = {}
     urls, digests = [], []
@@ -88,14 +96,31 @@ def build_image_text(tmp: Path, srv_factory, fmt: str = "hdf5") -> tuple[Path, s
         digests.append("0" * 64 if how == "bad-digest" else hashlib.sha256(data).hexdigest())
     srv = srv_factory(_serve(files))
     urls = [f"{srv.url}/img/{key}.jpg" for key in ROWS]
-    table = pa.table({"key": list(ROWS), "url": urls, "caption": [r[0] for r in ROWS.values()],
-                      "similarity": [r[1] for r in ROWS.values()], "sha256": digests})  # fmt: skip
+    table = pa.table(
+        {
+            "key": list(ROWS),
+            "url": urls,
+            "caption": [r[0] for r in ROWS.values()],
+            "similarity": [r[1] for r in ROWS.values()],
+            "sha256": digests,
+        }
+    )
     pq.write_table(table, tmp / "list.parquet")
     out = tmp / "out"
-    settings = {"source.uri": str(tmp / "list.parquet"), "source.columns": '["similarity"]',
-                "source.hash_column": "sha256", "output.uri": str(out), "output.format": fmt,
-                "image.size": "[16, 16]", "image.resize": "stretch", "image.min_size": "16", "shard.size": "4",
-                "cluster.kind": "threads", "fetch.allow_private_networks": "true", "fetch.retries": "0"}  # fmt: skip
+    settings = {
+        "source.uri": str(tmp / "list.parquet"),
+        "source.columns": '["similarity"]',
+        "source.hash_column": "sha256",
+        "output.uri": str(out),
+        "output.format": fmt,
+        "image.size": "[16, 16]",
+        "image.resize": "stretch",
+        "image.min_size": "16",
+        "shard.size": "4",
+        "cluster.kind": "threads",
+        "fetch.allow_private_networks": "true",
+        "fetch.retries": "0",
+    }
     sets = [arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")]
     return out, cli("run", *sets), sets
 
@@ -153,8 +178,11 @@ def test_inspect_lists_the_columns_and_their_types(image_text):
     assert human.returncode == 0, human.stderr
     assert "columns: caption (string), similarity (float64), sha256 (string)" in human.stdout
     data = json.loads(cli("inspect", str(out), "--json").stdout)
-    assert data["columns"] == [{"name": "caption", "type": "string"}, {"name": "similarity", "type": "float64"},
-                               {"name": "sha256", "type": "string"}]  # fmt: skip
+    assert data["columns"] == [
+        {"name": "caption", "type": "string"},
+        {"name": "similarity", "type": "float64"},
+        {"name": "sha256", "type": "string"},
+    ]
     assert data["totals"]["by_status"] == {"filtered": 1, "hash_mismatch": 1, "ok": 9, "opted_out": 1}
 
 
@@ -228,8 +256,11 @@ def test_a_partial_lmdb_run_gets_its_column_statistics_and_captions_from_the_sha
     assert done.returncode == 0, done.stderr
     (out / "manifest.json").unlink()
     inspected = json.loads(cli("inspect", str(out), "--json").stdout)
-    assert inspected["partial"] is True and [c["name"] for c in inspected["columns"]] == ["caption", "similarity",
-                                                                                          "sha256"]  # fmt: skip
+    assert inspected["partial"] is True and [c["name"] for c in inspected["columns"]] == [
+        "caption",
+        "similarity",
+        "sha256",
+    ]
     html = render_report(str(out), samples_per_label=20)
     assert "partial: 3 of 3 shards committed" in html
     sim = html.split('<tr class="column" data-name="similarity">', 1)[1].split("</tr>", 1)[0]

@@ -34,9 +34,28 @@ def slow_list(tmp_path_factory):
 
 
 def _start(lst: Path, out: Path) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "convert", "run", "--source", str(lst), "--output", str(out), "--shard-size", "2",
-            "--threads", "1", "--workers", "1", "--size", "16", "--set", "fetch.allowed_schemes=[http]",
-            "--set", "fetch.allow_private_networks=true"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "convert",
+        "run",
+        "--source",
+        str(lst),
+        "--output",
+        str(out),
+        "--shard-size",
+        "2",
+        "--threads",
+        "1",
+        "--workers",
+        "1",
+        "--size",
+        "16",
+        "--set",
+        "fetch.allowed_schemes=[http]",
+        "--set",
+        "fetch.allow_private_networks=true",
+    ]
     # a session of its own: the signal goes to the whole process group, as a terminal's Ctrl-C does
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -50,8 +69,9 @@ def _wait_for_records(out: Path, n: int, proc: subprocess.Popen[str], timeout: f
 
 
 @pytest.mark.parametrize("sig, code, group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
-def test_interrupt_exits_cleanly_and_rerun_resumes(slow_list: Path, tmp_path: Path, sig: int, code: int,
-                                                   group: bool) -> None:  # fmt: skip
+def test_interrupt_exits_cleanly_and_rerun_resumes(
+    slow_list: Path, tmp_path: Path, sig: int, code: int, group: bool
+) -> None:
     """Ctrl-C reaches the whole foreground process group (workers included); SIGTERM (kill, docker
     stop, a scheduler's job end) is sent to the client's pid."""
     out = tmp_path / "out"
@@ -67,10 +87,33 @@ def test_interrupt_exits_cleanly_and_rerun_resumes(slow_list: Path, tmp_path: Pa
     on_disk = len(list((out / "shards").glob("*.record.gz")))
     # every record on storage when the signal came counts, received by the client or not (was "0 of 20")
     assert 3 <= committed <= on_disk and not (out / "manifest.json").exists()  # a task may commit as we stop
-    rerun = subprocess.run([sys.executable, "-m", "convert", "run", "--source", str(slow_list),
-                            "--output", str(out), "--shard-size", "2", "--threads", "1", "--workers", "1", "--size", "16",
-                            "--set", "fetch.allowed_schemes=[http]", "--set", "fetch.allow_private_networks=true"],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convert",
+            "run",
+            "--source",
+            str(slow_list),
+            "--output",
+            str(out),
+            "--shard-size",
+            "2",
+            "--threads",
+            "1",
+            "--workers",
+            "1",
+            "--size",
+            "16",
+            "--set",
+            "fetch.allowed_schemes=[http]",
+            "--set",
+            "fetch.allow_private_networks=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert f"({on_disk} already committed" in rerun.stderr, rerun.stderr
     manifest = read_manifest(open_store(str(out)))
@@ -94,8 +137,10 @@ def test_second_ctrl_c_ends_a_local_cluster_run_at_once(slow_list: Path, tmp_pat
 
 
 def test_local_runs_never_import_dask_jobqueue() -> None:
-    code = ("import sys, convert.cli, convert.orchestrate, convert.executor.dask_executor\n"
-            "from convert.executor.cluster import open_client\n"
-            "assert 'dask_jobqueue' not in sys.modules, 'imported'\n")  # fmt: skip
+    code = (
+        "import sys, convert.cli, convert.orchestrate, convert.executor.dask_executor\n"
+        "from convert.executor.cluster import open_client\n"
+        "assert 'dask_jobqueue' not in sys.modules, 'imported'\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

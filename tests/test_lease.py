@@ -15,8 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from convert.lease import (LEASE, Lease, LeaseError, acquire, clean_debris, debris, hold_lease, publish, read_lease,
-                           release, renew, staging)  # fmt: skip
+from convert.lease import (
+    LEASE,
+    Lease,
+    LeaseError,
+    acquire,
+    clean_debris,
+    debris,
+    hold_lease,
+    publish,
+    read_lease,
+    release,
+    renew,
+    staging,
+)
 from convert.manifest import read_manifest
 from convert.shards import verify
 from convert.store import open_store
@@ -31,8 +43,9 @@ def _foreign_lease(run_id: str = "deadbeef0001", age: float = 3600.0, host: str 
 
 
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "convert", "run", *args], capture_output=True, text=True,
-                          timeout=300, **kw)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "convert", "run", *args], capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 @pytest.fixture
@@ -55,10 +68,25 @@ def slow_list(tmp_path):
 @pytest.mark.slow
 def test_second_run_on_a_leased_output_exits_2_naming_the_owner(slow_list, tmp_path):
     out = tmp_path / "out"
-    args = ["--source", str(slow_list), "--output", str(out), "--set", "fetch.allow_private_networks=true",
-            "--shard-size", "4", "--threads", "1", "--workers", "1", "--size", "16"]  # fmt: skip
-    first = subprocess.Popen([sys.executable, "-m", "convert", "run", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = [
+        "--source",
+        str(slow_list),
+        "--output",
+        str(out),
+        "--set",
+        "fetch.allow_private_networks=true",
+        "--shard-size",
+        "4",
+        "--threads",
+        "1",
+        "--workers",
+        "1",
+        "--size",
+        "16",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "convert", "run", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 60
         while not (out / LEASE).exists():
@@ -86,7 +114,9 @@ def test_second_run_on_a_leased_output_exits_2_naming_the_owner(slow_list, tmp_p
 def test_stale_lease_needs_force_unlock(tmp_path):
     store = open_store(str(tmp_path / "out"))
     store.write_bytes(LEASE, _foreign_lease())
-    with pytest.raises(LeaseError, match=r"locked by run deadbeef0001 \(someone on elsewhere, pid 4242.*looks dead.*--force-unlock"):
+    with pytest.raises(
+        LeaseError, match=r"locked by run deadbeef0001 \(someone on elsewhere, pid 4242.*looks dead.*--force-unlock"
+    ):
         acquire(store, "mine000000001")
     lease = acquire(store, "mine000000001", force=True)
     assert read_lease(store).run_id == "mine000000001" == lease.run_id
@@ -170,18 +200,29 @@ def test_renew_is_a_compare_and_swap(real_store):
     assert renew(store, renewed) is None and read_lease(store).run_id == "intruder0001"
 
 
-@pytest.mark.parametrize("fields", [
-    {"heartbeat": float("nan")},
-    {"heartbeat": time.time() + 86400},  # a day in the future
-    {"ttl": 1e12},
-    {"ttl": float("inf")},
-    {"ttl": -5.0},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"heartbeat": float("nan")},
+        {"heartbeat": time.time() + 86400},  # a day in the future
+        {"ttl": 1e12},
+        {"ttl": float("inf")},
+        {"ttl": -5.0},
+    ],
+)
 def test_untrustworthy_heartbeats_count_as_stale(tmp_path, fields):
     store = open_store(str(tmp_path / "out"))
     now = time.time()
-    raw = {"run_id": "odd000000001", "owner": "x", "host": "elsewhere", "pid": 1, "started": now,
-           "heartbeat": now, "ttl": 60.0, **fields}  # fmt: skip
+    raw = {
+        "run_id": "odd000000001",
+        "owner": "x",
+        "host": "elsewhere",
+        "pid": 1,
+        "started": now,
+        "heartbeat": now,
+        "ttl": 60.0,
+        **fields,
+    }
     store.write_bytes(LEASE, json.dumps(raw).encode())
     assert read_lease(store).stale(time.time())
     with pytest.raises(LeaseError, match="looks dead"):

@@ -39,8 +39,9 @@ SHARDS = 6
 def scheduler():
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:  # fmt: skip
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
         yield cluster.scheduler_address
 
 
@@ -54,8 +55,17 @@ def source(tmp_path_factory):
 
 
 def config(source, out, scheduler, **extra):
-    return load_config(None, {"source.uri": str(source), "output.uri": str(out), "shard.size": PER_SHARD,
-                              "image.size": 16, "cluster.scheduler": scheduler, **extra})  # fmt: skip
+    return load_config(
+        None,
+        {
+            "source.uri": str(source),
+            "output.uri": str(out),
+            "shard.size": PER_SHARD,
+            "image.size": 16,
+            "cluster.scheduler": scheduler,
+            **extra,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +111,9 @@ def test_manifest_holds_aggregates_and_ledgers_stay_with_shards(out):
     assert len(rows) == SHARDS * PER_SHARD and len({r.item.key for r in rows}) == len(rows)
     assert [r.shard for r in rows][::PER_SHARD] == [f"shard-{i:05d}" for i in range(SHARDS)]
     bad = list(iter_ledger(open_store(str(out)), status="decode_error"))
-    assert [r.item.key for r in bad] == ["a/img_9998.jpg", "a/img_9999.jpg"] and {r.shard for r in bad} == {"shard-00005"}
+    assert [r.item.key for r in bad] == ["a/img_9998.jpg", "a/img_9999.jpg"] and {r.shard for r in bad} == {
+        "shard-00005"
+    }
     assert read_ledger(open_store(str(out)))["key"] == [r.item.key for r in rows]
     assert open_dataset(str(out)).ledger()["status"].count("ok") == SHARDS * PER_SHARD - 2
 
@@ -227,6 +239,7 @@ def test_repair_never_deletes_outside_the_output_for_a_name_that_is_a_path(out, 
     done = cli("verify", "--repair", str(out))
     one_line_error(done, "bad shard name '../../victim/evil'")
     assert (victim / "evil.record.gz").read_bytes() == b"precious" and (out / MANIFEST).exists()
+
     def swap_path(c):
         rename_shard(c, 1, "shard-00001")
         c["path"][2] = "shards/shard-00003.h5"  # another shard's file under this shard's name
@@ -267,14 +280,33 @@ def test_shard_table_builds_the_same_index_as_the_records_and_round_trips_it():
     """The client's columns (convert.shardtable) give the index the records would, in plan order
     whatever order shards finish in; an index row read back fills the same columns (resume)."""
     names = [f"shard-{i:05d}" for i in range(4)]
-    records = [ShardRecord(n, f"shards/{n}.h5", "hdf5", 2, 2 - (i % 2), i % 2, 100 + i, f"{i:064x}",
-                           (8, 8, 3) if i else None, "raw", stages={"fetch": 0.5 * i}, started=1.0, finished=2.0 + i,
-                           ledger=(ItemResult(f"k{i}", "u", None, Status.OK),
-                                   ItemResult(f"x{i}", "u", None, Status.TIMEOUT if i % 2 else Status.OK)))
-               for i, n in enumerate(names)]  # fmt: skip
+    records = [
+        ShardRecord(
+            n,
+            f"shards/{n}.h5",
+            "hdf5",
+            2,
+            2 - (i % 2),
+            i % 2,
+            100 + i,
+            f"{i:064x}",
+            (8, 8, 3) if i else None,
+            "raw",
+            stages={"fetch": 0.5 * i},
+            started=1.0,
+            finished=2.0 + i,
+            ledger=(
+                ItemResult(f"k{i}", "u", None, Status.OK),
+                ItemResult(f"x{i}", "u", None, Status.TIMEOUT if i % 2 else Status.OK),
+            ),
+        )
+        for i, n in enumerate(names)
+    ]
     table = ShardTable(names, [f"{i:064x}" for i in range(4)])
     for r in reversed(records[1:]):  # out of order, shard 0 never arrives
-        table.add(r, LedgerTally.of(r.ledger), {"size": r.bytes, "inode": 7, "ctime_ns": 5, "edges": "ab" * 32}, new=True)
+        table.add(
+            r, LedgerTally.of(r.ledger), {"size": r.bytes, "inode": 7, "ctime_ns": 5, "edges": "ab" * 32}, new=True
+        )
     built = ShardIndex(table.index_cols()).validate("test")
     assert list(built) == list(ShardIndex.from_summaries([r.summary() for r in records[1:]]))
     assert table.tally().examples == {"timeout": ("x1", "x3")} and table.new_ok() == 4

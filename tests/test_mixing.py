@@ -28,8 +28,9 @@ def uris(tmp_path_factory) -> dict[str, str]:
     rng = np.random.default_rng(0)
     for (name, n), fmt in zip(SIZES.items(), ["hdf5", "lmdb", "hdf5"]):
         samples = [Sample(f"{name}{i:04d}", i % 3, rng.integers(0, 256, (4, 4, 3), np.uint8), ()) for i in range(n)]
-        out[name] = write_dataset(Path(tmp_path_factory.mktemp(name)), fmt, samples, 16, image_shape=(4, 4, 3),
-                                  columns=())  # fmt: skip
+        out[name] = write_dataset(
+            Path(tmp_path_factory.mktemp(name)), fmt, samples, 16, image_shape=(4, 4, 3), columns=()
+        )
     return out
 
 
@@ -86,14 +87,17 @@ def test_resume_from_a_position(uris):
         assert full[:k] + _keys(stream, part, start=k) == full
 
 
-@pytest.mark.parametrize("spec, epoch_size, message", [
-    ([("a", {"proportion": -0.1})], None, "source 0 .*a.*: proportion=-0.1 is negative"),
-    ([("a", {"proportion": 0.5, "repeat": 2})], None, "source 0 .*: give one of proportion, repeat, choose"),
-    ([("a", {"proportion": 0.7}), ("b", {"proportion": 0.6})], None, "source 0 .*: the proportions sum to 1.3 > 1"),
-    ([("a", {"proportion": 0.0}), ("b", {"proportion": 0.0})], 100, "source 0 .*: the proportions sum to 0"),
-    ([("a", {"choose": -3})], None, "source 0 .*: choose=-3 is negative"),
-    ([("a", {"choose": 400}), ("b", {"proportion": 0.5})], 300, "epoch_size=300 is less than"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, epoch_size, message",
+    [
+        ([("a", {"proportion": -0.1})], None, "source 0 .*a.*: proportion=-0.1 is negative"),
+        ([("a", {"proportion": 0.5, "repeat": 2})], None, "source 0 .*: give one of proportion, repeat, choose"),
+        ([("a", {"proportion": 0.7}), ("b", {"proportion": 0.6})], None, "source 0 .*: the proportions sum to 1.3 > 1"),
+        ([("a", {"proportion": 0.0}), ("b", {"proportion": 0.0})], 100, "source 0 .*: the proportions sum to 0"),
+        ([("a", {"choose": -3})], None, "source 0 .*: choose=-3 is negative"),
+        ([("a", {"choose": 400}), ("b", {"proportion": 0.5})], 300, "epoch_size=300 is less than"),
+    ],
+)
 def test_a_mix_that_does_not_sum_is_a_one_line_error(uris, spec, epoch_size, message):
     with pytest.raises(ValueError, match=message) as err:
         Stream([Source(uris[n], **kw) for n, kw in spec], epoch_size=epoch_size)
@@ -115,9 +119,14 @@ def test_torch_loader_mix_proportions_ranks_and_resume(uris, workers, monkeypatc
     def loader(rank: int) -> StreamingDataLoader:
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        sources = [Source(uris["a"], proportion=0.6), Source(uris["b"], proportion=0.25), Source(uris["c"], proportion=0.15)]
-        return StreamingDataLoader(StreamingDataset(sources, epoch_size=400, seed=7, shuffle_block=50),
-                                   batch_size=10, num_workers=workers)  # fmt: skip
+        sources = [
+            Source(uris["a"], proportion=0.6),
+            Source(uris["b"], proportion=0.25),
+            Source(uris["c"], proportion=0.15),
+        ]
+        return StreamingDataLoader(
+            StreamingDataset(sources, epoch_size=400, seed=7, shuffle_block=50), batch_size=10, num_workers=workers
+        )
 
     ranks = []
     for rank in range(2):

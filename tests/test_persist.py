@@ -29,8 +29,16 @@ from convert.persist import PersistError, _tree
 from convert.persist._format import MAGIC, PREAMBLE, data_start
 
 CODEC_NAMES = ["none", "zlib", "gzip", "bz2", "lzma", "xz", "zstd", "lz4"]
-EXTENSIONS = {"zlib": ".z", "gzip": ".gz", "bz2": ".bz2", "lzma": ".lzma", "xz": ".xz",
-              "zstd": ".zst", "lz4": ".lz4", "none": ".bin"}
+EXTENSIONS = {
+    "zlib": ".z",
+    "gzip": ".gz",
+    "bz2": ".bz2",
+    "lzma": ".lzma",
+    "xz": ".xz",
+    "zstd": ".zst",
+    "lz4": ".lz4",
+    "none": ".bin",
+}
 
 
 # ---------------------------------------------------------------- exact comparison
@@ -56,8 +64,7 @@ def assert_same(a: object, b: object) -> None:
     elif isinstance(a, np.generic):
         assert a.dtype.str == b.dtype.str and a.tobytes() == b.tobytes()
     elif isinstance(a, float):
-        assert (math.isnan(a) and math.isnan(b)) or (
-            a == b and math.copysign(1, a) == math.copysign(1, b))
+        assert (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
     elif isinstance(a, complex):
         assert_same(a.real, b.real)
         assert_same(a.imag, b.imag)
@@ -77,15 +84,22 @@ def assert_same(a: object, b: object) -> None:
 
 # ---------------------------------------------------------------- strategies
 
-_dtypes = (hnp.boolean_dtypes() | hnp.integer_dtypes() | hnp.unsigned_integer_dtypes()
-           | hnp.floating_dtypes() | hnp.complex_number_dtypes() | hnp.byte_string_dtypes()
-           | hnp.unicode_string_dtypes() | hnp.datetime64_dtypes() | hnp.timedelta64_dtypes())
+_dtypes = (
+    hnp.boolean_dtypes()
+    | hnp.integer_dtypes()
+    | hnp.unsigned_integer_dtypes()
+    | hnp.floating_dtypes()
+    | hnp.complex_number_dtypes()
+    | hnp.byte_string_dtypes()
+    | hnp.unicode_string_dtypes()
+    | hnp.datetime64_dtypes()
+    | hnp.timedelta64_dtypes()
+)
 
 
 @st.composite
 def ndarrays(draw: st.DrawFn) -> np.ndarray:
-    arr = draw(hnp.arrays(_dtypes, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0,
-                                                    max_side=4)))
+    arr = draw(hnp.arrays(_dtypes, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)))
     layout = draw(st.sampled_from(["C", "F", "strided"]))
     if layout == "F":
         return np.asfortranarray(arr)
@@ -95,23 +109,40 @@ def ndarrays(draw: st.DrawFn) -> np.ndarray:
 
 
 hashables = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text() | st.binary(max_size=8)
-    | st.floats(allow_nan=False),
-    lambda c: st.tuples(c, c) | st.frozensets(c, max_size=3), max_leaves=6)
+    st.none() | st.booleans() | st.integers() | st.text() | st.binary(max_size=8) | st.floats(allow_nan=False),
+    lambda c: st.tuples(c, c) | st.frozensets(c, max_size=3),
+    max_leaves=6,
+)
 
-leaves = (st.none() | st.booleans() | st.integers() | st.integers(min_value=2**62)
-          | st.floats() | st.text() | st.binary() | st.complex_numbers()
-          | st.binary(min_size=_tree.INLINE_BYTES + 1, max_size=5000).map(bytearray)
-          | ndarrays() | ndarrays().filter(lambda a: a.size > 0).map(lambda a: a.flat[0])
-          | st.lists(st.integers(), min_size=2) | st.lists(st.floats(), min_size=2)
-          | st.lists(st.text(), min_size=2) | st.lists(st.booleans(), min_size=2))
+leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**62)
+    | st.floats()
+    | st.text()
+    | st.binary()
+    | st.complex_numbers()
+    | st.binary(min_size=_tree.INLINE_BYTES + 1, max_size=5000).map(bytearray)
+    | ndarrays()
+    | ndarrays().filter(lambda a: a.size > 0).map(lambda a: a.flat[0])
+    | st.lists(st.integers(), min_size=2)
+    | st.lists(st.floats(), min_size=2)
+    | st.lists(st.text(), min_size=2)
+    | st.lists(st.booleans(), min_size=2)
+)
 
 trees = st.recursive(
     leaves,
-    lambda c: (st.lists(c, max_size=5) | st.lists(c, max_size=4).map(tuple)
-               | st.dictionaries(hashables, c, max_size=4) | st.sets(hashables, max_size=4)
-               | st.frozensets(hashables, max_size=3)),
-    max_leaves=25)
+    lambda c: (
+        st.lists(c, max_size=5)
+        | st.lists(c, max_size=4).map(tuple)
+        | st.dictionaries(hashables, c, max_size=4)
+        | st.sets(hashables, max_size=4)
+        | st.frozensets(hashables, max_size=3)
+    ),
+    max_leaves=25,
+)
 
 
 def roundtrip(obj: object, compress: object = None) -> object:
@@ -137,19 +168,35 @@ def _ledger(n: int = 2000) -> dict:
     return {
         "keys": [f"img/{i:07d}.jpg" for i in range(n)],
         "key_array": np.array([f"img/{i:07d}.jpg" for i in range(n)], dtype="S15"),
-        "labels": rng.integers(0, 1000, n), "status": rng.integers(0, 4, n, dtype=np.uint8),
+        "labels": rng.integers(0, 1000, n),
+        "status": rng.integers(0, 4, n, dtype=np.uint8),
         "shapes": rng.integers(1, 4000, (n, 3), dtype=np.int32),
         "plan": {0: ("shard-0000", 0, n // 2), 1: ("shard-0001", n // 2, n)},
         "floats": [0.5, -0.0, math.nan, math.inf, -math.inf, 1e-320] * 50,
-        "big": [2**64, -(2**200), 2**63 - 1, -(2**63)], "ints": list(range(-300, 300)),
+        "big": [2**64, -(2**200), 2**63 - 1, -(2**63)],
+        "ints": list(range(-300, 300)),
         "text": ["ünïcødé ✓", "日本語", "\ud800 lone surrogate", "nul\x00inside"] * 100,
         "empty": ([], (), {}, set(), frozenset(), "", b"", np.empty((0, 3), "<f4")),
-        "scalars": (np.float16(1.5), np.int64(-3), np.bool_(True), np.str_("é"),
-                    np.bytes_(b"ab"), np.datetime64("2024-01-01T00:00:00", "s"), np.uint8(255)),
-        "arrays": (np.asfortranarray(np.arange(12.0).reshape(3, 4)), np.arange(10, dtype=">i4"),
-                   np.array(3.0), np.arange(30).reshape(5, 6)[::2, 1::2],
-                   np.array(["a", "ßç"]), np.array([1 + 2j], "<c8")),
-        "bools": [True, False] * 200, "blob": bytes(range(256)) * 40, "cx": 1.5 - 2j,
+        "scalars": (
+            np.float16(1.5),
+            np.int64(-3),
+            np.bool_(True),
+            np.str_("é"),
+            np.bytes_(b"ab"),
+            np.datetime64("2024-01-01T00:00:00", "s"),
+            np.uint8(255),
+        ),
+        "arrays": (
+            np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+            np.arange(10, dtype=">i4"),
+            np.array(3.0),
+            np.arange(30).reshape(5, 6)[::2, 1::2],
+            np.array(["a", "ßç"]),
+            np.array([1 + 2j], "<c8"),
+        ),
+        "bools": [True, False] * 200,
+        "blob": bytes(range(256)) * 40,
+        "cx": 1.5 - 2j,
     }
 
 
@@ -190,8 +237,14 @@ def test_unseekable_stream_source(codec: str, tmp_path: Path) -> None:
 def test_compress_argument_forms(tmp_path: Path) -> None:
     data = {"x": np.zeros(10000)}
     starts = [
-        (3, b"\x78"), (True, b"\x78"), (("zlib", 9), b"\x78"), ("gzip", b"\x1f\x8b"),
-        (("lz4",), b"\x04\x22"), (0, MAGIC), (False, MAGIC), (("bz2", 1), b"BZh"),
+        (3, b"\x78"),
+        (True, b"\x78"),
+        (("zlib", 9), b"\x78"),
+        ("gzip", b"\x1f\x8b"),
+        (("lz4",), b"\x04\x22"),
+        (0, MAGIC),
+        (False, MAGIC),
+        (("bz2", 1), b"BZh"),
     ]
     for compress, magic in starts:
         path = tmp_path / "f.gz"  # an explicit compress always beats the extension
@@ -298,12 +351,19 @@ class _Custom:
     pass
 
 
-@pytest.mark.parametrize("bad", [
-    _Custom(), np.array([object()]), np.zeros(2, dtype=[("a", "<i4")]), {1, _Custom()},
-    np.ma.masked_array([1, 2]), lambda: 1, type("S", (str,), {})("sub"),
-])
-def test_dump_refuses_unsupported_types_without_touching_target(bad: object,
-                                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "bad",
+    [
+        _Custom(),
+        np.array([object()]),
+        np.zeros(2, dtype=[("a", "<i4")]),
+        {1, _Custom()},
+        np.ma.masked_array([1, 2]),
+        lambda: 1,
+        type("S", (str,), {})("sub"),
+    ],
+)
+def test_dump_refuses_unsupported_types_without_touching_target(bad: object, tmp_path: Path) -> None:
     path = tmp_path / "t.bin"
     path.write_bytes(b"old")
     with pytest.raises(TypeError):
@@ -324,8 +384,7 @@ def test_dump_refuses_cycles_and_deep_nesting(tmp_path: Path) -> None:
     assert roundtrip([shared, shared]) == [[1, 2], [1, 2]]  # shared, not cyclic: fine
 
 
-def test_failed_local_write_leaves_old_file_and_no_partial(monkeypatch: pytest.MonkeyPatch,
-                                                           tmp_path: Path) -> None:
+def test_failed_local_write_leaves_old_file_and_no_partial(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     path = tmp_path / "t.gz"
     persist.dump({"v": 1}, path)
     before = path.read_bytes()
@@ -343,12 +402,20 @@ def test_failed_local_write_leaves_old_file_and_no_partial(monkeypatch: pytest.M
 # ---------------------------------------------------------------- hostile input
 
 
-def craft(doc: object, body: bytes = b"", *, version: int = 1, header_len: int | None = None,
-          crc: int | None = None, raw_header: bytes | None = None) -> bytes:
+def craft(
+    doc: object,
+    body: bytes = b"",
+    *,
+    version: int = 1,
+    header_len: int | None = None,
+    crc: int | None = None,
+    raw_header: bytes | None = None,
+) -> bytes:
     """A hand-built payload: preamble, header (JSON of doc unless raw_header), padding, body."""
     header = raw_header if raw_header is not None else json.dumps(doc).encode()
-    pre = PREAMBLE.pack(MAGIC, version, 0, zlib.crc32(header) if crc is None else crc,
-                        len(header) if header_len is None else header_len)
+    pre = PREAMBLE.pack(
+        MAGIC, version, 0, zlib.crc32(header) if crc is None else crc, len(header) if header_len is None else header_len
+    )
     return pre + header + bytes(data_start(len(header)) - len(pre) - len(header)) + body
 
 
@@ -356,11 +423,11 @@ def _doc(root: object, blocks: list | None = None, data_size: int = 0) -> dict:
     return {"root": root, "blocks": blocks or [], "data_size": data_size}
 
 
-def _block(dtype: str = "<f8", shape: object = (4,), nbytes: int | None = None,
-           offset: int = 0, order: str = "C") -> dict:
+def _block(
+    dtype: str = "<f8", shape: object = (4,), nbytes: int | None = None, offset: int = 0, order: str = "C"
+) -> dict:
     size = np.dtype(dtype).itemsize * int(np.prod(shape)) if nbytes is None else nbytes
-    return {"dtype": dtype, "shape": list(shape), "order": order, "offset": offset,
-            "nbytes": size}
+    return {"dtype": dtype, "shape": list(shape), "order": order, "offset": offset, "nbytes": size}
 
 
 _ARR = {"t": "ndarray", "b": 0}
@@ -375,8 +442,7 @@ HOSTILE = {
     "NaN literal": craft(None, raw_header=b'{"root": NaN, "blocks": [], "data_size": 0}'),
     "not utf-8": craft(None, raw_header=b'{"root": "\xff", "blocks": [], "data_size": 0}'),
     "deep json": craft(None, raw_header=b"[" * 100000),
-    "huge int literal": craft(None, raw_header=b'{"root": 1' + b"0" * 6000 + b', "blocks": [], '
-                              b'"data_size": 0}'),
+    "huge int literal": craft(None, raw_header=b'{"root": 1' + b"0" * 6000 + b', "blocks": [], "data_size": 0}'),
     "unknown type tag": craft(_doc({"t": "pickle", "v": "gASVAAAA"})),
     "import-like tag": craft(_doc({"t": "__reduce__", "v": ["os.system", ["touch x"]]})),
     "extra node field": craft(_doc({"t": "tuple", "v": [], "cls": "os.system"})),
@@ -392,8 +458,9 @@ HOSTILE = {
     "size beyond file": craft(_doc(_ARR, [_block(shape=(10**8,))], 8 * 10**8), bytes(64)),
     "truncated body": craft(_doc(_ARR, [_block()], 32), bytes(16)),
     "trailing garbage": craft(_doc(_ARR, [_block()], 32), bytes(32) + b"extra"),
-    "nonzero padding": craft(_doc(_ARR, [_block("|u1", (1,)), _block(offset=64)], 96),
-                             b"\x01" + b"\xff" * 63 + bytes(32)),
+    "nonzero padding": craft(
+        _doc(_ARR, [_block("|u1", (1,)), _block(offset=64)], 96), b"\x01" + b"\xff" * 63 + bytes(32)
+    ),
     "block used twice": craft(_doc([_ARR, _ARR], [_block()], 32), bytes(32)),
     "unused block": craft(_doc(1, [_block()], 32), bytes(32)),
     "block index out of range": craft(_doc({"t": "ndarray", "b": 5})),
@@ -404,10 +471,8 @@ HOSTILE = {
     "bad base64": craft(_doc({"t": "bytes", "v": "!!notbase64"})),
     "scalar size mismatch": craft(_doc({"t": "npscalar", "dtype": "<f8", "v": "AAAA"})),
     "object scalar": craft(_doc({"t": "npscalar", "dtype": "|O", "v": "AAAAAAAAAAA="})),
-    "str list count lies": craft(_doc({"t": "list", "of": "str", "n": 5, "b": 0},
-                                      [_block("|u1", (3,))], 3), b"a\x00b"),
-    "list block wrong dtype": craft(_doc({"t": "list", "of": "int", "b": 0}, [_block()], 32),
-                                    bytes(32)),
+    "str list count lies": craft(_doc({"t": "list", "of": "str", "n": 5, "b": 0}, [_block("|u1", (3,))], 3), b"a\x00b"),
+    "list block wrong dtype": craft(_doc({"t": "list", "of": "int", "b": 0}, [_block()], 32), bytes(32)),
 }
 
 
@@ -419,6 +484,7 @@ def test_hostile_input_raises_persist_error(name: str, wrap: str, tmp_path: Path
         data = gzip.compress(data)
     elif wrap == "zstd":
         import zstandard
+
         data = zstandard.ZstdCompressor().compress(data)
     path = tmp_path / "hostile.bin"
     path.write_bytes(data)
@@ -481,8 +547,14 @@ _SAMPLES: dict[str, bytes] = {}
 def _sample(codec: str) -> bytes:
     if codec not in _SAMPLES:
         buf = io.BytesIO()
-        obj = {"k": [f"key{i}" for i in range(300)], "a": np.arange(50, dtype="<i4"), "t": (1, "x"),
-               "b": b"x" * 5000, "big": 2**70, "f": [0.5, math.nan]}
+        obj = {
+            "k": [f"key{i}" for i in range(300)],
+            "a": np.arange(50, dtype="<i4"),
+            "t": (1, "x"),
+            "b": b"x" * 5000,
+            "big": 2**70,
+            "f": [0.5, math.nan],
+        }
         persist.dump(obj, buf, compress=codec)
         _SAMPLES[codec] = buf.getvalue()
     return _SAMPLES[codec]
@@ -505,7 +577,7 @@ def test_mutated_files_load_or_raise_persist_error_only(codec: str, data: st.Dat
         elif action == "insert":
             blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
         else:
-            blob[pos: pos + 8] = bytes(len(blob[pos: pos + 8]))
+            blob[pos : pos + 8] = bytes(len(blob[pos : pos + 8]))
     try:
         persist.load(io.BytesIO(bytes(blob)))
     except PersistError:
@@ -536,8 +608,7 @@ def test_lying_size_in_stream_is_bounded_by_real_content(compress: str) -> None:
 # ---------------------------------------------------------------- memory
 
 
-@pytest.mark.parametrize("compress", [None, "lz4",
-                                      pytest.param(("zlib", 1), marks=pytest.mark.slow)])
+@pytest.mark.parametrize("compress", [None, "lz4", pytest.param(("zlib", 1), marks=pytest.mark.slow)])
 def test_peak_memory_stays_flat_for_200mb_array(compress: object, tmp_path: Path) -> None:
     n = 200 * 2**20 // 8
     tracemalloc.start()
@@ -576,8 +647,7 @@ def test_s3_roundtrip_and_aborted_upload_leaves_old_object(s3, monkeypatch: pyte
     with pytest.raises(OSError):
         persist.dump({"new": np.arange(10)}, url, storage_options=opts)
     with pytest.raises(OSError):
-        persist.dump({"new": np.arange(10)}, "s3://test-bucket/meta/fresh.gz",
-                     storage_options=opts)
+        persist.dump({"new": np.arange(10)}, "s3://test-bucket/meta/fresh.gz", storage_options=opts)
     monkeypatch.undo()
     fs = s3.filesystem()
     fs.invalidate_cache()
@@ -586,8 +656,7 @@ def test_s3_roundtrip_and_aborted_upload_leaves_old_object(s3, monkeypatch: pyte
 
 
 @pytest.mark.parametrize("compress", ["gzip", "zstd"])
-def test_freak_compression_ratio_loads_through_growing_buffer(compress: str,
-                                                             tmp_path: Path) -> None:
+def test_freak_compression_ratio_loads_through_growing_buffer(compress: str, tmp_path: Path) -> None:
     """48 MiB of zeros compress >64x, beyond the up-front allocation budget: the block is read
     into a buffer grown as data arrives, and still costs no more than its own size."""
     arr = np.zeros((3, 2 * 2**20), dtype=np.float64, order="F")

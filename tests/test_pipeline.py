@@ -34,8 +34,9 @@ SIZE = (24, 32)  # H, W
 def scheduler():
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:  # fmt: skip
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
         yield cluster.scheduler_address
 
 
@@ -94,7 +95,9 @@ def test_draft_stays_close_to_full_decode(folder, scheduler, tmp_path):
     cfg = make_config(root, tmp_path / "out", scheduler, **{"image.draft": True, "image.size": [16, 16]})
     run(cfg, log=lambda m: None)
     ds = open_dataset(str(tmp_path / "out"))
-    errors = [np.abs(ds[i]["image"].astype(int) - reference(p, (16, 16)).astype(int)).mean() for i, p in enumerate(paths)]
+    errors = [
+        np.abs(ds[i]["image"].astype(int) - reference(p, (16, 16)).astype(int)).mean() for i, p in enumerate(paths)
+    ]
     assert max(errors) < 6.0
 
 
@@ -114,17 +117,33 @@ def test_url_list_bad_items_become_ledger_statuses(scheduler, http_server, tmp_p
         w.writerow(["url", "label", "key"])
         for i, name in enumerate(names):
             w.writerow([http_server.url_for(name), i % 2, name])
-    cfg = make_config(tmp_path / "urls.csv", tmp_path / "out", scheduler, **{
-        "output.format": "lmdb", "image.max_pixels": 1_000_000, "fetch.timeout": 1.0,
-        "fetch.retries": 1, "fetch.backoff": 0.05})  # fmt: skip
+    cfg = make_config(
+        tmp_path / "urls.csv",
+        tmp_path / "out",
+        scheduler,
+        **{
+            "output.format": "lmdb",
+            "image.max_pixels": 1_000_000,
+            "fetch.timeout": 1.0,
+            "fetch.retries": 1,
+            "fetch.backoff": 0.05,
+        },
+    )
     summary = run(cfg, log=lambda m: None)
     assert summary.exit_code() == 0 and summary.exit_code(fail_on_item_errors=True) == 3
     ledger = read_ledger(open_store(str(tmp_path / "out")))
     status = dict(zip(ledger["key"], ledger["status"]))
     assert sorted(status) == sorted(names)  # every input item exactly once
-    expected = {"zero.jpg": "decode_error", "text.jpg": "decode_error", "truncated.jpg": "decode_error",
-                "corrupt.jpg": "decode_error", "bomb.png": "decompression_bomb", "missing.jpg": "not_found",
-                "flaky.jpg": "ok", "hung.jpg": "timeout"}  # fmt: skip
+    expected = {
+        "zero.jpg": "decode_error",
+        "text.jpg": "decode_error",
+        "truncated.jpg": "decode_error",
+        "corrupt.jpg": "decode_error",
+        "bomb.png": "decompression_bomb",
+        "missing.jpg": "not_found",
+        "flaky.jpg": "ok",
+        "hung.jpg": "timeout",
+    }
     expected.update({f"good{i}.jpg": "ok" for i in range(4)})
     assert status == expected
     assert http_server.hits("missing.jpg") == 1  # permanent errors are not retried
@@ -135,8 +154,9 @@ def test_url_list_bad_items_become_ledger_statuses(scheduler, http_server, tmp_p
 
 def test_cifar_to_hdf5(scheduler, tmp_path):
     batches = write_cifar10(tmp_path, per_batch=6, batches=2, test=4)
-    cfg = make_config(tmp_path / "cifar-10-batches-py", tmp_path / "out", scheduler,
-                      **{"image.size": [32, 32], "shard.size": 5})  # fmt: skip
+    cfg = make_config(
+        tmp_path / "cifar-10-batches-py", tmp_path / "out", scheduler, **{"image.size": [32, 32], "shard.size": 5}
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     ds = open_dataset(str(tmp_path / "out"))
     expected = [(img, lab) for name in sorted(batches) for img, lab in zip(*batches[name])]
@@ -192,7 +212,9 @@ def test_failed_shard_is_reported_and_others_complete(folder, scheduler, tmp_pat
 
 def test_default_local_cluster(folder, tmp_path):
     root, paths = folder
-    cfg = make_config(root, tmp_path / "out", **{"cluster.kind": "local", "cluster.workers": 1, "output.format": "lmdb"})
+    cfg = make_config(
+        root, tmp_path / "out", **{"cluster.kind": "local", "cluster.workers": 1, "output.format": "lmdb"}
+    )
     summary = run(cfg, log=lambda m: None)
     assert summary.exit_code() == 0 and summary.items_ok == len(paths)
     assert "LocalCluster" in summary.cluster

@@ -49,8 +49,10 @@ def test_invalid_shard_size(tmp_path: Path) -> None:
 def test_cut_rows_spans_files_in_order() -> None:
     groups = cut_rows([("a", 5, "v", 1), ("b", 4, "v", 1)], "cifar", 4)
     assert [[(s.uri, s.start, s.stop, s.first_row) for s in g] for g in groups] == [
-        [("a", 0, 4, 0)], [("a", 4, 5, 4), ("b", 0, 3, 5)], [("b", 3, 4, 8)]
-    ]  # fmt: skip
+        [("a", 0, 4, 0)],
+        [("a", 4, 5, 4), ("b", 0, 3, 5)],
+        [("b", 3, 4, 8)],
+    ]
 
 
 def _spec(**changes):  # type: ignore[no-untyped-def]
@@ -94,6 +96,11 @@ def test_kept_columns_travel_in_the_plan_and_the_fingerprint(tmp_path: Path) -> 
         return output_settings(load_config(None, over).redacted())
 
     base = settings()
-    for change in ({"source.columns": "sim"}, {"source.caption_column": "none"}, {"source.max_text_bytes": 10},
-                   {"source.hash_column": "sim"}, {"fetch.compute_hash": "md5"}):  # fmt: skip
+    for change in (
+        {"source.columns": "sim"},
+        {"source.caption_column": "none"},
+        {"source.max_text_bytes": 10},
+        {"source.hash_column": "sim"},
+        {"fetch.compute_hash": "md5"},
+    ):
         assert settings(**change) != base, change

@@ -79,8 +79,10 @@ def test_txt_lists(tmp_path: Path) -> None:
 
 def test_csv_lists(tmp_path: Path) -> None:
     lst = tmp_path / "named.csv"
-    lst.write_text('key,url,label\nk1,imgs/a.jpg,zebra\n\n ,, \nk2,"imgs/b,comma.jpg",ant\nk3,"imgs/multi\nline.jpg",3\n'
-                   '"k4",imgs/d.jpg,\n')  # fmt: skip
+    lst.write_text(
+        'key,url,label\nk1,imgs/a.jpg,zebra\n\n ,, \nk2,"imgs/b,comma.jpg",ant\nk3,"imgs/multi\nline.jpg",3\n'
+        '"k4",imgs/d.jpg,\n'
+    )
     _same(lst, "urls", tmp_path)
     ints = tmp_path / "ints.csv"
     ints.write_text("URL,label\n" + "".join(f"http://h/{i}.jpg,{i % 4}\n" for i in range(50)))
@@ -92,12 +94,20 @@ def test_parquet_lists(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     n = 1000
-    table = pa.table({"url": [f"rel/{i}.jpg" for i in range(n)], "label": [f"c{i % 7}" if i % 5 else None for i in range(n)],
-                      "key": [f"k{i}" if i % 3 else None for i in range(n)]})  # fmt: skip
+    table = pa.table(
+        {
+            "url": [f"rel/{i}.jpg" for i in range(n)],
+            "label": [f"c{i % 7}" if i % 5 else None for i in range(n)],
+            "key": [f"k{i}" if i % 3 else None for i in range(n)],
+        }
+    )
     pq.write_table(table, tmp_path / "list.parquet", row_group_size=128)
     _same(tmp_path / "list.parquet", "urls", tmp_path, sizes=(1, 100, 128, 300, 5000))
-    pq.write_table(pa.table({"url": [f"http://h/{i}.jpg" for i in range(300)], "label": list(range(300))}),
-                   tmp_path / "ints.parquet", row_group_size=64)  # fmt: skip
+    pq.write_table(
+        pa.table({"url": [f"http://h/{i}.jpg" for i in range(300)], "label": list(range(300))}),
+        tmp_path / "ints.parquet",
+        row_group_size=64,
+    )
     _same(tmp_path / "ints.parquet", "urls", tmp_path, sizes=(50, 64, 1000))
 
 

@@ -36,9 +36,18 @@ SCREENSHOT_COPY = Path("/work/wt/report-screenshot.png")  # where the lead looks
 pytestmark = pytest.mark.cluster  # real dask LocalCluster processes
 
 
-def cli(*args: str, timeout: float = 300, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env=env, check=False)  # fmt: skip
+def cli(
+    *args: str, timeout: float = 300, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "convert", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
 
 
 def needs_chromium() -> None:
@@ -57,8 +66,11 @@ EXTRA_FAILURES = {  # key -> (url path or full URL, expected status)
 
 def write_url_list(srv: StaticServer, path: Path, extra: dict[str, tuple[str, str]]) -> list[tuple[str, str]]:
     """The demo sample as a URL list (key = class/file, label = class) plus `extra` failing rows."""
-    rows = [(f"{d.name}/{f.name}", srv.url_for(f"/{d.name}/{f.name}"), d.name)
-            for d in sorted(SAMPLE.iterdir()) for f in sorted(d.iterdir())]  # fmt: skip
+    rows = [
+        (f"{d.name}/{f.name}", srv.url_for(f"/{d.name}/{f.name}"), d.name)
+        for d in sorted(SAMPLE.iterdir())
+        for f in sorted(d.iterdir())
+    ]
     rows += [(key, url if "://" in url else srv.url_for(url), "dog") for key, (url, _) in extra.items()]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -74,8 +86,18 @@ def demo(tmp_path_factory):
         srv.fault("/private/cat.jpg", statuses=[403] * 20)
         rows = write_url_list(srv, tmp / "demo.csv", EXTRA_FAILURES)
         out = tmp / "demo"
-        result = cli("run", "configs/demo.yaml", "--source", str(tmp / "demo.csv"), "--output", str(out),
-                     "--set", "fetch.retries=0", "--set", "fetch.allow_private_networks=true")  # fmt: skip
+        result = cli(
+            "run",
+            "configs/demo.yaml",
+            "--source",
+            str(tmp / "demo.csv"),
+            "--output",
+            str(out),
+            "--set",
+            "fetch.retries=0",
+            "--set",
+            "fetch.allow_private_networks=true",
+        )
     assert result.returncode == 0, result.stderr
     return tmp, out, rows
 
@@ -181,8 +203,9 @@ def test_dataset_repr_names_items_shards_shape_labels(demo):
 
     _, out, _ = demo
     with open_dataset(str(out)) as ds:
-        assert repr(ds) == (f"Dataset({str(out)!r}, items=36, shards=3, format=hdf5, shape=64x64x3, "
-                            "labels=[cat, dog, fox])")  # fmt: skip
+        assert repr(ds) == (
+            f"Dataset({str(out)!r}, items=36, shards=3, format=hdf5, shape=64x64x3, labels=[cat, dog, fox])"
+        )
 
 
 @pytest.mark.browser
@@ -213,8 +236,12 @@ def test_failure_filter_by_status_runs_in_the_browser(demo):
     assert cli("report", str(out)).returncode == 0
     html = chromium_dom((out / "report.html").as_uri() + "#status=not_found")
     shown = re.findall(r'<tr class="failure" data-status="([a-z_]+)"( style="display: none;")?>', html)
-    assert sorted(shown) == [("bad_url", ' style="display: none;"'), ("decode_error", ' style="display: none;"'),
-                             ("forbidden", ' style="display: none;"'), ("not_found", "")]  # fmt: skip
+    assert sorted(shown) == [
+        ("bad_url", ' style="display: none;"'),
+        ("decode_error", ' style="display: none;"'),
+        ("forbidden", ' style="display: none;"'),
+        ("not_found", ""),
+    ]
     assert "showing 1 not_found of 4 failed items" in html
 
 
@@ -243,12 +270,19 @@ def test_source_statistics_and_throughput_from_records(demo, tmp_path):
     store = open_store(str(out))
     for i, name in enumerate(["shard-00000", "shard-00001", "shard-00002"]):
         record, fp = read_record(store, name)
-        ledger = tuple(dataclasses.replace(r, width=640, height=480 if n % 2 else 320, src_format="jpeg",
-                                           src_bytes=40_000 + n) if r.ok
-                       else dataclasses.replace(r, width=-1, height=-1, src_format="", src_bytes=-1)  # unknown
-                       for n, r in enumerate(record.ledger))  # fmt: skip
-        write_record(store, dataclasses.replace(record, ledger=ledger, started=1e9 + i, finished=1e9 + i + 2.5,
-                                                stages={"fetch": 0.5, "decode": 0.25}), fp)  # fmt: skip
+        ledger = tuple(
+            dataclasses.replace(r, width=640, height=480 if n % 2 else 320, src_format="jpeg", src_bytes=40_000 + n)
+            if r.ok
+            else dataclasses.replace(r, width=-1, height=-1, src_format="", src_bytes=-1)  # unknown
+            for n, r in enumerate(record.ledger)
+        )
+        write_record(
+            store,
+            dataclasses.replace(
+                record, ledger=ledger, started=1e9 + i, finished=1e9 + i + 2.5, stages={"fetch": 0.5, "decode": 0.25}
+            ),
+            fp,
+        )
     scan = scan_ledger(load_run(store), k=1, cap=10)
     assert scan.sources.width == {640: 36} and scan.sources.height == {480: 18, 320: 18}
     assert scan.sources.aspect == {1.33: 18, 2.0: 18} and scan.sources.formats == {"jpeg": 36}
@@ -256,7 +290,7 @@ def test_source_statistics_and_throughput_from_records(demo, tmp_path):
     html = render_report(str(out), samples_per_label=1)
     assert 'alt="source image statistics"' in html and 'alt="items per second over the run"' in html
     assert "36 items with recorded source size; 4 without" in html
-    assert "<td class=\"num\">2.50</td>" in html and "&#34;fetch&#34;: 0.5" in html
+    assert '<td class="num">2.50</td>' in html and "&#34;fetch&#34;: 0.5" in html
     assert "images/s over 4.5 s" in html
 
 
@@ -266,8 +300,10 @@ def test_inspect_failures_lists_every_failed_item(demo):
     assert result.returncode == 0, result.stderr
     lines = [line.split("\t") for line in result.stdout.splitlines()]
     assert all(len(parts) == 4 for parts in lines)
-    assert {p[0]: p[2] for p in lines} == {"dog/dog_broken.jpg": "decode_error",
-                                           **{k: s for k, (_, s) in EXTRA_FAILURES.items()}}  # fmt: skip
+    assert {p[0]: p[2] for p in lines} == {
+        "dog/dog_broken.jpg": "decode_error",
+        **{k: s for k, (_, s) in EXTRA_FAILURES.items()},
+    }
     only = cli("inspect", str(out), "--failures", "--status", "not_found", "--status", "forbidden")
     assert sorted(line.split("\t")[0] for line in only.stdout.splitlines()) == ["web/missing.jpg", "web/private.jpg"]
     bad = cli("inspect", str(out), "--failures", "--status", "missing")
@@ -289,11 +325,35 @@ def killed(tmp_path_factory):
         lines = (tmp / "list.csv").read_text().splitlines()
         reordered.write_text("\n".join([lines[0], lines[-1], *lines[1:-1]]) + "\n")
         out = tmp / "partial"
-        proc = subprocess.Popen([sys.executable, "-m", "convert", "run", "configs/demo.yaml", "--source", str(reordered),
-                                 "--output", str(out), "--shard-size", "8", "--workers", "1", "--threads", "2",
-                                 "--set", "fetch.timeout=60", "--set", "fetch.retries=0",
-                                 "--set", "fetch.allow_private_networks=true"],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "convert",
+                "run",
+                "configs/demo.yaml",
+                "--source",
+                str(reordered),
+                "--output",
+                str(out),
+                "--shard-size",
+                "8",
+                "--workers",
+                "1",
+                "--threads",
+                "2",
+                "--set",
+                "fetch.timeout=60",
+                "--set",
+                "fetch.retries=0",
+                "--set",
+                "fetch.allow_private_networks=true",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 120
             while len(list((out / "shards").glob("*.record.gz"))) < 2 and time.monotonic() < deadline:
@@ -337,8 +397,9 @@ def test_report_of_a_killed_run(killed, tmp_path):
     dom = parse_dom(html)
     assert "partial: 2 of 5 shards committed" in html
     # shards 0-1 hold the 404 plus cat_000..cat_011 and dog_000..dog_002 (15 ok): 3 cats, 3 dogs
-    assert [t["data-key"] for t in dom.thumbs] == [f"cat/cat_{i:03d}.jpg" for i in range(3)] + \
-        [f"dog/dog_{i:03d}.jpg" for i in range(3)]  # fmt: skip
+    assert [t["data-key"] for t in dom.thumbs] == [f"cat/cat_{i:03d}.jpg" for i in range(3)] + [
+        f"dog/dog_{i:03d}.jpg" for i in range(3)
+    ]
     assert [(row["cells"][0], row["status"]) for row in dom.failures] == [("web/missing.jpg", "not_found")]
     # the pixels come from the committed shard itself
     from convert.formats.base import open_reader
@@ -352,8 +413,13 @@ def test_report_of_a_killed_run(killed, tmp_path):
 
 @pytest.mark.s3
 def test_report_of_an_s3_dataset_is_written_locally_or_where_html_points(s3, tmp_path):
-    env = dict(os.environ, AWS_ENDPOINT_URL=s3.endpoint_url, AWS_ACCESS_KEY_ID="testing",
-               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    env = dict(
+        os.environ,
+        AWS_ENDPOINT_URL=s3.endpoint_url,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     done = cli("run", "configs/demo.yaml", "--output", "s3://test-bucket/demo", env=env)
     assert done.returncode == 0, done.stderr
     local = cli("report", "s3://test-bucket/demo", "--samples-per-label", "2", cwd=tmp_path, env=env)

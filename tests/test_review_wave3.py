@@ -40,8 +40,17 @@ def _images(root: Path, n: int) -> list[bytes]:
 
 
 def _run(tmp_path: Path, source: Path, **over: Any) -> Any:
-    cfg = load_config(None, {"source.uri": str(source), "output.uri": str(tmp_path / "out"), "image.size": [8, 8],
-                             "image.resize": "stretch", "cluster.kind": "threads", **over})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(source),
+            "output.uri": str(tmp_path / "out"),
+            "image.size": [8, 8],
+            "image.resize": "stretch",
+            "cluster.kind": "threads",
+            **over,
+        },
+    )
     return run(cfg, log=lambda m: None)
 
 
@@ -112,15 +121,18 @@ def test_hash_column_tolerates_case_and_spaces_and_names_a_short_digest(tmp_path
 # ------------------------------------------------------------------ X-Robots-Tag
 
 
-@pytest.mark.parametrize("values,expected", [
-    (["MyBot: noai"], "noai"),  # a bot name in any case
-    (["mybot:noai"], "noai"),  # no space after the colon
-    (["otherbot:noai"], None),
-    (["otherbot: noindex", "NOAI"], "noai"),  # a second header is not scoped by the first's bot
-    (["otherbot: noindex, mybot: noimageai"], "noimageai"),
-    (["unavailable_after: 25 Jun 2010 15:00:00 PST"], None),  # a valued directive is not a bot name
-    (["none"], "none"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "values,expected",
+    [
+        (["MyBot: noai"], "noai"),  # a bot name in any case
+        (["mybot:noai"], "noai"),  # no space after the colon
+        (["otherbot:noai"], None),
+        (["otherbot: noindex", "NOAI"], "noai"),  # a second header is not scoped by the first's bot
+        (["otherbot: noindex, mybot: noimageai"], "noimageai"),
+        (["unavailable_after: 25 Jun 2010 15:00:00 PST"], None),  # a valued directive is not a bot name
+        (["none"], "none"),
+    ],
+)
 def test_x_robots_tag_forms(values: list[str], expected: str | None) -> None:
     assert header_opt_out(values, "mybot", DIRECTIVES) == expected
 
@@ -134,8 +146,15 @@ def test_an_error_line_naming_the_source_carries_no_credentials(tail: str) -> No
     password (and a signed URL's signature) given in source.uri."""
     with StaticServer() as srv:
         host = srv.url.split("://", 1)[1]
-        proc = _cli("run", "--source", f"http://bob:PWSRC9@{host}/{tail}", "--output", "/nonexistent/never-made",
-                    "--set", "fetch.allowed_networks=[127.0.0.0/8]")  # fmt: skip
+        proc = _cli(
+            "run",
+            "--source",
+            f"http://bob:PWSRC9@{host}/{tail}",
+            "--output",
+            "/nonexistent/never-made",
+            "--set",
+            "fetch.allowed_networks=[127.0.0.0/8]",
+        )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error:" in proc.stderr and "PWSRC9" not in proc.stderr + proc.stdout
     assert "SIGSECRET1" not in proc.stderr + proc.stdout
@@ -145,8 +164,9 @@ def test_an_error_line_naming_the_source_carries_no_credentials(tail: str) -> No
 def test_output_options_of_the_wrong_shape_is_one_line(value: str) -> None:
     """Found: `--set output.options=abc` ended with `error (AttributeError): 'str' object has no attribute
     'items'` and a pointer to the traceback."""
-    proc = _cli("plan", "--source", "/nonexistent/l.csv", "--output", "/nonexistent/o", "--set",
-                f"output.options={value}")  # fmt: skip
+    proc = _cli(
+        "plan", "--source", "/nonexistent/l.csv", "--output", "/nonexistent/o", "--set", f"output.options={value}"
+    )
     assert proc.returncode == 2 and "error: output" in proc.stderr and "AttributeError" not in proc.stderr
     assert "TypeError" not in proc.stderr and "CONVERT_DEBUG" not in proc.stderr
 
@@ -155,8 +175,15 @@ def test_a_validation_error_never_echoes_storage_option_secrets() -> None:
     """Found: a bad value in `output` printed the whole section as given, storage_options passwords included."""
     for over in ({"output.options": "abc"}, {"output.storage_options": "PWLEAK2"}):
         with pytest.raises(ConfigError) as err:
-            load_config(None, {"source.uri": "/x/l.csv", "output.uri": "/x/o",
-                               "output.storage_options": {"password": "PWLEAK1", "key": "AKIAX"}, **over})  # fmt: skip
+            load_config(
+                None,
+                {
+                    "source.uri": "/x/l.csv",
+                    "output.uri": "/x/o",
+                    "output.storage_options": {"password": "PWLEAK1", "key": "AKIAX"},
+                    **over,
+                },
+            )
         assert "PWLEAK" not in str(err.value) and "AKIAX" not in str(err.value)
 
 
@@ -164,10 +191,17 @@ def test_secrets_in_storage_options_reach_no_file_of_the_output(tmp_path: Path) 
     _images(tmp_path, 2)
     (tmp_path / "l.csv").write_text("url,caption\nimg/0.jpg,a\nimg/1.jpg,b\n")
     secrets = ("HUNTER2pw", "S3CR3Tuser", "OUTSECRET77", "PWINURL")
-    _run(tmp_path, tmp_path / "l.csv", **{
-        "source.storage_options": {"password": secrets[0], "client_kwargs": {"endpoint_url":
-                                                                            f"http://bob:{secrets[1]}@127.0.0.1:9"}},
-        "output.storage_options": {"secret": secrets[2], "endpoint_url": f"http://al:{secrets[3]}@127.0.0.1:9"}})  # fmt: skip
+    _run(
+        tmp_path,
+        tmp_path / "l.csv",
+        **{
+            "source.storage_options": {
+                "password": secrets[0],
+                "client_kwargs": {"endpoint_url": f"http://bob:{secrets[1]}@127.0.0.1:9"},
+            },
+            "output.storage_options": {"secret": secrets[2], "endpoint_url": f"http://al:{secrets[3]}@127.0.0.1:9"},
+        },
+    )
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
             raw = path.read_bytes()
@@ -185,15 +219,24 @@ def test_changing_only_a_column_setting_rebuilds_naming_it(tmp_path: Path) -> No
 
     def again(**over: Any) -> None:
         lines.clear()
-        cfg = load_config(None, {"source.uri": str(tmp_path / "l.csv"), "output.uri": str(tmp_path / "out"),
-                                 "image.size": [8, 8], "cluster.kind": "threads", **over})  # fmt: skip
+        cfg = load_config(
+            None,
+            {
+                "source.uri": str(tmp_path / "l.csv"),
+                "output.uri": str(tmp_path / "out"),
+                "image.size": [8, 8],
+                "cluster.kind": "threads",
+                **over,
+            },
+        )
         assert run(cfg, log=lines.append).exit_code() == 0
 
     again()
-    for over, setting in [({"source.columns": ["n"]}, "source.columns"),
-                          ({"source.columns": ["n"], "fetch.compute_hash": "md5"}, "fetch.compute_hash"),
-                          ({"source.columns": ["n"], "fetch.compute_hash": "md5", "image.min_size": 4},
-                           "image.min_size")]:  # fmt: skip
+    for over, setting in [
+        ({"source.columns": ["n"]}, "source.columns"),
+        ({"source.columns": ["n"], "fetch.compute_hash": "md5"}, "fetch.compute_hash"),
+        ({"source.columns": ["n"], "fetch.compute_hash": "md5", "image.min_size": 4}, "image.min_size"),
+    ]:
         again(**over)
         why = [line for line in lines if "will be rebuilt" in line]
         assert len(why) == 1 and f"{setting} changed" in why[0], lines
@@ -203,8 +246,7 @@ def test_changing_only_a_column_setting_rebuilds_naming_it(tmp_path: Path) -> No
 
 @pytest.mark.usefixtures("http_backend")
 @pytest.mark.parametrize("first,expected", [(b"noai", Status.OPTED_OUT), (b"all", "ok")])
-def test_a_response_with_150_header_lines_gets_the_same_outcome_on_both_backends(first: bytes,
-                                                                                  expected: Any) -> None:  # fmt: skip
+def test_a_response_with_150_header_lines_gets_the_same_outcome_on_both_backends(first: bytes, expected: Any) -> None:
     """Found: on the urllib3 backend http.client refused more than 100 header lines, so a response with
     150 X-Robots-Tag lines was a (retryable) connection_error there and opted_out / ok on libcurl."""
     from convert.fetch import FetchPolicy, fetch_bytes
@@ -288,8 +330,13 @@ def test_a_control_character_in_a_url_is_bad_url_not_a_failed_shard(tmp_path: Pa
     (retried), its good items lost."""
     _images(tmp_path, 2)
     with StaticServer(files={"/a.jpg": jpeg_bytes(16, 12)}) as srv:
-        rows = ["img/0.jpg", "img/1\x00.jpg", srv.url_for("/a\x00.jpg"), srv.url_for("/a.jpg\r\nX-Injected: 1"),
-                srv.url_for("/a.jpg")]  # fmt: skip
+        rows = [
+            "img/0.jpg",
+            "img/1\x00.jpg",
+            srv.url_for("/a\x00.jpg"),
+            srv.url_for("/a.jpg\r\nX-Injected: 1"),
+            srv.url_for("/a.jpg"),
+        ]
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows([["url"]] + [[r] for r in rows])
         (tmp_path / "l.csv").write_text(buf.getvalue())

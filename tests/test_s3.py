@@ -60,9 +60,12 @@ def auth_moto():
     try:
         server = MotoServer().start()
     finally:
-        os.environ.pop("INITIAL_NO_AUTH_ACTION_COUNT") if old is None else os.environ.update(INITIAL_NO_AUTH_ACTION_COUNT=old)
-    iam = boto3.client("iam", endpoint_url=server.endpoint_url, region_name=REGION,
-                       aws_access_key_id="x", aws_secret_access_key="x")  # fmt: skip
+        os.environ.pop("INITIAL_NO_AUTH_ACTION_COUNT") if old is None else os.environ.update(
+            INITIAL_NO_AUTH_ACTION_COUNT=old
+        )
+    iam = boto3.client(
+        "iam", endpoint_url=server.endpoint_url, region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
+    )
     iam.create_user(UserName="conv")
     key = iam.create_access_key(UserName="conv")["AccessKey"]
     doc = json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
@@ -82,8 +85,9 @@ def cluster():
 
     os.environ[ENV_SECRET] = ENV_SECRET_VALUE
     try:
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=None) as c:  # fmt: skip
+        with LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as c:
             yield c
     finally:
         os.environ.pop(ENV_SECRET, None)
@@ -97,9 +101,17 @@ def folder(tmp_path_factory):
 
 
 def make_config(source: Any, output: Any, cluster: Any = None, **overrides: Any):
-    base = {"source.uri": str(source), "output.uri": str(output), "image.size": list(SIZE),
-            "image.resize": "stretch", "image.draft": False, "shard.size": 7, "fetch.threads": 4,
-            "cluster.task_retries": 1, "fetch.allow_private_networks": True}  # fmt: skip
+    base = {
+        "source.uri": str(source),
+        "output.uri": str(output),
+        "image.size": list(SIZE),
+        "image.resize": "stretch",
+        "image.draft": False,
+        "shard.size": 7,
+        "fetch.threads": 4,
+        "cluster.task_retries": 1,
+        "fetch.allow_private_networks": True,
+    }
     if cluster is not None:
         base["cluster.scheduler"] = cluster.scheduler_address
     base.update(overrides)
@@ -166,8 +178,12 @@ def test_folder_glob_on_s3_to_hdf5_on_s3_equals_local(s3, folder, cluster, local
     upload_tree(fs, folder[0], "test-bucket/in")
     fs.pipe_file("test-bucket/in/README.txt", b"not an image")  # the glob must skip it
     opts = s3.storage_options()
-    cfg = make_config("s3://test-bucket/in/*/*.jpg", "s3://test-bucket/out/", cluster,
-                      **{"source.storage_options": opts, "output.storage_options": opts})  # fmt: skip
+    cfg = make_config(
+        "s3://test-bucket/in/*/*.jpg",
+        "s3://test-bucket/out/",
+        cluster,
+        **{"source.storage_options": opts, "output.storage_options": opts},
+    )
     summary = run(cfg, **QUIET)
     assert summary.exit_code() == 0 and summary.items_ok == sum(CLASSES.values()) and summary.shards == 3
     assert not any(p.endswith(".partial.h5") for p in fs.find("test-bucket/out"))
@@ -179,8 +195,13 @@ def test_folder_glob_on_s3_to_hdf5_on_s3_equals_local(s3, folder, cluster, local
     whole = open_dataset("s3://test-bucket/out/", storage_options=opts, cache_dir=str(cache), download=True)
     assert whole[5]["key"] == local_hdf5[5]["key"] and len(list(cache.glob("*.h5"))) == 1
     # `convert-dataset verify` with the endpoint and keys from the standard AWS variables only
-    env = dict(os.environ, AWS_ENDPOINT_URL=s3.endpoint_url, AWS_ACCESS_KEY_ID="testing",
-               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=REGION)  # fmt: skip
+    env = dict(
+        os.environ,
+        AWS_ENDPOINT_URL=s3.endpoint_url,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION=REGION,
+    )
     done = cli("verify", "s3://test-bucket/out/", env=env)
     assert done.returncode == 0 and "3/3 shards match the manifest" in done.stdout
     # ... and with nothing but an AWS profile (endpoint and keys from ~/.aws-style files)
@@ -201,7 +222,10 @@ def test_url_list_on_s3_to_lmdb_on_s3_equals_local(s3, folder, cluster, http_ser
     fs = s3.filesystem()
     upload_tree(fs, root, "test-bucket/img")
     http_server.put("extra.jpg", gen.jpeg_bytes(70, 50, seed=7))
-    rows = [(f"s3://test-bucket/img/{p.relative_to(root).as_posix()}", p.parent.name, f"{p.parent.name}-{p.stem}") for p in paths]
+    rows = [
+        (f"s3://test-bucket/img/{p.relative_to(root).as_posix()}", p.parent.name, f"{p.parent.name}-{p.stem}")
+        for p in paths
+    ]
     rows += [("s3://test-bucket/img/missing.jpg", "ant", "missing"), (http_server.url_for("extra.jpg"), "bee", "extra")]
     local_rows = [(str(root / r[0].split("/img/", 1)[1]) if r[0].startswith("s3://") else r[0], *r[1:]) for r in rows]
     (tmp_path / "local.csv").write_text(_csv(local_rows))
@@ -210,8 +234,13 @@ def test_url_list_on_s3_to_lmdb_on_s3_equals_local(s3, folder, cluster, http_ser
     settings = {"output.format": "lmdb", "shard.size": 8, "fetch.retries": 0}
     local = {**settings, "source.allowed_roots": [str(root)]}  # the list names files outside its own folder
     assert run(make_config(tmp_path / "local.csv", tmp_path / "local", cluster, **local), **QUIET).exit_code() == 0
-    cfg = make_config("s3://test-bucket/lists/urls.csv", "s3://test-bucket/lmdb", cluster,
-                      **settings, **{"source.storage_options": opts, "output.storage_options": opts})  # fmt: skip
+    cfg = make_config(
+        "s3://test-bucket/lists/urls.csv",
+        "s3://test-bucket/lmdb",
+        cluster,
+        **settings,
+        **{"source.storage_options": opts, "output.storage_options": opts},
+    )
     summary = run(cfg, **QUIET)
     assert summary.by_status == {"ok": len(paths) + 1, "not_found": 1}
     cache = tmp_path / "cache"
@@ -243,9 +272,12 @@ def test_upload_cut_mid_body_is_retried_and_killed_run_is_not_trusted(s3, folder
     upload_tree(fs, folder[0], "test-bucket/in")
     proxy = RequestFaults(s3.endpoint_url, rb"PUT /test-bucket/out/shards/shard-0000[01]\.h5", after=4096, times=2)
     with proxy:
-        cfg = make_config("s3://test-bucket/in", "s3://test-bucket/out", cluster, **{
-            "source.storage_options": s3.storage_options(),
-            "output.storage_options": s3.storage_options(proxy.url)})  # fmt: skip
+        cfg = make_config(
+            "s3://test-bucket/in",
+            "s3://test-bucket/out",
+            cluster,
+            **{"source.storage_options": s3.storage_options(), "output.storage_options": s3.storage_options(proxy.url)},
+        )
         summary = run(cfg, **QUIET)
     assert proxy.cuts == 2 and summary.exit_code() == 0 and summary.converted == 3
     out = open_store("s3://test-bucket/out", s3.storage_options())
@@ -255,8 +287,12 @@ def test_upload_cut_mid_body_is_retried_and_killed_run_is_not_trusted(s3, folder
     fs.rm_file("test-bucket/out/manifest.json")
     with pytest.raises(ManifestError, match="rerun"):
         open_dataset(out.uri, out.storage_options)
-    cfg = make_config("s3://test-bucket/in", out.uri, cluster,
-                      **{"source.storage_options": out.storage_options, "output.storage_options": out.storage_options})
+    cfg = make_config(
+        "s3://test-bucket/in",
+        out.uri,
+        cluster,
+        **{"source.storage_options": out.storage_options, "output.storage_options": out.storage_options},
+    )
     summary = run(cfg, **QUIET)
     assert (summary.skipped, summary.converted) == (3, 0)
     assert_same(open_dataset(out.uri, out.storage_options), local_hdf5)
@@ -285,14 +321,19 @@ def test_failure_after_upload_secrets_and_resume(auth_moto, s3, folder, cluster,
     from distributed import Client
     from distributed.diagnostics.plugin import SchedulerPlugin
 
-    src = {"key": auth_moto.key, "secret": auth_moto.secret,
-           "client_kwargs": {"endpoint_url": auth_moto.endpoint_url, "region_name": REGION}}  # fmt: skip
+    src = {
+        "key": auth_moto.key,
+        "secret": auth_moto.secret,
+        "client_kwargs": {"endpoint_url": auth_moto.endpoint_url, "region_name": REGION},
+    }
     src_fs, root = _fs(src), folder[0]
     if not src_fs.exists("auth-bucket"):
         src_fs.call_s3("create_bucket", Bucket="auth-bucket")
     upload_tree(src_fs, root, "auth-bucket/img")
-    rows = [(f"s3://auth-bucket/img/{p.relative_to(root).as_posix()}", p.parent.name, p.relative_to(root).as_posix())
-            for p in folder[1]]  # fmt: skip
+    rows = [
+        (f"s3://auth-bucket/img/{p.relative_to(root).as_posix()}", p.parent.name, p.relative_to(root).as_posix())
+        for p in folder[1]
+    ]
     src_fs.pipe_file("auth-bucket/urls.csv", _csv(rows).encode())
     proxy = RequestFaults(s3.endpoint_url, rb"PUT /test-bucket/out/shards/shard-00001\.record\.gz", after=0, times=99)
     proxy.start()
@@ -300,8 +341,12 @@ def test_failure_after_upload_secrets_and_resume(auth_moto, s3, folder, cluster,
     spy = type("Spy", (_GraphSpy, SchedulerPlugin), {})()
     cluster.scheduler.add_plugin(spy, name="graph-spy")
     lines: list[str] = []
-    cfg = make_config("s3://auth-bucket/urls.csv", "s3://test-bucket/out", cluster,
-                      **{"source.storage_options": src, "output.storage_options": out_opts})  # fmt: skip
+    cfg = make_config(
+        "s3://auth-bucket/urls.csv",
+        "s3://test-bucket/out",
+        cluster,
+        **{"source.storage_options": src, "output.storage_options": out_opts},
+    )
     try:
         summary = run(cfg, log=lines.append)
         proxy.times = 0  # the fault is over
@@ -342,21 +387,41 @@ def _fs(options: dict[str, Any]) -> Any:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, timeout=120,
-                          env=env or dict(os.environ))  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "convert", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env or dict(os.environ),
+    )
 
 
 def test_cli_wrong_credentials_and_missing_bucket_are_one_line(auth_moto, s3, folder, tmp_path):
     wrong = "WRONG-secret-0123456789"
     cases = {
-        "wrong-credentials": ({"uri": "s3://secret-bucket/in", "storage_options": {
-            "key": auth_moto.key, "secret": wrong, "client_kwargs": {"endpoint_url": auth_moto.endpoint_url}}},
-            {"uri": str(tmp_path / "out")}, r"source s3://secret-bucket/in: access to bucket 'secret-bucket' denied"),
-        "missing-output-bucket": ({"uri": str(folder[0])}, {"uri": "s3://no-such-bucket/out", "storage_options":
-            s3.storage_options()}, r"output s3://no-such-bucket/out: bucket 'no-such-bucket' does not exist"),
-        "missing-source-bucket": ({"uri": "s3://no-such-bucket/in/", "storage_options": s3.storage_options()},
-            {"uri": str(tmp_path / "out")}, r"'s3://no-such-bucket/in/' does not exist"),
-    }  # fmt: skip
+        "wrong-credentials": (
+            {
+                "uri": "s3://secret-bucket/in",
+                "storage_options": {
+                    "key": auth_moto.key,
+                    "secret": wrong,
+                    "client_kwargs": {"endpoint_url": auth_moto.endpoint_url},
+                },
+            },
+            {"uri": str(tmp_path / "out")},
+            r"source s3://secret-bucket/in: access to bucket 'secret-bucket' denied",
+        ),
+        "missing-output-bucket": (
+            {"uri": str(folder[0])},
+            {"uri": "s3://no-such-bucket/out", "storage_options": s3.storage_options()},
+            r"output s3://no-such-bucket/out: bucket 'no-such-bucket' does not exist",
+        ),
+        "missing-source-bucket": (
+            {"uri": "s3://no-such-bucket/in/", "storage_options": s3.storage_options()},
+            {"uri": str(tmp_path / "out")},
+            r"'s3://no-such-bucket/in/' does not exist",
+        ),
+    }
     for name, (source, output, expected) in cases.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({"source": source, "output": output, "cluster": {"workers": 1}}))

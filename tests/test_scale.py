@@ -31,9 +31,18 @@ def _plan(tmp_path: Path, uri: str, size: int, **kw):  # type: ignore[no-untyped
 
 
 def _config(source: Path | str, out: Path, **extra):  # type: ignore[no-untyped-def]
-    base = {"source.uri": str(source), "output.uri": str(out), "image.size": [16, 16], "image.resize": "stretch",
-            "shard.size": 3, "fetch.threads": 2, "cluster.kind": "threads", "cluster.workers": 2,
-            "cluster.task_retries": 0, "fetch.allow_private_networks": True}  # fmt: skip  (test servers: 127.0.0.1)
+    base = {
+        "source.uri": str(source),
+        "output.uri": str(out),
+        "image.size": [16, 16],
+        "image.resize": "stretch",
+        "shard.size": 3,
+        "fetch.threads": 2,
+        "cluster.kind": "threads",
+        "cluster.workers": 2,
+        "cluster.task_retries": 0,
+        "fetch.allow_private_networks": True,
+    }  # (test servers: 127.0.0.1)
     return load_config(None, {**base, **extra})
 
 
@@ -115,18 +124,32 @@ def test_retry_failed_rebuilds_shards_with_transient_failures(http_server, tmp_p
 def test_prefetch_above_worker_memory_is_a_config_error(tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     gen.write_image_folder(root, {"a": 2}, size=(20, 20))
-    config = _config(root, tmp_path / "out", **{"cluster.kind": "local", "cluster.workers": 1,
-                                                 "cluster.memory_limit": "300MB", "fetch.prefetch_bytes": 8_000_000_000})  # fmt: skip
+    config = _config(
+        root,
+        tmp_path / "out",
+        **{
+            "cluster.kind": "local",
+            "cluster.workers": 1,
+            "cluster.memory_limit": "300MB",
+            "fetch.prefetch_bytes": 8_000_000_000,
+        },
+    )
     with pytest.raises(ConfigError, match=r"fetch.prefetch_bytes=8000000000 .* worker memory limit 300000000"):
         run(config, log=lambda m: None)
 
 
 def test_redaction_rule() -> None:
     url = "https://user:pw@h:8/a/b.jpg?X-Amz-Signature=abc&x=1&access_token=t&X-Goog-Signature=g&sig=s#frag"
-    assert redact_url(url) == "https://h:8/a/b.jpg?X-Amz-Signature=***&x=1&access_token=***&X-Goog-Signature=***&sig=***#frag"
+    assert (
+        redact_url(url)
+        == "https://h:8/a/b.jpg?X-Amz-Signature=***&x=1&access_token=***&X-Goog-Signature=***&sig=***#frag"
+    )
     assert redact_url("/data/a.jpg") == "/data/a.jpg" and redact_url("s3://b/k") == "s3://b/k"
     assert redact_options({"key": "AK", "client_kwargs": {"endpoint_url": "http://x"}, "token": "t"}) == {
-        "key": "***", "client_kwargs": {"endpoint_url": "http://x"}, "token": "***"}  # fmt: skip
+        "key": "***",
+        "client_kwargs": {"endpoint_url": "http://x"},
+        "token": "***",
+    }
     assert redact_text("failed: http://u:p@h/x?token=T (retry)") == "failed: http://h/x?token=*** (retry)"
 
 
@@ -134,8 +157,10 @@ def test_secrets_in_urls_never_reach_stored_files(http_server, tmp_path: Path) -
     http_server.put("a.jpg", gen.jpeg_bytes(20, 20))
     secret = "S3CR3T-VALUE"
     lst = tmp_path / "urls.txt"
-    lst.write_text(f"{http_server.url.replace('://', f'://user:{secret}@')}/a.jpg?token={secret}&sig={secret}\n"
-                   f"{http_server.url}/missing.jpg?X-Amz-Signature={secret}\n")  # fmt: skip
+    lst.write_text(
+        f"{http_server.url.replace('://', f'://user:{secret}@')}/a.jpg?token={secret}&sig={secret}\n"
+        f"{http_server.url}/missing.jpg?X-Amz-Signature={secret}\n"
+    )
     out = tmp_path / "out"
     summary = run(_config(lst, out, **{"fetch.allowed_schemes": ["http"]}), log=lambda m: None)
     assert summary.by_status == {"ok": 1, "not_found": 1}
@@ -156,7 +181,9 @@ def test_specs_cross_to_workers_small(tmp_path: Path) -> None:
     lst.write_text("".join(f"https://example.com/some/long/path/{i:08d}.jpg\n" for i in range(20_000)))
     specs = _plan(tmp_path, str(lst), 1000).specs
     assert len(specs) == 20 and max(len(pickle.dumps(s)) for s in specs) < 1024
-    with open_executor(load_config(None, {"source.uri": "x", "output.uri": "y", "cluster.kind": "threads"}).cluster) as ex:
+    with open_executor(
+        load_config(None, {"source.uri": "x", "output.uri": "y", "cluster.kind": "threads"}).cluster
+    ) as ex:
         assert ex.slots() == 2 and ex.in_flight == 0
 
 
@@ -167,8 +194,10 @@ def full_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
 
     mnt = tmp_path / "full"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode:  # fmt: skip
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode
+    ):
         pytest.skip("cannot mount a small tmpfs here")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=False)
@@ -181,14 +210,36 @@ def test_disk_full_is_one_line_naming_the_output(full_disk: Path, tmp_path: Path
 
     root = tmp_path / "imgs"
     gen.write_image_folder(root, {"a": 12}, size=(80, 80))
-    result = subprocess.run([sys.executable, "-m", "convert", "run", "--source", str(root), "--output", str(full_disk / "out"),
-                             "--size", "64", "--shard-size", "4", "--workers", "1", "--set", "cluster.task_retries=0"],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convert",
+            "run",
+            "--source",
+            str(root),
+            "--output",
+            str(full_disk / "out"),
+            "--size",
+            "64",
+            "--shard-size",
+            "4",
+            "--workers",
+            "1",
+            "--set",
+            "cluster.task_retries=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "Compute Failed" not in result.stderr, result.stderr
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error")]
-    assert errors == [f"error: output {full_disk}/out: No space left on device while writing shard-00000; free space "
-                      "there or set output.uri to a volume with room, then rerun to resume"]  # fmt: skip
+    assert errors == [
+        f"error: output {full_disk}/out: No space left on device while writing shard-00000; free space "
+        "there or set output.uri to a volume with room, then rerun to resume"
+    ]
 
 
 @pytest.mark.s3
@@ -201,12 +252,21 @@ def test_s3_prefix_listed_in_parallel_equals_local_listing(s3, tmp_path: Path) -
     for path in sorted(root.rglob("*")):
         if path.is_file():
             fs.pipe_file(f"test-bucket/tree/{path.relative_to(root).as_posix()}", path.read_bytes())
-    remote = plan_source(SourceConfig(uri="s3://test-bucket/tree", storage_options=s3.storage_options()), 3,
-                         Workdir(str(tmp_path / "w1")))  # fmt: skip
+    remote = plan_source(
+        SourceConfig(uri="s3://test-bucket/tree", storage_options=s3.storage_options()),
+        3,
+        Workdir(str(tmp_path / "w1")),
+    )
     local = _plan(tmp_path, str(root), 3)
     assert (remote.items, remote.partitions, remote.label_names) == (local.items, local.partitions, local.label_names)
-    rows = lambda found, prefix: [(r.key, r.label, r.uri.removeprefix(prefix)) for s in found.specs  # noqa: E731
-                                  for r in shard_refs(s, s3.storage_options())]  # fmt: skip
+
+    def rows(found, prefix):  # type: ignore[no-untyped-def]
+        return [
+            (r.key, r.label, r.uri.removeprefix(prefix))
+            for s in found.specs
+            for r in shard_refs(s, s3.storage_options())
+        ]
+
     assert rows(remote, "s3://test-bucket/tree") == rows(local, str(root))
     assert local.partitions == 4 and local.label_names == ["ant", "bee", "cow", "cow.x"]
 
@@ -221,13 +281,33 @@ def test_plan_command_on_millions_of_rows(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     urls = [f"https://example.com/img/{i:08d}.jpg" for i in range(2_000_000)]
-    pq.write_table(pa.table({"url": urls, "label": [i % 1000 for i in range(len(urls))]}), tmp_path / "big.parquet",
-                   row_group_size=250_000)  # fmt: skip
+    pq.write_table(
+        pa.table({"url": urls, "label": [i % 1000 for i in range(len(urls))]}),
+        tmp_path / "big.parquet",
+        row_group_size=250_000,
+    )
     (tmp_path / "big.txt").write_text("\n".join(urls[:1_000_000]) + "\n")
     for name, items in (("big.parquet", 2_000_000), ("big.txt", 1_000_000)):
-        result = subprocess.run([sys.executable, "-m", "convert", "plan", "--source", str(tmp_path / name), "--output",
-                                 str(tmp_path / "unused"), "--shard-size", "1000", "--json", "--samples", "3"],
-                                capture_output=True, text=True, timeout=600)  # fmt: skip
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "convert",
+                "plan",
+                "--source",
+                str(tmp_path / name),
+                "--output",
+                str(tmp_path / "unused"),
+                "--shard-size",
+                "1000",
+                "--json",
+                "--samples",
+                "3",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr
         report = json.loads(result.stdout)
         assert (report["items"], report["shards"], report["partitions"]) == (items, items // 1000, 1)
@@ -257,10 +337,29 @@ def test_200k_items_kill_client_and_rerun_every_item_once(tmp_path: Path) -> Non
         lst = tmp_path / "urls.txt"
         lst.write_text("".join(f"{server.url}/i/{i % 50}.jpg?n={i}\n" for i in range(n)))
         out = tmp_path / "out"
-        args = [sys.executable, "-m", "convert", "run", "--source", str(lst), "--output", str(out), "--size", "8",
-                "--shard-size", "2000", "--threads", "16", "--set", "fetch.allowed_schemes=[http]",
-                "--set", "fetch.allow_private_networks=true"]  # fmt: skip
-        first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        args = [
+            sys.executable,
+            "-m",
+            "convert",
+            "run",
+            "--source",
+            str(lst),
+            "--output",
+            str(out),
+            "--size",
+            "8",
+            "--shard-size",
+            "2000",
+            "--threads",
+            "16",
+            "--set",
+            "fetch.allowed_schemes=[http]",
+            "--set",
+            "fetch.allow_private_networks=true",
+        ]
+        first = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         deadline = time.monotonic() + 900
         while len(list((out / "shards").glob("*.record.gz"))) < 10:
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
@@ -279,11 +378,36 @@ def test_plan_command_lists_partitions_items_shards_and_samples(tmp_path: Path) 
     import sys
 
     gen.write_image_folder(tmp_path / "imgs", {"cat": 3, "dog": 2}, size=(8, 8))
-    result = subprocess.run([sys.executable, "-m", "convert", "plan", "--source", str(tmp_path / "imgs"), "--shard-size",
-                             "2", "--json", "--samples", "3"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convert",
+            "plan",
+            "--source",
+            str(tmp_path / "imgs"),
+            "--shard-size",
+            "2",
+            "--json",
+            "--samples",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert (report["kind"], report["partitions"], report["items"], report["shards"], report["labels"]) == ("folder", 2, 5, 3, 2)
-    assert [(s["key"], s["label"]) for s in report["samples"]] == [("cat/img_0000.jpg", 0), ("cat/img_0001.jpg", 0),
-                                                                    ("cat/img_0002.jpg", 0)]  # fmt: skip
+    assert (report["kind"], report["partitions"], report["items"], report["shards"], report["labels"]) == (
+        "folder",
+        2,
+        5,
+        3,
+        2,
+    )
+    assert [(s["key"], s["label"]) for s in report["samples"]] == [
+        ("cat/img_0000.jpg", 0),
+        ("cat/img_0001.jpg", 0),
+        ("cat/img_0002.jpg", 0),
+    ]
     assert not (tmp_path / "imgs" / "partitions").exists()  # nothing written beside the source

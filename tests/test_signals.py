@@ -18,8 +18,19 @@ from convert.testing.proxy import FaultProxy, Rule
 
 
 def _run(source: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "convert", "run", "--source", str(source), "--output", str(out), "--size", "16",
-            *extra]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "convert",
+        "run",
+        "--source",
+        str(source),
+        "--output",
+        str(out),
+        "--size",
+        "16",
+        *extra,
+    ]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -55,9 +66,22 @@ def test_sigterm_ends_a_run_whose_fetch_hangs(tmp_path: Path) -> None:
         try:
             lst = root / "urls.txt"
             lst.write_text("".join(f"{proxy.url}/x/{p.name}\n" for p in paths))
-            proc = _run(lst, tmp_path / "out", "--set", "cluster.kind=threads", "--set", "fetch.backend=urllib3",
-                        "--set", "fetch.timeout=300", "--set", "fetch.item_timeout=600", "--set", "fetch.retries=0",
-                        "--set", "fetch.allow_private_networks=true")  # fmt: skip
+            proc = _run(
+                lst,
+                tmp_path / "out",
+                "--set",
+                "cluster.kind=threads",
+                "--set",
+                "fetch.backend=urllib3",
+                "--set",
+                "fetch.timeout=300",
+                "--set",
+                "fetch.item_timeout=600",
+                "--set",
+                "fetch.retries=0",
+                "--set",
+                "fetch.allow_private_networks=true",
+            )
             deadline = time.monotonic() + 60
             while proxy.connections == 0 and time.monotonic() < deadline:  # the fetch has begun
                 time.sleep(0.05)

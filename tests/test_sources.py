@@ -38,9 +38,13 @@ def test_image_folder_labels_keys_and_uris(tmp_path: Path) -> None:
     assert result.kind == "folder"
     assert result.label_names == ["cat", "dog"]
     assert [it.key for it in result.items] == [
-        "cat/img_0000.jpg", "cat/img_0001.jpg", "cat/img_0002.jpg",
-        "dog/UPPER.JPEG", "dog/img_0000.jpg", "dog/img_0001.jpg",
-    ]  # fmt: skip
+        "cat/img_0000.jpg",
+        "cat/img_0001.jpg",
+        "cat/img_0002.jpg",
+        "dog/UPPER.JPEG",
+        "dog/img_0000.jpg",
+        "dog/img_0001.jpg",
+    ]
     assert [it.label for it in result.items] == [0, 0, 0, 1, 1, 1]
     assert all(it.member is None and os.path.isabs(it.uri) and Path(it.uri).is_file() for it in result.items)
     assert {Path(it.uri) for it in result.items} >= set(paths)
@@ -199,8 +203,12 @@ def test_cifar10_round_trip(tmp_path: Path, python2: bool) -> None:
     written = write_cifar10(tmp_path, per_batch=3, batches=2, test=2, python2=python2)
     result = listing(tmp_path / "cifar-10-batches-py")
     assert result.kind == "cifar" and result.label_names == CIFAR10_NAMES
-    assert [it.key for it in result.items][:4] == ["data_batch_1/00000", "data_batch_1/00001", "data_batch_1/00002",
-                                                   "data_batch_2/00000"]  # fmt: skip
+    assert [it.key for it in result.items][:4] == [
+        "data_batch_1/00000",
+        "data_batch_1/00001",
+        "data_batch_1/00002",
+        "data_batch_2/00000",
+    ]
     assert [it.key for it in result.items][-2:] == ["test_batch/00000", "test_batch/00001"]
     for it in result.items:
         images, labels = written[it.key.split("/")[0]]

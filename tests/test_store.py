@@ -82,6 +82,7 @@ class TestMemoryStore(StoreTests):
 @pytest.mark.s3
 class TestS3Store(StoreTests):
     backend_serialises_races = False  # moto's If-Match check and write are two steps (AWS S3 is atomic)
+
     @pytest.fixture
     def store(self, s3):
         self._fs = s3.filesystem()  # a separate s3fs client: the hooks never touch the store under test

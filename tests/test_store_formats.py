@@ -30,16 +30,19 @@ def cfg(**extra: Any):
 
 def test_format_sections_and_the_wave1_keys():
     assert cfg(**{"output.compression": "gzip", "output.compression_level": 7}).output.options == {
-        "hdf5": {"compression": "gzip", "compression_level": 7}}  # fmt: skip
+        "hdf5": {"compression": "gzip", "compression_level": 7}
+    }
     new = cfg(**{"output.hdf5.compression": "lzf"})
     assert (new.output.compression, new.output.compression_level) == ("lzf", 4)
     dumped = new.redacted()["output"]  # the fingerprint reads these two, as in wave 1
     assert (dumped["compression"], dumped["compression_level"]) == ("lzf", 4)
     assert cfg(**{"output.format": "lmdb", "output.hdf5.compression": "gzip"}).output.compression == "none"
-    for bad, named in (({"output.hdf5.compression": "zstd"}, "output.hdf5.compression"),
-                       ({"output.lmdb.compression": "gzip"}, "output.lmdb.compression"),
-                       ({"output.hdf5.level": 3}, "output.hdf5.level"),
-                       ({"output.format": "zarr"}, "unknown format 'zarr'; expected one of ['hdf5', 'lmdb']")):  # fmt: skip
+    for bad, named in (
+        ({"output.hdf5.compression": "zstd"}, "output.hdf5.compression"),
+        ({"output.lmdb.compression": "gzip"}, "output.lmdb.compression"),
+        ({"output.hdf5.level": 3}, "output.hdf5.level"),
+        ({"output.format": "zarr"}, "unknown format 'zarr'; expected one of ['hdf5', 'lmdb']"),
+    ):
         with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("[", r"\[")):
             cfg(**bad)
 
@@ -99,8 +102,13 @@ def test_a_directory_shaped_format_plugs_in(npydir, tmp_path):
     gen.write_image_folder(tmp_path / "src", {"a": 5, "b": 4}, size=(30, 20))
     reference = tmp_path / "ref"
     with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:  # shares FORMATS
-        settings = {"source.uri": str(tmp_path / "src"), "shard.size": 4, "image.size": 12,
-                    "cluster.scheduler": cluster.scheduler_address, "cluster.shared_filesystem": True}  # fmt: skip
+        settings = {
+            "source.uri": str(tmp_path / "src"),
+            "shard.size": 4,
+            "image.size": 12,
+            "cluster.scheduler": cluster.scheduler_address,
+            "cluster.shared_filesystem": True,
+        }
         out = tmp_path / "out"
         summary = run(load_config(None, {**settings, "output.uri": str(out), "output.format": "npydir"}), log=print)
         assert summary.exit_code() == 0 and summary.shards == 3

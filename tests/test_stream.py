@@ -21,8 +21,17 @@ def dataset_dir(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
     gen.write_image_folder(root, {"a": 23, "b": 20, "c": 14}, size=(24, 20))
     out = tmp_path_factory.mktemp(f"out-{request.param}")
-    cfg = load_config(None, {"source.uri": str(root), "output.uri": str(out), "output.format": request.param,
-                             "image.size": 8, "shard.size": 6, "cluster.workers": 1})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(root),
+            "output.uri": str(out),
+            "output.format": request.param,
+            "image.size": 8,
+            "shard.size": 6,
+            "cluster.workers": 1,
+        },
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     return str(out)
 
@@ -94,5 +103,7 @@ def test_workers_take_whole_batches_in_turn(dataset_dir, size):
     batches = [[k[i : i + size] for i in range(0, len(k), size)] for k in keys]
     merged = [b for turn in range(max(map(len, batches))) for bs in batches if turn < len(bs) for b in [bs[turn]]]
     assert all(len(b) == size for b in merged[:-1]) and len(merged) == -(-len(stream) // size)
-    assert sorted(k for b in merged for k in b) == sorted(open_dataset(dataset_dir)[i]["key"] for i in range(len(stream)))
+    assert sorted(k for b in merged for k in b) == sorted(
+        open_dataset(dataset_dir)[i]["key"] for i in range(len(stream))
+    )
     assert _keys(stream, parts[1], start=3) == keys[1][3:]  # resume by position

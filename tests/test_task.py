@@ -32,8 +32,17 @@ JPEG = gen.jpeg_bytes(24, 24, seed=3)
 
 
 def _run(source: str, out: Path, **overrides: Any) -> Any:
-    cfg = load_config(None, {"source.uri": source, "output.uri": str(out), "cluster.kind": "threads",
-                             "shard.size": 4, "image.size": 16, **overrides})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": source,
+            "output.uri": str(out),
+            "cluster.kind": "threads",
+            "shard.size": 4,
+            "image.size": 16,
+            **overrides,
+        },
+    )
     return run(cfg, log=lambda m: None)
 
 
@@ -156,8 +165,17 @@ def test_digest_of_the_source_bytes_is_in_the_ledger_and_a_change_of_algorithm_r
     rows = [row for _, row, _ in iter_ledger(open_store(str(out)))]
     assert rows and all(row.digest == hashlib.sha256(Path(row.uri).read_bytes()).hexdigest() for row in rows)
     lines: list[str] = []
-    cfg = load_config(None, {"source.uri": str(folder), "output.uri": str(out), "cluster.kind": "threads",
-                             "shard.size": 4, "image.size": 16, "fetch.compute_hash": "md5"})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(folder),
+            "output.uri": str(out),
+            "cluster.kind": "threads",
+            "shard.size": 4,
+            "image.size": 16,
+            "fetch.compute_hash": "md5",
+        },
+    )
     summary = run(cfg, log=lines.append)
     assert summary.converted == 2
     assert any("fetch.compute_hash changed: sha256 → md5; 2 shards will be rebuilt" in line for line in lines), lines

@@ -35,9 +35,18 @@ pytestmark = [pytest.mark.torch, pytest.mark.cluster]
 
 
 def _convert(root: Path, out: Path, fmt: str, encode: str) -> str:
-    cfg = load_config(None, {"source.uri": str(root), "output.uri": str(out), "output.format": fmt,
-                             "image.size": 8, "image.encode": encode, "shard.size": 7,
-                             "cluster.workers": 1})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(root),
+            "output.uri": str(out),
+            "output.format": fmt,
+            "image.size": 8,
+            "image.encode": encode,
+            "shard.size": 7,
+            "cluster.workers": 1,
+        },
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     return str(out)
 
@@ -93,8 +102,13 @@ def test_len_is_true_and_only_the_last_batch_is_short(dataset_dir, partition, tm
         for rank in range(2):
             monkeypatch.setenv("RANK", str(rank))
             monkeypatch.setenv("WORLD_SIZE", "2")
-            ds = StreamingDataset(dataset_dir, seed=3, partition=partition, cache_dir=tmp_path / "cache",
-                                  batch_size=8 if batched_in == "dataset" else None)  # fmt: skip
+            ds = StreamingDataset(
+                dataset_dir,
+                seed=3,
+                partition=partition,
+                cache_dir=tmp_path / "cache",
+                batch_size=8 if batched_in == "dataset" else None,
+            )
             loader = StreamingDataLoader(ds, num_workers=2, **({"batch_size": 8} if batched_in == "loader" else {}))
             sizes = [len(b["key"]) for b in loader]
             assert len(sizes) == len(loader), (batched_in, rank, sizes)
@@ -111,16 +125,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ranks(tmp: Path, uri: str, tag: str, epoch: int = 0, stop_after: int | None = None,
-               resume: str | None = None, world: int = 2) -> list[dict]:  # fmt: skip
+def _run_ranks(
+    tmp: Path,
+    uri: str,
+    tag: str,
+    epoch: int = 0,
+    stop_after: int | None = None,
+    resume: str | None = None,
+    world: int = 2,
+) -> list[dict]:
     """Start `world` rank processes (tests/torch_ranks.py) and return what each read."""
     port = _free_port()
     outs = [tmp / f"{tag}-{r}.json" for r in range(world)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     procs = []
     for r in range(world):
-        cmd = [sys.executable, str(Path(__file__).with_name("torch_ranks.py")), str(r), str(world), str(port), uri,
-               str(epoch), str(outs[r])]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("torch_ranks.py")),
+            str(r),
+            str(world),
+            str(port),
+            uri,
+            str(epoch),
+            str(outs[r]),
+        ]
         cmd += ["--stop-after", str(stop_after)] if stop_after else []
         cmd += ["--state", str(tmp / f"{resume}-{r}.state")] if resume else []
         procs.append(subprocess.Popen(cmd, env=env))
@@ -188,8 +220,14 @@ def test_s3_streaming_through_a_cache_smaller_than_the_dataset(s3, source, tmp_p
     limit = 3 * max(shard_bytes)
     assert limit < sum(shard_bytes)
     cache = tmp_path / "cache"
-    remote = StreamingDataset("s3://test-bucket/ds", seed=9, storage_options=s3.storage_options(),
-                              cache_dir=cache, cache_limit=limit, prefetch_shards=1)  # fmt: skip
+    remote = StreamingDataset(
+        "s3://test-bucket/ds",
+        seed=9,
+        storage_options=s3.storage_options(),
+        cache_dir=cache,
+        cache_limit=limit,
+        prefetch_shards=1,
+    )
     peak, done = [0], threading.Event()
 
     def watch() -> None:

@@ -39,7 +39,12 @@ def reference(data: bytes, size=(48, 64), resize="center_crop", mode="RGB", pad=
     if resize == "center_crop":
         img = ImageOps.fit(img, (w, h), BICUBIC)
     elif resize == "pad":
-        img = ImageOps.pad(img, (w, h), BICUBIC, color=pad if mode == "RGB" else Image.new("RGB", (1, 1), pad).convert("L").getpixel((0, 0)))
+        img = ImageOps.pad(
+            img,
+            (w, h),
+            BICUBIC,
+            color=pad if mode == "RGB" else Image.new("RGB", (1, 1), pad).convert("L").getpixel((0, 0)),
+        )
     elif resize == "stretch":
         img = img.resize((w, h), BICUBIC)
     arr = np.asarray(img)

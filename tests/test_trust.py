@@ -27,9 +27,16 @@ SIZE = 128  # raw 128x128x3 x 8 items: ~400 KB shards, more than the 2 x 64 KiB 
 
 
 def settings(source: Path, out: Path) -> dict:
-    return {"source.uri": str(source), "output.uri": str(out), "shard.size": PER_SHARD, "image.size": SIZE,
-            "cluster.kind": "threads", "source.kind": "folder", "source.labels": "none",
-            "output.hdf5.compression": "lzf"}  # fmt: skip
+    return {
+        "source.uri": str(source),
+        "output.uri": str(out),
+        "shard.size": PER_SHARD,
+        "image.size": SIZE,
+        "cluster.kind": "threads",
+        "source.kind": "folder",
+        "source.labels": "none",
+        "output.hdf5.compression": "lzf",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +108,9 @@ def test_identity_that_cannot_prove_the_commit_is_rehashed(built, out):
 def test_repair_command_is_quoted_and_rebuilds_exactly_the_failing_shard(built, out):
     shard = out / "shards" / "shard-00002.h5"
     shard.write_bytes(shard.read_bytes()[:-1] + b"x")
-    done = subprocess.run([sys.executable, "-m", "convert", "verify", "--repair", str(out)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "convert", "verify", "--repair", str(out)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     command = done.stdout.strip().splitlines()[-1]
     argv = shlex.split(command)
@@ -110,8 +118,12 @@ def test_repair_command_is_quoted_and_rebuilds_exactly_the_failing_shard(built, 
     sets = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if "=" in a}
     assert sets["source.kind"] == '"folder"' and sets["source.labels"] == '"none"'
     assert sets["output.options.hdf5.compression"] == '"lzf"'
-    rebuilt = subprocess.run([sys.executable, "-m", "convert", *argv[1:], "--set", "cluster.kind=threads"],
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    rebuilt = subprocess.run(
+        [sys.executable, "-m", "convert", *argv[1:], "--set", "cluster.kind=threads"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "(2 already committed, 1 to convert)" in rebuilt.stderr, rebuilt.stderr
     assert all(c.ok for c in verify(open_store(str(out))))
@@ -125,12 +137,18 @@ def test_a_crafted_setting_cannot_break_out_of_the_repair_command(out, tmp_path)
     (out / "manifest.json").write_text(json.dumps(manifest))
     shard = out / "shards" / "shard-00000.h5"
     shard.write_bytes(shard.read_bytes()[:-1] + b"x")
-    done = subprocess.run([sys.executable, "-m", "convert", "verify", "--repair", str(out)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "convert", "verify", "--repair", str(out)], capture_output=True, text=True, timeout=120
+    )
     command = done.stdout.strip().splitlines()[-1]
     assert command.startswith("convert-dataset run "), done.stdout
-    shown = subprocess.run(["bash", "-c", "printf '%s\\n' " + command[len("convert-dataset "):]], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=30)  # fmt: skip
+    shown = subprocess.run(
+        ["bash", "-c", "printf '%s\\n' " + command[len("convert-dataset ") :]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert not (tmp_path / "PWNED").exists()
     assert shown.stdout.splitlines() == shlex.split(command)[1:]
     assert "image.mode=\"RGB' ; touch PWNED ; echo '\"" in shown.stdout.splitlines()

@@ -25,8 +25,10 @@ def dataset_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
     gen.write_image_folder(root, CLASSES, size=(24, 20))
     out = tmp_path_factory.mktemp("out")
-    cfg = load_config(None, {"source.uri": str(root), "output.uri": str(out), "image.size": 8, "shard.size": 6,
-                             "cluster.kind": "threads"})  # fmt: skip
+    cfg = load_config(
+        None,
+        {"source.uri": str(root), "output.uri": str(out), "image.size": 8, "shard.size": 6, "cluster.kind": "threads"},
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     return str(out)
 
@@ -87,8 +89,11 @@ def test_parse_split_and_filter_values():
     split = parse_split("val[10%:-20]")
     assert split.name == "val" and split.resolve(200) == (20, 180)
     conds = parse_filter("width >= 256 and src_format == 'jpeg' and similarity > .3")
-    assert [(c.column, c.op, c.value) for c in conds] == [("width", ">=", 256.0), ("src_format", "==", "jpeg"),
-                                                          ("similarity", ">", 0.3)]  # fmt: skip
+    assert [(c.column, c.op, c.value) for c in conds] == [
+        ("width", ">=", 256.0),
+        ("src_format", "==", "jpeg"),
+        ("similarity", ">", 0.3),
+    ]
 
 
 def test_filter_matches_the_columns(dataset_dir):
@@ -114,10 +119,18 @@ def test_filter_reads_no_image_bytes(dataset_dir, tmp_path):
     assert len(v) > 0 and v.column("width").max() < 40
 
 
-@pytest.mark.parametrize("text,why", [("width >= ", "does not parse"), ("width = 3", "cannot read"),
-                                      ("width >= 3 or label == 1", "does not parse"), ("import os", "does not parse"),
-                                      ("__class__ > 1", "no column"), ("width > 'x'", "numeric"),
-                                      ("key > 3", "text")])  # fmt: skip
+@pytest.mark.parametrize(
+    "text,why",
+    [
+        ("width >= ", "does not parse"),
+        ("width = 3", "cannot read"),
+        ("width >= 3 or label == 1", "does not parse"),
+        ("import os", "does not parse"),
+        ("__class__ > 1", "no column"),
+        ("width > 'x'", "numeric"),
+        ("key > 3", "text"),
+    ],
+)
 def test_bad_filters_are_one_line(dataset_dir, text, why):
     with pytest.raises(ValueError, match=why) as err:
         len(View(open_dataset(dataset_dir), filter=text))
@@ -164,8 +177,10 @@ class _Table:
     """A base in the shape `Dataset.column` returns columns: numbers masked where null, text as a list."""
 
     def __init__(self) -> None:
-        self.cols = {"similarity": np.ma.masked_array([0.1, 0.5, 0.9, 0.7], mask=[False, False, True, False]),
-                     "caption": ["a cat", None, "a dog", ""]}  # fmt: skip
+        self.cols = {
+            "similarity": np.ma.masked_array([0.1, 0.5, 0.9, 0.7], mask=[False, False, True, False]),
+            "caption": ["a cat", None, "a dog", ""],
+        }
 
     def __len__(self) -> int:
         return 4

@@ -68,7 +68,6 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-
 class CurlEngine:
     """Up to `concurrency` HTTP transfers on one CurlMulti, driven by whoever calls `drive`."""
 
@@ -299,8 +298,9 @@ class CurlEngine:
             return
         if status and not 200 <= status < 300 and code in (0, pycurl.E_WRITE_ERROR, pycurl.E_FILESIZE_EXCEEDED):
             # an error response, whole or cut at the size cap: its status is the answer, not its size
-            error: BaseException = http_status_error(status, redact_url(t.shown), None,
-                                                     min(retry_after, RETRY_AFTER_CAP) or None)  # fmt: skip
+            error: BaseException = http_status_error(
+                status, redact_url(t.shown), None, min(retry_after, RETRY_AFTER_CAP) or None
+            )
         else:
             error = curl_error(t, code, message, self.policy)
         self._failed(t, error)
@@ -362,16 +362,31 @@ def curl_fetch(url: str, policy: FetchPolicy, deadline: float | None = None) -> 
     """One URL's bytes through libcurl (the single-item form of curl_stream.CurlStream); ItemError
     on failure. Each thread keeps one engine per policy, so its connections stay alive between calls."""
     engines = _local.__dict__.setdefault("engines", {})
-    key = (policy.timeout, policy.retries, policy.backoff, policy.max_bytes, policy.item_timeout,
-           policy.allow_private_networks, policy.allowed_networks, policy.user_agent_header, policy.bot,
-           policy.disallowed_header_directives, policy.robots_txt)  # what an engine's behaviour depends on
+    key = (
+        policy.timeout,
+        policy.retries,
+        policy.backoff,
+        policy.max_bytes,
+        policy.item_timeout,
+        policy.allow_private_networks,
+        policy.allowed_networks,
+        policy.user_agent_header,
+        policy.bot,
+        policy.disallowed_header_directives,
+        policy.robots_txt,
+    )  # what an engine's behaviour depends on
     engine = engines.get(key)
     if engine is None or engine.multi is None:
         engine = engines[key] = CurlEngine(policy, 4)
         while len(engines) > 8:  # a few policies per thread at most; drop the oldest
             engines.pop(next(iter(engines))).close()
-    t = Transfer(url, http_url(url), deadline if deadline is not None else time.monotonic() + policy.item_timeout,
-                 policy.max_bytes, shown=url)  # fmt: skip
+    t = Transfer(
+        url,
+        http_url(url),
+        deadline if deadline is not None else time.monotonic() + policy.item_timeout,
+        policy.max_bytes,
+        shown=url,
+    )
     try:
         engine.start(t)
         while not t.done:

@@ -34,9 +34,17 @@ class CurlStream(Generic[T]):
     fetching, so the caller can tell it apart from its own work.
     """
 
-    def __init__(self, items: Iterable[T], url_of: Callable[[T], str | None], fallback: Callable[[T], Any],
-                 policy: FetchPolicy, depth: int = 16, max_bytes: int | None = None,
-                 size_of: Callable[[Any], int] = len, on_done: Callable[[int], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        items: Iterable[T],
+        url_of: Callable[[T], str | None],
+        fallback: Callable[[T], Any],
+        policy: FetchPolicy,
+        depth: int = 16,
+        max_bytes: int | None = None,
+        size_of: Callable[[Any], int] = len,
+        on_done: Callable[[int], None] | None = None,
+    ) -> None:
         self._source = iter(items)
         self._url_of, self._fallback, self._policy = url_of, fallback, policy
         self._depth, self._max_bytes = depth, max_bytes

@@ -66,12 +66,35 @@ def share() -> Any:
 class Transfer:
     """One item's HTTP fetch across its attempts; `done` once value or error is set."""
 
-    __slots__ = ("attempts", "cap", "chunks", "cleared", "deadline", "done", "error", "future", "got", "handle",
-                 "headers", "item", "key", "last_data", "opted", "refused", "robots", "screen", "shown", "started",
-                 "too_large", "url", "value")  # fmt: skip
+    __slots__ = (
+        "attempts",
+        "cap",
+        "chunks",
+        "cleared",
+        "deadline",
+        "done",
+        "error",
+        "future",
+        "got",
+        "handle",
+        "headers",
+        "item",
+        "key",
+        "last_data",
+        "opted",
+        "refused",
+        "robots",
+        "screen",
+        "shown",
+        "started",
+        "too_large",
+        "url",
+        "value",
+    )
 
-    def __init__(self, item: Any, url: str | None, deadline: float, cap: int, key: int = 0,
-                 shown: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, item: Any, url: str | None, deadline: float, cap: int, key: int = 0, shown: str | None = None
+    ) -> None:
         self.item, self.url, self.deadline, self.cap, self.key = item, url, deadline, cap, key
         self.shown = shown if shown is not None else url or ""  # the URL as listed: what errors name
         self.attempts, self.got = 0, 0

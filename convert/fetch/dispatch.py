@@ -47,7 +47,8 @@ def _check_root(path: str, uri: str, policy: FetchPolicy) -> str:
         return path
     real = os.path.realpath(path)
     if not any(
-        real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in map(os.path.realpath, policy.local_roots)
+        real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+        for root in map(os.path.realpath, policy.local_roots)
     ):
         raise ItemError(
             Status.BAD_URL,
@@ -149,8 +150,10 @@ def fetch_bytes(uri: str, policy: FetchPolicy) -> bytes:
     if not uri.strip():
         raise ItemError(Status.BAD_URL, "empty URL: the list's url cell is empty; fill it in or delete the row")
     if has_control(uri):
-        raise ItemError(Status.BAD_URL, f"{redact_url(uri)[:80]!r} holds a control character (NUL, CR/LF, tab); "
-                                        "fix the URL in the list")  # fmt: skip
+        raise ItemError(
+            Status.BAD_URL,
+            f"{redact_url(uri)[:80]!r} holds a control character (NUL, CR/LF, tab); fix the URL in the list",
+        )
     deadline = time.monotonic() + policy.item_timeout
     scheme = scheme_of(uri)
     if scheme not in policy.allowed_schemes:

@@ -168,7 +168,9 @@ def _read_body(resp: urllib3.BaseHTTPResponse, url: str, limit: int, deadline: f
 def _get_once(url: str, policy: FetchPolicy, deadline: float) -> bytes:
     left = check_deadline(url, deadline, policy)
     headers = {"User-Agent": policy.user_agent_header}
-    resp = request(url, min(policy.timeout, left), headers, "GET", policy.allow_private_networks, policy.allowed_networks)
+    resp = request(
+        url, min(policy.timeout, left), headers, "GET", policy.allow_private_networks, policy.allowed_networks
+    )
     done = False
     # the reaper covers every byte: the body and any drain of it end at the deadline too (socket
     # timeouts bound one recv, and a server sending a byte a second never trips them)
@@ -176,8 +178,9 @@ def _get_once(url: str, policy: FetchPolicy, deadline: float) -> bytes:
         try:
             if not 200 <= resp.status < 300:
                 raise status_error(resp, url)
-            directive = robots.header_opt_out(resp.headers.getlist("X-Robots-Tag"), policy.bot,
-                                              policy.disallowed_header_directives)  # fmt: skip
+            directive = robots.header_opt_out(
+                resp.headers.getlist("X-Robots-Tag"), policy.bot, policy.disallowed_header_directives
+            )
             if directive is not None:
                 resp.close()  # the headers decided: the body is not read
                 raise robots.header_error(directive)
@@ -228,8 +231,9 @@ def _fetch_robots(url: str, policy: FetchPolicy, deadline: float) -> robots.Rule
         with deadline_scope(deadline):
             left = check_deadline(url, deadline, policy)
             headers = {"User-Agent": policy.user_agent_header}
-            resp = request(url, min(policy.timeout, left), headers, "GET", policy.allow_private_networks,
-                           policy.allowed_networks)  # fmt: skip
+            resp = request(
+                url, min(policy.timeout, left), headers, "GET", policy.allow_private_networks, policy.allowed_networks
+            )
             with watched(resp.connection):
                 try:
                     status = resp.status

@@ -52,4 +52,6 @@ class FetchPolicy:
         object.__setattr__(self, "uses_curl", curl)
         object.__setattr__(self, "bot", bot)
         object.__setattr__(self, "user_agent_header", header)
-        object.__setattr__(self, "disallowed_header_directives", tuple(d.lower() for d in self.disallowed_header_directives))
+        object.__setattr__(
+            self, "disallowed_header_directives", tuple(d.lower() for d in self.disallowed_header_directives)
+        )

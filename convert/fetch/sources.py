@@ -157,7 +157,9 @@ class HTTPSource(Source):
             http.discard(resp)
             return _Empty()
         if status == 412:
-            raise ObjectChanged(f"{self.url} changed while being read (If-Match failed) at byte {start}", self.url, start)
+            raise ObjectChanged(
+                f"{self.url} changed while being read (If-Match failed) at byte {start}", self.url, start
+            )
         if status == 206:
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
             if not m or int(m.group(1)) != start:
@@ -202,8 +204,12 @@ class StoreSource(Source):
         try:
             stream = self._store.open_range(self._rel, start, end, match=self.identity, timeout=self._timeout)
         except PreconditionFailed as exc:
-            raise ObjectChanged(f"{self.url} changed while being read (no longer {self.identity}) at byte "
-                                f"{start}; refusing to splice two versions", self.url, start) from exc  # fmt: skip
+            raise ObjectChanged(
+                f"{self.url} changed while being read (no longer {self.identity}) at byte "
+                f"{start}; refusing to splice two versions",
+                self.url,
+                start,
+            ) from exc
         try:
             self.pin(stream.entry.token, stream.entry.size, start)
             if stream.first != start:  # a full body for a ranged request: skip to the offset

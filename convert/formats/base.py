@@ -61,7 +61,7 @@ class ShardInfo:
 
 
 def shard_layout(info: ShardInfo) -> str:
-    """"encoded" (bytes per item), "fixed" (one H, W, C for the shard) or "variable" (raw, any shape)."""
+    """ "encoded" (bytes per item), "fixed" (one H, W, C for the shard) or "variable" (raw, any shape)."""
     if info.encoding != "raw":
         return "encoded"
     return "fixed" if info.image_shape is not None else "variable"

@@ -87,8 +87,10 @@ class StoredColumn:
         if nulls is not None:
             ok = ok and isinstance(nulls, np.ndarray) and nulls.dtype == np.bool_ and nulls.shape == (count,)
         if not ok:
-            raise ValueError(f"{where}: column {col.name!r} does not hold {count} {col.type} values (corrupt shard); "
-                             "run `convert-dataset verify --repair` or rerun the conversion")  # fmt: skip
+            raise ValueError(
+                f"{where}: column {col.name!r} does not hold {count} {col.type} values (corrupt shard); "
+                "run `convert-dataset verify --repair` or rerun the conversion"
+            )
         return self
 
     def cells(self) -> tuple[list[Any], list[bool] | None]:

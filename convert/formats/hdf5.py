@@ -287,8 +287,10 @@ class HDF5Reader(LazyShardReader[_Handle]):
             raise ValueError(f"{self._source!r}: incomplete HDF5 shard (writer did not close)")
         self._check_version(a["format_version"], FORMAT_VERSION)
         if int(a["format_version"]) < 2:
-            raise ValueError(f"{self._source!r}: format_version {a['format_version']} shards are no longer read; "
-                             "re-run the conversion into a new output to rewrite them")  # fmt: skip
+            raise ValueError(
+                f"{self._source!r}: format_version {a['format_version']} shards are no longer read; "
+                "re-run the conversion into a new output to rewrite them"
+            )
         shape = tuple(int(s) for s in a["image_shape"])
         self._encoding = str(a["encoding"])
         self._layout = str(a["layout"])

@@ -79,8 +79,9 @@ class ColumnWriter:
                 self._text[i] = (Appender(data, TEXT_CHUNK), offsets)
                 self._ds.append(data)
             else:
-                self._ds.append(self.group.create_dataset(str(i), (0,), NUMPY[col.type], maxshape=(None,),
-                                                          chunks=(ROW_CHUNK,)))  # fmt: skip
+                self._ds.append(
+                    self.group.create_dataset(str(i), (0,), NUMPY[col.type], maxshape=(None,), chunks=(ROW_CHUNK,))
+                )
         self._nulls: list[list[np.ndarray]] = [[] for _ in self.columns]
 
     def write(self, lo: int, samples: Sequence[Any]) -> None:

@@ -55,8 +55,10 @@ _MAX_MAP = 1 << 40
 
 def _check_not_v1(source: Any, version: Any) -> None:
     if int(version) < 2:
-        raise ValueError(f"{source!r}: format_version {version} shards are no longer read; "
-                         "re-run the conversion into a new output to rewrite them")  # fmt: skip
+        raise ValueError(
+            f"{source!r}: format_version {version} shards are no longer read; "
+            "re-run the conversion into a new output to rewrite them"
+        )
 
 
 def _key(i: int) -> bytes:
@@ -96,9 +98,16 @@ class LMDBWriter:
         # meminit=True: zero unused page bytes, so a shard's bytes (and sha256) are deterministic
         # and never carry stale process memory into the file.
         self._env: lmdb.Environment | None = lmdb.open(
-            path, subdir=False, map_size=_map_size(info.expected_count, item), lock=False,
-            sync=False, metasync=False, meminit=True, readahead=False, max_dbs=0,
-        )  # fmt: skip
+            path,
+            subdir=False,
+            map_size=_map_size(info.expected_count, item),
+            lock=False,
+            sync=False,
+            metasync=False,
+            meminit=True,
+            readahead=False,
+            max_dbs=0,
+        )
         self._sized_from_data = self.layout == "fixed"
 
     @property
@@ -346,7 +355,9 @@ class LMDBReader(LazyShardReader[_Handle]):
                 if view is None:
                     view = views[b] = self._get(txn, _key(b), i)
                 base = int(self._offsets[self._block_starts[b]])
-                out.append(self._row(i, self._image(view[int(self._offsets[i]) - base : int(self._offsets[i + 1]) - base], i)))
+                out.append(
+                    self._row(i, self._image(view[int(self._offsets[i]) - base : int(self._offsets[i + 1]) - base], i))
+                )
         return out
 
     def _read_columns(self, handle: _Handle, name: str) -> list[StoredColumn]:
@@ -361,8 +372,11 @@ class LMDBReader(LazyShardReader[_Handle]):
         except (persist.PersistError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{self._source!r}: unreadable column block ({exc}); rerun the conversion") from None
         wanted = {c.name for c in self.columns}
-        return [StoredColumn(c, values, nulls) for c, (values, nulls) in zip(self._schema, pairs)
-                if c.name in wanted and c.name not in self._loaded]  # fmt: skip
+        return [
+            StoredColumn(c, values, nulls)
+            for c, (values, nulls) in zip(self._schema, pairs)
+            if c.name in wanted and c.name not in self._loaded
+        ]
 
     def _get(self, txn: lmdb.Transaction, key: bytes, i: int) -> memoryview:
         buf = txn.get(key)

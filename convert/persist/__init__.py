@@ -51,8 +51,9 @@ def _split_url(target: Any, options: dict | None) -> tuple[str | None, Any, str 
     return (local, None, None) if local is not None else (None, store, name)
 
 
-def dump(obj: Any, target: str | os.PathLike | BinaryIO, compress: Any = None,
-         storage_options: dict | None = None) -> None:
+def dump(
+    obj: Any, target: str | os.PathLike | BinaryIO, compress: Any = None, storage_options: dict | None = None
+) -> None:
     """Write obj to a local path, an fsspec URL or a binary file object.
 
     compress: None picks the codec from the target's extension (.z .gz .bz2 .lzma .xz .zst .lz4,
@@ -142,8 +143,9 @@ def _peek(fh: Any, remaining: int | None, n: int = 8) -> tuple[bytes, Any]:
     return head, _Prefixed(head, fh)
 
 
-def load(source: str | os.PathLike | BinaryIO, mmap_mode: str | None = None,
-         storage_options: dict | None = None) -> Any:
+def load(
+    source: str | os.PathLike | BinaryIO, mmap_mode: str | None = None, storage_options: dict | None = None
+) -> Any:
     """Read an object written by dump() from a path, fsspec URL or binary file object.
 
     The codec is detected from the file's magic number. mmap_mode ("r", "r+", "c") maps the
@@ -156,8 +158,9 @@ def load(source: str | os.PathLike | BinaryIO, mmap_mode: str | None = None,
         raise ValueError(f"mmap_mode must be None or one of {_MMAP_MODES}, not {mmap_mode!r}")
     with _open_source(source, storage_options) as (fh, local):
         if mmap_mode is not None and local is None:
-            raise PersistError("mmap_mode needs a local file path; load remote or file-object "
-                               "sources without mmap_mode")
+            raise PersistError(
+                "mmap_mode needs a local file path; load remote or file-object sources without mmap_mode"
+            )
         try:
             remaining = _remaining(fh)
             head, fh = _peek(fh, remaining)
@@ -165,8 +168,10 @@ def load(source: str | os.PathLike | BinaryIO, mmap_mode: str | None = None,
             mmap = (local, mmap_mode) if mmap_mode else None
             if codec.reader is not None:
                 if mmap:
-                    warnings.warn(f"{local} is {codec.name}-compressed and cannot be memory-mapped; "
-                                  "loading it into memory", stacklevel=2)
+                    warnings.warn(
+                        f"{local} is {codec.name}-compressed and cannot be memory-mapped; loading it into memory",
+                        stacklevel=2,
+                    )
                 return read_payload(codec.reader(fh), None, compressed_size=remaining or 0)
             return read_payload(fh, remaining, mmap)
         except (PersistError, ImportError, MemoryError, OSError):

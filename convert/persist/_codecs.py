@@ -24,8 +24,7 @@ def _optional(module: str, package: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"this compression needs the {package!r} package: "
-                          f"pip install {package}") from exc
+        raise ImportError(f"this compression needs the {package!r} package: pip install {package}") from exc
 
 
 class _Lz4Compressor:
@@ -121,7 +120,7 @@ class _ZstdFrameEnd:
                 break
             else:
                 take = self._need - len(self._head)
-                self._head, pos = self._head + data[pos: pos + take], pos + take
+                self._head, pos = self._head + data[pos : pos + take], pos + take
                 if len(self._head) == self._need:
                     self._parse()
         return data
@@ -132,8 +131,7 @@ class _ZstdFrameEnd:
             fhd = head[4]
             single, fcs_flag = fhd >> 5 & 1, fhd >> 6
             self._checksum = bool(fhd & 4)
-            self._skip = (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + (
-                (single, 2, 4, 8)[fcs_flag])
+            self._skip = (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + ((single, 2, 4, 8)[fcs_flag])
             self._need = 3
             return
         value = int.from_bytes(head, "little")  # block header: last, type, size
@@ -151,8 +149,7 @@ class _ZstdReader:
     def __init__(self, raw: BinaryIO) -> None:
         zstd = _optional("zstandard", "zstandard")
         self._frame, self._error = _ZstdFrameEnd(raw), zstd.ZstdError
-        self._reader = zstd.ZstdDecompressor().stream_reader(self._frame, read_size=IN_CHUNK,
-                                                             closefd=False)
+        self._reader = zstd.ZstdDecompressor().stream_reader(self._frame, read_size=IN_CHUNK, closefd=False)
 
     def readinto(self, buf: memoryview) -> int:
         try:
@@ -194,27 +191,51 @@ class Codec:
     reader: Callable[[BinaryIO], Any] | None  # compressed source -> object with readinto()
 
 
-CODECS: dict[str, Codec] = {c.name: c for c in [
-    Codec("none", None, 0, range(0, 1), None, None),
-    Codec("zlib", ".z", 3, range(0, 10), zlib.compressobj,
-          lambda raw: _BoundedReader(raw, zlib.decompressobj())),
-    Codec("gzip", ".gz", 3, range(0, 10), lambda lvl: zlib.compressobj(lvl, zlib.DEFLATED, 31),
-          lambda raw: _BoundedReader(raw, zlib.decompressobj(31))),
-    Codec("bz2", ".bz2", 3, range(1, 10), bz2.BZ2Compressor,
-          lambda raw: _BoundedReader(raw, bz2.BZ2Decompressor())),
-    Codec("lzma", ".lzma", 3, range(0, 10),
-          lambda lvl: lzma.LZMACompressor(format=lzma.FORMAT_ALONE, preset=lvl),
-          lambda raw: _BoundedReader(raw, lzma.LZMADecompressor(format=lzma.FORMAT_ALONE))),
-    Codec("xz", ".xz", 3, range(0, 10),
-          lambda lvl: lzma.LZMACompressor(format=lzma.FORMAT_XZ, preset=lvl),
-          lambda raw: _BoundedReader(raw, lzma.LZMADecompressor(format=lzma.FORMAT_XZ))),
-    Codec("zstd", ".zst", 3, range(-7, 23), _zstd_compressor, _ZstdReader),
-    Codec("lz4", ".lz4", 0, range(0, 17), _Lz4Compressor, _lz4_reader),
-]}
+CODECS: dict[str, Codec] = {
+    c.name: c
+    for c in [
+        Codec("none", None, 0, range(0, 1), None, None),
+        Codec("zlib", ".z", 3, range(0, 10), zlib.compressobj, lambda raw: _BoundedReader(raw, zlib.decompressobj())),
+        Codec(
+            "gzip",
+            ".gz",
+            3,
+            range(0, 10),
+            lambda lvl: zlib.compressobj(lvl, zlib.DEFLATED, 31),
+            lambda raw: _BoundedReader(raw, zlib.decompressobj(31)),
+        ),
+        Codec(
+            "bz2", ".bz2", 3, range(1, 10), bz2.BZ2Compressor, lambda raw: _BoundedReader(raw, bz2.BZ2Decompressor())
+        ),
+        Codec(
+            "lzma",
+            ".lzma",
+            3,
+            range(0, 10),
+            lambda lvl: lzma.LZMACompressor(format=lzma.FORMAT_ALONE, preset=lvl),
+            lambda raw: _BoundedReader(raw, lzma.LZMADecompressor(format=lzma.FORMAT_ALONE)),
+        ),
+        Codec(
+            "xz",
+            ".xz",
+            3,
+            range(0, 10),
+            lambda lvl: lzma.LZMACompressor(format=lzma.FORMAT_XZ, preset=lvl),
+            lambda raw: _BoundedReader(raw, lzma.LZMADecompressor(format=lzma.FORMAT_XZ)),
+        ),
+        Codec("zstd", ".zst", 3, range(-7, 23), _zstd_compressor, _ZstdReader),
+        Codec("lz4", ".lz4", 0, range(0, 17), _Lz4Compressor, _lz4_reader),
+    ]
+}
 
 _MAGICS = [  # (prefix, codec name); order matters only in that exact magics precede zlib's check
-    (MAGIC, "none"), (b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"),
-    (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4"), (b"]\x00\x00", "lzma"),
+    (MAGIC, "none"),
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bz2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\x04\x22\x4d\x18", "lz4"),
+    (b"]\x00\x00", "lzma"),
 ]
 
 
@@ -223,8 +244,7 @@ def detect(head: bytes) -> Codec:
     for prefix, name in _MAGICS:
         if head.startswith(prefix):
             return CODECS[name]
-    if len(head) >= 2 and head[0] & 0x0F == 8 and head[0] >> 4 <= 7 and (
-            head[0] << 8 | head[1]) % 31 == 0:
+    if len(head) >= 2 and head[0] & 0x0F == 8 and head[0] >> 4 <= 7 and (head[0] << 8 | head[1]) % 31 == 0:
         return CODECS["zlib"]
     if head[:1] == b"\x80" or head[:1] in (b"(", b"c", b"}", b"]"):
         raise PersistError("refusing to load: this looks like a pickle, which is never unpickled")
@@ -248,13 +268,15 @@ def resolve(compress: Any, name: str | None) -> tuple[Codec, int]:
     if isinstance(compress, str):
         compress = (compress,)
     if not isinstance(compress, (tuple, list)) or len(compress) not in (1, 2):
-        raise ValueError(f"compress must be None, a bool, an int level, a codec name or "
-                         f"(name, level); got {compress!r}")
+        raise ValueError(
+            f"compress must be None, a bool, an int level, a codec name or (name, level); got {compress!r}"
+        )
     codec = CODECS.get(str(compress[0]).lower())
     if codec is None:
         raise ValueError(f"unknown compression {compress[0]!r}; choose from {sorted(CODECS)}")
     level = compress[1] if len(compress) == 2 else codec.default_level
     if isinstance(level, bool) or not isinstance(level, int) or level not in codec.levels:
-        raise ValueError(f"{codec.name} level must be an int in [{codec.levels.start}, "
-                         f"{codec.levels.stop - 1}], got {level!r}")
+        raise ValueError(
+            f"{codec.name} level must be an int in [{codec.levels.start}, {codec.levels.stop - 1}], got {level!r}"
+        )
     return codec, level

@@ -88,8 +88,7 @@ def layout(arrays: list[np.ndarray]) -> list[BlockSpec]:
 def encode_header(root: Any, specs: list[BlockSpec]) -> bytes:
     """Serialise the node tree and block table (JSON, no NaN literals)."""
     blocks = [
-        {"dtype": s.dtype.str, "shape": list(s.shape), "order": s.order, "offset": s.offset,
-         "nbytes": s.nbytes}
+        {"dtype": s.dtype.str, "shape": list(s.shape), "order": s.order, "offset": s.offset, "nbytes": s.nbytes}
         for s in specs
     ]
     end = specs[-1].offset + specs[-1].nbytes if specs else 0
@@ -110,8 +109,9 @@ def parse_preamble(raw: bytes) -> tuple[int, int]:
     if magic != MAGIC:
         raise PersistError("not a convert.persist file (bad magic number)")
     if version != VERSION or flags != 0:
-        raise PersistError(f"unsupported format version {version} (flags {flags}); "
-                           f"this convert reads version {VERSION}")
+        raise PersistError(
+            f"unsupported format version {version} (flags {flags}); this convert reads version {VERSION}"
+        )
     if header_len > MAX_HEADER_BYTES:
         raise PersistError(f"header of {header_len} bytes exceeds the {MAX_HEADER_BYTES} limit")
     return header_len, crc

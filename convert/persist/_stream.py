@@ -40,8 +40,7 @@ def _array_chunks(arr: np.ndarray) -> Iterator[memoryview]:
         return
     # Strided views have no single buffer: numpy's buffered iterator copies bounded C-order pieces.
     size = max(COMPRESS_CHUNK // arr.itemsize, 1)
-    for piece in np.nditer(arr, flags=["external_loop", "buffered", "zerosize_ok"],
-                           buffersize=size, order="C"):
+    for piece in np.nditer(arr, flags=["external_loop", "buffered", "zerosize_ok"], buffersize=size, order="C"):
         yield byte_view(piece)
 
 
@@ -55,13 +54,13 @@ class _Sink:
         view = memoryview(data)
         while len(view):  # raw (unbuffered) files may write only part of what they are given
             written = self._fh.write(view)
-            view = view[len(view) if written is None else written:]
+            view = view[len(view) if written is None else written :]
 
     def write(self, data: Any) -> None:
         view = memoryview(data)
         step = WRITE_CHUNK if self._c is None else COMPRESS_CHUNK
         for start in range(0, len(view), step):
-            piece = view[start: start + step]
+            piece = view[start : start + step]
             out = piece if self._c is None else self._c.compress(piece)
             if out:
                 self._put(out)
@@ -71,8 +70,9 @@ class _Sink:
             self._put(self._c.flush())
 
 
-def write_payload(fh: BinaryIO, compressor: Any, header: bytes, arrays: list[np.ndarray],
-                  specs: list[BlockSpec]) -> None:
+def write_payload(
+    fh: BinaryIO, compressor: Any, header: bytes, arrays: list[np.ndarray], specs: list[BlockSpec]
+) -> None:
     """Write preamble, header and every array body (ALIGN-padded) to fh."""
     sink = _Sink(fh, compressor)
     head = pack_preamble(header)
@@ -101,7 +101,7 @@ class _Source:
     def fill(self, view: memoryview) -> None:
         pos, end = 0, len(view)
         while pos < end:
-            got = self._readinto(view[pos: pos + self._chunk])
+            got = self._readinto(view[pos : pos + self._chunk])
             if not got:
                 raise PersistError("file is truncated: it ends before the data its header describes")
             pos += got
@@ -155,13 +155,13 @@ def _map_blocks(path: str, mode: str, start: int, specs: list[BlockSpec]) -> lis
         if s.nbytes == 0:  # mmap cannot map zero bytes
             out.append(np.empty(s.shape, s.dtype, order=s.order))
         else:
-            out.append(np.memmap(path, s.dtype, mode, offset=start + s.offset, shape=s.shape,
-                                 order=s.order))
+            out.append(np.memmap(path, s.dtype, mode, offset=start + s.offset, shape=s.shape, order=s.order))
     return out
 
 
-def read_payload(stream: Any, remaining: int | None, mmap: tuple[str, str] | None = None,
-                 compressed_size: int | None = None) -> Any:
+def read_payload(
+    stream: Any, remaining: int | None, mmap: tuple[str, str] | None = None, compressed_size: int | None = None
+) -> Any:
     """Read and rebuild one object.
 
     remaining: bytes left in an uncompressed seekable file (None if unknown); mmap: (path, mode)
@@ -178,8 +178,7 @@ def read_payload(stream: Any, remaining: int | None, mmap: tuple[str, str] | Non
     root, specs, data_size = parse_header(src.read_bytes(header_len), crc)
     start = data_start(header_len)
     if remaining is not None and start + data_size != remaining:
-        raise PersistError(f"file holds {remaining} bytes but its header describes "
-                           f"{start + data_size}")
+        raise PersistError(f"file holds {remaining} bytes but its header describes {start + data_size}")
     if mmap is not None:
         return Decoder(_map_blocks(mmap[0], mmap[1], start, specs)).decode_root(root)
     src.skip_padding(start - PREAMBLE.size - header_len)

@@ -34,8 +34,10 @@ def _check_dump_dtype(dtype: np.dtype) -> None:
     try:
         check_dtype(dtype.str)
     except PersistError:
-        raise TypeError(f"convert.persist cannot store numpy dtype {dtype!r} "
-                        f"(only bool, numeric, datetime and fixed-width string dtypes)") from None
+        raise TypeError(
+            f"convert.persist cannot store numpy dtype {dtype!r} "
+            f"(only bool, numeric, datetime and fixed-width string dtypes)"
+        ) from None
 
 
 class Encoder:

@@ -84,7 +84,9 @@ def thread_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         results.close()
 
 
-def plan_source(cfg: SourceConfig, shard_size: int, work: Workdir, map_fn: Callable[..., Any] = thread_map) -> SourcePlan:
+def plan_source(
+    cfg: SourceConfig, shard_size: int, work: Workdir, map_fn: Callable[..., Any] = thread_map
+) -> SourcePlan:
     """Plan the configured source into shards of `shard_size` items, in deterministic order."""
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
@@ -95,14 +97,24 @@ def plan_source(cfg: SourceConfig, shard_size: int, work: Workdir, map_fn: Calla
         up = plan_urls(cfg.uri, cfg.storage_options, shard_size, map_fn, want)
         groups: list[tuple[InputSlice, ...]]
         groups, names, parts, columns = [(s,) for s in up.slices], up.label_names, up.files, up.choice.stored
-        source = SourceRef("urls", keys="explicit" if up.explicit_keys else "derived", columns=up.choice.read,
-                           column_types=tuple(c.type for c in columns), text_limit=cfg.max_text_bytes)  # fmt: skip
+        source = SourceRef(
+            "urls",
+            keys="explicit" if up.explicit_keys else "derived",
+            columns=up.choice.read,
+            column_types=tuple(c.type for c in columns),
+            text_limit=cfg.max_text_bytes,
+        )
     elif kind == "cifar":
         batches, names = plan_cifar(cfg.uri, cfg.storage_options)
         groups, parts, source = cut_rows(batches, "cifar", shard_size), len(batches), SourceRef("cifar")
     else:
         fp = plan_folder(cfg.uri, cfg.storage_options, cfg.labels, shard_size, work)
-        groups, names, parts, source = [(s,) for s in fp.slices], fp.label_names, fp.groups, SourceRef("folder", fp.root)
+        groups, names, parts, source = (
+            [(s,) for s in fp.slices],
+            fp.label_names,
+            fp.groups,
+            SourceRef("folder", fp.root),
+        )
     if names is not None and kind != "cifar":
         data = json.dumps(names).encode()
         with work.create(LABELS) as f:
@@ -133,8 +145,12 @@ def _label_index(source: SourceRef, options: dict[str, Any] | None) -> dict[str,
         return found
 
 
-def shard_refs(spec: ShardSpec, source_options: dict[str, Any] | None, work_options: dict[str, Any] | None = None,
-               on_unfit: str = "raise") -> Iterator[ItemRef]:  # fmt: skip
+def shard_refs(
+    spec: ShardSpec,
+    source_options: dict[str, Any] | None,
+    work_options: dict[str, Any] | None = None,
+    on_unfit: str = "raise",
+) -> Iterator[ItemRef]:
     """The ItemRefs of one shard, in order, read from its slices (worker side).
 
     `source_options` open the input files; `work_options` the planner's files (output root).
@@ -157,8 +173,9 @@ def _raise_unfit(refs: Iterator[ItemRef]) -> Iterator[ItemRef]:
         yield ref
 
 
-def _slice_refs(sl: InputSlice, source: SourceRef, names: dict[str, int] | None, source_options: Any,
-                work_options: Any) -> Iterator[ItemRef]:  # fmt: skip
+def _slice_refs(
+    sl: InputSlice, source: SourceRef, names: dict[str, int] | None, source_options: Any, work_options: Any
+) -> Iterator[ItemRef]:
     if sl.kind == "cifar":
         yield from cifar_refs(sl.uri, sl.start, sl.stop, source_options)
     elif sl.kind == "folder":

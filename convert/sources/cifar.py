@@ -147,7 +147,9 @@ def _label_names(fs: Any, folder: str) -> list[str] | None:
     return None
 
 
-def plan_cifar(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[list[tuple[str, int, str, int]], list[str] | None]:
+def plan_cifar(
+    uri: str, storage_options: dict[str, Any] | None = None
+) -> tuple[list[tuple[str, int, str, int]], list[str] | None]:
     """([(batch URI, rows, version, size), ...] in order (data batches, then test), label names)."""
     fs, path = open_fs(uri, storage_options)
     paths = _batch_paths(fs, path, uri)

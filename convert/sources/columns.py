@@ -134,8 +134,10 @@ def parse_object(raw: bytes | str, uri: str, n: int) -> dict[str, Any]:
     except ValueError as exc:
         raise SourceError(f"URL list {uri!r} item row {n + 1} is not valid JSON ({exc}){hint}; fix the row") from None
     if not isinstance(obj, dict):
-        raise SourceError(f"URL list {uri!r} item row {n + 1} is a JSON {type(obj).__name__}, not an object "
-                          f'like {{"url": ...}}{hint}; write one object a line')  # fmt: skip
+        raise SourceError(
+            f"URL list {uri!r} item row {n + 1} is a JSON {type(obj).__name__}, not an object "
+            f'like {{"url": ...}}{hint}; write one object a line'
+        )
     return obj
 
 
@@ -148,8 +150,10 @@ def choose(schema: FileSchema, caption: str, columns: tuple[str, ...] | str, has
         roles = {schema.role(r) for r in ROLES}
         pairs += [(c, c) for c in types if c not in roles and c != cap and c.strip()]
         if len(pairs) > MAX_COLUMNS:
-            raise SourceError(f"URL list {uri!r} has {len(pairs)} columns, over the {MAX_COLUMNS} that "
-                              'source.columns "*" keeps; name the ones to keep in source.columns')  # fmt: skip
+            raise SourceError(
+                f"URL list {uri!r} has {len(pairs)} columns, over the {MAX_COLUMNS} that "
+                'source.columns "*" keeps; name the ones to keep in source.columns'
+            )
     else:
         pairs += [(c, c) for c in columns if c != cap]  # the caption is kept already
     if hash_column and hash_column not in {stored for _, stored in pairs}:
@@ -158,8 +162,10 @@ def choose(schema: FileSchema, caption: str, columns: tuple[str, ...] | str, has
     if missing:
         have = ", ".join(repr(c) for c in types) or "none"
         sampled = f" (keys of its first {SAMPLE_ROWS} rows)" if schema.sampled else ""
-        raise SourceError(f"URL list {uri!r} has no column {missing[0]!r}; it has {have}{sampled}: fix "
-                          "source.columns / caption_column / hash_column or the list")  # fmt: skip
+        raise SourceError(
+            f"URL list {uri!r} has no column {missing[0]!r}; it has {have}{sampled}: fix "
+            "source.columns / caption_column / hash_column or the list"
+        )
     _check_names([stored for _, stored in pairs], uri)
     stored = tuple(Column(name, types[src]) for src, name in pairs)  # type: ignore[arg-type]  # None: still open
     return Choice(tuple(src for src, _ in pairs), stored)
@@ -178,12 +184,16 @@ def _check_names(names: list[str], uri: str) -> None:
     for name in names:
         _check_safe(name, uri)
         if name.strip().lower() in RESERVED:
-            raise SourceError(f"URL list {uri!r}: column {name!r} is named like the stored item's own {name.lower()!r} "
-                              "field; rename it in the list or leave it out of source.columns")  # fmt: skip
+            raise SourceError(
+                f"URL list {uri!r}: column {name!r} is named like the stored item's own {name.lower()!r} "
+                "field; rename it in the list or leave it out of source.columns"
+            )
         if name in seen:
             why = f"the caption is stored as {CAPTION!r}" if name == CAPTION else "source.columns names it twice"
-            raise SourceError(f"URL list {uri!r}: column {name!r} would be stored twice ({why}); leave it out of "
-                              "source.columns or set source.caption_column")  # fmt: skip
+            raise SourceError(
+                f"URL list {uri!r}: column {name!r} would be stored twice ({why}); leave it out of "
+                "source.columns or set source.caption_column"
+            )
         seen.add(name)
 
 
@@ -197,8 +207,10 @@ def _check_safe(name: str, uri: str) -> None:
     elif len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         why = f"is longer than {MAX_NAME_BYTES} bytes"
     if why:
-        raise SourceError(f"URL list {uri!r}: column {name[:60]!r} {why}, which a shard cannot store as a column "
-                          "name; rename it in the list or leave it out of source.columns")  # fmt: skip
+        raise SourceError(
+            f"URL list {uri!r}: column {name[:60]!r} {why}, which a shard cannot store as a column "
+            "name; rename it in the list or leave it out of source.columns"
+        )
 
 
 def unify(found: Sequence[tuple[FileSchema, Choice]]) -> Choice:
@@ -223,8 +235,9 @@ def unify(found: Sequence[tuple[FileSchema, Choice]]) -> Choice:
             elif sampled and kinds == {"int64", "float64"}:
                 merged[i] = Column(mine.name, "float64")
             else:
-                raise SourceError(_difference(first, (schema, choice), f"{first[1].read[i]!r} is {mine.type} "
-                                              f"vs {theirs.type}"))  # fmt: skip
+                raise SourceError(
+                    _difference(first, (schema, choice), f"{first[1].read[i]!r} is {mine.type} vs {theirs.type}")
+                )
     return Choice(first[1].read, tuple(Column(c.name, c.type or "string") for c in merged))
 
 
@@ -237,11 +250,15 @@ def _difference(first: tuple[FileSchema, Choice], other: tuple[FileSchema, Choic
     if what == "names":
         only_a = [n for n in ca.read if n not in cb.read]
         only_b = [n for n in cb.read if n not in ca.read]
-        parts = [f"only the first has {', '.join(map(repr, only_a))}" if only_a else "",
-                 f"only the second has {', '.join(map(repr, only_b))}" if only_b else ""]  # fmt: skip
+        parts = [
+            f"only the first has {', '.join(map(repr, only_a))}" if only_a else "",
+            f"only the second has {', '.join(map(repr, only_b))}" if only_b else "",
+        ]
         what = "; ".join(p for p in parts if p) or f"{ca.read} vs {cb.read}"
-    return (f"URL lists {a.uri!r} and {b.uri!r} have different columns ({what}); give every list file the "
-            "same columns, name the ones to keep in source.columns, or select the lists with a glob (lists/*.parquet)")
+    return (
+        f"URL lists {a.uri!r} and {b.uri!r} have different columns ({what}); give every list file the "
+        "same columns, name the ones to keep in source.columns, or select the lists with a glob (lists/*.parquet)"
+    )
 
 
 @dataclass(frozen=True)
@@ -278,5 +295,7 @@ def coerce(value: Any, kind: str, where: str, name: str) -> Any:
             return int(value)
     if kind == "bool" and is_bool:
         return value
-    raise SourceError(f"{where}: column {name!r} holds {json.dumps(value)[:40]}, not {kind} as the list's "
-                      f"first {SAMPLE_ROWS} rows said; give the column one type throughout (e.g. 3.0 for a float)")
+    raise SourceError(
+        f"{where}: column {name!r} holds {json.dumps(value)[:40]}, not {kind} as the list's "
+        f"first {SAMPLE_ROWS} rows said; give the column one type throughout (e.g. 3.0 for a float)"
+    )

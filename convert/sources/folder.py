@@ -52,8 +52,9 @@ class _Group:
     rels: tuple[str, ...] = ()  # already known (loose files, glob matches)
 
 
-def plan_folder(uri: str, storage_options: dict[str, Any] | None, labels: LabelMode, step: int,
-                work: Workdir) -> FolderPlan:  # fmt: skip
+def plan_folder(
+    uri: str, storage_options: dict[str, Any] | None, labels: LabelMode, step: int, work: Workdir
+) -> FolderPlan:
     """List the images under a folder (by extension) or matched by a glob, into a listing file."""
     fs, path = open_fs(uri, storage_options)
     root, groups = _groups(fs, path, uri)
@@ -69,8 +70,11 @@ def plan_folder(uri: str, storage_options: dict[str, Any] | None, labels: LabelM
             listed.close()
     if not writer.count:
         exts = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
-        what = f"glob {uri!r} matched no files; check the pattern (e.g. 'data/train/**/*.jpg')" if has_magic(path) else (
-            f"no images ({exts}) under {uri!r}; check the folder or pass a glob such as '{uri}/**/*'")  # fmt: skip
+        what = (
+            f"glob {uri!r} matched no files; check the pattern (e.g. 'data/train/**/*.jpg')"
+            if has_magic(path)
+            else (f"no images ({exts}) under {uri!r}; check the folder or pass a glob such as '{uri}/**/*'")
+        )
         raise SourceError(what)
     names = _label_names(writer, labels, uri)
     slices = writer.slices(work.url(LISTING))
@@ -162,8 +166,16 @@ class _ListingWriter:
         self._cut()
         ends = self.offsets[1:] + [self.pos]
         return [
-            InputSlice("folder", listing_uri, f"sha256:{d}", self.pos, a, b, j * self.step,
-                       min(self.step, self.count - j * self.step))  # fmt: skip
+            InputSlice(
+                "folder",
+                listing_uri,
+                f"sha256:{d}",
+                self.pos,
+                a,
+                b,
+                j * self.step,
+                min(self.step, self.count - j * self.step),
+            )
             for j, (a, b, d) in enumerate(zip(self.offsets, ends, self.digests))
         ]
 
@@ -197,4 +209,3 @@ def folder_refs(rows: Iterator[tuple[Any, ...]], root: str, names: dict[str, int
         rel = json.loads(line)
         label = names[rel.split("/", 1)[0]] if names is not None else None
         yield ItemRef(key=safe_key(rel), uri=f"{base}/{rel}", label=label)
-

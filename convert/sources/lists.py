@@ -96,7 +96,9 @@ def find_lists(uri: str, storage_options: dict[str, Any] | None) -> list[ListFil
     try:
         info = None if has_magic(path) else fs.info(path)
     except FileNotFoundError:
-        raise SourceError(f"URL list {uri!r} not found; check the path (and storage_options for object stores)") from None
+        raise SourceError(
+            f"URL list {uri!r} not found; check the path (and storage_options for object stores)"
+        ) from None
     if info is None:
         infos = fs.glob(path, detail=True)
     elif info.get("type") == "directory":
@@ -110,11 +112,20 @@ def find_lists(uri: str, storage_options: dict[str, Any] | None) -> list[ListFil
         if info.get("type") != "file" or kind is None:
             continue
         version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-        files.append(ListFile(full_uri(fs, p), kind, int(info.get("size") or 0), f"{info.get('size')}-{version}",
-                              full_uri(fs, posixpath.dirname(p))))  # fmt: skip
+        files.append(
+            ListFile(
+                full_uri(fs, p),
+                kind,
+                int(info.get("size") or 0),
+                f"{info.get('size')}-{version}",
+                full_uri(fs, posixpath.dirname(p)),
+            )
+        )
     if not files:
-        raise SourceError(f"no URL lists (.txt, .csv, .tsv, .jsonl, .json, .parquet; optionally .gz/.zst/.bz2) "
-                          f"in {uri!r}; check the path or pattern")  # fmt: skip
+        raise SourceError(
+            f"no URL lists (.txt, .csv, .tsv, .jsonl, .json, .parquet; optionally .gz/.zst/.bz2) "
+            f"in {uri!r}; check the path or pattern"
+        )
     return files
 
 
@@ -169,8 +180,10 @@ def open_raw(uri: str, kind: str, storage_options: dict[str, Any] | None, size: 
             yield raw
     except _codec_errors() as exc:
         what = f"a valid .{codec} file" if codec else "readable"
-        raise SourceError(f"cannot read URL list {uri!r} ({type(exc).__name__}: {exc}); check that it is {what} "
-                          "and its permissions / storage_options") from None  # fmt: skip
+        raise SourceError(
+            f"cannot read URL list {uri!r} ({type(exc).__name__}: {exc}); check that it is {what} "
+            "and its permissions / storage_options"
+        ) from None
 
 
 def inflate_all(f: Any, uri: str) -> io.BytesIO:
@@ -180,8 +193,10 @@ def inflate_all(f: Any, uri: str) -> io.BytesIO:
     while block := f.read(BLOCK):
         out.write(block)
         if out.tell() > MAX_INFLATED:
-            raise SourceError(f"{uri!r} inflates to over {MAX_INFLATED >> 20} MiB; store it uncompressed (parquet "
-                              "compresses its own pages: write it with compression='zstd')")  # fmt: skip
+            raise SourceError(
+                f"{uri!r} inflates to over {MAX_INFLATED >> 20} MiB; store it uncompressed (parquet "
+                "compresses its own pages: write it with compression='zstd')"
+            )
     out.seek(0)
     return out
 
@@ -192,8 +207,9 @@ def check_size(f: Any, uri: str, planned: int) -> None:
     if size is None:
         size = os.fstat(f.fileno()).st_size
     if size != planned:
-        raise SourceError(f"{uri} changed since planning ({size} bytes, planned {planned}); "
-                          "rerun the same command to plan again")  # fmt: skip
+        raise SourceError(
+            f"{uri} changed since planning ({size} bytes, planned {planned}); rerun the same command to plan again"
+        )
 
 
 def row_ends(buf: bytes, mode: str) -> np.ndarray:

@@ -43,8 +43,13 @@ csv.field_size_limit(2**31 - 1)
 _STR_WS = WS.decode()
 
 
-def read_rows(sl: InputSlice, storage_options: dict[str, Any] | None, columns: Sequence[str] = (),
-              types: Sequence[str] = (), text_limit: int = 0) -> Iterator[Row]:  # fmt: skip
+def read_rows(
+    sl: InputSlice,
+    storage_options: dict[str, Any] | None,
+    columns: Sequence[str] = (),
+    types: Sequence[str] = (),
+    text_limit: int = 0,
+) -> Iterator[Row]:
     """The rows of a list slice (or a folder listing slice) with the values of `columns`."""
     fmt = split_kind(sl.kind)[0]
     if fmt == "parquet":
@@ -104,8 +109,9 @@ def header_names(header: bytes, mode: str) -> list[str]:
     return [name.strip() for name in cells]
 
 
-def _text_rows(sl: InputSlice, storage_options: dict[str, Any] | None, columns: tuple[str, ...],
-               types: tuple[str, ...], limit: int) -> Iterator[Row]:  # fmt: skip
+def _text_rows(
+    sl: InputSlice, storage_options: dict[str, Any] | None, columns: tuple[str, ...], types: tuple[str, ...], limit: int
+) -> Iterator[Row]:
     fmt = split_kind(sl.kind)[0]
     mode = ROW_MODES[fmt]
     header, buf = _slice_bytes(sl, storage_options, mode)
@@ -125,13 +131,16 @@ def _text_rows(sl: InputSlice, storage_options: dict[str, Any] | None, columns: 
         yield from _table_rows(sl, header_names(header, mode), texts, mode, columns, limit)
 
 
-def _table_rows(sl: InputSlice, names: list[str], texts: Iterator[str], mode: str, columns: tuple[str, ...],
-                limit: int) -> Iterator[Row]:  # fmt: skip
+def _table_rows(
+    sl: InputSlice, names: list[str], texts: Iterator[str], mode: str, columns: tuple[str, ...], limit: int
+) -> Iterator[Row]:
     index = {name: i for i, name in enumerate(names)}
     found = roles(names)
     if "url" not in found:
-        raise SourceError(f"URL list {sl.uri!r} has no 'url' column (found: {', '.join(map(repr, names)) or 'none'}); "
-                          "rename the URL column to 'url'")  # fmt: skip
+        raise SourceError(
+            f"URL list {sl.uri!r} has no 'url' column (found: {', '.join(map(repr, names)) or 'none'}); "
+            "rename the URL column to 'url'"
+        )
     url, label, key = (index.get(found.get(r, "")) for r in ROLES)
     wanted = [index.get(c) for c in columns]
     # one csv reader over the spans: each span is one whole record (quoted newlines included), so
@@ -149,8 +158,9 @@ def _cell(cells: list[str], index: int | None) -> str | None:
     return cells[index].strip() or None
 
 
-def _json_rows(sl: InputSlice, texts: Iterator[str], columns: tuple[str, ...], types: tuple[str, ...],
-               limit: int) -> Iterator[Row]:  # fmt: skip
+def _json_rows(
+    sl: InputSlice, texts: Iterator[str], columns: tuple[str, ...], types: tuple[str, ...], limit: int
+) -> Iterator[Row]:
     for j, text in enumerate(texts):
         try:
             obj = parse_object(text, sl.uri, sl.first_row + j)
@@ -169,8 +179,9 @@ def _role(obj: dict[str, Any], role: str) -> Any:
     return next((v for k, v in obj.items() if k.lower() == role), None)
 
 
-def _parquet_rows(sl: InputSlice, storage_options: dict[str, Any] | None, columns: tuple[str, ...],
-                  types: tuple[str, ...], limit: int) -> Iterator[Row]:  # fmt: skip
+def _parquet_rows(
+    sl: InputSlice, storage_options: dict[str, Any] | None, columns: tuple[str, ...], types: tuple[str, ...], limit: int
+) -> Iterator[Row]:
     """The rows [start, stop) of a parquet list: only the row groups and columns they need."""
     with open_stream(sl.uri, sl.kind, storage_options, sl.size) as f:
         pf = parquet_file(inflate_all(f, sl.uri) if split_kind(sl.kind)[1] else f, sl.uri)
@@ -192,8 +203,10 @@ def _parquet_rows(sl: InputSlice, storage_options: dict[str, Any] | None, column
         return
     table = table.slice(sl.start - first, sl.stop - sl.start)
     n = table.num_rows
-    url, label, key = (_pylist(table, found[r], "int64" if r == "label" else "string", sl.uri) if r in found
-                       else [None] * n for r in ROLES)  # fmt: skip
+    url, label, key = (
+        _pylist(table, found[r], "int64" if r == "label" else "string", sl.uri) if r in found else [None] * n
+        for r in ROLES
+    )
     values = [[clip(v, limit) for v in _pylist(table, c, t, sl.uri)] for c, t in zip(columns, types)]
     for j in range(n):
         yield sl.first_row + j, str(url[j] or "").strip(), label[j], key[j], tuple(col[j] for col in values)

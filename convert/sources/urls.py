@@ -81,15 +81,22 @@ def _scan(lf: ListFile, step: int, storage_options: dict[str, Any] | None, want:
         schema = text_schema(lf.uri, header_names(scan.header, mode))
         present = set(roles(schema.types))
         _require_url(present, schema)
-    return _Scanned(text_slices(lf, scan, step, 0), scan.count, frozenset(present), False, schema,
-                    choose(schema, want.caption, want.columns, want.hash_column))  # fmt: skip
+    return _Scanned(
+        text_slices(lf, scan, step, 0),
+        scan.count,
+        frozenset(present),
+        False,
+        schema,
+        choose(schema, want.caption, want.columns, want.hash_column),
+    )
 
 
 def _require_url(present: set[str], schema: FileSchema) -> None:
     if "url" not in present:
         found = ", ".join(repr(c) for c in schema.types) or "none"
-        raise SourceError(f"URL list {schema.uri!r} has no 'url' column (found: {found}); "
-                          "rename the URL column to 'url'")
+        raise SourceError(
+            f"URL list {schema.uri!r} has no 'url' column (found: {found}); rename the URL column to 'url'"
+        )
 
 
 def _scan_parquet(lf: ListFile, f: Any, step: int, want: ColumnChoice) -> _Scanned:
@@ -100,12 +107,15 @@ def _scan_parquet(lf: ListFile, f: Any, step: int, want: ColumnChoice) -> _Scann
     cols = roles(schema.types)
     _require_url(set(cols), schema)
     n = pf.metadata.num_rows
-    slices = [InputSlice(lf.kind, lf.uri, lf.version, lf.size, a, min(a + step, n), a, min(step, n - a))
-              for a in range(0, n, step)]  # fmt: skip
+    slices = [
+        InputSlice(lf.kind, lf.uri, lf.version, lf.size, a, min(a + step, n), a, min(step, n - a))
+        for a in range(0, n, step)
+    ]
     label_type = pf.schema_arrow.field(cols["label"]).type if "label" in cols else None
     int_labels = label_type is not None and pa.types.is_integer(label_type) and _min_label(pf, cols["label"]) >= 0
-    return _Scanned(slices, n, frozenset(cols), int_labels, schema,
-                    choose(schema, want.caption, want.columns, want.hash_column))  # fmt: skip
+    return _Scanned(
+        slices, n, frozenset(cols), int_labels, schema, choose(schema, want.caption, want.columns, want.hash_column)
+    )
 
 
 def _min_label(pf: Any, name: str) -> float:
@@ -132,8 +142,13 @@ class UrlPlan:
     choice: Choice  # the kept columns: names to read, stored names and types
 
 
-def plan_urls(uri: str, storage_options: dict[str, Any] | None, step: int, map_fn: MapFn = map,
-              want: ColumnChoice = ColumnChoice()) -> UrlPlan:  # fmt: skip
+def plan_urls(
+    uri: str,
+    storage_options: dict[str, Any] | None,
+    step: int,
+    map_fn: MapFn = map,
+    want: ColumnChoice = ColumnChoice(),
+) -> UrlPlan:
     """Slices of `step` rows over every list the source names, the label table and the kept
     columns (the same in every file); no rows kept."""
     files = find_lists(uri, storage_options)
@@ -179,8 +194,9 @@ def _slice_facts(sl: InputSlice, storage_options: dict[str, Any] | None, keys: b
     return _Facts(frozenset(names), all_int, lowest, arr)
 
 
-def _column_pass(slices: list[InputSlice], storage_options: dict[str, Any] | None, keys: bool, uri: str,
-                 map_fn: MapFn) -> list[str] | None:  # fmt: skip
+def _column_pass(
+    slices: list[InputSlice], storage_options: dict[str, Any] | None, keys: bool, uri: str, map_fn: MapFn
+) -> list[str] | None:
     """Label names (None for integer labels) and the cross-source key check, one task per slice;
     the per-slice facts are folded as they arrive (only the distinct names and key hashes stay)."""
     names: set[str] = set()
@@ -195,14 +211,16 @@ def _column_pass(slices: list[InputSlice], storage_options: dict[str, Any] | Non
         _check_keys(hashes, slices, storage_options, uri, map_fn)
     if all_int:
         if lowest < 0:
-            raise SourceError(f"URL list {uri!r}: label {lowest} is negative; use ids >= 0 or class names, "
-                              "empty for unlabelled")  # fmt: skip
+            raise SourceError(
+                f"URL list {uri!r}: label {lowest} is negative; use ids >= 0 or class names, empty for unlabelled"
+            )
         return None
     return sorted(names)
 
 
-def _check_keys(parts: list[Any], slices: list[InputSlice], storage_options: dict[str, Any] | None, uri: str,
-                map_fn: MapFn) -> None:  # fmt: skip
+def _check_keys(
+    parts: list[Any], slices: list[InputSlice], storage_options: dict[str, Any] | None, uri: str, map_fn: MapFn
+) -> None:
     hashes = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
     same = hashes[1:][hashes[1:] == hashes[:-1]]
     if not len(same):
@@ -237,17 +255,24 @@ def item_key(i: int, url: str, key: Any, uri: str) -> str:
     return safe_key(f"{i:06d}-{stem}") if stem.strip() else f"{i:06d}"
 
 
-def url_refs(slices: Iterable[InputSlice], storage_options: dict[str, Any] | None, names: dict[str, int] | None,
-             source: SourceRef | None = None) -> Iterator[ItemRef]:  # fmt: skip
+def url_refs(
+    slices: Iterable[InputSlice],
+    storage_options: dict[str, Any] | None,
+    names: dict[str, int] | None,
+    source: SourceRef | None = None,
+) -> Iterator[ItemRef]:
     """The ItemRefs of a shard's slices, read from the list files, with the values of the plan's
     kept columns (worker side)."""
     src = source or SourceRef("urls")
     for sl in slices:
         base = posixpath.dirname(sl.uri)
-        for i, url, label, key, values in read_rows(sl, storage_options, src.columns, src.column_types,
-                                                    src.text_limit):  # fmt: skip
-            yield ItemRef(key=item_key(i, url, key, sl.uri), uri=_resolve(url, base) if url else "",
-                          label=_label(label, names), columns=values)  # fmt: skip
+        for i, url, label, key, values in read_rows(sl, storage_options, src.columns, src.column_types, src.text_limit):
+            yield ItemRef(
+                key=item_key(i, url, key, sl.uri),
+                uri=_resolve(url, base) if url else "",
+                label=_label(label, names),
+                columns=values,
+            )
 
 
 def _label(cell: Any, names: dict[str, int] | None) -> int | None:

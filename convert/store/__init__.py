@@ -24,16 +24,51 @@ from fsspec.implementations.local import LocalFileSystem
 from ..backends import missing_backend
 from ..secrets import resolve_options
 from . import base
-from .base import (PARTIAL, Entry, Guard, PreconditionFailed, RangeStream, StorageError, Store, entry_of, file_digest,
-                   first_line, has_scheme, is_local, reopen, scheme_of, tree_digest)  # fmt: skip
+from .base import (
+    PARTIAL,
+    Entry,
+    Guard,
+    PreconditionFailed,
+    RangeStream,
+    StorageError,
+    Store,
+    entry_of,
+    file_digest,
+    first_line,
+    has_scheme,
+    is_local,
+    reopen,
+    scheme_of,
+    tree_digest,
+)
 from .generic import FsspecStore, fs_url
 from .local import LocalStore, atomic_write
 from .s3 import S3Store
 
-__all__ = ["PARTIAL", "Entry", "FsspecStore", "Guard", "LocalStore", "PreconditionFailed", "RangeStream",
-           "S3Store", "StorageError", "Store", "atomic_write", "entry_of", "file_digest", "first_line", "fs_url",
-           "has_scheme", "is_local",
-           "open_object", "open_store", "preflight", "scheme_of", "tree_digest"]  # fmt: skip
+__all__ = [
+    "PARTIAL",
+    "Entry",
+    "FsspecStore",
+    "Guard",
+    "LocalStore",
+    "PreconditionFailed",
+    "RangeStream",
+    "S3Store",
+    "StorageError",
+    "Store",
+    "atomic_write",
+    "entry_of",
+    "file_digest",
+    "first_line",
+    "fs_url",
+    "has_scheme",
+    "is_local",
+    "open_object",
+    "open_store",
+    "preflight",
+    "scheme_of",
+    "tree_digest",
+]
 
 
 def open_store(uri: str, options: dict[str, Any] | None = None, role: str = "output") -> Store:
@@ -48,8 +83,10 @@ def _build(uri: str, options: dict[str, Any], role: str) -> Store:
     except (ImportError, ValueError) as exc:
         if missing := missing_backend(uri):
             raise StorageError(f"{role}.uri {uri}: {missing}") from None
-        raise StorageError(f"{role}.uri {uri}: cannot open ({first_line(exc)}); check the URL scheme "
-                           f"(pip install the fsspec backend it needs) and {role}.storage_options") from None  # fmt: skip
+        raise StorageError(
+            f"{role}.uri {uri}: cannot open ({first_line(exc)}); check the URL scheme "
+            f"(pip install the fsspec backend it needs) and {role}.storage_options"
+        ) from None
     if isinstance(fs, LocalFileSystem):
         return LocalStore(uri, options, fs, os.path.abspath(root))
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)

@@ -101,8 +101,15 @@ def entry_of(rel: str, d: dict[str, Any]) -> Entry:
     version = d.get("VersionId") or d.get("version_id") or d.get("generation") or ""
     stamp = next((d[k] for k in ("mtime", "LastModified", "last_modified", "updated", "created") if d.get(k)), None)
     directory = d.get("type") == "directory" or d.get("StorageClass") == "DIRECTORY"
-    return Entry(rel, int(size or 0), str(etag).strip('"'), str(version or ""), _stamp_ns(stamp),
-                 int(d.get("ino") or -1), directory)  # fmt: skip
+    return Entry(
+        rel,
+        int(size or 0),
+        str(etag).strip('"'),
+        str(version or ""),
+        _stamp_ns(stamp),
+        int(d.get("ino") or -1),
+        directory,
+    )
 
 
 class RangeStream(Protocol):
@@ -138,8 +145,11 @@ def _digest(f: Any, chunk: int) -> tuple[int, str]:
 def file_digest(path: str, chunk: int = 4 * 2**20) -> tuple[int, str]:
     """(size, sha256 hex) of a local file, read in chunks; of a directory, see tree_digest."""
     if os.path.isdir(path):
-        files = sorted(os.path.relpath(os.path.join(d, n), path).replace(os.sep, "/")
-                       for d, _, names in os.walk(path) for n in names)  # fmt: skip
+        files = sorted(
+            os.path.relpath(os.path.join(d, n), path).replace(os.sep, "/")
+            for d, _, names in os.walk(path)
+            for n in names
+        )
         return tree_digest((rel, *file_digest(os.path.join(path, rel), chunk)) for rel in files)
     with open(path, "rb") as f:
         return _digest(f, chunk)
@@ -217,8 +227,9 @@ class Store(ABC):
         """Bytes [start, end) of `rel`; negative offsets count from the end, as in fsspec."""
 
     @abstractmethod
-    def open_range(self, rel: str, start: int = 0, end: int | None = None, match: str | None = None,
-                   timeout: float | None = None) -> RangeStream:  # fmt: skip
+    def open_range(
+        self, rel: str, start: int = 0, end: int | None = None, match: str | None = None, timeout: float | None = None
+    ) -> RangeStream:
         """A stream of bytes [start, end) (end None: to the end), for the resilient reader.
         `match` (an Entry.token seen before) makes it conditional: PreconditionFailed if the object
         changed. A start at or past the end gives an empty stream."""

@@ -15,8 +15,18 @@ from typing import Any, BinaryIO, Iterator
 
 import fsspec
 
-from .base import (Entry, Guard, PreconditionFailed, RangeStream, StorageError, Store, entry_of, guard_refused, is_local,
-                   reopen)  # fmt: skip
+from .base import (
+    Entry,
+    Guard,
+    PreconditionFailed,
+    RangeStream,
+    StorageError,
+    Store,
+    entry_of,
+    guard_refused,
+    is_local,
+    reopen,
+)
 
 _NO_CAS = "this store cannot write objects conditionally, so two runs could write one output at once"
 
@@ -77,8 +87,9 @@ class FsspecStore(Store):
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         return self.fs.cat_file(self.path(rel), start=start, end=end)
 
-    def open_range(self, rel: str, start: int = 0, end: int | None = None, match: str | None = None,
-                   timeout: float | None = None) -> RangeStream:  # fmt: skip
+    def open_range(
+        self, rel: str, start: int = 0, end: int | None = None, match: str | None = None, timeout: float | None = None
+    ) -> RangeStream:
         entry = self.info(rel)
         if match is not None and entry.token != match:
             raise PreconditionFailed(f"{self.url(rel)} changed (was {match}, now {entry.token})")

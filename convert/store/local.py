@@ -62,8 +62,9 @@ class LocalStore(FsspecStore):
             f.seek(start)
             return f.read(max(0, min(end, size) - start))
 
-    def open_range(self, rel: str, start: int = 0, end: int | None = None, match: str | None = None,
-                   timeout: float | None = None) -> RangeStream:  # fmt: skip
+    def open_range(
+        self, rel: str, start: int = 0, end: int | None = None, match: str | None = None, timeout: float | None = None
+    ) -> RangeStream:
         f = open(self.path(rel), "rb")  # noqa: SIM115 - closed by the stream
         entry = _stat_entry(rel, os.fstat(f.fileno()))
         if match is not None and entry.token != match:
@@ -106,12 +107,19 @@ class LocalStore(FsspecStore):
     def identity(self, rel: str) -> dict[str, Any]:
         """Size, inode and mtime_ns (a copy or a swap changes them) plus a hash of both ends."""
         entry = self.info(rel)
-        return {"size": entry.size, "inode": entry.inode, "mtime_ns": entry.mtime_ns,
-                "edges": self._edges(rel, entry.size)}  # fmt: skip
+        return {
+            "size": entry.size,
+            "inode": entry.inode,
+            "mtime_ns": entry.mtime_ns,
+            "edges": self._edges(rel, entry.size),
+        }
 
     def same_object(self, rel: str, recorded: dict[str, Any], entry: Entry) -> bool:
-        if (entry.size, entry.inode, entry.mtime_ns) != (recorded.get("size"), recorded.get("inode"),
-                                                         recorded.get("mtime_ns")):  # fmt: skip
+        if (entry.size, entry.inode, entry.mtime_ns) != (
+            recorded.get("size"),
+            recorded.get("inode"),
+            recorded.get("mtime_ns"),
+        ):
             return False
         return self._edges(rel, entry.size) == recorded.get("edges")
 
@@ -263,4 +271,3 @@ def _rename(tmp: str, final: str) -> None:
 def _stat_entry(rel: str, st: os.stat_result, is_dir: bool | None = None) -> Entry:
     directory = stat_mod.S_ISDIR(st.st_mode) if is_dir is None else is_dir
     return Entry(rel, st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, is_dir=directory)
-

@@ -97,8 +97,9 @@ class S3Store(FsspecStore):
     def info(self, rel: str) -> Entry:
         return entry_of(rel, self._call("head_object", **self._object(rel)))
 
-    def open_range(self, rel: str, start: int = 0, end: int | None = None, match: str | None = None,
-                   timeout: float | None = None) -> RangeStream:  # fmt: skip
+    def open_range(
+        self, rel: str, start: int = 0, end: int | None = None, match: str | None = None, timeout: float | None = None
+    ) -> RangeStream:
         """One streaming GetObject; `match` (an etag: token) becomes If-Match."""
         kw = self._object(rel)
         if match is not None and match.startswith("etag:"):
@@ -130,9 +131,9 @@ class S3Store(FsspecStore):
         while True:
             page = self._call("list_objects_v2", **kw)
             for obj in page.get("Contents", []):
-                yield entry_of(f"{base}{obj['Key'][len(prefix):]}", obj)
+                yield entry_of(f"{base}{obj['Key'][len(prefix) :]}", obj)
             for sub in page.get("CommonPrefixes", []):
-                yield Entry(f"{base}{sub['Prefix'][len(prefix):].rstrip('/')}", 0, is_dir=True)
+                yield Entry(f"{base}{sub['Prefix'][len(prefix) :].rstrip('/')}", 0, is_dir=True)
             if not page.get("IsTruncated"):
                 return
             kw["ContinuationToken"] = page["NextContinuationToken"]
@@ -173,9 +174,11 @@ class S3Store(FsspecStore):
             if _changed(exc) or "Precondition" in str(exc):
                 return None
             if error_code(exc) in ("NotImplemented", "InvalidArgument"):
-                raise StorageError(f"{self.url(rel)}: this object store does not support conditional writes "
-                                   "(If-Match/If-None-Match), so a run cannot lock the output; use AWS S3 or a "
-                                   "local output") from None  # fmt: skip
+                raise StorageError(
+                    f"{self.url(rel)}: this object store does not support conditional writes "
+                    "(If-Match/If-None-Match), so a run cannot lock the output; use AWS S3 or a "
+                    "local output"
+                ) from None
             raise
         finally:
             self.fs.invalidate_cache(self.path(rel))
@@ -246,15 +249,17 @@ class S3Store(FsspecStore):
         sync(self.fs.loop, self._upload, tmp, bucket, key, size, sha256, None if guard is None else (guard, rel))
         self._check_size(rel, size)
 
-    async def _upload(self, path: str, bucket: str, key: str, size: int, sha256: str,
-                      fence: tuple[Guard, str] | None) -> None:  # fmt: skip
+    async def _upload(
+        self, path: str, bucket: str, key: str, size: int, sha256: str, fence: tuple[Guard, str] | None
+    ) -> None:
         part = self.part_size or PART_SIZE
         if size <= 2 * part:
             body, _ = await asyncio.to_thread(_read_part, path, 0, size)
             if fence is not None:
                 await self._fence(*fence)
-            await self.fs._call_s3("put_object", Bucket=bucket, Key=key, Body=body,
-                                   ChecksumSHA256=_b64(bytes.fromhex(sha256)))  # fmt: skip
+            await self.fs._call_s3(
+                "put_object", Bucket=bucket, Key=key, Body=body, ChecksumSHA256=_b64(bytes.fromhex(sha256))
+            )
             return
         mpu = await self.fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="SHA256")
         upload_id = mpu["UploadId"]
@@ -262,15 +267,21 @@ class S3Store(FsspecStore):
             parts = await self._parts(path, bucket, key, upload_id, size, part)
             if fence is not None:
                 await self._fence(*fence)
-            await self.fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
-                                   MultipartUpload={"Parts": parts})  # fmt: skip
+            await self.fs._call_s3(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
             raise
 
-    async def _parts(self, path: str, bucket: str, key: str, upload_id: str, size: int,
-                     part_size: int) -> builtins.list[dict[str, Any]]:  # fmt: skip
+    async def _parts(
+        self, path: str, bucket: str, key: str, upload_id: str, size: int, part_size: int
+    ) -> builtins.list[dict[str, Any]]:
         """Upload the parts, at most UPLOAD_CONCURRENCY at once, each with its SHA-256.
 
         If one part fails the others are cancelled and awaited, so no part lands after the abort.
@@ -280,8 +291,15 @@ class S3Store(FsspecStore):
         async def one(number: int) -> dict[str, Any]:
             async with gate:
                 body, checksum = await asyncio.to_thread(_read_part, path, (number - 1) * part_size, part_size)
-                resp = await self.fs._call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
-                                              PartNumber=number, Body=body, ChecksumSHA256=checksum)  # fmt: skip
+                resp = await self.fs._call_s3(
+                    "upload_part",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                    ChecksumSHA256=checksum,
+                )
                 return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": checksum}
 
         tasks = [asyncio.ensure_future(one(n)) for n in range(1, max(1, -(-size // part_size)) + 1)]
@@ -301,8 +319,10 @@ class S3Store(FsspecStore):
         found, kw = [], {"Bucket": bucket, "Prefix": prefix}
         while True:
             page = self._call("list_multipart_uploads", **kw)
-            found += [(u["Key"][len(prefix):], u["UploadId"], _stamp(u.get("Initiated")) / 1e9)
-                      for u in page.get("Uploads", [])]  # fmt: skip
+            found += [
+                (u["Key"][len(prefix) :], u["UploadId"], _stamp(u.get("Initiated")) / 1e9)
+                for u in page.get("Uploads", [])
+            ]
             if not page.get("IsTruncated"):
                 return found
             kw.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
@@ -314,19 +334,26 @@ class S3Store(FsspecStore):
 
     def preflight(self, role: str) -> None:
         bucket = self.root.split("/", 1)[0]
-        creds = f"check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or {role}.storage_options)"
+        creds = (
+            f"check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or {role}.storage_options)"
+        )
         try:
             self._call("head_bucket", Bucket=bucket)
         except FileNotFoundError:
-            raise StorageError(f"{role} {self.uri}: bucket {bucket!r} does not exist; create it or fix {role}.uri") from None
+            raise StorageError(
+                f"{role} {self.uri}: bucket {bucket!r} does not exist; create it or fix {role}.uri"
+            ) from None
         except PermissionError as exc:
-            raise StorageError(f"{role} {self.uri}: access to bucket {bucket!r} denied ({first_line(exc)}); {creds}") from None
+            raise StorageError(
+                f"{role} {self.uri}: access to bucket {bucket!r} denied ({first_line(exc)}); {creds}"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - botocore credential/endpoint errors have no common base here
             name = type(exc).__name__
             if "Credential" in name:
                 raise StorageError(f"{role} {self.uri}: no credentials found; {creds}") from None
             if "Endpoint" in name or isinstance(exc, (OSError, asyncio.TimeoutError)):
-                raise StorageError(f"{role} {self.uri}: cannot reach the object store ({name}: {first_line(exc)}); "
-                                   "check AWS_ENDPOINT_URL / storage_options.client_kwargs.endpoint_url") from None  # fmt: skip
+                raise StorageError(
+                    f"{role} {self.uri}: cannot reach the object store ({name}: {first_line(exc)}); "
+                    "check AWS_ENDPOINT_URL / storage_options.client_kwargs.endpoint_url"
+                ) from None
             raise
-

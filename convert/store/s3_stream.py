@@ -41,8 +41,7 @@ async def _close_body(body: Any) -> None:
 class S3Range:
     """Bytes [first, first + remaining) of one GetObject response."""
 
-    def __init__(self, loop: Any, body: Any, entry: Entry, first: int, remaining: int,
-                 timeout: float | None) -> None:  # fmt: skip
+    def __init__(self, loop: Any, body: Any, entry: Entry, first: int, remaining: int, timeout: float | None) -> None:
         self._loop, self._body, self.entry, self.first = loop, body, entry, first
         self._remaining, self._timeout = remaining, timeout
         self._ready: deque[bytes] = deque()

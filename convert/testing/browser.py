@@ -16,9 +16,18 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars")  # fmt: skip
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+)
 
 
 def chromium_path() -> str | None:
@@ -35,8 +44,13 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     if exe is None:
         raise FileNotFoundError("chromium not found: apt-get install -y chromium")
     with tempfile.TemporaryDirectory(prefix="convert-chromium-") as profile:
-        result = subprocess.run([exe, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                                text=True, timeout=timeout, env={**os.environ, "HOME": profile})  # fmt: skip
+        result = subprocess.run(
+            [exe, *FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "HOME": profile},
+        )
     if result.returncode != 0:
         raise RuntimeError(f"chromium exited {result.returncode}: {result.stderr[-2000:]}")
     return result

@@ -1,9 +1,9 @@
 """Real `dask scheduler` / `dask worker` processes on 127.0.0.1 for tests and benchmarks.
 
-    with DaskProcesses(workers=2, tmp=tmp_path) as dp:
-        dp.address                      # tcp://127.0.0.1:PORT
-        dp.worker_pids()                # the worker processes (children of the nannies)
-        dp.kill_worker()                # SIGKILL one worker process; its nanny restarts it
+with DaskProcesses(workers=2, tmp=tmp_path) as dp:
+    dp.address                      # tcp://127.0.0.1:PORT
+    dp.worker_pids()                # the worker processes (children of the nannies)
+    dp.kill_worker()                # SIGKILL one worker process; its nanny restarts it
 """
 
 from __future__ import annotations
@@ -48,8 +48,20 @@ class DaskProcesses:
 
     def start(self) -> "DaskProcesses":
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self._spawn(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
-                     ":0", "--scheduler-file", str(self.scheduler_file)], "scheduler")  # fmt: skip
+        self._spawn(
+            [
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--dashboard-address",
+                ":0",
+                "--scheduler-file",
+                str(self.scheduler_file),
+            ],
+            "scheduler",
+        )
         deadline = time.monotonic() + self.timeout
         while not self.scheduler_file.exists():
             if time.monotonic() > deadline or self.procs[0].poll() is not None:
@@ -59,8 +71,20 @@ class DaskProcesses:
         time.sleep(0.2)  # the file is written before it is complete on some versions
         self.address = json.loads(self.scheduler_file.read_text())["address"]
         for i in range(self.n_workers):
-            self._spawn(["distributed.cli.dask_worker", self.address, "--host", "127.0.0.1", "--name", f"w{i}",
-                         "--local-directory", str(self.tmp / f"w{i}"), *self.worker_args], f"worker{i}")  # fmt: skip
+            self._spawn(
+                [
+                    "distributed.cli.dask_worker",
+                    self.address,
+                    "--host",
+                    "127.0.0.1",
+                    "--name",
+                    f"w{i}",
+                    "--local-directory",
+                    str(self.tmp / f"w{i}"),
+                    *self.worker_args,
+                ],
+                f"worker{i}",
+            )
         self.wait_for_workers(self.n_workers)
         return self
 

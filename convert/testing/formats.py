@@ -27,10 +27,24 @@ from ..records import shard_rel_path, write_record
 from ..specs import Column, ItemResult, ShardRecord, Status, shard_name
 from ..store import file_digest, open_store
 
-SCHEMA = (Column("caption", "string"), Column("similarity", "float64"), Column("width", "int64"),
-          Column("nsfw", "bool"), Column("sha256", "string"))  # fmt: skip
-TEXTS = ["a photo of a cat", "ñandú über 日本語", "emoji 🐱🚀 ok", "line one\nline two\r\n\ttab", "", None,
-         'quotes "double" and \'single\'', "nul\x00inside", "x" * 5000]  # fmt: skip
+SCHEMA = (
+    Column("caption", "string"),
+    Column("similarity", "float64"),
+    Column("width", "int64"),
+    Column("nsfw", "bool"),
+    Column("sha256", "string"),
+)
+TEXTS = [
+    "a photo of a cat",
+    "ñandú über 日本語",
+    "emoji 🐱🚀 ok",
+    "line one\nline two\r\n\ttab",
+    "",
+    None,
+    "quotes \"double\" and 'single'",
+    "nul\x00inside",
+    "x" * 5000,
+]
 BATCHES = (5, 0, 1, 11, 7)
 
 
@@ -43,8 +57,9 @@ def column_values(i: int) -> tuple[Any, ...]:
     return text, sim, width, nsfw, f"{i:064x}"
 
 
-def make_samples(n: int, shape: tuple[int, int, int] | None = (6, 5, 3), columns: bool = True,
-                 seed: int = 0) -> list[Sample]:  # fmt: skip
+def make_samples(
+    n: int, shape: tuple[int, int, int] | None = (6, 5, 3), columns: bool = True, seed: int = 0
+) -> list[Sample]:
     """n samples: raw pixels of `shape` (None: encoded bytes of varying length) with SCHEMA values."""
     rng = np.random.default_rng(seed)
     out = []
@@ -54,12 +69,26 @@ def make_samples(n: int, shape: tuple[int, int, int] | None = (6, 5, 3), columns
     return out
 
 
-def write_shard(fmt: str, path: Path, samples: Sequence[Sample], *, encoding: str = "raw",
-                image_shape: tuple[int, int, int] | None = None, columns: Sequence[Column] = SCHEMA,
-                batches: Sequence[int] = BATCHES, name: str = "shard-00001") -> ShardInfo:  # fmt: skip
+def write_shard(
+    fmt: str,
+    path: Path,
+    samples: Sequence[Sample],
+    *,
+    encoding: str = "raw",
+    image_shape: tuple[int, int, int] | None = None,
+    columns: Sequence[Column] = SCHEMA,
+    batches: Sequence[int] = BATCHES,
+    name: str = "shard-00001",
+) -> ShardInfo:
     """Write `samples` as one shard in `batches` (sizes; the rest in one more batch); its ShardInfo."""
-    info = ShardInfo(name=name, encoding=encoding, image_shape=image_shape, expected_count=len(samples),
-                     attrs={"shard": name}, columns=tuple(columns))  # fmt: skip
+    info = ShardInfo(
+        name=name,
+        encoding=encoding,
+        image_shape=image_shape,
+        expected_count=len(samples),
+        attrs={"shard": name},
+        columns=tuple(columns),
+    )
     writer = open_writer(fmt, str(path), info)
     pos = 0
     for size in [*batches, max(0, len(samples) - sum(batches))]:
@@ -69,8 +98,16 @@ def write_shard(fmt: str, path: Path, samples: Sequence[Sample], *, encoding: st
     return info
 
 
-def write_dataset(root: Path, fmt: str, samples: Sequence[Sample], shard_size: int, *, encoding: str = "raw",
-                  image_shape: tuple[int, int, int] | None = None, columns: Sequence[Column] = SCHEMA) -> str:  # fmt: skip
+def write_dataset(
+    root: Path,
+    fmt: str,
+    samples: Sequence[Sample],
+    shard_size: int,
+    *,
+    encoding: str = "raw",
+    image_shape: tuple[int, int, int] | None = None,
+    columns: Sequence[Column] = SCHEMA,
+) -> str:
     """A complete dataset at `root` (shards, records, index, manifest) written by the real modules
     from `samples` in order, as a run would commit them: for readers' tests of any column schema."""
     store = open_store(str(root))
@@ -82,8 +119,9 @@ def write_dataset(root: Path, fmt: str, samples: Sequence[Sample], shard_size: i
         write_shard(fmt, root / rel, part, encoding=encoding, image_shape=image_shape, columns=columns, name=name)
         size, digest = file_digest(str(root / rel))
         ledger = tuple(ItemResult(s.key, f"list.csv#{s.key}", s.label, Status.OK) for s in part)
-        record = ShardRecord(name, rel, fmt, len(part), len(part), 0, size, digest, image_shape, encoding, ledger,
-                             columns=tuple(columns))  # fmt: skip
+        record = ShardRecord(
+            name, rel, fmt, len(part), len(part), 0, size, digest, image_shape, encoding, ledger, columns=tuple(columns)
+        )
         write_record(store, record, "test")
         records.append(record)
     write_manifest(store, records, {"output": {"format": fmt}}, None, "urls")

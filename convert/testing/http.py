@@ -194,8 +194,9 @@ class _Server(ThreadingHTTPServer):
 class StaticServer:
     """Serves files under `root` and objects added with `put`, on 127.0.0.1 at a free port."""
 
-    def __init__(self, root: str | Path | None = None, files: dict[str, bytes] | None = None,
-                 hosts: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def __init__(
+        self, root: str | Path | None = None, files: dict[str, bytes] | None = None, hosts: tuple[str, ...] = ()
+    ) -> None:
         self.root = Path(root) if root is not None else None
         self.hosts = hosts  # more loopback addresses served on the same port (e.g. 127.0.3.7), see urls()
         self._lock = threading.Lock()

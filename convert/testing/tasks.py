@@ -17,8 +17,9 @@ from ..task import ShardTask, TaskMaker
 from ..worker import process_shard
 
 
-def shard_task(spec: ShardSpec, config: Config, kind: str | None = None, run_id: str = "",
-               columns: Sequence[Column] = ()) -> ShardTask:  # fmt: skip
+def shard_task(
+    spec: ShardSpec, config: Config, kind: str | None = None, run_id: str = "", columns: Sequence[Column] = ()
+) -> ShardTask:
     """The task for `spec` under `config`, decided as `convert.run` decides it."""
     config = config.with_absolute_paths()
     return TaskMaker(config, kind or resolve_kind(config.source), columns, run_id).task(spec)
@@ -34,4 +35,3 @@ def fetch_policy(config: Config, kind: str = "urls", list_uri: str | None = None
     config = config.with_absolute_paths()
     sl = InputSlice("txt", list_uri or config.source.uri, "", 0, 0, 0, 0, 0)
     return TaskMaker(config, kind).task(ShardSpec(0, "shard-00000", (sl,), SourceRef(kind))).policies[0]
-

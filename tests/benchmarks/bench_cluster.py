@@ -25,8 +25,17 @@ from convert.testing.images import write_corpus
 
 
 def convert(source: Path, out: Path, scheduler: str, shard_size: int) -> float:
-    cfg = load_config(None, {"source.uri": str(source), "output.uri": str(out), "image.size": 64,
-                             "shard.size": shard_size, "cluster.scheduler": scheduler, "run.overwrite": True})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(source),
+            "output.uri": str(out),
+            "image.size": 64,
+            "shard.size": shard_size,
+            "cluster.scheduler": scheduler,
+            "run.overwrite": True,
+        },
+    )
     start = time.perf_counter()
     summary = run(cfg, log=lambda m: None)
     assert summary.exit_code() == 0, summary
@@ -38,8 +47,10 @@ def scaling(source: Path, tmp: Path, count: int, shard_size: int) -> None:
     for workers in (1, 2):
         with LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as c:
             rates[workers] = count / convert(source, tmp / f"scale{workers}", c.scheduler_address, shard_size)
-    print(f"LocalCluster 1 worker: {rates[1]:.0f} img/s; 2 workers: {rates[2]:.0f} img/s; "
-          f"speed-up {rates[2] / rates[1]:.2f}x")  # fmt: skip
+    print(
+        f"LocalCluster 1 worker: {rates[1]:.0f} img/s; 2 workers: {rates[2]:.0f} img/s; "
+        f"speed-up {rates[2] / rates[1]:.2f}x"
+    )
 
 
 def _killed_run(dp: DaskProcesses, source: Path, out: Path, shard_size: int) -> tuple[float, int]:
@@ -69,9 +80,11 @@ def kill_cost(source: Path, tmp: Path, shard_size: int, rounds: int = 3) -> None
             clean.append(convert(source, tmp / f"clean{i}", dp.address, shard_size))
             killed.append(_killed_run(dp, source, tmp / f"killed{i}", shard_size)[0])
     c, k = statistics.median(clean), statistics.median(killed)
-    print(f"20-shard job, median of {rounds}: {c:.1f} s clean, {k:.1f} s with one worker SIGKILLed after 5 shards: "
-          f"{k - c:+.1f} s lost ({(k - c) / c:+.0%}); runs clean {[round(x, 1) for x in clean]}, "
-          f"killed {[round(x, 1) for x in killed]}")  # fmt: skip
+    print(
+        f"20-shard job, median of {rounds}: {c:.1f} s clean, {k:.1f} s with one worker SIGKILLed after 5 shards: "
+        f"{k - c:+.1f} s lost ({(k - c) / c:+.0%}); runs clean {[round(x, 1) for x in clean]}, "
+        f"killed {[round(x, 1) for x in killed]}"
+    )
 
 
 def main() -> None:

@@ -33,15 +33,28 @@ from convert.testing.formats import write_dataset
 SHARD = 2000
 BATCH = 256
 SCHEMA = (Column("caption", "string"), Column("similarity", "float64"), Column("sha256", "string"))
-CAPTIONS = ["a photo of a cat on a sofa", "ñandú über 日本語の画像", "emoji 🐱🚀 party", "two\nlines", "", None,
-            "a long caption " * 40]  # fmt: skip
+CAPTIONS = [
+    "a photo of a cat on a sofa",
+    "ñandú über 日本語の画像",
+    "emoji 🐱🚀 party",
+    "two\nlines",
+    "",
+    None,
+    "a long caption " * 40,
+]
 
 
 def make_dataset(root: Path, fmt: str, count: int) -> str:
     jpegs = [gen.jpeg_bytes(64, 64, seed=i) for i in range(64)]
-    samples = [Sample(f"{i:08d}", i % 10, jpegs[i % 64],
-                      (CAPTIONS[i % len(CAPTIONS)], None if i % 11 == 0 else i / count, f"{i:064x}"))
-               for i in range(count)]  # fmt: skip
+    samples = [
+        Sample(
+            f"{i:08d}",
+            i % 10,
+            jpegs[i % 64],
+            (CAPTIONS[i % len(CAPTIONS)], None if i % 11 == 0 else i / count, f"{i:064x}"),
+        )
+        for i in range(count)
+    ]
     return write_dataset(root, fmt, samples, SHARD, encoding="jpeg", columns=SCHEMA)
 
 
@@ -93,9 +106,12 @@ def main() -> None:
                     out.append(timed(partial(epoch, uri, cache, cols)))
             c, r = min(col), min(rows)
             w, i = min(with_cols), min(images_only)
-            print(f"{fmt}: {a.count} items | column('caption') {c * 1e3:.1f} ms vs full rows {r * 1e3:.0f} ms: "
-                  f"{r / c:.0f}x faster (target >= 50x) | epoch with columns {w:.2f} s vs images only {i:.2f} s: "
-                  f"{(w / i - 1) * 100:+.1f} % (target <= +10 %)", flush=True)  # fmt: skip
+            print(
+                f"{fmt}: {a.count} items | column('caption') {c * 1e3:.1f} ms vs full rows {r * 1e3:.0f} ms: "
+                f"{r / c:.0f}x faster (target >= 50x) | epoch with columns {w:.2f} s vs images only {i:.2f} s: "
+                f"{(w / i - 1) * 100:+.1f} % (target <= +10 %)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,17 @@ def build(root: Path, count: int, size: int, encode: str) -> str:
     if not src.exists():
         gen.write_image_folder(src, {"a": count // 2, "b": count - count // 2}, size=(size + 16, size + 8))
     out = root / f"ds-{encode}"
-    cfg = load_config(None, {"source.uri": str(src), "output.uri": str(out), "image.size": size, "image.encode": encode,
-                             "shard.size": 500, "cluster.kind": "threads"})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(src),
+            "output.uri": str(out),
+            "image.size": size,
+            "image.encode": encode,
+            "shard.size": 500,
+            "cluster.kind": "threads",
+        },
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     return str(out)
 
@@ -84,8 +93,10 @@ def main() -> None:
                 times["ours"].append(ours(uri, root / "ours"))
                 times["wds"].append(shardwriter(uri, root / "wds"))
             a, b = (n / statistics.median(times[k]) for k in ("ours", "wds"))
-            print(f"{encode:8} {a:11.0f} {b:18.0f} {a / b:6.2f} {megabytes(root / 'ours'):8.1f} "
-                  f"{megabytes(root / 'wds'):7.1f}")  # fmt: skip
+            print(
+                f"{encode:8} {a:11.0f} {b:18.0f} {a / b:6.2f} {megabytes(root / 'ours'):8.1f} "
+                f"{megabytes(root / 'wds'):7.1f}"
+            )
 
 
 if __name__ == "__main__":

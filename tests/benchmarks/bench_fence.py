@@ -70,8 +70,10 @@ def measure(store: Store, count: int, data: bytes, repeat: int) -> dict[str, flo
 
 def _line(name: str, figures: dict[str, float]) -> str:
     plain, old, fenced = (figures[mode] * 1e3 for mode in MODES)
-    return (f"{name:6s} unfenced {plain:7.3f}  read-checked (wave 2) {old:7.3f}  fenced {fenced:7.3f} ms/publish;"
-            f"  fence +{fenced - plain:.3f} ms vs unfenced, {fenced - old:+.3f} ms vs read-checked")  # fmt: skip
+    return (
+        f"{name:6s} unfenced {plain:7.3f}  read-checked (wave 2) {old:7.3f}  fenced {fenced:7.3f} ms/publish;"
+        f"  fence +{fenced - plain:.3f} ms vs unfenced, {fenced - old:+.3f} ms vs read-checked"
+    )
 
 
 def main() -> None:

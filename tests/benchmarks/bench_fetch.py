@@ -194,12 +194,15 @@ def bench_cpu(root: Path, n: int) -> None:
         # how a shard fetches a URL list: 16 ahead, in order - the old way (urllib3 on prefetch
         # threads) and the new (libcurl multi, driven from the consuming thread)
         serial["prefetch x16 threads + fetch_bytes (urllib3)"] = lambda k: list(
-            prefetch([url] * k, lambda u: fetch_bytes(u, policy), depth=16))
+            prefetch([url] * k, lambda u: fetch_bytes(u, policy), depth=16)
+        )
         serial["CurlStream x16 (pycurl multi)"] = lambda k: list(CurlStream([url] * k, str, None, curl, depth=16))
         serial["CurlStream x16, address guard on"] = lambda k: list(
-            CurlStream([url] * k, str, None, curl_guarded, depth=16))
+            CurlStream([url] * k, str, None, curl_guarded, depth=16)
+        )
         serial["CurlStream x16, no X-Robots-Tag check"] = lambda k: list(
-            CurlStream([url] * k, str, None, curl_unscreened, depth=16))
+            CurlStream([url] * k, str, None, curl_unscreened, depth=16)
+        )
         serial["(PIL decode of the same image)"] = lambda k: [decode() for _ in range(k)]
         print("  one caller:")
         _report(compare_cpu(serial, n), "requests.Session (baseline)")

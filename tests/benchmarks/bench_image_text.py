@@ -37,10 +37,19 @@ from bench_pipeline import _free_port  # noqa: E402
 from convert.testing import images as gen  # noqa: E402
 
 CAPTIONS = [
-    "a photo of a cat", "Ünïcödé — «quotes» and ‘single’ ones", "emoji 🐈‍⬛🚀✨ and a flag 🇫🇷", "line one\nline two\r\nthree",
-    'she said "hello", then left', "", "   leading and trailing spaces   ", "tab\tseparated\tcaption",
-    "x" * 10_000, "中文标题 日本語のキャプション 한국어", None, "back\\slash and nul-free",
-]  # fmt: skip
+    "a photo of a cat",
+    "Ünïcödé — «quotes» and ‘single’ ones",
+    "emoji 🐈‍⬛🚀✨ and a flag 🇫🇷",
+    "line one\nline two\r\nthree",
+    'she said "hello", then left',
+    "",
+    "   leading and trailing spaces   ",
+    "tab\tseparated\tcaption",
+    "x" * 10_000,
+    "中文标题 日本語のキャプション 한국어",
+    None,
+    "back\\slash and nul-free",
+]
 
 NGINX = """daemon off; user root; worker_processes 1; error_log {tmp}/nginx-error.log; pid {tmp}/nginx.pid;
 events {{ worker_connections 4096; }}
@@ -70,7 +79,8 @@ def make_corpus(root: Path, rows: int, seed: int = 0) -> tuple[Path, dict[str, s
     for alias in ("noai", "otherbot"):
         os.symlink(www / "img", www / alias)
     return www, {f"n{j:03d}": hashlib.sha256(d).hexdigest() for j, d in enumerate(normal)} | {
-        f"s{j:03d}": hashlib.sha256(d).hexdigest() for j, d in enumerate(small)}
+        f"s{j:03d}": hashlib.sha256(d).hexdigest() for j, d in enumerate(small)
+    }
 
 
 def write_list(path: Path, base: str, digests: dict[str, str], rows: int, seed: int = 0) -> dict[str, str]:
@@ -114,19 +124,54 @@ def serve(www: Path) -> tuple[subprocess.Popen[str], str]:
 
 
 def ours_cmd(lst: Path, out: Path, size: int) -> list[str]:
-    sets = {"source.columns": "[similarity]", "source.hash_column": "sha256", "image.min_size": "100",
-            "fetch.allowed_networks": "[127.0.0.0/8]", "fetch.retries": "0"}  # fmt: skip
-    return [sys.executable, "-m", "convert", "run", "--source", str(lst), "--output", str(out), "--size", str(size),
-            "--shard-size", "1000", "--overwrite", *[f"--set={k}={v}" for k, v in sets.items()]]  # fmt: skip
+    sets = {
+        "source.columns": "[similarity]",
+        "source.hash_column": "sha256",
+        "image.min_size": "100",
+        "fetch.allowed_networks": "[127.0.0.0/8]",
+        "fetch.retries": "0",
+    }
+    return [
+        sys.executable,
+        "-m",
+        "convert",
+        "run",
+        "--source",
+        str(lst),
+        "--output",
+        str(out),
+        "--size",
+        str(size),
+        "--shard-size",
+        "1000",
+        "--overwrite",
+        *[f"--set={k}={v}" for k, v in sets.items()],
+    ]
 
 
 def i2d_cmd(exe: str, lst: Path, out: Path, size: int) -> list[str]:
-    return [exe, f"--url_list={lst}", "--input_format=parquet", "--url_col=url", "--caption_col=caption",
-            '--save_additional_columns=["similarity"]', "--compute_hash=sha256", "--verify_hash=[sha256,sha256]",
-            '--disallowed_header_directives=["noai","noimageai","noindex","noimageindex"]', "--min_image_size=100",
-            f"--image_size={size}", "--resize_mode=center_crop", f"--output_folder={out}", "--output_format=files",
-            "--processes_count=2", "--thread_count=32", "--number_sample_per_shard=1000", "--retries=0",
-            "--enable_wandb=False", "--distributor=multiprocessing"]  # fmt: skip
+    return [
+        exe,
+        f"--url_list={lst}",
+        "--input_format=parquet",
+        "--url_col=url",
+        "--caption_col=caption",
+        '--save_additional_columns=["similarity"]',
+        "--compute_hash=sha256",
+        "--verify_hash=[sha256,sha256]",
+        '--disallowed_header_directives=["noai","noimageai","noindex","noimageindex"]',
+        "--min_image_size=100",
+        f"--image_size={size}",
+        "--resize_mode=center_crop",
+        f"--output_folder={out}",
+        "--output_format=files",
+        "--processes_count=2",
+        "--thread_count=32",
+        "--number_sample_per_shard=1000",
+        "--retries=0",
+        "--enable_wandb=False",
+        "--distributor=multiprocessing",
+    ]
 
 
 def timed(cmd: list[str]) -> float:
@@ -153,8 +198,11 @@ def our_outcomes(out: Path) -> tuple[dict[str, str], dict[str, str | None]]:
 def their_outcomes(out: Path) -> tuple[dict[str, str], dict[str, str | None]]:
     import pyarrow.parquet as pq
 
-    kinds = {"Use of image disallowed by X-Robots-Tag directive": "opted_out", "hash mismatch": "hash_mismatch",
-             "image too small": "filtered"}  # fmt: skip
+    kinds = {
+        "Use of image disallowed by X-Robots-Tag directive": "opted_out",
+        "hash mismatch": "hash_mismatch",
+        "image too small": "filtered",
+    }
     status, captions = {}, {}
     for path in sorted(glob.glob(str(out / "*.parquet"))):
         t = pq.read_table(path, columns=["url", "status", "error_message", "caption"]).to_pydict()
@@ -188,8 +236,10 @@ def main() -> None:
                 print(f"pair {i + 1}: convert {ours[-1]:7.0f} img/s   img2dataset {theirs[-1]:7.0f} img/s", flush=True)
             report(expect, captions_in, our_outcomes(root / "ours"), their_outcomes(root / "theirs"))
             a, b = statistics.median(ours), statistics.median(theirs)
-            print(f"whole process, median of {args.pairs} interleaved pairs: convert {a:.0f} img/s vs img2dataset "
-                  f"{b:.0f} img/s = {a / b:.2f}x (target >= 3x: {'met' if a / b >= 3 else 'MISSED'})")  # fmt: skip
+            print(
+                f"whole process, median of {args.pairs} interleaved pairs: convert {a:.0f} img/s vs img2dataset "
+                f"{b:.0f} img/s = {a / b:.2f}x (target >= 3x: {'met' if a / b >= 3 else 'MISSED'})"
+            )
         finally:
             server.terminate()
 
@@ -206,15 +256,19 @@ def report(expect: dict[str, str], captions_in: dict[str, str | None], ours: tup
     print("outcomes (expected / convert / img2dataset):")
     for kind in ("ok", "opted_out", "hash_mismatch", "filtered"):
         e = sum(v == kind for v in expect.values())
-        print(f"  {kind:<14} {e:>7} {sum(v == kind for v in our_status.values()):>9} "
-              f"{sum(v == kind for v in their_status.values()):>12}")  # fmt: skip
+        print(
+            f"  {kind:<14} {e:>7} {sum(v == kind for v in our_status.values()):>9} "
+            f"{sum(v == kind for v in their_status.values()):>12}"
+        )
     others = Counter(v for v in their_status.values() if v.startswith("other"))
     if others:
         print(f"  img2dataset other outcomes: {dict(others.most_common(5))}")
     our_ok = {u for u, s in our_status.items() if s == "ok"}
     their_ok = {u for u, s in their_status.items() if s == "ok"}
-    print(f"successful URLs: convert {len(our_ok)}, img2dataset {len(their_ok)}, same set: {our_ok == their_ok} "
-          f"(only convert {len(our_ok - their_ok)}, only img2dataset {len(their_ok - our_ok)})")  # fmt: skip
+    print(
+        f"successful URLs: convert {len(our_ok)}, img2dataset {len(their_ok)}, same set: {our_ok == their_ok} "
+        f"(only convert {len(our_ok - their_ok)}, only img2dataset {len(their_ok - our_ok)})"
+    )
     print(f"convert outcome == expected for every row: {all(our_status.get(u) == k for u, k in expect.items())}")
     same = sum(our_caps[u] == captions_in[u] for u in our_caps)
     print(f"convert captions byte-identical to the list: {same}/{len(our_caps)}")

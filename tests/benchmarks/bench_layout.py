@@ -52,8 +52,22 @@ def _cmd(source: str, out: str, layout: tuple[int | None, ...]) -> list[str]:
         sets.append(f"cluster.threads_per_worker={threads}")
     if fetch:
         sets.append(f"fetch.threads={fetch}")
-    return [sys.executable, "-m", "convert", "run", "--source", source, "--output", out, "--size", "64",
-            "--shard-size", "250", "--overwrite", *[f"--set={s}" for s in sets]]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "convert",
+        "run",
+        "--source",
+        source,
+        "--output",
+        out,
+        "--size",
+        "64",
+        "--shard-size",
+        "250",
+        "--overwrite",
+        *[f"--set={s}" for s in sets],
+    ]
 
 
 def timed(cmd: list[str], cores: int) -> float:
@@ -79,12 +93,24 @@ def folder_child(folder: str, cores: int, decode_threads: int | None) -> None:
     paths = sorted(Path(folder).glob("*.jpg"))
     out = tempfile.mkdtemp(prefix="bench-folder-")
     try:
-        with dask.config.set(QUIET_LOGS), LocalCluster(n_workers=cores, threads_per_worker=1, host="127.0.0.1",
-                                                       dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip
+        with (
+            dask.config.set(QUIET_LOGS),
+            LocalCluster(n_workers=cores, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster,
+            Client(cluster) as client,
+        ):
             if decode_threads is not None:
                 client.run(_set_decode_threads, decode_threads)
-            cfg = load_config(None, {"source.uri": folder, "output.uri": out, "image.size": 64, "shard.size": 250,
-                                     "cluster.scheduler": cluster.scheduler_address, "run.overwrite": True})  # fmt: skip
+            cfg = load_config(
+                None,
+                {
+                    "source.uri": folder,
+                    "output.uri": out,
+                    "image.size": 64,
+                    "shard.size": 250,
+                    "cluster.scheduler": cluster.scheduler_address,
+                    "run.overwrite": True,
+                },
+            )
             rate = run(cfg, log=lambda m: None).images_per_second
         per_core = max(single_core_rates(paths[:400], 64).values())
         with multiprocessing.get_context("fork").Pool(cores) as pool:
@@ -121,34 +147,56 @@ def folder_main(args: argparse.Namespace) -> None:
 
         shutil.rmtree(args.folder, ignore_errors=True)
         write_corpus(args.folder, args.count, 200, 600)
-    variants = [(c, code, k) for c in args.cores if c <= len(os.sched_getaffinity(0)) or args.oversubscribe
-                for code in args.code for k in ([None] if "main" in code else args.decode_threads)]  # fmt: skip
+    variants = [
+        (c, code, k)
+        for c in args.cores
+        if c <= len(os.sched_getaffinity(0)) or args.oversubscribe
+        for code in args.code
+        for k in ([None] if "main" in code else args.decode_threads)
+    ]
     found: dict[tuple, list[tuple[float, float, float]]] = {v: [] for v in variants}
     for rep in range(args.repeat):
         for v in variants:
             cores, code, k = v
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.abspath(code), here])}
             cpus = ",".join(str(c % len(os.sched_getaffinity(0))) for c in range(cores))  # > cores: shares them
-            cmd = ["taskset", "-c", cpus, sys.executable, os.path.abspath(__file__), "--folder", args.folder,
-                   "--child", str(cores), str(k or 0)]  # fmt: skip
+            cmd = [
+                "taskset",
+                "-c",
+                cpus,
+                sys.executable,
+                os.path.abspath(__file__),
+                "--folder",
+                args.folder,
+                "--child",
+                str(cores),
+                str(k or 0),
+            ]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
             if proc.returncode != 0:
                 raise SystemExit(f"child failed: {proc.stderr[-1500:]}")
             rate, per_core, parallel = map(float, proc.stdout.split()[-3:])
             found[v].append((rate, per_core, parallel))
-            print(f"  rep {rep + 1} {cores} core(s) {code} threads={k}: {rate:.0f} img/s, per-core {per_core:.0f} "
-                  f"(CPU time) = {rate / (cores * per_core):.2f}x; {cores} decode processes now {parallel:.0f} img/s "
-                  f"(wall) = {rate / parallel:.2f}x; load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
-    print(f"local folder -> 64x64 HDF5, {args.count} JPEGs, running cluster, median of {args.repeat} interleaved runs "
-          f"(load average now {os.getloadavg()}):")  # fmt: skip
+            print(
+                f"  rep {rep + 1} {cores} core(s) {code} threads={k}: {rate:.0f} img/s, per-core {per_core:.0f} "
+                f"(CPU time) = {rate / (cores * per_core):.2f}x; {cores} decode processes now {parallel:.0f} img/s "
+                f"(wall) = {rate / parallel:.2f}x; load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+    print(
+        f"local folder -> 64x64 HDF5, {args.count} JPEGs, running cluster, median of {args.repeat} interleaved runs "
+        f"(load average now {os.getloadavg()}):"
+    )
     for v, runs in found.items():
         cores, code, k = v
         ratio = statistics.median(r / (cores * p) for r, p, _ in runs)
         wall = statistics.median(r / q for r, _, q in runs)
         rate, per_core = statistics.median(r for r, _, _ in runs), statistics.median(p for _, p, _ in runs)
-        print(f"  {cores} core(s) {code:12s} decode threads {k or '-':>2}: {rate:6.0f} img/s = {ratio:.2f}x of {cores} x "
-              f"{per_core:.0f} per core (CPU time; target >= 0.9: {'met' if ratio >= 0.9 else 'MISSED'}); "
-              f"{wall:.2f}x of {cores} decode processes in the same run (wall)")  # fmt: skip
+        print(
+            f"  {cores} core(s) {code:12s} decode threads {k or '-':>2}: {rate:6.0f} img/s = {ratio:.2f}x of {cores} x "
+            f"{per_core:.0f} per core (CPU time; target >= 0.9: {'met' if ratio >= 0.9 else 'MISSED'}); "
+            f"{wall:.2f}x of {cores} decode processes in the same run (wall)"
+        )
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ def build(dataset: str, items: int, float_mb: int) -> Any:
         n = float_mb * 2**20 // 8
         out = np.empty(n)
         for start in range(0, n, 1 << 22):  # chunked so building it needs no temporary copy
-            piece = out[start: start + (1 << 22)]
+            piece = out[start : start + (1 << 22)]
             piece[:] = np.sin(np.arange(start, start + len(piece)) / 5000.0)
             piece += rng.normal(0, 0.01, len(piece))
             np.round(piece, 3, out=piece)
@@ -54,8 +54,7 @@ def build(dataset: str, items: int, float_mb: int) -> Any:
         "status": rng.integers(0, 4, items, dtype=np.uint8),
         "sizes": rng.integers(2_000, 500_000, items, dtype=np.int64),
         "shapes": rng.integers(32, 4096, (items, 3), dtype=np.int32),
-        "plan": {"shards": [(f"shard-{s:05d}", s * 1000, (s + 1) * 1000)
-                            for s in range(items // 1000)], "version": 1},
+        "plan": {"shards": [(f"shard-{s:05d}", s * 1000, (s + 1) * 1000) for s in range(items // 1000)], "version": 1},
     }
     return ledger
 
@@ -113,8 +112,7 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def memory_worker(impl: str, op: str, dataset: str, codec: str, path: str, items: int,
-                  float_mb: int) -> dict:
+def memory_worker(impl: str, op: str, dataset: str, codec: str, path: str, items: int, float_mb: int) -> dict:
     """Peak RSS growth and tracemalloc peak of one op, in a fresh process."""
     dump, load = _ops(impl, codec)
     obj = build(dataset, items, float_mb) if op == "dump" else None
@@ -133,8 +131,7 @@ def memory_worker(impl: str, op: str, dataset: str, codec: str, path: str, items
     return {"traced": traced, "rss": rss_peak, "size": os.path.getsize(path)}
 
 
-def timing_worker(dataset: str, codec: str, tmp: str, items: int, float_mb: int,
-                  repeat: int) -> dict:
+def timing_worker(dataset: str, codec: str, tmp: str, items: int, float_mb: int, repeat: int) -> dict:
     """Best-of-`repeat` seconds per (impl, op), alternating persist and joblib every round so
     that load from other processes on a shared machine hits both alike."""
     obj = build(dataset, items, float_mb)
@@ -158,8 +155,7 @@ def timing_worker(dataset: str, codec: str, tmp: str, items: int, float_mb: int,
 
 
 def _run(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -180,39 +176,45 @@ def main() -> None:
     args = parser.parse_args()
     if args.memory_worker:
         impl, op, dataset, codec, path, items, float_mb = args.memory_worker
-        print(json.dumps(memory_worker(impl, op, dataset, codec, path, int(items),
-                                       int(float_mb))))
+        print(json.dumps(memory_worker(impl, op, dataset, codec, path, int(items), int(float_mb))))
         return
     if args.timing_worker:
         dataset, codec, tmp, items, float_mb = args.timing_worker
-        print(json.dumps(timing_worker(dataset, codec, tmp, int(items), int(float_mb),
-                                       args.repeat)))
+        print(json.dumps(timing_worker(dataset, codec, tmp, int(items), int(float_mb), args.repeat)))
         return
     sizes = SIZES["quick" if args.quick else "full"]
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus; best of {args.repeat}")
-    print(f"sizes: {sizes}; ratio = persist / joblib (< 1 is better); "
-          "mem = tracemalloc peak during the op (dump: beyond the object; load: incl. result); "
-          "rss = peak RSS growth")
-    print(f"{'dataset':<13}{'codec':<6}{'op':<5}{'persist s':>10}{'joblib s':>9}{'ratio':>7}"
-          f"{'mem MiB':>9}{'joblib':>8}{'ratio':>7}{'rss MiB':>9}{'joblib':>8}"
-          f"{'size MiB':>9}{'joblib':>8}")
+    print(
+        f"sizes: {sizes}; ratio = persist / joblib (< 1 is better); "
+        "mem = tracemalloc peak during the op (dump: beyond the object; load: incl. result); "
+        "rss = peak RSS growth"
+    )
+    print(
+        f"{'dataset':<13}{'codec':<6}{'op':<5}{'persist s':>10}{'joblib s':>9}{'ratio':>7}"
+        f"{'mem MiB':>9}{'joblib':>8}{'ratio':>7}{'rss MiB':>9}{'joblib':>8}"
+        f"{'size MiB':>9}{'joblib':>8}"
+    )
     dims = [str(sizes["items"]), str(sizes["float_mb"])]
     with tempfile.TemporaryDirectory() as tmp:
         for dataset in args.datasets.split(","):
             for codec in args.codecs.split(","):
-                times = _run(["--repeat", str(args.repeat), "--timing-worker", dataset, codec,
-                              tmp, *dims])
+                times = _run(["--repeat", str(args.repeat), "--timing-worker", dataset, codec, tmp, *dims])
                 for op in ("dump", "load"):
-                    mem = {impl: _run(["--memory-worker", impl, op, dataset, codec,
-                                       os.path.join(tmp, f"{impl}-mem"), *dims])
-                           for impl in ("persist", "joblib")}
+                    mem = {
+                        impl: _run(
+                            ["--memory-worker", impl, op, dataset, codec, os.path.join(tmp, f"{impl}-mem"), *dims]
+                        )
+                        for impl in ("persist", "joblib")
+                    }
                     p, j = mem["persist"], mem["joblib"]
                     tp, tj = times[f"persist.{op}"], times[f"joblib.{op}"]
-                    print(f"{dataset:<13}{codec:<6}{op:<5}{tp:>10.3f}{tj:>9.3f}{tp / tj:>7.2f}"
-                          f"{_mib(p['traced']):>9}{_mib(j['traced']):>8}"
-                          f"{p['traced'] / max(j['traced'], 1):>7.2f}{_mib(p['rss']):>9}"
-                          f"{_mib(j['rss']):>8}{_mib(p['size']):>9}{_mib(j['size']):>8}",
-                          flush=True)
+                    print(
+                        f"{dataset:<13}{codec:<6}{op:<5}{tp:>10.3f}{tj:>9.3f}{tp / tj:>7.2f}"
+                        f"{_mib(p['traced']):>9}{_mib(j['traced']):>8}"
+                        f"{p['traced'] / max(j['traced'], 1):>7.2f}{_mib(p['rss']):>9}"
+                        f"{_mib(j['rss']):>8}{_mib(p['size']):>9}{_mib(j['size']):>8}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

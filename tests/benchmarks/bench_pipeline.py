@@ -50,8 +50,9 @@ def single_core_rates(paths: list[Path], size: int) -> dict[str, float]:
     rates = {}
     for decoder in ("pillow", "simplejpeg"):
         try:
-            cfg = load_config(None, {"source.uri": "x", "output.uri": "y", "image.size": size,
-                                     "image.decoder": decoder}).image  # fmt: skip
+            cfg = load_config(
+                None, {"source.uri": "x", "output.uri": "y", "image.size": size, "image.decoder": decoder}
+            ).image
         except Exception:  # noqa: BLE001 - decoder not installed / not known to this version
             continue
         transform(blobs[0], cfg)
@@ -85,8 +86,12 @@ def serve(root: Path) -> tuple[subprocess.Popen[str], str, str]:
         proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)], stdin=subprocess.PIPE, text=True)
         time.sleep(0.5)
         return proc, f"http://127.0.0.1:{port}", "nginx (1 worker process)"
-    proc = subprocess.Popen([sys.executable, "-m", "convert.testing.http", str(root)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convert.testing.http", str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     return proc, proc.stdout.readline().strip(), "convert.testing.http (Python, threaded)"
 
 
@@ -110,7 +115,9 @@ def write_list(path: Path, base_url: str, names: list[str], count: int) -> None:
         w.writerows([f"{base_url}/{names[i % len(names)]}"] for i in range(count))
 
 
-def cpu_account(source: str, out: Path, size: int, workers: int, overrides: dict, server: psutil.Process) -> dict[str, float]:
+def cpu_account(
+    source: str, out: Path, size: int, workers: int, overrides: dict, server: psutil.Process
+) -> dict[str, float]:
     """One run on a fresh LocalCluster; per-image milliseconds of every stage and process."""
     servers = [server, *server.children(recursive=True)]
     wall0, client_cpu0 = time.perf_counter(), _self_cpu()
@@ -123,8 +130,18 @@ def cpu_account(source: str, out: Path, size: int, workers: int, overrides: dict
     before = {p.pid: _cpu(p) for p in kids}
     client_before, server_before = _self_cpu(), sum(map(_cpu, servers))
     t0 = time.perf_counter()
-    cfg = load_config(None, {"source.uri": source, "output.uri": str(out), "image.size": size, "shard.size": 250,
-                             "cluster.scheduler": cluster.scheduler_address, "run.overwrite": True, **overrides})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": source,
+            "output.uri": str(out),
+            "image.size": size,
+            "shard.size": 250,
+            "cluster.scheduler": cluster.scheduler_address,
+            "run.overwrite": True,
+            **overrides,
+        },
+    )
     summary = run(cfg, log=lambda m: None)
     run_wall = time.perf_counter() - t0
     assert summary.exit_code() == 0 and summary.items_failed == 0, summary
@@ -146,30 +163,46 @@ def cpu_account(source: str, out: Path, size: int, workers: int, overrides: dict
     nanny_cpu = sum(after[p] - before[p] for p in after if p not in worker_pids)
     busy = sum(stages.get(k, 0.0) for k in ("fetch_cpu", "convert_cpu", "verify", "hash", "commit"))
     ms = {f"worker {k}": v * 1e3 / n for k, v in stages.items()}
-    ms.update({
-        "worker process CPU (all)": worker_cpu * 1e3 / n,
-        "Dask/task overhead (worker CPU outside stages)": (worker_cpu - busy) * 1e3 / n,
-        "client + scheduler CPU (during run)": client_run * 1e3 / n,
-        "client CPU incl. cluster start-up/teardown": (_self_cpu() - client_cpu0) * 1e3 / n,
-        "nanny processes CPU": nanny_cpu * 1e3 / n,
-        "HTTP server CPU (nginx)": server_cpu * 1e3 / n,
-        "idle/other load (cores x wall - all CPU above)":
-            max(0.0, workers * run_wall - worker_cpu - client_run - nanny_cpu - server_cpu) * 1e3 / n,
-        "hash re-read, % of shard wall time": 100 * stages.get("hash", 0.0) / max(shard_wall, 1e-9),
-        "cluster start-up wall (s)": startup,
-        "run wall (s)": run_wall,
-        "whole wall (s)": total_wall,
-        "img/s (run only)": n / run_wall,
-    })  # fmt: skip
+    ms.update(
+        {
+            "worker process CPU (all)": worker_cpu * 1e3 / n,
+            "Dask/task overhead (worker CPU outside stages)": (worker_cpu - busy) * 1e3 / n,
+            "client + scheduler CPU (during run)": client_run * 1e3 / n,
+            "client CPU incl. cluster start-up/teardown": (_self_cpu() - client_cpu0) * 1e3 / n,
+            "nanny processes CPU": nanny_cpu * 1e3 / n,
+            "HTTP server CPU (nginx)": server_cpu * 1e3 / n,
+            "idle/other load (cores x wall - all CPU above)": max(
+                0.0, workers * run_wall - worker_cpu - client_run - nanny_cpu - server_cpu
+            )
+            * 1e3
+            / n,
+            "hash re-read, % of shard wall time": 100 * stages.get("hash", 0.0) / max(shard_wall, 1e-9),
+            "cluster start-up wall (s)": startup,
+            "run wall (s)": run_wall,
+            "whole wall (s)": total_wall,
+            "img/s (run only)": n / run_wall,
+        }
+    )
     return ms
 
 
 def local_steady_rate(source: str, out: Path, size: int, workers: int) -> float:
     """img/s of run() on an already running LocalCluster (the wave-1 measure: no start-up)."""
-    with dask.config.set(QUIET_LOGS), LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1",
-                                                   dashboard_address=None) as c:  # fmt: skip
-        cfg = load_config(None, {"source.uri": source, "output.uri": str(out), "image.size": size, "shard.size": 250,
-                                 "cluster.scheduler": c.scheduler_address, "run.overwrite": True})  # fmt: skip
+    with (
+        dask.config.set(QUIET_LOGS),
+        LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as c,
+    ):
+        cfg = load_config(
+            None,
+            {
+                "source.uri": source,
+                "output.uri": str(out),
+                "image.size": size,
+                "shard.size": 250,
+                "cluster.scheduler": c.scheduler_address,
+                "run.overwrite": True,
+            },
+        )
         return run(cfg, log=lambda m: None).images_per_second
 
 
@@ -184,14 +217,40 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
 
 def ours_cmd(source: str, out: Path, size: int, extra: list[str] = ()) -> list[str]:
     sets = [f"--set={k}={str(v).lower()}" for k, v in OPEN.items()]
-    return [sys.executable, "-m", "convert", "run", "--source", source, "--output", str(out), "--size", str(size),
-            "--shard-size", "250", "--overwrite", *sets, *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "convert",
+        "run",
+        "--source",
+        source,
+        "--output",
+        str(out),
+        "--size",
+        str(size),
+        "--shard-size",
+        "250",
+        "--overwrite",
+        *sets,
+        *extra,
+    ]
 
 
 def i2d_cmd(exe: str, url_txt: Path, out: Path, size: int, workers: int) -> list[str]:
-    return [exe, f"--url_list={url_txt}", "--input_format=txt", f"--output_folder={out}", "--output_format=files",
-            f"--image_size={size}", "--resize_mode=center_crop", f"--processes_count={workers}", "--thread_count=32",
-            "--number_sample_per_shard=250", "--enable_wandb=False", "--distributor=multiprocessing"]  # fmt: skip
+    return [
+        exe,
+        f"--url_list={url_txt}",
+        "--input_format=txt",
+        f"--output_folder={out}",
+        "--output_format=files",
+        f"--image_size={size}",
+        "--resize_mode=center_crop",
+        f"--processes_count={workers}",
+        "--thread_count=32",
+        "--number_sample_per_shard=250",
+        "--enable_wandb=False",
+        "--distributor=multiprocessing",
+    ]
 
 
 def compare(args, root: Path, url_csv: Path, url_txt: Path, n: int) -> None:
@@ -203,8 +262,10 @@ def compare(args, root: Path, url_csv: Path, url_txt: Path, n: int) -> None:
         theirs.append(n / timed(i2d_cmd(args.img2dataset, url_txt, root / "cmp-i2d", args.size, args.workers), env))
         print(f"  pair {i + 1}: convert {ours[-1]:6.0f} img/s, img2dataset {theirs[-1]:6.0f} img/s", flush=True)
     a, b = statistics.median(ours), statistics.median(theirs)
-    print(f"whole-process, URL list over loopback, median of {args.pairs} interleaved pairs: convert {a:.0f} img/s vs "
-          f"img2dataset {b:.0f} img/s = {a / b:.2f}x (target >= 3x: {'met' if a / b >= 3 else 'MISSED'})")  # fmt: skip
+    print(
+        f"whole-process, URL list over loopback, median of {args.pairs} interleaved pairs: convert {a:.0f} img/s vs "
+        f"img2dataset {b:.0f} img/s = {a / b:.2f}x (target >= 3x: {'met' if a / b >= 3 else 'MISSED'})"
+    )
 
 
 def rss_runs(args, root: Path, base_url: str, names: list[str]) -> None:
@@ -212,8 +273,15 @@ def rss_runs(args, root: Path, base_url: str, names: list[str]) -> None:
     checkpoints of one run on the product's own LocalCluster (bench_rss.py, which also probes why)."""
     from bench_rss import one_run  # here, not on top: bench_rss imports this module
 
-    settings = {"counts": args.rss_counts, "size": args.size, "shard_size": 1000, "set": {"cluster.workers": args.workers},
-                "probe": False, "tracemalloc": False, "trim": False}  # fmt: skip
+    settings = {
+        "counts": args.rss_counts,
+        "size": args.size,
+        "shard_size": 1000,
+        "set": {"cluster.workers": args.workers},
+        "probe": False,
+        "tracemalloc": False,
+        "trim": False,
+    }
     one_run(argparse.Namespace(**settings), root, base_url, names)
 
 
@@ -239,11 +307,17 @@ def main() -> None:
                 write_corpus(args.corpus, args.count, 200, 600)
             www.symlink_to(args.corpus.resolve())
         paths = sorted(www.glob("*.jpg")) if args.corpus is not None else write_corpus(www, args.count, 200, 600)
-        print(f"corpus: {args.count} JPEGs 200-600 px, mean {sum(p.stat().st_size for p in paths) / len(paths) / 1e3:.0f} kB "
-              f"(generated in {time.perf_counter() - t0:.0f} s); {args.workers} cores")  # fmt: skip
+        print(
+            f"corpus: {args.count} JPEGs 200-600 px, mean {sum(p.stat().st_size for p in paths) / len(paths) / 1e3:.0f} kB "
+            f"(generated in {time.perf_counter() - t0:.0f} s); {args.workers} cores"
+        )
         rates = single_core_rates(paths[:500], args.size)
         best = max(rates, key=rates.get)
-        print("single-core decode+resize: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in rates.items()) + f" (fastest: {best})")
+        print(
+            "single-core decode+resize: "
+            + ", ".join(f"{k} {v:.0f} img/s" for k, v in rates.items())
+            + f" (fastest: {best})"
+        )
         server, url, server_name = serve(root / "www")
         print(f"static server: {server_name}", flush=True)
         names = [p.name for p in paths]
@@ -253,9 +327,17 @@ def main() -> None:
             url_txt.write_text("".join(f"{url}/{n}\n" for n in names))
             if "account" not in args.skip:
                 print("CPU account per image (ms), URL list -> HDF5, per HTTP backend (urllib3 = the previous path):")
-                accts = {b: cpu_account(str(url_csv), root / "acct", args.size, args.workers,
-                                        {**OPEN, "fetch.backend": b}, psutil.Process(server.pid))
-                         for b in args.account_backends}  # fmt: skip
+                accts = {
+                    b: cpu_account(
+                        str(url_csv),
+                        root / "acct",
+                        args.size,
+                        args.workers,
+                        {**OPEN, "fetch.backend": b},
+                        psutil.Process(server.pid),
+                    )
+                    for b in args.account_backends
+                }
                 print(f"  {'':52s} " + " ".join(f"{b:>9s}" for b in accts))
                 for k in next(iter(accts.values())):
                     print(f"  {k:52s} " + " ".join(f"{a.get(k, float('nan')):9.3f}" for a in accts.values()))
@@ -266,9 +348,12 @@ def main() -> None:
                 whole = len(names) / timed(ours_cmd(str(www.resolve()), root / "local-out", args.size))
                 steady = local_steady_rate(str(www.resolve()), root / "local-out", args.size, args.workers)
                 for what, rate in (("whole process", whole), ("running cluster, excl. start-up", steady)):
-                    print(f"local folder -> HDF5, {what}: {rate:.0f} img/s = {rate / ceiling:.2f} x (0.85 x "
-                          f"{args.workers} cores x {rates[best]:.0f} single-core {best}) (target >= 1: "
-                          f"{'met' if rate >= ceiling else 'MISSED'})", flush=True)  # fmt: skip
+                    print(
+                        f"local folder -> HDF5, {what}: {rate:.0f} img/s = {rate / ceiling:.2f} x (0.85 x "
+                        f"{args.workers} cores x {rates[best]:.0f} single-core {best}) (target >= 1: "
+                        f"{'met' if rate >= ceiling else 'MISSED'})",
+                        flush=True,
+                    )
             if "rss" not in args.skip:
                 rss_runs(args, root, url, names)
         finally:

@@ -114,8 +114,18 @@ def convert_layout(src: Path, out: Path, fmt: str, encode: str) -> str:
     from convert import run
     from convert.config import load_config
 
-    cfg = load_config(None, {"source.uri": str(src), "output.uri": str(out), "output.format": fmt, "image.size": SIDE,
-                             "image.encode": encode, "shard.size": 1000, "cluster.workers": 2})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(src),
+            "output.uri": str(out),
+            "output.format": fmt,
+            "image.size": SIDE,
+            "image.encode": encode,
+            "shard.size": 1000,
+            "cluster.workers": 2,
+        },
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     return str(out)
 
@@ -152,8 +162,9 @@ def in_process(ds: Any, rng: np.random.Generator, singles: int, batches: int) ->
 def dataloader(ds: Any, method: str) -> float:
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2, multiprocessing_context=method,
-                        collate_fn=_collate)  # fmt: skip
+    loader = DataLoader(
+        ds, batch_size=BATCH, shuffle=True, num_workers=2, multiprocessing_context=method, collate_fn=_collate
+    )
     return rate(len(ds), lambda: [None for _ in loader], f"DataLoader {method}")
 
 
@@ -229,8 +240,9 @@ print(json.dumps(res))
 def mosaic(python: str, paths: list[str], work: Path) -> dict[str, float] | str:
     listing = work / "paths.json"
     listing.write_text(json.dumps(paths))
-    proc = subprocess.run([python, "-c", MOSAIC, str(listing), str(work / "mosaic")], capture_output=True,
-                          text=True, timeout=1800)  # fmt: skip
+    proc = subprocess.run(
+        [python, "-c", MOSAIC, str(listing), str(work / "mosaic")], capture_output=True, text=True, timeout=1800
+    )
     if proc.returncode != 0:
         return (proc.stderr.strip().splitlines() or ["failed"])[-1]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -249,7 +261,10 @@ def main() -> None:
     paths = make_source(work / "png", args.count)
     from convert.dataset import open_dataset
 
-    layouts: dict[str, Any] = {"PNG file per image": PNGFiles(paths), "one HDF5 array": OneArray(one_array(paths, work / "one.h5"))}
+    layouts: dict[str, Any] = {
+        "PNG file per image": PNGFiles(paths),
+        "one HDF5 array": OneArray(one_array(paths, work / "one.h5")),
+    }
     uris = {}
     for fmt in ("hdf5", "lmdb"):
         for encode in ("raw", "jpeg"):
@@ -262,7 +277,9 @@ def main() -> None:
             runs[name].append(in_process(ds, rng, singles=2000, batches=8))
     table = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     for name, ds in layouts.items():
-        table[name]["disk MB"] = disk_mb(uris.get(name) or (str(work / "one.h5") if "array" in name else str(work / "png")))
+        table[name]["disk MB"] = disk_mb(
+            uris.get(name) or (str(work / "one.h5") if "array" in name else str(work / "png"))
+        )
         if not args.no_dataloader:
             print(name, file=sys.stderr, flush=True)
             for method in ("fork", "spawn"):
@@ -288,20 +305,28 @@ def report(table: dict[str, dict[str, float]], uris: dict[str, str], moz: Any, a
     for name in uris:
         row = table[name]
         ok = row["batch"] >= 10 * png["batch"] and row["batch"] >= arr["batch"]
-        print(f"  {name}: random batch {row['batch'] / png['batch']:.1f}x PNG (>= 10x), "
-              f"{row['batch'] / arr['batch']:.2f}x one-array (>= 1x): {'met' if ok else 'MISSED'}")  # fmt: skip
+        print(
+            f"  {name}: random batch {row['batch'] / png['batch']:.1f}x PNG (>= 10x), "
+            f"{row['batch'] / arr['batch']:.2f}x one-array (>= 1x): {'met' if ok else 'MISSED'}"
+        )
         if name.endswith("raw"):
             ok = row["seq"] >= 20 * png["seq"]
-            print(f"  {name}: sequential {row['seq'] / png['seq']:.1f}x PNG (>= 20x): {'met' if ok else 'MISSED'}; "
-                  f"{row['seq'] / arr['seq']:.2f}x one-array")  # fmt: skip
+            print(
+                f"  {name}: sequential {row['seq'] / png['seq']:.1f}x PNG (>= 20x): {'met' if ok else 'MISSED'}; "
+                f"{row['seq'] / arr['seq']:.2f}x one-array"
+            )
         if "stream" in row and isinstance(moz, dict):
             ok = row["stream"] >= moz["stream"]
-            print(f"  {name}: StreamingDataset 2 workers {row['stream'] / moz['stream']:.2f}x Mosaic: {'met' if ok else 'MISSED'}")
+            print(
+                f"  {name}: StreamingDataset 2 workers {row['stream'] / moz['stream']:.2f}x Mosaic: {'met' if ok else 'MISSED'}"
+            )
         if "lmdb" in name:
             disk, payload = lmdb_payload_ratio(uris[name])
             ok = disk <= 1.1 * payload
-            print(f"  {name}: shards {disk:.1f} MB for {payload:.1f} MB payload (+{100 * (disk / payload - 1):.1f}%, "
-                  f"<= 10%): {'met' if ok else 'MISSED'}")  # fmt: skip
+            print(
+                f"  {name}: shards {disk:.1f} MB for {payload:.1f} MB payload (+{100 * (disk / payload - 1):.1f}%, "
+                f"<= 10%): {'met' if ok else 'MISSED'}"
+            )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,17 @@ def size_only(store: Store, names: list[str]) -> int:
 
 
 def build(uri: str, options: dict, source: Path, scheduler: str, shards: int) -> tuple[Store, dict[str, str]]:
-    cfg = load_config(None, {"source.uri": str(source), "output.uri": uri, "output.storage_options": options,
-                             "shard.size": 8, "image.size": 16, "cluster.scheduler": scheduler})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(source),
+            "output.uri": uri,
+            "output.storage_options": options,
+            "shard.size": 8,
+            "image.size": 16,
+            "cluster.scheduler": scheduler,
+        },
+    )
     summary = run(cfg, log=lambda m: None)
     assert summary.exit_code() == 0 and summary.shards == shards, summary
     store = open_store(uri, options)
@@ -83,17 +92,33 @@ def resume_costs(store: Store, fps: dict[str, str], repeat: int) -> dict[str, fl
 def index_costs(n: int, root: Path, repeat: int) -> dict[str, float]:
     from convert.dataset import open_dataset
 
-    records = [ShardRecord(f"shard-{i:07d}", f"shards/shard-{i:07d}.h5", "hdf5", 1000, 998, 2, 6_500_000,
-                           "ab" * 32, (64, 64, 3), "raw", stages={"fetch": 1.5, "write": 0.2})
-               for i in range(n)]  # fmt: skip
+    records = [
+        ShardRecord(
+            f"shard-{i:07d}",
+            f"shards/shard-{i:07d}.h5",
+            "hdf5",
+            1000,
+            998,
+            2,
+            6_500_000,
+            "ab" * 32,
+            (64, 64, 3),
+            "raw",
+            stages={"fetch": 1.5, "write": 0.2},
+        )
+        for i in range(n)
+    ]
     config = {"output": {"format": "hdf5"}}
     store = open_store(str(root / "big"))
     write_manifest(store, records, config, None, "urls", counts={"ok": 998 * n, "decode_error": 2 * n})
     legacy = json.dumps({"shards": [r.summary() for r in records]}, indent=1).encode()
     manifest_bytes = (root / "big" / "manifest.json").stat().st_size + (root / "big" / "index.gz").stat().st_size
-    return {"index": timed(lambda: open_dataset(str(root / "big")), repeat),
-            "inline-json": timed(lambda: json.loads(legacy), repeat),
-            "bytes": manifest_bytes, "legacy-bytes": len(legacy)}  # fmt: skip
+    return {
+        "index": timed(lambda: open_dataset(str(root / "big")), repeat),
+        "inline-json": timed(lambda: json.loads(legacy), repeat),
+        "bytes": manifest_bytes,
+        "legacy-bytes": len(legacy),
+    }
 
 
 def main() -> None:
@@ -104,22 +129,31 @@ def main() -> None:
     args = ap.parse_args()
     from distributed import LocalCluster
 
-    with tempfile.TemporaryDirectory() as tmp, MotoServer() as moto, \
-            LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        MotoServer() as moto,
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+    ):
         root = Path(tmp)
         gen.write_image_folder(root / "src", {"a": args.shards * 8}, size=(24, 20))
         moto.make_bucket("bench")
         idx = index_costs(args.index, root, args.repeat)
-        print(f"open_dataset over a {args.index}-shard index: {idx['index']:.3f} s, {idx['bytes'] / 1e6:.1f} MB on "
-              f"disk; wave 1 inline JSON table: json.loads alone {idx['inline-json']:.3f} s, "
-              f"{idx['legacy-bytes'] / 1e6:.1f} MB", flush=True)  # fmt: skip
+        print(
+            f"open_dataset over a {args.index}-shard index: {idx['index']:.3f} s, {idx['bytes'] / 1e6:.1f} MB on "
+            f"disk; wave 1 inline JSON table: json.loads alone {idx['inline-json']:.3f} s, "
+            f"{idx['legacy-bytes'] / 1e6:.1f} MB",
+            flush=True,
+        )
         print(f"resume of {args.shards} committed shards (median of {args.repeat}, seconds):", flush=True)
         for label, uri, opts in (("local", str(root / "out"), {}), ("moto", "s3://bench/out", moto.storage_options())):
             store, fps = build(uri, opts, root / "src", cluster.scheduler_address, args.shards)
             r = resume_costs(store, fps, args.repeat)
-            print(f"  {label:5s}  size-only {r['size-only']:.3f}   content-checked {r['content']:.3f} "
-                  f"({r['content'] / r['size-only']:.2f}x)   full sha256 {r['full']:.3f} "
-                  f"({r['full'] / r['size-only']:.2f}x)", flush=True)  # fmt: skip
+            print(
+                f"  {label:5s}  size-only {r['size-only']:.3f}   content-checked {r['content']:.3f} "
+                f"({r['content'] / r['size-only']:.2f}x)   full sha256 {r['full']:.3f} "
+                f"({r['full'] / r['size-only']:.2f}x)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,12 @@ DEPTH = 16  # items in flight, as fetch.threads
 
 
 def serve(root: Path, hosts: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "convert.testing.http", str(root), str(hosts)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convert.testing.http", str(root), str(hosts)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     return proc, proc.stdout.readline().strip()
 
@@ -71,8 +75,10 @@ def bench(urls: list[str], backend: str, rounds: int) -> None:
     n = len(urls)
     print(f"  backend {backend}:")
     for name, (cpu, wall) in best.items():
-        print(f"    {name:22s} {cpu / n * 1e6:7.0f} us CPU/item  {wall / n * 1e3:6.2f} ms wall/item"
-              f"   CPU {cpu / cpu0:4.2f}x  wall {wall / wall0:4.2f}x of ignore")  # fmt: skip
+        print(
+            f"    {name:22s} {cpu / n * 1e6:7.0f} us CPU/item  {wall / n * 1e3:6.2f} ms wall/item"
+            f"   CPU {cpu / cpu0:4.2f}x  wall {wall / wall0:4.2f}x of ignore"
+        )
 
 
 def main() -> None:
@@ -94,8 +100,10 @@ def main() -> None:
             port = first.rsplit(":", 1)[1]
             sites = [f"http://127.0.{1 + i // 250}.{1 + i % 250}:{port}" for i in range(hosts)]
             urls = [f"{site}/img/{k}.jpg" for k in range(args.per_host) for site in sites]
-            print(f"bench_robots: {hosts} hosts x {args.per_host} items, depth {DEPTH}, best of {rounds}, "
-                  f"{os.cpu_count()} cpus")  # fmt: skip
+            print(
+                f"bench_robots: {hosts} hosts x {args.per_host} items, depth {DEPTH}, best of {rounds}, "
+                f"{os.cpu_count()} cpus"
+            )
             for backend in ("curl", "urllib3"):
                 bench(urls, backend, rounds)
         finally:

@@ -96,19 +96,29 @@ def probe(dask_worker: Any = None, trace: bool = False) -> dict[str, Any]:
     out["types"] = collections.Counter(type(o).__name__ for o in gc.get_objects())
     w = dask_worker
     if w is not None:
-        out["deep kB"] = {name: deep_size(obj) // 1024 for name, obj in (
-            ("profile_history", w.profile_history), ("profile_keys_history", w.profile_keys_history),
-            ("state.log", w.state.log), ("stimulus_log", w.state.stimulus_log))}  # fmt: skip
+        out["deep kB"] = {
+            name: deep_size(obj) // 1024
+            for name, obj in (
+                ("profile_history", w.profile_history),
+                ("profile_keys_history", w.profile_keys_history),
+                ("state.log", w.state.log),
+                ("stimulus_log", w.state.stimulus_log),
+            )
+        }
         st = w.state
         out["dask"] = {
-            "tasks": len(st.tasks), "state.log": len(st.log), "stimulus_log": len(st.stimulus_log),
-            "profile_history": len(w.profile_history), "profile_keys_history": len(w.profile_keys_history),
+            "tasks": len(st.tasks),
+            "state.log": len(st.log),
+            "stimulus_log": len(st.stimulus_log),
+            "profile_history": len(w.profile_history),
+            "profile_keys_history": len(w.profile_keys_history),
             "profile_history kB": len(pickle.dumps(list(w.profile_history))) // 1024,
             "profile_keys_history kB": len(pickle.dumps(list(w.profile_keys_history))) // 1024,
-            "digests_total": len(w.digests_total), "data": len(w.data),
+            "digests_total": len(w.digests_total),
+            "data": len(w.data),
             "profiler CPU s": round(sum(v for k, v in w.digests_total.items() if "profile-duration" in str(k)), 2),
             "process CPU s": round(sum(os.times()[:2]), 2),
-        }  # fmt: skip
+        }
     try:
         libc = ctypes.CDLL("libc.so.6")
         buf = ctypes.create_string_buffer(1 << 20)
@@ -118,9 +128,10 @@ def probe(dask_worker: Any = None, trace: bool = False) -> dict[str, Any]:
         libc.fclose(ctypes.c_void_p(stream))
         xml = buf.value.decode()
         out["arenas"] = xml.count("<heap nr=")
-        tail = xml[xml.rfind("</heap>"):]  # the totals after the last arena
-        out["malloc_info_totals"] = " ".join(line.strip() for line in tail.splitlines()
-                                              if "<total " in line or "<system " in line)  # fmt: skip
+        tail = xml[xml.rfind("</heap>") :]  # the totals after the last arena
+        out["malloc_info_totals"] = " ".join(
+            line.strip() for line in tail.splitlines() if "<total " in line or "<system " in line
+        )
     except (OSError, AttributeError) as exc:
         out["arenas"] = f"n/a ({exc})"
     if trace and tracemalloc.is_tracing():
@@ -167,8 +178,10 @@ def _show_probes(first: dict[int, dict], now: dict[int, dict], count: int) -> No
     for addr_pid, p in now.items():
         f = first.get(addr_pid, p)
         grown = (p["types"] - f["types"]).most_common(8)
-        print(f"  probe pid {addr_pid} at {count}: threads {p['threads']}, arenas {p['arenas']}, "
-              f"dask {p.get('dask')}", flush=True)  # fmt: skip
+        print(
+            f"  probe pid {addr_pid} at {count}: threads {p['threads']}, arenas {p['arenas']}, dask {p.get('dask')}",
+            flush=True,
+        )
         print(f"    deep sizes kB {p.get('deep kB')}; malloc {p.get('malloc_info_totals', '')}")
         print(f"    live objects grown since first checkpoint: {grown}")
         if "traced MiB" in p:
@@ -179,8 +192,18 @@ def _show_probes(first: dict[int, dict], now: dict[int, dict], count: int) -> No
 
 def convert_config(args: argparse.Namespace, lst: Path, out: Path) -> Any:
     """The run's config: no scheduler given, so run() starts the product's own default LocalCluster."""
-    return load_config(None, {"source.uri": str(lst), "output.uri": str(out), "image.size": args.size,
-                              "shard.size": args.shard_size, "run.overwrite": True, **OPEN, **args.set})  # fmt: skip
+    return load_config(
+        None,
+        {
+            "source.uri": str(lst),
+            "output.uri": str(out),
+            "image.size": args.size,
+            "shard.size": args.shard_size,
+            "run.overwrite": True,
+            **OPEN,
+            **args.set,
+        },
+    )
 
 
 def measured_run(args: argparse.Namespace, root: Path, lst: Path, counts: list[int]) -> tuple[list, Any]:
@@ -226,17 +249,23 @@ def one_run(args: argparse.Namespace, root: Path, base_url: str, names: list[str
     for count, t, hwm in marks:
         sampled = sampler.peak(t)
         base_s, base_h = base_s or max(sampled), base_h or max(hwm)
-        print(f"  {count:>7} items: peak RSS per worker (sampled tree) {', '.join(f'{r:.1f}' for r in sampled)} MiB, "
-              f"VmHWM {', '.join(f'{r:.1f}' for r in hwm)} MiB; max vs {counts[0]}: sampled "
-              f"{max(sampled) / base_s:.3f}x, VmHWM {max(hwm) / base_h:.3f}x", flush=True)  # fmt: skip
+        print(
+            f"  {count:>7} items: peak RSS per worker (sampled tree) {', '.join(f'{r:.1f}' for r in sampled)} MiB, "
+            f"VmHWM {', '.join(f'{r:.1f}' for r in hwm)} MiB; max vs {counts[0]}: sampled "
+            f"{max(sampled) / base_s:.3f}x, VmHWM {max(hwm) / base_h:.3f}x",
+            flush=True,
+        )
     verdict(marks)
 
 
 def verdict(marks: list[tuple[int, float, list[float]]]) -> None:
     if len(marks) >= 2:
         ratio = max(marks[-1][2]) / max(marks[0][2])
-        print(f"peak RSS per worker (VmHWM) {marks[-1][0]} vs {marks[0][0]} items: {ratio:.3f}x "
-              f"(target within +-10%: {'met' if 0.9 <= ratio <= 1.1 else 'MISSED'})", flush=True)  # fmt: skip
+        print(
+            f"peak RSS per worker (VmHWM) {marks[-1][0]} vs {marks[0][0]} items: {ratio:.3f}x "
+            f"(target within +-10%: {'met' if 0.9 <= ratio <= 1.1 else 'MISSED'})",
+            flush=True,
+        )
 
 
 def fresh_runs(args: argparse.Namespace, root: Path, base_url: str, names: list[str]) -> None:
@@ -247,9 +276,12 @@ def fresh_runs(args: argparse.Namespace, root: Path, base_url: str, names: list[
         write_list(lst, base_url, names, count)
         [mark], sampler, summary = measured_run(args, root, lst, [count])
         marks.append(mark)
-        print(f"  fresh run, {count:>7} items ({summary.images_per_second:.0f} img/s, {summary.cluster}): peak RSS "
-              f"per worker VmHWM {', '.join(f'{r:.1f}' for r in mark[2])} MiB, sampled "
-              f"{', '.join(f'{r:.1f}' for r in sampler.peak(mark[1]))} MiB", flush=True)  # fmt: skip
+        print(
+            f"  fresh run, {count:>7} items ({summary.images_per_second:.0f} img/s, {summary.cluster}): peak RSS "
+            f"per worker VmHWM {', '.join(f'{r:.1f}' for r in mark[2])} MiB, sampled "
+            f"{', '.join(f'{r:.1f}' for r in sampler.peak(mark[1]))} MiB",
+            flush=True,
+        )
     verdict(marks)
 
 
@@ -295,9 +327,12 @@ def main() -> None:
             (root / "srv").mkdir()
             (root / "srv" / "www").symlink_to(corpus.resolve())
             server, args.base_url, _ = serve(root / "srv" / "www")
-        print(f"{len(names)} JPEGs cycled, shard.size {args.shard_size}, "
-              f"{os.cpu_count()} cores (shared: other jobs may load the machine); set {args.set} dask {args.dask} "
-              f"env {args.env}", flush=True)  # fmt: skip
+        print(
+            f"{len(names)} JPEGs cycled, shard.size {args.shard_size}, "
+            f"{os.cpu_count()} cores (shared: other jobs may load the machine); set {args.set} dask {args.dask} "
+            f"env {args.env}",
+            flush=True,
+        )
         try:
             (fresh_runs if args.fresh else one_run)(args, root, args.base_url.rstrip("/"), names)
         finally:

@@ -35,8 +35,14 @@ def corpus(root: Path, count: int) -> None:
 
 
 def convert_once(source: str, output: str, opts: dict | None, scheduler: str) -> float:
-    overrides = {"source.uri": source, "output.uri": output, "image.size": [64, 64], "shard.size": 100,
-                 "cluster.scheduler": scheduler, "run.overwrite": True}  # fmt: skip
+    overrides = {
+        "source.uri": source,
+        "output.uri": output,
+        "image.size": [64, 64],
+        "shard.size": 100,
+        "cluster.scheduler": scheduler,
+        "run.overwrite": True,
+    }
     if opts:
         overrides.update({"source.storage_options": opts, "output.storage_options": opts})
     summary = run(load_config(None, overrides), log=lambda m: None)
@@ -106,9 +112,14 @@ def main() -> None:
         args.images, args.repeat, args.upload_mb = 200, 2, "8,40"
     from distributed import LocalCluster
 
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus; moto S3 on 127.0.0.1; median of {args.repeat}")
-    with MotoServer() as moto, tempfile.TemporaryDirectory() as tmp, \
-            LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0") as cluster:  # fmt: skip
+    print(
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus; moto S3 on 127.0.0.1; median of {args.repeat}"
+    )
+    with (
+        MotoServer() as moto,
+        tempfile.TemporaryDirectory() as tmp,
+        LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0") as cluster,
+    ):
         moto.make_bucket("bench")
         work = Path(tmp)
         if args.only != "upload":
@@ -122,8 +133,10 @@ def main() -> None:
         print(f"upload of one shard file (publish: single PUT up to {2 * PART_SIZE >> 20} MiB, else multipart):")
         for mb in (int(x) for x in args.upload_mb.split(",")):
             up = bench_upload(moto, work, mb, args.repeat)
-            print(f"  {mb:4d} MB  publish {up['ours']:7.1f} MB/s   s3fs.put_file {up['s3fs']:7.1f} MB/s   "
-                  f"({up['ours'] / up['s3fs']:.2f}x)")  # fmt: skip
+            print(
+                f"  {mb:4d} MB  publish {up['ours']:7.1f} MB/s   s3fs.put_file {up['s3fs']:7.1f} MB/s   "
+                f"({up['ours'] / up['s3fs']:.2f}x)"
+            )
 
 
 if __name__ == "__main__":

@@ -70,32 +70,63 @@ def real_runs(ns: list[int], tmp: Path) -> None:
         for n in ns:
             lst, out = tmp / f"urls-{n}.txt", tmp / f"run-{n}"
             write_txt(lst, n * PER_SHARD, base)
-            args = [sys.executable, "-m", "convert", "run", "--source", str(lst), "--output", str(out),
-                    "--shard-size", str(PER_SHARD), "--size", "32", "--set", "fetch.allowed_schemes=[http]",
-                    "--set", "image.encode=raw", "--set", "fetch.allow_private_networks=true"]  # fmt: skip
+            args = [
+                sys.executable,
+                "-m",
+                "convert",
+                "run",
+                "--source",
+                str(lst),
+                "--output",
+                str(out),
+                "--shard-size",
+                str(PER_SHARD),
+                "--size",
+                "32",
+                "--set",
+                "fetch.allowed_schemes=[http]",
+                "--set",
+                "image.encode=raw",
+                "--set",
+                "fetch.allow_private_networks=true",
+            ]
             wall, res, peak = timed(args, tree=False)  # the client process alone: scheduler inside, workers not
             assert res.returncode == 0, res.stderr[-3000:]
             again, res2, _ = timed(args)
             assert res2.returncode == 0 and "0 to convert" in res2.stdout + res2.stderr, res2.stderr[-2000:]
             rows.append((n, wall, peak["client"], again))
-            print(f"  {n:>6} shards: run {wall:6.1f} s ({1000 * wall / n:5.1f} ms/shard), client peak "
-                  f"{peak['client']:6.1f} MB, resume with nothing to do {again:5.1f} s", flush=True)  # fmt: skip
+            print(
+                f"  {n:>6} shards: run {wall:6.1f} s ({1000 * wall / n:5.1f} ms/shard), client peak "
+                f"{peak['client']:6.1f} MB, resume with nothing to do {again:5.1f} s",
+                flush=True,
+            )
     finally:
         server.terminate() if server_name.startswith("nginx") else server.stdin.close()
         server.wait(10)
     (n0, w0, m0, r0), (n1, w1, m1, r1) = rows[0], rows[-1]
     if n1 > n0:
-        print(f"  slope {n0} -> {n1} shards: client {1024 * (m1 - m0) / (n1 - n0):.2f} kB per completed shard "
-              f"(target <= 1), run {1000 * (w1 - w0) / (n1 - n0):.1f} ms per shard, resume "
-              f"{1000 * (r1 - r0) / (n1 - n0):.2f} ms per shard; client RSS ratio {m1 / m0:.2f}x", flush=True)  # fmt: skip
+        print(
+            f"  slope {n0} -> {n1} shards: client {1024 * (m1 - m0) / (n1 - n0):.2f} kB per completed shard "
+            f"(target <= 1), run {1000 * (w1 - w0) / (n1 - n0):.1f} ms per shard, resume "
+            f"{1000 * (r1 - r0) / (n1 - n0):.2f} ms per shard; client RSS ratio {m1 / m0:.2f}x",
+            flush=True,
+        )
 
 
 def seed_shard(tmp: Path) -> tuple[bytes, Any, dict[str, Any]]:
     """One real 10-item shard (bytes, record, config) converted by `run` with the thread executor."""
     gen.write_image_folder(tmp / "seed-src", {"a": PER_SHARD}, size=(32, 32))
-    cfg = load_config(None, {"source.uri": str(tmp / "seed-src"), "output.uri": str(tmp / "seed"),
-                             "shard.size": PER_SHARD, "image.size": 32, "image.encode": "jpeg",
-                             "cluster.kind": "threads"})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(tmp / "seed-src"),
+            "output.uri": str(tmp / "seed"),
+            "shard.size": PER_SHARD,
+            "image.size": 32,
+            "image.encode": "jpeg",
+            "cluster.kind": "threads",
+        },
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     store = open_store(str(tmp / "seed"))
     record, _, _ = read_record_full(store, "shard-00000")
@@ -118,13 +149,28 @@ def synthesise(store: Store, n: int, blob: bytes, seed: Any, config: dict[str, A
     for record in ordered_map(commit, range(n), threads=16, window=256):
         table.add(record, tally, new=True)
     t = seconds(lambda: fill_identities(store, table))
-    write_manifest(store, ShardIndex(table.index_cols()), config, None, "folder", counts={k: v * n for k, v in tally.counts.items()})
+    write_manifest(
+        store,
+        ShardIndex(table.index_cols()),
+        config,
+        None,
+        "folder",
+        counts={k: v * n for k, v in tally.counts.items()},
+    )
     print(f"    (synthesised; the finish's identity read of {n} records took {t:.1f} s)", flush=True)
     return names, fps
 
 
-def synth_costs(ns: list[int], tmp: Path, label: str, make: Callable[[int], tuple[Store, str]],
-                blob: bytes, seed: Any, config: dict[str, Any], cli: bool) -> None:  # fmt: skip
+def synth_costs(
+    ns: list[int],
+    tmp: Path,
+    label: str,
+    make: Callable[[int], tuple[Store, str]],
+    blob: bytes,
+    seed: Any,
+    config: dict[str, Any],
+    cli: bool,
+) -> None:
     print(f"synth ({label}): {PER_SHARD}-item shards of {len(blob)} B", flush=True)
     rows = []
     for n in ns:
@@ -142,9 +188,13 @@ def synth_costs(ns: list[int], tmp: Path, label: str, make: Callable[[int], tupl
         print(f"  {n:>7} shards: " + ", ".join(f"{k} {v:.2f} s" for k, v in r.items()), flush=True)
     (n0, r0), (n1, r1) = rows[0], rows[-1]
     if n1 > n0:
-        print("  slope per shard: " + ", ".join(f"{k} {1e3 * (r1[k] - r0[k]) / (n1 - n0):.3f} ms" for k in r1)
-              + "; projected to 10^5 shards: " + ", ".join(
-                  f"{k} {r1[k] + (100_000 - n1) * (r1[k] - r0[k]) / (n1 - n0):.1f} s" for k in r1), flush=True)  # fmt: skip
+        print(
+            "  slope per shard: "
+            + ", ".join(f"{k} {1e3 * (r1[k] - r0[k]) / (n1 - n0):.3f} ms" for k in r1)
+            + "; projected to 10^5 shards: "
+            + ", ".join(f"{k} {r1[k] + (100_000 - n1) * (r1[k] - r0[k]) / (n1 - n0):.1f} s" for k in r1),
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -168,8 +218,16 @@ def main() -> None:
                 opts = moto.storage_options()
                 s3 = lambda n: (open_store(f"s3://bench/synth-{n}", opts), f"s3://bench/synth-{n}")
                 small = blob[:4096]  # resume on S3 compares the listing's size + ETag only: no need to upload 1 MB each
-                synth_costs(ints(args.moto), tmp, "moto S3", s3, small, dataclasses.replace(seed, bytes=len(small)),
-                            config, cli=False)  # fmt: skip
+                synth_costs(
+                    ints(args.moto),
+                    tmp,
+                    "moto S3",
+                    s3,
+                    small,
+                    dataclasses.replace(seed, bytes=len(small)),
+                    config,
+                    cli=False,
+                )
 
 
 if __name__ == "__main__":

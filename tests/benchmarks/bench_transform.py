@@ -63,8 +63,10 @@ def main() -> None:
             np.abs(transform(j, cfg).astype(np.int16) - transform(j, full_cfg).astype(np.int16)).mean()
             for j in jpegs[:50]
         ]
-        print(f"{name + ':':23s} {rate:8.1f} images/s = {rate / full:.2f}x full; "
-              f"mean |diff| to full over 50 images {np.mean(diffs):.2f} (max {np.max(diffs):.2f}) of 255")  # fmt: skip
+        print(
+            f"{name + ':':23s} {rate:8.1f} images/s = {rate / full:.2f}x full; "
+            f"mean |diff| to full over 50 images {np.mean(diffs):.2f} (max {np.max(diffs):.2f}) of 255"
+        )
 
 
 if __name__ == "__main__":

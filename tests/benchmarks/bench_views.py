@@ -42,8 +42,16 @@ def build(root: Path, count: int) -> str:
     with open(root / f"list-{count}.txt", "w") as f:
         f.writelines(f"img/{i % 100:03d}.png\n" for i in range(count))
     t = time.perf_counter()
-    cfg = load_config(None, {"source.uri": str(root / f"list-{count}.txt"), "output.uri": str(out),
-                             "image.size": 4, "shard.size": 1000, "cluster.kind": "threads"})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(root / f"list-{count}.txt"),
+            "output.uri": str(out),
+            "image.size": 4,
+            "shard.size": 1000,
+            "cluster.kind": "threads",
+        },
+    )
     assert run(cfg, log=lambda m: None).exit_code() == 0
     print(f"built {count} items in {time.perf_counter() - t:.0f} s")
     return str(out)
@@ -71,18 +79,24 @@ def main() -> None:
         path += " the shard records' columnar ledgers"
         print(f"{args.count} items; columns read through: {path}")
         print(f"{'view':55} {'open s':>7} {'members s':>10} {'items':>8}")
-        cases = [("cold  filter " + FILTER, {"filter": FILTER}),
-                 ("warm  filter " + FILTER, {"filter": FILTER}),
-                 ("warm  filter + split [:90%] seed=0 stratify", {"filter": FILTER, "split": "[:90%]", "seed": 0,
-                                                                  "stratify": True}),
-                 ("      split [:90%] seed=0 (no columns)", {"split": "[:90%]", "seed": 0})]  # fmt: skip
+        cases = [
+            ("cold  filter " + FILTER, {"filter": FILTER}),
+            ("warm  filter " + FILTER, {"filter": FILTER}),
+            (
+                "warm  filter + split [:90%] seed=0 stratify",
+                {"filter": FILTER, "split": "[:90%]", "seed": 0, "stratify": True},
+            ),
+            ("      split [:90%] seed=0 (no columns)", {"split": "[:90%]", "seed": 0}),
+        ]
         for label, spec in cases:
             opened, members, v = timed(uri, cache, **spec)
             print(f"{label:55} {opened:7.3f} {members:10.3f} {len(v):8d}")
         ds = open_dataset(uri, cache_dir=cache)
         v = View(ds, filter=FILTER, split="[:90%]", seed=0)
-        print(f"pickle: dataset {len(pickle.dumps(ds))} B, view {len(pickle.dumps(v))} B "
-              f"(+{len(pickle.dumps(v)) - len(pickle.dumps(ds))} B: the spec, never the {len(v)} indices)")  # fmt: skip
+        print(
+            f"pickle: dataset {len(pickle.dumps(ds))} B, view {len(pickle.dumps(v))} B "
+            f"(+{len(pickle.dumps(v)) - len(pickle.dumps(ds))} B: the spec, never the {len(v)} indices)"
+        )
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
