@@ -95,7 +95,9 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--output", help="dataset root: local folder or fsspec URL (s3://bucket/out)"),
         click.option("--format", type=click.Choice(_format_names()), help="shard format [output.format]"),
         click.option("--size", help="output size: N or H W"),
-        click.option("--resize", type=click.Choice(["center_crop", "pad", "stretch", "none"])),
+        click.option(
+            "--resize", type=click.Choice(["center_crop", "pad", "stretch", "none", "keep_ratio", "keep_ratio_largest"])
+        ),
         click.option("--shard-size", type=int, help="items per shard"),
         click.option("--workers", type=int, help="LocalCluster worker processes"),
         click.option("--threads", type=int, help="concurrent fetches per shard"),
@@ -243,7 +245,7 @@ def submit(config_path: str | None, sets: tuple[str, ...], dry_run: bool, **flag
     for name in batch:
         flags.pop(name, None)
     config = build_config(config_path, flags, extra + sets)
-    if config.cluster.kind == "local":
+    if config.cluster.kind not in ("slurm", "pbs"):
         raise ConfigError("submit needs a batch system: --cluster slurm|pbs (or cluster.kind in the config)")
     if dry_run:
         from .executor.cluster import job_script

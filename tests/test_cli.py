@@ -228,3 +228,26 @@ def test_docs_the_configs_and_readmes_point_at_exist():
             if not (md.parent / ref).exists():
                 missing.append(f"{md.relative_to(REPO)}: {ref}")
     assert missing == []
+
+
+def test_submit_without_a_batch_system_is_one_line_not_a_local_run(tmp_path: Path) -> None:
+    """With cluster.kind defaulting to auto, `submit` without --cluster must refuse, not convert here."""
+    gen.write_image_folder(tmp_path / "src", {"a": 2}, size=(16, 16))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convert",
+            "submit",
+            "--source",
+            str(tmp_path / "src"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "submit needs a batch system: --cluster slurm|pbs" in proc.stderr
+    assert not (tmp_path / "out").exists()
