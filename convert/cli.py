@@ -138,10 +138,17 @@ def main() -> None:
     help="rebuild committed shards whose ledgers hold these statuses "
     "(default: timeout,connection_error,http_error (429/5xx),error)",
 )
+@click.option(
+    "--append",
+    is_flag=True,
+    help="convert only what the source gained since the dataset was written (new rows at the end of a "
+    "list, new list files, new objects) into new shards; existing shards are kept as they are",
+)
 @friendly
-def run(config_path: str | None, sets: tuple[str, ...], retry_failed: str | None, **flags: Any) -> None:
-    """Convert CONFIG_PATH (YAML) and/or the given flags; resumes unless --overwrite."""
-    config = build_config(config_path, flags, sets + _retry_sets(retry_failed))
+def run(config_path: str | None, sets: tuple[str, ...], retry_failed: str | None, append: bool, **flags: Any) -> None:
+    """Convert CONFIG_PATH (YAML) and/or the given flags; resumes unless --overwrite (or adds, with --append)."""
+    extra = ("run.append=true",) if append else ()
+    config = build_config(config_path, flags, sets + _retry_sets(retry_failed) + extra)
     _execute(config)
 
 

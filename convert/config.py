@@ -287,6 +287,7 @@ class RunConfig(_Model):
     overwrite: bool = False  # False: resume; True: discard existing shards first
     # rebuild committed shards whose ledgers hold these statuses (http_error: only 429/5xx)
     retry_failed: tuple[str, ...] = ()
+    append: bool = False  # convert only what the source gained into new shards (convert.append)
 
 
 class Config(_Model):

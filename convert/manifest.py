@@ -145,6 +145,8 @@ def write_manifest(
     failed_rows: list[ItemResult] | None = None,
     counts: dict[str, int] | None = None,
     columns: Sequence[Column] | None = None,
+    generation: int = 1,
+    history: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Write the shard index (and failed shards' rows), then manifest.json last. Records in shard order,
     or the index itself (a run builds it from its `convert.shardtable.ShardTable`, with the fingerprint,
@@ -153,6 +155,11 @@ def write_manifest(
     `counts`: items by status over everything (committed + failed shards); computed from the
     records' ledgers when not given. `columns`: the stored columns' schema (the first record's when
     not given). Ledgers are not concatenated: they stay in the records.
+
+    `generation` > 1 (`run --append`): the index goes to its own `gen/<generation>/index.gz`
+    before manifest.json names it, so a reader opening during the append sees the old generation
+    whole or the new one whole; index.gz then gets a copy for the next resume. `history`: the
+    earlier generations' entries (this one's is added).
     """
     failed_rows = failed_rows or []
     if failed_rows:
@@ -162,7 +169,8 @@ def write_manifest(
     store.delete(LEDGER)  # a wave-1 concatenated ledger would be stale now
     index = records if isinstance(records, ShardIndex) else ShardIndex.from_summaries([r.summary() for r in records])
     blob = dump_bytes(index.cols)
-    store.write_bytes(INDEX, blob)
+    index_path = INDEX if generation <= 1 else generation_index(generation)
+    store.write_bytes(index_path, blob)
     if counts is None:
         counts = Counter(row.status.value for r in records for row in r.ledger)  # type: ignore[union-attr]
         counts.update(row.status.value for row in failed_rows)
@@ -185,12 +193,28 @@ def write_manifest(
         },
         "complete": not failed,
         "failed_shards": dict(failed or {}),
-        "index": {"path": INDEX, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
+        "index": {"path": index_path, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
         "failed_ledger": FAILED if failed_rows else None,
         "config": config,
+        "generation": generation,
+        "history": [*history, _entry(generation, manifest_created(), len(index), items)],
     }
     store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
+    if index_path != INDEX:
+        store.write_bytes(INDEX, blob)  # what the next run's resume reads (convert.resume)
     return {**manifest, "shards": index}
+
+
+def generation_index(generation: int) -> str:
+    return f"gen/{generation:06d}/index.gz"
+
+
+def manifest_created() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _entry(generation: int, created: str, shards: int, items: int) -> dict[str, Any]:
+    return {"generation": generation, "created": created, "shards": shards, "items": items}
 
 
 def _schema(records: "list[ShardRecord] | ShardIndex", columns: Sequence[Column] | None) -> Sequence[Column]:
@@ -222,14 +246,18 @@ def _load_index(store: Store, manifest: dict[str, Any]) -> ShardIndex:
     if manifest["version"] == 1:  # wave 1: summaries inline
         return ShardIndex.from_summaries([check_summary(s, where) for s in manifest.get("shards", [])]).validate(where)
     ref = manifest.get("index") or {}
-    if ref.get("path") != INDEX:
+    generation = manifest.get("generation", 1)
+    allowed = {INDEX, generation_index(generation) if isinstance(generation, int) and generation > 1 else INDEX}
+    if ref.get("path") not in allowed:
         raise ManifestError(f"{where}: index path {str(ref.get('path'))[:80]!r} is not {INDEX!r}; rerun the conversion")
     try:
-        blob = read_meta(store, INDEX)
+        blob = read_meta(store, ref["path"])
     except FileNotFoundError:
-        raise ManifestError(f"{store.url(INDEX)} missing; rerun `convert-dataset run` with the same config") from None
+        raise ManifestError(
+            f"{store.url(ref['path'])} missing; rerun `convert-dataset run` with the same config"
+        ) from None
     if hashlib.sha256(blob).hexdigest() != ref.get("sha256"):
-        raise ManifestError(f"{store.url(INDEX)} does not match the manifest; rerun the conversion")
+        raise ManifestError(f"{store.url(ref['path'])} does not match the manifest; rerun the conversion")
     try:
         cols = persist.load(io.BytesIO(blob))
         return ShardIndex(cols).validate(store.url(INDEX))

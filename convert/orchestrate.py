@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .append import Previous, combine, generation_of, previous
 from .config import Config, ConfigError
 from .executor import Executor
 from .executor.early import StartingExecutor
@@ -164,18 +165,27 @@ def _run_leased(
     on_progress: ProgressHook | None,
     log: Callable[[str], None],
 ) -> RunSummary:
+    config_data = config.redacted()
+    prev = _previous(config, out, config_data)
+    work = Workdir(out, prev.prefix if prev else "")
     try:
-        source_plan = plan(local, Workdir(out))
+        source_plan = plan(local, work)
     except KeyboardInterrupt as exc:
         raise Interrupted(0, None, getattr(exc, "signal_name", "SIGINT")) from None
-    config_data = config.redacted()
+    known: dict[str, str] = {}
+    if prev is not None:  # run --append: the old plan's shards as they are, then what is new
+        grown = combine(
+            prev, source_plan, work, local.source.storage_options, local.output.storage_options, config.shard.size
+        )
+        source_plan, known = grown.plan, grown.fingerprints
+        log(f"append: generation {prev.generation}, {grown.added} new shards after {len(known)} kept")
     specs = source_plan.specs
     if config.run.overwrite:
         _reset_output(out)
     # Every decision a shard task carries is made here, once (convert.task); workers execute it.
     shipped, secrets = seal_config(config)  # what workers get: secrets only as references
     maker = TaskMaker(shipped, source_plan.kind, source_plan.columns, run_id)
-    fps = {s.name: maker.fingerprint(s) for s in specs}
+    fps = {s.name: known.get(s.name) or maker.fingerprint(s) for s in specs}
     # The client keeps each shard as a row of columns (convert.shardtable, ~300 B), never records.
     table = ShardTable([s.name for s in specs], list(fps.values()))
     resume(out, table, verify=config.output.verify_resume)
@@ -187,10 +197,11 @@ def _run_leased(
         f"{source_plan.items} items from {source_plan.kind} source -> {len(specs)} shards "
         f"({len(table)} already committed, {len(pending)} to convert)"
     )
-    announce_rebuild(out, config_data, pending, log)  # report helper (issue 13): why shards are rebuilt
+    if prev is None:
+        announce_rebuild(out, config_data, pending, log)  # report helper (issue 13): why shards are rebuilt
     try:
         if pending:
-            _prepare_output(out, specs, fps, log)
+            _prepare_output(out, specs, fps, source_plan.digests, retract=prev is None)
             tasks = (maker.task(s, fps[s.name]) for s in pending)
             _convert_pending(
                 config,
@@ -208,8 +219,23 @@ def _run_leased(
         committed = _committed_count(out, specs, len(table))
         raise Interrupted(committed, len(specs), getattr(exc, "signal_name", "SIGINT")) from None
     columns = maker.task(specs[0], fps[specs[0].name]).items.columns if specs else ()  # what every shard stores
-    _finish(out, local, specs, table, summary, config_data, source_plan, columns, log)
+    _finish(out, local, specs, table, summary, config_data, source_plan, columns, log, prev)
     return summary
+
+
+def _previous(config: Config, out: Store, config_data: dict[str, Any]) -> Previous | None:
+    """--append: the dataset appended to; otherwise None (and a plain rerun of an appended dataset,
+    which would plan the grown source afresh and rebuild every shard, is refused)."""
+    if config.run.append:
+        if config.run.overwrite or config.run.retry_failed:
+            raise ConfigError("--append cannot be combined with --overwrite or --retry-failed; run them one at a time")
+        return previous(out, config_data)
+    if not config.run.overwrite and generation_of(out) > 1:
+        raise ConfigError(
+            f"{out.url('')} has grown by appends (generation {generation_of(out)}); rerun with --append "
+            "to add to it or finish an interrupted append, or --overwrite to rebuild it"
+        )
+    return None
 
 
 def _committed_count(out: Store, specs: list[ShardSpec], known: int) -> int:
@@ -241,6 +267,7 @@ def _finish(
     source_plan: SourcePlan,
     columns: tuple[Column, ...],
     log: Callable[[str], None],
+    prev: Previous | None = None,
 ) -> None:
     failed_rows = [
         row
@@ -263,6 +290,8 @@ def _finish(
         failed_rows=failed_rows,
         counts=summary.by_status,
         columns=columns,
+        generation=prev.generation if prev else 1,
+        history=prev.manifest.get("history") or [] if prev else (),
     )
     summary.items_converted = table.new_ok()
     after_manifest(out, manifest, specs, tally, failed_rows, summary, log)  # report helper (issue 13)
@@ -277,10 +306,14 @@ def _failed_rows(spec: ShardSpec, error: str, local: Config) -> list[ItemResult]
     return [ItemResult(r.key, r.uri, r.label, Status.SHARD_FAILED, error) for r in refs]
 
 
-def _prepare_output(out: Store, specs: list[ShardSpec], fps: dict[str, str], log: Callable[[str], None]) -> None:
-    """Before shards change: retract the manifest, record the plan (hold_lease cleared dead attempts' debris)."""
-    out.delete(MANIFEST)  # readers must not trust a manifest while shards change
-    out.write_bytes(PLAN, dump_plan(specs, fps))
+def _prepare_output(
+    out: Store, specs: list[ShardSpec], fps: dict[str, str], digests: Sequence[str], retract: bool
+) -> None:
+    """Before shards change: retract the manifest, record the plan (hold_lease cleared dead attempts' debris).
+    An append keeps the manifest: it only adds shards, so the old generation stays whole to read."""
+    if retract:
+        out.delete(MANIFEST)  # readers must not trust a manifest while shards change
+    out.write_bytes(PLAN, dump_plan(specs, fps, digests))
 
 
 def _convert_pending(

@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import persist
@@ -109,35 +109,65 @@ def _identity(sl: InputSlice) -> list[Any]:
 _SLICE_FIELDS = tuple(InputSlice.__dataclass_fields__)
 
 
-def plan_columns(specs: Sequence[ShardSpec], fingerprints: dict[str, str]) -> dict[str, Any]:
-    """The plan as columns, one row per slice (O(shards)); `read_plan` turns it back into specs."""
+def plan_columns(
+    specs: Sequence[ShardSpec], fingerprints: dict[str, str], digests: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The plan as columns, one row per slice (O(shards)); `read_plan` turns it back into specs.
+    `digests`: per slice row, the text lists' slice digests (`run --append` checks them); an
+    appended plan has more than one source (each generation its own label table): `sources`."""
     rows = [(spec, sl) for spec in specs for sl in spec.slices]
+    sources = list(dict.fromkeys(s.source for s in specs))
+    at = {src: i for i, src in enumerate(sources)}
     cols: dict[str, Any] = {
         "shards": [s.name for s in specs],
         "fingerprints": [fingerprints[s.name] for s in specs],
         "source": json.dumps(asdict(specs[0].source)) if specs else "{}",
         "shard": [spec.index for spec, _ in rows],
     }
+    if len(sources) > 1:
+        cols["sources"] = json.dumps([asdict(src) for src in sources])
+        cols["source_of"] = [at[s.source] for s in specs]
     for name in _SLICE_FIELDS:
         cols[f"slice_{name}"] = [getattr(sl, name) for _, sl in rows]
     cols["slice_uri"] = [redact_url(u) for u in cols["slice_uri"]]  # no credentials at rest
+    if digests:
+        cols["slice_digest"] = list(digests)
     return cols
 
 
-def dump_plan(specs: Sequence[ShardSpec], fingerprints: dict[str, str]) -> bytes:
+def dump_plan(specs: Sequence[ShardSpec], fingerprints: dict[str, str], digests: Sequence[str] = ()) -> bytes:
     buf = io.BytesIO()
-    persist.dump(plan_columns(specs, fingerprints), buf, compress=("gzip", 6))
+    persist.dump(plan_columns(specs, fingerprints, digests), buf, compress=("gzip", 6))
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class PlanFile:
+    """A plan read back: specs (URIs as redacted), each shard's fingerprint, each slice's digest."""
+
+    specs: list[ShardSpec]
+    fingerprints: list[str]
+    digests: list[str]  # per slice row in spec order ("" where none)
 
 
 def read_plan(data: bytes) -> list[ShardSpec]:
     """Specs back from `dump_plan` bytes (convert.persist: never unpickled; URIs as redacted)."""
+    return read_plan_file(data).specs
+
+
+def read_plan_file(data: bytes) -> PlanFile:
     cols = persist.load(io.BytesIO(data))
-    source = SourceRef(**json.loads(cols["source"]))
+    sources = [SourceRef(**d) for d in json.loads(cols.get("sources") or f"[{cols['source']}]")]
+    source_of = [int(i) for i in cols.get("source_of", [0] * len(cols["shards"]))]
     groups: list[list[InputSlice]] = [[] for _ in cols["shards"]]
     for i, shard in enumerate(cols["shard"]):
         groups[int(shard)].append(InputSlice(*(_plain(cols[f"slice_{n}"][i]) for n in _SLICE_FIELDS)))
-    return make_specs([tuple(g) for g in groups], source)
+    specs = [
+        ShardSpec(index=i, name=str(name), slices=tuple(g), source=sources[source_of[i]])
+        for i, (name, g) in enumerate(zip(cols["shards"], groups))
+    ]
+    digests = [str(d) for d in cols.get("slice_digest", [""] * len(cols["shard"]))]
+    return PlanFile(specs, [str(f) for f in cols["fingerprints"]], digests)
 
 
 def _plain(value: Any) -> Any:

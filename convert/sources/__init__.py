@@ -43,6 +43,7 @@ class SourcePlan:
     items: int
     partitions: int  # list files, listing groups or CIFAR batches
     columns: tuple[Column, ...] = ()  # the kept columns of a list source (caption first), names as stored
+    digests: tuple[str, ...] = ()  # per spec of a text list: its slice's digest (`run --append` checks them)
 
 
 def detect_kind(uri: str) -> str:
@@ -92,11 +93,13 @@ def plan_source(
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     kind = resolve_kind(cfg)
     columns: tuple[Column, ...] = ()
+    digests: tuple[str, ...] = ()
     if kind == "urls":
         want = ColumnChoice(cfg.caption_column, cfg.columns, cfg.hash_column)
         up = plan_urls(cfg.uri, cfg.storage_options, shard_size, map_fn, want)
         groups: list[tuple[InputSlice, ...]]
         groups, names, parts, columns = [(s,) for s in up.slices], up.label_names, up.files, up.choice.stored
+        digests = tuple(up.digests)
         source = SourceRef(
             "urls",
             keys="explicit" if up.explicit_keys else "derived",
@@ -121,7 +124,7 @@ def plan_source(
             f.write(data)
         source = replace(source, labels=work.url(LABELS), labels_sha=hashlib.sha256(data).hexdigest()[:16])
     specs = make_specs(groups, source)
-    return SourcePlan(kind, specs, names, sum(len(s) for s in specs), parts, columns)
+    return SourcePlan(kind, specs, names, sum(len(s) for s in specs), parts, columns, digests)
 
 
 _LABEL_CACHE: dict[tuple[str, str], dict[str, int]] = {}

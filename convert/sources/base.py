@@ -113,16 +113,17 @@ class Workdir:
     The output store for `run` (workers see it), a temporary folder for `convert-dataset plan`.
     """
 
-    def __init__(self, where: Store | str) -> None:
+    def __init__(self, where: Store | str, prefix: str = "") -> None:
         self.store = open_store(where) if isinstance(where, str) else where
+        self.prefix = prefix  # e.g. "gen/000002/": an appended generation's files beside the old ones
 
     def url(self, rel: str) -> str:
-        return self.store.url(rel)
+        return self.store.url(self.prefix + rel)
 
     @contextlib.contextmanager
     def create(self, rel: str) -> Iterator[IO[bytes]]:
         """A file whose content appears under `rel` only once written completely."""
-        with self.store.writer(rel) as f:
+        with self.store.writer(self.prefix + rel) as f:
             yield f
 
 

@@ -59,7 +59,7 @@ def plan_folder(
     fs, path = open_fs(uri, storage_options)
     root, groups = _groups(fs, path, uri)
     listed = prefetch(groups, lambda g: _list_group(fs, root, g), depth=LIST_THREADS)
-    writer = _ListingWriter(step)
+    writer = ListingWriter(step)
     with work.create(LISTING) as f:
         try:
             for got in listed:
@@ -120,7 +120,7 @@ def _list_group(fs: Any, root: str, group: _Group) -> list[str]:
     return sorted(r for r in (relative_to(p, root) for p in fs.find(top)) if _is_image(r))
 
 
-class _ListingWriter:
+class ListingWriter:
     """Writes relative paths as JSON lines; records every step-th offset and each slice's sha256."""
 
     def __init__(self, step: int) -> None:
@@ -146,16 +146,19 @@ class _ListingWriter:
         for rel in rels:
             if self.loose is None and "/" not in rel:
                 self.loose = rel
-            if self.count % self.step == 0:
-                self._cut()
-                self.offsets.append(self.pos)
-            line = (json.dumps(rel) + "\n").encode()
-            f.write(line)
-            self._hash.update(line)
-            self.pos += len(line)
-            self.count += 1
+            self.write_line(f, (json.dumps(rel) + "\n").encode())
         if group.name == "*":  # a glob: class names from the first segment of what it matched
             self.classes = sorted({r.split("/", 1)[0] for r in rels if "/" in r})
+
+    def write_line(self, f: Any, line: bytes) -> None:
+        """One listing row (a JSON string and its newline), cut into slices every `step` rows."""
+        if self.count % self.step == 0:
+            self._cut()
+            self.offsets.append(self.pos)
+        f.write(line)
+        self._hash.update(line)
+        self.pos += len(line)
+        self.count += 1
 
     def _cut(self) -> None:
         if self.offsets:
@@ -180,7 +183,7 @@ class _ListingWriter:
         ]
 
 
-def _label_names(writer: _ListingWriter, mode: LabelMode, uri: str) -> list[str] | None:
+def _label_names(writer: ListingWriter, mode: LabelMode, uri: str) -> list[str] | None:
     """Class names (sorted) when every item sits in a class sub-folder."""
     if mode == "none":
         return None

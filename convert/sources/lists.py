@@ -30,6 +30,7 @@ import bz2
 import codecs
 import contextlib
 import gzip
+import hashlib
 import io
 import os
 import posixpath
@@ -248,18 +249,52 @@ class TextScan:
     header: bytes  # CSV/TSV header row (b"" otherwise)
     length: int  # bytes in the (decompressed) stream
     sample: list[bytes] = field(default_factory=list)  # the first rows (up to `sample_rows`), for a schema
+    digests: list[str] = field(default_factory=list)  # per slice: slice_digest of its bytes (`append` checks)
+
+
+def slice_digest() -> Any:
+    """The hash of one slice's bytes (the first slice from byte 0: BOM, header and all; the last
+    to the end of the stream): how `run --append` proves an old slice is unchanged in a grown list."""
+    return hashlib.sha256()
+
+
+class _SliceHasher:
+    """Hashes the scanned stream in runs cut at each slice's first byte (scan_text's offsets)."""
+
+    def __init__(self) -> None:
+        self.digests: list[str] = []
+        self._h = slice_digest()
+        self._cuts = 0
+
+    def feed(self, data: bytes | memoryview, cuts: Any = ()) -> None:
+        """`data`, cut before each position in `cuts` (offsets into `data`, ascending)."""
+        last = 0
+        for at in cuts:
+            if self._cuts:  # the first slice also holds the bytes before its first row
+                self._h.update(data[last:at])
+                self.digests.append(self._h.hexdigest())
+                self._h, last = slice_digest(), at
+            self._cuts += 1
+        self._h.update(data[last:])
+
+    def finish(self) -> list[str]:
+        if self._cuts:
+            self.digests.append(self._h.hexdigest())
+        return self.digests
 
 
 def scan_text(f: Any, step: int, mode: str, sample_rows: int = 0) -> TextScan:
-    """One streaming pass over a text list: item count, the offset of every step-th item, and
-    the first `sample_rows` rows (within SAMPLE_BYTES, at least one)."""
+    """One streaming pass over a text list: item count, the offset of every step-th item, the
+    first `sample_rows` rows (within SAMPLE_BYTES, at least one) and each slice's digest."""
     offsets: list[int] = []
     sample: list[bytes] = []
+    hasher = _SliceHasher()
     count, pos, carry, header, sampled = 0, 0, b"", None if mode in ("csv", "tsv") else b"", 0
     while True:
         block = f.read(max(BLOCK, len(carry)))  # a row longer than a block: read geometrically more
         if pos == 0 and not carry and block.startswith(_BOM):
             block, pos = block[len(_BOM) :], len(_BOM)
+            hasher.feed(_BOM)
         buf = carry + block
         if not block and buf and not buf.endswith(b"\n"):
             buf += b"\n"  # the last row needs no newline
@@ -269,10 +304,13 @@ def scan_text(f: Any, step: int, mode: str, sample_rows: int = 0) -> TextScan:
                 carry = buf
                 continue
             end = int(ends[0]) if len(ends) else len(buf)
+            hasher.feed(buf[: end + 1])
             header, buf, pos = buf[:end], buf[end + 1 :], pos + end + 1
         starts, stops, used = item_spans(buf, mode)
         index = count + np.arange(len(starts))
-        offsets.extend((starts[index % step == 0] + pos).tolist())
+        cuts = starts[index % step == 0]
+        offsets.extend((cuts + pos).tolist())
+        hasher.feed(memoryview(buf)[:used], cuts.tolist())
         for a, b in zip(starts[: max(0, sample_rows - len(sample))].tolist(), stops.tolist()):
             if sample and sampled + b - a > SAMPLE_BYTES:
                 sample_rows = len(sample)
@@ -284,7 +322,31 @@ def scan_text(f: Any, step: int, mode: str, sample_rows: int = 0) -> TextScan:
         carry = buf[used:]
         if not block:
             break
-    return TextScan(offsets, count, header, pos + len(carry), sample)
+    hasher.feed(carry)
+    return TextScan(offsets, count, header, pos + len(carry), sample, hasher.finish())
+
+
+def check_slices(f: Any, slices: list[InputSlice], digests: list[str]) -> int | None:
+    """Index of the first of a file's planned `slices` (in order, from its first) whose bytes in
+    the stream `f` no longer have their planned digest (None: all unchanged). One sequential read
+    of the planned bytes: how `run --append` proves a grown list only grew at its end."""
+    at = 0
+    for j, (sl, digest) in enumerate(zip(slices, digests)):
+        h, need = slice_digest(), sl.stop - at
+        while need > 0:
+            chunk = f.read(min(BLOCK, need))
+            if not chunk:
+                break
+            h.update(chunk)
+            need -= len(chunk)
+        if need > 0 and not (j == len(slices) - 1 and need == 1):
+            return j
+        if need == 1:  # the old stream had no final newline: the scanner added one
+            h.update(b"\n")
+        if h.hexdigest() != digest:
+            return j
+        at = sl.stop
+    return None
 
 
 def text_slices(lf: ListFile, scan: TextScan, step: int, first_row: int) -> list[InputSlice]:

@@ -61,6 +61,7 @@ class _Scanned:
     int_labels: bool  # parquet: the label column is an integer type (no pass needed)
     schema: FileSchema
     choice: Choice
+    digests: list[str]  # per slice (text lists; "" for parquet): convert.sources.lists.slice_digest
 
 
 def _scan(lf: ListFile, step: int, storage_options: dict[str, Any] | None, want: ColumnChoice) -> _Scanned:
@@ -88,6 +89,7 @@ def _scan(lf: ListFile, step: int, storage_options: dict[str, Any] | None, want:
         False,
         schema,
         choose(schema, want.caption, want.columns, want.hash_column),
+        scan.digests,
     )
 
 
@@ -113,9 +115,8 @@ def _scan_parquet(lf: ListFile, f: Any, step: int, want: ColumnChoice) -> _Scann
     ]
     label_type = pf.schema_arrow.field(cols["label"]).type if "label" in cols else None
     int_labels = label_type is not None and pa.types.is_integer(label_type) and _min_label(pf, cols["label"]) >= 0
-    return _Scanned(
-        slices, n, frozenset(cols), int_labels, schema, choose(schema, want.caption, want.columns, want.hash_column)
-    )
+    choice = choose(schema, want.caption, want.columns, want.hash_column)
+    return _Scanned(slices, n, frozenset(cols), int_labels, schema, choice, [""] * len(slices))
 
 
 def _min_label(pf: Any, name: str) -> float:
@@ -140,6 +141,7 @@ class UrlPlan:
     label_names: list[str] | None
     explicit_keys: bool
     choice: Choice  # the kept columns: names to read, stored names and types
+    digests: list[str]  # per slice, "" where none (parquet)
 
 
 def plan_urls(
@@ -155,9 +157,11 @@ def plan_urls(
     scanned = list(map_fn(lambda lf: _scan(lf, step, storage_options, want), files))
     choice = unify([(s.schema, s.choice) for s in scanned])
     slices: list[InputSlice] = []
+    digests: list[str] = []
     at = 0
     for s in scanned:
         slices.extend(replace(sl, first_row=sl.first_row + at) for sl in s.slices)
+        digests.extend(s.digests)
         at += s.count
     if not at:
         raise SourceError(f"URL list {uri!r} has no URLs; add one URL (or path) per line/row")
@@ -166,7 +170,7 @@ def plan_urls(
     needs_labels = "label" in has and not all(s.int_labels or "label" not in s.columns for s in scanned)
     if needs_labels or "key" in has:
         names = _column_pass(slices, storage_options, "key" in has, uri, map_fn)
-    return UrlPlan(slices, at, len(files), names, "key" in has, choice)
+    return UrlPlan(slices, at, len(files), names, "key" in has, choice, digests)
 
 
 @dataclass(frozen=True)
