@@ -92,6 +92,7 @@ class Appended:
     fingerprints: dict[str, str]  # the old specs': their records carry these
     digests: list[str]  # per slice row
     added: int  # new shards
+    retired: list[str]  # --rebuild-changed: old shards of a changed part, no longer in the dataset
 
 
 def combine(
@@ -101,8 +102,10 @@ def combine(
     source_options: dict[str, Any] | None,
     work_options: dict[str, Any] | None,
     step: int,
+    rebuild: bool = False,
 ) -> Appended:
-    """The old plan plus what `new` (the grown source, planned into prev.prefix) adds."""
+    """The old plan plus what `new` (the grown source, planned into prev.prefix) adds; `rebuild`
+    (--rebuild-changed): old shards of a changed part are retired and that part converts again."""
     old = prev.plan
     kind = old.specs[0].source.kind if old.specs else new.kind
     if new.kind != kind or kind == "cifar":
@@ -114,10 +117,12 @@ def combine(
             f"dataset's {list(was.columns)} ({was.keys} keys); keep the same columns, or --overwrite to rebuild"
         )
     rows = max((sl.first_row + sl.count for s in old.specs for sl in s.slices), default=0)
+    retired: list[str] | None = [] if rebuild else None
     if kind == "urls":
-        slices, digests = _grown_lists(old, new, source_options)
+        slices, digests = _grown_lists(old, new, source_options, retired)
     else:
-        slices, digests = _grown_folder(old, new, work, work_options, step)
+        slices, digests = _grown_folder(old, new, work, work_options, step, retired)
+    gone = set(retired or ())
     slices = _rebased(slices, rows)
     names = _labels(prev.manifest.get("label_names"), new.label_names)
     source = new.specs[0].source if new.specs else old.specs[0].source
@@ -130,12 +135,11 @@ def combine(
         source = replace(source, labels=work.url(rel), labels_sha=sha)
     start = max((int(s.name.rsplit("-", 1)[1]) for s in old.specs), default=-1) + 1
     added = [ShardSpec(start + j, shard_name(start + j), (sl,), source) for j, sl in enumerate(slices)]
-    specs = [*old.specs, *added]
-    items = sum(len(s) for s in specs)
-    plan = SourcePlan(kind, specs, names, items, new.partitions, new.columns, (*old.digests, *digests))
-    return Appended(
-        plan, dict(zip((s.name for s in old.specs), old.fingerprints)), [*old.digests, *digests], len(added)
-    )
+    kept = [(spec, fp, d) for spec, fp, d in zip(old.specs, old.fingerprints, old.digests) if spec.name not in gone]
+    specs = [spec for spec, _, _ in kept] + added
+    all_digests = [d for _, _, d in kept] + digests
+    plan = SourcePlan(kind, specs, names, sum(len(s) for s in specs), new.partitions, new.columns, tuple(all_digests))
+    return Appended(plan, {spec.name: fp for spec, fp, _ in kept}, all_digests, len(added), sorted(gone))
 
 
 def _rebased(slices: Sequence[InputSlice], rows: int) -> list[InputSlice]:
@@ -157,16 +161,31 @@ def _labels(old: list[str] | None, new: list[str] | None) -> list[str] | None:
     return [*old, *sorted(n for n in new if n not in known)]  # old ids keep their meaning
 
 
-def _changed(spec: ShardSpec, uri: str, what: str) -> ConfigError:
-    return ConfigError(
+class Changed(ConfigError):
+    """The source changed where the dataset already holds it: a one-line error (the
+    `--rebuild-changed` way out retires the shards named in `retire`)."""
+
+    def __init__(self, message: str, retire: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.retire = tuple(retire)
+
+
+def _changed(spec: ShardSpec, uri: str, what: str, retire: Sequence[str] = ()) -> Changed:
+    return Changed(
         f"cannot append: {redact_url(uri)} {what} (first changed slice: {spec.name}, rows "
         f"{spec.slices[0].first_row}-{spec.slices[0].first_row + spec.slices[0].count - 1}); only new rows "
-        "at the end and new files can be appended - restore it, or --overwrite to rebuild"
+        "at the end and new files can be appended - restore it, --rebuild-changed to convert it again, "
+        "or --overwrite to rebuild",
+        retire,
     )
 
 
-def _grown_lists(old: PlanFile, new: SourcePlan, options: dict[str, Any] | None) -> tuple[list[InputSlice], list[str]]:
-    """New slices (and their digests) of a URL-list source: new files whole, grown text lists' tails."""
+def _grown_lists(
+    old: PlanFile, new: SourcePlan, options: dict[str, Any] | None, retired: list[str] | None
+) -> tuple[list[InputSlice], list[str]]:
+    """New slices (and their digests) of a URL-list source: new files whole, grown text lists' tails.
+    `retired` (--rebuild-changed): a changed or removed file's old shard names go there and the
+    file converts whole again, instead of the error."""
     before: dict[str, list[tuple[ShardSpec, str]]] = {}
     for spec, digest in zip(old.specs, old.digests):
         before.setdefault(spec.slices[0].uri, []).append((spec, digest))
@@ -174,8 +193,10 @@ def _grown_lists(old: PlanFile, new: SourcePlan, options: dict[str, Any] | None)
     for spec, digest in zip(new.specs, new.digests or [""] * len(new.specs)):
         files.setdefault(spec.slices[0].uri, []).append((spec.slices[0], digest))
     gone = [u for u in before if u not in {redact_url(k) for k in files}]
-    if gone:
+    if gone and retired is None:
         raise _changed(before[gone[0]][0][0], gone[0], "is gone from the source")
+    for uri in gone:
+        retired = [*(retired or []), *(spec.name for spec, _ in before[uri])]
     slices: list[InputSlice] = []
     digests: list[str] = []
     for uri, now in files.items():
@@ -184,7 +205,13 @@ def _grown_lists(old: PlanFile, new: SourcePlan, options: dict[str, Any] | None)
             slices += [sl for sl, _ in now]
             digests += [d for _, d in now]
         elif (prior[0][0].slices[0].version, prior[0][0].slices[0].size) != (now[0][0].version, now[0][0].size):
-            tail = _tail(uri, prior, now, options)
+            try:
+                tail = _tail(uri, prior, now, options)
+            except Changed:
+                if retired is None:
+                    raise
+                retired.extend(spec.name for spec, _ in prior)
+                tail = now
             slices += [sl for sl, _ in tail]
             digests += [d for _, d in tail]
     return slices, digests
@@ -218,29 +245,42 @@ def _tail(
 
 
 def _grown_folder(
-    old: PlanFile, new: SourcePlan, work: Workdir, options: dict[str, Any] | None, step: int
+    old: PlanFile, new: SourcePlan, work: Workdir, options: dict[str, Any] | None, step: int, retired: list[str] | None
 ) -> tuple[list[InputSlice], list[str]]:
-    """Slices of a new listing file holding the rows of `new` the old listings do not."""
+    """Slices of a new listing file holding the rows of `new` the old listings do not (with
+    `retired`, --rebuild-changed: an old shard that lost objects is retired, its other rows re-added)."""
     parts = [_row_hashes(spec.slices[0], options) for spec in old.specs]
     hashes = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
     owner = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     order = np.argsort(hashes, kind="stable")
     hashes, owner = hashes[order], owner[order]
-    found = np.zeros(len(hashes), bool)
-    writer, buf = ListingWriter(step), io.BytesIO()  # the new rows only: an append's size
-    for spec in new.specs:
+
+    def matches(spec: ShardSpec) -> tuple[list[str], np.ndarray, np.ndarray]:
         lines = [line for _, line, *_ in read_rows(spec.slices[0], options)]
         h = np.array([key_hash(line) for line in lines], np.uint64)
         at = np.minimum(np.searchsorted(hashes, h), max(len(hashes) - 1, 0))
         hit = (hashes[at] == h) if len(hashes) else np.zeros(len(h), bool)
+        return lines, at, hit
+
+    found = np.zeros(len(hashes), bool)
+    for spec in new.specs:
+        _, at, hit = matches(spec)
         found[at[hit]] = True
-        for line, seen in zip(lines, hit.tolist()):
-            if not seen:
+    missing = np.unique(owner[~found])
+    if missing.size and retired is None:
+        first = old.specs[int(missing[0])]
+        raise _changed(first, first.source.root, f"lost {int((~found).sum())} object(s) the dataset holds")
+    gone = np.zeros(len(old.specs), bool)
+    gone[missing] = True
+    if retired is not None:
+        retired.extend(old.specs[int(i)].name for i in missing)
+    writer, buf = ListingWriter(step), io.BytesIO()  # the new rows only: an append's size
+    for spec in new.specs:
+        lines, at, hit = matches(spec)
+        again = gone[owner[at]] if len(owner) else np.zeros(len(lines), bool)
+        for line, keep in zip(lines, (~hit | again).tolist()):
+            if keep:
                 writer.write_line(buf, (line + "\n").encode())
-    missing = owner[~found]
-    if missing.size:
-        first = old.specs[int(missing.min())]
-        raise _changed(first, first.source.root, f"lost {missing.size} object(s) the dataset holds")
     if not writer.count:
         return [], []
     data = buf.getvalue()
@@ -255,4 +295,4 @@ def _row_hashes(sl: InputSlice, options: dict[str, Any] | None) -> np.ndarray:
     return np.array([key_hash(line) for _, line, *_ in read_rows(sl, options)], np.uint64)
 
 
-__all__ = ["Appended", "Previous", "combine", "previous"]
+__all__ = ["Appended", "Changed", "Previous", "combine", "generation_of", "previous"]

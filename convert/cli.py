@@ -144,10 +144,24 @@ def main() -> None:
     help="convert only what the source gained since the dataset was written (new rows at the end of a "
     "list, new list files, new objects) into new shards; existing shards are kept as they are",
 )
+@click.option(
+    "--rebuild-changed",
+    is_flag=True,
+    help="with --append: a list file changed in the middle, removed, or a folder that lost objects: retire "
+    "its old shards and convert it again (instead of the error)",
+)
 @friendly
-def run(config_path: str | None, sets: tuple[str, ...], retry_failed: str | None, append: bool, **flags: Any) -> None:
+def run(
+    config_path: str | None,
+    sets: tuple[str, ...],
+    retry_failed: str | None,
+    append: bool,
+    rebuild_changed: bool,
+    **flags: Any,
+) -> None:
     """Convert CONFIG_PATH (YAML) and/or the given flags; resumes unless --overwrite (or adds, with --append)."""
-    extra = ("run.append=true",) if append else ()
+    extra: tuple[str, ...] = ("run.append=true",) if append else ()
+    extra += ("run.rebuild_changed=true",) if rebuild_changed else ()
     config = build_config(config_path, flags, sets + _retry_sets(retry_failed) + extra)
     _execute(config)
 

@@ -288,6 +288,7 @@ class RunConfig(_Model):
     # rebuild committed shards whose ledgers hold these statuses (http_error: only 429/5xx)
     retry_failed: tuple[str, ...] = ()
     append: bool = False  # convert only what the source gained into new shards (convert.append)
+    rebuild_changed: bool = False  # with append: retire the shards of a changed part and convert it again
 
 
 class Config(_Model):

@@ -174,11 +174,11 @@ def _run_leased(
         raise Interrupted(0, None, getattr(exc, "signal_name", "SIGINT")) from None
     known: dict[str, str] = {}
     if prev is not None:  # run --append: the old plan's shards as they are, then what is new
-        grown = combine(
-            prev, source_plan, work, local.source.storage_options, local.output.storage_options, config.shard.size
-        )
+        options = (local.source.storage_options, local.output.storage_options)
+        grown = combine(prev, source_plan, work, *options, config.shard.size, config.run.rebuild_changed)
         source_plan, known = grown.plan, grown.fingerprints
-        log(f"append: generation {prev.generation}, {grown.added} new shards after {len(known)} kept")
+        retired = f", {len(grown.retired)} retired (changed): {' '.join(grown.retired[:4])}" if grown.retired else ""
+        log(f"append: generation {prev.generation}, {grown.added} new shards after {len(known)} kept{retired}")
     specs = source_plan.specs
     if config.run.overwrite:
         _reset_output(out)

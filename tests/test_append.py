@@ -179,3 +179,23 @@ def test_append_twice_to_a_growing_s3_prefix(s3: Any, tmp_path: Path) -> None:
     assert len(ds) == 14 and len(set(keys)) == 14
     assert fs.cat_file("test-bucket/out/shards/shard-00000.h5") == shard0
     assert len(before) == 6 and before[5]["key"] == keys[5]
+
+
+def test_rebuild_changed_retires_the_changed_files_shards(tmp_path: Path) -> None:
+    lists, out = tmp_path / "lists", tmp_path / "out"
+    lists.mkdir()
+    paths = _images(tmp_path / "img", 0, 12)
+    roots = {"source.allowed_roots": [str(tmp_path / "img")]}
+    (lists / "a.txt").write_text("\n".join(paths[:4]) + "\n")
+    (lists / "b.txt").write_text("\n".join(paths[4:8]) + "\n")
+    assert run(_config(str(lists), str(out), **roots), **QUIET).exit_code() == 0
+    kept = _shard_digests(out)["shard-00000.h5"]
+    (lists / "b.txt").write_text("\n".join(paths[8:12]) + "\n")  # rewritten, not grown
+    with pytest.raises(ConfigError, match="b.txt changed in the middle .first changed slice: shard-00001"):
+        run(_config(str(lists), str(out), append=True, **roots), **QUIET)
+    cfg = _config(str(lists), str(out), append=True, **roots, **{"run.rebuild_changed": True})
+    assert run(cfg, **QUIET).exit_code() == 0
+    ds = open_dataset(str(out))
+    assert [s["name"] for s in ds.shards] == ["shard-00000", "shard-00002"]
+    assert _shard_digests(out)["shard-00000.h5"] == kept and not (out / "shards" / "shard-00001.h5").exists()
+    assert len(ds) == 8 and len({ds[i]["key"] for i in range(8)}) == 8
