@@ -92,6 +92,10 @@ def mix_sizes(sources: Sequence[Source], lengths: Sequence[int], epoch_size: int
         given = {a: v for a in ("proportion", "repeat", "choose") if (v := getattr(src, a)) is not None}
         if len(given) > 1:
             raise ValueError(f"{src.describe(k)}: give one of proportion, repeat, choose (got {', '.join(given)})")
+        if any(not np.isfinite(v) for v in given.values()):
+            raise ValueError(
+                f"{src.describe(k)}: {', '.join(f'{a}={v}' for a, v in given.items())} is not a finite number"
+            )
         if any(v < 0 for v in given.values()):
             raise ValueError(f"{src.describe(k)}: {', '.join(f'{a}={v}' for a, v in given.items())} is negative")
         if src.proportion is not None:

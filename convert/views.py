@@ -122,6 +122,9 @@ def parse_split(text: str) -> Split:
     if m is None or not (m.group("name") or m.group("start") is not None) or False in bounds:
         raise ValueError(f"split {text!r} does not parse: {SPLIT_SYNTAX}")
     start, stop = (b if isinstance(b, Bound) else None for b in bounds)
+    if start and stop and start.percent == stop.percent and (start.value < 0) == (stop.value < 0):
+        if start.value > stop.value:  # 'train[90%:10%]': an empty split, surely not meant
+            raise ValueError(f"split {text!r} does not parse: START is past STOP; {SPLIT_SYNTAX}")
     return Split(m.group("name") or "", start, stop)
 
 
