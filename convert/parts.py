@@ -152,7 +152,7 @@ def _part(entry: Any, i: int, n_labels: int, where: str) -> Part:
     uri = entry.get("uri")
     if uri is not None:
         check_part_uri(uri, w)
-    return Part(name, uri, sha, gen, None if labels is None else tuple(labels), prefix)
+    return Part(str(name), uri, sha, gen, None if labels is None else tuple(labels), prefix)
 
 
 def load_parts(manifest: dict[str, Any], part_column: np.ndarray | None, where: str) -> tuple[Part, ...]:
@@ -200,7 +200,8 @@ class PartLayout:
 
     def __init__(self, parts: Sequence[Part], root_url: str) -> None:
         self.parts = tuple(parts)
-        self.uris: list[str | None] = [None] + [None if p.uri is None else resolve_part(root_url, p.uri) for p in parts]
+        resolved = [None if p.uri is None else resolve_part(root_url, p.uri) for p in parts]
+        self.uris: list[str | None] = [None, *resolved]
         self.labels = label_lookup(parts)
         self.prefixes = [""] + [p.key_prefix for p in parts]
         self.names = ["(own)"] + [p.name for p in parts]
@@ -235,7 +236,7 @@ class PartLayout:
         out = dict(cols)
         labels = np.asarray(cols["label"], np.int64)
         lut = self.labels[part]
-        if lut is not None and labels.size:
+        if lut is not None and labels.size and lut.size:
             if labels.max() >= lut.size:
                 self.label(int(labels.max()), part)  # raises, naming the part
             out["label"] = np.where(labels >= 0, lut[np.clip(labels, 0, None)], -1)
