@@ -16,7 +16,6 @@ Not yet: `--copy` (sources on another store are refused with a one-line error).
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections import Counter
 from typing import Any, Callable
@@ -112,7 +111,9 @@ def _scan(store: Store, manifest: dict[str, Any]) -> tuple[np.ndarray, list[str]
         k = [str(x) for x, good in zip(cols["key"], ok) if good]
         labelled = labelled or bool((np.asarray(cols["label"])[ok] >= 0).any())
         digests.append(
-            np.array([int.from_bytes(hashlib.blake2b(x.encode(), digest_size=8).digest()) for x in k], np.uint64)
+            np.array(
+                [int.from_bytes(hashlib.blake2b(x.encode(), digest_size=8).digest(), "little") for x in k], np.uint64
+            )
         )
         keys += k
     return (np.concatenate(digests) if digests else np.zeros(0, np.uint64)), keys, labelled
