@@ -101,3 +101,19 @@ def test_different_raw_shapes_are_one_line_error(pair, tmp_path):
     dst = tmp_path.parent / f"{tmp_path.name}-m"
     result = _merge(a, c, "--output", str(dst), "--prefix-keys")
     assert result.exit_code != 0 and "--allow-mixed-shapes" in result.output and "\n" not in result.output.strip()
+
+
+def test_views_and_a_rewritten_source(pair, tmp_path):
+    tmp, a, b = pair
+    a2, b2 = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(a, a2)
+    shutil.copytree(b, b2)
+    dst = str(tmp_path / "m")
+    assert _merge(str(a2), str(b2), "--output", dst, "--prefix-keys").exit_code == 0
+    ds = open_dataset(dst, split="[:50%]", stratify=True)
+    assert len(ds) == round(0.5 * len(open_dataset(dst)))
+    manifest = json.loads((b2 / "manifest.json").read_text())
+    manifest["index"]["sha256"] = "0" * 64
+    (b2 / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="part 'b'.*rerun `convert-dataset merge`"):
+        open_dataset(dst)
