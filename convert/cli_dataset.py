@@ -198,4 +198,27 @@ def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
     sys.exit(1 if bad else 0)
 
 
-COMMANDS = (inspect, report, verify)
+@click.command("merge")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--output", "output", required=True, help="the merged dataset's root")
+@click.option("--prefix-keys", is_flag=True, help="read keys as <source>/<key> instead of refusing duplicates")
+@click.option("--allow-mixed-shapes", is_flag=True, help="allow raw images of different fixed shapes")
+@click.option("--storage-option", "options", multiple=True, metavar="KEY=VALUE")
+@friendly
+def merge(
+    sources: tuple[str, ...], output: str, prefix_keys: bool, allow_mixed_shapes: bool, options: tuple[str, ...]
+) -> None:
+    """Merge converted datasets into one whose index references their shards (no copy)."""
+    from .merge import merge_datasets
+
+    merge_datasets(
+        list(sources),
+        output,
+        prefix_keys=prefix_keys,
+        allow_mixed_shapes=allow_mixed_shapes,
+        storage_options=storage_options(options),
+        log=lambda m: console.print(m, highlight=False),
+    )
+
+
+COMMANDS = (inspect, report, verify, merge)

@@ -32,11 +32,12 @@ from .fetch import prefetch
 from .formats.base import ShardReader, get_format, open_reader
 from .ledger import read_ledger
 from .manifest import ManifestError, check_opened, read_manifest
-from .records import check_regular
+from .parts import PartLayout, check_current, load_parts
+from .records import check_regular, read_ledger_columns
 from .views import view
 from .shardcache import ShardCache
 from .specs import COLUMN_TYPES, Column
-from .store import Store, open_store
+from .store import Store, is_local, open_store
 
 NO_LABEL = -1  # the label of an unlabelled item
 ITER_CHUNK = 256  # items per batched read during iteration
@@ -76,9 +77,15 @@ class Dataset:
         self.shards = index.select(index.cols["ok"] > 0)
         self._starts = self.shards.starts()
         self._starts_arr = np.asarray(self._starts[:-1], np.int64)
-        self._format = get_format(self.manifest["format"])
-        self.is_local = store.is_local
-        self.cache = ShardCache(self.cache_dir, self._fetch_file, self._format.extension, cache_limit, url_of=store.url)
+        self.format_name = str(self.manifest["format"])
+        self._formats = _formats(index)
+        self.layout = PartLayout(load_parts(self.manifest, None, self.uri), store.url())
+        self._part_col = self.shards.cols.get("part")
+        for part, uri in self.layout.referenced():
+            check_current(self._part_store(uri), part, self.uri)
+        self.is_local = store.is_local and all(is_local(uri) for _, uri in self.layout.referenced())
+        extension = self._formats[0].extension if len(self._formats) == 1 else ".shard"
+        self.cache = ShardCache(self.cache_dir, self._fetch_file, extension, cache_limit, url_of=self._url_of)
         self._init_process()
         self._selection: tuple[str, ...] | None = None
         self.schema = self._schema(columns)
@@ -146,7 +153,7 @@ class Dataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         shard, local = self.locate(index)
-        return self._finish(self._reader(shard).get(local))
+        return self._finish(self._reader(shard).get(local), self._part(shard))
 
     def get_batch(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Items for `indices` (any order, repeats allowed) with one read per shard touched."""
@@ -161,8 +168,9 @@ class Dataset:
         for group in np.split(order, np.flatnonzero(np.diff(shard[order])) + 1) if idx.size else ():
             s = int(shard[group[0]])
             items = self._reader(s).get_batch(idx[group] - self._starts[s])
+            part = self._part(s)
             for pos, item in zip(group.tolist(), items):
-                out[pos] = self._finish(item)
+                out[pos] = self._finish(item, part)
         return out
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
@@ -179,13 +187,32 @@ class Dataset:
         names = self.label_names or []
         labels = ", ".join(names[:8]) + (f", ... ({len(names)} labels)" if len(names) > 8 else "")
         return (
-            f"Dataset({self.uri!r}, items={len(self)}, shards={len(self.shards)}, format={self._format.name}, "
+            f"Dataset({self.uri!r}, items={len(self)}, shards={len(self.shards)}, format={self.format_name}, "
             f"shape={'/'.join(sorted(shapes)) or '-'}, labels=[{labels}])"
         )
 
     def ledger(self) -> dict[str, Any]:
-        """Every input item with its status and error message (columns)."""
-        return read_ledger(self._store())
+        """Every input item with its status and error message (columns); a merged dataset's as it
+        shows them (labels remapped, keys prefixed), shard by shard, then its failed shards' rows."""
+        if not self.layout.parts:
+            return read_ledger(self._store())
+        index = self.manifest["shards"]
+        cols: dict[str, list[Any]] = {}
+        for shard in index:
+            found = self.record_ledger(shard)
+            if found is None:
+                raise ManifestError(f"{self.uri}: the record of shard {shard['name']!r} is missing; rerun merge")
+            for k, v in {**found, "shard": [shard["name"]] * len(found["key"])}.items():
+                cols.setdefault(k, []).extend(np.asarray(v).tolist() if isinstance(v, np.ndarray) else v)
+        return cols
+
+    def record_ledger(self, shard: dict[str, Any]) -> dict[str, Any] | None:
+        """A shard's ledger columns from its record (in its part's root), as this dataset shows
+        them; None if the record is missing or unreadable (convert.records.read_ledger_columns)."""
+        part = int(shard.get("part", 0))
+        store = self._store_of(shard)
+        cols = read_ledger_columns(store, shard["origin"] if self.layout.uris[part] else shard["name"])
+        return None if cols is None else self.layout.ledger(cols, part)
 
     def locate(self, index: int) -> tuple[int, int]:
         """(shard number, index within the shard) of dataset index `index`."""
@@ -232,9 +259,9 @@ class Dataset:
         """Open now (not lazily): a cached copy evicted by another process between the cache's answer
         and the open is fetched again; once open, the file stays readable even if evicted."""
         for attempt in range(3):
-            reader = open_reader(self._format.name, self._source(shard), self._selection)
+            reader = open_reader(shard["format"], self._source(shard), self._selection)
             try:
-                check_opened(self._store(), shard, reader)  # size, count and the shard's own name
+                check_opened(self._store_of(shard), shard, reader)  # size, count and the shard's own name
                 return reader
             except FileNotFoundError:
                 if self.is_local or attempt == 2:
@@ -248,14 +275,42 @@ class Dataset:
         """This process's store (open_store is per process: a forked worker never reuses the parent's s3fs)."""
         return open_store(self.uri, self.storage_options, role="dataset")
 
+    def _part_store(self, uri: str) -> Store:
+        return open_store(uri, self.storage_options, role="dataset")
+
+    def _store_of(self, shard: dict[str, Any]) -> Store:
+        """The store holding `shard`: this root, or the root of the part it was merged from."""
+        uri = self.layout.uris[int(shard.get("part", 0))]
+        return self._store() if uri is None else self._part_store(uri)
+
+    def _part(self, shard: int) -> int:
+        return 0 if self._part_col is None else int(self._part_col[shard])
+
+    def _locator(self, shard: dict[str, Any]) -> str:
+        """What the cache fetches: the shard's path, prefixed '<part>:' when it lives in a part's
+        root (paths never hold ':', so the split is unambiguous)."""
+        part = int(shard.get("part", 0))
+        return f"{part}:{shard['path']}" if self.layout.uris[part] else shard["path"]
+
+    def _unlocate(self, locator: str) -> tuple[Store, str]:
+        head, sep, rel = locator.partition(":")
+        if not sep:
+            return self._store(), locator
+        uri = self.layout.uris[int(head)]
+        return (self._store() if uri is None else self._part_store(uri)), rel
+
+    def _url_of(self, locator: str) -> str:
+        store, rel = self._unlocate(locator)
+        return store.url(rel)
+
     def _source(self, shard: dict[str, Any]) -> Any:
-        store = self._store()
+        store = self._store_of(shard)
         local = store.local_path(shard["path"])
         if local is not None:
             check_regular(store, shard["path"])  # a FIFO named by the index would hang the open
             return local
-        if self._format.needs_local_file or self.download:
-            return str(self.cache.get(shard))
+        if get_format(shard["format"]).needs_local_file or self.download:
+            return str(self.cache.get({**shard, "path": self._locator(shard)}))
         return store.open(
             shard["path"],
             "rb",
@@ -264,9 +319,10 @@ class Dataset:
             cache_options={"maxblocks": REMOTE_BLOCKS},
         )
 
-    def _fetch_file(self, rel: str, target: str) -> None:
+    def _fetch_file(self, locator: str, target: str) -> None:
         """ShardCache's download: the whole object into an existing (reserved) local file."""
-        with self._store().open(rel, "rb", block_size=8 * 2**20, cache_type="none") as src:
+        store, rel = self._unlocate(locator)
+        with store.open(rel, "rb", block_size=8 * 2**20, cache_type="none") as src:
             with open(target, "r+b") as dst:
                 while block := src.read(8 * 2**20):
                     dst.write(block)
@@ -293,16 +349,26 @@ class Dataset:
             raise ValueError(f"{self.uri}: no column {unknown[0]!r}; its columns are {list(by_name)}")
         return tuple(by_name[n] for n in columns)
 
-    def _finish(self, item: dict[str, Any]) -> dict[str, Any]:
+    def _finish(self, item: dict[str, Any], part: int = 0) -> dict[str, Any]:
         """Decode (when asked), give unlabelled items NO_LABEL and absent columns None, in place
-        (readers return fresh dicts)."""
+        (readers return fresh dicts); a merged part's labels remapped and keys prefixed."""
         if self.decode and isinstance(item["image"], (bytes, bytearray, memoryview)):
             item["image"] = decode_image(bytes(item["image"]))
-        if item["label"] is None:
+        if part:
+            self.layout.finish(item, part)
+        elif item["label"] is None:
             item["label"] = NO_LABEL
         for col in self.schema:
             item.setdefault(col.name, None)
         return item
+
+
+def _formats(index: Any) -> list[Any]:
+    """The FormatSpec of every format the index names (a merge of HDF5 and LMDB: both)."""
+    try:
+        return [get_format(name) for name in sorted(set(index.cols["format"].tolist()))]
+    except ValueError as exc:
+        raise ManifestError(f"{exc}; rerun the conversion") from None
 
 
 def read_ahead(reads: Iterable[T], read: Callable[[T], list[Any]], depth: int = 2) -> Iterator[Any]:

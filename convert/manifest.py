@@ -28,6 +28,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import persist
+from .layout import SHARDS_DIR
+from .parts import load_parts
 from .records import ManifestError, check_names, check_rel_paths, check_summary, dump_bytes, ledger_columns, read_meta
 from .specs import Column, ItemResult, ShardRecord, Status
 from .store import Store
@@ -99,7 +101,16 @@ class ShardIndex(Sequence[dict[str, Any]]):
             "stages": stages,
             "started": float(c["started"][i]),
             "finished": float(c["finished"][i]),
+            **self._part_fields(i),
         }
+
+    def _part_fields(self, i: int) -> dict[str, Any]:
+        """A merged index's `part` (convert.parts) and `origin` (the shard's own name: its file's
+        attrs["shard"] and, for a referenced part, its record's name there)."""
+        c = self.cols
+        if "part" not in c:
+            return {}
+        return {"part": int(c["part"][i]), "origin": str(c["origin"][i])}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (self[i] for i in range(len(self)))
@@ -128,11 +139,35 @@ class ShardIndex(Sequence[dict[str, Any]]):
         if n and not np.array_equal(c["ok"] + c["failed"], c["count"]):
             raise ManifestError(f"{where}: a shard's ok + failed != count; rerun the conversion")
         check_rel_paths(c["path"], where)
-        check_names(c["name"], c["path"], where)
+        if "part" in c:
+            _check_merged_names(c, where)
+        else:
+            check_names(c["name"], c["path"], where)
         names = c["name"]
         if n > 1 and not (names[1:] > names[:-1]).all() and np.unique(names).size != n:  # sorted: O(n)
             raise ManifestError(f"{where}: duplicate shard names; rerun the conversion")
         return self
+
+
+def _check_merged_names(c: dict[str, Any], where: str) -> None:
+    """A merged index: names and origins are safe shard names, and each path is the file of its
+    name (copied under this root) or of its origin (in the part's root)."""
+    n = len(c["name"])
+    if len(c["part"]) != n or len(c["origin"]) != n:
+        raise ManifestError(f"{where}: index columns have different lengths; rerun merge")
+    names, origins = np.asarray(c["name"], dtype=str), np.asarray(c["origin"], dtype=str)
+    own = np.char.add(np.char.add(f"{SHARDS_DIR}/", names), ".x")
+    check_names(names, own, where)
+    check_names(origins, np.char.add(np.char.add(f"{SHARDS_DIR}/", origins), ".x"), where)
+    paths = np.asarray(c["path"], dtype=str)
+
+    def file_of(stems: np.ndarray) -> np.ndarray:
+        return np.strings.startswith(paths, np.char.add(np.char.add(f"{SHARDS_DIR}/", stems), "."))
+
+    bad = np.flatnonzero(~file_of(names) & ~file_of(origins))
+    if bad.size:
+        i = int(bad[0])
+        raise ManifestError(f"{where}: shard {names[i]!r} has path {paths[i][:120]!r}, not its own file; rerun merge")
 
 
 def write_manifest(
@@ -147,6 +182,7 @@ def write_manifest(
     columns: Sequence[Column] | None = None,
     generation: int = 1,
     history: Sequence[dict[str, Any]] = (),
+    parts: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write the shard index (and failed shards' rows), then manifest.json last. Records in shard order,
     or the index itself (a run builds it from its `convert.shardtable.ShardTable`, with the fingerprint,
@@ -154,7 +190,8 @@ def write_manifest(
 
     `counts`: items by status over everything (committed + failed shards); computed from the
     records' ledgers when not given. `columns`: the stored columns' schema (the first record's when
-    not given). Ledgers are not concatenated: they stay in the records.
+    not given). Ledgers are not concatenated: they stay in the records. `parts`: a merged
+    dataset's sources (convert.parts; the index then has `part` and `origin` columns).
 
     `generation` > 1 (`run --append`): the index goes to its own `gen/<generation>/index.gz`
     before manifest.json names it, so a reader opening during the append sees the old generation
@@ -199,6 +236,8 @@ def write_manifest(
         "generation": generation,
         "history": [*history, _entry(generation, manifest_created(), len(index), items)],
     }
+    if parts is not None:
+        manifest["parts"] = list(parts)
     store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     if index_path != INDEX:
         store.write_bytes(INDEX, blob)  # what the next run's resume reads (convert.resume)
@@ -295,6 +334,7 @@ def read_manifest(store: Store) -> dict[str, Any]:
     manifest = _load_json(store)
     index = _load_index(store, manifest)
     _check_totals(manifest, index, store.url(MANIFEST))
+    load_parts(manifest, index.cols.get("part"), store.url(MANIFEST))
     return {**manifest, "shards": index}
 
 
@@ -311,7 +351,8 @@ def check_opened(store: Store, shard: dict[str, Any], reader: Any) -> None:
             "run `convert-dataset verify --repair` or rerun the conversion"
         )
     attrs = reader.attrs()
-    if attrs.get("shard", shard["name"]) != shard["name"] or len(reader) != shard["ok"]:
+    own = shard.get("origin", shard["name"])  # a merged index: the file keeps its own name
+    if attrs.get("shard", own) != own or len(reader) != shard["ok"]:
         raise ManifestError(
             f"{store.url(shard['path'])} holds {len(reader)} images of shard "
             f"{attrs.get('shard')!r}, the index expects {shard['ok']} of {shard['name']!r}; "

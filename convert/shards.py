@@ -25,7 +25,9 @@ from .manifest import MANIFEST, read_manifest
 from .records import ManifestError, NotRegularFile, check_regular, ordered_map, read_record, record_rel_path
 from .layout import SHARDS_DIR
 from .lease import Leftover, debris
+from .parts import PartLayout, check_current, load_parts
 from .store import Store
+from .store.base import reopen
 
 __all__ = ["ShardCheck", "leftovers", "rebuild_command", "remove_stale_shards", "repair", "stale_shard_files", "verify"]
 
@@ -54,7 +56,7 @@ class ShardCheck:
     problem: str = ""
 
 
-def _check_shard(store: Store, shard: dict[str, Any]) -> ShardCheck:
+def _check_shard(store: Store, shard: dict[str, Any], record: str | None = None) -> ShardCheck:
     try:
         check_regular(store, shard["path"])
         size, digest = store.sha256(shard["path"])
@@ -66,15 +68,32 @@ def _check_shard(store: Store, shard: dict[str, Any]) -> ShardCheck:
         return ShardCheck(shard["name"], False, f"size {size} != {shard['bytes']}")
     if digest != shard["sha256"]:
         return ShardCheck(shard["name"], False, "sha256 mismatch")
-    found = read_record(store, shard["name"])
+    found = read_record(store, record or shard["name"])
     if found is not None and (found[0].ok, found[0].count, found[0].sha256) != (shard["ok"], shard["count"], digest):
         return ShardCheck(shard["name"], False, "counts differ from the shard's record")
     return ShardCheck(shard["name"], True)
 
 
 def verify(store: Store, threads: int = 8) -> list[ShardCheck]:
-    """Re-hash every shard in the index (in parallel) and compare size, sha256 and record counts."""
-    return list(ordered_map(lambda s: _check_shard(store, s), read_manifest(store)["shards"], threads, 4 * threads))
+    """Re-hash every shard in the index (in parallel) and compare size, sha256 and record counts;
+    a merged dataset's referenced shards in their parts' roots, after checking each part is still
+    the dataset merged (convert.parts.check_current)."""
+    manifest = read_manifest(store)
+    layout = PartLayout(load_parts(manifest, None, store.url(MANIFEST)), store.url())
+    checks: list[ShardCheck] = []
+    for part, uri in layout.referenced():
+        try:
+            check_current(reopen(uri, store.storage_options, "dataset"), part, store.url(MANIFEST))
+        except ManifestError as exc:
+            checks.append(ShardCheck(f"part {part.name}", False, str(exc)))
+
+    def check(shard: dict[str, Any]) -> ShardCheck:
+        uri = layout.uris[int(shard.get("part", 0))]
+        if uri is None:
+            return _check_shard(store, shard)
+        return _check_shard(reopen(uri, store.storage_options, "dataset"), shard, shard["origin"])
+
+    return checks + list(ordered_map(check, manifest["shards"], threads, 4 * threads))
 
 
 def repair(store: Store, checks: Sequence[ShardCheck]) -> str:

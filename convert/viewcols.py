@@ -78,7 +78,8 @@ def _record_columns(ds: Any, name: str) -> dict[str, np.ndarray] | None:
     entries = list(shards)
 
     def load(shard: dict[str, Any]) -> dict[str, np.ndarray] | None:
-        ledger = read_ledger_columns(store, shard["name"])  # validated name, regular files only, never unpickled
+        own = getattr(ds, "record_ledger", None)  # a Dataset: a merged one's records live in its parts
+        ledger = own(shard) if own else read_ledger_columns(store, shard["name"])  # regular files only, never unpickled
         if ledger is None:
             return None
         ok = np.asarray(ledger["status"]) == "ok"

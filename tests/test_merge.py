@@ -1,0 +1,119 @@
+"""`convert-dataset merge`: an HDF5 and an LMDB dataset made by real conversions, merged by the
+real CLI; every item once with its label name, columns united, verify over the parts, and the
+bad inputs as one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from convert import run
+from convert.cli import main
+from convert.config import load_config
+from convert.dataset import open_dataset
+from convert.testing import images as gen
+
+
+def _convert(tmp: Path, name: str, classes: dict[str, int], fmt: str, size: int = 8) -> str:
+    src = tmp / f"src-{name}"
+    gen.write_image_folder(src, classes, size=(24, 20))
+    out = tmp / name
+    cfg = load_config(
+        None,
+        {
+            "source.uri": str(src),
+            "output.uri": str(out),
+            "output.format": fmt,
+            "image.size": size,
+            "shard.size": 5,
+            "cluster.kind": "threads",
+        },
+    )
+    assert run(cfg, log=lambda m: None).exit_code() == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("merge")
+    a = _convert(tmp, "a", {"cat": 6, "dog": 4}, "hdf5")
+    b = _convert(tmp, "b", {"dog": 3, "eel": 5}, "lmdb")
+    return tmp, a, b
+
+
+def _merge(*args: str):
+    return CliRunner().invoke(main, ["merge", *args])
+
+
+def test_merge_of_an_hdf5_and_an_lmdb_dataset(pair):
+    tmp, a, b = pair
+    dst = str(tmp / "m")
+    result = _merge(a, b, "--output", dst, "--prefix-keys")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp / "m" / "manifest.json").read_text())
+    assert manifest["format"] == "mixed" and [p["uri"] for p in manifest["parts"]] == ["../a", "../b"]
+    assert not (tmp / "m" / "shards").exists()  # nothing copied
+    ds = open_dataset(dst)
+    assert ds.label_names == ["cat", "dog", "eel"]
+    expected = []
+    for part, uri in (("a", a), ("b", b)):
+        src = open_dataset(uri)
+        expected += [(f"{part}/{it['key']}", src.label_names[it["label"]]) for it in src]
+    got = [(it["key"], ds.label_names[it["label"]]) for it in ds]
+    assert sorted(got) == sorted(expected) and len(got) == len(set(got))
+    assert CliRunner().invoke(main, ["verify", dst]).exit_code == 0
+
+
+def test_verify_fails_on_a_corrupted_referenced_shard(pair, tmp_path):
+    tmp, a, b = pair
+    a2, b2 = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(a, a2)
+    shutil.copytree(b, b2)
+    dst = str(tmp_path / "m")
+    assert _merge(str(a2), str(b2), "--output", dst, "--prefix-keys").exit_code == 0
+    shard = sorted((b2 / "shards").glob("*.lmdb"))[0]
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["verify", dst])
+    assert result.exit_code == 1 and "sha256 mismatch" in result.output
+    shard.unlink()
+    assert "missing" in CliRunner().invoke(main, ["verify", dst]).output
+
+
+def test_duplicate_keys_are_one_line_error(pair, tmp_path):
+    _, a, _ = pair
+    a2 = tmp_path / "a2"
+    shutil.copytree(a, a2)
+    result = _merge(a, str(a2), "--output", str(tmp_path / "m"))
+    assert result.exit_code != 0
+    line = result.output.strip()
+    assert "\n" not in line and "--prefix-keys" in line and "Traceback" not in result.output
+
+
+def test_different_raw_shapes_are_one_line_error(pair, tmp_path):
+    tmp, a, _ = pair
+    c = _convert(tmp_path, "c", {"cat": 3}, "hdf5", size=12)
+    dst = tmp_path.parent / f"{tmp_path.name}-m"
+    result = _merge(a, c, "--output", str(dst), "--prefix-keys")
+    assert result.exit_code != 0 and "--allow-mixed-shapes" in result.output and "\n" not in result.output.strip()
+
+
+def test_views_and_a_rewritten_source(pair, tmp_path):
+    tmp, a, b = pair
+    a2, b2 = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(a, a2)
+    shutil.copytree(b, b2)
+    dst = str(tmp_path / "m")
+    assert _merge(str(a2), str(b2), "--output", dst, "--prefix-keys").exit_code == 0
+    ds = open_dataset(dst, split="[:50%]", stratify=True)
+    assert len(ds) == round(0.5 * len(open_dataset(dst)))
+    manifest = json.loads((b2 / "manifest.json").read_text())
+    manifest["index"]["sha256"] = "0" * 64
+    (b2 / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="part 'b'.*rerun `convert-dataset merge`"):
+        open_dataset(dst)
