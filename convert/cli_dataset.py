@@ -98,8 +98,24 @@ def _print_inspect(uri: str, run: Any, debris: list[Any], columns: list[dict[str
         out_console.print(f"labels: {run.label_names}")
     shown = ", ".join(f"{c['name']} ({c['type']})" for c in columns) or "none (only image, label and key)"
     out_console.print(f"columns: {escape(shown)}", highlight=False, soft_wrap=True)  # names come from the list
+    _print_history(manifest)
     if manifest is not None:
         out_console.print("config: " + json.dumps(redact_options(manifest["config"])), highlight=False)
+
+
+def _print_history(manifest: dict[str, Any] | None) -> None:
+    """The generations an append wrote (`run --append`): one line each, oldest first."""
+    history = (manifest or {}).get("history")
+    if not isinstance(history, list) or len(history) < 2:
+        return
+    out_console.print(f"generation {manifest.get('generation')} (history, oldest first):")  # type: ignore[union-attr]
+    for h in history:
+        if isinstance(h, dict):
+            out_console.print(
+                f"  generation {h.get('generation')}  {h.get('created')}  shards {h.get('shards')}  "
+                f"items {h.get('items')}",
+                highlight=False,
+            )
 
 
 def _print_stages(shards: list[dict[str, Any]]) -> None:

@@ -4,6 +4,7 @@ a reader opened before an append keeps reading the old generation, and bad input
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +200,16 @@ def test_rebuild_changed_retires_the_changed_files_shards(tmp_path: Path) -> Non
     assert [s["name"] for s in ds.shards] == ["shard-00000", "shard-00002"]
     assert _shard_digests(out)["shard-00000.h5"] == kept and not (out / "shards" / "shard-00001.h5").exists()
     assert len(ds) == 8 and len({ds[i]["key"] for i in range(8)}) == 8
+
+
+def test_inspect_shows_the_generations(tmp_path: Path) -> None:
+    lst, out = tmp_path / "urls.txt", tmp_path / "out"
+    paths = _images(tmp_path / "img", 0, 6)
+    lst.write_text("\n".join(paths[:4]) + "\n")
+    assert run(_config(str(lst), str(out)), **QUIET).exit_code() == 0
+    lst.write_text("\n".join(paths) + "\n")
+    assert run(_config(str(lst), str(out), append=True), **QUIET).exit_code() == 0
+    result = CliRunner().invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = re.findall(r"^  generation (\d+)  \S+  shards (\d+)  items (\d+)$", result.output, re.M)
+    assert rows == [("1", "1", "4"), ("2", "2", "6")], result.output
