@@ -71,7 +71,19 @@ def previous(out: Store, config_data: dict[str, Any]) -> Previous:
             f"cannot append to {out.url('')}: it was written with other settings ({'; '.join(changes)}); "
             "use the same settings, or --overwrite to rebuild it"
         )
-    return Previous(manifest, plan, int(manifest.get("generation", 1)) + 1)
+    generation = manifest.get("generation", 1)
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 1:
+        raise ConfigError(
+            f"{out.url(MANIFEST)}: generation {str(generation)[:40]!r} is not a whole number >= 1; "
+            "the manifest was edited or corrupted - --overwrite to rebuild"
+        )
+    return Previous(manifest, plan, generation + 1)
+
+
+def appending_marker(generation: int) -> str:
+    """Written before an append changes anything, removed once its manifest is published: a plain
+    rerun of an interrupted append is refused (it would replan the grown source and rebuild all)."""
+    return f"gen/{generation:06d}/APPENDING"
 
 
 def generation_of(out: Store) -> int:
@@ -135,7 +147,20 @@ def combine(
         source = replace(source, labels=work.url(rel), labels_sha=sha)
     start = max((int(s.name.rsplit("-", 1)[1]) for s in old.specs), default=-1) + 1
     added = [ShardSpec(start + j, shard_name(start + j), (sl,), source) for j, sl in enumerate(slices)]
-    kept = [(spec, fp, d) for spec, fp, d in zip(old.specs, old.fingerprints, old.digests) if spec.name not in gone]
+    # plan.gz holds URIs redacted, and the version/size the file had then: a kept shard that still
+    # has to run (an interrupted append's, a failed one's) reads the file as it is now - its planned
+    # bytes are proven unchanged above (or its shards retired) - so it gets the live URI and identity
+    live = {redact_url(sl.uri): (sl.uri, sl.version, sl.size) for s in new.specs for sl in s.slices}
+
+    def current(sl: InputSlice) -> InputSlice:
+        uri, version, size = live.get(sl.uri, (sl.uri, sl.version, sl.size))
+        return replace(sl, uri=uri, version=version, size=size)
+
+    kept = [
+        (replace(spec, slices=tuple(current(sl) for sl in spec.slices)), fp, d)
+        for spec, fp, d in zip(old.specs, old.fingerprints, old.digests)
+        if spec.name not in gone
+    ]
     specs = [spec for spec, _, _ in kept] + added
     all_digests = [d for _, _, d in kept] + digests
     plan = SourcePlan(kind, specs, names, sum(len(s) for s in specs), new.partitions, new.columns, tuple(all_digests))
@@ -196,7 +221,8 @@ def _grown_lists(
     if gone and retired is None:
         raise _changed(before[gone[0]][0][0], gone[0], "is gone from the source")
     for uri in gone:
-        retired = [*(retired or []), *(spec.name for spec, _ in before[uri])]
+        assert retired is not None  # gone and no --rebuild-changed raised above
+        retired.extend(spec.name for spec, _ in before[uri])
     slices: list[InputSlice] = []
     digests: list[str] = []
     for uri, now in files.items():
@@ -295,4 +321,4 @@ def _row_hashes(sl: InputSlice, options: dict[str, Any] | None) -> np.ndarray:
     return np.array([key_hash(line) for _, line, *_ in read_rows(sl, options)], np.uint64)
 
 
-__all__ = ["Appended", "Changed", "Previous", "combine", "generation_of", "previous"]
+__all__ = ["Appended", "Changed", "Previous", "appending_marker", "combine", "generation_of", "previous"]

@@ -195,7 +195,8 @@ def write_manifest(
 
     `generation` > 1 (`run --append`): the index goes to its own `gen/<generation>/index.gz`
     before manifest.json names it, so a reader opening during the append sees the old generation
-    whole or the new one whole; index.gz then gets a copy for the next resume. `history`: the
+    whole or the new one whole (index.gz, which generation 1 names, is never rewritten by an append);
+    resume reads the index the manifest names. `history`: the
     earlier generations' entries (this one's is added).
     """
     failed_rows = failed_rows or []
@@ -239,8 +240,6 @@ def write_manifest(
     if parts is not None:
         manifest["parts"] = list(parts)
     store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
-    if index_path != INDEX:
-        store.write_bytes(INDEX, blob)  # what the next run's resume reads (convert.resume)
     return {**manifest, "shards": index}
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .append import Previous, combine, generation_of, previous
+from .append import Previous, appending_marker, combine, generation_of, previous
 from .config import Config, ConfigError
 from .executor import Executor
 from .executor.early import StartingExecutor
@@ -173,10 +173,11 @@ def _run_leased(
     except KeyboardInterrupt as exc:
         raise Interrupted(0, None, getattr(exc, "signal_name", "SIGINT")) from None
     known: dict[str, str] = {}
+    grew = prev is None  # an append that finds nothing new publishes no new generation
     if prev is not None:  # run --append: the old plan's shards as they are, then what is new
         options = (local.source.storage_options, local.output.storage_options)
         grown = combine(prev, source_plan, work, *options, config.shard.size, config.run.rebuild_changed)
-        source_plan, known = grown.plan, grown.fingerprints
+        source_plan, known, grew = grown.plan, grown.fingerprints, bool(grown.added or grown.retired)
         retired = f", {len(grown.retired)} retired (changed): {' '.join(grown.retired[:4])}" if grown.retired else ""
         log(f"append: generation {prev.generation}, {grown.added} new shards after {len(known)} kept{retired}")
     specs = source_plan.specs
@@ -201,7 +202,7 @@ def _run_leased(
         announce_rebuild(out, config_data, pending, log)  # report helper (issue 13): why shards are rebuilt
     try:
         if pending:
-            _prepare_output(out, specs, fps, source_plan.digests, retract=prev is None)
+            _prepare_output(out, specs, fps, source_plan.digests, prev)
             tasks = (maker.task(s, fps[s.name]) for s in pending)
             _convert_pending(
                 config,
@@ -219,7 +220,11 @@ def _run_leased(
         committed = _committed_count(out, specs, len(table))
         raise Interrupted(committed, len(specs), getattr(exc, "signal_name", "SIGINT")) from None
     columns = maker.task(specs[0], fps[specs[0].name]).items.columns if specs else ()  # what every shard stores
-    _finish(out, local, specs, table, summary, config_data, source_plan, columns, log, prev)
+    if grew or pending:
+        _finish(out, local, specs, table, summary, config_data, source_plan, columns, log, prev)
+    else:
+        summary.by_status = dict(table.tally().counts)
+        log("append: nothing new in the source; the dataset is unchanged")
     return summary
 
 
@@ -230,10 +235,11 @@ def _previous(config: Config, out: Store, config_data: dict[str, Any]) -> Previo
         if config.run.overwrite or config.run.retry_failed:
             raise ConfigError("--append cannot be combined with --overwrite or --retry-failed; run them one at a time")
         return previous(out, config_data)
-    if not config.run.overwrite and generation_of(out) > 1:
+    generation = generation_of(out)
+    if not config.run.overwrite and (generation > 1 or out.exists(appending_marker(generation + 1))):
         raise ConfigError(
-            f"{out.url('')} has grown by appends (generation {generation_of(out)}); rerun with --append "
-            "to add to it or finish an interrupted append, or --overwrite to rebuild it"
+            f"{out.url('')} has grown by appends (generation {generation}, or an append was interrupted); "
+            "rerun with --append to add to it or finish an interrupted append, or --overwrite to rebuild it"
         )
     return None
 
@@ -293,6 +299,8 @@ def _finish(
         generation=prev.generation if prev else 1,
         history=prev.manifest.get("history") or [] if prev else (),
     )
+    if prev is not None:
+        out.delete(appending_marker(prev.generation))
     summary.items_converted = table.new_ok()
     after_manifest(out, manifest, specs, tally, failed_rows, summary, log)  # report helper (issue 13)
 
@@ -307,11 +315,13 @@ def _failed_rows(spec: ShardSpec, error: str, local: Config) -> list[ItemResult]
 
 
 def _prepare_output(
-    out: Store, specs: list[ShardSpec], fps: dict[str, str], digests: Sequence[str], retract: bool
+    out: Store, specs: list[ShardSpec], fps: dict[str, str], digests: Sequence[str], prev: Previous | None
 ) -> None:
     """Before shards change: retract the manifest, record the plan (hold_lease cleared dead attempts' debris).
     An append keeps the manifest: it only adds shards, so the old generation stays whole to read."""
-    if retract:
+    if prev is not None:
+        out.write_bytes(appending_marker(prev.generation), b"")
+    else:
         out.delete(MANIFEST)  # readers must not trust a manifest while shards change
     out.write_bytes(PLAN, dump_plan(specs, fps, digests))
 

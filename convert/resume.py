@@ -15,13 +15,15 @@ so a stale row can only cost a record read, never a wrong skip.
 from __future__ import annotations
 
 import io
+import json
+import re
 from typing import Any
 
 import numpy as np
 
 from . import persist
 from .layout import SHARDS_DIR
-from .manifest import INDEX, ShardIndex
+from .manifest import INDEX, MANIFEST, ShardIndex
 from .records import (
     RECORD_SUFFIX,
     ManifestError,
@@ -41,13 +43,22 @@ def previous_index(store: Store) -> dict[str, Any] | None:
     """The columns of the output's index.gz if it exists, is readable and carries the resume
     columns (fingerprint, identity, by_status); None otherwise (then every record is read)."""
     try:
-        cols = persist.load(io.BytesIO(read_meta(store, INDEX)))
+        cols = persist.load(io.BytesIO(read_meta(store, _index_path(store))))
         ShardIndex(cols).validate(store.url(INDEX))
     except (FileNotFoundError, persist.PersistError, ManifestError, KeyError, TypeError, ValueError, StorageError):
         return None
     if not all(isinstance(cols.get(k), dict) for k in ("identity", "by_status")) or "fingerprint" not in cols:
         return None
     return cols
+
+
+def _index_path(store: Store) -> str:
+    """The index the current manifest names (an appended generation's own), else index.gz."""
+    try:
+        path = json.loads(read_meta(store, MANIFEST)).get("index", {}).get("path")
+    except (FileNotFoundError, ValueError, AttributeError, StorageError):
+        return INDEX
+    return path if isinstance(path, str) and re.fullmatch(r"gen/\d{6}/index\.gz", path) else INDEX
 
 
 def _vouched_rows(table: ShardTable, cols: dict[str, Any], listing: dict[str, Entry]) -> tuple[np.ndarray, np.ndarray]:
