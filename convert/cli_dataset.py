@@ -203,6 +203,13 @@ def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
     for c in bad:
         out_console.print(f"[red]FAIL[/] {c.name}: {c.problem}")
     out_console.print(f"{len(checks) - len(bad)}/{len(checks)} shards match the manifest")
+    if repair and bad and store.exists("manifest.json") and _is_merged(store):
+        out_console.print(
+            "[red]--repair[/] does not apply to a merged dataset: its shards belong to the sources; "
+            "run verify --repair on the source that fails, then merge again",
+            highlight=False,
+        )
+        sys.exit(1)
     if repair and bad:
         command = repair_output(store, checks)
         out_console.print(
@@ -212,6 +219,13 @@ def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
         )
         click.echo(command)  # plain: no console markup or wrapping inside a shell command
     sys.exit(1 if bad else 0)
+
+
+def _is_merged(store: Any) -> bool:
+    try:
+        return bool(json.loads(store.read_bytes("manifest.json")).get("parts"))
+    except (ValueError, AttributeError, OSError):
+        return False
 
 
 @click.command("merge")

@@ -81,6 +81,9 @@ def test_verify_fails_on_a_corrupted_referenced_shard(pair, tmp_path):
     shard.write_bytes(bytes(data))
     result = CliRunner().invoke(main, ["verify", dst])
     assert result.exit_code == 1 and "sha256 mismatch" in result.output
+    repair = CliRunner().invoke(main, ["verify", dst, "--repair"])  # the shards are the sources': not removed
+    assert repair.exit_code == 1 and "does not apply to a merged dataset" in repair.output
+    assert shard.exists() and (Path(dst) / "manifest.json").exists()
     shard.unlink()
     assert "missing" in CliRunner().invoke(main, ["verify", dst]).output
 
