@@ -138,6 +138,12 @@ def _on_signal(signum: int, frame: Any) -> None:
     timer.start()
     if not request_stop(name):
         raise Stopped(name)
+    # the run winds down at the executor's next poll; say so, or a user presses again to see if it heard
+    notice = "stopping: cancelling the running shards (committed shards stay); press Ctrl-C again to stop at once\n"
+    try:  # straight to the descriptor: a signal handler must not wait for the console's lock
+        os.write(2, (("\n" if os.isatty(2) else "") + notice).encode())
+    except OSError:
+        pass
 
 
 def _force_exit(name: str, why: str) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,18 +122,35 @@ def test_interrupt_exits_cleanly_and_rerun_resumes(
 
 
 def test_second_ctrl_c_ends_a_local_cluster_run_at_once(slow_list: Path, tmp_path: Path) -> None:
-    """A second Ctrl-C does not wait for the cluster to close (that took 10 s): one line, exit 130,
-    no warnings about leaked semaphores, and the rerun still resumes."""
+    """The first Ctrl-C is acknowledged with one line; a second one does not wait for the cluster to
+    close (that took 10 s): one line, exit 130, no warnings about leaked semaphores. The second
+    signal goes once the first is acknowledged (the run is winding down), not after a guessed sleep:
+    a fast wind-down ended the run before a second signal sent 0.3 s later."""
     out = tmp_path / "out"
     proc = _start(slow_list, out)
     _wait_for_records(out, 2, proc)
+    lines: list[str] = []
+    acknowledged = threading.Event()
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("stopping:"):
+                acknowledged.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.3)
+    assert acknowledged.wait(30), "".join(lines)
     second = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    reader.join(10)
+    err = "".join(lines)
     assert proc.returncode == 130 and time.monotonic() - second < 3, err
     assert "Traceback" not in err and "CancelledError" not in err and "leaked" not in err, err
+    assert "press Ctrl-C again to stop at once" in err, err
     assert "interrupted: stopped at once (second signal)" in err, err
 
 
