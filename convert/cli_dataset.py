@@ -233,12 +233,18 @@ def _is_merged(store: Any) -> bool:
 @click.option("--output", "output", required=True, help="the merged dataset's root")
 @click.option("--prefix-keys", is_flag=True, help="read keys as <source>/<key> instead of refusing duplicates")
 @click.option("--allow-mixed-shapes", is_flag=True, help="allow raw images of different fixed shapes")
+@click.option("--copy", is_flag=True, help="copy the sources' shards under OUTPUT (sources on another store)")
 @click.option("--storage-option", "options", multiple=True, metavar="KEY=VALUE")
 @friendly
 def merge(
-    sources: tuple[str, ...], output: str, prefix_keys: bool, allow_mixed_shapes: bool, options: tuple[str, ...]
+    sources: tuple[str, ...],
+    output: str,
+    prefix_keys: bool,
+    allow_mixed_shapes: bool,
+    copy: bool,
+    options: tuple[str, ...],
 ) -> None:
-    """Merge converted datasets into one whose index references their shards (no copy)."""
+    """Merge converted datasets into one whose index references their shards (or a copy of them)."""
     from .merge import merge_datasets
 
     merge_datasets(
@@ -246,6 +252,7 @@ def merge(
         output,
         prefix_keys=prefix_keys,
         allow_mixed_shapes=allow_mixed_shapes,
+        copy=copy,
         storage_options=storage_options(options),
         log=lambda m: console.print(m, highlight=False),
     )

@@ -8,14 +8,21 @@ each part's ids remapped at read time), columns united (a missing one reads as N
 unique across sources (or prefixed `<part>/` with `prefix_keys`), raw fixed image shapes must
 agree unless `allow_mixed_shapes`. Every conflict is a one-line MergeError.
 
+With `copy` (`--copy`; needed when a source is on another store) every source's shards are
+copied under the merged root instead: `shards/p<NNN>-<shard>.<ext>`, streamed (8 MiB at a time,
+any size, store to store) and checked against the source index's size and sha256 before the copy
+is published; each shard's record is rewritten for its new name and path (the ledger is kept).
+The result is self-contained: its parts' `uri` is null. A copy that stopped half way is resumed by
+rerunning the same merge (shards whose copied record and size match are skipped).
+
 Memory: the key check holds one 8-byte digest per converted item (10^7 items: ~160 MB with the
 sort); the ledgers are streamed shard by shard from the records.
-Not yet: `--copy` (sources on another store are refused with a one-line error).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 from collections import Counter
 from typing import Any, Callable
@@ -26,8 +33,11 @@ from .config import ConfigError
 from .ledger import iter_ledger_columns
 from .manifest import MANIFEST, ShardIndex, read_manifest, write_manifest
 from .parts import Part, relative_uri
+from .records import VERSION as RECORD_VERSION
+from .records import ManifestError, current_identity, dump_bytes, ordered_map, read_meta, read_record, record_rel_path
 from .redact import redact_url
 from .specs import Column
+from . import persist
 from .store import Store, open_store
 
 _CORE = ("name", "path", "format", "encoding", "sha256", "image_shape", "started", "finished", "count", "ok")
@@ -138,7 +148,7 @@ def _check_keys(scans: list[tuple[np.ndarray, list[str]]], uris: list[str]) -> N
             )
 
 
-def _index(sources: list[tuple[str, dict[str, Any]]], prefixes: list[str]) -> ShardIndex:
+def _index(sources: list[tuple[str, dict[str, Any]]], copied: bool) -> ShardIndex:
     cols: dict[str, Any] = {}
     idx = [m["shards"].cols for _, m in sources]
     for key in (*_CORE, "failed", "bytes"):
@@ -150,7 +160,67 @@ def _index(sources: list[tuple[str, dict[str, Any]]], prefixes: list[str]) -> Sh
     cols["origin"] = cols["name"]
     cols["name"] = np.concatenate([np.char.add(f"p{i + 1:03d}-", c["name"].astype(str)) for i, c in enumerate(idx)])
     cols["part"] = np.concatenate([np.full(len(c["name"]), i + 1, np.int32) for i, c in enumerate(idx)])
+    if copied:
+        cols["path"] = np.array([_copied_path(n, o, p) for n, o, p in zip(cols["name"], cols["origin"], cols["path"])])
     return ShardIndex(cols)
+
+
+# -- --copy ------------------------------------------------------------------------------------
+_CHUNK = 8 * 2**20
+
+
+def _copied_path(name: str, origin: str, path: str) -> str:
+    """Where a copied shard lives under the merged root: its merged name, its own extension."""
+    return f"shards/{name}{str(path)[len(f'shards/{origin}') :]}"
+
+
+def _copy_file(src: Store, rel: str, out: Store, dest: str, size: int, sha256: str) -> None:
+    """Stream `rel` to `dest`; published only if it has the size and sha256 the index gives."""
+    digest, n = hashlib.sha256(), 0
+    stream = src.open_range(rel)
+    try:
+        with out.writer(dest) as f:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+                f.write(chunk)
+                n += len(chunk)
+            if (n, digest.hexdigest()) != (size, sha256):  # raising inside: the writer discards it
+                raise MergeError(
+                    f"{src.url(rel)} is {n} bytes with another sha256 than its index says; "
+                    "run `convert-dataset verify --repair` on that source, then merge again"
+                )
+    finally:
+        stream.close()
+
+
+def _copy_shard(src: Store, out: Store, shard: dict[str, Any], name: str) -> None:
+    """One shard and its record, renamed `name`, under `out` (skipped if already copied)."""
+    dest = _copied_path(name, shard["name"], shard["path"])
+    done = read_record(out, name)
+    if done is not None and done[0].sha256 == shard["sha256"]:
+        try:
+            if out.info(dest).size == shard["bytes"]:
+                return
+        except FileNotFoundError:
+            pass
+    obj = persist.load(io.BytesIO(read_meta(src, record_rel_path(shard["name"]))))
+    if not isinstance(obj, dict) or obj.get("version") != RECORD_VERSION or obj.get("name") != shard["name"]:
+        raise ManifestError(
+            f"{src.url(record_rel_path(shard['name']))} is not this shard's record; rerun its conversion"
+        )
+    _copy_file(src, shard["path"], out, dest, int(shard["bytes"]), str(shard["sha256"]))
+    obj.update(name=name, path=dest, identity=current_identity(out, dest))
+    out.write_bytes(record_rel_path(name), dump_bytes(obj))  # after the shard: the record marks it done
+
+
+def _copy_parts(stores: list[Store], loaded: list[tuple[str, dict[str, Any]]], out: Store, threads: int) -> None:
+    jobs = [
+        (src, shard, f"p{i + 1:03d}-{shard['name']}")
+        for i, (src, (_, m)) in enumerate(zip(stores, loaded))
+        for shard in m["shards"]
+    ]
+    for _ in ordered_map(lambda job: _copy_shard(job[0], out, job[1], job[2]), jobs, threads, 2 * threads):
+        pass
 
 
 def merge_datasets(
@@ -159,6 +229,8 @@ def merge_datasets(
     *,
     prefix_keys: bool = False,
     allow_mixed_shapes: bool = False,
+    copy: bool = False,
+    threads: int = 4,
     storage_options: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -169,9 +241,10 @@ def merge_datasets(
     stores = [open_store(u, storage_options, role="source") for u in sources]
     rels = [relative_uri(out.url(), s.url()) for s in stores]
     for u, rel in zip(sources, rels):
-        if rel is None:
+        if rel is None and not copy:
             raise MergeError(
-                f"{redact_url(u)} is not a sibling of {redact_url(output)} on the same store; --copy is not supported yet"
+                f"{redact_url(u)} is not a sibling of {redact_url(output)} on the same store; "
+                "pass --copy to copy its shards under the merged root"
             )
     loaded = [(u, read_manifest(s)) for u, s in zip(sources, stores)]
     for u, m in loaded:
@@ -188,10 +261,12 @@ def merge_datasets(
     taken: set[str] = set()
     names = [_part_name(u, taken) for u in sources]
     prefixes = [f"{n}/" if prefix_keys else "" for n in names]
+    if copy:
+        _copy_parts(stores, loaded, out, threads)
     parts = [
         Part(
             n,
-            rel,
+            None if copy else rel,
             (m.get("index") or {}).get("sha256", "inline"),
             int(m.get("generation", 0)),
             None if mp is None else tuple(mp),
@@ -205,12 +280,12 @@ def merge_datasets(
     formats = sorted({str(f) for _, m in loaded for f in m["shards"].cols["format"].tolist()})
     config = {
         "output": {"uri": redact_url(output), "format": formats[0] if len(formats) == 1 else "mixed"},
-        "merge": {"sources": [redact_url(u) for u in sources], "prefix_keys": prefix_keys},
+        "merge": {"sources": [redact_url(u) for u in sources], "prefix_keys": prefix_keys, "copy": copy},
     }
     failed = {f"{n}/{k}": v for n, (_, m) in zip(names, loaded) for k, v in m.get("failed_shards", {}).items()}
     manifest = write_manifest(
         out,
-        _index(loaded, prefixes),
+        _index(loaded, copy),
         config,
         label_names,
         "merge",

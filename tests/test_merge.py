@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -15,6 +16,7 @@ from convert import run
 from convert.cli import main
 from convert.config import load_config
 from convert.dataset import open_dataset
+from convert.merge import MergeError, merge_datasets
 from convert.testing import images as gen
 
 
@@ -120,3 +122,69 @@ def test_views_and_a_rewritten_source(pair, tmp_path):
     (b2 / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception, match="part 'b'.*rerun `convert-dataset merge`"):
         open_dataset(dst)
+
+
+def _items(ds) -> dict[str, tuple[str, bytes]]:
+    """key -> (label name, image bytes) of every item: what a reader of the dataset sees."""
+    return {it["key"]: (ds.label_names[it["label"]], np.asarray(it["image"]).tobytes()) for it in ds}
+
+
+def _expected(sources: dict[str, str]) -> dict[str, tuple[str, bytes]]:
+    return {f"{part}/{k}": v for part, uri in sources.items() for k, v in _items(open_dataset(uri)).items()}
+
+
+def test_copy_merge_is_self_contained(pair, tmp_path):
+    tmp, a, b = pair
+    a2, b2 = tmp_path / "src" / "a", tmp_path / "src" / "b"
+    shutil.copytree(a, a2)
+    shutil.copytree(b, b2)
+    expected = _expected({"a": str(a2), "b": str(b2)})
+    dst = tmp_path / "m"
+    result = _merge(str(a2), str(b2), "--output", str(dst), "--prefix-keys", "--copy")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert [p["uri"] for p in manifest["parts"]] == [None, None]
+    copied = sorted(p.name for p in (dst / "shards").iterdir())
+    assert any(n.startswith("p001-") and n.endswith(".h5") for n in copied)
+    assert any(n.startswith("p002-") and n.endswith(".lmdb") for n in copied)
+    shutil.rmtree(tmp_path / "src")  # the copy needs nothing of its sources
+    ds = open_dataset(str(dst))
+    assert ds.label_names == ["cat", "dog", "eel"] and _items(ds) == expected
+    assert CliRunner().invoke(main, ["verify", str(dst)]).exit_code == 0
+
+
+def test_copy_merge_checks_each_source_shard_and_resumes(pair, tmp_path):
+    tmp, a, b = pair
+    a2, b2 = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(a, a2)
+    shutil.copytree(b, b2)
+    dst = tmp_path / "out" / "m"
+    bad = sorted((b2 / "shards").glob("*.lmdb"))[0]
+    good = bad.read_bytes()
+    data = bytearray(good)
+    data[100] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    result = _merge(str(a2), str(b2), "--output", str(dst), "--prefix-keys", "--copy")
+    assert result.exit_code == 2 and "verify --repair" in result.output and bad.name in result.output
+    assert "\n" not in result.output.strip() and "Traceback" not in result.output
+    assert not (dst / "manifest.json").exists()  # nothing published
+    assert not any(p.name.endswith(bad.name) for p in (dst / "shards").iterdir())  # the bad copy discarded
+    before = {p.name: p.stat().st_mtime_ns for p in (dst / "shards").iterdir()}
+    assert before  # the other shards were copied ...
+    bad.write_bytes(good)
+    result = _merge(str(a2), str(b2), "--output", str(dst), "--prefix-keys", "--copy")
+    assert result.exit_code == 0, result.output
+    after = {p.name: p.stat().st_mtime_ns for p in (dst / "shards").iterdir()}
+    assert {n: after[n] for n in before} == before  # ... and a rerun kept them
+    assert _items(open_dataset(str(dst))) == _expected({"a": str(a2), "b": str(b2)})
+
+
+def test_a_source_on_another_store_needs_copy(pair, s3):
+    tmp, a, b = pair
+    opts = s3.storage_options()
+    dst = "s3://test-bucket/merged"
+    with pytest.raises(MergeError, match="pass --copy"):
+        merge_datasets([a, b], dst, prefix_keys=True, storage_options=opts)
+    merge_datasets([a, b], dst, prefix_keys=True, copy=True, storage_options=opts)
+    ds = open_dataset(dst, storage_options=opts, cache_dir=str(tmp / "cache"))
+    assert _items(ds) == _expected({"a": a, "b": b})
