@@ -109,6 +109,28 @@ def test_filter_matches_the_columns(dataset_dir):
     assert _keys(keyed) == ["b/img_0003.jpg"]
 
 
+def test_filter_over_shards_with_failed_items(tmp_path):
+    """Shards whose ledgers hold failed rows: a filter sees only the converted items, in order."""
+    src = tmp_path / "src"
+    gen.write_image_folder(src, {"a": 7, "b": 5}, size=(24, 20))
+    for i, (name, data) in enumerate(sorted(gen.bad_files().items())):
+        (src / "ab"[i % 2] / f"bad_{name}").write_bytes(data)
+    out = tmp_path / "out"
+    cfg = load_config(
+        None,
+        {"source.uri": str(src), "output.uri": str(out), "image.size": 8, "shard.size": 4, "cluster.kind": "threads"},
+    )
+    run(cfg, log=lambda m: None)
+    ds = open_dataset(str(out))
+    assert len(ds) == 12
+    ledger = ds.ledger()
+    ok = np.asarray(ledger["status"]) == "ok"
+    assert (~ok).sum() == 4 and ok[:4].any() and not ok[:4].all()  # the first shard mixes both
+    keys, width = np.asarray(ledger["key"])[ok], np.asarray(ledger["width"])[ok]
+    v = View(ds, filter="width >= 40")
+    assert 0 < len(v) < len(ds) and _keys(v) == keys[width >= 40].tolist()
+
+
 def test_filter_reads_no_image_bytes(dataset_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(dataset_dir, copy)
