@@ -203,7 +203,18 @@ def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
     for c in bad:
         out_console.print(f"[red]FAIL[/] {c.name}: {c.problem}")
     out_console.print(f"{len(checks) - len(bad)}/{len(checks)} shards match the manifest")
-    if repair and bad and store.exists("manifest.json") and _is_merged(store):
+    merged = repair and bad and store.exists("manifest.json") and _is_merged(store)
+    if merged and _is_copied(store):  # its shards are its own copies: remove the failing ones, recopy them
+        from .merge import merge_command
+
+        command = repair_output(store, checks, merge_command)
+        out_console.print(
+            f"removed {len(bad)} failing copies and the manifest; copy them again with the same merge:",
+            highlight=False,
+        )
+        click.echo(command)
+        sys.exit(1)
+    if merged:
         out_console.print(
             "[red]--repair[/] does not apply to a merged dataset: its shards belong to the sources; "
             "run verify --repair on the source that fails, then merge again",
@@ -219,6 +230,12 @@ def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
         )
         click.echo(command)  # plain: no console markup or wrapping inside a shell command
     sys.exit(1 if bad else 0)
+
+
+def _is_copied(store: Any) -> bool:
+    """A merge made with --copy: every part's shards live under its root."""
+    parts = json.loads(store.read_bytes("manifest.json")).get("parts") or []
+    return all(isinstance(p, dict) and p.get("uri") is None for p in parts)
 
 
 def _is_merged(store: Any) -> bool:

@@ -12,8 +12,10 @@ With `copy` (`--copy`; needed when a source is on another store) every source's 
 copied under the merged root instead: `shards/p<NNN>-<shard>.<ext>`, streamed (8 MiB at a time,
 any size, store to store) and checked against the source index's size and sha256 before the copy
 is published; each shard's record is rewritten for its new name and path (the ledger is kept).
-The result is self-contained: its parts' `uri` is null. A copy that stopped half way is resumed by
-rerunning the same merge (shards whose copied record and size match are skipped).
+The result is self-contained: its parts' `uri` is null. A rerun (a copy that stopped half way, or
+sources that changed) retracts the manifest first, removes a killed copy's temps, skips copies
+provably the files it made (records.proves_identity) and prunes the copies the new index does not
+list. The output must be empty or an earlier merge (`_check_target`).
 
 Memory: the key check holds one 8-byte digest per converted item (10^7 items: ~160 MB with the
 sort); the ledgers are streamed shard by shard from the records.
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
+import shlex
 from collections import Counter
 from typing import Any, Callable
 
@@ -31,10 +35,24 @@ import numpy as np
 
 from .config import ConfigError
 from .ledger import iter_ledger_columns
-from .manifest import MANIFEST, ShardIndex, read_manifest, write_manifest
+from .manifest import MANIFEST, PLAN, ShardIndex, read_manifest, write_manifest
 from .parts import Part, relative_uri
+from .layout import SHARDS_DIR
+from .lease import LEASE, clean_debris
+from .records import RECORD_SUFFIX
 from .records import VERSION as RECORD_VERSION
-from .records import ManifestError, current_identity, dump_bytes, ordered_map, read_meta, read_record, record_rel_path
+from .records import (
+    ManifestError,
+    NotRegularFile,
+    check_regular,
+    current_identity,
+    dump_bytes,
+    ordered_map,
+    proves_identity,
+    read_meta,
+    read_record_full,
+    record_rel_path,
+)
 from .redact import redact_url
 from .specs import Column
 from . import persist
@@ -169,14 +187,29 @@ def _index(sources: list[tuple[str, dict[str, Any]]], copied: bool) -> ShardInde
 _CHUNK = 8 * 2**20
 
 
+_EXT = re.compile(r"\.[a-z0-9]{1,8}")
+_COPIED = re.compile(r"p\d{3}-")  # the names merge gives copies (and their records and temps)
+
+
 def _copied_path(name: str, origin: str, path: str) -> str:
-    """Where a copied shard lives under the merged root: its merged name, its own extension."""
-    return f"shards/{name}{str(path)[len(f'shards/{origin}') :]}"
+    """Where a copied shard lives under the merged root: its merged name, its own extension
+    (a single-file shard's: the index must not name e.g. its record as the shard)."""
+    head, ext = f"shards/{origin}", str(path)[len(f"shards/{origin}") :]
+    if not str(path).startswith(head) or not _EXT.fullmatch(ext):
+        raise MergeError(f"shard {origin}: index path {str(path)[:80]!r} is not {head}.<ext>; reconvert that source")
+    return f"shards/{name}{ext}"
 
 
 def _copy_file(src: Store, rel: str, out: Store, dest: str, size: int, sha256: str) -> None:
     """Stream `rel` to `dest`; published only if it has the size and sha256 the index gives."""
     digest, n = hashlib.sha256(), 0
+    try:
+        check_regular(src, rel)  # a FIFO would block open() for ever
+    except NotRegularFile as e:
+        raise MergeError(str(e)) from None
+    local = src.local_path(rel)
+    if local is not None and not os.path.isfile(local):
+        raise MergeError(f"{local} is not a regular file; --copy copies single-file shards - reconvert that source")
     stream = src.open_range(rel)
     try:
         with out.writer(dest) as f:
@@ -196,10 +229,10 @@ def _copy_file(src: Store, rel: str, out: Store, dest: str, size: int, sha256: s
 def _copy_shard(src: Store, out: Store, shard: dict[str, Any], name: str) -> None:
     """One shard and its record, renamed `name`, under `out` (skipped if already copied)."""
     dest = _copied_path(name, shard["name"], shard["path"])
-    done = read_record(out, name)
+    done = read_record_full(out, name)
     if done is not None and done[0].sha256 == shard["sha256"]:
-        try:
-            if out.info(dest).size == shard["bytes"]:
+        try:  # kept only if provably the file copied then (inode + ctime locally, ETag on S3)
+            if proves_identity(out, dest, done[2], {dest.rsplit("/", 1)[-1]: out.info(dest)}):
                 return
         except FileNotFoundError:
             pass
@@ -250,8 +283,7 @@ def merge_datasets(
     for u, m in loaded:
         if m.get("parts"):
             raise MergeError(f"{redact_url(u)} is itself a merge: merge its sources instead")
-    if out.exists(MANIFEST) and read_manifest(out).get("source_kind") != "merge":
-        raise MergeError(f"{redact_url(output)} holds a converted dataset; choose another output")
+    _check_target(out, output)
     columns = _columns(loaded)
     _shapes(loaded, allow_mixed_shapes)
     scans = [_scan(s, m) for s, (_, m) in zip(stores, loaded)]
@@ -262,6 +294,9 @@ def merge_datasets(
     names = [_part_name(u, taken) for u in sources]
     prefixes = [f"{n}/" if prefix_keys else "" for n in names]
     if copy:
+        if out.exists(MANIFEST):  # retracted first: copies are replaced in place, a failed rerun publishes nothing
+            out.delete(MANIFEST)
+        clean_debris(out)  # temps of a copy that was killed
         _copy_parts(stores, loaded, out, threads)
     parts = [
         Part(
@@ -294,6 +329,34 @@ def merge_datasets(
         columns=columns,
         parts=[p.as_json() for p in parts],
     )
+    _prune(out, manifest)
     if log:
         log(f"merged {len(sources)} datasets into {redact_url(output)}: {manifest['totals']['ok']} items")
     return manifest
+
+
+def merge_command(config: dict[str, Any]) -> str:
+    """The command that makes this merge again (from the manifest's config; URIs redacted)."""
+    merge, output = config.get("merge") or {}, (config.get("output") or {}).get("uri", "OUTPUT")
+    args = ["convert-dataset", "merge", *map(str, merge.get("sources", [])), "--output", str(output)]
+    args += [flag for flag, on in (("--prefix-keys", merge.get("prefix_keys")), ("--copy", merge.get("copy"))) if on]
+    return shlex.join(args)
+
+
+def _check_target(out: Store, output: str) -> None:
+    """The output may be empty or an earlier merge, never a conversion, finished or not."""
+    if out.exists(MANIFEST) and read_manifest(out).get("source_kind") != "merge":
+        raise MergeError(f"{redact_url(output)} holds a converted dataset; choose another output")
+    foreign = out.exists(PLAN) or out.exists(LEASE) or any(not _COPIED.match(e.name) for e in out.list(SHARDS_DIR))
+    if foreign:
+        raise MergeError(f"{redact_url(output)} holds (part of) a conversion; choose another output")
+
+
+def _prune(out: Store, manifest: dict[str, Any]) -> None:
+    """Copies (and their records) of an earlier merge into this output that the new index does
+    not list: after the manifest is written, as a run removes its stale shards."""
+    keep = {str(p).rsplit("/", 1)[-1] for p in manifest["shards"].cols["path"].tolist()}
+    keep |= {f"{n}{RECORD_SUFFIX}" for n in manifest["shards"].cols["name"].tolist()}
+    for entry in list(out.list(SHARDS_DIR)):
+        if _COPIED.match(entry.name) and entry.name not in keep:
+            out.delete_tree(entry.rel)

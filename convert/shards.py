@@ -17,7 +17,7 @@ import re
 import shlex
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .config import validate
 from .formats.base import get_format
@@ -96,11 +96,12 @@ def verify(store: Store, threads: int = 8) -> list[ShardCheck]:
     return checks + list(ordered_map(check, manifest["shards"], threads, 4 * threads))
 
 
-def repair(store: Store, checks: Sequence[ShardCheck]) -> str:
+def repair(store: Store, checks: Sequence[ShardCheck], command: Callable[[dict[str, Any]], str] | None = None) -> str:
     """Make the next `run` rebuild exactly the failing shards: delete their files and records and
     retract the manifest (readers must not trust the dataset meanwhile). Returns the command that
     rebuilds them (`rebuild_command` of the manifest's config). Only shards the validated index
-    lists are touched: a check naming anything else is refused."""
+    lists are touched: a check naming anything else is refused. `command` makes the command from the
+    config (a copied merge: `merge.merge_command`)."""
     manifest = read_manifest(store)
     index = manifest["shards"]
     paths = dict(zip(index.cols["name"].tolist(), index.cols["path"].tolist()))
@@ -112,7 +113,7 @@ def repair(store: Store, checks: Sequence[ShardCheck]) -> str:
     for name in failing:
         store.delete(record_rel_path(name))
         store.delete_tree(paths[name])
-    return rebuild_command(manifest["config"])
+    return (command or rebuild_command)(manifest["config"])
 
 
 def _leaves(data: dict[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:

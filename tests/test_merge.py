@@ -188,3 +188,21 @@ def test_a_source_on_another_store_needs_copy(pair, s3):
     merge_datasets([a, b], dst, prefix_keys=True, copy=True, storage_options=opts)
     ds = open_dataset(dst, storage_options=opts, cache_dir=str(tmp / "cache"))
     assert _items(ds) == _expected({"a": a, "b": b})
+
+
+def test_verify_repair_of_a_copied_merge_recopies_the_failing_shard(pair, tmp_path):
+    tmp, a, b = pair
+    dst = tmp_path / "m"
+    assert _merge(a, b, "--output", str(dst), "--prefix-keys", "--copy").exit_code == 0
+    copy = sorted((dst / "shards").glob("p002-*.lmdb"))[0]
+    data = bytearray(copy.read_bytes())
+    data[100] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    repair = CliRunner().invoke(main, ["verify", str(dst), "--repair"])
+    assert repair.exit_code == 1 and "removed 1 failing copies" in repair.output, repair.output
+    command = repair.output.strip().splitlines()[-1].split()
+    assert command[:2] == ["convert-dataset", "merge"] and "--copy" in command and "--prefix-keys" in command
+    assert not copy.exists() and not (dst / "manifest.json").exists()
+    assert _merge(*command[2:]).exit_code == 0
+    assert CliRunner().invoke(main, ["verify", str(dst)]).exit_code == 0
+    assert _items(open_dataset(str(dst))) == _expected({"a": a, "b": b})
