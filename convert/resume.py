@@ -4,8 +4,8 @@ A shard is kept when its record's fingerprint matches the plan and its file is p
 committed (README "what resume trusts"; convert.records). The previous run's index.gz carries, per
 shard, the fingerprint, the file identity taken from the record and the per-status counts, so
 for a shard whose index row matches the plan and the listing (S3: size + ETag from ListObjectsV2
-pages, 1,000 keys a request; locally scandir + stat, and the first and last 64 KiB hashed) no
-record is read at all. Records are read (concurrently) only for shards the index does not vouch
+pages, 1,000 keys a request; locally scandir + stat, the change time proving the file) no
+record and no shard byte is read at all. Records are read (concurrently) only for shards the index does not vouch
 for: converted by an interrupted run, rebuilt since, or any mismatch - and those then go through
 the full record check, re-hashing whatever the identity cannot prove. The index needs no current
 manifest (an interrupted run retracts it): every row is checked against the listing before use,
@@ -26,6 +26,7 @@ from . import persist
 from .layout import SHARDS_DIR
 from .manifest import INDEX, MANIFEST, ShardIndex
 from .records import (
+    READ_THREADS,
     RECORD_SUFFIX,
     ManifestError,
     listed_file,
@@ -97,7 +98,11 @@ def resume(store: Store, table: ShardTable, verify: bool = False) -> None:
 
         # chunks of _CHECKS rows per thread task: one future per shard cost more than its check (stat + 2 reads)
         chunks = [range(i, min(i + _CHECKS, len(rows))) for i in range(0, len(rows), _CHECKS)]
-        ok = np.fromiter(itertools.chain.from_iterable(ordered_map(proven, chunks, window=64)), bool, len(rows))
+        # locally (stats) and with ETags (the listing) a check reads nothing: threads would only contend
+        # for the GIL (10^5 shards: 6.9 s on 1 thread, 13 s on 16); a generic store reads both ends of each
+        threads = 1 if store.is_local or store.supports_etags else READ_THREADS
+        checked = ordered_map(proven, chunks, threads=threads, window=64)
+        ok = np.fromiter(itertools.chain.from_iterable(checked), bool, len(rows))
         table.fill_from_index(at[ok], cols, rows[ok])
     names = [n for i, n in enumerate(table.names) if not table.filled[i] and f"{n}{RECORD_SUFFIX}" in listing]
     found = ordered_map(
