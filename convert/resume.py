@@ -42,7 +42,6 @@ from .summary import LedgerTally
 
 
 _CHECKS = 256  # vouched rows checked per thread task
-LIST_RANGE = 2500  # shards per listed range (5 pages of shard + record keys)
 
 
 def previous_index(store: Store) -> dict[str, Any] | None:
@@ -82,8 +81,7 @@ def _vouched_rows(table: ShardTable, cols: dict[str, Any], listing: dict[str, En
 def resume(store: Store, table: ShardTable, verify: bool = False) -> None:
     """Fill `table` with the plan's shards already committed (trusted as the module doc says).
     `verify` (`--verify-resume`): ignore the index and re-hash every shard from its record."""
-    bounds = sorted(table.names)[LIST_RANGE::LIST_RANGE]  # an S3 listing in ranges, listed at once
-    listing = {entry.name: entry for entry in store.list_split(SHARDS_DIR, bounds)}
+    listing = {entry.name: entry for entry in store.list(SHARDS_DIR)}
     cols = None if verify else previous_index(store)
     if cols is not None:
         at, rows = _vouched_rows(table, cols, listing)

@@ -19,7 +19,7 @@ import re
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Protocol, Sequence
+from typing import Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Protocol
 
 from ..config import ConfigError
 
@@ -249,11 +249,6 @@ class Store(ABC):
     @abstractmethod
     def list(self, rel_dir: str) -> Iterator[Entry]:
         """Entries directly under `rel_dir` with their identity (empty if it does not exist)."""
-
-    def list_split(self, rel_dir: str, bounds: Sequence[str]) -> Iterator[Entry]:
-        """`list(rel_dir)`, possibly faster: `bounds` (sorted names) cut the listing into ranges a
-        store may list at once (S3: one ListObjectsV2 page chain per range). Every entry exactly once."""
-        return self.list(rel_dir)
 
     @abstractmethod
     def walk(self, rel_dir: str) -> Iterator[Entry]:

@@ -21,8 +21,7 @@ import datetime as dt
 import hashlib
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator
 
 from fsspec.asyn import sync
 
@@ -72,15 +71,11 @@ def _extent(resp: dict[str, Any]) -> tuple[int, int]:
     return int(resp["ContentLength"]), 0
 
 
-LIST_THREADS = 8  # page chains listed at once by list_split
-
-
 class S3Store(FsspecStore):
     supports_conditional_writes = True
     supports_etags = True
     supports_multipart = True
     part_size: int | None = None  # None: the module's PART_SIZE (tests shrink either)
-    page_keys: int | None = None  # None: S3's 1000 keys per listing page (tests shrink it)
 
     def __init__(self, uri: str, options: dict[str, Any], fs: Any, root: str) -> None:
         super().__init__(uri, options, fs, root)
@@ -129,40 +124,17 @@ class S3Store(FsspecStore):
 
     def list(self, rel_dir: str) -> Iterator[Entry]:
         """list_objects_v2 page by page (1000 keys each), streamed; keeps each object's ETag."""
-        return self._list_range(rel_dir, "", None)
-
-    def list_split(self, rel_dir: str, bounds: Sequence[str]) -> Iterator[Entry]:
-        """One page chain per range [bounds[i], bounds[i+1]) (the first from the start, the last to
-        the end), LIST_THREADS at once: 10^5 shards are 200 pages, 200 round trips one after another."""
-        cuts = ["", *sorted(b for b in bounds if b)]
-        ranges = [(lo, cuts[i + 1] if i + 1 < len(cuts) else None) for i, lo in enumerate(cuts)]
-        if len(ranges) == 1:
-            return self.list(rel_dir)
-        with ThreadPoolExecutor(min(LIST_THREADS, len(ranges))) as pool:
-            pages = list(pool.map(lambda r: builtins.list(self._list_range(rel_dir, *r)), ranges))
-        return (entry for page in pages for entry in page)
-
-    def _list_range(self, rel_dir: str, lo: str, hi: str | None) -> Iterator[Entry]:
-        """Entries under `rel_dir` whose name is in [lo, hi) (hi None: to the end)."""
         bucket, prefix, _ = self._split(rel_dir)
         prefix = f"{prefix.rstrip('/')}/" if prefix else ""
         base = f"{rel_dir.rstrip('/')}/" if rel_dir.strip("/") else ""
         kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
-        if self.page_keys:
-            kw["MaxKeys"] = self.page_keys
-        if lo:
-            kw["StartAfter"] = prefix + lo[:-1]  # exclusive: a key just before lo; names below lo skipped
-        inside = lambda name: lo <= name and (hi is None or name < hi)  # noqa: E731
         while True:
             page = self._call("list_objects_v2", **kw)
-            names = [obj["Key"][len(prefix) :] for obj in page.get("Contents", [])]
-            yield from (entry_of(f"{base}{n}", obj) for n, obj in zip(names, page.get("Contents", [])) if inside(n))
+            for obj in page.get("Contents", []):
+                yield entry_of(f"{base}{obj['Key'][len(prefix) :]}", obj)
             for sub in page.get("CommonPrefixes", []):
-                name = sub["Prefix"][len(prefix) :].rstrip("/")
-                if inside(name):
-                    yield Entry(f"{base}{name}", 0, is_dir=True)
-            past = hi is not None and bool(names) and names[-1] >= hi  # the page went beyond the range
-            if past or not page.get("IsTruncated"):
+                yield Entry(f"{base}{sub['Prefix'][len(prefix) :].rstrip('/')}", 0, is_dir=True)
+            if not page.get("IsTruncated"):
                 return
             kw["ContinuationToken"] = page["NextContinuationToken"]
 

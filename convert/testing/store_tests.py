@@ -197,23 +197,6 @@ class StoreTests:
         store.delete_tree("d")
         assert list(store.list("d")) == [] and not store.exists("d/sub/z.bin")
 
-    def test_list_split_lists_every_entry_once(self, store: Store) -> None:
-        names = [f"s-{i:03d}.h5" for i in range(0, 30, 3)] + [f"s-{i:03d}.record.gz" for i in range(0, 30, 3)]
-        for name in names:
-            self.set(store, f"d/{name}", b"x")
-        self.set(store, "d/s-010/z.bin", b"zz")  # a directory sorts between the files
-        if hasattr(store, "page_keys"):
-            store.page_keys = 3  # S3: several pages per range
-        try:
-            whole = sorted((e.rel, e.size, e.is_dir) for e in store.list("d"))
-            for bounds in ([], ["s-000"], ["s-004", "s-010", "s-021"], ["s-009", "s-009", "s-100"], ["a", "zz"]):
-                split = sorted((e.rel, e.size, e.is_dir) for e in store.list_split("d", bounds))
-                assert split == whole, bounds
-            assert len(whole) == len(names) + 1
-        finally:
-            if hasattr(store, "page_keys"):
-                store.page_keys = None
-
     # -- publishing ------------------------------------------------------------------------
     def test_publish_a_file(self, store: Store, tmp_path: Path) -> None:
         data = os.urandom(300_000)
