@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from . import persist
@@ -37,9 +37,10 @@ from .records import (
     read_meta,
     read_record,
 )
+from .parts import PartLayout, load_parts
 from .specs import ItemResult, Status
 from .layout import SHARDS_DIR
-from .store import Store
+from .store import Store, open_store
 
 __all__ = ["LedgerRow", "RunView", "iter_ledger", "iter_ledger_columns", "load_run", "read_ledger"]
 
@@ -158,9 +159,39 @@ def iter_ledger(target: Store | RunView, status: str | Collection[str] | None = 
             found = read_record(run.out, name)
             yield from (LedgerRow(name, r, i) for r in keep(found[0].ledger if found else ()))
         return
-    for i, (name, rows) in enumerate(iter_record_ledgers(run.out, run.names())):
+    for i, (name, rows) in enumerate(_record_ledgers(run)):
         yield from (LedgerRow(name, r, i) for r in keep(rows))
     yield from (LedgerRow("", r, -1) for r in keep(_failed_rows(run)))
+
+
+def _record_ledgers(run: RunView) -> Iterator[tuple[str, Sequence[ItemResult]]]:
+    """Each shard's ledger rows in shard order; a merged dataset's from its parts' records (under
+    their own names in a referenced part), keys prefixed and labels remapped as its readers show them."""
+    manifest = run.manifest or {}
+    if not manifest.get("parts") or not isinstance(run.shards, ShardIndex):
+        yield from iter_record_ledgers(run.out, run.names())
+        return
+    cols = run.shards.cols
+    layout = PartLayout(load_parts(manifest, cols.get("part"), run.out.url()), run.out.url())
+    part_of = cols["part"].tolist()
+    names, origins = cols["name"].tolist(), cols["origin"].tolist()
+    start = 0
+    while start < len(names):  # the shards of one part are consecutive (merge writes them so)
+        part = part_of[start]
+        stop = start + 1
+        while stop < len(names) and part_of[stop] == part:
+            stop += 1
+        uri = layout.uris[part]
+        store = run.out if uri is None else open_store(uri, run.out.storage_options, role="dataset")
+        own = names[start:stop] if uri is None else origins[start:stop]
+        for name, (_, rows) in zip(names[start:stop], iter_record_ledgers(store, own)):
+            yield name, [_as_merged(r, layout, part) for r in rows]
+        start = stop
+
+
+def _as_merged(row: ItemResult, layout: PartLayout, part: int) -> ItemResult:
+    label = None if row.label is None else layout.label(row.label, part)
+    return replace(row, key=layout.prefixes[part] + row.key, label=label)
 
 
 def _failed_rows(run: RunView) -> Sequence[ItemResult]:

@@ -206,3 +206,34 @@ def test_verify_repair_of_a_copied_merge_recopies_the_failing_shard(pair, tmp_pa
     assert _merge(*command[2:]).exit_code == 0
     assert CliRunner().invoke(main, ["verify", str(dst)]).exit_code == 0
     assert _items(open_dataset(str(dst))) == _expected({"a": a, "b": b})
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_inspect_failures_and_report_of_a_merge(tmp_path, copy):
+    """The ledger of a merge is its parts' (referenced or copied), keys as its readers show them."""
+    roots = []
+    for name, cls in (("a", "cat"), ("b", "dog")):
+        src = tmp_path / f"src-{name}"
+        gen.write_image_folder(src, {cls: 4}, size=(24, 20))
+        (src / cls / "bad.jpg").write_bytes(b"nope")
+        cfg = load_config(
+            None,
+            {
+                "source.uri": str(src),
+                "output.uri": str(tmp_path / name),
+                "image.size": 8,
+                "shard.size": 3,
+                "cluster.kind": "threads",
+            },
+        )
+        run(cfg, log=lambda m: None)
+        roots.append(str(tmp_path / name))
+    dst = str(tmp_path / "m")
+    assert _merge(*roots, "--output", dst, "--prefix-keys", *(["--copy"] if copy else [])).exit_code == 0
+    result = CliRunner().invoke(main, ["inspect", dst, "--failures"])
+    assert result.exit_code == 0, result.output
+    keys = sorted(line.split("\t")[0] for line in result.output.strip().splitlines())
+    assert keys == ["a/cat/bad.jpg", "b/dog/bad.jpg"]
+    report = CliRunner().invoke(main, ["report", dst, "--html", str(tmp_path / "r.html")])
+    assert report.exit_code == 0, report.output
+    assert "bad.jpg" in (tmp_path / "r.html").read_text()
