@@ -247,6 +247,11 @@ def _copy_shard(src: Store, out: Store, shard: dict[str, Any], name: str) -> Non
 
 
 def _copy_parts(stores: list[Store], loaded: list[tuple[str, dict[str, Any]]], out: Store, threads: int) -> None:
+    """Every source shard under `out`; a published merge there is retracted first (its copies are
+    replaced in place: a failed rerun must publish nothing) and a killed copy's temps removed."""
+    if out.exists(MANIFEST):
+        out.delete(MANIFEST)
+    clean_debris(out)
     jobs = [
         (src, shard, f"p{i + 1:03d}-{shard['name']}")
         for i, (src, (_, m)) in enumerate(zip(stores, loaded))
@@ -272,18 +277,7 @@ def merge_datasets(
         raise MergeError("merge needs at least two source datasets")
     out = open_store(output, storage_options, role="output")
     stores = [open_store(u, storage_options, role="source") for u in sources]
-    rels = [relative_uri(out.url(), s.url()) for s in stores]
-    for u, rel in zip(sources, rels):
-        if rel is None and not copy:
-            raise MergeError(
-                f"{redact_url(u)} is not a sibling of {redact_url(output)} on the same store; "
-                "pass --copy to copy its shards under the merged root"
-            )
-    loaded = [(u, read_manifest(s)) for u, s in zip(sources, stores)]
-    for u, m in loaded:
-        if m.get("parts"):
-            raise MergeError(f"{redact_url(u)} is itself a merge: merge its sources instead")
-    _check_target(out, output)
+    rels, loaded = _load_sources(out, output, sources, stores, copy)
     columns = _columns(loaded)
     _shapes(loaded, allow_mixed_shapes)
     scans = [_scan(s, m) for s, (_, m) in zip(stores, loaded)]
@@ -294,9 +288,6 @@ def merge_datasets(
     names = [_part_name(u, taken) for u in sources]
     prefixes = [f"{n}/" if prefix_keys else "" for n in names]
     if copy:
-        if out.exists(MANIFEST):  # retracted first: copies are replaced in place, a failed rerun publishes nothing
-            out.delete(MANIFEST)
-        clean_debris(out)  # temps of a copy that was killed
         _copy_parts(stores, loaded, out, threads)
     parts = [
         Part(
@@ -312,11 +303,7 @@ def merge_datasets(
     counts: Counter[str] = Counter()
     for _, m in loaded:
         counts.update(m["totals"]["by_status"])
-    formats = sorted({str(f) for _, m in loaded for f in m["shards"].cols["format"].tolist()})
-    config = {
-        "output": {"uri": redact_url(output), "format": formats[0] if len(formats) == 1 else "mixed"},
-        "merge": {"sources": [redact_url(u) for u in sources], "prefix_keys": prefix_keys, "copy": copy},
-    }
+    config = _config(loaded, output, sources, prefix_keys, copy)
     failed = {f"{n}/{k}": v for n, (_, m) in zip(names, loaded) for k, v in m.get("failed_shards", {}).items()}
     manifest = write_manifest(
         out,
@@ -333,6 +320,36 @@ def merge_datasets(
     if log:
         log(f"merged {len(sources)} datasets into {redact_url(output)}: {manifest['totals']['ok']} items")
     return manifest
+
+
+def _load_sources(
+    out: Store, output: str, sources: list[str], stores: list[Store], copy: bool
+) -> tuple[list[str | None], list[tuple[str, dict[str, Any]]]]:
+    """(each source's URI relative to the output, (uri, manifest) of each); the refusals first."""
+    rels = [relative_uri(out.url(), s.url()) for s in stores]
+    for u, rel in zip(sources, rels):
+        if rel is None and not copy:
+            raise MergeError(
+                f"{redact_url(u)} is not a sibling of {redact_url(output)} on the same store; "
+                "pass --copy to copy its shards under the merged root"
+            )
+    loaded = [(u, read_manifest(s)) for u, s in zip(sources, stores)]
+    for u, m in loaded:
+        if m.get("parts"):
+            raise MergeError(f"{redact_url(u)} is itself a merge: merge its sources instead")
+    _check_target(out, output)
+    return rels, loaded
+
+
+def _config(
+    loaded: list[tuple[str, dict[str, Any]]], output: str, sources: list[str], prefix_keys: bool, copy: bool
+) -> dict[str, Any]:
+    """The merged manifest's config: the output, its format (or "mixed") and the merge itself (redacted)."""
+    formats = sorted({str(f) for _, m in loaded for f in m["shards"].cols["format"].tolist()})
+    return {
+        "output": {"uri": redact_url(output), "format": formats[0] if len(formats) == 1 else "mixed"},
+        "merge": {"sources": [redact_url(u) for u in sources], "prefix_keys": prefix_keys, "copy": copy},
+    }
 
 
 def merge_command(config: dict[str, Any]) -> str:
