@@ -18,25 +18,11 @@ from convert.config import load_config
 from convert.dataset import open_dataset
 from convert.merge import MergeError, merge_datasets
 from convert.testing import images as gen
+from convert.testing.datasets import converted_folder
 
 
 def _convert(tmp: Path, name: str, classes: dict[str, int], fmt: str, size: int = 8) -> str:
-    src = tmp / f"src-{name}"
-    gen.write_image_folder(src, classes, size=(24, 20))
-    out = tmp / name
-    cfg = load_config(
-        None,
-        {
-            "source.uri": str(src),
-            "output.uri": str(out),
-            "output.format": fmt,
-            "image.size": size,
-            "shard.size": 5,
-            "cluster.kind": "threads",
-        },
-    )
-    assert run(cfg, log=lambda m: None).exit_code() == 0
-    return str(out)
+    return str(converted_folder(tmp, name, classes, fmt, size))
 
 
 @pytest.fixture(scope="module")

@@ -18,31 +18,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convert import persist, run
+from convert import persist
 from convert.cli import main
-from convert.config import load_config
 from convert.records import dump_bytes
-from convert.testing import images as gen
+from convert.testing.datasets import converted_folder
 
 
-def _convert(tmp: Path, name: str, classes: dict[str, int], fmt: str = "hdf5", size: int = 8, shard: int = 5) -> Path:
-    src = tmp / f"src-{name}"
-    shutil.rmtree(src, ignore_errors=True)
-    gen.write_image_folder(src, classes, size=(24, 20))
-    out = tmp / name
-    cfg = load_config(
-        None,
-        {
-            "source.uri": str(src),
-            "output.uri": str(out),
-            "output.format": fmt,
-            "image.size": size,
-            "shard.size": shard,
-            "cluster.kind": "threads",
-        },
-    )
-    assert run(cfg, log=lambda m: None).exit_code() == 0
-    return out
+_convert = converted_folder
 
 
 def _pair(tmp: Path) -> tuple[Path, Path]:
