@@ -1,5 +1,6 @@
-"""Review of `convert-dataset merge --copy`: each test fails on the code it was written against
-because of one defect (see the docstrings). Real conversions (threads cluster), the real CLI."""
+"""Regression tests from the hostile review of `convert-dataset merge --copy`: each failed on the
+code it was written against because of one defect (see the docstrings), all fixed since. Real
+conversions (threads executor), the real CLI."""
 
 from __future__ import annotations
 
