@@ -204,8 +204,8 @@ def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
     for c in bad:
         out_console.print(f"[red]FAIL[/] {c.name}: {c.problem}")
     out_console.print(f"{len(checks) - len(bad)}/{len(checks)} shards match the manifest")
-    merged = repair and bad and store.exists("manifest.json") and _is_merged(store)
-    if merged and _is_copied(store):  # its shards are its own copies: remove the failing ones, recopy them
+    merged = _merge_kind(store) if repair and bad else None
+    if merged == "copied":  # its shards are its own copies: remove the failing ones, recopy them
         from .merge import merge_command
 
         command = repair_output(store, checks, merge_command)
@@ -215,7 +215,7 @@ def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
         )
         click.echo(command)
         sys.exit(1)
-    if merged:
+    if merged == "referenced":
         out_console.print(
             "[red]--repair[/] does not apply to a merged dataset: its shards belong to the sources; "
             "run verify --repair on the source that fails, then merge again",
@@ -233,17 +233,16 @@ def verify(uri: str, options: tuple[str, ...], repair: bool) -> None:
     sys.exit(1 if bad else 0)
 
 
-def _is_copied(store: Any) -> bool:
-    """A merge made with --copy: every part's shards live under its root."""
-    parts = json.loads(store.read_bytes("manifest.json")).get("parts") or []
-    return all(isinstance(p, dict) and p.get("uri") is None for p in parts)
-
-
-def _is_merged(store: Any) -> bool:
+def _merge_kind(store: Any) -> str | None:
+    """None for a converted dataset; "copied" for a merge made with --copy (every part's shards
+    live under its root), "referenced" for one whose index points at its sources' shards."""
     try:
-        return bool(json.loads(store.read_bytes("manifest.json")).get("parts"))
+        parts = json.loads(store.read_bytes("manifest.json")).get("parts")
     except (ValueError, AttributeError, OSError):
-        return False
+        return None
+    if not parts:
+        return None
+    return "copied" if all(isinstance(p, dict) and p.get("uri") is None for p in parts) else "referenced"
 
 
 @click.command("merge")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from itertools import groupby
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -173,20 +174,13 @@ def _record_ledgers(run: RunView) -> Iterator[tuple[str, Sequence[ItemResult]]]:
         return
     cols = run.shards.cols
     layout = PartLayout(load_parts(manifest, cols.get("part"), run.out.url()), run.out.url())
-    part_of = cols["part"].tolist()
-    names, origins = cols["name"].tolist(), cols["origin"].tolist()
-    start = 0
-    while start < len(names):  # the shards of one part are consecutive (merge writes them so)
-        part = part_of[start]
-        stop = start + 1
-        while stop < len(names) and part_of[stop] == part:
-            stop += 1
+    shards = zip(cols["part"].tolist(), cols["name"].tolist(), cols["origin"].tolist())
+    for part, group in groupby(shards, key=lambda s: s[0]):  # one part's shards are consecutive
+        names, origins = zip(*((n, o) for _, n, o in group))
         uri = layout.uris[part]
         store = run.out if uri is None else open_store(uri, run.out.storage_options, role="dataset")
-        own = names[start:stop] if uri is None else origins[start:stop]
-        for name, (_, rows) in zip(names[start:stop], iter_record_ledgers(store, own)):
+        for name, (_, rows) in zip(names, iter_record_ledgers(store, names if uri is None else origins)):
             yield name, [_as_merged(r, layout, part) for r in rows]
-        start = stop
 
 
 def _as_merged(row: ItemResult, layout: PartLayout, part: int) -> ItemResult:

@@ -24,7 +24,6 @@ sort); the ledgers are streamed shard by shard from the records.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import shlex
@@ -39,9 +38,8 @@ from .manifest import MANIFEST, PLAN, ShardIndex, read_manifest, write_manifest
 from .parts import Part, relative_uri
 from .layout import SHARDS_DIR
 from .lease import LEASE, clean_debris
-from .records import RECORD_SUFFIX
-from .records import VERSION as RECORD_VERSION
 from .records import (
+    RECORD_SUFFIX,
     ManifestError,
     NotRegularFile,
     check_regular,
@@ -49,14 +47,13 @@ from .records import (
     dump_bytes,
     ordered_map,
     proves_identity,
-    read_meta,
     read_record_full,
+    read_record_object,
     record_rel_path,
 )
 from .redact import redact_url
 from .specs import Column
-from . import persist
-from .store import Store, open_store
+from .store import Entry, Store, open_store
 
 _CORE = ("name", "path", "format", "encoding", "sha256", "image_shape", "started", "finished", "count", "ok")
 
@@ -226,18 +223,16 @@ def _copy_file(src: Store, rel: str, out: Store, dest: str, size: int, sha256: s
         stream.close()
 
 
-def _copy_shard(src: Store, out: Store, shard: dict[str, Any], name: str) -> None:
-    """One shard and its record, renamed `name`, under `out` (skipped if already copied)."""
+def _copy_shard(src: Store, out: Store, shard: dict[str, Any], name: str, listing: dict[str, Entry]) -> None:
+    """One shard and its record, renamed `name`, under `out` (skipped if already copied: its record
+    and file are in `listing`, the output's shards/ taken once before copying)."""
     dest = _copied_path(name, shard["name"], shard["path"])
-    done = read_record_full(out, name)
-    if done is not None and done[0].sha256 == shard["sha256"]:
-        try:  # kept only if provably the file copied then (inode + ctime locally, ETag on S3)
-            if proves_identity(out, dest, done[2], {dest.rsplit("/", 1)[-1]: out.info(dest)}):
-                return
-        except FileNotFoundError:
-            pass
-    obj = persist.load(io.BytesIO(read_meta(src, record_rel_path(shard["name"]))))
-    if not isinstance(obj, dict) or obj.get("version") != RECORD_VERSION or obj.get("name") != shard["name"]:
+    done = read_record_full(out, name) if f"{name}{RECORD_SUFFIX}" in listing else None
+    # kept only if provably the file copied then (inode + ctime locally, ETag on S3)
+    if done is not None and done[0].sha256 == shard["sha256"] and proves_identity(out, dest, done[2], listing):
+        return
+    obj = read_record_object(src, shard["name"])
+    if obj is None or obj.get("name") != shard["name"]:
         raise ManifestError(
             f"{src.url(record_rel_path(shard['name']))} is not this shard's record; rerun its conversion"
         )
@@ -252,12 +247,13 @@ def _copy_parts(stores: list[Store], loaded: list[tuple[str, dict[str, Any]]], o
     if out.exists(MANIFEST):
         out.delete(MANIFEST)
     clean_debris(out)
+    listing = {e.name: e for e in out.list(SHARDS_DIR)}
     jobs = [
         (src, shard, f"p{i + 1:03d}-{shard['name']}")
         for i, (src, (_, m)) in enumerate(zip(stores, loaded))
         for shard in m["shards"]
     ]
-    for _ in ordered_map(lambda job: _copy_shard(job[0], out, job[1], job[2]), jobs, threads, 2 * threads):
+    for _ in ordered_map(lambda job: _copy_shard(job[0], out, job[1], job[2], listing), jobs, threads, 2 * threads):
         pass
 
 

@@ -296,13 +296,8 @@ def read_record_full(store: Store, name: str) -> tuple[ShardRecord, str, dict[st
     """(record, fingerprint, identity) of a committed shard; None if absent, unreadable or not a
     regular file (resume then rebuilds it; a reader reports it missing).
     A record whose paths or counts are unsafe, or an unsafe name, raises ManifestError."""
-    if not is_shard_name(name):
-        raise ManifestError(f"bad shard name {str(name)[:80]!r}; the metadata was tampered with - rerun the conversion")
-    try:
-        obj = persist.load(io.BytesIO(read_meta(store, record_rel_path(name))))
-    except (FileNotFoundError, NotRegularFile, persist.PersistError):  # a FIFO in its place: not a record
-        return None
-    if not isinstance(obj, dict) or obj.get("version") != VERSION:
+    obj = read_record_object(store, name)
+    if obj is None:
         return None
     where = store.url(record_rel_path(name))
     check_summary(obj, where)
@@ -336,16 +331,24 @@ def read_ledger_columns(store: Store, name: str) -> dict[str, Any] | None:
     """A committed shard's ledger as stored: columns (lists / numpy arrays), no per-row objects
     (~1 ms per 1000 items). None if the record is absent, unreadable, not a regular file or not
     this shard's; the caller decides what a missing one means."""
+    obj = read_record_object(store, name)
+    ledger = None if obj is None else obj.get("ledger")
+    if not isinstance(ledger, dict) or obj is None or obj.get("name") != name or "status" not in ledger:
+        return None
+    return ledger
+
+
+def read_record_object(store: Store, name: str) -> dict[str, Any] | None:
+    """A committed shard's record as stored (a dict of this format version, never unpickled), or
+    None if absent, unreadable or not a regular file (a FIFO in its place is not a record). The
+    callers check its fields; an unsafe name raises ManifestError."""
     if not is_shard_name(name):
         raise ManifestError(f"bad shard name {str(name)[:80]!r}; the metadata was tampered with - rerun the conversion")
     try:
         obj = persist.load(io.BytesIO(read_meta(store, record_rel_path(name))))
     except (FileNotFoundError, NotRegularFile, persist.PersistError):
         return None
-    ledger = obj.get("ledger") if isinstance(obj, dict) and obj.get("version") == VERSION else None
-    if not isinstance(ledger, dict) or obj.get("name") != name or "status" not in ledger:
-        return None
-    return ledger
+    return obj if isinstance(obj, dict) and obj.get("version") == VERSION else None
 
 
 def read_record(store: Store, name: str) -> tuple[ShardRecord, str] | None:

@@ -90,12 +90,11 @@ def _record_columns(ds: Any, name: str) -> dict[str, np.ndarray] | None:
             k: v for k, v in ledger.items() if k not in ("status", "error") and (k == name or isinstance(v, np.ndarray))
         }
         if wanted == len(status):  # the common case, every item converted: no mask to build
-            every = list(status).count("ok") == wanted
-            return {k: np.asarray(v) for k, v in keep.items()} if every else None
+            return {k: np.asarray(v) for k, v in keep.items()} if list(status).count("ok") == wanted else None
         ok = np.asarray(status) == "ok"
         return {k: np.asarray(v)[ok] for k, v in keep.items()} if int(ok.sum()) == wanted else None
 
-    if store.local_path("") is not None:  # local: decoding is the cost and holds the GIL, threads only contend
+    if store.is_local:  # decoding is the cost and holds the GIL: threads only contend
         parts = list(map(load, entries))
     else:  # an object store: requests overlap
         with ThreadPoolExecutor(RECORD_THREADS) as pool:

@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convert import run
 from convert.cli import main
-from convert.config import load_config
 from convert.dataset import open_dataset
 from convert.merge import MergeError, merge_datasets
-from convert.testing import images as gen
 from convert.testing.datasets import converted_folder
 
 
@@ -197,23 +194,10 @@ def test_verify_repair_of_a_copied_merge_recopies_the_failing_shard(pair, tmp_pa
 @pytest.mark.parametrize("copy", [False, True])
 def test_inspect_failures_and_report_of_a_merge(tmp_path, copy):
     """The ledger of a merge is its parts' (referenced or copied), keys as its readers show them."""
-    roots = []
-    for name, cls in (("a", "cat"), ("b", "dog")):
-        src = tmp_path / f"src-{name}"
-        gen.write_image_folder(src, {cls: 4}, size=(24, 20))
-        (src / cls / "bad.jpg").write_bytes(b"nope")
-        cfg = load_config(
-            None,
-            {
-                "source.uri": str(src),
-                "output.uri": str(tmp_path / name),
-                "image.size": 8,
-                "shard.size": 3,
-                "cluster.kind": "threads",
-            },
-        )
-        run(cfg, log=lambda m: None)
-        roots.append(str(tmp_path / name))
+    roots = [
+        str(converted_folder(tmp_path, name, {cls: 4}, shard=3, extra={f"{cls}/bad.jpg": b"nope"}))
+        for name, cls in (("a", "cat"), ("b", "dog"))
+    ]
     dst = str(tmp_path / "m")
     assert _merge(*roots, "--output", dst, "--prefix-keys", *(["--copy"] if copy else [])).exit_code == 0
     result = CliRunner().invoke(main, ["inspect", dst, "--failures"])

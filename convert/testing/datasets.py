@@ -11,13 +11,22 @@ from . import images
 
 
 def converted_folder(
-    tmp: Path, name: str, classes: dict[str, int], fmt: str = "hdf5", size: int = 8, shard: int = 5
+    tmp: Path,
+    name: str,
+    classes: dict[str, int],
+    fmt: str = "hdf5",
+    size: int = 8,
+    shard: int = 5,
+    extra: dict[str, bytes] | None = None,
 ) -> Path:
-    """`tmp/src-<name>` (an ImageFolder of 24x20 JPEGs, `classes` = items per class) converted to
-    `tmp/<name>` (`fmt`, images `size`², `shard` items per shard, the in-process thread executor)."""
+    """`tmp/src-<name>` (an ImageFolder of 24x20 JPEGs, `classes` = items per class, plus `extra`
+    files by relative path, e.g. a broken image) converted to `tmp/<name>` (`fmt`, images `size`²,
+    `shard` items per shard, the in-process thread executor; item failures are in its ledger)."""
     src = tmp / f"src-{name}"
     shutil.rmtree(src, ignore_errors=True)
     images.write_image_folder(src, classes, size=(24, 20))
+    for rel, data in (extra or {}).items():
+        (src / rel).write_bytes(data)
     out = tmp / name
     cfg = load_config(
         None,
