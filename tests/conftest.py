@@ -109,9 +109,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     """End the test process as the CLI ends its own (convert.cli_common.exit_now): Python's atexit
     handlers, logs and stdio flushed, then out without the C library's exit handlers. This process
-    ran hundreds of in-process conversions, some failing on purpose mid-write, and libhdf5's exit
-    handler (closing every handle still open) crashed it once after every test had passed (SIGSEGV,
-    exit 139, in a fresh-clone CI run)."""
+    ran hundreds of in-process conversions, some failing on purpose mid-write; once, after every test
+    had passed, it crashed while exiting (SIGSEGV, exit 139, in a fresh-clone CI run), where the C
+    exit handlers (libhdf5's closes every handle still open) and interpreter finalisation run."""
     from convert.cli_common import WHOLE_PROCESS, exit_now
 
     WHOLE_PROCESS.append(True)
