@@ -283,7 +283,8 @@ def _execute(config: Config) -> None:
         from .executor.warm import ensure_forkserver
 
         ensure_forkserver()
-    from .orchestrate import Interrupted, Progress
+    from .orchestrate import Interrupted
+    from .submit import Progress
     from .orchestrate import run as run_conversion
 
     if config.cluster.kind != "threads":

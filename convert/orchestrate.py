@@ -21,7 +21,6 @@ from .append import Previous, appending_marker, combine, generation_of, previous
 from .config import Config, ConfigError
 from .executor import Executor
 from .executor.early import StartingExecutor
-from .fetch import PrivateNetworkRefused
 from .layout import SHARDS_DIR
 from .lease import hold_lease
 from .manifest import LEDGER, MANIFEST, PLAN, ShardIndex, write_manifest
@@ -36,11 +35,10 @@ from .specs import Column, ItemResult, ShardRecord, ShardSpec, Status
 from .store import StorageError, Store, preflight
 from .summary import LedgerTally, after_manifest, announce_rebuild
 from .task import ShardTask, TaskMaker
-from .worker import process_shard
+from .submit import ProgressHook, describe_error, execute
 
 #: `run --retry-failed` with no statuses: the failures a later attempt may well not repeat
 TRANSIENT = ("timeout", "connection_error", "http_error", "error")
-IN_FLIGHT_PER_THREAD = 4
 
 
 @dataclass
@@ -79,31 +77,6 @@ class RunSummary:
         return 0
 
 
-@dataclass(frozen=True)
-class Progress:
-    """Where a run is: shards and items done of the total, images/s and the estimated time left."""
-
-    name: str  # the shard that just finished
-    shards_done: int
-    shards_total: int
-    items_done: int
-    items_total: int
-    items_ok: int
-    seconds: float
-
-    @property
-    def items_per_second(self) -> float:
-        return self.items_done / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def eta(self) -> float | None:
-        rate = self.items_per_second
-        return (self.items_total - self.items_done) / rate if rate > 0 else None
-
-
-ProgressHook = Callable[[Progress], None]
-
-
 class Interrupted(Exception):
     """The run was stopped (Ctrl-C / SIGTERM); committed shards stay and a rerun resumes."""
 
@@ -113,12 +86,6 @@ class Interrupted(Exception):
         else:
             super().__init__(f"interrupted: {committed} of {total} shards committed; rerun the same command to resume")
         self.committed, self.total, self.signal_name = committed, total, signal_name
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line: exception type and first line of its message."""
-    text = str(exc).strip().splitlines()
-    return redact_text(f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": "))
 
 
 def plan(config: Config, work: Workdir) -> SourcePlan:
@@ -361,46 +328,3 @@ def check_memory(config: Config, ex: Executor) -> None:
             f"{config.cluster.threads_per_worker} is above the worker memory limit {limit} bytes; "
             "lower fetch.prefetch_bytes or raise cluster.memory_limit"
         )
-
-
-def execute(
-    ex: Executor,
-    tasks: Iterator[ShardTask],
-    count: int,
-    total_items: int,
-    retries: int,
-    keep: Callable[[ShardRecord], Any],
-    failed: dict[str, str],
-    on_progress: ProgressHook | None,
-) -> None:
-    """Bounded submission: keep ~4 x worker threads shard tasks in flight (tasks are built lazily,
-    as they are submitted); hand each finished record to `keep` as it completes (nothing else is
-    held per shard but the in-flight tasks' sizes), name failures in `failed`."""
-    queue = iter(tasks)
-    sizes: dict[str, int] = {}
-    done_items, ok, start = 0, 0, time.perf_counter()
-
-    def top_up() -> None:
-        limit = max(1, IN_FLIGHT_PER_THREAD * ex.slots())
-        while ex.in_flight < limit:
-            task = next(queue, None)
-            if task is None:
-                return
-            sizes[task.name] = len(task)
-            ex.submit(task.name, process_shard, task, retries=retries)
-
-    top_up()
-    for n, done in enumerate(ex.completions(), start=1):
-        if isinstance(done.error, StorageError):  # disk full / no permission: every shard would fail
-            raise done.error
-        if isinstance(done.error, PrivateNetworkRefused):  # the list points at private hosts: stop, say the setting
-            raise ConfigError(str(done.error)) from None
-        if done.error is None:
-            keep(done.result)
-            ok += done.result.ok
-        else:
-            failed[done.name] = describe_error(done.error)
-        done_items += sizes.pop(done.name)
-        top_up()
-        if on_progress:
-            on_progress(Progress(done.name, n, count, done_items, total_items, ok, time.perf_counter() - start))

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import functools
 import os
+import pickle
 import re
 import time
 from collections.abc import Iterator
@@ -346,6 +347,31 @@ def process_shard(task: ShardTask) -> ShardRecord:
         if failure is None:
             raise
         raise failure from None
+
+
+def process_batch(tasks: tuple[ShardTask, ...]) -> tuple[ShardRecord | Exception, ...]:
+    """Several tiny shards in one engine task (convert.submit groups them), each converted and
+    committed by process_shard, in turn. A shard that raises is returned as its exception, so the
+    batch's other shards stand and the client retries that one alone; a failure every later shard
+    would share (the output not writable, private addresses refused) ends the batch there."""
+    outcomes: list[ShardRecord | Exception] = []
+    for task in tasks:
+        try:
+            outcomes.append(process_shard(task))
+        except Exception as exc:  # noqa: BLE001 - a per-shard failure, reported as that shard's outcome
+            outcomes.append(_portable(exc))
+            if isinstance(exc, (StorageError, PrivateNetworkRefused)):
+                break
+    return tuple(outcomes)
+
+
+def _portable(exc: Exception) -> Exception:
+    """`exc` if the engine can ship it back to the client, else a ShardError with its one line."""
+    try:
+        pickle.dumps(exc)  # (serialising our own exception object; nothing is ever unpickled here)
+    except Exception:  # noqa: BLE001 - any reason it cannot travel
+        return ShardError(f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 def _abort(writer: ShardWriter) -> None:

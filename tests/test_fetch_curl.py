@@ -170,3 +170,31 @@ def test_stream_close_is_idempotent(http_server):
     assert next(stream).value == IMGS[5]
     stream.close()
     stream.close()
+
+
+def test_the_next_shard_in_a_thread_reuses_the_connections_of_the_last(http_server, fault_proxy):
+    """A shard's stream gives its idle engine back at close: 10-item shards do not open a TCP
+    connection per item each (the fixed cost per shard, issue 22)."""
+    proxy = fault_proxy(http_server.url)
+    urls = [proxy.url + "/" + http_server.put(f"/k{i}.jpg", IMGS[i]).rsplit("/", 1)[1] for i in range(4)]
+    for _ in range(3):  # three "shards" of the same four URLs, one after another in this thread
+        stream = CurlStream(urls, _url, _local, OPEN, depth=4)
+        assert [f.value for f in stream] == IMGS[:4]
+        stream.close()
+    assert proxy.connections == 4  # the first shard's four connections served all three
+
+
+def test_a_stream_dropped_without_close_leaves_no_broken_engine_behind(http_server):
+    """A stream collected by the garbage collector (its engine in a reference cycle, pycurl's handles
+    finalised with it) must not hand that engine to the next stream: it is closed, not kept."""
+    import gc
+
+    url = http_server.put("/gc.jpg", IMGS[6])
+    for _ in range(3):
+        stream = CurlStream([url, url], _url, _local, OPEN)
+        assert next(stream).value == IMGS[6]
+        del stream  # dropped mid-way, never closed
+        gc.collect()
+        fresh = CurlStream([url], _url, _local, OPEN)
+        assert [f.value for f in fresh] == [IMGS[6]]
+        fresh.close()

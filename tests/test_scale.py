@@ -18,7 +18,7 @@ from convert.executor import open_executor
 from convert.executor.threads import ThreadExecutor
 from convert.ledger import read_ledger
 from convert.manifest import read_manifest
-from convert.orchestrate import execute
+from convert.submit import execute
 from convert.redact import redact_options, redact_text, redact_url
 from convert.sources import SourceError, Workdir, plan_source, shard_refs
 from convert.testing import images as gen

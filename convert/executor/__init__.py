@@ -40,6 +40,9 @@ class Executor(ABC):
 
     description: str = ""
     dashboard: str | None = None
+    #: True where every task costs the engine milliseconds (scheduling, a result gather, a poll):
+    #: the client then sends tiny shards several to a task (convert.submit.shards_per_task)
+    groups_small_tasks: bool = False
 
     @property
     def job_ids(self) -> list[str]:

@@ -72,6 +72,8 @@ class QuietTaskErrors(WorkerPlugin):
 class DaskExecutor(Executor):
     """Shard tasks on a connected Dask cluster (ClusterHandle)."""
 
+    groups_small_tasks = True  # a task costs the scheduler, a gather and a poll: ~ms each
+
     def __init__(self, handle: ClusterHandle) -> None:
         self.handle = handle
         self.client = handle.client

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Generic, TypeVar
 
-from .curl import CurlEngine
+from .curl import return_engine, thread_engine
 from .curl_transfer import Transfer
 from .policy import FetchPolicy
 from .prefetch import THREAD_PREFIX, Budget, Fetched
@@ -49,8 +49,9 @@ class CurlStream(Generic[T]):
         self._url_of, self._fallback, self._policy = url_of, fallback, policy
         self._depth, self._max_bytes = depth, max_bytes
         self._on_done = on_done  # called with each item's fetch wall time (ns)
-        self._engine = CurlEngine(policy, depth)
+        self._engine = thread_engine(policy, depth)  # this thread's, with its connections, if idle
         self._engine.on_settle = self._settled
+        self._closed = False
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[Transfer] = deque()  # in input order; each knows its budget key
         self._budget = Budget(size_of, None)
@@ -124,9 +125,16 @@ class CurlStream(Generic[T]):
             self._pool = ThreadPoolExecutor(max_workers=min(self._depth, 16), thread_name_prefix=THREAD_PREFIX)
         return self._pool.submit(self._fallback, item)
 
-    def close(self) -> None:
-        """Abort transfers in flight, cancel queued fallback fetches and join the pool's threads."""
-        self._engine.close()
+    def close(self, keep_engine: bool = True) -> None:
+        """Abort transfers in flight (else keep the engine for this thread's next shard), cancel queued
+        fallback fetches and join the pool's threads (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if keep_engine:
+            return_engine(self._engine)
+        else:
+            self._engine.close()
         if self._pool is not None:
             for t in self._pending:
                 if t.future is not None:
@@ -135,7 +143,7 @@ class CurlStream(Generic[T]):
         self._pending.clear()
 
     def __del__(self) -> None:  # a consumer that stopped early and dropped the stream
-        try:
-            self.close()
+        try:  # collected: its engine's handles may be finalised already (the engine is dropped, not kept)
+            self.close(keep_engine=False)
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
