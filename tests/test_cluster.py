@@ -78,6 +78,30 @@ def test_local_cluster_runs_tasks_in_worker_processes_and_serves_a_dashboard() -
     assert not any(psutil.pid_exists(p) for p in pids), "worker processes outlived open_client"
 
 
+_FIRST_VISIT = """
+import sys, urllib.request
+from convert.config import ClusterConfig
+from convert.executor.cluster import open_client
+if __name__ == "__main__":
+    with open_client(ClusterConfig(workers=1)) as handle:
+        handle.client.submit(sum, [1, 2]).result()  # the cluster works; nobody has looked at the page
+        before = "bokeh" in sys.modules
+        with urllib.request.urlopen(handle.dashboard_link, timeout=60) as resp:
+            page = resp.status == 200 and b"bokeh" in resp.read().lower()
+        print(before, page, "bokeh" in sys.modules)
+"""
+
+
+@pytest.mark.cluster
+def test_the_dashboard_is_built_on_its_first_visit_not_while_the_run_converts(tmp_path: Path) -> None:
+    """bokeh's import (~1.2 s of CPU) is not spent during runs nobody watches; the printed link works."""
+    script = tmp_path / "visit.py"
+    script.write_text(_FIRST_VISIT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True", "True"]
+
+
 @pytest.mark.cluster
 def test_local_cluster_without_dashboard_and_with_threads() -> None:
     with open_client(ClusterConfig(workers=1, threads_per_worker=2, dashboard=False)) as handle:

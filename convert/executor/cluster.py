@@ -166,24 +166,46 @@ def _open_local(cfg: ClusterConfig) -> Iterator[ClusterHandle]:
             client = Client(cluster)  # not as a context: that binds it to this thread's context (early.py)
             stack.callback(client.close)
         if cfg.dashboard:
-            threading.Thread(target=_attach_dashboard, args=(cluster,), name="convert-dashboard", daemon=True).start()
+            _attach_dashboard(cluster)
         size = f"{_plural(n, 'worker')} x {_plural(cfg.threads_per_worker, 'thread')}"
         yield _make_handle(cfg, client, f"LocalCluster {size}", cluster=cluster, shared=False)
 
 
 def _attach_dashboard(cluster: LocalCluster) -> None:
-    """Add Dask's dashboard to the running scheduler's HTTP server (what Scheduler(dashboard=True) does
-    while starting): importing bokeh took ~0.5-0.8 s of the client's start-up, now spent while the
-    first shards run. Without bokeh the server keeps serving /health and the JSON routes."""
-    try:
-        import distributed.dashboard.scheduler as dashboard
-    except ImportError:
-        return
+    """Serve Dask's dashboard from the running scheduler's HTTP server on its first visit.
+
+    Importing bokeh and building the dashboard costs ~1.2 s of CPU; on a 2-core machine, spent while
+    a run converts, that is 10-15 % of a 5,000-image run - for a page most runs never show. So the
+    server (it already answers /health and the JSON routes) gets one extra fallback application
+    that, on the first request no other route takes, connects the dashboard (what
+    Scheduler(dashboard=True) does while starting), removes itself and redirects to the same URL.
+    """
     scheduler, loop = cluster.scheduler, cluster.loop
-    if loop is None:  # closed meanwhile
+    app = getattr(scheduler, "http_application", None)
+    if loop is None or app is None or not hasattr(app, "applications"):
         return
     with contextlib.suppress(Exception):  # a cluster closing meanwhile: no dashboard needed
-        loop.add_callback(dashboard.connect, scheduler.http_application, scheduler.http_server, scheduler)
+        loop.add_callback(app.add_application, _lazy_dashboard(scheduler))
+
+
+def _lazy_dashboard(scheduler: Any) -> Any:
+    """A tornado application matching any path, which connects the dashboard on its first request."""
+    from tornado import web
+
+    class FirstVisit(web.RequestHandler):
+        def get(self, *_: Any) -> None:
+            routing = scheduler.http_application
+            with contextlib.suppress(ValueError):
+                routing.applications.remove(lazy)
+            try:
+                import distributed.dashboard.scheduler as dashboard
+            except ImportError:  # no bokeh: /health and the JSON routes only
+                raise web.HTTPError(404) from None
+            dashboard.connect(routing, scheduler.http_server, scheduler)
+            self.redirect(self.request.uri or "/status")
+
+    lazy = web.Application([(r"/(.*)", FirstVisit)])
+    return lazy
 
 
 def _make_handle(
