@@ -43,11 +43,11 @@ FALLBACK_NOTICES = ("pycurl not installed", "simplejpeg not installed")  # the o
 SPY = r"""
 import atexit, json, os, runpy, sys, threading
 import convert.worker as worker
-from convert.fetch import curl_stream
+from convert.fetch import curl
 
 lock = threading.Lock()
 seen = {"modes": [], "curl_urls": [], "decoders": {}}
-fetch_stream, transform, start = worker._fetch_stream, worker.transform, curl_stream.CurlEngine.start
+fetch_stream, transform, start = worker._fetch_stream, worker.transform, curl.CurlEngine.start
 
 def spy_fetch_stream(refs, task, cols, clock):
     with lock:
@@ -65,7 +65,7 @@ def spy_start(self, t):
         seen["curl_urls"].append(t.shown)
     return start(self, t)
 
-worker._fetch_stream, worker.transform, curl_stream.CurlEngine.start = spy_fetch_stream, spy_transform, spy_start
+worker._fetch_stream, worker.transform, curl.CurlEngine.start = spy_fetch_stream, spy_transform, spy_start
 
 def report():
     with open(os.environ["SPY_REPORT"], "w") as f:
