@@ -366,3 +366,18 @@ def test_derived_keys_never_carry_credentials_from_the_url(tmp_path: Path) -> No
     keys = [it.key for it in listing(lst).items]
     assert keys == ["000000-example", "000001-cat"]
     assert not any("hunter2" in k or "s3cr3t" in k for k in keys)
+
+
+def test_a_local_folder_lists_as_fsspec_types_it_links_and_loose_images_between_subfolders(tmp_path: Path) -> None:
+    """The local listing (os.scandir, no stat per entry) keeps fsspec's typing: a symlinked image is
+    an image, a symlinked folder is not descended into; loose images between subfolders keep the
+    order of one sorted listing of full paths."""
+    root, b = tmp_path / "tree", jpeg_bytes(8, 8)
+    for name in ("a.jpg", "a0.jpg", "b.png", "z.jpg", ".hidden.jpg", "notes.txt", "a/1.jpg", "a.b/1.jpg", "c/1.jpg"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b)
+    (tmp_path / "elsewhere.jpg").write_bytes(b)
+    os.symlink(tmp_path / "elsewhere.jpg", root / "linked.jpg")
+    os.symlink(root / "c", root / "d_link")
+    keys = [ref.key for ref in list_source(SourceConfig(uri=str(root), labels="none")).items]
+    assert keys == ["a.b/1.jpg", "a.jpg", "a/1.jpg", "a0.jpg", "b.png", "c/1.jpg", "linked.jpg", "z.jpg"]

@@ -21,7 +21,7 @@ from ..config import SourceConfig
 from ..fetch.prefetch import prefetch
 from ..plan import cut_rows, make_specs
 from ..specs import Column, InputSlice, ItemRef, ShardSpec, SourceRef
-from .base import IMAGE_EXTENSIONS, SourceError, SourceListing, Workdir, open_fs, safe_key
+from .base import IMAGE_EXTENSIONS, SourceError, SourceListing, Workdir, list_dir, open_fs, safe_key
 from .cifar import cifar_refs, is_cifar_uri, plan_cifar, read_member
 from .columns import Unfit
 from .folder import folder_refs, plan_folder
@@ -63,11 +63,11 @@ def resolve_kind(cfg: SourceConfig) -> str:
     if cfg.kind == "auto" and kind == "folder":
         fs, path = open_fs(cfg.uri, cfg.storage_options)
         if fs.isdir(path):
-            entries = fs.ls(path, detail=True)
-            names = [posixpath.basename(e["name"].rstrip("/")).lower() for e in entries if e.get("type") == "file"]
+            entries = list_dir(fs, path)
+            names = [posixpath.basename(name.rstrip("/")).lower() for name, kind in entries if kind == "file"]
             lists = [n for n in names if n.endswith(LIST_SUFFIXES)]
             images = [n for n in names if posixpath.splitext(n)[1] in IMAGE_EXTENSIONS]
-            if lists and not images and all(e.get("type") == "file" for e in entries):
+            if lists and not images and all(kind == "file" for _, kind in entries):
                 return "urls"
     return kind
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import posixpath
 import unicodedata
 from collections import Counter
@@ -85,6 +86,31 @@ def open_fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[AbstractF
     except StorageError as exc:
         raise SourceError(str(exc)) from None
     return store.fs, store.root
+
+
+def list_dir(fs: AbstractFileSystem, path: str) -> list[tuple[str, str]]:
+    """(full path, "file" | "directory" | other type) of each entry directly under `path`.
+
+    Local folders are read with os.scandir, whose entries know their type without a stat call, and
+    typed as fsspec's LocalFileSystem.ls(detail=True) types them (a symlink is "other"), which stats
+    every entry: ~30 us each, 0.7 s of the client's start-up for a folder of 20,000 images.
+    """
+    if getattr(fs, "local_file", False):
+        with os.scandir(path) as entries:
+            return [(posixpath.join(path, e.name), _entry_type(e)) for e in entries]
+    return [(info["name"], str(info.get("type"))) for info in fs.ls(path, detail=True)]
+
+
+def _entry_type(entry: os.DirEntry[str]) -> str:
+    if entry.is_symlink():
+        return "other"
+    return (
+        "directory"
+        if entry.is_dir(follow_symlinks=False)
+        else "file"
+        if entry.is_file(follow_symlinks=False)
+        else "other"
+    )
 
 
 def full_uri(fs: AbstractFileSystem, path: str) -> str:

@@ -27,6 +27,7 @@ from .base import (
     full_uri,
     glob_root,
     has_magic,
+    list_dir,
     open_fs,
     relative_to,
     safe_key,
@@ -96,20 +97,23 @@ def _groups(fs: Any, path: str, uri: str) -> tuple[str, list[_Group]]:
         return posixpath.dirname(path), [_Group("", (posixpath.basename(path),))]
     root = path.rstrip("/") or "/"
     entries = []
-    for info in fs.ls(root, detail=True):
-        name = relative_to(info["name"], root)
+    for full, kind in list_dir(fs, root):
+        name = relative_to(full, root)
         if name and not name.startswith("."):
-            entries.append((name + "/" if info.get("type") == "directory" else name, info.get("type")))
+            entries.append((name + "/" if kind == "directory" else name, kind))
     entries.sort()  # "a.b/" < "a/" < "a0": the order of full paths in one sorted listing
     groups: list[_Group] = []
+    loose: list[str] = []  # images directly under root, between two subfolders in sorted order
     for name, kind in entries:
         if kind == "directory":
+            if loose:
+                groups.append(_Group("", tuple(loose)))
+                loose = []
             groups.append(_Group(name.rstrip("/")))
         elif _is_image(name):
-            if groups and groups[-1].name == "":
-                groups[-1] = _Group("", groups[-1].rels + (name,))
-            else:
-                groups.append(_Group("", (name,)))
+            loose.append(name)
+    if loose:
+        groups.append(_Group("", tuple(loose)))
     return root, groups
 
 
