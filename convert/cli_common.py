@@ -64,6 +64,12 @@ def exit_now(code: int) -> None:
     callers (click's CliRunner, tests) get an ordinary SystemExit."""
     if not WHOLE_PROCESS:  # in-process callers
         sys.exit(code)
+    h5py = sys.modules.get("h5py")
+    if h5py is not None:  # its atexit handler unregisters HDF5's type converters; a shard task left
+        # running by a stopped in-process run (ThreadExecutor's daemon threads) then failed inside an
+        # attribute write (KeyError, a traceback after the "interrupted" line) or crashed (SIGSEGV).
+        # The process leaves by os._exit, so the converters need no cleanup.
+        atexit.unregister(getattr(h5py, "_unregister_converters", lambda: None))
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()

@@ -5,7 +5,9 @@ A LocalCluster costs ~1.5 s of a run's wall time on a 2-core machine before the 
 once and the decoders and libcurl release the GIL, but the per-item Python work shares one
 interpreter. Measured on 2 cores (folder of 128x128 JPEGs -> 64x64 HDF5, whole process, threads vs
 LocalCluster): 4,000 items 2.2-3.8 s vs 5.0-6.4 s; 16,000 items (16 shards) 4.6-5.5 s vs 4.0-6.0 s,
-the break-even. The rule keeps well below it (see also the README's cluster section):
+the break-even. Again with libcurl and the lazy dashboard (URL list of 200-600 px photos over
+loopback -> 64x64, 250 per shard, medians): 5,000 URLs 1,187 vs 942 img/s (threads 1.26x), 20,000
+URLs 1,379 vs 1,305 img/s (1.06x). The rule stays below the break-even (README's cluster section):
 
     in process  when the plan has <= SMALL_SHARDS shards to convert and <= SMALL_ITEMS items
     LocalCluster otherwise (and whenever the plan size is not known)
@@ -22,8 +24,8 @@ from dataclasses import dataclass
 from ..config import ClusterConfig, SourceConfig
 
 #: the largest plan that runs in process (shards to convert, items in them)
-SMALL_SHARDS = 8
-SMALL_ITEMS = 8000
+SMALL_SHARDS = 64
+SMALL_ITEMS = 10_000
 
 #: a local list file at least this large is obviously a large job: its LocalCluster starts while planning
 LARGE_LIST_BYTES = 1 << 20  # ~15k URLs of ~70 bytes
