@@ -192,16 +192,20 @@ def _lazy_dashboard(scheduler: Any) -> Any:
     """A tornado application matching any path, which connects the dashboard on its first request."""
     from tornado import web
 
+    connected: list[bool] = []  # once: visits arriving together must not build it twice
+
     class FirstVisit(web.RequestHandler):
         def get(self, *_: Any) -> None:
-            routing = scheduler.http_application
-            with contextlib.suppress(ValueError):
-                routing.applications.remove(lazy)
-            try:
-                import distributed.dashboard.scheduler as dashboard
-            except ImportError:  # no bokeh: /health and the JSON routes only
-                raise web.HTTPError(404) from None
-            dashboard.connect(routing, scheduler.http_server, scheduler)
+            if not connected:
+                connected.append(True)
+                routing = scheduler.http_application
+                with contextlib.suppress(ValueError):
+                    routing.applications.remove(lazy)
+                try:
+                    import distributed.dashboard.scheduler as dashboard
+                except ImportError:  # no bokeh: /health and the JSON routes only
+                    raise web.HTTPError(404) from None
+                dashboard.connect(routing, scheduler.http_server, scheduler)
             self.redirect(self.request.uri or "/status")
 
     lazy = web.Application([(r"/(.*)", FirstVisit)])

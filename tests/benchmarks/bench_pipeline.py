@@ -7,7 +7,7 @@ Prints, all measured in this run on the same corpus:
    cluster start-up, Dask/task overhead (worker CPU not inside a stage) and idle core time;
 3. whole-process wall time (start-up included) of `convert-dataset run` vs img2dataset on the same URL
    list, interleaved pairs, medians (img2dataset from --img2dataset, e.g. a venv under /tmp);
-4. local folder -> HDF5 against 0.85 x cores x the fastest single-core rate;
+4. local folder -> HDF5 against cores x the fastest single-core rate (issue 21: >= 0.9);
 5. peak RSS per worker for --rss-counts items (a URL list cycling through the corpus).
 
     flock /work/wt/bench.lock python tests/benchmarks/bench_pipeline.py [--count 5000] [--pairs 3]
@@ -264,7 +264,7 @@ def compare(args, root: Path, url_csv: Path, url_txt: Path, n: int) -> None:
     a, b = statistics.median(ours), statistics.median(theirs)
     print(
         f"whole-process, URL list over loopback, median of {args.pairs} interleaved pairs: convert {a:.0f} img/s vs "
-        f"img2dataset {b:.0f} img/s = {a / b:.2f}x (target >= 3x: {'met' if a / b >= 3 else 'MISSED'})"
+        f"img2dataset {b:.0f} img/s = {a / b:.2f}x (target >= 3.5x, issue 21: {'met' if a / b >= 3.5 else 'MISSED'})"
     )
 
 
@@ -344,14 +344,14 @@ def main() -> None:
             if "compare" not in args.skip and os.path.exists(args.img2dataset):
                 compare(args, root, url_csv, url_txt, len(names))
             if "local" not in args.skip:
-                ceiling = 0.85 * args.workers * rates[best]
+                ceiling = args.workers * rates[best]  # issue 21: cores x the per-core decode+resize rate
                 whole = len(names) / timed(ours_cmd(str(www.resolve()), root / "local-out", args.size))
                 steady = local_steady_rate(str(www.resolve()), root / "local-out", args.size, args.workers)
                 for what, rate in (("whole process", whole), ("running cluster, excl. start-up", steady)):
                     print(
-                        f"local folder -> HDF5, {what}: {rate:.0f} img/s = {rate / ceiling:.2f} x (0.85 x "
-                        f"{args.workers} cores x {rates[best]:.0f} single-core {best}) (target >= 1: "
-                        f"{'met' if rate >= ceiling else 'MISSED'})",
+                        f"local folder -> HDF5, {what}: {rate:.0f} img/s = {rate / ceiling:.2f} x ("
+                        f"{args.workers} cores x {rates[best]:.0f} single-core {best}) (target >= 0.9, issue 21: "
+                        f"{'met' if rate >= 0.9 * ceiling else 'MISSED'})",
                         flush=True,
                     )
             if "rss" not in args.skip:
