@@ -230,10 +230,15 @@ def test_s3_streaming_through_a_cache_smaller_than_the_dataset(s3, source, tmp_p
     )
     peak, done = [0], threading.Event()
 
-    def watch() -> None:
+    def size(p: Path) -> int:
+        try:
+            return p.stat().st_size if p.is_file() and not p.name.endswith(".lock") else 0
+        except FileNotFoundError:  # a .partial renamed (or an evicted shard deleted) since the glob
+            return 0
+
+    def watch() -> None:  # (a watcher that died on such a race would have stopped updating the peak)
         while not done.is_set():
-            sizes = [p.stat().st_size for p in cache.glob("*") if p.is_file() and not p.name.endswith(".lock")]
-            peak[0] = max(peak[0], sum(sizes))
+            peak[0] = max(peak[0], sum(size(p) for p in cache.glob("*")))
             time.sleep(0.002)
 
     watcher = threading.Thread(target=watch)
