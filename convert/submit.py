@@ -96,13 +96,13 @@ def _fatal(error: BaseException) -> None:
 
 
 class _Sender:
-    """The in-flight engine tasks: which shard tasks each carries and the retries each shard has left."""
+    """The in-flight engine tasks and which shard tasks each carries; shards to run again alone."""
 
     def __init__(self, ex: Executor, tasks: Iterator[ShardTask], per_task: int, retries: int) -> None:
         self.ex, self.retries = ex, retries
         self._queue = _batches(tasks, per_task)
         self._alone: deque[tuple[ShardTask, int]] = deque()  # shards of a batch to run again by themselves
-        self._sent: dict[str, tuple[tuple[ShardTask, ...], int]] = {}
+        self._sent: dict[str, tuple[ShardTask, ...]] = {}  # engine task name -> the shard tasks it carries
 
     def top_up(self) -> None:
         limit = max(1, IN_FLIGHT_PER_THREAD * self.ex.slots())
@@ -118,7 +118,7 @@ class _Sender:
 
     def _send(self, batch: tuple[ShardTask, ...], retries: int) -> None:
         name = batch[0].name if len(batch) == 1 else f"{batch[0].name}+{len(batch) - 1}"
-        self._sent[name] = (batch, retries)
+        self._sent[name] = batch
         if len(batch) == 1:
             self.ex.submit(name, process_shard, batch[0], retries=retries)
         else:
@@ -127,7 +127,7 @@ class _Sender:
     def outcomes(self, done: Completion) -> Iterator[tuple[ShardTask, Any]]:
         """(shard task, record or exception) for each shard of a finished engine task whose outcome
         is final; a shard that failed inside a batch (or with its whole batch) is queued to run alone."""
-        batch, _ = self._sent.pop(done.name)
+        batch = self._sent.pop(done.name)
         if len(batch) == 1:
             yield batch[0], done.result if done.error is None else done.error
             return

@@ -95,11 +95,42 @@ if __name__ == "__main__":
 @pytest.mark.cluster
 def test_the_dashboard_is_built_on_its_first_visit_not_while_the_run_converts(tmp_path: Path) -> None:
     """bokeh's import (~1.2 s of CPU) is not spent during runs nobody watches; the printed link works."""
-    script = tmp_path / "visit.py"
-    script.write_text(_FIRST_VISIT)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert _run_script(tmp_path, _FIRST_VISIT, timeout=120).split() == ["False", "True", "True"]
+
+
+def _run_script(tmp_path: Path, code: str, timeout: float) -> str:
+    """stdout of `code` run as a script in a fresh interpreter (nothing imported by other tests)."""
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["False", "True", "True"]
+    return done.stdout
+
+
+_CONCURRENT_FIRST_VISITS = """
+import socket
+from convert.config import ClusterConfig
+from convert.executor.cluster import open_client
+if __name__ == "__main__":
+    with open_client(ClusterConfig(workers=1)) as handle:
+        handle.client.submit(sum, [1, 2]).result()
+        host, port = handle.dashboard_link.split("//")[1].split("/")[0].split(":")
+        socks = [socket.create_connection((host, int(port)), timeout=60) for _ in range(4)]
+        for s in socks:  # four tabs (or a tab and a link preview) open the printed link at once
+            s.sendall(b"GET /status HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+        for s in socks:
+            while s.recv(65536):
+                pass
+        apps = handle.cluster.scheduler.http_application.applications
+        print(sum(type(a).__name__ == "DaskBokehTornado" for a in apps))
+"""
+
+
+@pytest.mark.cluster
+def test_concurrent_first_visits_connect_the_dashboard_once(tmp_path: Path) -> None:
+    """Visits arriving together at the lazy dashboard build it once (each had connected its own copy)."""
+    out = _run_script(tmp_path, _CONCURRENT_FIRST_VISITS, timeout=180)
+    assert out.split()[-1] == "1"  # one dashboard, however many tabs asked for it first
 
 
 @pytest.mark.cluster
